@@ -1,0 +1,436 @@
+//! Node bindings: conversion and dispatch only. Every number is computed in the `psgd`
+//! crate; errors cross as JS exceptions whose message starts with `[TypeError]`,
+//! `[RangeError]` or `[Error]`, which the TypeScript layer turns into those classes.
+
+use candle_core::{DType, Device};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use psgd::{AnyState, AnyTransform, ErrorKind, LeafSpec, PsgdError, StepHyper};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+fn js_err(e: PsgdError) -> Error {
+    let class = match e.kind() {
+        ErrorKind::Type => "TypeError",
+        ErrorKind::Range => "RangeError",
+        ErrorKind::Other => "Error",
+    };
+    Error::new(Status::GenericFailure, format!("[{class}] {e}"))
+}
+
+fn type_err(msg: String) -> Error {
+    Error::new(Status::InvalidArg, format!("[TypeError] {msg}"))
+}
+
+fn range_err(msg: String) -> Error {
+    Error::new(Status::InvalidArg, format!("[RangeError] {msg}"))
+}
+
+fn candle_err(e: candle_core::Error) -> Error {
+    js_err(PsgdError::Candle(e))
+}
+
+/// Devices are created once per name: candle only combines tensors of the same device.
+fn device(name: &str) -> Result<Device> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Device>>> = OnceLock::new();
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    if let Some(d) = cache.get(name) {
+        return Ok(d.clone());
+    }
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .map_err(|_| range_err(format!("device '{name}': bad ordinal")))?,
+        ),
+        None => (name, 0),
+    };
+    let dev = match kind {
+        "cuda" => Device::new_cuda(ordinal),
+        "metal" => Device::new_metal(ordinal),
+        _ => {
+            return Err(range_err(format!(
+                "device '{name}' is unknown (use 'cpu', 'cuda', 'cuda:N' or 'metal')"
+            )))
+        }
+    }
+    .map_err(|e| range_err(format!("device '{name}' is not available: {e}")))?;
+    cache.insert(name.to_string(), dev.clone());
+    Ok(dev)
+}
+
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => format!("cuda:{}", d.location_ordinal()),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+trait Ordinal {
+    fn location_ordinal(&self) -> usize;
+}
+
+impl Ordinal for Device {
+    fn location_ordinal(&self) -> usize {
+        match self.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+            candle_core::DeviceLocation::Metal { gpu_id } => gpu_id,
+            candle_core::DeviceLocation::Cpu => 0,
+        }
+    }
+}
+
+fn dtype(name: &str) -> Result<DType> {
+    match name {
+        "float32" => Ok(DType::F32),
+        "bfloat16" => Ok(DType::BF16),
+        "float16" => Ok(DType::F16),
+        "float64" => Ok(DType::F64),
+        _ => Err(type_err(format!(
+            "dtype '{name}' is not supported (float32, bfloat16, float16, float64)"
+        ))),
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        DType::U8 => "uint8",
+        DType::U32 => "uint32",
+        DType::I64 => "int64",
+        _ => "other",
+    }
+}
+
+/// A tensor in native memory (CPU or GPU), backed by candle.
+#[napi(js_name = "NativeTensor")]
+pub struct Tensor {
+    inner: candle_core::Tensor,
+}
+
+#[napi]
+impl Tensor {
+    /// A tensor from float32 data (row-major) and a shape, stored as `dtype` on `device`.
+    #[napi(factory)]
+    pub fn from_array(
+        data: &[f32],
+        shape: Vec<u32>,
+        dtype_name: String,
+        device_name: String,
+    ) -> Result<Tensor> {
+        let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(range_err(format!(
+                "data has {} values, shape {:?} needs {n}",
+                data.len(),
+                shape
+            )));
+        }
+        let (dev, dt) = (device(&device_name)?, dtype(&dtype_name)?);
+        let t = candle_core::Tensor::from_slice(data, shape.as_slice(), &dev)
+            .and_then(|t| t.to_dtype(dt))
+            .map_err(candle_err)?;
+        Ok(Tensor { inner: t })
+    }
+
+    /// The shape.
+    #[napi(getter)]
+    pub fn shape(&self) -> Vec<u32> {
+        self.inner.dims().iter().map(|&d| d as u32).collect()
+    }
+
+    /// The dtype name.
+    #[napi(getter)]
+    pub fn dtype(&self) -> String {
+        dtype_name(self.inner.dtype()).to_string()
+    }
+
+    /// The device name.
+    #[napi(getter)]
+    pub fn device(&self) -> String {
+        device_name(self.inner.device())
+    }
+
+    /// The values as float32, row-major (copied to the host).
+    #[napi]
+    pub fn to_array(&self) -> Result<Float32Array> {
+        let v = self
+            .inner
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(candle_err)?;
+        Ok(Float32Array::new(v))
+    }
+
+    /// `self + other` in `self`'s dtype.
+    #[napi]
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        let r = psgd::apply_updates(
+            std::slice::from_ref(&self.inner),
+            std::slice::from_ref(&other.inner),
+        )
+        .map_err(js_err)?;
+        Ok(Tensor {
+            inner: r.into_iter().next().unwrap(),
+        })
+    }
+
+    /// Makes this tensor hold `other`'s values (same shape required).
+    #[napi]
+    pub fn assign(&mut self, other: &Tensor) -> Result<()> {
+        if other.inner.dims() != self.inner.dims() {
+            return Err(range_err(format!(
+                "assign: shape {:?} into {:?}",
+                other.inner.dims(),
+                self.inner.dims()
+            )));
+        }
+        self.inner = other
+            .inner
+            .to_dtype(self.inner.dtype())
+            .map_err(candle_err)?;
+        Ok(())
+    }
+
+    /// A copy on `device`, as `dtype`.
+    #[napi]
+    pub fn to(&self, dtype_name: String, device_name: String) -> Result<Tensor> {
+        let (dev, dt) = (device(&device_name)?, dtype(&dtype_name)?);
+        let t = self
+            .inner
+            .to_device(&dev)
+            .and_then(|t| t.to_dtype(dt))
+            .map_err(candle_err)?;
+        Ok(Tensor { inner: t })
+    }
+}
+
+/// An optimizer's state: an opaque handle, advanced in place by `update`.
+#[napi]
+pub struct NativeState {
+    inner: Arc<Mutex<AnyState>>,
+}
+
+#[napi]
+impl NativeState {
+    /// An independent copy (tensors are immutable, so this is cheap).
+    #[napi]
+    pub fn clone(&self) -> NativeState {
+        NativeState {
+            inner: Arc::new(Mutex::new(self.inner.lock().unwrap().clone())),
+        }
+    }
+
+    /// Steps taken.
+    #[napi(getter)]
+    pub fn count(&self) -> f64 {
+        self.inner.lock().unwrap().count() as f64
+    }
+}
+
+/// One leaf as the TypeScript layer describes it.
+#[napi(object)]
+pub struct LeafInfo {
+    pub path: String,
+    pub shape: Vec<u32>,
+    pub scanned: bool,
+    pub weight_decay: bool,
+}
+
+/// A PSGD optimizer of any variant for a fixed list of leaves.
+#[napi]
+pub struct NativeOptimizer {
+    inner: Arc<AnyTransform>,
+}
+
+fn tensors(v: &[&Tensor]) -> Vec<candle_core::Tensor> {
+    v.iter().map(|t| t.inner.clone()).collect()
+}
+
+fn run_update(
+    opt: &AnyTransform,
+    state: &Mutex<AnyState>,
+    grads: &[candle_core::Tensor],
+    params: Option<&[candle_core::Tensor]>,
+    hyper: StepHyper,
+) -> Result<Vec<candle_core::Tensor>> {
+    let mut guard = state.lock().unwrap();
+    let (updates, next) = opt
+        .update_seeded(grads, &guard, params, hyper)
+        .map_err(js_err)?;
+    // only a step that fully succeeded replaces the state
+    *guard = next;
+    Ok(updates)
+}
+
+/// The work of `updateAsync`, run on the libuv thread pool.
+pub struct UpdateTask {
+    opt: Arc<AnyTransform>,
+    state: Arc<Mutex<AnyState>>,
+    grads: Vec<candle_core::Tensor>,
+    params: Option<Vec<candle_core::Tensor>>,
+    hyper: StepHyper,
+}
+
+impl Task for UpdateTask {
+    type Output = Vec<candle_core::Tensor>;
+    type JsValue = Vec<Tensor>;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        run_update(
+            &self.opt,
+            &self.state,
+            &self.grads,
+            self.params.as_deref(),
+            self.hyper,
+        )
+    }
+
+    fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
+        Ok(output.into_iter().map(|inner| Tensor { inner }).collect())
+    }
+}
+
+#[napi]
+impl NativeOptimizer {
+    /// `variant` is `'kron'`; `options_json` holds psgd-jax's snake_case options (without
+    /// the schedules and masks, which the TypeScript layer resolves).
+    #[napi(constructor)]
+    pub fn new(variant: String, leaves: Vec<LeafInfo>, options_json: String) -> Result<Self> {
+        let options: serde_json::Value = serde_json::from_str(&options_json)
+            .map_err(|e| type_err(format!("options: {e}")))?;
+        let options = options
+            .as_object()
+            .ok_or_else(|| type_err("options must be an object".into()))?;
+        let leaves = leaves
+            .into_iter()
+            .map(|l| LeafSpec {
+                path: l.path,
+                shape: l.shape.into_iter().map(|d| d as usize).collect(),
+                scanned: l.scanned,
+                weight_decay: l.weight_decay,
+            })
+            .collect();
+        let inner = AnyTransform::new(&variant, leaves, options).map_err(js_err)?;
+        Ok(NativeOptimizer {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The initial state for `params`.
+    #[napi]
+    pub fn init(&self, params: Vec<&Tensor>) -> Result<NativeState> {
+        let s = self.inner.init(&tensors(&params)).map_err(js_err)?;
+        Ok(NativeState {
+            inner: Arc::new(Mutex::new(s)),
+        })
+    }
+
+    /// One step: returns the updates and advances `state` in place (only on success).
+    #[napi]
+    pub fn update(
+        &self,
+        grads: Vec<&Tensor>,
+        state: &NativeState,
+        params: Option<Vec<&Tensor>>,
+        learning_rate: f64,
+        update_probability: f64,
+    ) -> Result<Vec<Tensor>> {
+        let p = params.as_deref().map(tensors);
+        let hyper = StepHyper {
+            learning_rate,
+            update_probability,
+        };
+        let u = run_update(&self.inner, &state.inner, &tensors(&grads), p.as_deref(), hyper)?;
+        Ok(u.into_iter().map(|inner| Tensor { inner }).collect())
+    }
+
+    /// [`Self::update`] on the libuv thread pool; resolves to the updates.
+    #[napi(ts_return_type = "Promise<NativeTensor[]>")]
+    pub fn update_async(
+        &self,
+        grads: Vec<&Tensor>,
+        state: &NativeState,
+        params: Option<Vec<&Tensor>>,
+        learning_rate: f64,
+        update_probability: f64,
+    ) -> AsyncTask<UpdateTask> {
+        AsyncTask::new(UpdateTask {
+            opt: self.inner.clone(),
+            state: state.inner.clone(),
+            grads: tensors(&grads),
+            params: params.as_deref().map(tensors),
+            hyper: StepHyper {
+                learning_rate,
+                update_probability,
+            },
+        })
+    }
+
+    /// The state as safetensors bytes.
+    #[napi]
+    pub fn state_to_bytes(&self, state: &NativeState) -> Result<Buffer> {
+        let s = state.inner.lock().unwrap();
+        Ok(self.inner.state_to_bytes(&s).map_err(js_err)?.into())
+    }
+
+    /// A state from safetensors bytes, placed on `device`.
+    #[napi]
+    pub fn state_from_bytes(&self, bytes: &[u8], device_name: String) -> Result<NativeState> {
+        let s = self
+            .inner
+            .state_from_bytes(bytes, &device(&device_name)?)
+            .map_err(js_err)?;
+        Ok(NativeState {
+            inner: Arc::new(Mutex::new(s)),
+        })
+    }
+
+    /// Makes `target` hold `source`'s state (both of this optimizer).
+    #[napi]
+    pub fn copy_state(&self, source: &NativeState, target: &NativeState) -> Result<()> {
+        let s = source.inner.lock().unwrap().clone();
+        self.inner.check_variant(&s).map_err(js_err)?;
+        *target.inner.lock().unwrap() = s;
+        Ok(())
+    }
+}
+
+/// The result of one conformance case.
+#[napi(object)]
+pub struct ConformanceResult {
+    pub name: String,
+    pub max_rel_err: f64,
+    pub detail: String,
+    pub passed: bool,
+}
+
+/// Runs every fixture case under `dir` (see `conformance.md`).
+#[napi]
+pub fn run_conformance(dir: String) -> Result<Vec<ConformanceResult>> {
+    let results = psgd::conformance::run_dir(std::path::Path::new(&dir)).map_err(js_err)?;
+    Ok(results
+        .into_iter()
+        .map(|r| ConformanceResult {
+            name: r.name,
+            max_rel_err: r.max_rel_err,
+            detail: r.detail,
+            passed: r.passed,
+        })
+        .collect())
+}
+
+/// The tolerance a conformance case must meet.
+#[napi]
+pub fn conformance_tolerance() -> f64 {
+    psgd::conformance::TOLERANCE
+}

@@ -1,0 +1,206 @@
+//! Replays golden fixture cases made by psgd-jax 0.2.9 (see `scripts/reference`) through
+//! our optimizers with the reference's own random draws, and measures the difference.
+
+use crate::any::AnyTransform;
+use crate::error::{PsgdError, Result};
+use crate::random::{Draw, ReplayRandom};
+use crate::transform::LeafSpec;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A case passes when every update is within this error relative to the update's RMS.
+pub const TOLERANCE: f64 = 1e-3;
+
+/// The outcome of one case.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// The case directory's name.
+    pub name: String,
+    /// The largest `max|ours − ref| / rms(ref)` over steps and leaves (∞ on error).
+    pub max_rel_err: f64,
+    /// Where the largest error was (`step 3 leaf 'w'`), or the error message.
+    pub detail: String,
+    /// Whether the case is within [`TOLERANCE`] and ran without error.
+    pub passed: bool,
+}
+
+fn bad(msg: impl Into<String>) -> PsgdError {
+    PsgdError::State(format!("fixture: {}", msg.into()))
+}
+
+fn shape_of(v: &Value) -> Result<Vec<usize>> {
+    v.as_array()
+        .ok_or_else(|| bad("shape is not a list"))?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("bad dim")))
+        .collect()
+}
+
+fn mask_value(options: &serde_json::Map<String, Value>, key: &str, path: &str, default: bool) -> bool {
+    match options.get(key) {
+        Some(Value::Object(m)) => m.get(path).and_then(Value::as_bool).unwrap_or(default),
+        Some(Value::Bool(b)) => *b,
+        _ => default,
+    }
+}
+
+fn get(ts: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    ts.get(name)
+        .cloned()
+        .ok_or_else(|| bad(format!("tensor '{name}' missing")))
+}
+
+/// The tensor `name` in the shape `case.json` declares (a writer may store 0-d arrays as
+/// shape `[1]`; the element count must agree).
+fn get_shaped(ts: &HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = get(ts, name)?;
+    if t.elem_count() != shape.iter().product::<usize>() {
+        return Err(bad(format!("tensor '{name}' has shape {:?}, case.json says {shape:?}", t.dims())));
+    }
+    Ok(t.reshape(shape)?)
+}
+
+fn draws(ts: &HashMap<String, Tensor>, prefix: &str, list: Option<&Value>) -> Result<Vec<Draw>> {
+    let list = match list {
+        Some(Value::Array(l)) => l,
+        _ => return Ok(vec![]),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let t = get(ts, &format!("{prefix}.{k}"))?;
+            match d.get("kind").and_then(Value::as_str) {
+                Some("uniform") => Ok(Draw::Uniform(t.flatten_all()?.to_vec1::<f32>()?[0])),
+                Some("normal") => Ok(Draw::Normal {
+                    shape: match d.get("shape") {
+                        Some(s) => shape_of(s)?,
+                        None => t.dims().to_vec(),
+                    },
+                    data: t.flatten_all()?.to_vec1::<f32>()?,
+                }),
+                other => Err(bad(format!("unknown draw kind {other:?}"))),
+            }
+        })
+        .collect()
+}
+
+fn max_rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
+    let r = reference.to_dtype(DType::F64)?;
+    let o = ours.to_dtype(DType::F64)?;
+    let rms = r.sqr()?.mean_all()?.sqrt()?.to_scalar::<f64>()?;
+    let diff = (o - &r)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    if diff == 0.0 {
+        return Ok(0.0);
+    }
+    Ok(if diff.is_nan() { f64::INFINITY } else { diff / rms.max(1e-30) })
+}
+
+/// Runs the case in `dir`.
+pub fn run_case(dir: &Path) -> Result<CaseResult> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let text = std::fs::read_to_string(dir.join("case.json"))
+        .map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    let case: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let variant = case["variant"].as_str().ok_or_else(|| bad("no variant"))?;
+    let options = case["options"].as_object().cloned().unwrap_or_default();
+    let steps = case["steps"].as_u64().ok_or_else(|| bad("no steps"))? as usize;
+    if case["hessian"].as_bool().unwrap_or(false) {
+        return Err(bad(format!("Hessian-mode cases are not supported for '{variant}' yet")));
+    }
+    let dev = Device::Cpu;
+    let ts = candle_core::safetensors::load(dir.join("tensors.safetensors"), &dev)?;
+    let leaves = case["params"]
+        .as_array()
+        .ok_or_else(|| bad("no params"))?
+        .iter()
+        .map(|p| {
+            let path = p["path"].as_str().ok_or_else(|| bad("param without path"))?;
+            Ok(LeafSpec {
+                path: path.to_string(),
+                shape: shape_of(&p["shape"])?,
+                scanned: mask_value(&options, "scanned_layers", path, false),
+                weight_decay: mask_value(&options, "weight_decay_mask", path, true),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let opt = AnyTransform::new(variant, leaves.clone(), &options)?;
+    let mut params = leaves
+        .iter()
+        .map(|l| get_shaped(&ts, &format!("param.{}", l.path), &l.shape))
+        .collect::<Result<Vec<_>>>()?;
+    let mut state = opt.init(&params)?;
+    let mut worst = (0.0f64, String::from("-"));
+    for t in 0..steps {
+        let grads = leaves
+            .iter()
+            .map(|l| get_shaped(&ts, &format!("grad.{t}.{}", l.path), &l.shape))
+            .collect::<Result<Vec<_>>>()?;
+        let recorded = draws(&ts, &format!("draw.{t}"), case["draws"].get(t))?;
+        let mut rng = ReplayRandom::new(format!("{name} step {t}"), recorded);
+        let hyper = opt.hyper(&state)?;
+        let (updates, next) = opt.update_with(&grads, &state, Some(&params), hyper, &mut rng)?;
+        if rng.remaining() > 0 {
+            return Err(PsgdError::Draw(format!(
+                "{name} step {t}: the reference made {} more draws than we asked for",
+                rng.remaining()
+            )));
+        }
+        state = next;
+        let mut next_params = Vec::with_capacity(params.len());
+        for ((l, u), p) in leaves.iter().zip(&updates).zip(&params) {
+            let r = get_shaped(&ts, &format!("update.{t}.{}", l.path), &l.shape)?;
+            let e = max_rel_err(u, &r)?;
+            if e > worst.0 || e.is_nan() {
+                worst = (e, format!("step {t} leaf '{}'", l.path));
+            }
+            // follow the reference trajectory so errors do not compound
+            next_params.push((p + r)?);
+        }
+        params = next_params;
+    }
+    Ok(CaseResult {
+        name,
+        max_rel_err: worst.0,
+        detail: worst.1,
+        passed: worst.0 <= TOLERANCE,
+    })
+}
+
+/// Every case directory (one holding `case.json`) under `dir`, sorted.
+pub fn case_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = vec![];
+    let rd = std::fs::read_dir(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    for entry in rd.flatten() {
+        let p = entry.path();
+        if p.join("case.json").is_file() {
+            out.push(p);
+        } else if p.is_dir() {
+            out.extend(case_dirs(&p)?);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Runs every case under `dir`; a case that errors counts as failed with the message.
+pub fn run_dir(dir: &Path) -> Result<Vec<CaseResult>> {
+    Ok(case_dirs(dir)?
+        .iter()
+        .map(|d| {
+            run_case(d).unwrap_or_else(|e| CaseResult {
+                name: d
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                max_rel_err: f64::INFINITY,
+                detail: e.to_string(),
+                passed: false,
+            })
+        })
+        .collect())
+}

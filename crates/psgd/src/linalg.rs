@@ -1,0 +1,232 @@
+//! Linear algebra candle lacks: the right triangular solve and the cheap spectral-norm
+//! lower bound. Both work on a leading batch axis (one matrix per scanned layer).
+
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
+
+/// The smallest positive normal float32; keeps denominators positive.
+pub const TINY_F32: f64 = f32::MIN_POSITIVE as f64;
+
+/// `X @ inv(A)` for a batch of upper-triangular `A`.
+///
+/// `x` is `(B, R, n)` and `a` is `(B, n, n)`; only the upper triangle of `a` is read. On the
+/// CPU this is a direct substitution; elsewhere a recursive block solve made of candle ops,
+/// so the data never leaves the device.
+pub fn solve_triangular_right(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => solve_triangular_right_cpu(x, a),
+        _ => solve_triangular_right_blocked(x, a),
+    }
+}
+
+/// The CPU substitution: row by row, `y[j] = (x[j] - y[..j]·A[..j, j]) / A[j, j]`.
+pub fn solve_triangular_right_cpu(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let (b, r, n) = x.dims3()?;
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    // A transposed, so that each column of A is one contiguous run
+    let at = a
+        .to_dtype(DType::F32)?
+        .transpose(1, 2)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut y = vec![0f32; b * r * n];
+    if n > 0 {
+        y.par_chunks_mut(n).enumerate().for_each(|(row, yrow)| {
+            let at = &at[(row / r.max(1)) * n * n..];
+            let xrow = &xv[row * n..(row + 1) * n];
+            for j in 0..n {
+                let col = &at[j * n..j * n + j];
+                let s: f32 = yrow[..j].iter().zip(col).map(|(p, q)| p * q).sum();
+                yrow[j] = (xrow[j] - s) / at[j * n + j];
+            }
+        });
+    }
+    Ok(Tensor::from_vec(y, (b, r, n), &Device::Cpu)?)
+}
+
+/// The device-agnostic solve: split `A` into 2×2 blocks and recurse,
+/// `Y₁ = X₁ A₁₁⁻¹`, `Y₂ = (X₂ − Y₁ A₁₂) A₂₂⁻¹`.
+pub fn solve_triangular_right_blocked(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let n = a.dim(2)?;
+    if n == 1 {
+        return Ok(x.broadcast_div(a)?);
+    }
+    let h = n / 2;
+    let x1 = x.narrow(2, 0, h)?.contiguous()?;
+    let x2 = x.narrow(2, h, n - h)?;
+    let a11 = a.narrow(1, 0, h)?.narrow(2, 0, h)?.contiguous()?;
+    let a12 = a.narrow(1, 0, h)?.narrow(2, h, n - h)?.contiguous()?;
+    let a22 = a.narrow(1, h, n - h)?.narrow(2, h, n - h)?.contiguous()?;
+    let y1 = solve_triangular_right_blocked(&x1, &a11)?;
+    let rhs = (x2 - y1.matmul(&a12)?)?.contiguous()?;
+    let y2 = solve_triangular_right_blocked(&rhs, &a22)?;
+    Ok(Tensor::cat(&[&y1, &y2], 2)?)
+}
+
+/// Sum of squares over the last axis, kept as a size-1 axis.
+fn sq_norm_keepdim(x: &Tensor) -> Result<Tensor> {
+    Ok(x.sqr()?.sum_keepdim(D::Minus1)?)
+}
+
+/// The largest absolute entry of each matrix of a batch: `(B, ...)` to `(B,)`.
+pub fn max_abs_per_batch(a: &Tensor) -> Result<Tensor> {
+    Ok(a.abs()?.flatten_from(1)?.max(1)?)
+}
+
+/// A cheap lower bound on the spectral norm of each matrix in the batch `a` `(B, n, n)`,
+/// returned as `(B,)`: scale by the largest entry, take the column or row of largest norm,
+/// and do one power-iteration-like product with it. Both candidates are computed and one
+/// selected on the device, so nothing is read back to the host.
+pub fn norm_lower_bound(a: &Tensor) -> Result<Tensor> {
+    let (b, n, _) = a.dims3()?;
+    let max_abs = max_abs_per_batch(a)?;
+    let positive = max_abs.gt(0.0)?;
+    let safe = positive.where_cond(&max_abs, &max_abs.ones_like()?)?;
+    let an = a.broadcast_div(&safe.reshape((b, 1, 1))?)?;
+    let aa = an.sqr()?;
+    let col_sums = aa.sum(1)?; // (B, n): squared norm of each column
+    let row_sums = aa.sum(2)?; // (B, n): squared norm of each row
+    let i = col_sums.argmax_keepdim(1)?; // (B, 1)
+    let j = row_sums.argmax_keepdim(1)?;
+    let v0 = col_sums.max(1)?;
+    let v1 = row_sums.max(1)?;
+
+    // column branch: x = A[:, i]; x = xᵀA; |(x/|x|) Aᵀ|
+    let ci = i.reshape((b, 1, 1))?.broadcast_as((b, n, 1))?.contiguous()?;
+    let col = an.gather(&ci, 2)?.transpose(1, 2)?; // (B, 1, n)
+    let x = col.matmul(&an)?;
+    let x = x.broadcast_div(&sq_norm_keepdim(&x)?.sqrt()?)?;
+    let gt_val = sq_norm_keepdim(&x.matmul(&an.t()?)?)?.sqrt()?.flatten_all()?;
+
+    // row branch: x = A[j, :]; x = A x; |Aᵀ (x/|x|)|
+    let rj = j.reshape((b, 1, 1))?.broadcast_as((b, 1, n))?.contiguous()?;
+    let row = an.gather(&rj, 1)?; // (B, 1, n)
+    let x = row.matmul(&an.t()?)?; // (B, 1, n) = (A x)ᵀ
+    let x = x.broadcast_div(&sq_norm_keepdim(&x)?.sqrt()?)?;
+    let le_val = sq_norm_keepdim(&x.matmul(&an)?)?.sqrt()?.flatten_all()?;
+
+    let picked = v0.gt(&v1)?.where_cond(&gt_val, &le_val)?;
+    let bound = (picked * &max_abs)?;
+    Ok(positive.where_cond(&bound, &max_abs)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upper(b: usize, n: usize, seed: u64) -> Tensor {
+        let mut v = Vec::with_capacity(b * n * n);
+        let mut s = seed;
+        for bi in 0..b {
+            for r in 0..n {
+                for c in 0..n {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let u = ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
+                    v.push(if c < r {
+                        // junk below the diagonal must be ignored
+                        100.0
+                    } else if c == r {
+                        1.0 + bi as f32 * 0.1 + u.abs()
+                    } else {
+                        u
+                    });
+                }
+            }
+        }
+        Tensor::from_vec(v, (b, n, n), &Device::Cpu).unwrap()
+    }
+
+    fn rand(shape: (usize, usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2;
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn triangular_solve_matches_direct_product() {
+        for &(b, r, n) in &[(1, 1, 1), (1, 5, 7), (3, 4, 9), (2, 1, 16), (1, 33, 33)] {
+            let a = upper(b, n, 7 + n as u64);
+            let x = rand((b, r, n), 3 + r as u64);
+            let triu = a.broadcast_mul(&Tensor::triu2(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+            for y in [
+                solve_triangular_right_cpu(&x, &a).unwrap(),
+                solve_triangular_right_blocked(&x, &triu).unwrap(),
+            ] {
+                // Y A must give back X
+                let back = y.matmul(&triu).unwrap();
+                assert!(max_abs_diff(&back, &x) < 1e-4, "b={b} r={r} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn norm_lower_bound_is_a_tight_lower_bound() {
+        // symmetric PSD matrices: the spectral norm is the largest eigenvalue
+        let x = rand((2, 6, 10), 11);
+        let m = x.matmul(&x.t().unwrap()).unwrap();
+        let lb = norm_lower_bound(&m).unwrap().to_vec1::<f32>().unwrap();
+        // power iteration for the true norm
+        for (bi, lbv) in lb.iter().enumerate() {
+            let mb = m.get(bi).unwrap();
+            let mut v = Tensor::ones((6, 1), DType::F32, &Device::Cpu).unwrap();
+            for _ in 0..500 {
+                let w = mb.matmul(&v).unwrap();
+                let nrm = w.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+                v = w.broadcast_div(&nrm).unwrap();
+            }
+            let norm = mb
+                .matmul(&v)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(*lbv <= norm * 1.0001, "{lbv} > {norm}");
+            assert!(*lbv * 2f32.sqrt() >= norm, "{lbv} too loose for {norm}");
+        }
+        // an all-zero matrix gives zero
+        let z = Tensor::zeros((1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(norm_lower_bound(&z).unwrap().to_vec1::<f32>().unwrap(), vec![0.0]);
+    }
+
+    #[test]
+    fn norm_lower_bound_picks_row_or_column_like_the_reference() {
+        // a non-symmetric matrix whose largest row and largest column differ
+        let a = Tensor::from_vec(vec![3f32, 0.0, 0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 2.0], (1, 3, 3), &Device::Cpu).unwrap();
+        let lb = norm_lower_bound(&a).unwrap().to_vec1::<f32>().unwrap()[0];
+        // column 0 has squared norm 25 > largest row (17): x = A[:,0]ᵀA = [25,4,0]; |x̂ Aᵀ|
+        let x = [25f32, 4.0, 0.0];
+        let nx = (x[0] * x[0] + x[1] * x[1]).sqrt();
+        let xa = [
+            (x[0] * 3.0) / nx,
+            (x[0] * 4.0 + x[1] * 1.0) / nx,
+            0.0,
+        ];
+        let expect = (xa[0] * xa[0] + xa[1] * xa[1] + xa[2] * xa[2]).sqrt();
+        assert!((lb - expect).abs() < 1e-4, "{lb} vs {expect}");
+    }
+}

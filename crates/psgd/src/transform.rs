@@ -1,0 +1,214 @@
+//! The parts of an optimizer step every PSGD variant shares: leaf specs and input checks,
+//! momentum with bias correction, the deterministic preconditioner-update counter, the RMS
+//! clip, decoupled weight decay and the learning-rate scaling.
+
+use crate::error::{PsgdError, Result};
+use candle_core::{DType, Tensor};
+
+/// What the optimizer knows about one leaf of the parameter tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeafSpec {
+    /// The leaf's path (e.g. `layers.0.weight`), used in error messages.
+    pub path: String,
+    /// The leaf's shape.
+    pub shape: Vec<usize>,
+    /// Whether the leading axis is a stack of layers, each with its own preconditioner.
+    pub scanned: bool,
+    /// Whether weight decay applies to this leaf (the weight-decay mask).
+    pub weight_decay: bool,
+}
+
+impl LeafSpec {
+    /// An unscanned leaf with weight decay on (the reference's default mask).
+    pub fn new(path: impl Into<String>, shape: &[usize]) -> Self {
+        LeafSpec {
+            path: path.into(),
+            shape: shape.to_vec(),
+            scanned: false,
+            weight_decay: true,
+        }
+    }
+}
+
+/// The hyperparameters of one step, after evaluating any schedules.
+#[derive(Debug, Clone, Copy)]
+pub struct StepHyper {
+    /// The learning rate for this step.
+    pub learning_rate: f64,
+    /// The preconditioner update probability for this step.
+    pub update_probability: f64,
+}
+
+pub(crate) fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+}
+
+/// Checks count, shape and dtype of `tensors` against `specs`.
+pub fn check_leaves(what: &'static str, specs: &[LeafSpec], tensors: &[Tensor]) -> Result<()> {
+    if specs.len() != tensors.len() {
+        return Err(PsgdError::LeafCount {
+            what,
+            expected: specs.len(),
+            got: tensors.len(),
+        });
+    }
+    for (s, t) in specs.iter().zip(tensors) {
+        if t.dims() != s.shape.as_slice() {
+            return Err(PsgdError::Shape {
+                what,
+                path: s.path.clone(),
+                expected: s.shape.clone(),
+                got: t.dims().to_vec(),
+            });
+        }
+        if !is_float(t.dtype()) {
+            return Err(PsgdError::Dtype {
+                what,
+                path: s.path.clone(),
+                got: format!("{:?}", t.dtype()).to_lowercase(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Fails with the first leaf holding NaN or Inf. One read-back for the whole tree: `t - t`
+/// is zero for finite entries and NaN otherwise.
+pub fn check_finite(what: &'static str, specs: &[LeafSpec], tensors: &[Tensor]) -> Result<()> {
+    let probes = tensors
+        .iter()
+        .map(|t| Ok((t - t)?.to_dtype(DType::F32)?.sum_all()?))
+        .collect::<Result<Vec<_>>>()?;
+    if probes.is_empty() {
+        return Ok(());
+    }
+    let all = Tensor::stack(&probes, 0)?;
+    let vals = all.to_vec1::<f32>()?;
+    match vals.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(PsgdError::NonFinite {
+            what,
+            path: specs[i].path.clone(),
+        }),
+    }
+}
+
+/// Checks a step's hyperparameters.
+pub fn check_hyper(h: &StepHyper) -> Result<()> {
+    if !h.learning_rate.is_finite() {
+        return Err(PsgdError::option_range(
+            "learning_rate",
+            format!("must be finite, got {}", h.learning_rate),
+        ));
+    }
+    if !(h.update_probability >= 0.0) {
+        return Err(PsgdError::option_range(
+            "preconditioner_update_probability",
+            format!("must be a number >= 0, got {}", h.update_probability),
+        ));
+    }
+    Ok(())
+}
+
+/// `mu ← b1·mu + (1−b1)·g` and its bias-corrected value `mu / (1 − b1^count)`; both f32.
+pub fn momentum(b1: f64, mu: &Tensor, g: &Tensor, count: u64) -> Result<(Tensor, Tensor)> {
+    let mu_new = ((g * (1.0 - b1))? + (mu.to_dtype(DType::F32)? * b1)?)?;
+    let correction = 1.0 - (b1 as f32).powi(count.min(i32::MAX as u64) as i32) as f64;
+    let debiased = (&mu_new / correction)?;
+    Ok((mu_new, debiased))
+}
+
+/// The deterministic update counter of psgd-jax 0.2.9: count up, update the preconditioner
+/// once the counter reaches `1/prob` (compared in float32 as the reference does), then reset.
+/// Returns whether to update and the new counter.
+pub fn update_counter(counter: u64, prob: f64) -> (bool, u64) {
+    let next = counter + 1;
+    let threshold = (1.0 / prob) as f32;
+    if next as f32 >= threshold {
+        (true, 0)
+    } else {
+        (false, next)
+    }
+}
+
+/// `u / max(1, rms(u)/1.1)`: the preconditioned gradient should have unit RMS, so cap it.
+pub fn clip_rms(u: &Tensor) -> Result<Tensor> {
+    let rms = u.sqr()?.mean_all()?.sqrt()?;
+    let denom = (rms / 1.1)?.maximum(1.0)?;
+    Ok(u.broadcast_div(&denom)?)
+}
+
+/// Decoupled weight decay on masked leaves, then `-learning_rate ·`, cast to `dtype`.
+pub fn finish_update(
+    pre: &Tensor,
+    param: Option<&Tensor>,
+    spec: &LeafSpec,
+    weight_decay: f64,
+    learning_rate: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let mut u = pre.clone();
+    if weight_decay > 0.0 && spec.weight_decay {
+        let p = param.ok_or_else(|| {
+            PsgdError::option_range(
+                "params",
+                format!("weight decay needs the params (leaf '{}')", spec.path),
+            )
+        })?;
+        u = (u + (p.to_dtype(DType::F32)? * weight_decay)?)?;
+    }
+    Ok((u * (-learning_rate))?.to_dtype(dtype)?)
+}
+
+/// Whether any masked leaf needs the params for weight decay.
+pub fn needs_params(specs: &[LeafSpec], weight_decay: f64) -> bool {
+    weight_decay > 0.0 && specs.iter().any(|s| s.weight_decay)
+}
+
+/// Checks a step's inputs: grads always, params when given or needed.
+pub fn check_step_inputs(
+    specs: &[LeafSpec],
+    grads: &[Tensor],
+    params: Option<&[Tensor]>,
+    weight_decay: f64,
+) -> Result<()> {
+    check_leaves("grads", specs, grads)?;
+    match params {
+        Some(p) => check_leaves("params", specs, p)?,
+        None if needs_params(specs, weight_decay) => {
+            return Err(PsgdError::option_range(
+                "params",
+                "weight_decay > 0 needs the params passed to update",
+            ))
+        }
+        None => {}
+    }
+    check_finite("grads", specs, grads)?;
+    if let Some(p) = params {
+        if needs_params(specs, weight_decay) {
+            check_finite("params", specs, p)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_matches_reference_rule() {
+        // prob 0.5: update every second step
+        let mut c = 0;
+        let mut got = vec![];
+        for _ in 0..6 {
+            let (u, n) = update_counter(c, 0.5);
+            got.push(u);
+            c = n;
+        }
+        assert_eq!(got, vec![false, true, false, true, false, true]);
+        // prob 1: every step; prob 0: never
+        assert!(update_counter(0, 1.0).0);
+        assert!(!update_counter(1000, 0.0).0);
+    }
+}

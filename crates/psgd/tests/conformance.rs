@@ -1,0 +1,24 @@
+//! The committed psgd-jax 0.2.9 fixtures, replayed through our optimizers.
+
+use std::path::Path;
+
+#[test]
+fn kron_fixtures_match_psgd_jax() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron");
+    let results = psgd::conformance::run_dir(&dir).expect("fixture directory");
+    assert!(results.len() >= 10, "expected at least 10 Kron cases, found {}", results.len());
+    let mut failed = 0;
+    for r in &results {
+        println!(
+            "{:<32} max rel err {:.3e}  {}  {}",
+            r.name,
+            r.max_rel_err,
+            if r.passed { "ok" } else { "FAIL" },
+            r.detail
+        );
+        if !r.passed {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "{failed} of {} Kron cases failed", results.len());
+}
