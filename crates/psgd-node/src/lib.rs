@@ -223,8 +223,8 @@ pub struct NativeState {
 #[napi]
 impl NativeState {
     /// An independent copy (tensors are immutable, so this is cheap).
-    #[napi]
-    pub fn clone(&self) -> NativeState {
+    #[napi(js_name = "clone")]
+    pub fn clone_state(&self) -> NativeState {
         NativeState {
             inner: Arc::new(Mutex::new(self.inner.lock().unwrap().clone())),
         }
@@ -306,8 +306,8 @@ impl NativeOptimizer {
     /// the schedules and masks, which the TypeScript layer resolves).
     #[napi(constructor)]
     pub fn new(variant: String, leaves: Vec<LeafInfo>, options_json: String) -> Result<Self> {
-        let options: serde_json::Value = serde_json::from_str(&options_json)
-            .map_err(|e| type_err(format!("options: {e}")))?;
+        let options: serde_json::Value =
+            serde_json::from_str(&options_json).map_err(|e| type_err(format!("options: {e}")))?;
         let options = options
             .as_object()
             .ok_or_else(|| type_err("options must be an object".into()))?;
@@ -350,7 +350,13 @@ impl NativeOptimizer {
             learning_rate,
             update_probability,
         };
-        let u = run_update(&self.inner, &state.inner, &tensors(&grads), p.as_deref(), hyper)?;
+        let u = run_update(
+            &self.inner,
+            &state.inner,
+            &tensors(&grads),
+            p.as_deref(),
+            hyper,
+        )?;
         Ok(u.into_iter().map(|inner| Tensor { inner }).collect())
     }
 

@@ -38,7 +38,12 @@ fn shape_of(v: &Value) -> Result<Vec<usize>> {
         .collect()
 }
 
-fn mask_value(options: &serde_json::Map<String, Value>, key: &str, path: &str, default: bool) -> bool {
+fn mask_value(
+    options: &serde_json::Map<String, Value>,
+    key: &str,
+    path: &str,
+    default: bool,
+) -> bool {
     match options.get(key) {
         Some(Value::Object(m)) => m.get(path).and_then(Value::as_bool).unwrap_or(default),
         Some(Value::Bool(b)) => *b,
@@ -57,7 +62,10 @@ fn get(ts: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
 fn get_shaped(ts: &HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Tensor> {
     let t = get(ts, name)?;
     if t.elem_count() != shape.iter().product::<usize>() {
-        return Err(bad(format!("tensor '{name}' has shape {:?}, case.json says {shape:?}", t.dims())));
+        return Err(bad(format!(
+            "tensor '{name}' has shape {:?}, case.json says {shape:?}",
+            t.dims()
+        )));
     }
     Ok(t.reshape(shape)?)
 }
@@ -94,7 +102,11 @@ fn max_rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
     if diff == 0.0 {
         return Ok(0.0);
     }
-    Ok(if diff.is_nan() { f64::INFINITY } else { diff / rms.max(1e-30) })
+    Ok(if diff.is_nan() {
+        f64::INFINITY
+    } else {
+        diff / rms.max(1e-30)
+    })
 }
 
 /// Runs the case in `dir`.
@@ -110,7 +122,9 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
     let options = case["options"].as_object().cloned().unwrap_or_default();
     let steps = case["steps"].as_u64().ok_or_else(|| bad("no steps"))? as usize;
     if case["hessian"].as_bool().unwrap_or(false) {
-        return Err(bad(format!("Hessian-mode cases are not supported for '{variant}' yet")));
+        return Err(bad(format!(
+            "Hessian-mode cases are not supported for '{variant}' yet"
+        )));
     }
     let dev = Device::Cpu;
     let ts = candle_core::safetensors::load(dir.join("tensors.safetensors"), &dev)?;
@@ -119,7 +133,9 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
         .ok_or_else(|| bad("no params"))?
         .iter()
         .map(|p| {
-            let path = p["path"].as_str().ok_or_else(|| bad("param without path"))?;
+            let path = p["path"]
+                .as_str()
+                .ok_or_else(|| bad("param without path"))?;
             Ok(LeafSpec {
                 path: path.to_string(),
                 shape: shape_of(&p["shape"])?,
@@ -171,8 +187,11 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
     })
 }
 
-/// Every case directory (one holding `case.json`) under `dir`, sorted.
+/// `dir` itself when it is a case (holds `case.json`), else every case directory under it, sorted.
 pub fn case_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.join("case.json").is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
     let mut out = vec![];
     let rd = std::fs::read_dir(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
     for entry in rd.flatten() {

@@ -9,9 +9,9 @@ pub(crate) fn num(k: &str, v: &Value) -> Result<f64> {
 }
 
 pub(crate) fn uint(k: &str, v: &Value) -> Result<usize> {
-    v.as_u64()
-        .map(|u| u as usize)
-        .ok_or_else(|| PsgdError::option_type(k, format!("expected a non-negative integer, got {v}")))
+    v.as_u64().map(|u| u as usize).ok_or_else(|| {
+        PsgdError::option_type(k, format!("expected a non-negative integer, got {v}"))
+    })
 }
 
 pub(crate) fn boolean(k: &str, v: &Value) -> Result<bool> {
@@ -23,6 +23,9 @@ pub(crate) fn opt_str<'a>(k: &str, v: &'a Value) -> Result<Option<&'a str>> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s)),
-        _ => Err(PsgdError::option_type(k, format!("expected a string or null, got {v}"))),
+        _ => Err(PsgdError::option_type(
+            k,
+            format!("expected a string or null, got {v}"),
+        )),
     }
 }

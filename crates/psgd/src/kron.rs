@@ -213,12 +213,18 @@ impl KronOptions {
             if v.is_finite() {
                 Ok(())
             } else {
-                Err(PsgdError::option_range(name, format!("must be finite, got {v}")))
+                Err(PsgdError::option_range(
+                    name,
+                    format!("must be finite, got {v}"),
+                ))
             }
         };
         finite("b1", self.b1)?;
         if !(0.0..1.0).contains(&self.b1) {
-            return Err(PsgdError::option_range("b1", format!("must be in [0, 1), got {}", self.b1)));
+            return Err(PsgdError::option_range(
+                "b1",
+                format!("must be in [0, 1), got {}", self.b1),
+            ));
         }
         finite("weight_decay", self.weight_decay)?;
         finite("preconditioner_lr", self.preconditioner_lr)?;
@@ -257,7 +263,7 @@ struct LeafPlan {
 
 impl LeafPlan {
     fn new(spec: &LeafSpec, o: &KronOptions) -> Result<Self> {
-        if spec.shape.iter().any(|&d| d == 0) {
+        if spec.shape.contains(&0) {
             return Err(PsgdError::Shape {
                 what: "params",
                 path: spec.path.clone(),
@@ -586,7 +592,10 @@ impl Kron {
         }
         for ((spec, plan), qs) in self.leaves.iter().zip(&self.plans).zip(&s.qs) {
             if qs.len() != plan.stored.len()
-                || qs.iter().zip(&plan.stored).any(|(q, st)| q.dims() != st.as_slice())
+                || qs
+                    .iter()
+                    .zip(&plan.stored)
+                    .any(|(q, st)| q.dims() != st.as_slice())
             {
                 return Err(PsgdError::State(format!(
                     "preconditioner of '{}' has shapes {:?}, expected {:?}",
@@ -687,7 +696,12 @@ impl Kron {
         let mut ins: Vec<&Tensor> = bq.iter().collect();
         ins.push(&x);
         let out = self.map_batches(plan, &ins, |t| {
-            Ok(vec![precondition(&t[n], &t[..n], plan, self.options.precond_grads_precision)?])
+            Ok(vec![precondition(
+                &t[n],
+                &t[..n],
+                plan,
+                self.options.precond_grads_precision,
+            )?])
         })?;
         transform::clip_rms(&out[0].reshape(shape)?)
     }
@@ -697,9 +711,7 @@ impl Transform for Kron {
     type Options = KronOptions;
     type State = KronState;
 
-    fn options_from_json(
-        obj: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<KronOptions> {
+    fn options_from_json(obj: &serde_json::Map<String, serde_json::Value>) -> Result<KronOptions> {
         KronOptions::from_json(obj)
     }
 
@@ -730,7 +742,10 @@ impl Transform for Kron {
             Some(
                 params
                     .iter()
-                    .map(|p| Ok(p.zeros_like()?.to_dtype(self.options.mu_dtype.unwrap_or(p.dtype()))?))
+                    .map(|p| {
+                        Ok(p.zeros_like()?
+                            .to_dtype(self.options.mu_dtype.unwrap_or(p.dtype()))?)
+                    })
                     .collect::<Result<Vec<_>>>()?,
             )
         } else {

@@ -17,8 +17,8 @@ pub mod schedule;
 pub mod state_io;
 pub mod transform;
 
-pub use error::{ErrorKind, PsgdError, Result};
 pub use any::{AnyState, AnyTransform};
+pub use error::{ErrorKind, PsgdError, Result};
 pub use kron::{Kron, KronOptions, KronState, MemorySaveMode, Precision};
 pub use optimizer::PsgdOptimizer;
 pub use random::{RandomSource, ReplayRandom, SeededRandom};
@@ -36,7 +36,8 @@ pub trait Transform: Sized + Send + Sync {
     type State: Clone + Send + Sync;
 
     /// Options from a JSON object with psgd-jax's snake_case keyword names.
-    fn options_from_json(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Self::Options>;
+    fn options_from_json(obj: &serde_json::Map<String, serde_json::Value>)
+        -> Result<Self::Options>;
     /// An optimizer for these leaves.
     fn new(leaves: Vec<LeafSpec>, options: Self::Options) -> Result<Self>;
     /// The leaves it was built for.

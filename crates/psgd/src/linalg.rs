@@ -93,14 +93,22 @@ pub fn norm_lower_bound(a: &Tensor) -> Result<Tensor> {
     let v1 = row_sums.max(1)?;
 
     // column branch: x = A[:, i]; x = xᵀA; |(x/|x|) Aᵀ|
-    let ci = i.reshape((b, 1, 1))?.broadcast_as((b, n, 1))?.contiguous()?;
+    let ci = i
+        .reshape((b, 1, 1))?
+        .broadcast_as((b, n, 1))?
+        .contiguous()?;
     let col = an.gather(&ci, 2)?.transpose(1, 2)?; // (B, 1, n)
     let x = col.matmul(&an)?;
     let x = x.broadcast_div(&sq_norm_keepdim(&x)?.sqrt()?)?;
-    let gt_val = sq_norm_keepdim(&x.matmul(&an.t()?)?)?.sqrt()?.flatten_all()?;
+    let gt_val = sq_norm_keepdim(&x.matmul(&an.t()?)?)?
+        .sqrt()?
+        .flatten_all()?;
 
     // row branch: x = A[j, :]; x = A x; |Aᵀ (x/|x|)|
-    let rj = j.reshape((b, 1, 1))?.broadcast_as((b, 1, n))?.contiguous()?;
+    let rj = j
+        .reshape((b, 1, 1))?
+        .broadcast_as((b, 1, n))?
+        .contiguous()?;
     let row = an.gather(&rj, 1)?; // (B, 1, n)
     let x = row.matmul(&an.t()?)?; // (B, 1, n) = (A x)ᵀ
     let x = x.broadcast_div(&sq_norm_keepdim(&x)?.sqrt()?)?;
@@ -121,7 +129,9 @@ mod tests {
         for bi in 0..b {
             for r in 0..n {
                 for c in 0..n {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let u = ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
                     v.push(if c < r {
                         // junk below the diagonal must be ignored
@@ -142,7 +152,9 @@ mod tests {
         let mut s = seed;
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect();
@@ -167,7 +179,9 @@ mod tests {
         for &(b, r, n) in &[(1, 1, 1), (1, 5, 7), (3, 4, 9), (2, 1, 16), (1, 33, 33)] {
             let a = upper(b, n, 7 + n as u64);
             let x = rand((b, r, n), 3 + r as u64);
-            let triu = a.broadcast_mul(&Tensor::triu2(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+            let triu = a
+                .broadcast_mul(&Tensor::triu2(n, DType::F32, &Device::Cpu).unwrap())
+                .unwrap();
             for y in [
                 solve_triangular_right_cpu(&x, &a).unwrap(),
                 solve_triangular_right_blocked(&x, &triu).unwrap(),
@@ -210,22 +224,26 @@ mod tests {
         }
         // an all-zero matrix gives zero
         let z = Tensor::zeros((1, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(norm_lower_bound(&z).unwrap().to_vec1::<f32>().unwrap(), vec![0.0]);
+        assert_eq!(
+            norm_lower_bound(&z).unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0]
+        );
     }
 
     #[test]
     fn norm_lower_bound_picks_row_or_column_like_the_reference() {
         // a non-symmetric matrix whose largest row and largest column differ
-        let a = Tensor::from_vec(vec![3f32, 0.0, 0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 2.0], (1, 3, 3), &Device::Cpu).unwrap();
+        let a = Tensor::from_vec(
+            vec![3f32, 0.0, 0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 2.0],
+            (1, 3, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
         let lb = norm_lower_bound(&a).unwrap().to_vec1::<f32>().unwrap()[0];
         // column 0 has squared norm 25 > largest row (17): x = A[:,0]ᵀA = [25,4,0]; |x̂ Aᵀ|
         let x = [25f32, 4.0, 0.0];
         let nx = (x[0] * x[0] + x[1] * x[1]).sqrt();
-        let xa = [
-            (x[0] * 3.0) / nx,
-            (x[0] * 4.0 + x[1] * 1.0) / nx,
-            0.0,
-        ];
+        let xa = [(x[0] * 3.0) / nx, (x[0] * 4.0 + x[1] * 1.0) / nx, 0.0];
         let expect = (xa[0] * xa[0] + xa[1] * xa[1] + xa[2] * xa[2]).sqrt();
         assert!((lb - expect).abs() < 1e-4, "{lb} vs {expect}");
     }

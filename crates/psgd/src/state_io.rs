@@ -1,15 +1,19 @@
 //! Optimizer state as safetensors bytes: tensors by name, scalars and the leaf list in the
-//! metadata, so a file can be checked against the optimizer that loads it.
+//! metadata, so a file can be checked against the optimizer that loads it. The metadata is
+//! one JSON object under the key `psgd` with sorted keys, so equal states give equal bytes
+//! (safetensors writes its own metadata map in hash order).
 
 use crate::error::{PsgdError, Result};
 use crate::transform::LeafSpec;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+const META_KEY: &str = "psgd";
 
 /// A state being written.
 pub struct StateFile {
     tensors: Vec<(String, Tensor)>,
-    meta: HashMap<String, String>,
+    meta: BTreeMap<String, String>,
 }
 
 fn leaves_json(leaves: &[LeafSpec]) -> String {
@@ -25,7 +29,7 @@ fn leaves_json(leaves: &[LeafSpec]) -> String {
 impl StateFile {
     /// An empty state of `variant` for `leaves`.
     pub fn new(variant: &str, leaves: &[LeafSpec]) -> Self {
-        let mut meta = HashMap::new();
+        let mut meta = BTreeMap::new();
         meta.insert("variant".to_string(), variant.to_string());
         meta.insert("leaves".to_string(), leaves_json(leaves));
         meta.insert("format".to_string(), "psgd-state-1".to_string());
@@ -47,7 +51,10 @@ impl StateFile {
 
     /// The safetensors bytes.
     pub fn to_bytes(self) -> Result<Vec<u8>> {
-        safetensors::tensor::serialize(self.tensors, Some(self.meta))
+        let meta =
+            serde_json::to_string(&self.meta).map_err(|e| PsgdError::State(e.to_string()))?;
+        let meta = HashMap::from([(META_KEY.to_string(), meta)]);
+        safetensors::tensor::serialize(self.tensors, Some(meta))
             .map_err(|e| PsgdError::State(e.to_string()))
     }
 }
@@ -55,15 +62,25 @@ impl StateFile {
 /// A state being read.
 pub struct LoadedState {
     tensors: HashMap<String, Tensor>,
-    meta: HashMap<String, String>,
+    meta: BTreeMap<String, String>,
 }
 
 impl LoadedState {
     /// Parses `bytes` and checks that they hold a `variant` state for the same leaves.
-    pub fn parse(bytes: &[u8], device: &Device, variant: &str, leaves: &[LeafSpec]) -> Result<Self> {
+    pub fn parse(
+        bytes: &[u8],
+        device: &Device,
+        variant: &str,
+        leaves: &[LeafSpec],
+    ) -> Result<Self> {
         let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| PsgdError::State(format!("not a safetensors state: {e}")))?;
-        let meta = md.metadata().clone().unwrap_or_default();
+        let meta: BTreeMap<String, String> = md
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .and_then(|m| serde_json::from_str(m).ok())
+            .ok_or_else(|| PsgdError::State("not a psgd state (no 'psgd' metadata)".into()))?;
         let got = meta.get("variant").map(String::as_str).unwrap_or("none");
         if got != variant {
             return Err(PsgdError::State(format!(

@@ -72,12 +72,12 @@ pub fn check_leaves(what: &'static str, specs: &[LeafSpec], tensors: &[Tensor]) 
     Ok(())
 }
 
-/// Fails with the first leaf holding NaN or Inf. One read-back for the whole tree: `t - t`
+/// Fails with the first leaf holding NaN or Inf. One read-back for the whole tree: `0 · t`
 /// is zero for finite entries and NaN otherwise.
 pub fn check_finite(what: &'static str, specs: &[LeafSpec], tensors: &[Tensor]) -> Result<()> {
     let probes = tensors
         .iter()
-        .map(|t| Ok((t - t)?.to_dtype(DType::F32)?.sum_all()?))
+        .map(|t| Ok((t * 0.0)?.to_dtype(DType::F32)?.sum_all()?))
         .collect::<Result<Vec<_>>>()?;
     if probes.is_empty() {
         return Ok(());
@@ -101,7 +101,7 @@ pub fn check_hyper(h: &StepHyper) -> Result<()> {
             format!("must be finite, got {}", h.learning_rate),
         ));
     }
-    if !(h.update_probability >= 0.0) {
+    if h.update_probability.is_nan() || h.update_probability < 0.0 {
         return Err(PsgdError::option_range(
             "preconditioner_update_probability",
             format!("must be a number >= 0, got {}", h.update_probability),

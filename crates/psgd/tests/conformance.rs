@@ -6,7 +6,11 @@ use std::path::Path;
 fn kron_fixtures_match_psgd_jax() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron");
     let results = psgd::conformance::run_dir(&dir).expect("fixture directory");
-    assert!(results.len() >= 10, "expected at least 10 Kron cases, found {}", results.len());
+    assert!(
+        results.len() >= 10,
+        "expected at least 10 Kron cases, found {}",
+        results.len()
+    );
     let mut failed = 0;
     for r in &results {
         println!(

@@ -1,0 +1,61 @@
+import test from 'ava'
+import { execFileSync, spawnSync } from 'node:child_process'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import { native } from '../src/native'
+
+const root = path.join(__dirname, '..')
+const fixtures = path.join(root, 'fixtures', 'kron')
+const script = path.join(root, 'scripts', 'conformance.ts')
+const tsx = path.join(root, 'node_modules', 'tsx', 'dist', 'cli.mjs')
+
+test('every committed Kron fixture matches psgd-jax 0.2.9', (t) => {
+  const results = native.runConformance(fixtures)
+  t.true(results.length >= 10, `${results.length} cases`)
+  for (const r of results) t.true(r.passed, `${r.name}: max rel err ${r.maxRelErr} ${r.detail}`)
+  t.is(native.conformanceTolerance(), 1e-3)
+})
+
+test('npm run conformance prints one line per case and "N passed, 0 failed"', (t) => {
+  const out = execFileSync(process.execPath, [tsx, script, fixtures], { cwd: root, encoding: 'utf8' })
+  const lines = out.trim().split('\n')
+  const n = fs.readdirSync(fixtures).length
+  t.is(lines.length, n + 1)
+  t.is(lines[lines.length - 1], `${n} passed, 0 failed`)
+})
+
+test('the checker fails a case whose options differ from what the reference ran', (t) => {
+  // a wrong formula shows as an O(1) error: run a case with a changed preconditioner lr
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-conf-'))
+  const src = path.join(fixtures, 'kron_basic')
+  const dst = path.join(dir, 'kron_basic_wrong')
+  fs.mkdirSync(dst)
+  for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dst, f))
+  const casePath = path.join(dst, 'case.json')
+  const c = JSON.parse(fs.readFileSync(casePath, 'utf8'))
+  c.options.b1 = 0.5
+  fs.writeFileSync(casePath, JSON.stringify(c))
+  const r = spawnSync(process.execPath, [tsx, script, dir], { cwd: root, encoding: 'utf8' })
+  t.is(r.status, 1)
+  t.regex(r.stdout, /FAIL {2}kron_basic_wrong/)
+  t.regex(r.stdout.trim().split('\n').pop() ?? '', /^0 passed, 1 failed$/)
+  fs.rmSync(dir, { recursive: true, force: true })
+})
+
+test('a replayed draw of the wrong shape fails loudly with step, index and shapes', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-conf-'))
+  const src = path.join(fixtures, 'kron_basic')
+  const dst = path.join(dir, 'kron_basic_shapes')
+  fs.mkdirSync(dst)
+  for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dst, f))
+  const casePath = path.join(dst, 'case.json')
+  const c = JSON.parse(fs.readFileSync(casePath, 'utf8'))
+  // the optimizer asks for a [8, 4] normal draw at step 0 index 2; claim it was [4, 8]
+  c.draws[0][2].shape = [4, 8]
+  fs.writeFileSync(casePath, JSON.stringify(c))
+  const [r] = native.runConformance(dst)
+  t.false(r.passed)
+  t.regex(r.detail, /step 0: draw 2 asked for normal \[8, 4\], the reference drew normal \[4, 8\]/)
+  fs.rmSync(dir, { recursive: true, force: true })
+})

@@ -1,0 +1,203 @@
+import test from 'ava'
+import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type PyTree } from '../index'
+import { leaf, snapshot, sumSquares, twice, values } from './helpers'
+
+test("the seed's quadratic toy problem converges below 1e-4 (optax style)", (t) => {
+  // params [1, 2, 3], loss sum((p - 0)^2), as in psgd-jax's README, with kron
+  let params: PyTree = leaf([1, 2, 3])
+  const opt = kron({ learningRate: 0.1, b1: 0, preconditionerUpdateProbability: 1 })
+  let optState = opt.init(params)
+  const losses: number[] = []
+  for (let i = 0; i < 500; i++) {
+    const loss = sumSquares(params)
+    losses.push(loss)
+    if (loss < 1e-4) break
+    let updates
+    ;[updates, optState] = opt.update(twice(params), optState)
+    params = applyUpdates(params, updates)
+  }
+  t.is(losses[0], 14)
+  t.true(losses[losses.length - 1] < 1e-4, `last loss ${losses[losses.length - 1]} after ${losses.length} steps`)
+  t.is(optState.count, losses.length - 1)
+})
+
+test('the quadratic converges with the default options and a Tensor leaf (class style)', (t) => {
+  const params = { p: Tensor.fromArray([1, 2, 3], [3]) }
+  const opt = new Kron(params, { learningRate: 0.01 })
+  let loss = sumSquares(params)
+  for (let i = 0; i < 1000 && loss >= 1e-4; i++) {
+    opt.step(twice(params))
+    loss = sumSquares(params)
+  }
+  t.true(loss < 1e-4, `loss ${loss}`)
+  t.true(opt.params.p instanceof Tensor)
+})
+
+test("the README's quick start runs as written", (t) => {
+  // --- README quick start (keep in sync) ---
+  const params = {
+    dense: { w: { data: new Float32Array(64 * 32).fill(0.01), shape: [64, 32] }, b: { data: new Float32Array(32), shape: [32] } },
+    scale: 1.0,
+  }
+  const grads = {
+    dense: { w: { data: new Float32Array(64 * 32).fill(0.1), shape: [64, 32] }, b: { data: new Float32Array(32).fill(0.1), shape: [32] } },
+    scale: 0.5,
+  }
+  const optimizer = kron({ learningRate: 3e-4, weightDecay: 1e-4 })
+  let optState = optimizer.init(params)
+  let updates
+  ;[updates, optState] = optimizer.update(grads, optState, params)
+  const newParams = applyUpdates(params, updates)
+  // --- end ---
+  t.is(optState.count, 1)
+  t.deepEqual((newParams.dense.w as { shape: number[] }).shape, [64, 32])
+  t.is(typeof newParams.scale, 'number')
+  t.not(newParams.scale, 1.0)
+})
+
+test('every leaf rank works: 0-d, 1-d, 2-d, 3-d, 4-d, and a dim above maxSizeTriangular', (t) => {
+  const shapes = [[], [5], [4, 3], [3, 2, 4], [2, 3, 2, 2], [40, 3]]
+  const params: Record<string, PyTree> = {}
+  shapes.forEach((s, i) => {
+    const n = s.reduce((a, b) => a * b, 1)
+    params[`l${i}`] = leaf(values(n, i + 1), s)
+  })
+  const opt = new Kron(params, { learningRate: 0.05, maxSizeTriangular: 16, preconditionerUpdateProbability: 1 })
+  const start = sumSquares(params)
+  for (let i = 0; i < 30; i++) opt.step(twice(params))
+  const end = sumSquares(params)
+  t.true(end < start * 0.5, `${start} -> ${end}`)
+  for (const [k, v] of Object.entries(params)) t.deepEqual((v as { shape: number[] }).shape, shapes[Number(k.slice(1))])
+})
+
+test('updates mirror the leaf kinds of the grads', (t) => {
+  const params = { a: Tensor.fromArray([1, 2], [2]), b: leaf([1, 2]), c: 3 }
+  const opt = kron()
+  const state = opt.init(params)
+  const [u] = opt.update({ a: leaf([1, 1]), b: Tensor.fromArray([1, 1], [2]), c: 1 }, state) as [Record<string, unknown>, unknown]
+  t.false(u.a instanceof Tensor)
+  t.true(u.b instanceof Tensor)
+  t.is(typeof u.c, 'number')
+})
+
+test('the same seed gives the same run; another seed another one', (t) => {
+  const run = (seed: number) => {
+    const params = { w: leaf(values(12, 7), [3, 4]) }
+    const opt = new Kron(params, { seed, learningRate: 0.1, preconditionerUpdateProbability: 1 })
+    for (let i = 0; i < 5; i++) opt.step({ w: leaf(values(12, 100 + i), [3, 4]) })
+    return Array.from(params.w.data)
+  }
+  t.deepEqual(run(1), run(1))
+  t.notDeepEqual(run(1), run(2))
+})
+
+test('state.clone() is independent of the original', (t) => {
+  const opt = kron({ learningRate: 0.1 })
+  const params = { w: leaf(values(6, 3), [2, 3]) }
+  const s1 = opt.init(params)
+  opt.update({ w: leaf(values(6, 4), [2, 3]) }, s1)
+  const s2 = s1.clone()
+  const before = s1.toBytes()
+  const [u2] = opt.update({ w: leaf(values(6, 5), [2, 3]) }, s2)
+  t.is(s1.count, 1)
+  t.is(s2.count, 2)
+  t.deepEqual(s1.toBytes(), before)
+  // the original, stepped the same way, gives the same updates
+  const [u1] = opt.update({ w: leaf(values(6, 5), [2, 3]) }, s1)
+  t.deepEqual(snapshot(u1), snapshot(u2))
+})
+
+test('stepAsync gives exactly what step gives', async (t) => {
+  const make = () => ({ w: leaf(values(20, 9), [4, 5]), b: leaf(values(5, 10)) })
+  const p1 = make()
+  const p2 = make()
+  const o1 = new Kron(p1, { learningRate: 0.1, preconditionerUpdateProbability: 1 })
+  const o2 = new Kron(p2, { learningRate: 0.1, preconditionerUpdateProbability: 1 })
+  for (let i = 0; i < 4; i++) {
+    o1.step(twice(p1))
+    await o2.stepAsync(twice(p2))
+  }
+  t.deepEqual(snapshot(p1), snapshot(p2))
+  t.is(o2.count, 4)
+})
+
+test('a second step while stepAsync runs is refused and changes nothing', async (t) => {
+  const params = { w: leaf(values(20, 9), [4, 5]) }
+  const opt = new Kron(params)
+  const pending = opt.stepAsync(twice(params))
+  t.throws(() => opt.step(twice(params)), { message: /stepAsync is still running/ })
+  await pending
+  t.is(opt.count, 1)
+})
+
+test('stateDict / loadStateDict round-trip continues the run exactly', (t) => {
+  const grads = (i: number) => ({ w: leaf(values(12, 50 + i), [3, 4]), s: 0.1 * i })
+  const params = { w: leaf(values(12, 1), [3, 4]), s: 0.5 }
+  const opt = new Kron(params, { learningRate: 0.1, preconditionerUpdateProbability: 0.5 })
+  for (let i = 0; i < 3; i++) opt.step(grads(i))
+  const bytes = opt.stateDict()
+  t.true(bytes instanceof Uint8Array)
+  const saved = snapshot(params) as { w: { data: number[] }; s: number }
+
+  for (let i = 3; i < 6; i++) opt.step(grads(i))
+  const direct = snapshot(params)
+
+  const params2 = { w: leaf(saved.w.data, [3, 4]), s: saved.s }
+  const opt2 = new Kron(params2, { learningRate: 0.1, preconditionerUpdateProbability: 0.5 })
+  opt2.loadStateDict(bytes)
+  t.is(opt2.count, 3)
+  for (let i = 3; i < 6; i++) opt2.step(grads(i))
+  t.deepEqual(snapshot(params2), direct)
+})
+
+test('schedules: learningRate sees the count before the step, the probability the count after', (t) => {
+  const lrSteps: number[] = []
+  const probSteps: number[] = []
+  const opt = kron({
+    learningRate: (n) => (lrSteps.push(n), 0.01),
+    preconditionerUpdateProbability: (n) => (probSteps.push(n), 1),
+  })
+  const params = leaf([1, 2])
+  const s = opt.init(params)
+  for (let i = 0; i < 3; i++) opt.update(twice(params), s)
+  t.deepEqual(lrSteps, [0, 1, 2])
+  t.deepEqual(probSteps, [1, 2, 3])
+})
+
+test('precondUpdateProbSchedule follows psgd-jax', (t) => {
+  const f = precondUpdateProbSchedule()
+  t.is(f(0), 1)
+  t.is(f(500), 1)
+  t.true(Math.abs(f(1500) - Math.exp(-1)) < 1e-6)
+  t.is(f(100000), Math.fround(0.03))
+  const g = precondUpdateProbSchedule({ maxProb: 0.5, minProb: 0.1, decay: 0.01, flatStart: 0 })
+  t.is(g(0), 0.5)
+  t.true(Math.abs(g(100) - Math.fround(0.5 * Math.exp(-1))) < 1e-6)
+  t.is(g(1000), Math.fround(0.1))
+})
+
+test('weight decay follows the mask (tree and predicate)', (t) => {
+  const zeros = { a: leaf([0, 0]), b: leaf([0, 0]) }
+  for (const weightDecayMask of [{ a: true, b: false }, (path: string) => path === 'a']) {
+    const params = { a: leaf([1, 2]), b: leaf([1, 2]) }
+    const opt = kron({ learningRate: 0.1, weightDecay: 0.5, weightDecayMask })
+    const s = opt.init(params)
+    const [u] = opt.update(zeros, s, params) as [Record<string, { data: Float32Array }>, unknown]
+    t.deepEqual(Array.from(u.a.data), [-0.05, -0.1].map(Math.fround))
+    t.deepEqual(Array.from(u.b.data), [0, 0])
+  }
+})
+
+test('scanned layers: one preconditioner per layer, with and without laxMap batching', (t) => {
+  const run = (opts: object) => {
+    const params = { stack: leaf(values(3 * 4 * 5, 11), [3, 4, 5]), b: leaf(values(5, 12)) }
+    const opt = new Kron(params, { learningRate: 0.1, preconditionerUpdateProbability: 1, scannedLayers: { stack: true, b: false }, ...opts })
+    for (let i = 0; i < 3; i++) opt.step(twice(params))
+    return { params: snapshot(params), bytes: opt.stateDict().length }
+  }
+  const plain = run({})
+  const batched = run({ laxMapScannedLayers: true, laxMapBatchSize: 2 })
+  const unscanned = run({ scannedLayers: () => false })
+  t.deepEqual(plain.params, batched.params)
+  t.notDeepEqual(plain.params, unscanned.params)
+})

@@ -1,0 +1,16 @@
+/**
+ * psgd: PSGD optimizers for Node.js on a Rust/candle core.
+ * @packageDocumentation
+ */
+export { kron, Kron, type KronOptions } from './src/kron'
+export {
+  applyUpdates,
+  OptimizerState,
+  PsgdOptimizer,
+  type BaseOptions,
+  type GradientTransformation,
+  type UpdateExtra,
+} from './src/core'
+export { precondUpdateProbSchedule, type Schedule, type PrecondUpdateProbScheduleOptions } from './src/schedule'
+export { Tensor, type DType, type DeviceName, type TensorOptions } from './src/tensor'
+export { flatten, unflatten, isLeaf, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef, type Flat } from './src/tree'

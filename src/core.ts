@@ -1,0 +1,461 @@
+/**
+ * The machinery every variant shares: option checking, pytree ↔ native conversion, the
+ * schedules, the optax-style `init`/`update` pair and the in-place optimizer class.
+ * A variant is just a {@link VariantSpec}; no variant has code of its own here.
+ */
+import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor } from './native'
+import { precondUpdateProbSchedule, type Schedule } from './schedule'
+import { Tensor } from './tensor'
+import { flatten, isLeaf, resolveMask, structureMismatch, unflatten, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef } from './tree'
+import { camelizeMessage, checkOption, type NativeOption } from './options'
+
+/** Options every variant has. */
+export interface BaseOptions {
+  /** Learning rate, or a schedule of the step count (0 on the first step, as optax). Default 0.001. */
+  learningRate?: number | Schedule
+  /** Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9. */
+  b1?: number
+  /** Decoupled weight decay (needs `params` in `update`). Default 0. */
+  weightDecay?: number
+  /** Which leaves get weight decay: a tree of booleans or `(path, leaf) => boolean`. Default: all. */
+  weightDecayMask?: Mask
+  /**
+   * Probability of updating the preconditioner on a step, or a schedule of the 1-based step
+   * count. Default {@link precondUpdateProbSchedule}`()` (null also means the default).
+   */
+  preconditionerUpdateProbability?: number | Schedule | null
+  /** Seed of the random probe vectors; the same seed gives the same run. Default 0. */
+  seed?: number
+}
+
+/** What a variant declares: its name, its native options and the options resolved here. */
+export interface VariantSpec {
+  /** The factory's name, used in error messages (`kron`). */
+  name: string
+  /** The native variant (`kron`). */
+  variant: string
+  /** Options forwarded to the native core, by camelCase name. */
+  nativeOptions: Readonly<Record<string, NativeOption>>
+  /** Whether the variant has scanned layers (`scannedLayers` mask). */
+  scannedLayers: boolean
+}
+
+const TS_OPTIONS = ['learningRate', 'weightDecayMask', 'preconditionerUpdateProbability', 'scannedLayers'] as const
+
+/** Options after checking: the native JSON and the TypeScript-side schedules and masks. */
+interface Resolved {
+  json: string
+  learningRate: Schedule
+  updateProbability: Schedule
+  weightDecayMask: Mask
+  scannedLayers: Mask
+}
+
+function scheduleOption(owner: string, name: string, v: unknown, fallback: Schedule): Schedule {
+  if (v === undefined || v === null) return fallback
+  if (typeof v === 'function') return v as Schedule
+  checkOption(owner, name, 'number', v)
+  return () => v as number
+}
+
+function maskOption(owner: string, name: string, v: unknown): Mask {
+  if (v === undefined || v === null || typeof v === 'function' || typeof v === 'boolean' || typeof v === 'object') {
+    return v as Mask
+  }
+  throw new TypeError(`${owner}: option '${name}' must be a tree of booleans or a function (path, leaf) => boolean, got ${String(v)}`)
+}
+
+function resolveOptions(spec: VariantSpec, options: object | undefined): Resolved {
+  if (options !== undefined && (options === null || typeof options !== 'object' || Array.isArray(options))) {
+    throw new TypeError(`${spec.name}: options must be an object, got ${String(options)}`)
+  }
+  const o = (options ?? {}) as Record<string, unknown>
+  const json: Record<string, unknown> = {}
+  for (const [k, v] of Object.entries(o)) {
+    if (v === undefined) continue
+    const nat = spec.nativeOptions[k]
+    if (nat) {
+      json[nat.snake] = checkOption(spec.name, k, nat.kind, v)
+    } else if (!(TS_OPTIONS as readonly string[]).includes(k) || (k === 'scannedLayers' && !spec.scannedLayers)) {
+      throw new TypeError(`${spec.name}: unknown option '${k}'`)
+    }
+  }
+  const learningRate = scheduleOption(spec.name, 'learningRate', o.learningRate, () => 0.001)
+  const updateProbability = scheduleOption(
+    spec.name,
+    'preconditionerUpdateProbability',
+    o.preconditionerUpdateProbability,
+    precondUpdateProbSchedule(),
+  )
+  if (typeof o.preconditionerUpdateProbability === 'number') {
+    checkProbability(spec.name, o.preconditionerUpdateProbability)
+  }
+  // the native core validates the rest of the values (ranges) now, not at the first step
+  try {
+    new native.NativeOptimizer(spec.variant, [], JSON.stringify(json))
+  } catch (e) {
+    nativeFailure(spec, e)
+  }
+  return {
+    json: JSON.stringify(json),
+    learningRate,
+    updateProbability,
+    weightDecayMask: maskOption(spec.name, 'weightDecayMask', o.weightDecayMask),
+    scannedLayers: maskOption(spec.name, 'scannedLayers', o.scannedLayers),
+  }
+}
+
+/** Re-throws a native error as its JS class, with our option names. */
+function nativeFailure(spec: VariantSpec, e: unknown): never {
+  try {
+    rethrow(e, spec.name)
+  } catch (err) {
+    if (err instanceof Error) err.message = camelizeMessage(err.message, spec.nativeOptions)
+    throw err
+  }
+}
+
+function checkProbability(owner: string, p: number, step?: number): void {
+  if (typeof p !== 'number' || !(p >= 0 && p <= 1)) {
+    const at = step === undefined ? '' : ` (schedule at step ${step})`
+    throw new RangeError(`${owner}: option 'preconditionerUpdateProbability' must be in [0, 1], got ${String(p)}${at}`)
+  }
+}
+
+function checkLearningRate(owner: string, lr: number, step: number): void {
+  if (typeof lr !== 'number' || !Number.isFinite(lr)) {
+    throw new RangeError(`${owner}: option 'learningRate' must be a finite number, got ${String(lr)} (schedule at step ${step})`)
+  }
+}
+
+/** Everything the state needs to know about the tree it was made for. */
+interface Layout {
+  paths: string[]
+  shapes: number[][]
+  devices: string[]
+  treedef: TreeDef
+}
+
+function shapeOf(leaf: Leaf): number[] {
+  return typeof leaf === 'number' ? [] : leaf.shape
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i])
+}
+
+/** Converts one leaf to a native tensor on `device`, checking what JS can check. */
+function toNative(leaf: Leaf, path: string, what: string, device: string): NativeTensor {
+  if (leaf instanceof Tensor) return leaf.native
+  if (typeof leaf === 'number') {
+    return call(() => native.NativeTensor.fromArray(Float32Array.of(leaf), [], 'float32', device), `${what} '${path}'`)
+  }
+  const { data, shape } = leaf as ArrayLeaf
+  if (!(data instanceof Float32Array)) {
+    throw new TypeError(`${what} '${path}': data must be a Float32Array`)
+  }
+  if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
+    throw new TypeError(`${what} '${path}': shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`)
+  }
+  const n = shape.reduce((a, b) => a * b, 1)
+  if (data.length !== n) {
+    throw new RangeError(`${what} '${path}' has ${data.length} values, its shape ${JSON.stringify(shape)} needs ${n}`)
+  }
+  return call(() => native.NativeTensor.fromArray(data, [...shape], 'float32', device), `${what} '${path}'`)
+}
+
+/** Flattens `tree` and checks it has exactly the leaves (paths and shapes) of `layout`. */
+function flattenLike(tree: unknown, layout: Layout, what: string) {
+  const flat = flatten<Leaf>(tree, isLeaf, what)
+  const bad = structureMismatch(layout.paths, flat.paths)
+  if (bad) throw new RangeError(`${what}: ${bad}`)
+  const at = flat.paths.findIndex((p, i) => p !== layout.paths[i])
+  if (at >= 0) throw new RangeError(`${what}: leaf '${flat.paths[at]}' is not where the params have it (leaf order differs)`)
+  flat.leaves.forEach((leaf, i) => {
+    const got = shapeOf(leaf)
+    if (!sameShape(got, layout.shapes[i])) {
+      throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
+    }
+  })
+  const nativeLeaves = flat.leaves.map((l, i) => toNative(l, flat.paths[i], what, layout.devices[i]))
+  return { flat, nativeLeaves }
+}
+
+/** Builds an updates leaf of the same kind as the grads leaf it answers. */
+function fromNative(t: NativeTensor, like: Leaf): Leaf {
+  if (like instanceof Tensor) return new Tensor(t)
+  const data = call(() => t.toArray())
+  if (typeof like === 'number') return data[0]
+  return { data, shape: [...like.shape] }
+}
+
+/**
+ * An optimizer state: an opaque handle to state in native memory (on the params' device),
+ * advanced in place by `update`.
+ */
+export class OptimizerState {
+  /** @internal */
+  readonly handle: NativeState
+  /** @internal */
+  readonly optimizer: NativeOptimizer
+  /** @internal */
+  readonly layout: Layout
+  /** @internal */
+  readonly owner: string
+
+  /** @internal States are made by an optimizer's `init`. */
+  constructor(handle: NativeState, optimizer: NativeOptimizer, layout: Layout, owner: string) {
+    this.handle = handle
+    this.optimizer = optimizer
+    this.layout = layout
+    this.owner = owner
+  }
+
+  /** Steps taken so far. */
+  get count(): number {
+    return this.handle.count
+  }
+
+  /** The leaf paths this state was made for, in order. */
+  get paths(): string[] {
+    return [...this.layout.paths]
+  }
+
+  /** An independent copy: stepping one does not change the other. */
+  clone(): OptimizerState {
+    return new OptimizerState(this.handle.clone(), this.optimizer, this.layout, this.owner)
+  }
+
+  /** The state as safetensors bytes (factors, momentum, counters; metadata names the leaves). */
+  toBytes(): Uint8Array {
+    return call(() => this.optimizer.stateToBytes(this.handle), this.owner)
+  }
+
+  /** Replaces this state's contents with a state saved by {@link OptimizerState.toBytes}. */
+  loadBytes(bytes: Uint8Array): void {
+    if (!(bytes instanceof Uint8Array)) throw new TypeError(`${this.owner}: state bytes must be a Uint8Array`)
+    const device = this.layout.devices[0] ?? 'cpu'
+    call(() => {
+      const loaded = this.optimizer.stateFromBytes(bytes, device)
+      this.optimizer.copyState(loaded, this.handle)
+    }, `${this.owner}: loading state`)
+  }
+}
+
+/** Extra inputs of `update`; the Hessian-vector-product fields are for XMat, LRA and Affine. */
+export interface UpdateExtra {
+  /** Hessian-vector product `H·vector` (a tree like the params). */
+  hvp?: PyTree
+  /** The probe vector the `hvp` was taken with. */
+  vector?: PyTree
+  /** Whether to update the preconditioner this step (Hessian mode). */
+  updatePreconditioner?: boolean
+}
+
+/** An optax-style optimizer: a pair of functions over pytrees and an opaque state. */
+export interface GradientTransformation {
+  /** The initial state for `params` (only their structure, shapes and devices are used). */
+  init(params: PyTree): OptimizerState
+  /**
+   * One step. Returns the updates (to add to the params, e.g. with `applyUpdates`), with
+   * the same leaf kinds as `grads`, and the state, advanced in place. On error nothing
+   * changes.
+   */
+  update(grads: PyTree, state: OptimizerState, params?: PyTree | null, extra?: UpdateExtra): [PyTree, OptimizerState]
+  /** {@link GradientTransformation.update} with the work done off the JS main thread. */
+  updateAsync(grads: PyTree, state: OptimizerState, params?: PyTree | null, extra?: UpdateExtra): Promise<[PyTree, OptimizerState]>
+}
+
+/** The inputs of one native step, fully checked. */
+interface Prepared {
+  flat: ReturnType<typeof flattenLike>['flat']
+  grads: NativeTensor[]
+  params: NativeTensor[] | null
+  learningRate: number
+  updateProbability: number
+}
+
+/** Builds the optax-style pair for a variant. */
+export function makeTransformation(spec: VariantSpec, options: object | undefined): GradientTransformation {
+  const o = resolveOptions(spec, options)
+
+  const prepare = (grads: PyTree, state: OptimizerState, params: PyTree | null | undefined, extra?: UpdateExtra): Prepared => {
+    if (!(state instanceof OptimizerState) || state.owner !== spec.name) {
+      throw new TypeError(`${spec.name}.update: state must come from ${spec.name}().init`)
+    }
+    if (extra !== undefined && extra !== null && Object.keys(extra).length > 0) {
+      throw new TypeError(`${spec.name}.update: the Hessian mode (hvp, vector, updatePreconditioner) is not available for ${spec.name}`)
+    }
+    const g = flattenLike(grads, state.layout, 'grads')
+    const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params').nativeLeaves
+    const step = state.count
+    const learningRate = o.learningRate(step)
+    checkLearningRate(spec.name, learningRate, step)
+    const updateProbability = o.updateProbability(step + 1)
+    checkProbability(spec.name, updateProbability, step + 1)
+    return { flat: g.flat, grads: g.nativeLeaves, params: p, learningRate, updateProbability }
+  }
+
+  const finish = (prep: Prepared, out: NativeTensor[]): PyTree =>
+    unflatten(prep.flat.treedef, out.map((t, i) => fromNative(t, prep.flat.leaves[i])))
+
+  const nativeError = (e: unknown): never => nativeFailure(spec, e)
+
+  return {
+    init(params: PyTree): OptimizerState {
+      const flat = flatten<Leaf>(params, isLeaf, 'params')
+      const wd = resolveMask(o.weightDecayMask, 'weightDecayMask', flat.paths, flat.leaves, true)
+      const scanned = resolveMask(o.scannedLayers, 'scannedLayers', flat.paths, flat.leaves, false)
+      const devices = flat.leaves.map((l) => (l instanceof Tensor ? l.device : 'cpu'))
+      const layout: Layout = { paths: flat.paths, shapes: flat.leaves.map(shapeOf), devices, treedef: flat.treedef }
+      const leaves: LeafInfo[] = flat.paths.map((path, i) => ({
+        path,
+        shape: layout.shapes[i],
+        scanned: scanned[i],
+        weightDecay: wd[i],
+      }))
+      const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i]))
+      try {
+        const opt = new native.NativeOptimizer(spec.variant, leaves, o.json)
+        return new OptimizerState(opt.init(nativeParams), opt, layout, spec.name)
+      } catch (e) {
+        return nativeError(e)
+      }
+    },
+
+    update(grads, state, params, extra) {
+      const prep = prepare(grads, state, params, extra)
+      let out: NativeTensor[]
+      try {
+        out = state.optimizer.update(prep.grads, state.handle, prep.params, prep.learningRate, prep.updateProbability)
+      } catch (e) {
+        return nativeError(e)
+      }
+      return [finish(prep, out), state]
+    },
+
+    async updateAsync(grads, state, params, extra) {
+      const prep = prepare(grads, state, params, extra)
+      let out: NativeTensor[]
+      try {
+        out = await state.optimizer.updateAsync(prep.grads, state.handle, prep.params, prep.learningRate, prep.updateProbability)
+      } catch (e) {
+        return nativeError(e)
+      }
+      return [finish(prep, out), state]
+    },
+  }
+}
+
+/** Adds one update leaf to one param leaf, returning a new leaf of the param's kind. */
+function addLeaf(p: Leaf, u: Leaf, path: string): Leaf {
+  if (!sameShape(shapeOf(p), shapeOf(u))) {
+    throw new RangeError(`updates '${path}' has shape ${JSON.stringify(shapeOf(u))}, the param has ${JSON.stringify(shapeOf(p))}`)
+  }
+  if (p instanceof Tensor) {
+    const un = u instanceof Tensor ? u.native : toNative(u, path, 'updates', p.device)
+    return new Tensor(call(() => p.native.add(un), `updates '${path}'`))
+  }
+  const uv = u instanceof Tensor ? u.toArray() : typeof u === 'number' ? Float32Array.of(u) : u.data
+  if (typeof p === 'number') return Math.fround(p + uv[0])
+  const data = new Float32Array(p.data.length)
+  for (let i = 0; i < data.length; i++) data[i] = p.data[i] + uv[i]
+  return { data, shape: [...p.shape] }
+}
+
+/**
+ * `params + updates`, leaf by leaf, as a new tree with the params' structure and leaf kinds
+ * (optax's `apply_updates`). The inputs are not modified.
+ */
+export function applyUpdates<T extends PyTree>(params: T, updates: PyTree): T {
+  const p = flatten<Leaf>(params, isLeaf, 'params')
+  const u = flatten<Leaf>(updates, isLeaf, 'updates')
+  const bad = structureMismatch(p.paths, u.paths)
+  if (bad) throw new RangeError(`updates: ${bad}`)
+  const byPath = new Map(u.paths.map((path, i) => [path, u.leaves[i]]))
+  const out = p.leaves.map((leaf, i) => addLeaf(leaf, byPath.get(p.paths[i]) as Leaf, p.paths[i]))
+  return unflatten<T>(p.treedef, out)
+}
+
+/**
+ * The in-place, PyTorch-style optimizer every variant's class extends: it holds the params
+ * tree and the state, and `step` writes the new values into the params' own leaves.
+ */
+export class PsgdOptimizer<P extends PyTree = PyTree> {
+  /** The optax-style pair behind this optimizer. */
+  readonly transformation: GradientTransformation
+  /** The optimizer state (advanced in place by every step). */
+  readonly state: OptimizerState
+  private readonly tree: P
+  private readonly owner: string
+  private busy = false
+
+  /** @internal Use the variant classes (`new Kron(params, options)`). */
+  constructor(spec: VariantSpec, params: P, options: object | undefined) {
+    this.owner = spec.name
+    if (typeof params === 'number') {
+      throw new TypeError(`${spec.name}: params must be a tree (or a Tensor / { data, shape } leaf) to update in place, got a number`)
+    }
+    this.transformation = makeTransformation(spec, options)
+    this.tree = params
+    this.state = this.transformation.init(params)
+  }
+
+  /** The params tree this optimizer updates in place. */
+  get params(): P {
+    return this.tree
+  }
+
+  /** Steps taken so far. */
+  get count(): number {
+    return this.state.count
+  }
+
+  private enter(): void {
+    if (this.busy) throw new Error(`${this.owner}: a stepAsync is still running; await it before the next step`)
+  }
+
+  /** Writes `params + updates` into the params' leaves (Tensors keep their identity). */
+  private write(updates: PyTree): void {
+    const p = flatten<Leaf>(this.tree, isLeaf, 'params')
+    const u = flatten<Leaf>(updates, isLeaf, 'updates')
+    // every new value is computed before the first write, so a failure changes nothing
+    const next = p.leaves.map((leaf, i) => addLeaf(leaf, u.leaves[i], p.paths[i]))
+    p.leaves.forEach((leaf, i) => {
+      const v = next[i]
+      if (leaf instanceof Tensor) leaf.native.assign((v as Tensor).native)
+      else if (typeof leaf === 'number') p.set[i](v)
+      else leaf.data.set((v as ArrayLeaf).data)
+    })
+  }
+
+  /** One step: updates the params in place from `grads` (a tree like the params). */
+  step(grads: PyTree, extra?: UpdateExtra): void {
+    this.enter()
+    const [updates] = this.transformation.update(grads, this.state, this.tree, extra)
+    this.write(updates)
+  }
+
+  /** {@link PsgdOptimizer.step} with the optimizer's work done off the JS main thread. */
+  async stepAsync(grads: PyTree, extra?: UpdateExtra): Promise<void> {
+    this.enter()
+    this.busy = true
+    try {
+      const [updates] = await this.transformation.updateAsync(grads, this.state, this.tree, extra)
+      this.write(updates)
+    } finally {
+      this.busy = false
+    }
+  }
+
+  /** The optimizer state as safetensors bytes. */
+  stateDict(): Uint8Array {
+    return this.state.toBytes()
+  }
+
+  /** Restores a state saved by {@link PsgdOptimizer.stateDict}; on error the state is unchanged. */
+  loadStateDict(bytes: Uint8Array): void {
+    this.enter()
+    this.state.loadBytes(bytes)
+  }
+}
