@@ -25,17 +25,23 @@ test('npm run conformance prints one line per case and "N passed, 0 failed"', (t
   t.is(lines[lines.length - 1], `${n} passed, 0 failed`)
 })
 
-test('the checker fails a case whose options differ from what the reference ran', (t) => {
-  // a wrong formula shows as an O(1) error: run a case with a changed preconditioner lr
+/** A copy of the `kron_basic` case named `name` in a fresh temp dir, with `case.json` edited. */
+function editedCase(name: string, edit: (c: { options: Record<string, unknown>; draws: { shape: number[] }[][] }) => void) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-conf-'))
   const src = path.join(fixtures, 'kron_basic')
-  const dst = path.join(dir, 'kron_basic_wrong')
+  const dst = path.join(dir, name)
   fs.mkdirSync(dst)
   for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dst, f))
   const casePath = path.join(dst, 'case.json')
   const c = JSON.parse(fs.readFileSync(casePath, 'utf8'))
-  c.options.b1 = 0.5
+  edit(c)
   fs.writeFileSync(casePath, JSON.stringify(c))
+  return { dir, dst }
+}
+
+test('the checker fails a case whose options differ from what the reference ran', (t) => {
+  // a wrong formula shows as an O(1) error: run a case with another momentum
+  const { dir } = editedCase('kron_basic_wrong', (c) => (c.options.b1 = 0.5))
   const r = spawnSync(process.execPath, [tsx, script, dir], { cwd: root, encoding: 'utf8' })
   t.is(r.status, 1)
   t.regex(r.stdout, /FAIL {2}kron_basic_wrong/)
@@ -44,16 +50,8 @@ test('the checker fails a case whose options differ from what the reference ran'
 })
 
 test('a replayed draw of the wrong shape fails loudly with step, index and shapes', (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-conf-'))
-  const src = path.join(fixtures, 'kron_basic')
-  const dst = path.join(dir, 'kron_basic_shapes')
-  fs.mkdirSync(dst)
-  for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dst, f))
-  const casePath = path.join(dst, 'case.json')
-  const c = JSON.parse(fs.readFileSync(casePath, 'utf8'))
   // the optimizer asks for a [8, 4] normal draw at step 0 index 2; claim it was [4, 8]
-  c.draws[0][2].shape = [4, 8]
-  fs.writeFileSync(casePath, JSON.stringify(c))
+  const { dir, dst } = editedCase('kron_basic_shapes', (c) => (c.draws[0][2].shape = [4, 8]))
   const [r] = native.runConformance(dst)
   t.false(r.passed)
   t.regex(r.detail, /step 0: draw 2 asked for normal \[8, 4\], the reference drew normal \[4, 8\]/)

@@ -2,23 +2,44 @@ import test from 'ava'
 import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type PyTree } from '../index'
 import { leaf, snapshot, sumSquares, twice, values } from './helpers'
 
-test("the seed's quadratic toy problem converges below 1e-4 (optax style)", (t) => {
-  // params [1, 2, 3], loss sum((p - 0)^2), as in psgd-jax's README, with kron
-  let params: PyTree = leaf([1, 2, 3])
+test("the seed's quadratic toy problem converges below 1e-4 (the README's code)", (t) => {
+  const console = { log: (x: number) => losses.push(x) }
+  const losses: number[] = []
+  // --- README: the seed's toy problem (keep in sync) ---
+  let params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
   const opt = kron({ learningRate: 0.1, b1: 0, preconditionerUpdateProbability: 1 })
   let optState = opt.init(params)
-  const losses: number[] = []
-  for (let i = 0; i < 500; i++) {
-    const loss = sumSquares(params)
-    losses.push(loss)
+  for (;;) {
+    const loss = params.data.reduce((s, x) => s + x * x, 0)
+    console.log(loss)
     if (loss < 1e-4) break
+    const grad = { data: params.data.map((x) => 2 * x), shape: [3] }
     let updates
-    ;[updates, optState] = opt.update(twice(params), optState)
+    ;[updates, optState] = opt.update(grad, optState)
     params = applyUpdates(params, updates)
   }
+  // --- end ---
   t.is(losses[0], 14)
-  t.true(losses[losses.length - 1] < 1e-4, `last loss ${losses[losses.length - 1]} after ${losses.length} steps`)
+  t.true(losses[losses.length - 1] < 1e-4)
+  t.true(losses.length < 200, `${losses.length} steps`)
   t.is(optState.count, losses.length - 1)
+})
+
+test("the README's class example runs as written", async (t) => {
+  // --- README: class style (keep in sync) ---
+  const params = { w: Tensor.fromArray(new Float32Array(64 * 64).fill(0.1), [64, 64]), b: { data: new Float32Array(64), shape: [64] } }
+  const grads = { w: Tensor.fromArray(new Float32Array(64 * 64).fill(0.01), [64, 64]), b: { data: new Float32Array(64).fill(0.01), shape: [64] } }
+  const opt = new Kron(params, { learningRate: 3e-4 })
+  const w = params.w
+  opt.step(grads) // params.w and params.b now hold the new values
+  await opt.stepAsync(grads) // the same work off the JS main thread
+  const bytes = opt.stateDict() // safetensors bytes
+  opt.loadStateDict(bytes)
+  // --- end ---
+  t.is(params.w, w)
+  t.is(opt.count, 2)
+  t.true(params.b.data.every((x) => x < 0))
+  t.true(params.w.toArray().every((x) => x < 0.1))
 })
 
 test('the quadratic converges with the default options and a Tensor leaf (class style)', (t) => {
@@ -200,4 +221,37 @@ test('scanned layers: one preconditioner per layer, with and without laxMap batc
   const unscanned = run({ scannedLayers: () => false })
   t.deepEqual(plain.params, batched.params)
   t.notDeepEqual(plain.params, unscanned.params)
+})
+
+test('bfloat16 factors and momentum, bfloat16 matmul precision, and the memory modes all train', (t) => {
+  const variants: object[] = [
+    { precondDtype: 'bfloat16' },
+    { muDtype: 'bfloat16' },
+    { precondUpdatePrecision: 'bfloat16', precondGradsPrecision: 'bfloat16' },
+    { precondUpdatePrecision: 'float32', precondGradsPrecision: 'tensorfloat32' },
+    { memorySaveMode: 'one_diag' },
+    { memorySaveMode: 'all_diag' },
+    { momentumIntoPrecondUpdate: false, preconditionerLr: 0.2, preconditionerInitScale: 0.5 },
+  ]
+  for (const v of variants) {
+    const params = { w: leaf(values(24, 3), [4, 6]), b: leaf(values(6, 4)) }
+    const opt = new Kron(params, { learningRate: 0.02, preconditionerUpdateProbability: 1, ...v })
+    const start = sumSquares(params)
+    for (let i = 0; i < 40; i++) opt.step(twice(params))
+    const end = sumSquares(params)
+    t.true(end < 0.5 * start, `${JSON.stringify(v)}: ${start} -> ${end}`)
+  }
+})
+
+test('bfloat16 option choices change the numbers (they are not ignored)', (t) => {
+  const run = (v: object) => {
+    const params = { w: leaf(values(24, 3), [4, 6]) }
+    const opt = new Kron(params, { learningRate: 0.02, preconditionerUpdateProbability: 1, ...v })
+    for (let i = 0; i < 3; i++) opt.step(twice(params))
+    return Array.from(params.w.data)
+  }
+  const base = run({})
+  t.notDeepEqual(run({ precondDtype: 'bfloat16' }), base)
+  t.notDeepEqual(run({ precondUpdatePrecision: 'bfloat16' }), base)
+  t.deepEqual(run({ precondUpdatePrecision: 'float32' }), base)
 })
