@@ -255,3 +255,16 @@ test('bfloat16 option choices change the numbers (they are not ignored)', (t) =>
   t.notDeepEqual(run({ precondUpdatePrecision: 'bfloat16' }), base)
   t.deepEqual(run({ precondUpdatePrecision: 'float32' }), base)
 })
+
+test('a leaf with 14 axes gets one factor per axis (no axis limit)', (t) => {
+  const shape = new Array(14).fill(2)
+  const params = { t: leaf(values(2 ** 14, 21), shape) }
+  const opt = new Kron(params, { learningRate: 0.05, preconditionerUpdateProbability: 1 })
+  const start = sumSquares(params)
+  for (let i = 0; i < 5; i++) opt.step(twice(params))
+  t.true(sumSquares(params) < start)
+  t.deepEqual(params.t.shape, shape)
+  // 14 triangular 2×2 factors and the momentum in the state
+  const header = JSON.parse(Buffer.from(opt.stateDict()).subarray(8, 8 + Number(Buffer.from(opt.stateDict()).readBigUInt64LE(0))).toString())
+  t.is(Object.keys(header).filter((k) => k.startsWith('Q.0.')).length, 14)
+})
