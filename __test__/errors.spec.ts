@@ -177,3 +177,15 @@ test('applyUpdates with a mismatched tree: RangeError naming the leaf, inputs un
   t.throws(() => applyUpdates(params, { a: leaf([1, 2, 3]), b: leaf([1]) }), { instanceOf: RangeError, message: /updates 'a' has shape \[3\]/ })
   t.deepEqual(snapshot(params), before)
 })
+
+test('stepAsync with bad grads rejects with the same error and changes nothing', async (t) => {
+  const s = setup()
+  const before = { params: snapshot(s.params), state: s.opt.stateDict() }
+  const g = s.good()
+  g.layers[0].weight.data[0] = Infinity
+  await t.throwsAsync(() => s.opt.stepAsync(g), { instanceOf: RangeError, message: /grads 'layers\.0\.weight' contains NaN or Inf/ })
+  t.deepEqual(snapshot(s.params), before.params)
+  t.deepEqual(s.opt.stateDict(), before.state)
+  await s.opt.stepAsync(s.good())
+  t.is(s.opt.count, 3)
+})
