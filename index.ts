@@ -3,6 +3,10 @@
  * @packageDocumentation
  */
 export { kron, Kron, type KronOptions } from './src/kron'
+export { xmat, XMat, type XMatOptions } from './src/xmat'
+export { lra, LRA, type LRAOptions } from './src/lra'
+export { affine, Affine, type AffineOptions } from './src/affine'
+export type { PsgdOptions } from './src/psgd'
 export {
   applyUpdates,
   OptimizerState,
@@ -11,6 +15,7 @@ export {
   type GradientTransformation,
   type UpdateExtra,
 } from './src/core'
+export { hessianHelper, type HessianHelperOptions, type HessianHelperResult, type LossAndGrad } from './src/hessian'
 export { precondUpdateProbSchedule, type Schedule, type PrecondUpdateProbScheduleOptions } from './src/schedule'
 export { Tensor, type DType, type DeviceName, type TensorOptions } from './src/tensor'
 export { flatten, unflatten, isLeaf, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef, type Flat } from './src/tree'

@@ -10,10 +10,15 @@ const fixtures = path.join(root, 'fixtures', 'kron')
 const script = path.join(root, 'scripts', 'conformance.ts')
 const tsx = path.join(root, 'node_modules', 'tsx', 'dist', 'cli.mjs')
 
-test('every committed Kron fixture matches psgd-jax 0.2.9', (t) => {
-  const results = native.runConformance(fixtures)
-  t.true(results.length >= 10, `${results.length} cases`)
-  for (const r of results) t.true(r.passed, `${r.name}: max rel err ${r.maxRelErr} ${r.detail}`)
+for (const [variant, min] of [['kron', 10], ['xmat', 6], ['lra', 6], ['affine', 6]] as const) {
+  test(`every committed ${variant} fixture matches psgd-jax 0.2.9`, (t) => {
+    const results = native.runConformance(path.join(root, 'fixtures', variant))
+    t.true(results.length >= min, `${results.length} cases`)
+    for (const r of results) t.true(r.passed, `${r.name}: max rel err ${r.maxRelErr} ${r.detail}`)
+  })
+}
+
+test('the conformance tolerance is 1e-3', (t) => {
   t.is(native.conformanceTolerance(), 1e-3)
 })
 

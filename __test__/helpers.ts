@@ -55,3 +55,18 @@ export function twice(tree: PyTree): PyTree {
   }
   return Object.fromEntries(Object.entries(tree as Record<string, PyTree>).map(([k, v]) => [k, twice(v)]))
 }
+
+/** The float32 tensors of a safetensors buffer, by name (for looking inside saved states). */
+export function safetensors(bytes: Uint8Array): Map<string, Float32Array> {
+  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+  const n = Number(buf.readBigUInt64LE(0))
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString()) as Record<string, { dtype: string; data_offsets: [number, number] }>
+  const out = new Map<string, Float32Array>()
+  for (const [name, info] of Object.entries(header)) {
+    if (name === '__metadata__' || info.dtype !== 'F32') continue
+    const [a, b] = info.data_offsets
+    const slice = buf.subarray(8 + n + a, 8 + n + b)
+    out.set(name, new Float32Array(slice.buffer.slice(slice.byteOffset, slice.byteOffset + slice.byteLength)))
+  }
+  return out
+}

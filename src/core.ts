@@ -3,25 +3,24 @@
  * schedules, the optax-style `init`/`update` pair and the in-place optimizer class.
  * A variant is just a {@link VariantSpec}; no variant has code of its own here.
  */
-import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor } from './native'
-import { precondUpdateProbSchedule, type Schedule } from './schedule'
+import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor, type StepInput } from './native'
+import type { Schedule } from './schedule'
 import { Tensor } from './tensor'
 import { flatten, isLeaf, resolveMask, structureMismatch, unflatten, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef } from './tree'
 import { camelizeMessage, checkOption, type NativeOption } from './options'
 
 /** Options every variant has. */
 export interface BaseOptions {
-  /** Learning rate, or a schedule of the step count (0 on the first step, as optax). Default 0.001. */
+  /** Learning rate, or a schedule of the step count (0 on the first step, as optax). Default: Kron 0.001, the others 0.01. */
   learningRate?: number | Schedule
   /** Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9. */
   b1?: number
   /** Decoupled weight decay (needs `params` in `update`). Default 0. */
   weightDecay?: number
-  /** Which leaves get weight decay: a tree of booleans or `(path, leaf) => boolean`. Default: all. */
-  weightDecayMask?: Mask
   /**
    * Probability of updating the preconditioner on a step, or a schedule of the 1-based step
-   * count. Default {@link precondUpdateProbSchedule}`()` (null also means the default).
+   * count. Default: Kron {@link precondUpdateProbSchedule}`()`, the others 1 (null also
+   * means the default).
    */
   preconditionerUpdateProbability?: number | Schedule | null
   /** Seed of the random probe vectors; the same seed gives the same run. Default 0. */
@@ -38,15 +37,24 @@ export interface VariantSpec {
   nativeOptions: Readonly<Record<string, NativeOption>>
   /** Whether the variant has scanned layers (`scannedLayers` mask). */
   scannedLayers: boolean
+  /** The name of the weight-decay mask option (`weightDecayMask` for Kron, `mask` for the others). */
+  maskOption: 'weightDecayMask' | 'mask'
+  /** Whether `precondLr` is a TypeScript-side schedule (XMat, LRA, Affine). */
+  precondLrSchedule: boolean
+  /** Whether `update` takes the Hessian-mode inputs. */
+  hessian: boolean
+  /** Default learning rate. */
+  defaultLearningRate: number
+  /** Default preconditioner update probability (a schedule or a number). */
+  defaultUpdateProbability: () => Schedule
 }
-
-const TS_OPTIONS = ['learningRate', 'weightDecayMask', 'preconditionerUpdateProbability', 'scannedLayers'] as const
 
 /** Options after checking: the native JSON and the TypeScript-side schedules and masks. */
 interface Resolved {
   json: string
   learningRate: Schedule
   updateProbability: Schedule
+  precondLr: Schedule | null
   weightDecayMask: Mask
   scannedLayers: Mask
 }
@@ -76,17 +84,18 @@ function resolveOptions(spec: VariantSpec, options: object | undefined): Resolve
     const nat = spec.nativeOptions[k]
     if (nat) {
       json[nat.snake] = checkOption(spec.name, k, nat.kind, v)
-    } else if (!(TS_OPTIONS as readonly string[]).includes(k) || (k === 'scannedLayers' && !spec.scannedLayers)) {
+    } else if (!tsOptions(spec).includes(k)) {
       throw new TypeError(`${spec.name}: unknown option '${k}'`)
     }
   }
-  const learningRate = scheduleOption(spec.name, 'learningRate', o.learningRate, () => 0.001)
+  const learningRate = scheduleOption(spec.name, 'learningRate', o.learningRate, () => spec.defaultLearningRate)
   const updateProbability = scheduleOption(
     spec.name,
     'preconditionerUpdateProbability',
     o.preconditionerUpdateProbability,
-    precondUpdateProbSchedule(),
+    spec.defaultUpdateProbability(),
   )
+  const precondLr = spec.precondLrSchedule ? scheduleOption(spec.name, 'precondLr', o.precondLr, () => 0.1) : null
   if (typeof o.preconditionerUpdateProbability === 'number') {
     checkProbability(spec.name, o.preconditionerUpdateProbability)
   }
@@ -100,9 +109,18 @@ function resolveOptions(spec: VariantSpec, options: object | undefined): Resolve
     json: JSON.stringify(json),
     learningRate,
     updateProbability,
-    weightDecayMask: maskOption(spec.name, 'weightDecayMask', o.weightDecayMask),
+    precondLr,
+    weightDecayMask: maskOption(spec.name, spec.maskOption, o[spec.maskOption]),
     scannedLayers: maskOption(spec.name, 'scannedLayers', o.scannedLayers),
   }
+}
+
+/** The options a variant resolves in TypeScript (schedules and masks). */
+function tsOptions(spec: VariantSpec): string[] {
+  const out = ['learningRate', 'preconditionerUpdateProbability', spec.maskOption]
+  if (spec.scannedLayers) out.push('scannedLayers')
+  if (spec.precondLrSchedule) out.push('precondLr')
+  return out
 }
 
 /** Re-throws a native error as its JS class, with our option names. */
@@ -122,9 +140,9 @@ function checkProbability(owner: string, p: number, step?: number): void {
   }
 }
 
-function checkLearningRate(owner: string, lr: number, step: number): void {
+function checkLearningRate(owner: string, name: string, lr: number, step: number): void {
   if (typeof lr !== 'number' || !Number.isFinite(lr)) {
-    throw new RangeError(`${owner}: option 'learningRate' must be a finite number, got ${String(lr)} (schedule at step ${step})`)
+    throw new RangeError(`${owner}: option '${name}' must be a finite number, got ${String(lr)} (schedule at step ${step})`)
   }
 }
 
@@ -179,6 +197,33 @@ function flattenLike(tree: unknown, layout: Layout, what: string) {
   })
   const nativeLeaves = flat.leaves.map((l, i) => toNative(l, flat.paths[i], what, layout.devices[i]))
   return { flat, nativeLeaves }
+}
+
+/** Checks and converts the Hessian-mode inputs of `update`; null when whitening. */
+function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout: Layout) {
+  if (extra === undefined || extra === null) return null
+  if (typeof extra !== 'object') throw new TypeError(`${spec.name}.update: extra must be { hvp, vector, updatePreconditioner }`)
+  const known = ['hvp', 'vector', 'updatePreconditioner']
+  // a hessianHelper result may be passed whole: its loss and grads are not inputs here
+  const unknown = Object.keys(extra).find((k) => !known.includes(k) && k !== 'loss' && k !== 'grads')
+  if (unknown !== undefined) throw new TypeError(`${spec.name}.update: unknown extra input '${unknown}' (expected hvp, vector, updatePreconditioner)`)
+  const given = known.filter((k) => (extra as Record<string, unknown>)[k] !== undefined)
+  if (given.length === 0) return null
+  if (!spec.hessian) {
+    throw new TypeError(`${spec.name}.update: ${spec.name} fits its preconditioner by gradient whitening only; it takes no hvp/vector/updatePreconditioner`)
+  }
+  if (given.length !== 3) {
+    const missing = known.filter((k) => !given.includes(k))
+    throw new TypeError(`${spec.name}.update: the Hessian mode needs hvp, vector and updatePreconditioner together; missing ${missing.join(', ')}`)
+  }
+  if (typeof extra.updatePreconditioner !== 'boolean') {
+    throw new TypeError(`${spec.name}.update: updatePreconditioner must be a boolean, got ${String(extra.updatePreconditioner)}`)
+  }
+  return {
+    hvp: flattenLike(extra.hvp, layout, 'hvp').nativeLeaves,
+    vector: flattenLike(extra.vector, layout, 'vector').nativeLeaves,
+    updatePreconditioner: extra.updatePreconditioner,
+  }
 }
 
 /** Builds an updates leaf of the same kind as the grads leaf it answers. */
@@ -242,7 +287,10 @@ export class OptimizerState {
   }
 }
 
-/** Extra inputs of `update`; the Hessian-vector-product fields are for XMat, LRA and Affine. */
+/**
+ * Extra inputs of `update` for the Hessian-based mode of XMat, LRA and Affine (all three
+ * together). A {@link hessianHelper} result can be passed as it is.
+ */
 export interface UpdateExtra {
   /** Hessian-vector product `H·vector` (a tree like the params). */
   hvp?: PyTree
@@ -271,8 +319,9 @@ interface Prepared {
   flat: ReturnType<typeof flattenLike>['flat']
   grads: NativeTensor[]
   params: NativeTensor[] | null
-  learningRate: number
-  updateProbability: number
+  step: StepInput
+  hvp: NativeTensor[] | null
+  vector: NativeTensor[] | null
 }
 
 /** Builds the optax-style pair for a variant. */
@@ -283,17 +332,21 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     if (!(state instanceof OptimizerState) || state.owner !== spec.name) {
       throw new TypeError(`${spec.name}.update: state must come from ${spec.name}().init`)
     }
-    if (extra !== undefined && extra !== null && Object.keys(extra).length > 0) {
-      throw new TypeError(`${spec.name}.update: the Hessian mode (hvp, vector, updatePreconditioner) is not available for ${spec.name}`)
-    }
+    const hessian = hessianInputs(spec, extra, state.layout)
     const g = flattenLike(grads, state.layout, 'grads')
     const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params').nativeLeaves
-    const step = state.count
-    const learningRate = o.learningRate(step)
-    checkLearningRate(spec.name, learningRate, step)
-    const updateProbability = o.updateProbability(step + 1)
-    checkProbability(spec.name, updateProbability, step + 1)
-    return { flat: g.flat, grads: g.nativeLeaves, params: p, learningRate, updateProbability }
+    const count = state.count
+    const learningRate = o.learningRate(count)
+    checkLearningRate(spec.name, 'learningRate', learningRate, count)
+    const updateProbability = o.updateProbability(count + 1)
+    checkProbability(spec.name, updateProbability, count + 1)
+    const step: StepInput = { learningRate, updateProbability }
+    if (o.precondLr) {
+      step.precondLr = o.precondLr(count + 1)
+      checkLearningRate(spec.name, 'precondLr', step.precondLr, count + 1)
+    }
+    if (hessian) step.updatePreconditioner = hessian.updatePreconditioner
+    return { flat: g.flat, grads: g.nativeLeaves, params: p, step, hvp: hessian?.hvp ?? null, vector: hessian?.vector ?? null }
   }
 
   const finish = (prep: Prepared, out: NativeTensor[]): PyTree =>
@@ -327,7 +380,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       const prep = prepare(grads, state, params, extra)
       let out: NativeTensor[]
       try {
-        out = state.optimizer.update(prep.grads, state.handle, prep.params, prep.learningRate, prep.updateProbability)
+        out = state.optimizer.update(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
       } catch (e) {
         return nativeError(e)
       }
@@ -338,7 +391,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       const prep = prepare(grads, state, params, extra)
       let out: NativeTensor[]
       try {
-        out = await state.optimizer.updateAsync(prep.grads, state.handle, prep.params, prep.learningRate, prep.updateProbability)
+        out = await state.optimizer.updateAsync(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
       } catch (e) {
         return nativeError(e)
       }

@@ -1,8 +1,11 @@
 import { makeTransformation, PsgdOptimizer, type BaseOptions, type GradientTransformation, type VariantSpec } from './core'
+import { precondUpdateProbSchedule } from './schedule'
 import type { Mask, PyTree } from './tree'
 
 /** Options of {@link kron} and {@link Kron}: psgd-jax 0.2.9's `kron` arguments, camelCased, with its defaults. */
 export interface KronOptions extends BaseOptions {
+  /** Which leaves get weight decay: a tree of booleans or `(path, leaf) => boolean`. Default: all. */
+  weightDecayMask?: Mask
   /** Axes longer than this get a diagonal factor instead of a triangular one. Default 8192. */
   maxSizeTriangular?: number
   /** Leaves with fewer axes than this get only diagonal factors. Default 2. */
@@ -45,6 +48,11 @@ export const KRON: VariantSpec = {
   name: 'kron',
   variant: 'kron',
   scannedLayers: true,
+  maskOption: 'weightDecayMask',
+  precondLrSchedule: false,
+  hessian: false,
+  defaultLearningRate: 0.001,
+  defaultUpdateProbability: () => precondUpdateProbSchedule(),
   nativeOptions: {
     b1: { snake: 'b1', kind: 'number' },
     weightDecay: { snake: 'weight_decay', kind: 'number' },

@@ -30,6 +30,16 @@ export interface LeafInfo {
   weightDecay: boolean
 }
 
+/** One step's hyperparameters, with the schedules evaluated. */
+export interface StepInput {
+  learningRate: number
+  updateProbability: number
+  /** XMat/LRA/Affine: the preconditioner step size this step. */
+  precondLr?: number
+  /** Hessian mode: whether to update the preconditioner this step. */
+  updatePreconditioner?: boolean
+}
+
 /** A native optimizer of one variant for a fixed list of leaves. */
 export interface NativeOptimizer {
   init(params: NativeTensor[]): NativeState
@@ -37,15 +47,17 @@ export interface NativeOptimizer {
     grads: NativeTensor[],
     state: NativeState,
     params: NativeTensor[] | null,
-    learningRate: number,
-    updateProbability: number,
+    step: StepInput,
+    hvp?: NativeTensor[] | null,
+    vector?: NativeTensor[] | null,
   ): NativeTensor[]
   updateAsync(
     grads: NativeTensor[],
     state: NativeState,
     params: NativeTensor[] | null,
-    learningRate: number,
-    updateProbability: number,
+    step: StepInput,
+    hvp?: NativeTensor[] | null,
+    vector?: NativeTensor[] | null,
   ): Promise<NativeTensor[]>
   stateToBytes(state: NativeState): Buffer
   stateFromBytes(bytes: Uint8Array, device: string): NativeState

@@ -7,6 +7,7 @@
 /** How an option's value is checked before it crosses to the native core. */
 export type OptionKind =
   | 'number'
+  | 'numberOrNull'
   | 'integer'
   | 'boolean'
   | 'seed'
@@ -51,6 +52,11 @@ export function checkOption(owner: string, name: string, kind: OptionKind, value
   switch (kind) {
     case 'number':
       if (typeof value !== 'number') fail(TypeError, 'a number')
+      if (!Number.isFinite(value)) fail(RangeError, 'finite')
+      return value
+    case 'numberOrNull':
+      if (value === null) return null
+      if (typeof value !== 'number') fail(TypeError, 'a number or null')
       if (!Number.isFinite(value)) fail(RangeError, 'finite')
       return value
     case 'integer':

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use psgd::{AnyState, AnyTransform, ErrorKind, LeafSpec, PsgdError, StepHyper};
+use psgd::{AnyState, AnyTransform, Curvature, ErrorKind, LeafSpec, PsgdError, StepHyper};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -256,16 +256,55 @@ fn tensors(v: &[&Tensor]) -> Vec<candle_core::Tensor> {
     v.iter().map(|t| t.inner.clone()).collect()
 }
 
+/// This step's hyperparameters, with the schedules already evaluated by the caller.
+#[napi(object)]
+pub struct StepInput {
+    pub learning_rate: f64,
+    pub update_probability: f64,
+    /// The preconditioner step size (XMat, LRA, Affine); the options' value when absent.
+    pub precond_lr: Option<f64>,
+    /// Hessian mode: whether to update the preconditioner this step (with `hvp` and
+    /// `vector` given).
+    pub update_preconditioner: Option<bool>,
+}
+
+fn step_parts(
+    step: &StepInput,
+    hvp: Option<Vec<&Tensor>>,
+    vector: Option<Vec<&Tensor>>,
+) -> Result<(StepHyper, Option<Curvature>)> {
+    let hyper = StepHyper {
+        learning_rate: step.learning_rate,
+        update_probability: step.update_probability,
+        precond_lr: step.precond_lr,
+    };
+    let curvature = match (hvp, vector, step.update_preconditioner) {
+        (None, None, None) => None,
+        (Some(h), Some(v), Some(flag)) => Some(Curvature {
+            hvp: tensors(&h),
+            vector: tensors(&v),
+            update_preconditioner: flag,
+        }),
+        _ => {
+            return Err(type_err(
+                "the Hessian mode needs hvp, vector and updatePreconditioner together".into(),
+            ))
+        }
+    };
+    Ok((hyper, curvature))
+}
+
 fn run_update(
     opt: &AnyTransform,
     state: &Mutex<AnyState>,
     grads: &[candle_core::Tensor],
     params: Option<&[candle_core::Tensor]>,
     hyper: StepHyper,
+    curvature: Option<&Curvature>,
 ) -> Result<Vec<candle_core::Tensor>> {
     let mut guard = state.lock().unwrap();
     let (updates, next) = opt
-        .update_seeded(grads, &guard, params, hyper)
+        .update_seeded(grads, &guard, params, hyper, curvature)
         .map_err(js_err)?;
     // only a step that fully succeeded replaces the state
     *guard = next;
@@ -279,6 +318,7 @@ pub struct UpdateTask {
     grads: Vec<candle_core::Tensor>,
     params: Option<Vec<candle_core::Tensor>>,
     hyper: StepHyper,
+    curvature: Option<Curvature>,
 }
 
 impl Task for UpdateTask {
@@ -292,6 +332,7 @@ impl Task for UpdateTask {
             &self.grads,
             self.params.as_deref(),
             self.hyper,
+            self.curvature.as_ref(),
         )
     }
 
@@ -302,8 +343,9 @@ impl Task for UpdateTask {
 
 #[napi]
 impl NativeOptimizer {
-    /// `variant` is `'kron'`; `options_json` holds psgd-jax's snake_case options (without
-    /// the schedules and masks, which the TypeScript layer resolves).
+    /// `variant` is `'kron'`, `'xmat'`, `'lra'` or `'affine'`; `options_json` holds
+    /// psgd-jax's snake_case options (without the schedules and masks, which the
+    /// TypeScript layer resolves).
     #[napi(constructor)]
     pub fn new(variant: String, leaves: Vec<LeafInfo>, options_json: String) -> Result<Self> {
         let options: serde_json::Value =
@@ -336,26 +378,26 @@ impl NativeOptimizer {
     }
 
     /// One step: returns the updates and advances `state` in place (only on success).
+    /// `hvp` and `vector` (with `step.updatePreconditioner`) select the Hessian mode.
     #[napi]
     pub fn update(
         &self,
         grads: Vec<&Tensor>,
         state: &NativeState,
         params: Option<Vec<&Tensor>>,
-        learning_rate: f64,
-        update_probability: f64,
+        step: StepInput,
+        hvp: Option<Vec<&Tensor>>,
+        vector: Option<Vec<&Tensor>>,
     ) -> Result<Vec<Tensor>> {
         let p = params.as_deref().map(tensors);
-        let hyper = StepHyper {
-            learning_rate,
-            update_probability,
-        };
+        let (hyper, curvature) = step_parts(&step, hvp, vector)?;
         let u = run_update(
             &self.inner,
             &state.inner,
             &tensors(&grads),
             p.as_deref(),
             hyper,
+            curvature.as_ref(),
         )?;
         Ok(u.into_iter().map(|inner| Tensor { inner }).collect())
     }
@@ -367,19 +409,19 @@ impl NativeOptimizer {
         grads: Vec<&Tensor>,
         state: &NativeState,
         params: Option<Vec<&Tensor>>,
-        learning_rate: f64,
-        update_probability: f64,
-    ) -> AsyncTask<UpdateTask> {
-        AsyncTask::new(UpdateTask {
+        step: StepInput,
+        hvp: Option<Vec<&Tensor>>,
+        vector: Option<Vec<&Tensor>>,
+    ) -> Result<AsyncTask<UpdateTask>> {
+        let (hyper, curvature) = step_parts(&step, hvp, vector)?;
+        Ok(AsyncTask::new(UpdateTask {
             opt: self.inner.clone(),
             state: state.inner.clone(),
             grads: tensors(&grads),
             params: params.as_deref().map(tensors),
-            hyper: StepHyper {
-                learning_rate,
-                update_probability,
-            },
-        })
+            hyper,
+            curvature,
+        }))
     }
 
     /// The state as safetensors bytes.

@@ -4,7 +4,7 @@
 use crate::any::AnyTransform;
 use crate::error::{PsgdError, Result};
 use crate::random::{Draw, ReplayRandom};
-use crate::transform::LeafSpec;
+use crate::transform::{Curvature, LeafSpec};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -121,11 +121,7 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
     let variant = case["variant"].as_str().ok_or_else(|| bad("no variant"))?;
     let options = case["options"].as_object().cloned().unwrap_or_default();
     let steps = case["steps"].as_u64().ok_or_else(|| bad("no steps"))? as usize;
-    if case["hessian"].as_bool().unwrap_or(false) {
-        return Err(bad(format!(
-            "Hessian-mode cases are not supported for '{variant}' yet"
-        )));
-    }
+    let hessian = case["hessian"].as_bool().unwrap_or(false);
     let dev = Device::Cpu;
     let ts = candle_core::safetensors::load(dir.join("tensors.safetensors"), &dev)?;
     let leaves = case["params"]
@@ -140,7 +136,9 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
                 path: path.to_string(),
                 shape: shape_of(&p["shape"])?,
                 scanned: mask_value(&options, "scanned_layers", path, false),
-                weight_decay: mask_value(&options, "weight_decay_mask", path, true),
+                // kron calls the weight-decay mask `weight_decay_mask`, the others `mask`
+                weight_decay: mask_value(&options, "weight_decay_mask", path, true)
+                    && mask_value(&options, "mask", path, true),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -149,7 +147,15 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
         .iter()
         .map(|l| get_shaped(&ts, &format!("param.{}", l.path), &l.shape))
         .collect::<Result<Vec<_>>>()?;
-    let mut state = opt.init(&params)?;
+    let init_draws = draws(&ts, "draw.init", case.get("init_draws"))?;
+    let mut rng = ReplayRandom::new(format!("{name} init"), init_draws);
+    let mut state = opt.init_with(&params, &mut rng)?;
+    if rng.remaining() > 0 {
+        return Err(PsgdError::Draw(format!(
+            "{name} init: the reference made {} more draws than we asked for",
+            rng.remaining()
+        )));
+    }
     let mut worst = (0.0f64, String::from("-"));
     for t in 0..steps {
         let grads = leaves
@@ -159,7 +165,32 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
         let recorded = draws(&ts, &format!("draw.{t}"), case["draws"].get(t))?;
         let mut rng = ReplayRandom::new(format!("{name} step {t}"), recorded);
         let hyper = opt.hyper(&state)?;
-        let (updates, next) = opt.update_with(&grads, &state, Some(&params), hyper, &mut rng)?;
+        let curvature = if hessian {
+            let per_leaf = |kind: &str| -> Result<Vec<Tensor>> {
+                leaves
+                    .iter()
+                    .map(|l| get_shaped(&ts, &format!("{kind}.{t}.{}", l.path), &l.shape))
+                    .collect()
+            };
+            let flag = get(&ts, &format!("update_precond.{t}"))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Some(Curvature {
+                hvp: per_leaf("hvp")?,
+                vector: per_leaf("vector")?,
+                update_preconditioner: flag.first().copied().unwrap_or(0.0) != 0.0,
+            })
+        } else {
+            None
+        };
+        let (updates, next) = opt.update_with(
+            &grads,
+            &state,
+            Some(&params),
+            hyper,
+            curvature.as_ref(),
+            &mut rng,
+        )?;
         if rng.remaining() > 0 {
             return Err(PsgdError::Draw(format!(
                 "{name} step {t}: the reference made {} more draws than we asked for",

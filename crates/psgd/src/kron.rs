@@ -3,10 +3,11 @@
 
 use crate::error::{PsgdError, Result};
 use crate::linalg::{max_abs_per_batch, norm_lower_bound, solve_triangular_right, TINY_F32};
+pub use crate::precision::{parse_dtype, Precision};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
 use crate::state_io::{self, StateFile};
-use crate::transform::{self, LeafSpec, StepHyper};
+use crate::transform::{self, Curvature, LeafSpec, StepHyper};
 use crate::Transform;
 use candle_core::{DType, Device, Tensor};
 
@@ -34,64 +35,6 @@ impl MemorySaveMode {
                 format!("must be null, 'one_diag' or 'all_diag', got '{other}'"),
             )),
         }
-    }
-}
-
-/// Matmul precision (`precond_update_precision`, `precond_grads_precision`).
-///
-/// candle has no TF32 switch per product, so `Tensorfloat32` and `Float32` both compute in
-/// float32 (on the CPU this is also what JAX does). `Bfloat16` rounds both operands of each
-/// product to bfloat16 and accumulates in float32, as bfloat16 matrix units do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// Operands rounded to bfloat16, float32 accumulation.
-    Bfloat16,
-    /// TF32 in JAX; float32 here.
-    Tensorfloat32,
-    /// Full float32.
-    #[default]
-    Float32,
-}
-
-impl Precision {
-    /// Parses `'bfloat16'`, `'tensorfloat32'`, `'float32'` (or null: float32).
-    pub fn parse(name: &str, s: Option<&str>) -> Result<Self> {
-        match s {
-            None | Some("float32") | Some("highest") => Ok(Precision::Float32),
-            Some("tensorfloat32") | Some("high") => Ok(Precision::Tensorfloat32),
-            Some("bfloat16") | Some("default") => Ok(Precision::Bfloat16),
-            Some(other) => Err(PsgdError::option_range(
-                name,
-                format!("must be 'bfloat16', 'tensorfloat32' or 'float32', got '{other}'"),
-            )),
-        }
-    }
-
-    fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Precision::Bfloat16 => {
-                let r = |t: &Tensor| -> Result<Tensor> {
-                    Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)
-                };
-                r(a)?.matmul(&r(b)?)?
-            }
-            _ => a.matmul(b)?,
-        })
-    }
-}
-
-/// Parses a dtype name as psgd-jax accepts it (`'float32'`, `'bfloat16'`, ...).
-pub fn parse_dtype(name: &str, s: Option<&str>) -> Result<Option<DType>> {
-    match s {
-        None => Ok(None),
-        Some("float32") => Ok(Some(DType::F32)),
-        Some("bfloat16") => Ok(Some(DType::BF16)),
-        Some("float16") => Ok(Some(DType::F16)),
-        Some("float64") => Ok(Some(DType::F64)),
-        Some(other) => Err(PsgdError::option_type(
-            name,
-            format!("unsupported dtype '{other}' (float32, bfloat16, float16, float64)"),
-        )),
     }
 }
 
@@ -239,10 +182,7 @@ impl KronOptions {
             finite("learning_rate", lr)?;
         }
         if let Schedule::Constant(p) = self.preconditioner_update_probability {
-            transform::check_hyper(&StepHyper {
-                learning_rate: 0.0,
-                update_probability: p,
-            })?;
+            transform::check_hyper(&StepHyper::new(0.0, p))?;
         }
         Ok(())
     }
@@ -736,7 +676,7 @@ impl Transform for Kron {
         self.options.seed
     }
 
-    fn init(&self, params: &[Tensor]) -> Result<KronState> {
+    fn init_with(&self, params: &[Tensor], _rng: &mut dyn RandomSource) -> Result<KronState> {
         transform::check_leaves("params", &self.leaves, params)?;
         let mu = if self.options.b1 > 0.0 {
             Some(
@@ -766,13 +706,12 @@ impl Transform for Kron {
     }
 
     fn hyper(&self, state: &KronState) -> StepHyper {
-        StepHyper {
-            learning_rate: self.options.learning_rate.at(state.count),
-            update_probability: self
-                .options
+        StepHyper::new(
+            self.options.learning_rate.at(state.count),
+            self.options
                 .preconditioner_update_probability
                 .at(state.count + 1),
-        }
+        )
     }
 
     fn count(state: &KronState) -> u64 {
@@ -785,9 +724,16 @@ impl Transform for Kron {
         state: &KronState,
         params: Option<&[Tensor]>,
         hyper: StepHyper,
+        curvature: Option<&Curvature>,
         rng: &mut dyn RandomSource,
     ) -> Result<(Vec<Tensor>, KronState)> {
         let o = &self.options;
+        if curvature.is_some() {
+            return Err(PsgdError::option_type(
+                "hvp",
+                "kron fits its preconditioner by gradient whitening only; it takes no hvp/vector",
+            ));
+        }
         transform::check_step_inputs(&self.leaves, grads, params, o.weight_decay)?;
         transform::check_hyper(&hyper)?;
         self.check_state(state)?;
@@ -802,7 +748,7 @@ impl Transform for Kron {
                 let pairs = mu
                     .iter()
                     .zip(&g32)
-                    .map(|(m, g)| transform::momentum(o.b1, m, g, count))
+                    .map(|(m, g)| transform::momentum(o.b1, m, g, count, false))
                     .collect::<Result<Vec<_>>>()?;
                 let (mu, deb): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
                 (Some(mu), deb)

@@ -37,6 +37,33 @@ pub struct StepHyper {
     pub learning_rate: f64,
     /// The preconditioner update probability for this step.
     pub update_probability: f64,
+    /// The preconditioner step size for this step; `None` takes the options' value (or
+    /// schedule). Kron's is a constant option and ignores this.
+    pub precond_lr: Option<f64>,
+}
+
+impl StepHyper {
+    /// A learning rate and update probability, with the options' preconditioner step size.
+    pub fn new(learning_rate: f64, update_probability: f64) -> Self {
+        StepHyper {
+            learning_rate,
+            update_probability,
+            precond_lr: None,
+        }
+    }
+}
+
+/// The Hessian-based inputs of one step (psgd-jax's `Hvp`, `vector` and
+/// `update_preconditioner`), one tensor per leaf. Without them a variant fits its
+/// preconditioner by gradient whitening.
+#[derive(Debug, Clone)]
+pub struct Curvature {
+    /// The Hessian-vector products `H·v`.
+    pub hvp: Vec<Tensor>,
+    /// The probe vectors `v`.
+    pub vector: Vec<Tensor>,
+    /// Whether to update the preconditioner this step.
+    pub update_preconditioner: bool,
 }
 
 pub(crate) fn is_float(dtype: DType) -> bool {
@@ -110,12 +137,30 @@ pub fn check_hyper(h: &StepHyper) -> Result<()> {
     Ok(())
 }
 
-/// `mu ← b1·mu + (1−b1)·g` and its bias-corrected value `mu / (1 − b1^count)`; both f32.
-pub fn momentum(b1: f64, mu: &Tensor, g: &Tensor, count: u64) -> Result<(Tensor, Tensor)> {
+/// `1 − b1^count` in float32, as optax's `tree_bias_correction` computes it.
+fn bias_correction(b1: f64, count: u64) -> f64 {
+    1.0 - (b1 as f32).powi(count.min(i32::MAX as u64) as i32) as f64
+}
+
+/// `mu ← b1·mu + (1−b1)·g` (float32) and the update it gives at 1-based step `count`: the
+/// bias-corrected `mu`, or with `nesterov` psgd-jax's bias-corrected Nesterov blend
+/// `b1·mu/(1−b1^(count+1)) + (1−b1)·g/(1−b1^count)`.
+pub fn momentum(
+    b1: f64,
+    mu: &Tensor,
+    g: &Tensor,
+    count: u64,
+    nesterov: bool,
+) -> Result<(Tensor, Tensor)> {
     let mu_new = ((g * (1.0 - b1))? + (mu.to_dtype(DType::F32)? * b1)?)?;
-    let correction = 1.0 - (b1 as f32).powi(count.min(i32::MAX as u64) as i32) as f64;
-    let debiased = (&mu_new / correction)?;
-    Ok((mu_new, debiased))
+    let update = if nesterov {
+        let m = (&mu_new / bias_correction(b1, count + 1))?;
+        let gc = (g / bias_correction(b1, count))?;
+        ((m * b1)? + (gc * (1.0 - b1))?)?
+    } else {
+        (&mu_new / bias_correction(b1, count))?
+    };
+    Ok((mu_new, update))
 }
 
 /// The deterministic update counter of psgd-jax 0.2.9: count up, update the preconditioner

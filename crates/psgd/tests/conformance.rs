@@ -2,13 +2,14 @@
 
 use std::path::Path;
 
-#[test]
-fn kron_fixtures_match_psgd_jax() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron");
+fn check(variant: &str, min_cases: usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(variant);
     let results = psgd::conformance::run_dir(&dir).expect("fixture directory");
     assert!(
-        results.len() >= 10,
-        "expected at least 10 Kron cases, found {}",
+        results.len() >= min_cases,
+        "expected at least {min_cases} {variant} cases, found {}",
         results.len()
     );
     let mut failed = 0;
@@ -24,5 +25,20 @@ fn kron_fixtures_match_psgd_jax() {
             failed += 1;
         }
     }
-    assert_eq!(failed, 0, "{failed} of {} Kron cases failed", results.len());
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} {variant} cases failed",
+        results.len()
+    );
+}
+
+#[test]
+fn kron_fixtures_match_psgd_jax() {
+    check("kron", 10);
+}
+
+#[test]
+fn xmat_fixtures_match_psgd_jax() {
+    check("xmat", 6);
 }

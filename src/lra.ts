@@ -1,0 +1,33 @@
+import { makeTransformation, PsgdOptimizer, type GradientTransformation } from './core'
+import { psgdSpec, type PsgdOptions } from './psgd'
+import type { PyTree } from './tree'
+
+/** Options of {@link lra} and {@link LRA}: psgd-jax 0.2.9's `low_rank_approximation` arguments, camelCased, with its defaults. */
+export interface LRAOptions extends PsgdOptions {
+  /** Rank of the low-rank part `U·Vᵀ` (psgd-jax's `uvd_rank_of_approximation`). Default 10. */
+  uvdRankOfApproximation?: number
+}
+
+/** @internal */
+export const LRA_SPEC = psgdSpec('lra', 'lra', {
+  uvdRankOfApproximation: { snake: 'uvd_rank_of_approximation', kind: 'integer' },
+})
+
+/**
+ * PSGD LRA (optax style; psgd-jax's `low_rank_approximation`): one global preconditioner
+ * `Q = (I + U·Vᵀ)·diag(d)` with `U`, `V` of rank `uvdRankOfApproximation` (random initial
+ * factors from `seed`). Fitted by gradient whitening, or from Hessian-vector products
+ * passed to `update(grads, state, params, { hvp, vector, updatePreconditioner })`.
+ * @throws TypeError for an unknown option or one of the wrong type; RangeError for a value out of range.
+ */
+export function lra(options: LRAOptions = {}): GradientTransformation {
+  return makeTransformation(LRA_SPEC, options)
+}
+
+/** PSGD LRA as a class that updates its params in place (see {@link lra}). */
+export class LRA<P extends PyTree = PyTree> extends PsgdOptimizer<P> {
+  /** An optimizer for `params` (updated in place by {@link PsgdOptimizer.step}). */
+  constructor(params: P, options: LRAOptions = {}) {
+    super(LRA_SPEC, params, options)
+  }
+}
