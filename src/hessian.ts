@@ -14,7 +14,7 @@ export interface LossAndGrad<L = number> {
 }
 
 /** Options of {@link hessianHelper}. */
-export interface HessianHelperOptions {
+export interface HessianHelperOptions<P extends PyTree = PyTree> {
   /**
    * The step count (e.g. `state.count`): the preconditioner is always updated on steps 0
    * and 1, as psgd-jax does, and the random draws differ from step to step. Default 0.
@@ -28,7 +28,7 @@ export interface HessianHelperOptions {
    * An exact Hessian-vector product `hvp(params, vector)`. Without it the product is a
    * central finite difference of two extra gradient calls.
    */
-  hvp?: (params: PyTree, vector: PyTree) => PyTree | Promise<PyTree>
+  hvp?: (params: P, vector: P) => PyTree | Promise<PyTree>
 }
 
 /** What {@link hessianHelper} returns; pass the last three to `update` as `extra`. */
@@ -115,10 +115,10 @@ function checkGradTree(grads: PyTree, paths: string[], what: string): Leaf[] {
  * `vector` is the perturbation actually realised in float32 divided by `2δ`, so that on a
  * quadratic `hvp = H·vector` holds to rounding.
  */
-export async function hessianHelper<L = number>(
-  lossAndGrad: (params: PyTree) => LossAndGrad<L> | Promise<LossAndGrad<L>>,
-  params: PyTree,
-  options: HessianHelperOptions = {},
+export async function hessianHelper<P extends PyTree, L = number>(
+  lossAndGrad: (params: P) => LossAndGrad<L> | Promise<LossAndGrad<L>>,
+  params: P,
+  options: HessianHelperOptions<P> = {},
 ): Promise<HessianHelperResult<L>> {
   const { step = 0, seed = 0, preconditionerUpdateProbability = 1, hvp } = options
   if (typeof lossAndGrad !== 'function') throw new TypeError('hessianHelper: lossAndGrad must be a function')
@@ -151,7 +151,7 @@ export async function hessianHelper<L = number>(
   }
 
   if (hvp) {
-    const vector = unflatten(flat.treedef, flat.leaves.map((l, i) => leafLike(l, drawn[i])))
+    const vector = unflatten<P>(flat.treedef, flat.leaves.map((l, i) => leafLike(l, drawn[i])))
     const h = await hvp(params, vector)
     checkGradTree(h, flat.paths, 'hvp')
     return { loss, grads, hvp: h, vector, updatePreconditioner }
@@ -162,8 +162,8 @@ export async function hessianHelper<L = number>(
   const shifted = (sign: number) => values.map((v, i) => v.map((x, j) => x + sign * delta * drawn[i][j]))
   const plus = shifted(1)
   const minus = shifted(-1)
-  const gPlus = checkGradTree((await lossAndGrad(unflatten(flat.treedef, flat.leaves.map((l, i) => leafLike(l, plus[i]))))).grads, flat.paths, 'grads')
-  const gMinus = checkGradTree((await lossAndGrad(unflatten(flat.treedef, flat.leaves.map((l, i) => leafLike(l, minus[i]))))).grads, flat.paths, 'grads')
+  const gPlus = checkGradTree((await lossAndGrad(unflatten<P>(flat.treedef, flat.leaves.map((l, i) => leafLike(l, plus[i]))))).grads, flat.paths, 'grads')
+  const gMinus = checkGradTree((await lossAndGrad(unflatten<P>(flat.treedef, flat.leaves.map((l, i) => leafLike(l, minus[i]))))).grads, flat.paths, 'grads')
   const vector = flat.leaves.map((l, i) => leafLike(l, plus[i].map((x, j) => (x - minus[i][j]) / (2 * delta))))
   const product = flat.leaves.map((l, i) => {
     const a = leafValues(gPlus[i])
