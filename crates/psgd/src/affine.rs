@@ -1,30 +1,412 @@
-//! PSGD Affine (psgd-jax 0.2.9's `affine`): NOT IMPLEMENTED YET, a placeholder so the
-//! variant is registered; every method fails with a clear error.
+//! PSGD Affine: each leaf reshaped to a matrix `G` (as psgd-jax does) and preconditioned
+//! as `Qlᵀ·Ql·G·Qrᵀ·Qr`, with each side upper-triangular or diagonal by size and skew,
+//! as psgd-jax 0.2.9's `affine` / `scale_by_affine`.
+//!
+//! The whitening fit is psgd-jax's "drop v" math: when a side is diagonal and the matrix is
+//! not skewed against it, the probe vector is integrated out analytically; otherwise a
+//! probe is drawn and the Hessian-mode fit is used with the gradient as `H·v`.
 
-use crate::common::{FitInputs, Preconditioner, Psgd, PsgdOptions, PsgdState};
+use crate::common::{
+    add_eps, FitInputs, Preconditioner, Psgd, PsgdOptions, PsgdState, StepNormalizer,
+};
 use crate::error::{PsgdError, Result};
+use crate::linalg::{norm_lower_bound, solve_triangular_right};
+use crate::precision::Precision;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::transform::LeafSpec;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-/// PSGD Affine (placeholder).
+/// PSGD Affine (see the module docs).
 pub type Affine = Psgd<AffinePreconditioner>;
 /// Options of [`Affine`].
 pub type AffineOptions = PsgdOptions<AffineVariantOptions>;
 /// State of [`Affine`].
-pub type AffineState = PsgdState<()>;
+pub type AffineState = PsgdState<Vec<AffineFactors>>;
 
 /// The options only Affine has.
-#[derive(Debug, Clone, Default)]
-pub struct AffineVariantOptions {}
-
-/// The Affine preconditioner (placeholder).
 #[derive(Debug, Clone)]
-pub struct AffinePreconditioner;
+pub struct AffineVariantOptions {
+    /// A side longer than this gets a diagonal factor. Default 4096.
+    pub max_size_triangular: usize,
+    /// A side more than this many times longer than the other gets a diagonal factor.
+    /// Default 128.
+    pub max_skew_triangular: usize,
+}
 
-fn todo() -> PsgdError {
-    PsgdError::option_range("variant", "affine is not implemented yet")
+impl Default for AffineVariantOptions {
+    fn default() -> Self {
+        AffineVariantOptions {
+            max_size_triangular: 4096,
+            max_skew_triangular: 128,
+        }
+    }
+}
+
+/// The left and right factors of one leaf: `(n, n)` upper-triangular or `(n,)` diagonal.
+#[derive(Debug, Clone)]
+pub struct AffineFactors {
+    /// Left factor (rows of the matrix).
+    pub ql: Tensor,
+    /// Right factor (columns).
+    pub qr: Tensor,
+}
+
+/// How a leaf becomes a matrix: permute its axes by `perm` (identity: none) and reshape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatrixShape {
+    /// The axis permutation applied first.
+    pub perm: Vec<usize>,
+    /// The permuted shape.
+    pub permuted: Vec<usize>,
+    /// The matrix shape `(rows, cols)`.
+    pub rows: usize,
+    /// See `rows`.
+    pub cols: usize,
+}
+
+fn prod(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+/// Every permutation of `items` in the order psgd-jax's recursive generator yields them
+/// (lexicographic in positions), so ties in the size criterion resolve the same way.
+fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut out = vec![];
+    for i in 0..items.len() {
+        let mut rest = items.to_vec();
+        let first = rest.remove(i);
+        for mut q in permutations(&rest) {
+            q.insert(0, first);
+            out.push(q);
+        }
+    }
+    out
+}
+
+/// psgd-jax's `_shape_as_matrix`: scalars and vectors become one row, matrices stay, and
+/// higher-rank tensors take the permutation and split minimising `rows² + cols²`.
+pub fn shape_as_matrix(shape: &[usize]) -> MatrixShape {
+    let identity: Vec<usize> = (0..shape.len()).collect();
+    match shape.len() {
+        2 => MatrixShape {
+            perm: identity,
+            permuted: shape.to_vec(),
+            rows: shape[0],
+            cols: shape[1],
+        },
+        0 | 1 => MatrixShape {
+            perm: identity,
+            permuted: shape.to_vec(),
+            rows: 1,
+            cols: prod(shape),
+        },
+        _ => {
+            let mut best = (usize::MAX, identity.clone(), shape.to_vec(), 1);
+            for p in permutations(&identity) {
+                let s: Vec<usize> = p.iter().map(|&j| shape[j]).collect();
+                for i in 1..s.len() {
+                    let size = prod(&s[..i]).pow(2) + prod(&s[i..]).pow(2);
+                    if size < best.0 {
+                        best = (size, p.clone(), s.clone(), i);
+                    }
+                }
+            }
+            let (_, perm, permuted, i) = best;
+            MatrixShape {
+                rows: prod(&permuted[..i]),
+                cols: prod(&permuted[i..]),
+                perm,
+                permuted,
+            }
+        }
+    }
+}
+
+impl MatrixShape {
+    fn is_identity(&self) -> bool {
+        self.perm.iter().enumerate().all(|(i, &p)| i == p)
+    }
+
+    fn leaf_to_matrix(&self, t: &Tensor) -> Result<Tensor> {
+        let t = if self.is_identity() {
+            t.clone()
+        } else {
+            t.permute(self.perm.as_slice())?.contiguous()?
+        };
+        Ok(t.reshape((self.rows, self.cols))?)
+    }
+
+    fn matrix_to_leaf(&self, m: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        if self.is_identity() {
+            return Ok(m.reshape(shape)?);
+        }
+        let mut inverse = vec![0; self.perm.len()];
+        for (i, &p) in self.perm.iter().enumerate() {
+            inverse[p] = i;
+        }
+        Ok(m.reshape(self.permuted.as_slice())?
+            .permute(inverse.as_slice())?
+            .contiguous()?)
+    }
+}
+
+/// The Affine preconditioner for a fixed list of leaves.
+#[derive(Debug, Clone)]
+pub struct AffinePreconditioner {
+    leaves: Vec<LeafSpec>,
+    shapes: Vec<MatrixShape>,
+    /// Per leaf: whether the left and the right factor are triangular (else diagonal).
+    dense: Vec<(bool, bool)>,
+}
+
+/// psgd-jax's `_initQ` rule for one side of length `s` against the other side `t`.
+fn triangular(s: usize, t: usize, o: &AffineVariantOptions) -> bool {
+    !(s < 2 || s > o.max_size_triangular || s > o.max_skew_triangular.saturating_mul(t))
+}
+
+fn is_dense(q: &Tensor) -> bool {
+    q.rank() == 2
+}
+
+/// `x · s` for a 0-d `s`.
+fn scale(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(s)?)
+}
+
+/// `lr / max(x, eps)` as a 0-d tensor.
+fn step_size(lr: f64, x: &Tensor) -> Result<Tensor> {
+    Ok((add_eps(x)?.recip()? * lr)?)
+}
+
+fn max_all(t: &Tensor) -> Result<Tensor> {
+    Ok(t.flatten_all()?.max(0)?)
+}
+
+fn sq_sum(t: &Tensor, axis: usize) -> Result<Tensor> {
+    Ok(t.sqr()?.sum(axis)?)
+}
+
+fn nlb(a: &Tensor) -> Result<Tensor> {
+    Ok(norm_lower_bound(&a.unsqueeze(0)?)?.squeeze(0)?)
+}
+
+/// `X · A⁻¹` for one upper-triangular `A`.
+fn solve_right(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    Ok(solve_triangular_right(
+        &x.unsqueeze(0)?.contiguous()?,
+        &a.unsqueeze(0)?.contiguous()?,
+    )?
+    .squeeze(0)?)
+}
+
+/// `A⁻ᵀ · X` for one upper-triangular `A` (a lower-triangular left solve), as `(Xᵀ A⁻¹)ᵀ`.
+fn solve_left_transposed(a: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(solve_right(&x.t()?.contiguous()?, a)?.t()?.contiguous()?)
+}
+
+fn triu(t: &Tensor) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    Ok((t * Tensor::triu2(n, DType::F32, t.device())?)?)
+}
+
+fn col(q: &Tensor) -> Result<Tensor> {
+    Ok(q.unsqueeze(1)?)
+}
+
+fn row(q: &Tensor) -> Result<Tensor> {
+    Ok(q.unsqueeze(0)?)
+}
+
+/// The 1%-of-fits rebalancing of the two factors' largest entries.
+fn balance(ql: Tensor, qr: Tensor, rng: &mut dyn RandomSource) -> Result<(Tensor, Tensor)> {
+    if rng.uniform()? < 0.01 {
+        let rho = (max_all(&ql.abs()?)? / max_all(&qr.abs()?)?)?.sqrt()?;
+        return Ok((ql.broadcast_div(&rho)?, qr.broadcast_mul(&rho)?));
+    }
+    Ok((ql, qr))
+}
+
+/// One side's step: `Q − step·grad·Q` (triangular) or `Q − step·grad∘Q` (diagonal).
+fn descend(q: &Tensor, grad: &Tensor, step: &Tensor, p: Precision) -> Result<Tensor> {
+    let delta = if is_dense(q) {
+        p.matmul(grad, q)?
+    } else {
+        (grad * q)?
+    };
+    Ok((q - scale(&delta, step)?)?)
+}
+
+/// Both sides' steps `precond_lr / max(s, eps)` along their gradients, then the occasional
+/// balance.
+fn descend_both(
+    ql: &Tensor,
+    qr: &Tensor,
+    [(g1, s1), (g2, s2)]: [(Tensor, Tensor); 2],
+    inputs: &FitInputs,
+    rng: &mut dyn RandomSource,
+) -> Result<(Tensor, Tensor)> {
+    let (lr, p) = (inputs.precond_lr, inputs.precision);
+    let ql = descend(ql, &g1, &step_size(lr, &s1)?, p)?;
+    let qr = descend(qr, &g2, &step_size(lr, &s2)?, p)?;
+    balance(ql, qr, rng)
+}
+
+/// One side's gradient and step denominator from its two quadratic terms `aa` (from
+/// `A`) and `bb` (from `B`): a triangular side keeps the upper triangle and is normalised
+/// by the norm lower bound, a diagonal side by the largest entry ('2nd' uses `aa + bb`,
+/// '1st' the gradient itself).
+fn side(aa: Tensor, bb: Tensor, dense: bool, second: bool) -> Result<(Tensor, Tensor)> {
+    let diff = (&aa - &bb)?;
+    Ok(if dense {
+        let g = triu(&diff)?;
+        let s = if second { nlb(&(aa + bb)?)? } else { nlb(&g)? };
+        (g, s)
+    } else {
+        let s = if second {
+            max_all(&(aa + bb)?)?
+        } else {
+            max_all(&diff.abs()?)?
+        };
+        (diff, s)
+    })
+}
+
+/// Both sides' gradients and steps from their quadratic terms, then the update.
+fn fit_sides(
+    ql: &Tensor,
+    qr: &Tensor,
+    [aa1, bb1, aa2, bb2]: [Tensor; 4],
+    inputs: &FitInputs,
+    rng: &mut dyn RandomSource,
+) -> Result<(Tensor, Tensor)> {
+    let second = inputs.normalizer == StepNormalizer::Second;
+    let left = side(aa1, bb1, is_dense(ql), second)?;
+    let right = side(aa2, bb2, is_dense(qr), second)?;
+    descend_both(ql, qr, [left, right], inputs, rng)
+}
+
+/// psgd-jax's `_update_precond_affine_math_`: the fit to a pair `(dX, dG) = (v, H·v)`.
+fn fit_with_vector(
+    ql: &Tensor,
+    qr: &Tensor,
+    dx: &Tensor,
+    dg: &Tensor,
+    inputs: &FitInputs,
+    rng: &mut dyn RandomSource,
+) -> Result<(Tensor, Tensor)> {
+    let p = inputs.precision;
+    let terms = match (is_dense(ql), is_dense(qr)) {
+        (true, true) => {
+            let a = p.matmul(&p.matmul(ql, dg)?, &qr.t()?)?;
+            let bh = solve_left_transposed(ql, &solve_right(dx, qr)?)?;
+            [
+                p.matmul(&a, &a.t()?)?,
+                p.matmul(&bh, &bh.t()?)?,
+                p.matmul(&a.t()?, &a)?,
+                p.matmul(&bh.t()?, &bh)?,
+            ]
+        }
+        (true, false) => {
+            let a = p.matmul(ql, &dg.broadcast_mul(&row(qr)?)?)?;
+            let bh = solve_left_transposed(ql, &dx.broadcast_div(&row(qr)?)?)?;
+            [
+                p.matmul(&a, &a.t()?)?,
+                p.matmul(&bh, &bh.t()?)?,
+                sq_sum(&a, 0)?,
+                sq_sum(&bh, 0)?,
+            ]
+        }
+        (false, true) => {
+            let a = p.matmul(&dg.broadcast_mul(&col(ql)?)?, &qr.t()?)?;
+            let bh = solve_right(dx, qr)?.broadcast_div(&col(ql)?)?;
+            [
+                sq_sum(&a, 1)?,
+                sq_sum(&bh, 1)?,
+                p.matmul(&a.t()?, &a)?,
+                p.matmul(&bh.t()?, &bh)?,
+            ]
+        }
+        (false, false) => {
+            let a = dg.broadcast_mul(&col(ql)?)?.broadcast_mul(&row(qr)?)?;
+            let bh = dx.broadcast_div(&row(qr)?)?.broadcast_div(&col(ql)?)?;
+            [
+                sq_sum(&a, 1)?,
+                sq_sum(&bh, 1)?,
+                sq_sum(&a, 0)?,
+                sq_sum(&bh, 0)?,
+            ]
+        }
+    };
+    fit_sides(ql, qr, terms, inputs, rng)
+}
+
+/// `(Q⁻¹)ᵀ·Q⁻¹` of a triangular side.
+fn inv_qq(q: &Tensor, p: Precision) -> Result<Tensor> {
+    let n = q.dim(0)?;
+    let inv = solve_right(&Tensor::eye(n, DType::F32, q.device())?, q)?;
+    p.matmul(&inv.t()?, &inv)
+}
+
+fn trace(t: &Tensor) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    Ok((t * Tensor::eye(n, DType::F32, t.device())?)?.sum_all()?)
+}
+
+/// psgd-jax's `_update_precond_affine_dropv_math`: the whitening fit to a gradient `dG`,
+/// with the probe integrated out where a side is diagonal and the shape allows it.
+fn fit_whitening(
+    ql: &Tensor,
+    qr: &Tensor,
+    dg: &Tensor,
+    inputs: &FitInputs,
+    rng: &mut dyn RandomSource,
+) -> Result<(Tensor, Tensor)> {
+    let p = inputs.precision;
+    let (m, n) = dg.dims2()?;
+    let terms = match (is_dense(ql), is_dense(qr)) {
+        (false, false) => {
+            let a = dg.broadcast_mul(&col(ql)?)?.broadcast_mul(&row(qr)?)?;
+            let (iql, iqr) = (ql.sqr()?.recip()?, qr.sqr()?.recip()?);
+            [
+                sq_sum(&a, 1)?,
+                iql.broadcast_mul(&iqr.sum_all()?)?,
+                sq_sum(&a, 0)?,
+                iqr.broadcast_mul(&iql.sum_all()?)?,
+            ]
+        }
+        (false, true) if m >= n => {
+            let a = p.matmul(&dg.broadcast_mul(&col(ql)?)?, &qr.t()?)?;
+            let iql = ql.sqr()?.recip()?;
+            let iqqr = inv_qq(qr, p)?;
+            [
+                sq_sum(&a, 1)?,
+                iql.broadcast_mul(&trace(&iqqr)?)?,
+                p.matmul(&a.t()?, &a)?,
+                iqqr.broadcast_mul(&iql.sum_all()?)?,
+            ]
+        }
+        (true, false) if n >= m => {
+            let a = p.matmul(ql, &dg.broadcast_mul(&row(qr)?)?)?;
+            let iqql = inv_qq(ql, p)?;
+            let iqr = qr.sqr()?.recip()?;
+            [
+                p.matmul(&a, &a.t()?)?,
+                iqql.broadcast_mul(&iqr.sum_all()?)?,
+                sq_sum(&a, 0)?,
+                iqr.broadcast_mul(&trace(&iqql)?)?,
+            ]
+        }
+        _ => {
+            // no closed form here: draw a probe and fit as with a Hessian-vector product
+            let v = rng.normal(&[m, n], dg.device())?;
+            return fit_with_vector(ql, qr, &v, dg, inputs, rng);
+        }
+    };
+    fit_sides(ql, qr, terms, inputs, rng)
 }
 
 impl Preconditioner for AffinePreconditioner {
@@ -32,35 +414,206 @@ impl Preconditioner for AffinePreconditioner {
     const WHITENING_VECTOR: bool = false;
     const ZERO_CLIP_DISABLES: bool = false;
     type Options = AffineVariantOptions;
-    type State = ();
+    type State = Vec<AffineFactors>;
 
-    fn parse_option(_o: &mut Self::Options, _key: &str, _v: &serde_json::Value) -> Result<bool> {
-        Ok(false)
+    fn parse_option(
+        o: &mut AffineVariantOptions,
+        key: &str,
+        v: &serde_json::Value,
+    ) -> Result<bool> {
+        match key {
+            "max_size_triangular" => o.max_size_triangular = crate::json::uint(key, v)?,
+            "max_skew_triangular" => o.max_skew_triangular = crate::json::uint(key, v)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
-    fn new(_leaves: &[LeafSpec], _o: &Self::Options) -> Result<Self> {
-        Err(todo())
+    fn new(leaves: &[LeafSpec], o: &AffineVariantOptions) -> Result<Self> {
+        let shapes: Vec<MatrixShape> = leaves.iter().map(|l| shape_as_matrix(&l.shape)).collect();
+        let dense = shapes
+            .iter()
+            .map(|s| (triangular(s.rows, s.cols, o), triangular(s.cols, s.rows, o)))
+            .collect();
+        Ok(AffinePreconditioner {
+            leaves: leaves.to_vec(),
+            shapes,
+            dense,
+        })
     }
 
-    fn init(&self, _device: &Device, _rng: &mut dyn RandomSource) -> Result<()> {
-        Err(todo())
+    fn init(&self, device: &Device, _rng: &mut dyn RandomSource) -> Result<Vec<AffineFactors>> {
+        let side = |n: usize, dense: bool| -> Result<Tensor> {
+            Ok(if dense {
+                Tensor::eye(n, DType::F32, device)?
+            } else {
+                Tensor::ones(n, DType::F32, device)?
+            })
+        };
+        self.shapes
+            .iter()
+            .zip(&self.dense)
+            .map(|(s, &(dl, dr))| {
+                Ok(AffineFactors {
+                    ql: side(s.rows, dl)?,
+                    qr: side(s.cols, dr)?,
+                })
+            })
+            .collect()
     }
 
-    fn update(&self, _s: &(), _inputs: &FitInputs, _rng: &mut dyn RandomSource) -> Result<()> {
-        Err(todo())
+    fn update(
+        &self,
+        st: &Vec<AffineFactors>,
+        inputs: &FitInputs,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Vec<AffineFactors>> {
+        let vectors = match (inputs.hessian, inputs.vectors) {
+            (true, Some(v)) => Some(v),
+            (true, None) => {
+                return Err(PsgdError::State(
+                    "affine: the Hessian fit needs probe vectors".into(),
+                ))
+            }
+            _ => None,
+        };
+        let mut out = Vec::with_capacity(st.len());
+        for (l, (f, shape)) in st.iter().zip(&self.shapes).enumerate() {
+            let h = shape.leaf_to_matrix(&inputs.hvps[l])?;
+            let v = vectors.map(|vs| shape.leaf_to_matrix(&vs[l])).transpose()?;
+            let (mut ql, mut qr) = (f.ql.clone(), f.qr.clone());
+            if inputs.first {
+                // each side gets the square root of the scale
+                let s = match inputs.init_scale {
+                    Some(s) => Tensor::new(s as f32, h.device())?,
+                    None => {
+                        let num = match &v {
+                            Some(v) => v.sqr()?.sum_all()?,
+                            None => Tensor::new(h.elem_count() as f32, h.device())?,
+                        };
+                        (num / h.sqr()?.sum_all()?)?.sqrt()?.sqrt()?
+                    }
+                };
+                let s = s.sqrt()?;
+                ql = scale(&ql, &s)?;
+                qr = scale(&qr, &s)?;
+            }
+            let (ql, qr) = match &v {
+                Some(v) => fit_with_vector(&ql, &qr, v, &h, inputs, rng)?,
+                None => fit_whitening(&ql, &qr, &h, inputs, rng)?,
+            };
+            out.push(AffineFactors { ql, qr });
+        }
+        Ok(out)
     }
 
-    fn apply(&self, _s: &(), _grads: &[Tensor]) -> Result<Vec<Tensor>> {
-        Err(todo())
+    fn apply(&self, st: &Vec<AffineFactors>, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+        // outside the fit psgd-jax uses the default (float32 on CPU) matmul precision
+        st.iter()
+            .zip(&self.shapes)
+            .zip(grads.iter().zip(&self.leaves))
+            .map(|((f, shape), (g, leaf))| {
+                let g = shape.leaf_to_matrix(g)?;
+                let left = if is_dense(&f.ql) {
+                    f.ql.t()?.matmul(&f.ql.matmul(&g)?)?
+                } else {
+                    g.broadcast_mul(&col(&f.ql.sqr()?)?)?
+                };
+                let out = if is_dense(&f.qr) {
+                    left.matmul(&f.qr.t()?)?.matmul(&f.qr)?
+                } else {
+                    left.broadcast_mul(&row(&f.qr.sqr()?)?)?
+                };
+                shape.matrix_to_leaf(&out, &leaf.shape)
+            })
+            .collect()
     }
 
-    fn save(&self, _s: &(), _f: &mut StateFile) {}
-
-    fn load(&self, _f: &mut LoadedState) -> Result<()> {
-        Err(todo())
+    fn save(&self, st: &Vec<AffineFactors>, f: &mut StateFile) {
+        for (l, q) in st.iter().enumerate() {
+            f.tensor(format!("Ql.{l}"), &q.ql);
+            f.tensor(format!("Qr.{l}"), &q.qr);
+        }
     }
 
-    fn check(&self, _s: &()) -> Result<()> {
+    fn load(&self, f: &mut LoadedState) -> Result<Vec<AffineFactors>> {
+        (0..self.leaves.len())
+            .map(|l| {
+                Ok(AffineFactors {
+                    ql: f.take(&format!("Ql.{l}"))?,
+                    qr: f.take(&format!("Qr.{l}"))?,
+                })
+            })
+            .collect()
+    }
+
+    fn check(&self, st: &Vec<AffineFactors>) -> Result<()> {
+        if st.len() != self.leaves.len() {
+            return Err(PsgdError::State(format!(
+                "affine state has {} leaves, expected {}",
+                st.len(),
+                self.leaves.len()
+            )));
+        }
+        for ((f, s), (&(dl, dr), leaf)) in st
+            .iter()
+            .zip(&self.shapes)
+            .zip(self.dense.iter().zip(&self.leaves))
+        {
+            let want = |n: usize, dense: bool| if dense { vec![n, n] } else { vec![n] };
+            for (name, q, w) in [
+                ("Ql", &f.ql, want(s.rows, dl)),
+                ("Qr", &f.qr, want(s.cols, dr)),
+            ] {
+                if q.dims() != w.as_slice() {
+                    return Err(PsgdError::State(format!(
+                        "affine factor {name} of '{}' has shape {:?}, expected {w:?}",
+                        leaf.path,
+                        q.dims()
+                    )));
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_as_matrix_follows_the_reference() {
+        let m = |s: &[usize]| {
+            let r = shape_as_matrix(s);
+            (r.perm, r.rows, r.cols)
+        };
+        assert_eq!(m(&[]), (vec![], 1, 1));
+        assert_eq!(m(&[5]), (vec![0], 1, 5));
+        assert_eq!(m(&[4, 3]), (vec![0, 1], 4, 3));
+        // [2, 3, 4]: splits 2|12 (148), 6|4 (52); permuted 3,2|4... best is 6×4 as is
+        assert_eq!(m(&[2, 3, 4]), (vec![0, 1, 2], 6, 4));
+        // [4, 3, 2]: 4|6 (52) with no permutation
+        assert_eq!(m(&[4, 3, 2]), (vec![0, 1, 2], 4, 6));
+        // [2, 8, 2]: a permutation is needed for 4|8 (80) instead of 2|16 or 16|2 (260)
+        let r = shape_as_matrix(&[2, 8, 2]);
+        assert_eq!((r.rows * r.cols, r.rows.pow(2) + r.cols.pow(2)), (32, 80));
+        assert_ne!(r.perm, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn matrix_round_trip_restores_the_tensor() {
+        let shape = [2usize, 8, 2];
+        let t = Tensor::arange(0f32, 32., &Device::Cpu)
+            .unwrap()
+            .reshape(&shape[..])
+            .unwrap();
+        let s = shape_as_matrix(&shape);
+        let m = s.leaf_to_matrix(&t).unwrap();
+        let back = s.matrix_to_leaf(&m, &shape).unwrap();
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 }

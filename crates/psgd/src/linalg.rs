@@ -1,5 +1,5 @@
-//! Linear algebra candle lacks: the right triangular solve and the cheap spectral-norm
-//! lower bound. Both work on a leading batch axis (one matrix per scanned layer).
+//! Linear algebra candle lacks: the right triangular solve, a small dense solve and the
+//! cheap spectral-norm lower bound. Both work on a leading batch axis (one matrix per scanned layer).
 
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -117,6 +117,58 @@ pub fn norm_lower_bound(a: &Tensor) -> Result<Tensor> {
     let picked = v0.gt(&v1)?.where_cond(&gt_val, &le_val)?;
     let bound = (picked * &max_abs)?;
     Ok(positive.where_cond(&bound, &max_abs)?)
+}
+
+/// `inv(A) · B` for one small square `A` (`(r, r)`, `B` `(r, k)`): Gaussian elimination
+/// with partial pivoting in float64 on the host. LRA's systems are rank × rank (10 by
+/// default), so the copy is a few hundred bytes; the result is float32 on `A`'s device.
+pub fn solve_small(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (r, r2) = a.dims2()?;
+    let (rb, k) = b.dims2()?;
+    if r != r2 || rb != r {
+        return Err(candle_core::Error::Msg(format!(
+            "solve_small: A is {:?}, B is {:?}",
+            a.dims(),
+            b.dims()
+        ))
+        .into());
+    }
+    let mut m = a.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let mut x = b.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    for col in 0..r {
+        let pivot = (col..r)
+            .max_by(|&i, &j| m[i][col].abs().total_cmp(&m[j][col].abs()))
+            .unwrap_or(col);
+        m.swap(col, pivot);
+        x.swap(col, pivot);
+        let (prow, xrow) = (m[col].clone(), x[col].clone());
+        for row in col + 1..r {
+            let f = m[row][col] / prow[col];
+            if f != 0.0 {
+                for (a, p) in m[row][col..].iter_mut().zip(&prow[col..]) {
+                    *a -= f * p;
+                }
+                for (a, p) in x[row].iter_mut().zip(&xrow) {
+                    *a -= f * p;
+                }
+            }
+        }
+    }
+    for col in (0..r).rev() {
+        let mut acc = x[col].clone();
+        for j in col + 1..r {
+            let mj = m[col][j];
+            for (a, xj) in acc.iter_mut().zip(&x[j]) {
+                *a -= mj * xj;
+            }
+        }
+        for a in acc.iter_mut() {
+            *a /= m[col][col];
+        }
+        x[col] = acc;
+    }
+    let flat: Vec<f32> = x.into_iter().flatten().map(|v| v as f32).collect();
+    Ok(Tensor::from_vec(flat, (r, k), a.device())?)
 }
 
 #[cfg(test)]
@@ -246,5 +298,20 @@ mod tests {
         let xa = [(x[0] * 3.0) / nx, (x[0] * 4.0 + x[1] * 1.0) / nx, 0.0];
         let expect = (xa[0] * xa[0] + xa[1] * xa[1] + xa[2] * xa[2]).sqrt();
         assert!((lb - expect).abs() < 1e-4, "{lb} vs {expect}");
+    }
+
+    #[test]
+    fn small_solve_matches_direct_product() {
+        for &(r, k) in &[(1, 1), (3, 1), (10, 2)] {
+            // diagonally weighted so it is well conditioned, but a pivot is still needed
+            let a = (rand((1, r, r), 5 + r as u64).squeeze(0).unwrap()
+                + (Tensor::eye(r, DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap())
+            .unwrap();
+            let b = rand((1, r, k), 9).squeeze(0).unwrap();
+            let x = solve_small(&a, &b).unwrap();
+            let back = a.matmul(&x).unwrap();
+            let d = max_abs_diff(&back.unsqueeze(0).unwrap(), &b.unsqueeze(0).unwrap());
+            assert!(d < 1e-5, "r={r} k={k}: {d}");
+        }
     }
 }

@@ -42,3 +42,13 @@ fn kron_fixtures_match_psgd_jax() {
 fn xmat_fixtures_match_psgd_jax() {
     check("xmat", 6);
 }
+
+#[test]
+fn lra_fixtures_match_psgd_jax() {
+    check("lra", 6);
+}
+
+#[test]
+fn affine_fixtures_match_psgd_jax() {
+    check("affine", 6);
+}
