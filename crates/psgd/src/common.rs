@@ -379,19 +379,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             .first()
             .map(|p| p.device().clone())
             .unwrap_or(Device::Cpu);
-        let mu = if self.options.b1 > 0.0 {
-            Some(
-                params
-                    .iter()
-                    .map(|p| {
-                        Ok(p.zeros_like()?
-                            .to_dtype(self.options.mu_dtype.unwrap_or(p.dtype()))?)
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
-        };
+        let mu = transform::init_momentum(self.options.b1, self.options.mu_dtype, params)?;
         Ok(PsgdState {
             count: 0,
             mu,
@@ -491,18 +479,8 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             state.precond.clone()
         };
 
-        let (mu, momentum) = match &state.mu {
-            Some(mu) => {
-                let pairs = mu
-                    .iter()
-                    .zip(&g32)
-                    .map(|(m, g)| transform::momentum(o.b1, m, g, count, o.nesterov))
-                    .collect::<Result<Vec<_>>>()?;
-                let (mu, upd): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-                (Some(mu), upd)
-            }
-            None => (None, g32),
-        };
+        let (mu, momentum) =
+            transform::momentum_all(o.b1, o.nesterov, state.mu.as_ref(), &g32, count)?;
 
         let mut pre = self.precond.apply(&precond, &momentum)?;
         if let Some(c) = o.update_global_norm_clip {
@@ -510,30 +488,16 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 pre = clip_global_norm(pre, c)?;
             }
         }
-        let updates = pre
-            .iter()
-            .enumerate()
-            .map(|(l, u)| {
-                transform::finish_update(
-                    u,
-                    params.map(|p| &p[l]),
-                    &self.leaves[l],
-                    o.weight_decay,
-                    hyper.learning_rate,
-                    grads[l].dtype(),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let updates = transform::finish_updates(
+            &pre,
+            params,
+            &self.leaves,
+            grads,
+            o.weight_decay,
+            hyper.learning_rate,
+        )?;
 
-        let mu = match mu {
-            Some(mu) => Some(
-                mu.iter()
-                    .zip(state.mu.as_ref().into_iter().flatten())
-                    .map(|(m, old)| Ok(m.to_dtype(old.dtype())?))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            None => None,
-        };
+        let mu = transform::keep_dtypes(mu, state.mu.as_ref())?;
         Ok((updates, PsgdState { count, mu, precond }))
     }
 
@@ -548,11 +512,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
     fn state_to_bytes(&self, state: &Self::State) -> Result<Vec<u8>> {
         let mut f = StateFile::new(P::NAME, &self.leaves);
         f.meta("count", state.count.to_string());
-        if let Some(mu) = &state.mu {
-            for (l, m) in mu.iter().enumerate() {
-                f.tensor(format!("mu.{l}"), m);
-            }
-        }
+        f.momentum(state.mu.as_ref());
         self.precond.save(&state.precond, &mut f);
         f.to_bytes()
     }
@@ -560,15 +520,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
     fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<Self::State> {
         let mut f = state_io::LoadedState::parse(bytes, device, P::NAME, &self.leaves)?;
         let count = f.meta_u64("count")?;
-        let mu = if self.options.b1 > 0.0 {
-            Some(
-                (0..self.leaves.len())
-                    .map(|l| f.take(&format!("mu.{l}")))
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
-        };
+        let mu = f.take_momentum(self.leaves.len(), self.options.b1 > 0.0)?;
         let state = PsgdState {
             count,
             mu,

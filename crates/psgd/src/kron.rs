@@ -678,19 +678,7 @@ impl Transform for Kron {
 
     fn init_with(&self, params: &[Tensor], _rng: &mut dyn RandomSource) -> Result<KronState> {
         transform::check_leaves("params", &self.leaves, params)?;
-        let mu = if self.options.b1 > 0.0 {
-            Some(
-                params
-                    .iter()
-                    .map(|p| {
-                        Ok(p.zeros_like()?
-                            .to_dtype(self.options.mu_dtype.unwrap_or(p.dtype()))?)
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
-        };
+        let mu = transform::init_momentum(self.options.b1, self.options.mu_dtype, params)?;
         let qs = self
             .plans
             .iter()
@@ -743,18 +731,7 @@ impl Transform for Kron {
             .map(|g| Ok(g.to_dtype(DType::F32)?))
             .collect::<Result<Vec<_>>>()?;
 
-        let (mu, momentum) = match &state.mu {
-            Some(mu) => {
-                let pairs = mu
-                    .iter()
-                    .zip(&g32)
-                    .map(|(m, g)| transform::momentum(o.b1, m, g, count, false))
-                    .collect::<Result<Vec<_>>>()?;
-                let (mu, deb): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-                (Some(mu), deb)
-            }
-            None => (None, g32.clone()),
-        };
+        let (mu, momentum) = transform::momentum_all(o.b1, false, state.mu.as_ref(), &g32, count)?;
 
         let (do_update, update_counter) =
             transform::update_counter(state.update_counter, hyper.update_probability);
@@ -769,32 +746,22 @@ impl Transform for Kron {
             state.qs.clone()
         };
 
-        let updates = self
+        let pre = self
             .plans
             .iter()
             .enumerate()
-            .map(|(l, plan)| {
-                let pre = self.apply_leaf(plan, &qs[l], &momentum[l])?;
-                transform::finish_update(
-                    &pre,
-                    params.map(|p| &p[l]),
-                    &self.leaves[l],
-                    o.weight_decay,
-                    hyper.learning_rate,
-                    grads[l].dtype(),
-                )
-            })
+            .map(|(l, plan)| self.apply_leaf(plan, &qs[l], &momentum[l]))
             .collect::<Result<Vec<_>>>()?;
+        let updates = transform::finish_updates(
+            &pre,
+            params,
+            &self.leaves,
+            grads,
+            o.weight_decay,
+            hyper.learning_rate,
+        )?;
 
-        let mu = match mu {
-            Some(mu) => Some(
-                mu.iter()
-                    .zip(state.mu.as_ref().into_iter().flatten())
-                    .map(|(m, old)| Ok(m.to_dtype(old.dtype())?))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            None => None,
-        };
+        let mu = transform::keep_dtypes(mu, state.mu.as_ref())?;
         Ok((
             updates,
             KronState {
@@ -818,11 +785,7 @@ impl Transform for Kron {
         let mut f = StateFile::new("kron", &self.leaves);
         f.meta("count", state.count.to_string());
         f.meta("update_counter", state.update_counter.to_string());
-        if let Some(mu) = &state.mu {
-            for (l, m) in mu.iter().enumerate() {
-                f.tensor(format!("mu.{l}"), m);
-            }
-        }
+        f.momentum(state.mu.as_ref());
         for (l, qs) in state.qs.iter().enumerate() {
             for (i, q) in qs.iter().enumerate() {
                 f.tensor(format!("Q.{l}.{i}"), q);
@@ -835,15 +798,7 @@ impl Transform for Kron {
         let mut f = state_io::LoadedState::parse(bytes, device, "kron", &self.leaves)?;
         let count = f.meta_u64("count")?;
         let update_counter = f.meta_u64("update_counter")?;
-        let mu = if self.options.b1 > 0.0 {
-            Some(
-                (0..self.leaves.len())
-                    .map(|l| f.take(&format!("mu.{l}")))
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
-        };
+        let mu = f.take_momentum(self.leaves.len(), self.options.b1 > 0.0)?;
         let qs = self
             .plans
             .iter()

@@ -49,6 +49,13 @@ impl StateFile {
         self.tensors.push((name, t.clone()));
     }
 
+    /// Adds the momentum buffers (`mu.<leaf index>`), if any.
+    pub fn momentum(&mut self, mu: Option<&Vec<Tensor>>) {
+        for (l, m) in mu.into_iter().flatten().enumerate() {
+            self.tensor(format!("mu.{l}"), m);
+        }
+    }
+
     /// The safetensors bytes.
     pub fn to_bytes(self) -> Result<Vec<u8>> {
         let meta =
@@ -103,6 +110,17 @@ impl LoadedState {
         self.tensors
             .remove(name)
             .ok_or_else(|| PsgdError::State(format!("missing tensor '{name}'")))
+    }
+
+    /// Takes the momentum buffers of `leaves` leaves when `present` (`b1 > 0`).
+    pub fn take_momentum(&mut self, leaves: usize, present: bool) -> Result<Option<Vec<Tensor>>> {
+        if !present {
+            return Ok(None);
+        }
+        (0..leaves)
+            .map(|l| self.take(&format!("mu.{l}")))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// Reads an integer from the metadata.

@@ -163,6 +163,86 @@ pub fn momentum(
     Ok((mu_new, update))
 }
 
+/// The momentum state at init: zeros in `mu_dtype` (or each param's dtype), or none when
+/// `b1 == 0`.
+pub fn init_momentum(
+    b1: f64,
+    mu_dtype: Option<DType>,
+    params: &[Tensor],
+) -> Result<Option<Vec<Tensor>>> {
+    if b1 <= 0.0 {
+        return Ok(None);
+    }
+    params
+        .iter()
+        .map(|p| Ok(p.zeros_like()?.to_dtype(mu_dtype.unwrap_or(p.dtype()))?))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// [`momentum`] over every leaf: the new buffers (float32) and the update each leaf goes
+/// on with; without momentum, no buffers and the gradients themselves.
+pub fn momentum_all(
+    b1: f64,
+    nesterov: bool,
+    mu: Option<&Vec<Tensor>>,
+    g32: &[Tensor],
+    count: u64,
+) -> Result<(Option<Vec<Tensor>>, Vec<Tensor>)> {
+    match mu {
+        Some(mu) => {
+            let pairs = mu
+                .iter()
+                .zip(g32)
+                .map(|(m, g)| momentum(b1, m, g, count, nesterov))
+                .collect::<Result<Vec<_>>>()?;
+            let (mu, upd): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+            Ok((Some(mu), upd))
+        }
+        None => Ok((None, g32.to_vec())),
+    }
+}
+
+/// New momentum buffers stored back in the dtypes of the old ones (`mu_dtype`).
+pub fn keep_dtypes(
+    new: Option<Vec<Tensor>>,
+    old: Option<&Vec<Tensor>>,
+) -> Result<Option<Vec<Tensor>>> {
+    match new {
+        Some(mu) => Ok(Some(
+            mu.iter()
+                .zip(old.into_iter().flatten())
+                .map(|(m, o)| Ok(m.to_dtype(o.dtype())?))
+                .collect::<Result<Vec<_>>>()?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// [`finish_update`] for every leaf, each cast to its gradient's dtype.
+pub fn finish_updates(
+    pre: &[Tensor],
+    params: Option<&[Tensor]>,
+    specs: &[LeafSpec],
+    grads: &[Tensor],
+    weight_decay: f64,
+    learning_rate: f64,
+) -> Result<Vec<Tensor>> {
+    pre.iter()
+        .enumerate()
+        .map(|(l, u)| {
+            finish_update(
+                u,
+                params.map(|p| &p[l]),
+                &specs[l],
+                weight_decay,
+                learning_rate,
+                grads[l].dtype(),
+            )
+        })
+        .collect()
+}
+
 /// The deterministic update counter of psgd-jax 0.2.9: count up, update the preconditioner
 /// once the counter reaches `1/prob` (compared in float32 as the reference does), then reset.
 /// Returns whether to update and the new counter.
