@@ -192,31 +192,14 @@ impl<P: Preconditioner> Psgd<P> {
 }
 
 fn validate<V>(o: &PsgdOptions<V>) -> Result<()> {
-    let finite = |name: &str, v: f64| {
-        if v.is_finite() {
-            Ok(())
-        } else {
-            Err(PsgdError::option_range(
-                name,
-                format!("must be finite, got {v}"),
-            ))
-        }
-    };
-    if !(o.b1.is_finite() && (0.0..1.0).contains(&o.b1)) {
-        return Err(PsgdError::option_range(
-            "b1",
-            format!("must be in [0, 1), got {}", o.b1),
-        ));
-    }
-    finite("weight_decay", o.weight_decay)?;
-    if let Schedule::Constant(v) = o.learning_rate {
-        finite("learning_rate", v)?;
-    }
+    transform::check_common_options(
+        o.b1,
+        o.weight_decay,
+        &o.learning_rate,
+        &o.preconditioner_update_probability,
+    )?;
     if let Schedule::Constant(v) = o.precond_lr {
-        finite("precond_lr", v)?;
-    }
-    if let Schedule::Constant(p) = o.preconditioner_update_probability {
-        transform::check_hyper(&StepHyper::new(0.0, p))?;
+        transform::check_finite_option("precond_lr", v)?;
     }
     if let Some(s) = o.precond_init_scale {
         if !(s.is_finite() && s > 0.0) {

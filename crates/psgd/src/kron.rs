@@ -152,37 +152,19 @@ impl KronOptions {
     }
 
     fn validate(&self) -> Result<()> {
-        let finite = |name: &str, v: f64| {
-            if v.is_finite() {
-                Ok(())
-            } else {
-                Err(PsgdError::option_range(
-                    name,
-                    format!("must be finite, got {v}"),
-                ))
-            }
-        };
-        finite("b1", self.b1)?;
-        if !(0.0..1.0).contains(&self.b1) {
-            return Err(PsgdError::option_range(
-                "b1",
-                format!("must be in [0, 1), got {}", self.b1),
-            ));
-        }
-        finite("weight_decay", self.weight_decay)?;
-        finite("preconditioner_lr", self.preconditioner_lr)?;
-        finite("preconditioner_init_scale", self.preconditioner_init_scale)?;
-        if self.preconditioner_init_scale <= 0.0 {
+        transform::check_common_options(
+            self.b1,
+            self.weight_decay,
+            &self.learning_rate,
+            &self.preconditioner_update_probability,
+        )?;
+        transform::check_finite_option("preconditioner_lr", self.preconditioner_lr)?;
+        let s = self.preconditioner_init_scale;
+        if !(s.is_finite() && s > 0.0) {
             return Err(PsgdError::option_range(
                 "preconditioner_init_scale",
-                format!("must be > 0, got {}", self.preconditioner_init_scale),
+                format!("must be > 0, got {s}"),
             ));
-        }
-        if let Schedule::Constant(lr) = self.learning_rate {
-            finite("learning_rate", lr)?;
-        }
-        if let Schedule::Constant(p) = self.preconditioner_update_probability {
-            transform::check_hyper(&StepHyper::new(0.0, p))?;
         }
         Ok(())
     }

@@ -163,6 +163,42 @@ pub fn momentum(
     Ok((mu_new, update))
 }
 
+/// Fails unless the option `name` is finite.
+pub fn check_finite_option(name: &str, v: f64) -> Result<()> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(PsgdError::option_range(
+            name,
+            format!("must be finite, got {v}"),
+        ))
+    }
+}
+
+/// Checks the options every variant has: `b1` in [0, 1), a finite weight decay, a finite
+/// constant learning rate and a constant update probability in [0, 1].
+pub fn check_common_options(
+    b1: f64,
+    weight_decay: f64,
+    learning_rate: &crate::schedule::Schedule,
+    update_probability: &crate::schedule::Schedule,
+) -> Result<()> {
+    if !(b1.is_finite() && (0.0..1.0).contains(&b1)) {
+        return Err(PsgdError::option_range(
+            "b1",
+            format!("must be in [0, 1), got {b1}"),
+        ));
+    }
+    check_finite_option("weight_decay", weight_decay)?;
+    if let crate::schedule::Schedule::Constant(lr) = learning_rate {
+        check_finite_option("learning_rate", *lr)?;
+    }
+    if let crate::schedule::Schedule::Constant(p) = update_probability {
+        check_hyper(&StepHyper::new(0.0, *p))?;
+    }
+    Ok(())
+}
+
 /// The momentum state at init: zeros in `mu_dtype` (or each param's dtype), or none when
 /// `b1 == 0`.
 pub fn init_momentum(
