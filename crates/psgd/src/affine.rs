@@ -7,7 +7,8 @@
 //! probe is drawn and the Hessian-mode fit is used with the gradient as `H·v`.
 
 use crate::common::{
-    add_eps, FitInputs, Preconditioner, Psgd, PsgdOptions, PsgdState, StepNormalizer,
+    add_eps, global_init_scale, FitInputs, Preconditioner, Psgd, PsgdOptions, PsgdState,
+    StepNormalizer,
 };
 use crate::error::{PsgdError, Result};
 use crate::linalg::{norm_lower_bound, solve_triangular_right};
@@ -172,16 +173,6 @@ fn is_dense(q: &Tensor) -> bool {
     q.rank() == 2
 }
 
-/// `x · s` for a 0-d `s`.
-fn scale(x: &Tensor, s: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(s)?)
-}
-
-/// `lr / max(x, eps)` as a 0-d tensor.
-fn step_size(lr: f64, x: &Tensor) -> Result<Tensor> {
-    Ok((add_eps(x)?.recip()? * lr)?)
-}
-
 fn max_all(t: &Tensor) -> Result<Tensor> {
     Ok(t.flatten_all()?.max(0)?)
 }
@@ -230,29 +221,16 @@ fn balance(ql: Tensor, qr: Tensor, rng: &mut dyn RandomSource) -> Result<(Tensor
     Ok((ql, qr))
 }
 
-/// One side's step: `Q − step·grad·Q` (triangular) or `Q − step·grad∘Q` (diagonal).
-fn descend(q: &Tensor, grad: &Tensor, step: &Tensor, p: Precision) -> Result<Tensor> {
+/// One side's step `Q − (lr / max(denom, eps))·grad·Q` (triangular) or `… grad∘Q`
+/// (diagonal).
+fn descend(q: &Tensor, (grad, denom): (Tensor, Tensor), inputs: &FitInputs) -> Result<Tensor> {
     let delta = if is_dense(q) {
-        p.matmul(grad, q)?
+        inputs.precision.matmul(&grad, q)?
     } else {
         (grad * q)?
     };
-    Ok((q - scale(&delta, step)?)?)
-}
-
-/// Both sides' steps `precond_lr / max(s, eps)` along their gradients, then the occasional
-/// balance.
-fn descend_both(
-    ql: &Tensor,
-    qr: &Tensor,
-    [(g1, s1), (g2, s2)]: [(Tensor, Tensor); 2],
-    inputs: &FitInputs,
-    rng: &mut dyn RandomSource,
-) -> Result<(Tensor, Tensor)> {
-    let (lr, p) = (inputs.precond_lr, inputs.precision);
-    let ql = descend(ql, &g1, &step_size(lr, &s1)?, p)?;
-    let qr = descend(qr, &g2, &step_size(lr, &s2)?, p)?;
-    balance(ql, qr, rng)
+    let step = (add_eps(&denom)?.recip()? * inputs.precond_lr)?;
+    Ok((q - delta.broadcast_mul(&step)?)?)
 }
 
 /// One side's gradient and step denominator from its two quadratic terms `aa` (from
@@ -284,9 +262,9 @@ fn fit_sides(
     rng: &mut dyn RandomSource,
 ) -> Result<(Tensor, Tensor)> {
     let second = inputs.normalizer == StepNormalizer::Second;
-    let left = side(aa1, bb1, is_dense(ql), second)?;
-    let right = side(aa2, bb2, is_dense(qr), second)?;
-    descend_both(ql, qr, [left, right], inputs, rng)
+    let ql = descend(ql, side(aa1, bb1, is_dense(ql), second)?, inputs)?;
+    let qr = descend(qr, side(aa2, bb2, is_dense(qr), second)?, inputs)?;
+    balance(ql, qr, rng)
 }
 
 /// psgd-jax's `_update_precond_affine_math_`: the fit to a pair `(dX, dG) = (v, H·v)`.
@@ -483,20 +461,11 @@ impl Preconditioner for AffinePreconditioner {
             let v = vectors.map(|vs| shape.leaf_to_matrix(&vs[l])).transpose()?;
             let (mut ql, mut qr) = (f.ql.clone(), f.qr.clone());
             if inputs.first {
-                // each side gets the square root of the scale
-                let s = match inputs.init_scale {
-                    Some(s) => Tensor::new(s as f32, h.device())?,
-                    None => {
-                        let num = match &v {
-                            Some(v) => v.sqr()?.sum_all()?,
-                            None => Tensor::new(h.elem_count() as f32, h.device())?,
-                        };
-                        (num / h.sqr()?.sum_all()?)?.sqrt()?.sqrt()?
-                    }
-                };
-                let s = s.sqrt()?;
-                ql = scale(&ql, &s)?;
-                qr = scale(&qr, &s)?;
+                // XMat's scale, per leaf: each factor takes its square root so that
+                // Ql ⊗ Qr starts where XMat's single Q would
+                let s = global_init_scale(inputs, v.as_ref(), &h)?.sqrt()?;
+                ql = ql.broadcast_mul(&s)?;
+                qr = qr.broadcast_mul(&s)?;
             }
             let (ql, qr) = match &v {
                 Some(v) => fit_with_vector(&ql, &qr, v, &h, inputs, rng)?,
