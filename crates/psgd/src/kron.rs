@@ -354,21 +354,34 @@ fn solve_factors(v: &Tensor, qs: &[Tensor], plan: &LeafPlan) -> Result<Tensor> {
     })
 }
 
-/// The preconditioned gradient: `QᵢᵀQᵢ` applied along each axis.
-fn precondition(g: &Tensor, qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Tensor> {
+/// The preconditioned gradient: each `Pᵢ = QᵢᵀQᵢ` (from [`grams`]) applied along its
+/// axis. `Pᵢ` is symmetric, so the transposed unfolding multiplies it directly.
+fn precondition(g: &Tensor, ps: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Tensor> {
     for_each_axis(g, plan, |i, x2| {
         let xt = x2.transpose(1, 2)?;
-        let q = &qs[i];
         if plan.diag[i] {
-            return Ok(xt.broadcast_mul(&q.sqr()?.unsqueeze(1)?)?);
-        }
-        let (_, d, rest) = x2.dims3()?;
-        if rest >= d {
-            p.matmul(&xt, &p.matmul(&q.t()?, q)?)
+            Ok(xt.broadcast_mul(&ps[i].unsqueeze(1)?)?)
         } else {
-            p.matmul(&p.matmul(&xt, &q.t()?)?, q)
+            p.matmul(&xt, &ps[i])
         }
     })
+}
+
+/// `Pᵢ = QᵢᵀQᵢ` of each factor (`Qᵢ²` for a diagonal one) in the batched float32 layout:
+/// what applying the preconditioner needs. They change only when the factors do, so the
+/// state keeps them and an apply-only step is one product per axis.
+fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Vec<Tensor>> {
+    qs.iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let q = plan.batched_q(i, q)?;
+            if plan.diag[i] {
+                Ok(q.sqr()?)
+            } else {
+                p.matmul(&q.transpose(1, 2)?, &q)
+            }
+        })
+        .collect()
 }
 
 /// One fitting step of every factor of a leaf from the (damped) input `g` and probe `v`,
@@ -450,6 +463,10 @@ pub struct KronState {
     pub mu: Option<Vec<Tensor>>,
     /// Factors per leaf, in psgd-jax's shapes.
     pub qs: Vec<Vec<Tensor>>,
+    /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
+    /// float32, batched `(B, d, d)` / `(B, d)`. Recomputed whenever `qs` changes; build
+    /// it with [`Kron::with_grams`] after editing `qs` by hand.
+    pub ps: Vec<Vec<Tensor>>,
 }
 
 /// The Kron optimizer for a fixed list of leaves.
@@ -464,6 +481,21 @@ impl Kron {
     /// The options.
     pub fn options(&self) -> &KronOptions {
         &self.options
+    }
+
+    /// [`grams`] of every leaf, at the apply step's precision.
+    fn grams_of(&self, qs: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>> {
+        self.plans
+            .iter()
+            .zip(qs)
+            .map(|(plan, q)| grams(q, plan, self.options.precond_grads_precision))
+            .collect()
+    }
+
+    /// `state` with its derived `ps` recomputed from its `qs` (after editing `qs`).
+    pub fn with_grams(&self, mut state: KronState) -> Result<KronState> {
+        state.ps = self.grams_of(&state.qs)?;
+        Ok(state)
     }
 
     fn precond_dtype(&self) -> DType {
@@ -526,6 +558,23 @@ impl Kron {
                     plan.stored
                 )));
             }
+        }
+        let ps_ok = s.ps.len() == s.qs.len()
+            && s.ps.iter().zip(&self.plans).all(|(ps, plan)| {
+                ps.len() == plan.dims.len()
+                    && ps.iter().enumerate().all(|(i, p)| {
+                        let d = plan.dims[i];
+                        if plan.diag[i] {
+                            p.dims() == [plan.batch, d]
+                        } else {
+                            p.dims() == [plan.batch, d, d]
+                        }
+                    })
+            });
+        if !ps_ok {
+            return Err(PsgdError::State(
+                "the derived QᵀQ cache (ps) does not match the factors; rebuild it with Kron::with_grams".into(),
+            ));
         }
         match (&s.mu, self.options.b1 > 0.0) {
             (Some(mu), true) => {
@@ -606,16 +655,11 @@ impl Kron {
     }
 
     /// The preconditioned, clipped gradient of one leaf (before weight decay and lr).
-    fn apply_leaf(&self, plan: &LeafPlan, qs: &[Tensor], m: &Tensor) -> Result<Tensor> {
+    fn apply_leaf(&self, plan: &LeafPlan, ps: &[Tensor], m: &Tensor) -> Result<Tensor> {
         let shape = m.dims().to_vec();
-        let bq = qs
-            .iter()
-            .enumerate()
-            .map(|(i, q)| plan.batched_q(i, q))
-            .collect::<Result<Vec<_>>>()?;
         let x = m.reshape(plan.batched_shape().as_slice())?;
-        let n = bq.len();
-        let mut ins: Vec<&Tensor> = bq.iter().collect();
+        let n = ps.len();
+        let mut ins: Vec<&Tensor> = ps.iter().collect();
         ins.push(&x);
         let out = self.map_batches(plan, &ins, |t| {
             Ok(vec![precondition(
@@ -667,11 +711,13 @@ impl Transform for Kron {
             .zip(params)
             .map(|(plan, p)| plan.init_factors(self.precond_dtype(), p.device()))
             .collect::<Result<Vec<_>>>()?;
+        let ps = self.grams_of(&qs)?;
         Ok(KronState {
             count: 0,
             update_counter: 0,
             mu,
             qs,
+            ps,
         })
     }
 
@@ -728,11 +774,16 @@ impl Transform for Kron {
             state.qs.clone()
         };
 
+        let ps = if do_update {
+            self.grams_of(&qs)?
+        } else {
+            state.ps.clone()
+        };
         let pre = self
             .plans
             .iter()
             .enumerate()
-            .map(|(l, plan)| self.apply_leaf(plan, &qs[l], &momentum[l]))
+            .map(|(l, plan)| self.apply_leaf(plan, &ps[l], &momentum[l]))
             .collect::<Result<Vec<_>>>()?;
         let updates = transform::finish_updates(
             &pre,
@@ -751,6 +802,7 @@ impl Transform for Kron {
                 update_counter,
                 mu,
                 qs,
+                ps,
             },
         ))
     }
@@ -791,11 +843,13 @@ impl Transform for Kron {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
+        let ps = self.grams_of(&qs)?;
         let state = KronState {
             count,
             update_counter,
             mu,
             qs,
+            ps,
         };
         self.check_state(&state)?;
         Ok(state)
