@@ -1,0 +1,249 @@
+/**
+ * `npm run bench`: the side-by-side benchmark suite. For every workload and variant of
+ * benches/workloads.json it runs, one case after another in this one run:
+ *
+ * 1. the Rust bench binary (crates/psgd/benches/psgd.rs) in its own process: our step
+ *    (update and apply-only), candle-nn AdamW, candle's matmul on the step's products,
+ *    state bytes and peak RSS;
+ * 2. the same steps through the Node API (this process), for the binding overhead;
+ * 3. psgd-jax under jax.jit on the CPU (benches/psgd_jax_bench.py), when a reference
+ *    environment is there or `--jax` asks to make one (benches/setup-reference.sh).
+ *
+ * and prints every figure as a ratio of two timings taken in this run.
+ *
+ * Flags: --jax, --no-jax, --workload NAME, --variant NAME, --repeats N, --warmup N,
+ * --json FILE (write every record).
+ */
+import { execFileSync, spawnSync } from 'node:child_process'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import { affine, kron, lra, xmat, Tensor, type GradientTransformation } from '../index'
+
+const root = path.resolve(__dirname, '..')
+const workloadsFile = path.join(root, 'benches', 'workloads.json')
+
+interface LeafDef {
+  path: string
+  shape: number[]
+  scanned?: boolean
+}
+interface Workload {
+  name: string
+  about: string
+  variants: string[]
+  leaves: LeafDef[]
+}
+interface Spec {
+  warmup: number
+  repeats: number
+  variants: Record<string, Record<string, unknown>>
+  workloads: Workload[]
+}
+interface Timing {
+  times_s: number[]
+  min: number
+  median: number
+}
+interface Record_ {
+  kinds: { update: Timing; apply: Timing }
+  [k: string]: unknown
+}
+
+function parseArgs(argv: string[]) {
+  const a = { jax: 'auto' as 'auto' | 'yes' | 'no', workload: '', variant: '', repeats: 0, warmup: -1, json: '' }
+  for (let i = 0; i < argv.length; i++) {
+    const next = () => {
+      const v = argv[++i]
+      if (v === undefined) throw new Error(`bench: ${argv[i - 1]} needs a value`)
+      return v
+    }
+    switch (argv[i]) {
+      case '--jax':
+        a.jax = 'yes'
+        break
+      case '--no-jax':
+        a.jax = 'no'
+        break
+      case '--workload':
+        a.workload = next()
+        break
+      case '--variant':
+        a.variant = next()
+        break
+      case '--repeats':
+        a.repeats = Number(next())
+        break
+      case '--warmup':
+        a.warmup = Number(next())
+        break
+      case '--json':
+        a.json = next()
+        break
+      default:
+        throw new Error(`bench: unknown flag ${argv[i]}`)
+    }
+  }
+  return a
+}
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((x, y) => x - y)
+  const m = s.length >> 1
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
+}
+const timing = (xs: number[]): Timing => ({ times_s: xs, min: Math.min(...xs), median: median(xs) })
+
+/** The Rust bench executable, built with the addon's target and profile (one candle build). */
+function rustBench(): string {
+  const host = /^host: (\S+)$/m.exec(execFileSync('rustc', ['-vV'], { encoding: 'utf8' }))![1]
+  const args = ['bench', '--no-run', '--message-format=json', '-p', 'psgd', '--bench', 'psgd', '--target', host]
+  const r = spawnSync('cargo', args, { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 28 })
+  if (r.status !== 0) throw new Error('bench: cargo bench --no-run failed')
+  for (const line of r.stdout.split('\n')) {
+    if (!line.startsWith('{')) continue
+    const m = JSON.parse(line)
+    if (m.reason === 'compiler-artifact' && m.target?.kind?.includes('bench') && m.executable) return m.executable
+  }
+  throw new Error('bench: no bench executable in cargo output')
+}
+
+/** The reference interpreter, or null when psgd-jax is not to be run. */
+function referencePython(mode: 'auto' | 'yes' | 'no'): string | null {
+  if (mode === 'no') return null
+  const venv = process.env.PSGD_BENCH_VENV ?? path.join(root, '.venv-bench')
+  const py = path.join(venv, 'bin', 'python')
+  if (mode === 'auto') return existsSync(py) ? py : null
+  const out = execFileSync('bash', [path.join(root, 'benches', 'setup-reference.sh')], {
+    cwd: root,
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  return out.trim().split('\n').pop() || py
+}
+
+function runJson(cmd: string, args: string[]): Record_ {
+  const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 26 })
+  if (r.status !== 0) throw new Error(`bench: ${path.basename(cmd)} ${args.join(' ')} failed (exit ${r.status})`)
+  const lines = r.stdout.trim().split('\n').filter((l) => l.startsWith('{'))
+  return JSON.parse(lines[lines.length - 1])
+}
+
+/** Deterministic normal draws (Box-Muller on a small LCG): the values do not matter, only the shapes. */
+function normals(n: number, std: number, seed: number): Float32Array {
+  const out = new Float32Array(n)
+  let s = seed >>> 0
+  const u = () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0
+    return (s + 0.5) / 4294967296
+  }
+  for (let i = 0; i < n; i += 2) {
+    const r = Math.sqrt(-2 * Math.log(u()))
+    const t = 2 * Math.PI * u()
+    out[i] = r * Math.cos(t) * std
+    if (i + 1 < n) out[i + 1] = r * Math.sin(t) * std
+  }
+  return out
+}
+
+const camel = (s: string) => s.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())
+const constructors: Record<string, (o: object) => GradientTransformation> = { kron, xmat, lra, affine }
+
+/** The same steps as the Rust bench, through the public Node API. */
+function nodeCase(w: Workload, variant: string, options: Record<string, unknown>, warmup: number, repeats: number) {
+  const params: Record<string, Tensor> = {}
+  const grads: Record<string, Tensor> = {}
+  w.leaves.forEach((l, i) => {
+    const n = l.shape.reduce((a, b) => a * b, 1)
+    params[l.path] = Tensor.fromArray(normals(n, 0.02, 2 * i + 1), l.shape)
+    grads[l.path] = Tensor.fromArray(normals(n, 1, 2 * i + 2), l.shape)
+  })
+  let prob = 1
+  const o: Record<string, unknown> = { preconditionerUpdateProbability: () => prob }
+  for (const [k, v] of Object.entries(options)) o[camel(k)] = v
+  if (variant === 'kron' && w.leaves.some((l) => l.scanned)) {
+    o.scannedLayers = Object.fromEntries(w.leaves.map((l) => [l.path, !!l.scanned]))
+  }
+  const opt = constructors[variant](o)
+  const state = opt.init(params)
+  const steps = (n: number): number[] => {
+    const t: number[] = []
+    for (let i = 0; i < n; i++) {
+      const t0 = performance.now()
+      opt.update(grads, state, params)
+      t.push((performance.now() - t0) / 1e3)
+    }
+    return t
+  }
+  // the order of the Rust bench: update steps (past the forced first updates), then apply
+  steps(warmup)
+  const update = steps(repeats)
+  prob = 0
+  steps(warmup)
+  const apply = steps(repeats)
+  return { update: timing(update), apply: timing(apply) }
+}
+
+const fmtMs = (s: number | undefined) => (s === undefined || !Number.isFinite(s) ? '—' : (s * 1e3).toFixed(s < 0.01 ? 3 : 1))
+const ratio = (a: number | undefined, b: number | undefined, digits = 2) =>
+  a === undefined || b === undefined || !(b > 0) ? '—' : (a / b).toFixed(digits)
+const mib = (b: unknown) => (typeof b === 'number' ? (b / 1048576).toFixed(1) : '—')
+
+function main() {
+  const args = parseArgs(process.argv.slice(2))
+  const spec: Spec = JSON.parse(readFileSync(workloadsFile, 'utf8'))
+  const warmup = args.warmup >= 0 ? args.warmup : spec.warmup
+  const repeats = args.repeats > 0 ? args.repeats : spec.repeats
+  const bin = rustBench()
+  const py = referencePython(args.jax)
+  const cpu = os.cpus()
+  console.log(`machine: ${cpu[0]?.model ?? '?'} × ${cpu.length} threads, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${os.platform()} ${os.release()}, node ${process.version}`)
+  console.log(`psgd-jax: ${py ? py : 'not run (pass --jax to set up benches/setup-reference.sh)'}; warmup ${warmup}, repeats ${repeats}`)
+
+  const rows: string[] = []
+  const memRows: string[] = []
+  const records: unknown[] = []
+  const started = Date.now()
+  for (const w of spec.workloads) {
+    if (args.workload && args.workload !== w.name) continue
+    for (const v of w.variants) {
+      if (args.variant && args.variant !== v) continue
+      const common = ['--workload', w.name, '--variant', v, '--warmup', String(warmup), '--repeats', String(repeats)]
+      const rust = runJson(bin, [...common, '--json'])
+      const node = nodeCase(w, v, spec.variants[v] ?? {}, warmup, repeats)
+      const jax = py ? runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common]) : null
+      records.push({ workload: w.name, variant: v, rust, node, jax })
+      const lim = rust.matmul_limit as Record<string, { seconds: number }>
+      const adam = (rust.adamw as Timing).median
+      for (const kind of ['update', 'apply'] as const) {
+        const ours = rust.kinds[kind].median
+        const row = [
+          w.name,
+          v,
+          kind,
+          `${fmtMs(ours)} / ${fmtMs(rust.kinds[kind].min)}`,
+          jax ? `${fmtMs(jax.kinds[kind].median)} / ${fmtMs(jax.kinds[kind].min)}` : '—',
+          jax ? `**${ratio(ours, jax.kinds[kind].median)}**` : '—',
+          ratio(node[kind].median, ours),
+          lim[kind] ? `${(100 * lim[kind].seconds / ours).toFixed(0)}%` : 'n/a',
+          ratio(ours, adam, 1),
+        ]
+        rows.push(`| ${row.join(' | ')} |`)
+        console.log(row.join('  '))
+      }
+      memRows.push(
+        `| ${w.name} | ${v} | ${mib(rust.state_bytes)} | ${jax ? mib(jax.state_bytes) : '—'} | ${mib(rust.peak_rss_bytes)} | ${jax ? mib(jax.peak_rss_bytes) : '—'} | ${((rust.rss_growth_bytes as number) / 1024).toFixed(0)} |`,
+      )
+    }
+  }
+  console.log(`\nsuite: ${((Date.now() - started) / 1000).toFixed(0)} s\n`)
+  console.log('| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust | matmul limit / ours | ours / AdamW |')
+  console.log('|---|---|---|---|---|---|---|---|---|')
+  for (const r of rows) console.log(r)
+  console.log('\n| workload | variant | state MiB (ours) | state MiB (psgd-jax) | peak RSS MiB (ours) | peak RSS MiB (psgd-jax) | RSS growth KiB (ours) |')
+  console.log('|---|---|---|---|---|---|---|')
+  for (const r of memRows) console.log(r)
+  if (args.json) writeFileSync(args.json, JSON.stringify(records, null, 1))
+}
+
+main()
