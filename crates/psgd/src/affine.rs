@@ -11,7 +11,7 @@ use crate::common::{
     StepNormalizer,
 };
 use crate::error::{PsgdError, Result};
-use crate::linalg::{norm_lower_bound, solve_triangular_right};
+use crate::linalg::{factor_gram, norm_lower_bound, solve_triangular_right};
 use crate::precision::Precision;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
@@ -51,6 +51,23 @@ pub struct AffineFactors {
     pub ql: Tensor,
     /// Right factor (columns).
     pub qr: Tensor,
+    /// Derived, never saved: `QlᵀQl` (`Ql²` when diagonal), what applying needs.
+    pub pl: Tensor,
+    /// Derived, never saved: `QrᵀQr` (`Qr²` when diagonal).
+    pub pr: Tensor,
+}
+
+impl AffineFactors {
+    /// The factors with their products for applying (`pl`, `pr`) computed in float32.
+    pub fn new(ql: Tensor, qr: Tensor) -> Result<Self> {
+        let gram = |q: &Tensor| factor_gram(q, is_dense(q), Precision::Float32);
+        Ok(AffineFactors {
+            pl: gram(&ql)?,
+            pr: gram(&qr)?,
+            ql,
+            qr,
+        })
+    }
 }
 
 /// How a leaf becomes a matrix: permute its axes by `perm` (identity: none) and reshape.
@@ -431,12 +448,7 @@ impl Preconditioner for AffinePreconditioner {
         self.shapes
             .iter()
             .zip(&self.dense)
-            .map(|(s, &(dl, dr))| {
-                Ok(AffineFactors {
-                    ql: side(s.rows, dl)?,
-                    qr: side(s.cols, dr)?,
-                })
-            })
+            .map(|(s, &(dl, dr))| AffineFactors::new(side(s.rows, dl)?, side(s.cols, dr)?))
             .collect()
     }
 
@@ -471,7 +483,7 @@ impl Preconditioner for AffinePreconditioner {
                 Some(v) => fit_with_vector(&ql, &qr, v, &h, inputs, rng)?,
                 None => fit_whitening(&ql, &qr, &h, inputs, rng)?,
             };
-            out.push(AffineFactors { ql, qr });
+            out.push(AffineFactors::new(ql, qr)?);
         }
         Ok(out)
     }
@@ -483,15 +495,15 @@ impl Preconditioner for AffinePreconditioner {
             .zip(grads.iter().zip(&self.leaves))
             .map(|((f, shape), (g, leaf))| {
                 let g = shape.leaf_to_matrix(g)?;
-                let left = if is_dense(&f.ql) {
-                    f.ql.t()?.matmul(&f.ql.matmul(&g)?)?
+                let left = if is_dense(&f.pl) {
+                    f.pl.matmul(&g)?
                 } else {
-                    g.broadcast_mul(&col(&f.ql.sqr()?)?)?
+                    g.broadcast_mul(&col(&f.pl)?)?
                 };
-                let out = if is_dense(&f.qr) {
-                    left.matmul(&f.qr.t()?)?.matmul(&f.qr)?
+                let out = if is_dense(&f.pr) {
+                    left.matmul(&f.pr)?
                 } else {
-                    left.broadcast_mul(&row(&f.qr.sqr()?)?)?
+                    left.broadcast_mul(&row(&f.pr)?)?
                 };
                 shape.matrix_to_leaf(&out, &leaf.shape)
             })
@@ -507,12 +519,7 @@ impl Preconditioner for AffinePreconditioner {
 
     fn load(&self, f: &mut LoadedState) -> Result<Vec<AffineFactors>> {
         (0..self.leaves.len())
-            .map(|l| {
-                Ok(AffineFactors {
-                    ql: f.take(&format!("Ql.{l}"))?,
-                    qr: f.take(&format!("Qr.{l}"))?,
-                })
-            })
+            .map(|l| AffineFactors::new(f.take(&format!("Ql.{l}"))?, f.take(&format!("Qr.{l}"))?))
             .collect()
     }
 
@@ -533,6 +540,8 @@ impl Preconditioner for AffinePreconditioner {
             for (name, q, w) in [
                 ("Ql", &f.ql, want(s.rows, dl)),
                 ("Qr", &f.qr, want(s.cols, dr)),
+                ("Pl (derived QlᵀQl)", &f.pl, want(s.rows, dl)),
+                ("Pr (derived QrᵀQr)", &f.pr, want(s.cols, dr)),
             ] {
                 if q.dims() != w.as_slice() {
                     return Err(PsgdError::State(format!(

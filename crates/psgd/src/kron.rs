@@ -2,7 +2,9 @@
 //! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
 
 use crate::error::{PsgdError, Result};
-use crate::linalg::{max_abs_per_batch, norm_lower_bound, solve_triangular_right, TINY_F32};
+use crate::linalg::{
+    factor_gram, max_abs_per_batch, norm_lower_bound, solve_triangular_right, TINY_F32,
+};
 pub use crate::precision::{parse_dtype, Precision};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
@@ -373,14 +375,7 @@ fn precondition(g: &Tensor, ps: &[Tensor], plan: &LeafPlan, p: Precision) -> Res
 fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Vec<Tensor>> {
     qs.iter()
         .enumerate()
-        .map(|(i, q)| {
-            let q = plan.batched_q(i, q)?;
-            if plan.diag[i] {
-                Ok(q.sqr()?)
-            } else {
-                p.matmul(&q.transpose(1, 2)?, &q)
-            }
-        })
+        .map(|(i, q)| factor_gram(&plan.batched_q(i, q)?, !plan.diag[i], p))
         .collect()
 }
 

@@ -2,6 +2,7 @@
 //! cheap spectral-norm lower bound. Both work on a leading batch axis (one matrix per scanned layer).
 
 use crate::error::Result;
+use crate::precision::Precision;
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 
@@ -72,6 +73,17 @@ fn solve_blocks(x: &Tensor, a: &Tensor, cpu: bool) -> Result<Tensor> {
     let rhs = (x2 - y1.matmul(&a12)?)?.contiguous()?;
     let y2 = solve_blocks(&rhs, &a22, cpu)?;
     Ok(Tensor::cat(&[&y1, &y2], 2)?)
+}
+
+/// `QᵀQ` of a triangular factor (batched over leading axes), or `Q²` of a diagonal one:
+/// what applying a Kronecker-factored preconditioner multiplies by. Kept in the states
+/// so that a step which does not fit the factors applies each with one product.
+pub fn factor_gram(q: &Tensor, dense: bool, p: Precision) -> Result<Tensor> {
+    if dense {
+        p.matmul(&q.transpose(D::Minus2, D::Minus1)?, q)
+    } else {
+        Ok(q.sqr()?)
+    }
 }
 
 /// Sum of squares over the last axis, kept as a size-1 axis.
