@@ -49,7 +49,10 @@ fn p(b: usize, m: usize, k: usize, n: usize) -> Product {
 /// - apply: `G ×ᵢ P` with `P = QᵀQ` kept from the last update: one `(r×d)·(d×d)`;
 /// - update, in addition: `A = G ×ᵢ Q` `(r×d)·(d×d)`, `conj(B)` (a triangular solve, counted
 ///   as a product of the same shape), the two Gram matrices `AAᵀ`, `BBᵀ` `(d×r)·(r×d)`,
-///   the step `triu(·)·Q` `(d×d)·(d×d)` and the new `P = QᵀQ` `(d×d)·(d×d)`.
+///   the step `triu(·)·Q` `(d×d)·(d×d)`, and applying the new factors: Kron forms the new
+///   `P = QᵀQ` `(d×d)·(d×d)` when `r ≥ d` and otherwise multiplies by `Qᵀ` and `Q` in turn
+///   (one more `(r×d)·(d×d)`), leaving `P` to the next apply-only step; Affine always
+///   forms `P`.
 ///
 /// Affine is the same on its matrix view, except where psgd-jax integrates the probe out
 /// (one side diagonal): there `B` is replaced by `(QᵀQ)⁻¹`, one triangular inverse `(d×d)·(d×d)`
@@ -57,6 +60,7 @@ fn p(b: usize, m: usize, k: usize, n: usize) -> Product {
 /// elementwise; LRA multiplies by rank-r factors), so they get no limit.
 fn products(t: &AnyTransform, state: &AnyState, update: bool) -> Option<Vec<Product>> {
     let mut out = vec![];
+    let kron = matches!(t, AnyTransform::Kron(_));
     let mut axis = |b: usize, d: usize, numel: usize, full_b: bool| {
         let r = numel / d;
         out.push(p(b, r, d, d));
@@ -70,7 +74,11 @@ fn products(t: &AnyTransform, state: &AnyState, update: bool) -> Option<Vec<Prod
             }
             out.push(p(b, d, r, d));
             out.push(p(b, d, d, d));
-            out.push(p(b, d, d, d));
+            out.push(if kron && r < d {
+                p(b, r, d, d)
+            } else {
+                p(b, d, d, d)
+            });
         }
     };
     match (t, state) {

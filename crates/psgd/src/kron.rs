@@ -356,22 +356,42 @@ fn solve_factors(v: &Tensor, qs: &[Tensor], plan: &LeafPlan) -> Result<Tensor> {
     })
 }
 
-/// The preconditioned gradient: each `Pᵢ = QᵢᵀQᵢ` (from [`grams`]) applied along its
-/// axis. `Pᵢ` is symmetric, so the transposed unfolding multiplies it directly.
-fn precondition(g: &Tensor, ps: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Tensor> {
+/// What a leaf is preconditioned with: the kept `Pᵢ = QᵢᵀQᵢ` (from [`grams`]), or the
+/// batched factors `Qᵢ` themselves right after they changed.
+#[derive(Clone, Copy)]
+enum Factors<'a> {
+    Grams(&'a [Tensor]),
+    Qs(&'a [Tensor]),
+}
+
+/// The preconditioned gradient: `QᵢᵀQᵢ` applied along each axis. With the kept `Pᵢ` that
+/// is one product (`Pᵢ` is symmetric, so the transposed unfolding multiplies it
+/// directly). With fresh factors, an axis longer than the rest of the leaf multiplies by
+/// `Qᵢᵀ` and `Qᵢ` in turn, which is cheaper than forming `Pᵢ`; a shorter one forms it.
+fn precondition(g: &Tensor, f: Factors, plan: &LeafPlan, p: Precision) -> Result<Tensor> {
     for_each_axis(g, plan, |i, x2| {
         let xt = x2.transpose(1, 2)?;
-        if plan.diag[i] {
-            Ok(xt.broadcast_mul(&ps[i].unsqueeze(1)?)?)
-        } else {
-            p.matmul(&xt, &ps[i])
+        match f {
+            Factors::Grams(ps) if plan.diag[i] => Ok(xt.broadcast_mul(&ps[i].unsqueeze(1)?)?),
+            Factors::Grams(ps) => p.matmul(&xt, &ps[i]),
+            Factors::Qs(qs) if plan.diag[i] => Ok(xt.broadcast_mul(&qs[i].sqr()?.unsqueeze(1)?)?),
+            Factors::Qs(qs) => {
+                let (_, d, rest) = x2.dims3()?;
+                if rest >= d {
+                    p.matmul(&xt, &factor_gram(&qs[i], true, p)?)
+                } else {
+                    p.matmul(&p.matmul(&xt, &qs[i].transpose(1, 2)?)?, &qs[i])
+                }
+            }
         }
     })
 }
 
 /// `Pᵢ = QᵢᵀQᵢ` of each factor (`Qᵢ²` for a diagonal one) in the batched float32 layout:
 /// what applying the preconditioner needs. They change only when the factors do, so the
-/// state keeps them and an apply-only step is one product per axis.
+/// state keeps them and an apply-only step is one product per axis. They are formed at
+/// the first step that does not fit the factors, not at the fit itself: while every step
+/// fits (psgd-jax's default schedule does for the first 500), they would go unused.
 fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Vec<Tensor>> {
     qs.iter()
         .enumerate()
@@ -459,9 +479,9 @@ pub struct KronState {
     /// Factors per leaf, in psgd-jax's shapes.
     pub qs: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
-    /// float32, batched `(B, d, d)` / `(B, d)`. Recomputed whenever `qs` changes; build
-    /// it with [`Kron::with_grams`] after editing `qs` by hand.
-    pub ps: Vec<Vec<Tensor>>,
+    /// float32, batched `(B, d, d)` / `(B, d)`. `None` until a step that does not fit the
+    /// factors needs them; set it to `None` after editing `qs` by hand.
+    pub ps: Option<Vec<Vec<Tensor>>>,
 }
 
 /// The Kron optimizer for a fixed list of leaves.
@@ -485,12 +505,6 @@ impl Kron {
             .zip(qs)
             .map(|(plan, q)| grams(q, plan, self.options.precond_grads_precision))
             .collect()
-    }
-
-    /// `state` with its derived `ps` recomputed from its `qs` (after editing `qs`).
-    pub fn with_grams(&self, mut state: KronState) -> Result<KronState> {
-        state.ps = self.grams_of(&state.qs)?;
-        Ok(state)
     }
 
     fn precond_dtype(&self) -> DType {
@@ -554,21 +568,23 @@ impl Kron {
                 )));
             }
         }
-        let ps_ok = s.ps.len() == s.qs.len()
-            && s.ps.iter().zip(&self.plans).all(|(ps, plan)| {
-                ps.len() == plan.dims.len()
-                    && ps.iter().enumerate().all(|(i, p)| {
-                        let d = plan.dims[i];
-                        if plan.diag[i] {
-                            p.dims() == [plan.batch, d]
-                        } else {
-                            p.dims() == [plan.batch, d, d]
-                        }
-                    })
-            });
+        let ps_ok = s.ps.as_ref().is_none_or(|all| {
+            all.len() == s.qs.len()
+                && all.iter().zip(&self.plans).all(|(ps, plan)| {
+                    ps.len() == plan.dims.len()
+                        && ps.iter().enumerate().all(|(i, p)| {
+                            let d = plan.dims[i];
+                            if plan.diag[i] {
+                                p.dims() == [plan.batch, d]
+                            } else {
+                                p.dims() == [plan.batch, d, d]
+                            }
+                        })
+                })
+        });
         if !ps_ok {
             return Err(PsgdError::State(
-                "the derived QᵀQ cache (ps) does not match the factors; rebuild it with Kron::with_grams".into(),
+                "the derived QᵀQ cache (ps) does not match the factors; set it to None".into(),
             ));
         }
         match (&s.mu, self.options.b1 > 0.0) {
@@ -650,16 +666,36 @@ impl Kron {
     }
 
     /// The preconditioned, clipped gradient of one leaf (before weight decay and lr).
-    fn apply_leaf(&self, plan: &LeafPlan, ps: &[Tensor], m: &Tensor) -> Result<Tensor> {
+    /// `fs` are the kept grams, or (`grams == false`) the stored factors.
+    fn apply_leaf(
+        &self,
+        plan: &LeafPlan,
+        fs: &[Tensor],
+        grams: bool,
+        m: &Tensor,
+    ) -> Result<Tensor> {
         let shape = m.dims().to_vec();
         let x = m.reshape(plan.batched_shape().as_slice())?;
-        let n = ps.len();
-        let mut ins: Vec<&Tensor> = ps.iter().collect();
+        let batched = if grams {
+            fs.to_vec()
+        } else {
+            fs.iter()
+                .enumerate()
+                .map(|(i, q)| plan.batched_q(i, q))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let n = batched.len();
+        let mut ins: Vec<&Tensor> = batched.iter().collect();
         ins.push(&x);
         let out = self.map_batches(plan, &ins, |t| {
+            let f = if grams {
+                Factors::Grams(&t[..n])
+            } else {
+                Factors::Qs(&t[..n])
+            };
             Ok(vec![precondition(
                 &t[n],
-                &t[..n],
+                f,
                 plan,
                 self.options.precond_grads_precision,
             )?])
@@ -706,13 +742,12 @@ impl Transform for Kron {
             .zip(params)
             .map(|(plan, p)| plan.init_factors(self.precond_dtype(), p.device()))
             .collect::<Result<Vec<_>>>()?;
-        let ps = self.grams_of(&qs)?;
         Ok(KronState {
             count: 0,
             update_counter: 0,
             mu,
             qs,
-            ps,
+            ps: None,
         })
     }
 
@@ -769,16 +804,19 @@ impl Transform for Kron {
             state.qs.clone()
         };
 
-        let ps = if do_update {
-            self.grams_of(&qs)?
-        } else {
-            state.ps.clone()
+        let ps = match (&state.ps, do_update) {
+            (_, true) => None,
+            (Some(ps), false) => Some(ps.clone()),
+            (None, false) => Some(self.grams_of(&qs)?),
         };
         let pre = self
             .plans
             .iter()
             .enumerate()
-            .map(|(l, plan)| self.apply_leaf(plan, &ps[l], &momentum[l]))
+            .map(|(l, plan)| match &ps {
+                Some(ps) => self.apply_leaf(plan, &ps[l], true, &momentum[l]),
+                None => self.apply_leaf(plan, &qs[l], false, &momentum[l]),
+            })
             .collect::<Result<Vec<_>>>()?;
         let updates = transform::finish_updates(
             &pre,
@@ -838,13 +876,12 @@ impl Transform for Kron {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let ps = self.grams_of(&qs)?;
         let state = KronState {
             count,
             update_counter,
             mu,
             qs,
-            ps,
+            ps: None,
         };
         self.check_state(&state)?;
         Ok(state)
