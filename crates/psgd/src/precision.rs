@@ -1,7 +1,7 @@
 //! Options shared by every variant: matmul precision and dtype names.
 
 use crate::error::{PsgdError, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 /// Matmul precision (`precond_update_precision`, `precond_grads_precision`).
 ///
@@ -40,11 +40,26 @@ impl Precision {
                 let r = |t: &Tensor| -> Result<Tensor> {
                     Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)
                 };
-                r(a)?.matmul(&r(b)?)?
+                batched_matmul(&r(a)?, &r(b)?)?
             }
-            _ => a.matmul(b)?,
+            _ => batched_matmul(a, b)?,
         })
     }
+}
+
+/// `a · b` for equal batch shapes. On the CPU a batch of large matrices goes one matrix at
+/// a time: candle's batched CPU product parallelises each matrix less well (measured up
+/// to 1.5× slower for `4 × (512×2048)·(2048×2048)`), and scanned layers are such batches.
+fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = (a.dim(D::Minus2)?, a.dim(D::Minus1)?);
+    let n = b.dim(D::Minus1)?;
+    if a.rank() != 3 || !a.device().is_cpu() || a.dim(0)? < 2 || m * k * n < 1 << 24 {
+        return Ok(a.matmul(b)?);
+    }
+    let outs = (0..a.dim(0)?)
+        .map(|i| a.get(i)?.matmul(&b.get(i)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&outs, 0)?)
 }
 
 /// Parses a dtype name as psgd-jax accepts it (`'float32'`, `'bfloat16'`, ...).
