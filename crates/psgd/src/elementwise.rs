@@ -85,6 +85,12 @@ impl<'a> Flat<'a> {
     }
 }
 
+impl<'a> From<&'a [f32]> for Flat<'a> {
+    fn from(x: &'a [f32]) -> Self {
+        Flat::new(vec![x])
+    }
+}
+
 /// Runs `f` on host views of `groups`, each group of tensors read as one flat vector
 /// (in order, each tensor flattened). Returns `None`, without calling `f`, unless every
 /// tensor is a contiguous float32 tensor on the CPU.
@@ -168,15 +174,20 @@ pub fn fold_rows<A: Send>(
     map_fold_rows(n, [], init, |r, []| f(r), combine).1
 }
 
-/// Gathers elements `s..e` of each input, using the matching scratch buffer when needed.
-fn gather<'s, const I: usize>(
-    inputs: &'s [&Flat<'_>; I],
-    s: usize,
-    e: usize,
+/// Rows `rows` of each input, `widths[k]` elements per row: borrowed, or gathered into the
+/// matching scratch buffer when they span several tensors.
+pub fn gather_rows<'s, const I: usize>(
+    inputs: &[&'s Flat<'_>; I],
+    widths: [usize; I],
+    rows: Range<usize>,
     scratch: &'s mut [Vec<f32>; I],
 ) -> [&'s [f32]; I] {
     let mut sc = scratch.iter_mut();
-    std::array::from_fn(|k| inputs[k].range(s, e, sc.next().expect("one buffer per input")))
+    std::array::from_fn(|k| {
+        let w = widths[k];
+        let buf = sc.next().expect("one buffer per input");
+        inputs[k].range(rows.start * w, rows.end * w, buf)
+    })
 }
 
 /// The length shared by all inputs.
@@ -241,8 +252,8 @@ pub fn mirror_map_fold<const I: usize, const O: usize, A: Send + Sync + Clone>(
             let mut sl: [Vec<f32>; I] = std::array::from_fn(|_| Vec::new());
             let mut sh: [Vec<f32>; I] = std::array::from_fn(|_| Vec::new());
             // every slice cut to `len` up front, so the loop below needs no bounds checks
-            let xl = gather(&inputs, s, e, &mut sl).map(|x| &x[..len]);
-            let xh = gather(&inputs, n - e, n - s, &mut sh).map(|x| &x[..len]);
+            let xl = gather_rows(&inputs, [1; I], s..e, &mut sl).map(|x| &x[..len]);
+            let xh = gather_rows(&inputs, [1; I], n - e..n - s, &mut sh).map(|x| &x[..len]);
             let lo = lo.map(|x| &mut x[..len]);
             let hi = hi.map(|x| &mut x[..len]);
             let mut acc = init.clone();
