@@ -571,14 +571,16 @@ impl LraPreconditioner {
 }
 
 /// `acc += a·x`.
+#[inline(always)]
 fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in acc.iter_mut().zip(x) {
         *y += a * x;
     }
 }
 
-/// `x·y`, in four interleaved partial sums: a single running sum would make each row's
-/// product a chain of dependent additions, which is what bounds the row passes.
+/// `x·y`, in four interleaved partial sums, so that a row's product is not one chain of
+/// dependent additions. Inlined, like [`axpy`], into the per-row loops.
+#[inline(always)]
 fn dot(x: &[f32], y: &[f32]) -> f32 {
     let (xs, ys) = (x.chunks_exact(4), y.chunks_exact(4));
     let tail: f32 = xs
