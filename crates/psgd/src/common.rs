@@ -9,6 +9,7 @@
 //! may be Nesterov; the fit uses the raw gradient (whitening) or the given Hessian-vector
 //! product, never the momentum; there is no RMS clip but an optional global-norm clip.
 
+use crate::elementwise::{self, Flat};
 use crate::error::{PsgdError, Result};
 use crate::precision::{parse_dtype, Precision};
 use crate::random::RandomSource;
@@ -274,6 +275,21 @@ pub fn options_from_json<P: Preconditioner>(
 /// Flattens every leaf and concatenates them into one vector (the reference's global
 /// parameter vector, leaves in order).
 pub fn concat_flat(ts: &[Tensor]) -> Result<Tensor> {
+    if let [t] = ts {
+        return Ok(t.flatten_all()?);
+    }
+    let device = ts.first().map_or(Device::Cpu, |t| t.device().clone());
+    // one parallel copy instead of candle's single-threaded `cat`
+    let host = elementwise::with_host(&[ts], |x| {
+        let [out] = elementwise::map_rows(x[0].len(), [1], |r, [out]| {
+            let mut scratch = vec![];
+            out.copy_from_slice(x[0].range(r.start, r.end, &mut scratch));
+        });
+        Tensor::from_vec(out, x[0].len(), &device)
+    });
+    if let Some(t) = host {
+        return Ok(t?);
+    }
     let flat = ts
         .iter()
         .map(|t| Ok(t.flatten_all()?))
@@ -305,6 +321,19 @@ pub fn global_init_scale(inputs: &FitInputs, v: Option<&Tensor>, h: &Tensor) -> 
         _ => Tensor::new(h.elem_count() as f32, h.device())?,
     };
     Ok((num / hh)?.sqrt()?.sqrt()?)
+}
+
+/// [`global_init_scale`] on host vectors (sums in float64, the rest in float32).
+pub fn global_init_scale_host(inputs: &FitInputs, v: Option<&Flat>, h: &Flat) -> f32 {
+    if let Some(s) = inputs.init_scale {
+        return s as f32;
+    }
+    let hh = elementwise::sum_sq(h) as f32;
+    let num = match (inputs.hessian, v) {
+        (true, Some(v)) => elementwise::sum_sq(v) as f32,
+        _ => h.len() as f32,
+    };
+    (num / hh).sqrt().sqrt()
 }
 
 /// `max(x, 1e-25)` for a 0-d tensor (psgd-jax's `add_eps`).

@@ -10,6 +10,7 @@ pub mod affine;
 pub mod any;
 pub mod common;
 pub mod conformance;
+pub mod elementwise;
 pub mod error;
 mod json;
 pub mod kron;

@@ -5,9 +5,10 @@
 //! hundred rebalances the norms of `U` and `V`.
 
 use crate::common::{
-    add_eps, concat_flat, global_init_scale, split_flat, FitInputs, Preconditioner, Psgd,
-    PsgdOptions, PsgdState, StepNormalizer,
+    add_eps, concat_flat, global_init_scale, global_init_scale_host, split_flat, FitInputs,
+    Preconditioner, Psgd, PsgdOptions, PsgdState, StepNormalizer,
 };
+use crate::elementwise::{self, map_fold_rows, Flat};
 use crate::error::{PsgdError, Result};
 use crate::linalg::solve_small;
 use crate::precision::Precision;
@@ -134,11 +135,347 @@ impl Preconditioner for LraPreconditioner {
         inputs: &FitInputs,
         rng: &mut dyn RandomSource,
     ) -> Result<LraFactors> {
+        let vectors = inputs.vectors.ok_or_else(|| {
+            PsgdError::State("lra: the preconditioner fit needs probe vectors".into())
+        })?;
+        // the host passes multiply in float32 only
+        if inputs.precision != Precision::Bfloat16 {
+            let factors = [&st.u, &st.v, &st.d].map(std::slice::from_ref);
+            let host = elementwise::with_host(
+                &[factors[0], factors[1], factors[2], vectors, inputs.hvps],
+                |x| self.update_host(st, x, inputs, rng),
+            );
+            if let Some(r) = host {
+                return r;
+            }
+        }
+        self.update_tensors(st, vectors, inputs, rng)
+    }
+
+    fn apply(&self, st: &LraFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+        let factors = [&st.u, &st.v, &st.d].map(std::slice::from_ref);
+        let host = elementwise::with_host(&[factors[0], factors[1], factors[2], grads], |x| {
+            self.apply_host(&x[0], &x[1], &x[2], &x[3], st.d.device())
+        });
+        let out = match host {
+            Some(out) => out?,
+            None => self.apply_tensors(st, grads)?,
+        };
+        split_flat(&out, &self.leaves)
+    }
+
+    fn save(&self, st: &LraFactors, f: &mut StateFile) {
+        f.tensor("U".into(), &st.u);
+        f.tensor("V".into(), &st.v);
+        f.tensor("d".into(), &st.d);
+    }
+
+    fn load(&self, f: &mut LoadedState) -> Result<LraFactors> {
+        Ok(LraFactors {
+            u: f.take("U")?,
+            v: f.take("V")?,
+            d: f.take("d")?,
+        })
+    }
+
+    fn check(&self, st: &LraFactors) -> Result<()> {
+        for (name, t, want) in [
+            ("U", &st.u, [self.n, self.rank]),
+            ("V", &st.v, [self.n, self.rank]),
+            ("d", &st.d, [self.n, 1]),
+        ] {
+            if t.dims() != want {
+                return Err(PsgdError::State(format!(
+                    "lra factor '{name}' has shape {:?}, expected {want:?}",
+                    t.dims()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LraPreconditioner {
+    /// The fit on host data: three passes over the rows of `U` and `V` for the products
+    /// the fit needs (each pass needs the previous one's sums), then one that writes the
+    /// new `d` and the factor this step updates. Per element the arithmetic is the
+    /// candle-op path's; sums over rows are accumulated in float32 within a task and in
+    /// float64 across tasks.
+    fn update_host(
+        &self,
+        st: &LraFactors,
+        x: &[Flat],
+        inputs: &FitInputs,
+        rng: &mut dyn RandomSource,
+    ) -> Result<LraFactors> {
+        let (n, r) = (self.n, self.rank);
+        let (d, v, h) = (&x[2], &x[3], &x[4]);
+        let lr = inputs.precond_lr as f32;
+        let dev = st.d.device();
+        let s = if inputs.first {
+            global_init_scale_host(inputs, Some(v), h)
+        } else {
+            1.0
+        };
+        // keeps the dynamic ranges of U and V alike; psgd-jax draws this first
+        let balanced = if rng.uniform()? < 0.01 {
+            let norm = |x: &Flat| (elementwise::sum_sq(x) as f32).sqrt();
+            let rho = (norm(&x[0]) / norm(&x[1])).sqrt();
+            let [u, vv] = elementwise::map_rows(n, [r, r], |rows, [u, vv]| {
+                let mut sc = Default::default();
+                let [u0, v0] = elementwise::gather_rows(&[&x[0], &x[1]], [r, r], rows, &mut sc);
+                for (o, &i) in u.iter_mut().zip(u0) {
+                    *o = i / rho;
+                }
+                for (o, &i) in vv.iter_mut().zip(v0) {
+                    *o = i * rho;
+                }
+            });
+            Some((u, vv))
+        } else {
+            None
+        };
+        let (u, vv) = match &balanced {
+            Some((u, vv)) => (Flat::from(u.as_slice()), Flat::from(vv.as_slice())),
+            None => (x[0].clone(), x[1].clone()),
+        };
+        let ins = [&u, &vv, d, v, h];
+        let widths = [r, r, 1, 1, 1];
+        let small = |x: Vec<f32>, rows: usize| {
+            let cols = x.len() / rows;
+            Tensor::from_vec(x, (rows, cols), dev)
+        };
+
+        // VᵀU, Vᵀ(d·h) for Q·h, Uᵀ(v/d) for Q⁻ᵀ·v
+        let (_, sums) = map_fold_rows(
+            n,
+            [],
+            vec![0.0; r * r + 2 * r],
+            |rows, []| {
+                let mut sc = Default::default();
+                let [u, vv, d, v, h] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
+                let mut acc = vec![0f32; r * r + 2 * r];
+                let (vtu, rest) = acc.split_at_mut(r * r);
+                let (vt_dh, ut_iq) = rest.split_at_mut(r);
+                for (k, (ui, vi)) in u.chunks_exact(r).zip(vv.chunks_exact(r)).enumerate() {
+                    let dk = d[k] * s;
+                    for (row, &va) in vtu.chunks_exact_mut(r).zip(vi) {
+                        axpy(row, va, ui);
+                    }
+                    axpy(vt_dh, dk * h[k], vi);
+                    axpy(ut_iq, v[k] / dk, ui);
+                }
+                widen(&acc)
+            },
+            add,
+        );
+        let mut sums = narrow(&sums);
+        let (mut ip_vtu, rest) = (sums.drain(..r * r).collect::<Vec<_>>(), sums);
+        for k in 0..r {
+            ip_vtu[k * r + k] += 1.0;
+        }
+        let (vt_dh, ut_iq) = rest.split_at(r);
+        let ip = small(ip_vtu.clone(), r)?;
+        let u_solve = solve_small(&ip.t()?, &small(ut_iq.to_vec(), r)?)?;
+        let u_solve = u_solve.flatten_all()?.to_vec1::<f32>()?;
+
+        // a = Q·h and b = Q⁻ᵀ·v, with their products with U and V and their norms
+        let ([qh, iq], sums) = map_fold_rows(
+            n,
+            [1, 1],
+            vec![0.0; 4 * r + 3],
+            |rows, [qh, iq]| {
+                let mut sc = Default::default();
+                let [u, vv, d, v, h] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
+                let mut acc = vec![0f32; 4 * r + 3];
+                let (proj, norms) = acc.split_at_mut(4 * r);
+                let (ut_a, rest) = proj.split_at_mut(r);
+                let (vt_b, rest) = rest.split_at_mut(r);
+                let (vt_a, ut_b) = rest.split_at_mut(r);
+                for (k, (ui, vi)) in u.chunks_exact(r).zip(vv.chunks_exact(r)).enumerate() {
+                    let dk = d[k] * s;
+                    let a = dk * h[k] + dot(ui, vt_dh);
+                    let b = v[k] / dk - dot(vi, &u_solve);
+                    (qh[k], iq[k]) = (a, b);
+                    axpy(ut_a, a, ui);
+                    axpy(vt_b, b, vi);
+                    axpy(vt_a, a, vi);
+                    axpy(ut_b, b, ui);
+                    norms[0] += a * a;
+                    norms[1] += b * b;
+                    norms[2] += a * b;
+                }
+                widen(&acc)
+            },
+            add,
+        );
+        let sums = narrow(&sums);
+        let [ut_a, vt_b, vt_a, ut_b] = [0, 1, 2, 3].map(|k| &sums[k * r..(k + 1) * r]);
+        let [aa, bb, ab] = [sums[4 * r], sums[4 * r + 1], sums[4 * r + 2]];
+        let v_solve = solve_small(&ip, &small(vt_b.to_vec(), r)?)?;
+        let v_solve = v_solve.flatten_all()?.to_vec1::<f32>()?;
+        let update_u = rng.uniform()? < 0.5;
+        // the branch's factor products: U's step needs aᵀV, bᵀV; V's needs aᵀU, bᵀU
+        let (pa, pb) = if update_u { (vt_a, vt_b) } else { (ut_a, ut_b) };
+
+        // ∇d with its step size, and the norms of the branch's step
+        let (qh, iq) = (Flat::from(qh.as_slice()), Flat::from(iq.as_slice()));
+        let ins = [&u, &vv, d, v, h, &qh, &iq];
+        let widths = [r, r, 1, 1, 1, 1, 1];
+        let second = inputs.normalizer == StepNormalizer::Second;
+        let extreme = if second { f32::INFINITY } else { 0.0 };
+        let ([nabla_d], (sums, extreme)) = map_fold_rows(
+            n,
+            [1],
+            (vec![0.0; 3], extreme),
+            |rows, [nabla_d]| {
+                let mut sc = Default::default();
+                let [u, vv, d, v, h, qh, iq] =
+                    elementwise::gather_rows(&ins, widths, rows, &mut sc);
+                let (mut acc, mut ext) = ([0f32; 3], extreme);
+                for (k, (ui, vi)) in u.chunks_exact(r).zip(vv.chunks_exact(r)).enumerate() {
+                    let dk = d[k] * s;
+                    let ph = dk * (qh[k] + dot(vi, ut_a));
+                    let inv_pv = (iq[k] - dot(ui, &v_solve)) / dk;
+                    let nd = ph * h[k] - v[k] * inv_pv;
+                    nabla_d[k] = nd;
+                    ext = if second {
+                        // two separate rsqrts, as the reference, to avoid underflow
+                        let r1 = 1.0 / (ph * ph + v[k] * v[k]).max(1e-25).sqrt();
+                        let r2 = 1.0 / (h[k] * h[k] + inv_pv * inv_pv).max(1e-25).sqrt();
+                        ext.min(r1 * r2)
+                    } else {
+                        ext.max(nd.abs())
+                    };
+                    let f = if update_u { vi } else { ui };
+                    let (xa, xb) = (dot(f, pa), dot(f, pb));
+                    acc[0] += xa * xa;
+                    acc[1] += xb * xb;
+                    acc[2] += xa * xb;
+                }
+                (widen(&acc), ext)
+            },
+            |(s, e), (s2, e2)| (add(s, s2), if second { e.min(e2) } else { e.max(e2) }),
+        );
+        let step = |x: f32| (1.0 / x.max(1e-25)) * lr;
+        let mu_d = if second { extreme * lr } else { step(extreme) };
+        let [xx, yy, xy] = [sums[0] as f32, sums[1] as f32, sums[2] as f32];
+        let mu = if second {
+            step(aa.sqrt() * xx.sqrt() + bb.sqrt() * yy.sqrt())
+        } else {
+            step(((aa * xx + bb * yy) - (ab * xy) * 2.0).abs().sqrt())
+        };
+
+        // U -= μ·(a·(aᵀV)(I + VᵀU) − b·(bᵀV)(I + VᵀU)), or
+        // V -= μ·((a + V·Uᵀa)·aᵀU − (b + V·Uᵀb)·bᵀU)
+        let times_ip = |p: &[f32]| -> Vec<f32> {
+            (0..r)
+                .map(|c| (0..r).map(|k| p[k] * ip_vtu[k * r + c]).sum())
+                .collect()
+        };
+        let (pa_ip, pb_ip) = (times_ip(pa), times_ip(pb));
+        let nabla_d = Flat::from(nabla_d.as_slice());
+        let ins = [if update_u { &u } else { &vv }, d, &qh, &iq, &nabla_d];
+        let [d_new, f_new] = elementwise::map_rows(n, [1, r], |rows, [d_new, f_new]| {
+            let mut sc = Default::default();
+            let [f, d, qh, iq, nd] = elementwise::gather_rows(&ins, [r, 1, 1, 1, 1], rows, &mut sc);
+            let rows = f.chunks_exact(r).zip(f_new.chunks_exact_mut(r));
+            for (k, (fi, fo)) in rows.enumerate() {
+                let dk = d[k] * s;
+                d_new[k] = dk - (dk * nd[k]) * mu_d;
+                if update_u {
+                    for c in 0..r {
+                        fo[c] = fi[c] - (qh[k] * pa_ip[c] - iq[k] * pb_ip[c]) * mu;
+                    }
+                } else {
+                    let (a, b) = (qh[k] + dot(fi, pa), iq[k] + dot(fi, pb));
+                    for c in 0..r {
+                        fo[c] = fi[c] - (a * pa[c] - b * pb[c]) * mu;
+                    }
+                }
+            }
+        });
+        let f_new = Tensor::from_vec(f_new, (n, r), dev)?;
+        let kept = match balanced {
+            Some((u, vv)) => Tensor::from_vec(if update_u { vv } else { u }, (n, r), dev)?,
+            None if update_u => st.v.clone(),
+            None => st.u.clone(),
+        };
+        let (u, v) = if update_u {
+            (f_new, kept)
+        } else {
+            (kept, f_new)
+        };
+        Ok(LraFactors {
+            u,
+            v,
+            d: Tensor::from_vec(d_new, (n, 1), dev)?,
+        })
+    }
+
+    /// `P·g` on host data, as one flat vector: `Vᵀ(d·g)`, then `q = d·g + U·Vᵀ(d·g)`
+    /// with `Uᵀq`, then `d·(q + V·Uᵀq)`, one pass each.
+    fn apply_host(&self, u: &Flat, vv: &Flat, d: &Flat, g: &Flat, dev: &Device) -> Result<Tensor> {
+        let (n, r) = (self.n, self.rank);
+        let ins = [u, vv, d, g];
+        let widths = [r, r, 1, 1];
+        let (_, vt_dg) = map_fold_rows(
+            n,
+            [],
+            vec![0.0; r],
+            |rows, []| {
+                let mut sc = Default::default();
+                let [_, vv, d, g] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
+                let mut acc = vec![0f32; r];
+                for (k, vi) in vv.chunks_exact(r).enumerate() {
+                    axpy(&mut acc, d[k] * g[k], vi);
+                }
+                widen(&acc)
+            },
+            add,
+        );
+        let vt_dg = narrow(&vt_dg);
+        let ([q], ut_q) = map_fold_rows(
+            n,
+            [1],
+            vec![0.0; r],
+            |rows, [q]| {
+                let mut sc = Default::default();
+                let [u, _, d, g] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
+                let mut acc = vec![0f32; r];
+                for (k, ui) in u.chunks_exact(r).enumerate() {
+                    q[k] = d[k] * g[k] + dot(ui, &vt_dg);
+                    axpy(&mut acc, q[k], ui);
+                }
+                widen(&acc)
+            },
+            add,
+        );
+        let ut_q = narrow(&ut_q);
+        let q = Flat::from(q.as_slice());
+        let ins = [vv, d, &q];
+        let [out] = elementwise::map_rows(n, [1], |rows, [out]| {
+            let mut sc = Default::default();
+            let [vv, d, q] = elementwise::gather_rows(&ins, [r, 1, 1], rows, &mut sc);
+            for (k, vi) in vv.chunks_exact(r).enumerate() {
+                out[k] = d[k] * (q[k] + dot(vi, &ut_q));
+            }
+        });
+        Ok(Tensor::from_vec(out, n, dev)?)
+    }
+
+    /// The fit as candle ops, for tensors [`elementwise`] does not handle and for
+    /// bfloat16 products.
+    fn update_tensors(
+        &self,
+        st: &LraFactors,
+        vectors: &[Tensor],
+        inputs: &FitInputs,
+        rng: &mut dyn RandomSource,
+    ) -> Result<LraFactors> {
         let p = inputs.precision;
         let lr = inputs.precond_lr;
-        let v = self.column(inputs.vectors.ok_or_else(|| {
-            PsgdError::State("lra: the preconditioner fit needs probe vectors".into())
-        })?)?;
+        let v = self.column(vectors)?;
         let h = self.column(inputs.hvps)?;
         let mut d = st.d.clone();
         if inputs.first {
@@ -222,42 +559,139 @@ impl Preconditioner for LraPreconditioner {
         Ok(LraFactors { u, v: vv, d })
     }
 
-    fn apply(&self, st: &LraFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    /// `P·g` as candle ops, as one flat vector.
+    fn apply_tensors(&self, st: &LraFactors, grads: &[Tensor]) -> Result<Tensor> {
         // outside the fit psgd-jax uses the default (float32 on CPU) matmul precision
         let p = Precision::Float32;
         let g = self.column(grads)?;
         let g = ip_uvt(&st.u, &st.v, &(&st.d * &g)?, p)?;
         let out = (&st.d * ip_uvt(&st.v, &st.u, &g, p)?)?;
-        split_flat(&out.flatten_all()?, &self.leaves)
+        Ok(out.flatten_all()?)
     }
+}
 
-    fn save(&self, st: &LraFactors, f: &mut StateFile) {
-        f.tensor("U".into(), &st.u);
-        f.tensor("V".into(), &st.v);
-        f.tensor("d".into(), &st.d);
+/// `acc += a·x`.
+#[inline(always)]
+fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in acc.iter_mut().zip(x) {
+        *y += a * x;
     }
+}
 
-    fn load(&self, f: &mut LoadedState) -> Result<LraFactors> {
-        Ok(LraFactors {
-            u: f.take("U")?,
-            v: f.take("V")?,
-            d: f.take("d")?,
-        })
-    }
-
-    fn check(&self, st: &LraFactors) -> Result<()> {
-        for (name, t, want) in [
-            ("U", &st.u, [self.n, self.rank]),
-            ("V", &st.v, [self.n, self.rank]),
-            ("d", &st.d, [self.n, 1]),
-        ] {
-            if t.dims() != want {
-                return Err(PsgdError::State(format!(
-                    "lra factor '{name}' has shape {:?}, expected {want:?}",
-                    t.dims()
-                )));
-            }
+/// `x·y`, in four interleaved partial sums, so that a row's product is not one chain of
+/// dependent additions. Inlined, like [`axpy`], into the per-row loops.
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let (xs, ys) = (x.chunks_exact(4), y.chunks_exact(4));
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    let mut acc = [0f32; 4];
+    for (a, b) in xs.zip(ys) {
+        for l in 0..4 {
+            acc[l] += a[l] * b[l];
         }
-        Ok(())
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// A task's float32 sums, to be added across tasks in float64.
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Sums added across tasks, back in float32.
+fn narrow(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// Elementwise `x + y`.
+fn add(mut x: Vec<f64>, y: Vec<f64>) -> Vec<f64> {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::{Draw, ReplayRandom, SeededRandom};
+
+    fn max_rel_diff(x: &Tensor, y: &Tensor) -> f32 {
+        let max = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+        max(&(x - y).unwrap()).unwrap() / max(y).unwrap().max(1e-30)
+    }
+
+    fn randn(rng: &mut SeededRandom, shape: &[usize], mean: f64, std: f64) -> Tensor {
+        let t = rng.normal(shape, &Device::Cpu).unwrap();
+        ((t * std).unwrap() + mean).unwrap()
+    }
+
+    /// The host passes against the candle-op path, on leaves that span several parallel
+    /// tasks, for both branches, with and without the rebalancing.
+    #[test]
+    fn host_passes_match_the_candle_ops() {
+        let leaves = [vec![7], vec![129, 257], vec![3, 5], vec![]]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| LeafSpec::new(format!("l{i}"), s))
+            .collect::<Vec<_>>();
+        let mut rng = SeededRandom::for_step(7, 1);
+        let mut leafwise = || -> Vec<Tensor> {
+            leaves
+                .iter()
+                .map(|l| randn(&mut rng, &l.shape, 0.0, 1.0))
+                .collect()
+        };
+        let (v, h) = (leafwise(), leafwise());
+        for rank in [3, 10] {
+            let p = LraPreconditioner::new(&leaves, &LraVariantOptions { rank }).unwrap();
+            let st = LraFactors {
+                u: randn(&mut rng, &[p.n, rank], 0.0, 0.01),
+                v: randn(&mut rng, &[p.n, rank], 0.0, 0.01),
+                d: randn(&mut rng, &[p.n, 1], 1.0, 0.1),
+            };
+            for (k, normalizer) in [StepNormalizer::Second, StepNormalizer::First]
+                .into_iter()
+                .enumerate()
+            {
+                for (balance, branch) in [(0.5, 0.2), (0.005, 0.7), (0.5, 0.7), (0.005, 0.2)] {
+                    let inputs = FitInputs {
+                        vectors: Some(&v),
+                        hvps: &h,
+                        hessian: k == 0,
+                        first: branch < 0.5,
+                        precond_lr: 0.1,
+                        init_scale: None,
+                        normalizer,
+                        precision: Precision::Float32,
+                    };
+                    let draws = || {
+                        let draws = vec![Draw::Uniform(balance), Draw::Uniform(branch)];
+                        ReplayRandom::new("test", draws)
+                    };
+                    let host = p.update(&st, &inputs, &mut draws()).unwrap();
+                    let ops = p.update_tensors(&st, &v, &inputs, &mut draws()).unwrap();
+                    for (x, y) in [(&host.u, &ops.u), (&host.v, &ops.v), (&host.d, &ops.d)] {
+                        assert_eq!(x.dims(), y.dims());
+                        let e = max_rel_diff(x, y);
+                        assert!(
+                            e < 1e-5,
+                            "rank {rank} {normalizer:?} {balance} {branch}: {e}"
+                        );
+                    }
+                }
+            }
+            let host = p.apply(&st, &h).unwrap();
+            let ops = p.apply_tensors(&st, &h).unwrap();
+            let dims = |ts: &[Tensor]| ts.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>();
+            assert_eq!(dims(&host), dims(&split_flat(&ops, &leaves).unwrap()));
+            let e = max_rel_diff(&concat_flat(&host).unwrap(), &ops);
+            assert!(e < 1e-5, "rank {rank}: {e}");
+        }
     }
 }

@@ -3,9 +3,10 @@
 //! psgd-jax 0.2.9's `xmat` / `scale_by_xmat`. Memory: two vectors of the parameter count.
 
 use crate::common::{
-    add_eps, concat_flat, global_init_scale, split_flat, FitInputs, Preconditioner, Psgd,
-    PsgdOptions, PsgdState, StepNormalizer,
+    add_eps, concat_flat, global_init_scale, global_init_scale_host, split_flat, FitInputs,
+    Preconditioner, Psgd, PsgdOptions, PsgdState, StepNormalizer,
 };
+use crate::elementwise::{self, Flat};
 use crate::error::{PsgdError, Result};
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
@@ -73,9 +74,153 @@ impl Preconditioner for XMatPreconditioner {
         inputs: &FitInputs,
         _rng: &mut dyn RandomSource,
     ) -> Result<XMatFactors> {
-        let v = concat_flat(inputs.vectors.ok_or_else(|| {
+        let vectors = inputs.vectors.ok_or_else(|| {
             PsgdError::State("xmat: the preconditioner fit needs probe vectors".into())
-        })?)?;
+        })?;
+        let (a, b) = (std::slice::from_ref(&st.a), std::slice::from_ref(&st.b));
+        elementwise::with_host(&[a, b, vectors, inputs.hvps], |x| {
+            self.update_host(&x[0], &x[1], &x[2], &x[3], inputs, st.a.device())
+        })
+        .unwrap_or_else(|| self.update_tensors(st, vectors, inputs))
+    }
+
+    fn apply(&self, st: &XMatFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+        let (a, b) = (std::slice::from_ref(&st.a), std::slice::from_ref(&st.b));
+        let out = elementwise::with_host(&[a, b, grads], |x| {
+            let [out] = elementwise::mirror_map([&x[0], &x[1], &x[2]], |i, j, _| {
+                let ([ai, bi, gi], [aj, bj, gj]) = (*i, *j);
+                let anti = ai * bi + aj * bj;
+                (
+                    [(ai * ai + bj * bj) * gi + anti * gj],
+                    [(aj * aj + bi * bi) * gj + anti * gi],
+                )
+            });
+            Tensor::from_vec(out, self.n, st.a.device())
+        });
+        let out = match out {
+            Some(out) => out?,
+            None => self.apply_tensors(st, grads)?,
+        };
+        split_flat(&out, &self.leaves)
+    }
+
+    fn save(&self, st: &XMatFactors, f: &mut StateFile) {
+        f.tensor("a".into(), &st.a);
+        f.tensor("b".into(), &st.b);
+    }
+
+    fn load(&self, f: &mut LoadedState) -> Result<XMatFactors> {
+        Ok(XMatFactors {
+            a: f.take("a")?,
+            b: f.take("b")?,
+        })
+    }
+
+    fn check(&self, st: &XMatFactors) -> Result<()> {
+        for (name, t) in [("a", &st.a), ("b", &st.b)] {
+            if t.dims() != [self.n] {
+                return Err(PsgdError::State(format!(
+                    "xmat factor '{name}' has shape {:?}, expected [{}]",
+                    t.dims(),
+                    self.n
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl XMatPreconditioner {
+    /// The fit on host vectors, in two passes over the mirrored pairs: the step size's
+    /// reduction, then the new factors. Each element's arithmetic is the candle-op path's,
+    /// in the same order.
+    fn update_host(
+        &self,
+        a: &Flat,
+        b: &Flat,
+        v: &Flat,
+        h: &Flat,
+        inputs: &FitInputs,
+        device: &Device,
+    ) -> Result<XMatFactors> {
+        let s = if inputs.first {
+            global_init_scale_host(inputs, Some(v), h)
+        } else {
+            1.0
+        };
+        let fit = |i: &[f32; 4], j: &[f32; 4], mid: bool| {
+            let ([ai, bi, vi, hi], [aj, bj, vj, hj]) = (*i, *j);
+            let (ai, aj) = (ai * s, aj * s);
+            let (qi, qj) = (ai * hi + bi * hj, aj * hj + bj * hi);
+            // one denominator for both ends of the pair (products commute exactly)
+            let den = ai * aj - bi * bj;
+            let (wi, wj) = ((aj * vi - bj * vj) / den, (ai * vj - bi * vi) / den);
+            let (u, w) = ([qi * qi, qj * qj], [wi * wi, wj * wj]);
+            let nabla_b = qi * qj - wi * wj;
+            XMatPair {
+                a: [ai, aj],
+                b: [bi, bj],
+                u,
+                w,
+                nabla_a: [u[0] - w[0], u[1] - w[1]],
+                // the middle element is on both diagonals; its b entry stays zero
+                nabla_b: if mid { nabla_b * 0.0 } else { nabla_b },
+            }
+        };
+        let inputs_4 = [a, b, v, h];
+        let denom = match inputs.normalizer {
+            StepNormalizer::Second => elementwise::mirror_fold(
+                inputs_4,
+                0f32,
+                |i, j, mid, m: &mut f32| {
+                    let e = fit(i, j, mid);
+                    *m = m.max(e.u[0] + e.w[0]).max(e.u[1] + e.w[1]);
+                },
+                f32::max,
+            ),
+            StepNormalizer::First => {
+                let (ma, mb) = elementwise::mirror_fold(
+                    inputs_4,
+                    (0f32, 0f32),
+                    |i, j, mid, m: &mut (f32, f32)| {
+                        let e = fit(i, j, mid);
+                        let na = e.nabla_a[0].abs().max(e.nabla_a[1].abs());
+                        *m = (m.0.max(na), m.1.max(e.nabla_b.abs()));
+                    },
+                    |x, y| (x.0.max(y.0), x.1.max(y.1)),
+                );
+                ma.max(mb)
+            }
+        };
+        let mu = (1.0 / denom.max(1e-25)) * inputs.precond_lr as f32;
+        let [a_new, b_new] = elementwise::mirror_map(inputs_4, |i, j, mid| {
+            let e = fit(i, j, mid);
+            let ([ai, aj], [bi, bj], [nai, naj], nb) = (e.a, e.b, e.nabla_a, e.nabla_b);
+            (
+                [
+                    ai - (nai * ai + nb * bj) * mu,
+                    bi - (nai * bi + nb * aj) * mu,
+                ],
+                [
+                    aj - (naj * aj + nb * bi) * mu,
+                    bj - (naj * bj + nb * ai) * mu,
+                ],
+            )
+        });
+        Ok(XMatFactors {
+            a: Tensor::from_vec(a_new, self.n, device)?,
+            b: Tensor::from_vec(b_new, self.n, device)?,
+        })
+    }
+
+    /// The fit as candle ops, for tensors [`elementwise`] does not handle.
+    fn update_tensors(
+        &self,
+        st: &XMatFactors,
+        vectors: &[Tensor],
+        inputs: &FitInputs,
+    ) -> Result<XMatFactors> {
+        let v = concat_flat(vectors)?;
         let h = concat_flat(inputs.hvps)?;
         let a = if inputs.first {
             st.a.broadcast_mul(&global_init_scale(inputs, Some(&v), &h)?)?
@@ -106,38 +251,96 @@ impl Preconditioner for XMatPreconditioner {
         Ok(XMatFactors { a: a_new, b: b_new })
     }
 
-    fn apply(&self, st: &XMatFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    /// `P·g` with `P = QᵀQ` as candle ops, as one flat vector.
+    fn apply_tensors(&self, st: &XMatFactors, grads: &[Tensor]) -> Result<Tensor> {
         let g = concat_flat(grads)?;
         let (a, b) = (&st.a, &st.b);
         let ab = (a * b)?;
         let diag = (a.sqr()? + flip(&b.sqr()?)?)?;
         let anti = (&ab + flip(&ab)?)?;
-        let out = ((diag * &g)? + (anti * flip(&g)?)?)?;
-        split_flat(&out, &self.leaves)
+        Ok(((diag * &g)? + (anti * flip(&g)?)?)?)
+    }
+}
+
+/// A mirrored pair's share of the fit, at its two ends: the factors, `(Qh)²`,
+/// `(Q⁻ᵀv)²` and the gradients (`∇b` is the same at both ends).
+struct XMatPair {
+    a: [f32; 2],
+    b: [f32; 2],
+    u: [f32; 2],
+    w: [f32; 2],
+    nabla_a: [f32; 2],
+    nabla_b: f32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::SeededRandom;
+
+    fn max_rel_diff(x: &Tensor, y: &Tensor) -> f32 {
+        let max = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+        max(&(x - y).unwrap()).unwrap() / max(y).unwrap().max(1e-30)
     }
 
-    fn save(&self, st: &XMatFactors, f: &mut StateFile) {
-        f.tensor("a".into(), &st.a);
-        f.tensor("b".into(), &st.b);
-    }
-
-    fn load(&self, f: &mut LoadedState) -> Result<XMatFactors> {
-        Ok(XMatFactors {
-            a: f.take("a")?,
-            b: f.take("b")?,
-        })
-    }
-
-    fn check(&self, st: &XMatFactors) -> Result<()> {
-        for (name, t) in [("a", &st.a), ("b", &st.b)] {
-            if t.dims() != [self.n] {
-                return Err(PsgdError::State(format!(
-                    "xmat factor '{name}' has shape {:?}, expected [{}]",
-                    t.dims(),
-                    self.n
-                )));
+    /// The host passes against the candle-op path, on leaves that span several parallel
+    /// tasks and whose pieces straddle task boundaries, for an odd and an even length.
+    #[test]
+    fn host_passes_match_the_candle_ops() {
+        let mut rng = SeededRandom::for_step(7, 1);
+        for extra in [vec![3], vec![4]] {
+            let leaves = [vec![7], vec![129, 257], vec![3, 5], vec![], extra]
+                .iter()
+                .enumerate()
+                .map(|(i, s)| LeafSpec::new(format!("l{i}"), s))
+                .collect::<Vec<_>>();
+            let p = XMatPreconditioner::new(&leaves, &()).unwrap();
+            let mut rand = |m: f64, s: f64| -> Vec<Tensor> {
+                leaves
+                    .iter()
+                    .map(|l| {
+                        let t = rng.normal(&l.shape, &Device::Cpu).unwrap();
+                        ((t * s).unwrap() + m).unwrap()
+                    })
+                    .collect()
+            };
+            let st = XMatFactors {
+                a: concat_flat(&rand(1.0, 0.1)).unwrap(),
+                b: concat_flat(&rand(0.0, 0.1)).unwrap(),
+            };
+            let (v, h) = (rand(0.0, 1.0), rand(0.0, 1.0));
+            for (first, hessian, normalizer) in [
+                (true, true, StepNormalizer::Second),
+                (true, false, StepNormalizer::First),
+                (false, false, StepNormalizer::Second),
+                (false, true, StepNormalizer::First),
+            ] {
+                let inputs = FitInputs {
+                    vectors: Some(&v),
+                    hvps: &h,
+                    hessian,
+                    first,
+                    precond_lr: 0.1,
+                    init_scale: None,
+                    normalizer,
+                    precision: Default::default(),
+                };
+                let host = p.update(&st, &inputs, &mut SeededRandom::for_step(0, 1));
+                let host = host.unwrap();
+                let ops = p.update_tensors(&st, &v, &inputs).unwrap();
+                for (x, y) in [(&host.a, &ops.a), (&host.b, &ops.b)] {
+                    assert!(
+                        max_rel_diff(x, y) < 1e-6,
+                        "{first} {hessian} {normalizer:?}"
+                    );
+                }
+            }
+            let host = p.apply(&st, &h).unwrap();
+            let ops = split_flat(&p.apply_tensors(&st, &h).unwrap(), &leaves).unwrap();
+            for (x, y) in host.iter().zip(&ops) {
+                assert_eq!(x.dims(), y.dims());
+                assert_eq!(max_rel_diff(x, y), 0.0);
             }
         }
-        Ok(())
     }
 }
