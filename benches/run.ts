@@ -204,14 +204,23 @@ function main() {
   const memRows: string[] = []
   const records: unknown[] = []
   const started = Date.now()
+  const spent = { rust: 0, node: 0, jax: 0 }
+  const timed = <T>(part: keyof typeof spent, f: () => T): T => {
+    const t0 = Date.now()
+    try {
+      return f()
+    } finally {
+      spent[part] += (Date.now() - t0) / 1000
+    }
+  }
   for (const w of spec.workloads) {
     if (args.workload && args.workload !== w.name) continue
     for (const v of w.variants) {
       if (args.variant && args.variant !== v) continue
       const common = ['--workload', w.name, '--variant', v, '--warmup', String(warmup), '--repeats', String(repeats)]
-      const rust = runJson(bin, [...common, '--json'])
-      const node = nodeCase(w, v, spec.variants[v] ?? {}, warmup, repeats)
-      const jax = py ? runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common]) : null
+      const rust = timed('rust', () => runJson(bin, [...common, '--json']))
+      const node = timed('node', () => nodeCase(w, v, spec.variants[v] ?? {}, warmup, repeats))
+      const jax = py ? timed('jax', () => runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common])) : null
       records.push({ workload: w.name, variant: v, rust, node, jax })
       const lim = rust.matmul_limit as Record<string, { seconds: number }>
       const adam = (rust.adamw as Timing).median
@@ -236,7 +245,8 @@ function main() {
       )
     }
   }
-  console.log(`\nsuite: ${((Date.now() - started) / 1000).toFixed(0)} s\n`)
+  const secs = (Date.now() - started) / 1000
+  console.log(`\nsuite: ${secs.toFixed(0)} s (Rust ${spent.rust.toFixed(0)} s, Node ${spent.node.toFixed(0)} s, psgd-jax ${spent.jax.toFixed(0)} s)\n`)
   console.log('| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust | matmul limit / ours | ours / AdamW |')
   console.log('|---|---|---|---|---|---|---|---|---|')
   for (const r of rows) console.log(r)
