@@ -24,6 +24,9 @@ pub type LraOptions = PsgdOptions<LraVariantOptions>;
 /// State of [`Lra`].
 pub type LraState = PsgdState<LraFactors>;
 
+/// psgd-jax's default rank.
+const DEFAULT_RANK: usize = 10;
+
 /// The option only LRA has.
 #[derive(Debug, Clone)]
 pub struct LraVariantOptions {
@@ -33,7 +36,7 @@ pub struct LraVariantOptions {
 
 impl Default for LraVariantOptions {
     fn default() -> Self {
-        LraVariantOptions { rank: 10 }
+        LraVariantOptions { rank: DEFAULT_RANK }
     }
 }
 
@@ -257,14 +260,14 @@ impl LraPreconditioner {
                 let mut acc = vec![0f32; r * r + 2 * r];
                 let (vtu, rest) = acc.split_at_mut(r * r);
                 let (vt_dh, ut_iq) = rest.split_at_mut(r);
-                for (k, (ui, vi)) in u.chunks_exact(r).zip(vv.chunks_exact(r)).enumerate() {
+                let (mut dh, mut iq) = (vec![0f32; d.len()], vec![0f32; d.len()]);
+                for k in 0..d.len() {
                     let dk = d[k] * s;
-                    for (row, &va) in vtu.chunks_exact_mut(r).zip(vi) {
-                        axpy(row, va, ui);
-                    }
-                    axpy(vt_dh, dk * h[k], vi);
-                    axpy(ut_iq, v[k] / dk, ui);
+                    (dh[k], iq[k]) = (dk * h[k], v[k] / dk);
                 }
+                gram_add(vtu, vv, r, u, r);
+                gram_add(vt_dh, &dh, 1, vv, r);
+                gram_add(ut_iq, &iq, 1, u, r);
                 widen(&acc)
             },
             add,
@@ -289,28 +292,28 @@ impl LraPreconditioner {
                 let [u, vv, d, v, h] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
                 let mut acc = vec![0f32; 4 * r + 3];
                 let (proj, norms) = acc.split_at_mut(4 * r);
-                let (ut_a, rest) = proj.split_at_mut(r);
-                let (vt_b, rest) = rest.split_at_mut(r);
-                let (vt_a, ut_b) = rest.split_at_mut(r);
-                for (k, (ui, vi)) in u.chunks_exact(r).zip(vv.chunks_exact(r)).enumerate() {
+                // a and b side by side, for their products with U and V
+                let mut ab = vec![0f32; 2 * d.len()];
+                let rows = u.chunks_exact(r).zip(vv.chunks_exact(r));
+                for (k, ((ui, vi), abk)) in rows.zip(ab.chunks_exact_mut(2)).enumerate() {
                     let dk = d[k] * s;
                     let a = dk * h[k] + dot(ui, vt_dh);
                     let b = v[k] / dk - dot(vi, &u_solve);
                     (qh[k], iq[k]) = (a, b);
-                    axpy(ut_a, a, ui);
-                    axpy(vt_b, b, vi);
-                    axpy(vt_a, a, vi);
-                    axpy(ut_b, b, ui);
+                    (abk[0], abk[1]) = (a, b);
                     norms[0] += a * a;
                     norms[1] += b * b;
                     norms[2] += a * b;
                 }
+                let (ut_ab, vt_ab) = proj.split_at_mut(2 * r);
+                gram_add(ut_ab, &ab, 2, u, r);
+                gram_add(vt_ab, &ab, 2, vv, r);
                 widen(&acc)
             },
             add,
         );
         let sums = narrow(&sums);
-        let [ut_a, vt_b, vt_a, ut_b] = [0, 1, 2, 3].map(|k| &sums[k * r..(k + 1) * r]);
+        let [ut_a, ut_b, vt_a, vt_b] = [0, 1, 2, 3].map(|k| &sums[k * r..(k + 1) * r]);
         let [aa, bb, ab] = [sums[4 * r], sums[4 * r + 1], sums[4 * r + 2]];
         let v_solve = solve_small(&ip, &small(vt_b.to_vec(), r)?)?;
         let v_solve = v_solve.flatten_all()?.to_vec1::<f32>()?;
@@ -426,10 +429,9 @@ impl LraPreconditioner {
             |rows, []| {
                 let mut sc = Default::default();
                 let [_, vv, d, g] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
+                let dg: Vec<f32> = d.iter().zip(g).map(|(d, g)| d * g).collect();
                 let mut acc = vec![0f32; r];
-                for (k, vi) in vv.chunks_exact(r).enumerate() {
-                    axpy(&mut acc, d[k] * g[k], vi);
-                }
+                gram_add(&mut acc, &dg, 1, vv, r);
                 widen(&acc)
             },
             add,
@@ -442,11 +444,11 @@ impl LraPreconditioner {
             |rows, [q]| {
                 let mut sc = Default::default();
                 let [u, _, d, g] = elementwise::gather_rows(&ins, widths, rows, &mut sc);
-                let mut acc = vec![0f32; r];
                 for (k, ui) in u.chunks_exact(r).enumerate() {
                     q[k] = d[k] * g[k] + dot(ui, &vt_dg);
-                    axpy(&mut acc, q[k], ui);
                 }
+                let mut acc = vec![0f32; r];
+                gram_add(&mut acc, q, 1, u, r);
                 widen(&acc)
             },
             add,
@@ -567,6 +569,71 @@ impl LraPreconditioner {
         let g = ip_uvt(&st.u, &st.v, &(&st.d * &g)?, p)?;
         let out = (&st.d * ip_uvt(&st.v, &st.u, &g, p)?)?;
         Ok(out.flatten_all()?)
+    }
+}
+
+/// `g += xᵀy` for blocks of rows `x` of `m` elements and `y` of `r` (`g` is `m × r`,
+/// row-major): every sum over rows the passes need (`VᵀU`, and the products of U and V
+/// with one or two vectors).
+fn gram_add(g: &mut [f32], x: &[f32], m: usize, y: &[f32], r: usize) {
+    if r == DEFAULT_RANK {
+        gram_add_tiled::<DEFAULT_RANK>(g, x, m, y);
+        return;
+    }
+    for (xi, yi) in x.chunks_exact(m).zip(y.chunks_exact(r)) {
+        for (row, &xa) in g.chunks_exact_mut(r).zip(xi) {
+            axpy(row, xa, yi);
+        }
+    }
+}
+
+/// Columns of a row in [`gram_add_tiled`]: `R` padded to whole 4-lane vectors.
+const TILE_COLS: usize = 12;
+
+/// [`gram_add`] for `R ≤ 12`, in tiles of up to four rows of `g`, each swept over a run
+/// of rows with its sums in registers. Accumulating all of a `g` of ten rows at once goes
+/// through memory at every row, which made `VᵀU` most of the fit's arithmetic.
+fn gram_add_tiled<const R: usize>(g: &mut [f32], x: &[f32], m: usize, y: &[f32]) {
+    const RUN: usize = 256;
+    const { assert!(R <= TILE_COLS) };
+    for (xs, ys) in x.chunks(RUN * m).zip(y.chunks(RUN * R)) {
+        let mut a0 = 0;
+        while a0 + 4 <= m {
+            gram_tile::<R, 4>(g, a0, xs, m, ys);
+            a0 += 4;
+        }
+        match m - a0 {
+            1 => gram_tile::<R, 1>(g, a0, xs, m, ys),
+            2 => gram_tile::<R, 2>(g, a0, xs, m, ys),
+            3 => gram_tile::<R, 3>(g, a0, xs, m, ys),
+            _ => {}
+        }
+    }
+}
+
+/// Rows `a0..a0 + A` of [`gram_add_tiled`].
+#[inline(always)]
+fn gram_tile<const R: usize, const A: usize>(
+    g: &mut [f32],
+    a0: usize,
+    x: &[f32],
+    m: usize,
+    y: &[f32],
+) {
+    let mut tile = [[0f32; TILE_COLS]; A];
+    for (xi, yi) in x.chunks_exact(m).zip(y.chunks_exact(R)) {
+        let mut yp = [0f32; TILE_COLS];
+        yp[..R].copy_from_slice(yi);
+        for (t, &xa) in tile.iter_mut().zip(&xi[a0..a0 + A]) {
+            for (t, &yb) in t.iter_mut().zip(&yp) {
+                *t += xa * yb;
+            }
+        }
+    }
+    for (a, t) in tile.iter().enumerate() {
+        for (o, &v) in g[(a0 + a) * R..][..R].iter_mut().zip(t) {
+            *o += v;
+        }
     }
 }
 
