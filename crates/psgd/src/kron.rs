@@ -364,6 +364,16 @@ enum Factors<'a> {
     Qs(&'a [Tensor]),
 }
 
+impl Factors<'_> {
+    /// The same kind of factors, for other tensors (a leaf's slice of a batch).
+    fn like<'b>(&self, t: &'b [Tensor]) -> Factors<'b> {
+        match self {
+            Factors::Grams(_) => Factors::Grams(t),
+            Factors::Qs(_) => Factors::Qs(t),
+        }
+    }
+}
+
 /// The preconditioned gradient: `QᵢᵀQᵢ` applied along each axis. With the kept `Pᵢ` that
 /// is one product (`Pᵢ` is symmetric, so the transposed unfolding multiplies it
 /// directly). With fresh factors, an axis longer than the rest of the leaf multiplies by
@@ -666,36 +676,25 @@ impl Kron {
     }
 
     /// The preconditioned, clipped gradient of one leaf (before weight decay and lr).
-    /// `fs` are the kept grams, or (`grams == false`) the stored factors.
-    fn apply_leaf(
-        &self,
-        plan: &LeafPlan,
-        fs: &[Tensor],
-        grams: bool,
-        m: &Tensor,
-    ) -> Result<Tensor> {
+    /// `f` holds the kept grams (already batched) or the factors in their stored shapes.
+    fn apply_leaf(&self, plan: &LeafPlan, f: Factors, m: &Tensor) -> Result<Tensor> {
         let shape = m.dims().to_vec();
         let x = m.reshape(plan.batched_shape().as_slice())?;
-        let batched = if grams {
-            fs.to_vec()
-        } else {
-            fs.iter()
+        let batched = match f {
+            Factors::Grams(ps) => ps.to_vec(),
+            Factors::Qs(qs) => qs
+                .iter()
                 .enumerate()
                 .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?,
         };
         let n = batched.len();
         let mut ins: Vec<&Tensor> = batched.iter().collect();
         ins.push(&x);
         let out = self.map_batches(plan, &ins, |t| {
-            let f = if grams {
-                Factors::Grams(&t[..n])
-            } else {
-                Factors::Qs(&t[..n])
-            };
             Ok(vec![precondition(
                 &t[n],
-                f,
+                f.like(&t[..n]),
                 plan,
                 self.options.precond_grads_precision,
             )?])
@@ -814,8 +813,8 @@ impl Transform for Kron {
             .iter()
             .enumerate()
             .map(|(l, plan)| match &ps {
-                Some(ps) => self.apply_leaf(plan, &ps[l], true, &momentum[l]),
-                None => self.apply_leaf(plan, &qs[l], false, &momentum[l]),
+                Some(ps) => self.apply_leaf(plan, Factors::Grams(&ps[l]), &momentum[l]),
+                None => self.apply_leaf(plan, Factors::Qs(&qs[l]), &momentum[l]),
             })
             .collect::<Result<Vec<_>>>()?;
         let updates = transform::finish_updates(
