@@ -11,11 +11,15 @@ use crate::common::{
     StepNormalizer,
 };
 use crate::error::{PsgdError, Result};
-use crate::linalg::{factor_gram, norm_lower_bound, solve_triangular_right};
+use crate::linalg::{
+    factor_gram, norm_lower_bound, norm_lower_bound_sym_sum, solve_triangular_right,
+    triu_difference,
+};
 use crate::precision::Precision;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::transform::LeafSpec;
+use crate::triangular::{matmul_tri, Tri};
 use candle_core::{DType, Device, Tensor};
 
 /// PSGD Affine (see the module docs).
@@ -204,21 +208,32 @@ fn nlb(a: &Tensor) -> Result<Tensor> {
 
 /// `X · A⁻¹` for one upper-triangular `A`.
 fn solve_right(x: &Tensor, a: &Tensor) -> Result<Tensor> {
-    Ok(solve_triangular_right(
-        &x.unsqueeze(0)?.contiguous()?,
-        &a.unsqueeze(0)?.contiguous()?,
-    )?
-    .squeeze(0)?)
+    Ok(solve_triangular_right(&x.unsqueeze(0)?, &a.unsqueeze(0)?)?.squeeze(0)?)
 }
 
 /// `A⁻ᵀ · X` for one upper-triangular `A` (a lower-triangular left solve), as `(Xᵀ A⁻¹)ᵀ`.
 fn solve_left_transposed(a: &Tensor, x: &Tensor) -> Result<Tensor> {
-    Ok(solve_right(&x.t()?.contiguous()?, a)?.t()?.contiguous()?)
+    Ok(solve_right(&x.t()?, a)?.t()?)
 }
 
-fn triu(t: &Tensor) -> Result<Tensor> {
-    let n = t.dim(0)?;
-    Ok((t * Tensor::triu2(n, DType::F32, t.device())?)?)
+/// `Q · X` for an upper-triangular `Q`.
+fn left_q(q: &Tensor, x: &Tensor, p: Precision) -> Result<Tensor> {
+    matmul_tri(q, Tri::Upper, x, Tri::Full, Tri::Full, p)
+}
+
+/// `X · Qᵀ` for an upper-triangular `Q`.
+fn right_qt(x: &Tensor, q: &Tensor, p: Precision) -> Result<Tensor> {
+    matmul_tri(x, Tri::Full, &q.t()?, Tri::Lower, Tri::Full, p)
+}
+
+/// `x · xᵀ` (or `xᵀ · x` with `transposed`), of which only the upper triangle is used.
+fn gram_upper(x: &Tensor, transposed: bool, p: Precision) -> Result<Tensor> {
+    let (l, r) = if transposed {
+        (x.t()?, x.clone())
+    } else {
+        (x.clone(), x.t()?)
+    };
+    matmul_tri(&l, Tri::Full, &r, Tri::Full, Tri::Upper, p)
 }
 
 fn col(q: &Tensor) -> Result<Tensor> {
@@ -242,7 +257,14 @@ fn balance(ql: Tensor, qr: Tensor, rng: &mut dyn RandomSource) -> Result<(Tensor
 /// (diagonal).
 fn descend(q: &Tensor, (grad, denom): (Tensor, Tensor), inputs: &FitInputs) -> Result<Tensor> {
     let delta = if is_dense(q) {
-        inputs.precision.matmul(&grad, q)?
+        matmul_tri(
+            &grad,
+            Tri::Upper,
+            q,
+            Tri::Upper,
+            Tri::Upper,
+            inputs.precision,
+        )?
     } else {
         (grad * q)?
     };
@@ -253,14 +275,19 @@ fn descend(q: &Tensor, (grad, denom): (Tensor, Tensor), inputs: &FitInputs) -> R
 /// One side's gradient and step denominator from its two quadratic terms `aa` (from
 /// `A`) and `bb` (from `B`): a triangular side keeps the upper triangle and is normalised
 /// by the norm lower bound, a diagonal side by the largest entry ('2nd' uses `aa + bb`,
-/// '1st' the gradient itself).
+/// '1st' the gradient itself). A triangular side's terms are symmetric and only their
+/// upper triangles are read.
 fn side(aa: Tensor, bb: Tensor, dense: bool, second: bool) -> Result<(Tensor, Tensor)> {
-    let diff = (&aa - &bb)?;
     Ok(if dense {
-        let g = triu(&diff)?;
-        let s = if second { nlb(&(aa + bb)?)? } else { nlb(&g)? };
+        let g = triu_difference(&aa, &bb)?;
+        let s = if second {
+            norm_lower_bound_sym_sum(&aa.unsqueeze(0)?, &bb.unsqueeze(0)?)?.squeeze(0)?
+        } else {
+            nlb(&g)?
+        };
         (g, s)
     } else {
+        let diff = (&aa - &bb)?;
         let s = if second {
             max_all(&(aa + bb)?)?
         } else {
@@ -296,33 +323,33 @@ fn fit_with_vector(
     let p = inputs.precision;
     let terms = match (is_dense(ql), is_dense(qr)) {
         (true, true) => {
-            let a = p.matmul(&p.matmul(ql, dg)?, &qr.t()?)?;
+            let a = right_qt(&left_q(ql, dg, p)?, qr, p)?;
             let bh = solve_left_transposed(ql, &solve_right(dx, qr)?)?;
             [
-                p.matmul(&a, &a.t()?)?,
-                p.matmul(&bh, &bh.t()?)?,
-                p.matmul(&a.t()?, &a)?,
-                p.matmul(&bh.t()?, &bh)?,
+                gram_upper(&a, false, p)?,
+                gram_upper(&bh, false, p)?,
+                gram_upper(&a, true, p)?,
+                gram_upper(&bh, true, p)?,
             ]
         }
         (true, false) => {
-            let a = p.matmul(ql, &dg.broadcast_mul(&row(qr)?)?)?;
+            let a = left_q(ql, &dg.broadcast_mul(&row(qr)?)?, p)?;
             let bh = solve_left_transposed(ql, &dx.broadcast_div(&row(qr)?)?)?;
             [
-                p.matmul(&a, &a.t()?)?,
-                p.matmul(&bh, &bh.t()?)?,
+                gram_upper(&a, false, p)?,
+                gram_upper(&bh, false, p)?,
                 sq_sum(&a, 0)?,
                 sq_sum(&bh, 0)?,
             ]
         }
         (false, true) => {
-            let a = p.matmul(&dg.broadcast_mul(&col(ql)?)?, &qr.t()?)?;
+            let a = right_qt(&dg.broadcast_mul(&col(ql)?)?, qr, p)?;
             let bh = solve_right(dx, qr)?.broadcast_div(&col(ql)?)?;
             [
                 sq_sum(&a, 1)?,
                 sq_sum(&bh, 1)?,
-                p.matmul(&a.t()?, &a)?,
-                p.matmul(&bh.t()?, &bh)?,
+                gram_upper(&a, true, p)?,
+                gram_upper(&bh, true, p)?,
             ]
         }
         (false, false) => {
@@ -343,7 +370,7 @@ fn fit_with_vector(
 fn inv_qq(q: &Tensor, p: Precision) -> Result<Tensor> {
     let n = q.dim(0)?;
     let inv = solve_right(&Tensor::eye(n, DType::F32, q.device())?, q)?;
-    p.matmul(&inv.t()?, &inv)
+    matmul_tri(&inv.t()?, Tri::Lower, &inv, Tri::Upper, Tri::Full, p)
 }
 
 fn trace(t: &Tensor) -> Result<Tensor> {
@@ -374,22 +401,22 @@ fn fit_whitening(
             ]
         }
         (false, true) if m >= n => {
-            let a = p.matmul(&dg.broadcast_mul(&col(ql)?)?, &qr.t()?)?;
+            let a = right_qt(&dg.broadcast_mul(&col(ql)?)?, qr, p)?;
             let iql = ql.sqr()?.recip()?;
             let iqqr = inv_qq(qr, p)?;
             [
                 sq_sum(&a, 1)?,
                 iql.broadcast_mul(&trace(&iqqr)?)?,
-                p.matmul(&a.t()?, &a)?,
+                gram_upper(&a, true, p)?,
                 iqqr.broadcast_mul(&iql.sum_all()?)?,
             ]
         }
         (true, false) if n >= m => {
-            let a = p.matmul(ql, &dg.broadcast_mul(&row(qr)?)?)?;
+            let a = left_q(ql, &dg.broadcast_mul(&row(qr)?)?, p)?;
             let iqql = inv_qq(ql, p)?;
             let iqr = qr.sqr()?.recip()?;
             [
-                p.matmul(&a, &a.t()?)?,
+                gram_upper(&a, false, p)?,
                 iqql.broadcast_mul(&iqr.sum_all()?)?,
                 sq_sum(&a, 0)?,
                 iqr.broadcast_mul(&trace(&iqql)?)?,

@@ -3,13 +3,15 @@
 
 use crate::error::{PsgdError, Result};
 use crate::linalg::{
-    factor_gram, max_abs_per_batch, norm_lower_bound, solve_triangular_right, TINY_F32,
+    factor_gram, max_abs_per_batch, norm_lower_bound_sym_sum, solve_triangular_right,
+    triu_difference, TINY_F32,
 };
 pub use crate::precision::{parse_dtype, Precision};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
 use crate::state_io::{self, StateFile};
 use crate::transform::{self, Curvature, LeafSpec, StepHyper};
+use crate::triangular::{matmul_tri, saves_work, Tri};
 use crate::Transform;
 use candle_core::{DType, Device, Tensor};
 
@@ -316,7 +318,8 @@ fn for_each_axis(
     Ok(cur.reshape(shape)?)
 }
 
-/// `x` unfolded along axis `i`: `(B, dᵢ, everything else)`.
+/// `x` unfolded along axis `i`: `(B, dᵢ, everything else)`. The last axis is a
+/// transposed view (the products read it in place); a middle one is copied.
 fn unfold(x: &Tensor, plan: &LeafPlan, i: usize) -> Result<Tensor> {
     let b = x.dim(0)?;
     let n = plan.numel();
@@ -324,6 +327,8 @@ fn unfold(x: &Tensor, plan: &LeafPlan, i: usize) -> Result<Tensor> {
     let lead: usize = plan.dims[..i].iter().product();
     Ok(if lead == 1 {
         x.reshape((b, d, n / d))?
+    } else if lead * d == n {
+        x.reshape((b, lead, d))?.transpose(1, 2)?
     } else {
         x.reshape((b, lead, n / lead))?
             .transpose(1, 2)?
@@ -339,7 +344,14 @@ fn apply_factors(x: &Tensor, qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Re
         if plan.diag[i] {
             Ok(xt.broadcast_mul(&qs[i].unsqueeze(1)?)?)
         } else {
-            p.matmul(&xt, &qs[i].transpose(1, 2)?)
+            matmul_tri(
+                &xt,
+                Tri::Full,
+                &qs[i].transpose(1, 2)?,
+                Tri::Lower,
+                Tri::Full,
+                p,
+            )
         }
     })
 }
@@ -351,7 +363,7 @@ fn solve_factors(v: &Tensor, qs: &[Tensor], plan: &LeafPlan) -> Result<Tensor> {
         if plan.diag[i] {
             Ok(xt.broadcast_div(&qs[i].unsqueeze(1)?)?)
         } else {
-            solve_triangular_right(&xt.contiguous()?, &qs[i])
+            solve_triangular_right(&xt, &qs[i])
         }
     })
 }
@@ -376,8 +388,9 @@ impl Factors<'_> {
 
 /// The preconditioned gradient: `QᵢᵀQᵢ` applied along each axis. With the kept `Pᵢ` that
 /// is one product (`Pᵢ` is symmetric, so the transposed unfolding multiplies it
-/// directly). With fresh factors, an axis longer than the rest of the leaf multiplies by
-/// `Qᵢᵀ` and `Qᵢ` in turn, which is cheaper than forming `Pᵢ`; a shorter one forms it.
+/// directly). With fresh factors the axis is multiplied by `Qᵢᵀ` and `Qᵢ` in turn where
+/// that is cheaper than forming `Pᵢ`: always where the triangular products skip the
+/// zeros, else when the axis is longer than the rest of the leaf.
 fn precondition(g: &Tensor, f: Factors, plan: &LeafPlan, p: Precision) -> Result<Tensor> {
     for_each_axis(g, plan, |i, x2| {
         let xt = x2.transpose(1, 2)?;
@@ -387,10 +400,19 @@ fn precondition(g: &Tensor, f: Factors, plan: &LeafPlan, p: Precision) -> Result
             Factors::Qs(qs) if plan.diag[i] => Ok(xt.broadcast_mul(&qs[i].sqr()?.unsqueeze(1)?)?),
             Factors::Qs(qs) => {
                 let (_, d, rest) = x2.dims3()?;
-                if rest >= d {
+                if rest >= d && !saves_work(&qs[i]) {
                     p.matmul(&xt, &factor_gram(&qs[i], true, p)?)
                 } else {
-                    p.matmul(&p.matmul(&xt, &qs[i].transpose(1, 2)?)?, &qs[i])
+                    let q = &qs[i];
+                    let y = matmul_tri(
+                        &xt,
+                        Tri::Full,
+                        &q.transpose(1, 2)?,
+                        Tri::Lower,
+                        Tri::Full,
+                        p,
+                    )?;
+                    matmul_tri(&y, Tri::Full, q, Tri::Upper, Tri::Full, p)
                 }
             }
         }
@@ -434,14 +456,16 @@ fn update_factors(
                 let step = (((t1 - t2)? * lr)? * q)?.broadcast_div(&denom)?;
                 Ok((q - step)?)
             } else {
-                let t1 = p.matmul(&ua, &ua.transpose(1, 2)?)?;
-                let t2 = p.matmul(&ub, &ub.transpose(1, 2)?)?;
-                let d = plan.dims[i];
-                let triu = Tensor::triu2(d, DType::F32, q.device())?;
-                let step = ((&t1 - &t2)? * lr)?.broadcast_mul(&triu)?;
-                let denom = (norm_lower_bound(&(t1 + t2)?)? + TINY_F32)?.reshape((b, 1, 1))?;
-                let step = step.broadcast_div(&denom)?;
-                Ok((q - p.matmul(&step, q)?)?)
+                // both terms are symmetric and only their upper triangles are used
+                let gram = |u: &Tensor| {
+                    matmul_tri(u, Tri::Full, &u.transpose(1, 2)?, Tri::Full, Tri::Upper, p)
+                };
+                let (t1, t2) = (gram(&ua)?, gram(&ub)?);
+                let denom = (norm_lower_bound_sym_sum(&t1, &t2)? + TINY_F32)?;
+                let scale = (denom.recip()? * lr)?.reshape((b, 1, 1))?;
+                let step = triu_difference(&t1, &t2)?;
+                let delta = matmul_tri(&step, Tri::Upper, q, Tri::Upper, Tri::Upper, p)?;
+                Ok((q - delta.broadcast_mul(&scale)?)?)
             }
         })
         .collect()

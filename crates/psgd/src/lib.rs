@@ -22,6 +22,7 @@ pub mod random;
 pub mod schedule;
 pub mod state_io;
 pub mod transform;
+pub mod triangular;
 pub mod xmat;
 
 pub use affine::{Affine, AffineOptions, AffineState};

@@ -1,65 +1,32 @@
 //! Linear algebra candle lacks: the right triangular solve, a small dense solve and the
 //! cheap spectral-norm lower bound. Both work on a leading batch axis (one matrix per scanned layer).
 
+use crate::elementwise::with_host;
 use crate::error::Result;
 use crate::precision::Precision;
-use candle_core::{DType, Device, Tensor, D};
+use crate::triangular::{matmul_tri, solve_right_cpu, Tri};
+use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
 /// The smallest positive normal float32; keeps denominators positive.
 pub const TINY_F32: f64 = f32::MIN_POSITIVE as f64;
 
-/// Below this size the CPU solve substitutes directly; above it, it splits into blocks so
-/// most of the work is matrix products, which candle runs multithreaded at GEMM speed,
-/// while the substitution is a chain of dot products (measured: 2048 × 2048 against 512
-/// rows went from about 0.5 s to 30 ms).
-const CPU_SUBSTITUTION_MAX: usize = 96;
-
 /// `X @ inv(A)` for a batch of upper-triangular `A`.
 ///
-/// `x` is `(B, R, n)` and `a` is `(B, n, n)`; only the upper triangle of `a` is read. A
-/// recursive block solve made of candle ops, so the data never leaves the device; on the
-/// CPU the small diagonal blocks are solved by direct substitution.
+/// `x` is `(B, R, n)` and `a` is `(B, n, n)`; only the upper triangle of `a` is read. On
+/// the CPU it is [`solve_right_cpu`]'s blocked GEMMs; elsewhere a recursive block solve
+/// made of candle ops, so the data never leaves the device.
 pub fn solve_triangular_right(x: &Tensor, a: &Tensor) -> Result<Tensor> {
-    solve_blocks(x, a, matches!(x.device(), Device::Cpu))
-}
-
-/// The CPU substitution: row by row, `y[j] = (x[j] - y[..j]·A[..j, j]) / A[j, j]`.
-pub fn solve_triangular_right_cpu(x: &Tensor, a: &Tensor) -> Result<Tensor> {
-    let (b, r, n) = x.dims3()?;
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    // A transposed, so that each column of A is one contiguous run
-    let at = a
-        .to_dtype(DType::F32)?
-        .transpose(1, 2)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut y = vec![0f32; b * r * n];
-    if n > 0 {
-        y.par_chunks_mut(n).enumerate().for_each(|(row, yrow)| {
-            let at = &at[(row / r.max(1)) * n * n..];
-            let xrow = &xv[row * n..(row + 1) * n];
-            for j in 0..n {
-                let col = &at[j * n..j * n + j];
-                let s: f32 = yrow[..j].iter().zip(col).map(|(p, q)| p * q).sum();
-                yrow[j] = (xrow[j] - s) / at[j * n + j];
-            }
-        });
+    match solve_right_cpu(x, a) {
+        Some(y) => y,
+        None => solve_triangular_right_blocked(x, a),
     }
-    Ok(Tensor::from_vec(y, (b, r, n), &Device::Cpu)?)
 }
 
 /// The device-agnostic solve: split `A` into 2×2 blocks and recurse,
 /// `Y₁ = X₁ A₁₁⁻¹`, `Y₂ = (X₂ − Y₁ A₁₂) A₂₂⁻¹`.
 pub fn solve_triangular_right_blocked(x: &Tensor, a: &Tensor) -> Result<Tensor> {
-    solve_blocks(x, a, false)
-}
-
-fn solve_blocks(x: &Tensor, a: &Tensor, cpu: bool) -> Result<Tensor> {
     let n = a.dim(2)?;
-    if cpu && n <= CPU_SUBSTITUTION_MAX {
-        return solve_triangular_right_cpu(x, a);
-    }
     if n == 1 {
         return Ok(x.broadcast_div(a)?);
     }
@@ -69,9 +36,9 @@ fn solve_blocks(x: &Tensor, a: &Tensor, cpu: bool) -> Result<Tensor> {
     let a11 = a.narrow(1, 0, h)?.narrow(2, 0, h)?.contiguous()?;
     let a12 = a.narrow(1, 0, h)?.narrow(2, h, n - h)?.contiguous()?;
     let a22 = a.narrow(1, h, n - h)?.narrow(2, h, n - h)?.contiguous()?;
-    let y1 = solve_blocks(&x1, &a11, cpu)?;
+    let y1 = solve_triangular_right_blocked(&x1, &a11)?;
     let rhs = (x2 - y1.matmul(&a12)?)?.contiguous()?;
-    let y2 = solve_blocks(&rhs, &a22, cpu)?;
+    let y2 = solve_triangular_right_blocked(&rhs, &a22)?;
     Ok(Tensor::cat(&[&y1, &y2], 2)?)
 }
 
@@ -79,11 +46,184 @@ fn solve_blocks(x: &Tensor, a: &Tensor, cpu: bool) -> Result<Tensor> {
 /// what applying a Kronecker-factored preconditioner multiplies by. Kept in the states
 /// so that a step which does not fit the factors applies each with one product.
 pub fn factor_gram(q: &Tensor, dense: bool, p: Precision) -> Result<Tensor> {
-    if dense {
-        p.matmul(&q.transpose(D::Minus2, D::Minus1)?, q)
-    } else {
-        Ok(q.sqr()?)
+    if !dense {
+        return Ok(q.sqr()?);
     }
+    let qt = q.transpose(D::Minus2, D::Minus1)?;
+    matmul_tri(&qt, Tri::Lower, q, Tri::Upper, Tri::Full, p)
+}
+
+/// Square matrices `(B, n, n)` (or one `(n, n)`) as host slices, when they are
+/// contiguous float32 on the CPU.
+fn with_square<R>(ts: &[&Tensor], f: impl FnOnce(usize, usize, &[&[f32]]) -> R) -> Option<R> {
+    let t0 = ts[0];
+    let (b, n) = match t0.dims() {
+        [n, m] if n == m => (1, *n),
+        [b, n, m] if n == m => (*b, *n),
+        _ => return None,
+    };
+    if ts.iter().any(|t| t.dims() != t0.dims()) {
+        return None;
+    }
+    let owned: Vec<[Tensor; 1]> = ts.iter().map(|t| [(*t).clone()]).collect();
+    let groups: Vec<&[Tensor]> = owned.iter().map(|g| g.as_slice()).collect();
+    with_host(&groups, |flats| {
+        // each group is one contiguous tensor, so no scratch copy is ever made
+        let mut scratch: Vec<Vec<f32>> = vec![vec![]; flats.len()];
+        let slices: Vec<&[f32]> = flats
+            .iter()
+            .zip(scratch.iter_mut())
+            .map(|(fl, sc)| fl.range(0, fl.len(), sc))
+            .collect();
+        f(b, n, &slices)
+    })
+}
+
+/// `triu(a − b)` for square matrices `(B, n, n)` or `(n, n)`.
+pub fn triu_difference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let host = with_square(&[a, b], |bt, n, s| {
+        let mut out = vec![0f32; bt * n * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let i = r % n;
+            let at = r * n;
+            for j in i..n {
+                row[j] = s[0][at + j] - s[1][at + j];
+            }
+        });
+        out
+    });
+    match host {
+        Some(out) => Ok(Tensor::from_vec(out, a.dims(), a.device())?),
+        None => {
+            let n = a.dim(D::Minus1)?;
+            Ok((a - b)?.broadcast_mul(&Tensor::triu2(n, DType::F32, a.device())?)?)
+        }
+    }
+}
+
+/// Rows per task of the passes over an upper triangle.
+const TRI_ROWS: usize = 32;
+
+/// `Σ_rows` of per-task partial vectors, added in task order so the result does not
+/// depend on scheduling.
+fn sum_partials(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
+    let mut acc = vec![0f64; n];
+    for p in parts {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    acc
+}
+
+/// `S x` for the symmetric `S` whose upper triangle is `u` (`n × n`, row-major).
+fn sym_matvec(u: &[f32], n: usize, x: &[f64]) -> Vec<f64> {
+    let parts: Vec<Vec<f64>> = u
+        .par_chunks(n * TRI_ROWS)
+        .enumerate()
+        .map(|(c, rows)| {
+            let mut y = vec![0f64; n];
+            for (r, row) in rows.chunks(n).enumerate() {
+                let i = c * TRI_ROWS + r;
+                let mut yi = row[i] as f64 * x[i];
+                for j in i + 1..n {
+                    let v = row[j] as f64;
+                    yi += v * x[j];
+                    y[j] += v * x[i];
+                }
+                y[i] += yi;
+            }
+            y
+        })
+        .collect();
+    sum_partials(parts, n)
+}
+
+/// [`norm_lower_bound`] of `a + b` for symmetric `a` and `b` of which only the upper
+/// triangles are read (`(B, n, n)`, as [`matmul_tri`] gives them with an upper output).
+/// For a symmetric matrix the reference's row and column branches coincide: one row of
+/// largest norm, one product to get a direction, and the norm of the product with that.
+pub fn norm_lower_bound_sym_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let host = with_square(&[a, b], |bt, n, s| {
+        (0..bt)
+            .map(|k| {
+                let off = k * n * n;
+                let sum: Vec<f32> = s[0][off..off + n * n]
+                    .par_iter()
+                    .zip(&s[1][off..off + n * n])
+                    .map(|(x, y)| x + y)
+                    .collect();
+                sym_bound(&sum, n)
+            })
+            .collect::<Vec<f32>>()
+    });
+    match host {
+        Some(v) => {
+            let bt = v.len();
+            Ok(Tensor::from_vec(v, bt, a.device())?)
+        }
+        None => {
+            let s = (a + b)?;
+            let s = if s.rank() == 2 { s.unsqueeze(0)? } else { s };
+            let n = s.dim(2)?;
+            let up = s.broadcast_mul(&Tensor::triu2(n, DType::F32, s.device())?)?;
+            let strict = (Tensor::triu2(n, DType::F32, s.device())?
+                - Tensor::eye(n, DType::F32, s.device())?)?;
+            let full = (&up + s.broadcast_mul(&strict)?.transpose(1, 2)?)?;
+            norm_lower_bound(&full)
+        }
+    }
+}
+
+/// The bound of one symmetric matrix given by its upper triangle `u`.
+fn sym_bound(u: &[f32], n: usize) -> f32 {
+    let max_abs = u
+        .par_chunks(n)
+        .enumerate()
+        .map(|(i, row)| row[i..].iter().fold(0f32, |m, v| m.max(v.abs())))
+        .reduce(|| 0f32, f32::max);
+    if max_abs.is_nan() || max_abs <= 0.0 {
+        return max_abs;
+    }
+    let inv = 1.0 / max_abs as f64;
+    // squared norm of each row of S / max_abs
+    let parts: Vec<Vec<f64>> = u
+        .par_chunks(n * TRI_ROWS)
+        .enumerate()
+        .map(|(c, rows)| {
+            let mut acc = vec![0f64; n];
+            for (r, row) in rows.chunks(n).enumerate() {
+                let i = c * TRI_ROWS + r;
+                let d = row[i] as f64 * inv;
+                let mut own = d * d;
+                for j in i + 1..n {
+                    let v = row[j] as f64 * inv;
+                    own += v * v;
+                    acc[j] += v * v;
+                }
+                acc[i] += own;
+            }
+            acc
+        })
+        .collect();
+    let norms = sum_partials(parts, n);
+    // the first row of largest norm, as argmax picks it
+    let j = norms
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &v)| if v > norms[best] { i } else { best });
+    let row_j: Vec<f64> = (0..n)
+        .map(|k| {
+            let v = if k >= j { u[j * n + k] } else { u[k * n + j] };
+            v as f64 * inv
+        })
+        .collect();
+    let x: Vec<f64> = sym_matvec(u, n, &row_j).iter().map(|v| v * inv).collect();
+    let nx = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let x: Vec<f64> = x.iter().map(|v| v / nx).collect();
+    let y = sym_matvec(u, n, &x);
+    let ny = y.iter().map(|v| v * v).sum::<f64>().sqrt() * inv;
+    (ny * max_abs as f64) as f32
 }
 
 /// Sum of squares over the last axis, kept as a size-1 axis.
@@ -196,6 +336,7 @@ pub fn solve_small(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn upper(b: usize, n: usize, seed: u64) -> Tensor {
         let mut v = Vec::with_capacity(b * n * n);
@@ -250,7 +391,7 @@ mod tests {
 
     #[test]
     fn triangular_solve_matches_direct_product() {
-        // 300 takes the CPU's blocked path (diagonal blocks substituted)
+        // 300 spans several column blocks of the CPU solve
         let cases = [
             (1, 1, 1),
             (1, 5, 7),
@@ -277,10 +418,18 @@ mod tests {
             let triu = a
                 .broadcast_mul(&Tensor::triu2(n, DType::F32, &Device::Cpu).unwrap())
                 .unwrap();
+            let xt = x
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             for y in [
-                solve_triangular_right_cpu(&x, &a).unwrap(),
                 solve_triangular_right_blocked(&x, &triu).unwrap(),
                 solve_triangular_right(&x, &a).unwrap(),
+                // a strided (transposed) right-hand side is read in place
+                solve_triangular_right(&xt, &a).unwrap(),
             ] {
                 // Y A must give back X
                 let back = y.matmul(&triu).unwrap();
@@ -342,6 +491,52 @@ mod tests {
         let xa = [(x[0] * 3.0) / nx, (x[0] * 4.0 + x[1] * 1.0) / nx, 0.0];
         let expect = (xa[0] * xa[0] + xa[1] * xa[1] + xa[2] * xa[2]).sqrt();
         assert!((lb - expect).abs() < 1e-4, "{lb} vs {expect}");
+    }
+
+    #[test]
+    fn symmetric_bound_and_upper_difference_match_the_dense_forms() {
+        for &(b, n) in &[(1, 1), (2, 7), (1, 100), (3, 65)] {
+            let x = rand((b, n, n + 3), 21 + n as u64);
+            let y = rand((b, n, 2 * n), 40 + n as u64);
+            let xx = x.matmul(&x.t().unwrap()).unwrap();
+            let yy = y.matmul(&y.t().unwrap()).unwrap();
+            let want = norm_lower_bound(&(&xx + &yy).unwrap())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // only the upper triangles may be read: wreck the lower ones
+            let junk = (Tensor::tril2(n, DType::F32, &Device::Cpu).unwrap()
+                - Tensor::eye(n, DType::F32, &Device::Cpu).unwrap())
+            .unwrap()
+                * 1e3;
+            let junk = junk.unwrap();
+            let (xj, yj) = (
+                xx.broadcast_add(&junk).unwrap(),
+                yy.broadcast_sub(&junk).unwrap(),
+            );
+            let got = norm_lower_bound_sym_sum(&xj, &yj)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "n={n}: {g} vs {w}"
+                );
+            }
+            let diff = triu_difference(&xj, &yj).unwrap();
+            let triu = Tensor::triu2(n, DType::F32, &Device::Cpu).unwrap();
+            let want = (&xx - &yy).unwrap().broadcast_mul(&triu).unwrap();
+            assert!(max_abs_diff(&diff, &want) < 1e-4, "n={n}");
+        }
+        let z = Tensor::zeros((2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            norm_lower_bound_sym_sum(&z, &z)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![0.0, 0.0]
+        );
     }
 
     #[test]

@@ -35,14 +35,15 @@ impl Precision {
 
     /// `a · b` (batched like `Tensor::matmul`) at this precision.
     pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        batched_matmul(&self.round(a)?, &self.round(b)?)
+    }
+
+    /// An operand as a product at this precision reads it: rounded to bfloat16 (and back
+    /// to float32) for `Bfloat16`, unchanged otherwise.
+    pub fn round(self, t: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Precision::Bfloat16 => {
-                let r = |t: &Tensor| -> Result<Tensor> {
-                    Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)
-                };
-                batched_matmul(&r(a)?, &r(b)?)?
-            }
-            _ => batched_matmul(a, b)?,
+            Precision::Bfloat16 => t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+            _ => t.clone(),
         })
     }
 }
