@@ -523,12 +523,12 @@ impl Preconditioner for AffinePreconditioner {
             .map(|((f, shape), (g, leaf))| {
                 let g = shape.leaf_to_matrix(g)?;
                 let left = if is_dense(&f.pl) {
-                    f.pl.matmul(&g)?
+                    Precision::Float32.matmul(&f.pl, &g)?
                 } else {
                     g.broadcast_mul(&col(&f.pl)?)?
                 };
                 let out = if is_dense(&f.pr) {
-                    left.matmul(&f.pr)?
+                    Precision::Float32.matmul(&left, &f.pr)?
                 } else {
                     left.broadcast_mul(&row(&f.pr)?)?
                 };

@@ -37,7 +37,7 @@ pub fn solve_triangular_right_blocked(x: &Tensor, a: &Tensor) -> Result<Tensor> 
     let a12 = a.narrow(1, 0, h)?.narrow(2, h, n - h)?.contiguous()?;
     let a22 = a.narrow(1, h, n - h)?.narrow(2, h, n - h)?.contiguous()?;
     let y1 = solve_triangular_right_blocked(&x1, &a11)?;
-    let rhs = (x2 - y1.matmul(&a12)?)?.contiguous()?;
+    let rhs = (x2 - Precision::Float32.matmul(&y1, &a12)?)?.contiguous()?;
     let y2 = solve_triangular_right_blocked(&rhs, &a22)?;
     Ok(Tensor::cat(&[&y1, &y2], 2)?)
 }
@@ -260,11 +260,10 @@ pub fn norm_lower_bound(a: &Tensor) -> Result<Tensor> {
         .broadcast_as((b, n, 1))?
         .contiguous()?;
     let col = an.gather(&ci, 2)?.transpose(1, 2)?; // (B, 1, n)
-    let x = col.matmul(&an)?;
+    let mm = |a: &Tensor, b: &Tensor| Precision::Float32.matmul(a, b);
+    let x = mm(&col, &an)?;
     let x = x.broadcast_div(&sq_norm_keepdim(&x)?.sqrt()?)?;
-    let gt_val = sq_norm_keepdim(&x.matmul(&an.t()?)?)?
-        .sqrt()?
-        .flatten_all()?;
+    let gt_val = sq_norm_keepdim(&mm(&x, &an.t()?)?)?.sqrt()?.flatten_all()?;
 
     // row branch: x = A[j, :]; x = A x; |Aᵀ (x/|x|)|
     let rj = j
@@ -272,9 +271,9 @@ pub fn norm_lower_bound(a: &Tensor) -> Result<Tensor> {
         .broadcast_as((b, 1, n))?
         .contiguous()?;
     let row = an.gather(&rj, 1)?; // (B, 1, n)
-    let x = row.matmul(&an.t()?)?; // (B, 1, n) = (A x)ᵀ
+    let x = mm(&row, &an.t()?)?; // (B, 1, n) = (A x)ᵀ
     let x = x.broadcast_div(&sq_norm_keepdim(&x)?.sqrt()?)?;
-    let le_val = sq_norm_keepdim(&x.matmul(&an)?)?.sqrt()?.flatten_all()?;
+    let le_val = sq_norm_keepdim(&mm(&x, &an)?)?.sqrt()?.flatten_all()?;
 
     let picked = v0.gt(&v1)?.where_cond(&gt_val, &le_val)?;
     let bound = (picked * &max_abs)?;

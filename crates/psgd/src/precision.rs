@@ -35,7 +35,8 @@ impl Precision {
 
     /// `a · b` (batched like `Tensor::matmul`) at this precision.
     pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        batched_matmul(&self.round(a)?, &self.round(b)?)
+        use crate::triangular::{matmul_tri, Tri};
+        matmul_tri(a, Tri::Full, b, Tri::Full, Tri::Full, self)
     }
 
     /// An operand as a product at this precision reads it: rounded to bfloat16 (and back
@@ -51,7 +52,7 @@ impl Precision {
 /// `a · b` for equal batch shapes. On the CPU a batch of large matrices goes one matrix at
 /// a time: candle's batched CPU product parallelises each matrix less well (measured up
 /// to 1.5× slower for `4 × (512×2048)·(2048×2048)`), and scanned layers are such batches.
-fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (m, k) = (a.dim(D::Minus2)?, a.dim(D::Minus1)?);
     let n = b.dim(D::Minus1)?;
     if a.rank() != 3 || !a.device().is_cpu() || a.dim(0)? < 2 || m * k * n < 1 << 24 {

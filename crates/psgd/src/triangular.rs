@@ -9,9 +9,14 @@
 //!
 //! On other devices, and for dtypes other than float32, the product is the plain dense
 //! one: every entry that is promised is still exact, only nothing is saved.
+//!
+//! Every CPU float32 product of the crate comes here, dense ones included
+//! ([`Precision::matmul`]): candle's CPU matmul asks for the thread count on each call,
+//! which without `RAYON_NUM_THREADS` set parses `/proc/cpuinfo` (measured: most of a
+//! small model's step).
 
 use crate::error::Result;
-use crate::precision::Precision;
+use crate::precision::{batched_matmul, Precision};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -40,6 +45,9 @@ impl Tri {
 
 /// Products smaller than this (in multiply-adds) are not worth cutting up.
 const MIN_WORK: usize = 1 << 21;
+
+/// Products smaller than this run on the calling thread: waking the pool costs more.
+const SERIAL_MAX: usize = 1 << 18;
 
 /// Block edge along a structured axis of length `n`: about eight blocks, so the skipped
 /// share of the work is close to its limit, but never so small that a GEMM call is
@@ -73,7 +81,7 @@ pub fn matmul_tri(
     let (a, b) = (p.round(a)?, p.round(b)?);
     match host_matmul(&a, sa, &b, sb, out) {
         Some(r) => r,
-        None => p.matmul(&a, &b),
+        None => batched_matmul(&a, &b),
     }
 }
 
@@ -221,9 +229,12 @@ fn host_matmul(a: &Tensor, sa: Tri, b: &Tensor, sb: Tri, out: Tri) -> Option<Res
     {
         return None;
     }
-    if (sa, sb, out) == (Tri::Full, Tri::Full, Tri::Full) || m * n * k < MIN_WORK {
-        return None;
-    }
+    // a small product is one GEMM call: the cuts would cost more than the zeros
+    let (sa, sb, out) = if m * n * k < MIN_WORK {
+        (Tri::Full, Tri::Full, Tri::Full)
+    } else {
+        (sa, sb, out)
+    };
     let (sa_guard, la) = a.storage_and_layout();
     let (sb_guard, lb) = b.storage_and_layout();
     let (Storage::Cpu(ca), Storage::Cpu(cb)) = (&*sa_guard, &*sb_guard) else {
@@ -316,7 +327,12 @@ fn host_matmul(a: &Tensor, sa: Tri, b: &Tensor, sb: Tri, out: Tri) -> Option<Res
             .par_iter()
             .for_each(|t| run(t, gemm::Parallelism::None));
     } else {
-        tasks.iter().for_each(|t| run(t, all_threads()));
+        let par = if m * n * k < SERIAL_MAX {
+            gemm::Parallelism::None
+        } else {
+            all_threads()
+        };
+        tasks.iter().for_each(|t| run(t, par));
     }
     drop((sa_guard, sb_guard));
     Some(Tensor::from_vec(dst, (batch, m, n), &Device::Cpu).map_err(Into::into))
@@ -325,6 +341,9 @@ fn host_matmul(a: &Tensor, sa: Tri, b: &Tensor, sb: Tri, out: Tri) -> Option<Res
 /// Columns per block of the CPU triangular solve: wide enough for the GEMMs to run at
 /// speed, narrow enough that inverting the diagonal blocks costs little.
 const SOLVE_BLOCK: usize = 128;
+
+/// Elements per task when a block of the right-hand side is copied out.
+const SOLVE_COPY: usize = 1 << 14;
 
 /// `X · A⁻¹` for `x` `(B, R, n)` and upper-triangular `a` `(B, n, n)` (its lower triangle
 /// is never read), when both are float32 on the CPU; `None` otherwise.
@@ -367,12 +386,17 @@ pub fn solve_right_cpu(x: &Tensor, a: &Tensor) -> Option<Result<Tensor>> {
         for (ci, c) in cols.iter().enumerate() {
             let w = c.len();
             let tb = &mut t[..r * w];
-            tb.par_chunks_mut(w).enumerate().for_each(|(row, out)| {
-                for (j, o) in out.iter_mut().enumerate() {
-                    // SAFETY: row < r and c.start + j < n
-                    *o = unsafe { vx.get(b, row, c.start + j) };
-                }
-            });
+            // whole runs of rows per task: a narrow block has only a few columns per row
+            let rows_per_task = (SOLVE_COPY / w).max(1);
+            tb.par_chunks_mut(w * rows_per_task)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    for (k, o) in out.iter_mut().enumerate() {
+                        let (row, j) = (task * rows_per_task + k / w, k % w);
+                        // SAFETY: row < r and c.start + j < n
+                        *o = unsafe { vx.get(b, row, c.start + j) };
+                    }
+                });
             let tptr = OutPtr(tb.as_mut_ptr());
             let yv = View::contiguous(&y, r, n);
             // SAFETY: all ranges are inside the (batch, r, n) buffers and the (w, w)
@@ -484,6 +508,10 @@ mod tests {
             (1, 129, 129, 640, Lower, Full, Full),
             (3, 200, 200, 200, Full, Full, Lower),
             (1, 8, 8, 8, Upper, Upper, Upper),
+            // dense ones, small (one call on this thread) and empty
+            (3, 5, 7, 2, Full, Full, Full),
+            (2, 4, 0, 3, Full, Full, Full),
+            (2, 600, 600, 64, Full, Full, Full),
         ];
         for (i, &(bt, m, k, n, sa, sb, out)) in cases.iter().enumerate() {
             let a = mask(&rand((bt, m, k), 1 + i as u64), sa);
