@@ -341,21 +341,6 @@ pub fn add_eps(x: &Tensor) -> Result<Tensor> {
     Ok(x.maximum(1e-25)?)
 }
 
-/// optax's `clip_by_global_norm`: scales every update by `max / ‖u‖` when `‖u‖ ≥ max`.
-fn clip_global_norm(updates: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>> {
-    let sq = updates
-        .iter()
-        .map(|u| Ok(u.sqr()?.sum_all()?))
-        .collect::<Result<Vec<_>>>()?;
-    let norm = Tensor::stack(&sq, 0)?.sum_all()?.sqrt()?;
-    // max/max(‖u‖, max) is exactly 1 below the threshold; no host round trip
-    let scale = (norm.maximum(max_norm)?.recip()? * max_norm)?;
-    updates
-        .into_iter()
-        .map(|u| Ok(u.broadcast_mul(&scale)?))
-        .collect()
-}
-
 impl<P: Preconditioner> Transform for Psgd<P> {
     type Options = PsgdOptions<P::Options>;
     type State = PsgdState<P::State>;
@@ -494,19 +479,19 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         let (mu, momentum) =
             transform::momentum_all(o.b1, o.nesterov, state.mu.as_ref(), &g32, count)?;
 
-        let mut pre = self.precond.apply(&precond, &momentum)?;
-        if let Some(c) = o.update_global_norm_clip {
-            if !(c == 0.0 && P::ZERO_CLIP_DISABLES) {
-                pre = clip_global_norm(pre, c)?;
-            }
-        }
-        let updates = transform::finish_updates(
+        let pre = self.precond.apply(&precond, &momentum)?;
+        let clip = match o.update_global_norm_clip {
+            Some(c) if !(c == 0.0 && P::ZERO_CLIP_DISABLES) => transform::Clip::GlobalNorm(c),
+            _ => transform::Clip::None,
+        };
+        let updates = transform::finish_updates_clipped(
             &pre,
             params,
             &self.leaves,
             grads,
             o.weight_decay,
             hyper.learning_rate,
+            clip,
         )?;
 
         let mu = transform::keep_dtypes(mu, state.mu.as_ref())?;

@@ -80,8 +80,15 @@ impl<'a> Flat<'a> {
 
     /// Element `i`.
     pub fn get(&self, i: usize) -> f32 {
-        let k = self.starts.partition_point(|&st| st <= i) - 1;
+        let k = self.piece_of(i);
         self.pieces[k][i - self.starts[k]]
+    }
+
+    /// The index of the piece (tensor) holding element `i`.
+    pub fn piece_of(&self, i: usize) -> usize {
+        assert!(i < self.len(), "element {i} of {}", self.len());
+        // the last start <= i, which skips the empty pieces starting there too
+        self.starts.partition_point(|&st| st <= i) - 1
     }
 }
 
@@ -115,13 +122,13 @@ pub fn with_host<R>(groups: &[&[Tensor]], f: impl FnOnce(&[Flat<'_>]) -> R) -> O
 }
 
 /// Splits `O` output buffers into per-task chunks of `TASK_ROWS` rows, task by task.
-fn task_chunks<const O: usize>(
-    outs: &mut [Vec<f32>; O],
+fn task_chunks<T, const O: usize>(
+    outs: [&mut [T]; O],
     widths: [usize; O],
     tasks: usize,
-) -> Vec<[&mut [f32]; O]> {
+) -> Vec<[&mut [T]; O]> {
     let mut k = 0;
-    let mut iters = outs.each_mut().map(|v| {
+    let mut iters = outs.map(|v| {
         let step = TASK_ROWS * widths[k].max(1);
         k += 1;
         v.chunks_mut(step).collect::<Vec<_>>().into_iter()
@@ -146,7 +153,7 @@ pub fn map_fold_rows<const O: usize, A: Send>(
     // faulted in) by the parallel writers rather than by one memset
     let mut outs: [Vec<f32>; O] = widths.map(|w| vec![0f32; n * w]);
     let tasks = n.div_ceil(TASK_ROWS);
-    let chunks = task_chunks(&mut outs, widths, tasks);
+    let chunks = task_chunks(outs.each_mut().map(|v| v.as_mut_slice()), widths, tasks);
     let parts: Vec<A> = chunks
         .into_par_iter()
         .enumerate()
@@ -309,8 +316,64 @@ pub fn mirror_fold<const I: usize, A: Send + Sync + Clone>(
     mirror_map_fold(inputs, init, g, combine).1
 }
 
-/// The sum of squares, accumulated in float64.
-pub fn sum_sq(x: &Flat<'_>) -> f64 {
+/// One parallel pass computing `O` outputs per element from `I` inputs of one length:
+/// `f` gets the inputs at an element and returns the outputs there.
+pub fn zip_map<const I: usize, const O: usize>(
+    inputs: [&Flat<'_>; I],
+    f: impl Fn([f32; I]) -> [f32; O] + Sync,
+) -> [Vec<f32>; O] {
+    /// Elements per block: the block's inputs and outputs live in local arrays, which the
+    /// compiler knows alias nothing, so it vectorises `f` across the block (over slices of
+    /// the tensors it cannot rule out overlap and stays scalar, several times slower).
+    const B: usize = 64;
+    let n = common_len(&inputs);
+    // Uninitialised outputs, unlike `map_rows`' zeroed ones: the allocator then hands back
+    // memory it already has, as it does for candle's own ops, where a zeroed allocation
+    // this large is fresh pages, each faulted in on first write (costly in a VM).
+    let mut outs: [Vec<f32>; O] = std::array::from_fn(|_| Vec::with_capacity(n));
+    let spare = outs.each_mut().map(|v| &mut v.spare_capacity_mut()[..n]);
+    let chunks = task_chunks(spare, [1; O], n.div_ceil(TASK_ROWS));
+    chunks
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(t, mut outs)| {
+            let r = t * TASK_ROWS..((t + 1) * TASK_ROWS).min(n);
+            let len = r.len();
+            let mut sc: [Vec<f32>; I] = std::array::from_fn(|_| Vec::new());
+            let xs = gather_rows(&inputs, [1; I], r, &mut sc);
+            let mut at = 0;
+            while at < len {
+                let m = B.min(len - at);
+                let mut x = [[0f32; B]; I];
+                for (xq, s) in x.iter_mut().zip(&xs) {
+                    xq[..m].copy_from_slice(&s[at..at + m]);
+                }
+                let mut y = [[0f32; B]; O];
+                for k in 0..B {
+                    let v = f(std::array::from_fn(|q| x[q][k]));
+                    for o in 0..O {
+                        y[o][k] = v[o];
+                    }
+                }
+                for (o, yo) in outs.iter_mut().zip(&y) {
+                    for (d, &v) in o[at..at + m].iter_mut().zip(&yo[..m]) {
+                        d.write(v);
+                    }
+                }
+                at += m;
+            }
+        });
+    for v in &mut outs {
+        // SAFETY: the tasks' chunks cover `0..n` of every output, and each task wrote
+        // every element of its chunks (`at` runs over all of `0..len`).
+        unsafe { v.set_len(n) };
+    }
+    outs
+}
+
+/// The sum of `f(x)` over the elements, each term computed in float32 and accumulated in
+/// float64.
+fn sum_by(x: &Flat<'_>, f: impl Fn(f32) -> f32 + Sync) -> f64 {
     fold_rows(
         x.len(),
         0.0,
@@ -322,13 +385,46 @@ pub fn sum_sq(x: &Flat<'_>) -> f64 {
             let mut blocks = x.chunks_exact(8);
             for b in &mut blocks {
                 for (l, &v) in lanes.iter_mut().zip(b) {
-                    *l += (v * v) as f64;
+                    *l += f(v) as f64;
                 }
             }
-            let tail: f64 = blocks.remainder().iter().map(|&v| (v * v) as f64).sum();
+            let tail: f64 = blocks.remainder().iter().map(|&v| f(v) as f64).sum();
             lanes.iter().sum::<f64>() + tail
         },
         |a, b| a + b,
+    )
+}
+
+/// The sum of squares, accumulated in float64.
+pub fn sum_sq(x: &Flat<'_>) -> f64 {
+    sum_by(x, |v| v * v)
+}
+
+/// The sum of absolute values, accumulated in float64.
+pub fn sum_abs(x: &Flat<'_>) -> f64 {
+    sum_by(x, f32::abs)
+}
+
+/// The first index whose element satisfies `pred`, by a parallel scan of the whole vector.
+pub fn position(x: &Flat<'_>, pred: impl Fn(f32) -> bool + Sync) -> Option<usize> {
+    const BLOCK: usize = 64;
+    fold_rows(
+        x.len(),
+        None,
+        |r| {
+            let mut sc = vec![];
+            let xs = x.range(r.start, r.end, &mut sc);
+            // the usual answer is "none": test whole blocks without branching per element
+            // (so the test vectorises), and search only a block that has a hit
+            xs.chunks(BLOCK).enumerate().find_map(|(b, blk)| {
+                blk.iter()
+                    .fold(false, |hit, &v| hit | pred(v))
+                    .then(|| blk.iter().position(|&v| pred(v)))
+                    .flatten()
+                    .map(|k| r.start + b * BLOCK + k)
+            })
+        },
+        |a, b| a.or(b),
     )
 }
 
@@ -396,6 +492,35 @@ mod tests {
             assert_eq!(sum, all.iter().map(|&v| v as f64).sum::<f64>());
             let sq = with_host(&[&ts], |x| sum_sq(&x[0])).unwrap();
             assert_eq!(sq, all.iter().map(|&v| (v * v) as f64).sum::<f64>());
+        }
+    }
+
+    #[test]
+    fn elementwise_passes_read_across_pieces() {
+        for n in [0, 1, 5, TASK_ROWS * 2 + 1, TASK_ROWS * 3 + 10] {
+            let (all, parts) = pieces(n);
+            let ts: Vec<Tensor> = parts
+                .iter()
+                .map(|p| Tensor::new(p.as_slice(), &Device::Cpu).unwrap())
+                .collect();
+            let one = [Tensor::new(all.as_slice(), &Device::Cpu).unwrap()];
+            with_host(&[&ts, &one], |x| {
+                let [s, d] = zip_map([&x[0], &x[1]], |[a, b]| [a + b, a - 2.0 * b]);
+                assert_eq!(s, all.iter().map(|v| v + v).collect::<Vec<_>>());
+                assert_eq!(d, all.iter().map(|v| v - 2.0 * v).collect::<Vec<_>>());
+                let abs: f64 = all.iter().map(|v| v.abs() as f64).sum();
+                assert_eq!(sum_abs(&x[0]), abs);
+                // every element in turn is the first hit, and it is found in its piece
+                for i in (0..n).step_by(n / 7 + 1).chain(n.checked_sub(1)) {
+                    let at = position(&x[0], |v| v == all[i]);
+                    assert_eq!(at, all.iter().position(|&v| v == all[i]));
+                    let k = x[0].piece_of(i);
+                    let before: usize = parts[..k].iter().map(Vec::len).sum();
+                    assert!(before <= i && i < before + parts[k].len());
+                }
+                assert_eq!(position(&x[0], f32::is_nan), None);
+            })
+            .unwrap();
         }
     }
 
