@@ -452,6 +452,15 @@ mod tests {
         );
     }
 
+    /// The pieces as separate tensors, and the whole vector as one.
+    fn as_tensors(all: &[f32], parts: &[Vec<f32>]) -> (Vec<Tensor>, [Tensor; 1]) {
+        let ts = parts
+            .iter()
+            .map(|p| Tensor::new(p.as_slice(), &Device::Cpu).unwrap())
+            .collect();
+        (ts, [Tensor::new(all, &Device::Cpu).unwrap()])
+    }
+
     fn pieces(n: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
         let all: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 - 500.0).collect();
         // uneven pieces, one empty, so tasks straddle them
@@ -465,11 +474,7 @@ mod tests {
     fn mirror_passes_pair_each_element_with_its_mirror() {
         for n in [0, 1, 2, 5, TASK_ROWS * 2 + 1, TASK_ROWS * 3 + 10] {
             let (all, parts) = pieces(n);
-            let ts: Vec<Tensor> = parts
-                .iter()
-                .map(|p| Tensor::new(p.as_slice(), &Device::Cpu).unwrap())
-                .collect();
-            let one = [Tensor::new(all.as_slice(), &Device::Cpu).unwrap()];
+            let (ts, one) = as_tensors(&all, &parts);
             let (outs, sum) = with_host(&[&ts, &one], |x| {
                 mirror_map_fold(
                     [&x[0], &x[1]],
@@ -499,11 +504,7 @@ mod tests {
     fn elementwise_passes_read_across_pieces() {
         for n in [0, 1, 5, TASK_ROWS * 2 + 1, TASK_ROWS * 3 + 10] {
             let (all, parts) = pieces(n);
-            let ts: Vec<Tensor> = parts
-                .iter()
-                .map(|p| Tensor::new(p.as_slice(), &Device::Cpu).unwrap())
-                .collect();
-            let one = [Tensor::new(all.as_slice(), &Device::Cpu).unwrap()];
+            let (ts, one) = as_tensors(&all, &parts);
             with_host(&[&ts, &one], |x| {
                 let [s, d] = zip_map([&x[0], &x[1]], |[a, b]| [a + b, a - 2.0 * b]);
                 assert_eq!(s, all.iter().map(|v| v + v).collect::<Vec<_>>());

@@ -658,15 +658,13 @@ impl Kron {
             .zip(inputs)
             .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
             .collect::<Result<Vec<_>>>()?;
-        let damp = (f32::EPSILON as f64).sqrt();
         let o = &self.options;
         self.plans
             .iter()
             .zip(qs)
             .zip(inputs.iter().zip(&probes))
             .map(|((plan, q), (x, v))| {
-                let scale = (x.abs()?.mean_all()? * damp)?;
-                let x = (x + v.broadcast_mul(&scale)?)?;
+                let x = transform::damp(x, v)?;
                 let shape = plan.batched_shape();
                 let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
                 let mut bq = q
@@ -699,7 +697,7 @@ impl Kron {
             .collect()
     }
 
-    /// The preconditioned, clipped gradient of one leaf (before weight decay and lr).
+    /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
     /// `f` holds the kept grams (already batched) or the factors in their stored shapes.
     fn apply_leaf(&self, plan: &LeafPlan, f: Factors, m: &Tensor) -> Result<Tensor> {
         let shape = m.dims().to_vec();
@@ -723,7 +721,7 @@ impl Kron {
                 self.options.precond_grads_precision,
             )?])
         })?;
-        transform::clip_rms(&out[0].reshape(shape)?)
+        Ok(out[0].reshape(shape)?)
     }
 }
 
@@ -841,13 +839,14 @@ impl Transform for Kron {
                 None => self.apply_leaf(plan, Factors::Qs(&qs[l]), &momentum[l]),
             })
             .collect::<Result<Vec<_>>>()?;
-        let updates = transform::finish_updates(
+        let updates = transform::finish_updates_clipped(
             &pre,
             params,
             &self.leaves,
             grads,
             o.weight_decay,
             hyper.learning_rate,
+            transform::Clip::Rms,
         )?;
 
         let mu = transform::keep_dtypes(mu, state.mu.as_ref())?;

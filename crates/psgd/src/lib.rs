@@ -21,6 +21,8 @@ pub mod precision;
 pub mod random;
 pub mod schedule;
 pub mod state_io;
+#[cfg(test)]
+mod test_util;
 pub mod transform;
 pub mod triangular;
 pub mod xmat;

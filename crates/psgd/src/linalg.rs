@@ -116,8 +116,9 @@ fn sum_partials(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
     acc
 }
 
-/// `S x` for the symmetric `S` whose upper triangle is `u` (`n × n`, row-major).
-fn sym_matvec(u: &[f32], n: usize, x: &[f64]) -> Vec<f64> {
+/// One pass over a symmetric `S` read from its upper triangle `u` (`n × n`, row-major):
+/// `y[i] = Σ_k f(S[i][k], k)`, each off-diagonal entry read once for both rows it is in.
+fn sym_pass(u: &[f32], n: usize, f: impl Fn(f64, usize) -> f64 + Sync) -> Vec<f64> {
     let parts: Vec<Vec<f64>> = u
         .par_chunks(n * TRI_ROWS)
         .enumerate()
@@ -125,11 +126,11 @@ fn sym_matvec(u: &[f32], n: usize, x: &[f64]) -> Vec<f64> {
             let mut y = vec![0f64; n];
             for (r, row) in rows.chunks(n).enumerate() {
                 let i = c * TRI_ROWS + r;
-                let mut yi = row[i] as f64 * x[i];
-                for j in i + 1..n {
-                    let v = row[j] as f64;
-                    yi += v * x[j];
-                    y[j] += v * x[i];
+                let mut yi = f(row[i] as f64, i);
+                for (j, &v) in row.iter().enumerate().skip(i + 1) {
+                    let v = v as f64;
+                    yi += f(v, j);
+                    y[j] += f(v, i);
                 }
                 y[i] += yi;
             }
@@ -187,26 +188,7 @@ fn sym_bound(u: &[f32], n: usize) -> f32 {
     }
     let inv = 1.0 / max_abs as f64;
     // squared norm of each row of S / max_abs
-    let parts: Vec<Vec<f64>> = u
-        .par_chunks(n * TRI_ROWS)
-        .enumerate()
-        .map(|(c, rows)| {
-            let mut acc = vec![0f64; n];
-            for (r, row) in rows.chunks(n).enumerate() {
-                let i = c * TRI_ROWS + r;
-                let d = row[i] as f64 * inv;
-                let mut own = d * d;
-                for j in i + 1..n {
-                    let v = row[j] as f64 * inv;
-                    own += v * v;
-                    acc[j] += v * v;
-                }
-                acc[i] += own;
-            }
-            acc
-        })
-        .collect();
-    let norms = sum_partials(parts, n);
+    let norms = sym_pass(u, n, |v, _| (v * inv) * (v * inv));
     // the first row of largest norm, as argmax picks it
     let j = norms
         .iter()
@@ -218,10 +200,13 @@ fn sym_bound(u: &[f32], n: usize) -> f32 {
             v as f64 * inv
         })
         .collect();
-    let x: Vec<f64> = sym_matvec(u, n, &row_j).iter().map(|v| v * inv).collect();
+    let x: Vec<f64> = sym_pass(u, n, |v, k| v * row_j[k])
+        .iter()
+        .map(|v| v * inv)
+        .collect();
     let nx = x.iter().map(|v| v * v).sum::<f64>().sqrt();
     let x: Vec<f64> = x.iter().map(|v| v / nx).collect();
-    let y = sym_matvec(u, n, &x);
+    let y = sym_pass(u, n, |v, k| v * x[k]);
     let ny = y.iter().map(|v| v * v).sum::<f64>().sqrt() * inv;
     (ny * max_abs as f64) as f32
 }
@@ -335,6 +320,7 @@ pub fn solve_small(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs_diff, rand};
     use candle_core::Device;
 
     fn upper(b: usize, n: usize, seed: u64) -> Tensor {
@@ -359,33 +345,6 @@ mod tests {
             }
         }
         Tensor::from_vec(v, (b, n, n), &Device::Cpu).unwrap()
-    }
-
-    fn rand(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        let n = shape.0 * shape.1 * shape.2;
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

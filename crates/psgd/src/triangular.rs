@@ -457,20 +457,7 @@ fn invert_upper(s: usize, u: impl Fn(usize, usize) -> f32) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rand(shape: (usize, usize, usize), seed: u64) -> Tensor {
-        let n = shape.0 * shape.1 * shape.2;
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_util::{max_abs_diff, rand};
 
     fn mask(t: &Tensor, s: Tri) -> Tensor {
         let n = t.dim(2).unwrap();
@@ -480,19 +467,6 @@ mod tests {
             Tri::Lower => Tensor::tril2(n, DType::F32, &Device::Cpu).unwrap(),
         };
         t.broadcast_mul(&m).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
