@@ -435,6 +435,7 @@ impl Preconditioner for AffinePreconditioner {
     const NAME: &'static str = "affine";
     const WHITENING_VECTOR: bool = false;
     const ZERO_CLIP_DISABLES: bool = false;
+    const FIT_ON_POOL: bool = true;
     type Options = AffineVariantOptions;
     type State = Vec<AffineFactors>;
 

@@ -129,6 +129,10 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     /// Whether `update_global_norm_clip = 0` disables the clip (psgd-jax's XMat tests the
     /// option's truth value; LRA and Affine test for `None`).
     const ZERO_CLIP_DISABLES: bool;
+    /// Whether the fit runs on a worker of rayon's pool ([`transform::on_pool`]): worth it
+    /// when it forks many small parallel jobs (Affine's per-leaf products), not for a
+    /// fit of a few fused passes (XMat, LRA).
+    const FIT_ON_POOL: bool = false;
     /// The variant's own options.
     type Options: Clone + Default + Debug + Send + Sync;
     /// The preconditioner's tensors.
@@ -471,7 +475,12 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 normalizer: o.step_normalizer_order,
                 precision: o.precision,
             };
-            self.precond.update(&state.precond, &inputs, rng)?
+            let mut fit = || self.precond.update(&state.precond, &inputs, rng);
+            if P::FIT_ON_POOL {
+                transform::on_pool(self.leaves.iter().map(|l| l.numel()).sum(), fit)?
+            } else {
+                fit()?
+            }
         } else {
             state.precond.clone()
         };

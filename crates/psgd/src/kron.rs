@@ -820,7 +820,10 @@ impl Transform for Kron {
             } else {
                 &g32
             };
-            self.update_preconditioners(&state.qs, inputs, rng)?
+            let elements = self.leaves.iter().map(|l| l.numel()).sum();
+            transform::on_pool(elements, || {
+                self.update_preconditioners(&state.qs, inputs, rng)
+            })?
         } else {
             state.qs.clone()
         };
