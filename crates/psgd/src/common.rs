@@ -477,7 +477,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             };
             let mut fit = || self.precond.update(&state.precond, &inputs, rng);
             if P::FIT_ON_POOL {
-                transform::on_pool(self.leaves.iter().map(|l| l.numel()).sum(), fit)?
+                transform::on_pool(&self.leaves, fit)?
             } else {
                 fit()?
             }
@@ -493,7 +493,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             Some(c) if !(c == 0.0 && P::ZERO_CLIP_DISABLES) => transform::Clip::GlobalNorm(c),
             _ => transform::Clip::None,
         };
-        let updates = transform::finish_updates_clipped(
+        let updates = transform::finish_updates(
             &pre,
             params,
             &self.leaves,

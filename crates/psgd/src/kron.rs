@@ -820,8 +820,7 @@ impl Transform for Kron {
             } else {
                 &g32
             };
-            let elements = self.leaves.iter().map(|l| l.numel()).sum();
-            transform::on_pool(elements, || {
+            transform::on_pool(&self.leaves, || {
                 self.update_preconditioners(&state.qs, inputs, rng)
             })?
         } else {
@@ -842,7 +841,7 @@ impl Transform for Kron {
                 None => self.apply_leaf(plan, Factors::Qs(&qs[l]), &momentum[l]),
             })
             .collect::<Result<Vec<_>>>()?;
-        let updates = transform::finish_updates_clipped(
+        let updates = transform::finish_updates(
             &pre,
             params,
             &self.leaves,

@@ -116,19 +116,21 @@ fn sum_partials(parts: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
     acc
 }
 
-/// One pass over a symmetric `S` read from its upper triangle `u` (`n × n`, row-major):
-/// `y[i] = Σ_k f(S[i][k], k)`, each off-diagonal entry read once for both rows it is in.
-fn sym_pass(u: &[f32], n: usize, f: impl Fn(f64, usize) -> f64 + Sync) -> Vec<f64> {
+/// One pass over the symmetric `S = U + W` read from the upper triangles of `u` and `w`
+/// (`n × n`, row-major): `y[i] = Σ_k f(S[i][k], k)`, each off-diagonal entry read once for
+/// both rows it is in.
+fn sym_pass(u: &[f32], w: &[f32], n: usize, f: impl Fn(f64, usize) -> f64 + Sync) -> Vec<f64> {
     let parts: Vec<Vec<f64>> = u
         .par_chunks(n * TRI_ROWS)
+        .zip(w.par_chunks(n * TRI_ROWS))
         .enumerate()
-        .map(|(c, rows)| {
+        .map(|(c, (rows_u, rows_w))| {
             let mut y = vec![0f64; n];
-            for (r, row) in rows.chunks(n).enumerate() {
+            for (r, (ru, rw)) in rows_u.chunks(n).zip(rows_w.chunks(n)).enumerate() {
                 let i = c * TRI_ROWS + r;
-                let mut yi = f(row[i] as f64, i);
-                for (j, &v) in row.iter().enumerate().skip(i + 1) {
-                    let v = v as f64;
+                let mut yi = f((ru[i] + rw[i]) as f64, i);
+                for (j, (&a, &b)) in ru.iter().zip(rw).enumerate().skip(i + 1) {
+                    let v = (a + b) as f64;
                     yi += f(v, j);
                     y[j] += f(v, i);
                 }
@@ -148,13 +150,8 @@ pub fn norm_lower_bound_sym_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let host = with_square(&[a, b], |bt, n, s| {
         (0..bt)
             .map(|k| {
-                let off = k * n * n;
-                let sum: Vec<f32> = s[0][off..off + n * n]
-                    .par_iter()
-                    .zip(&s[1][off..off + n * n])
-                    .map(|(x, y)| x + y)
-                    .collect();
-                sym_bound(&sum, n)
+                let m = k * n * n..(k + 1) * n * n;
+                sym_bound(&s[0][m.clone()], &s[1][m], n)
             })
             .collect::<Vec<f32>>()
     });
@@ -176,19 +173,25 @@ pub fn norm_lower_bound_sym_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The bound of one symmetric matrix given by its upper triangle `u`.
-fn sym_bound(u: &[f32], n: usize) -> f32 {
+/// The bound of one symmetric matrix `U + W`, given by the upper triangles of `u` and `w`.
+fn sym_bound(u: &[f32], w: &[f32], n: usize) -> f32 {
     let max_abs = u
         .par_chunks(n)
+        .zip(w.par_chunks(n))
         .enumerate()
-        .map(|(i, row)| row[i..].iter().fold(0f32, |m, v| m.max(v.abs())))
+        .map(|(i, (ru, rw))| {
+            ru[i..]
+                .iter()
+                .zip(&rw[i..])
+                .fold(0f32, |m, (a, b)| m.max((a + b).abs()))
+        })
         .reduce(|| 0f32, f32::max);
     if max_abs.is_nan() || max_abs <= 0.0 {
         return max_abs;
     }
     let inv = 1.0 / max_abs as f64;
     // squared norm of each row of S / max_abs
-    let norms = sym_pass(u, n, |v, _| (v * inv) * (v * inv));
+    let norms = sym_pass(u, w, n, |v, _| (v * inv) * (v * inv));
     // the first row of largest norm, as argmax picks it
     let j = norms
         .iter()
@@ -196,17 +199,17 @@ fn sym_bound(u: &[f32], n: usize) -> f32 {
         .fold(0, |best, (i, &v)| if v > norms[best] { i } else { best });
     let row_j: Vec<f64> = (0..n)
         .map(|k| {
-            let v = if k >= j { u[j * n + k] } else { u[k * n + j] };
-            v as f64 * inv
+            let at = if k >= j { j * n + k } else { k * n + j };
+            (u[at] + w[at]) as f64 * inv
         })
         .collect();
-    let x: Vec<f64> = sym_pass(u, n, |v, k| v * row_j[k])
+    let x: Vec<f64> = sym_pass(u, w, n, |v, k| v * row_j[k])
         .iter()
         .map(|v| v * inv)
         .collect();
     let nx = x.iter().map(|v| v * v).sum::<f64>().sqrt();
     let x: Vec<f64> = x.iter().map(|v| v / nx).collect();
-    let y = sym_pass(u, n, |v, k| v * x[k]);
+    let y = sym_pass(u, w, n, |v, k| v * x[k]);
     let ny = y.iter().map(|v| v * v).sum::<f64>().sqrt() * inv;
     (ny * max_abs as f64) as f32
 }

@@ -225,14 +225,15 @@ fn momentum_ops(
 /// Leaves with fewer elements than this in all fit on a worker of rayon's pool.
 const ON_POOL_MAX: usize = 1 << 20;
 
-/// Runs a preconditioner fit over `elements` parameters, on a worker of rayon's pool when
-/// the model is small. A fit's host passes fork many small jobs: from a thread outside
+/// Runs a preconditioner fit of `leaves` on a worker of rayon's pool when the model is
+/// small. A fit's host passes fork many small jobs: from a thread outside
 /// the pool each fork is a hand-off to the pool and back (tens of µs, most of a small
 /// model's fit), from a worker it runs inline unless another worker is idle to take
 /// half. For a large model the forks are negligible, and tensors allocated on a worker
 /// then freed elsewhere made later steps slower (measured: transformer Kron apply +25 %),
 /// so it stays on the calling thread.
-pub fn on_pool<R: Send>(elements: usize, f: impl FnOnce() -> R + Send) -> R {
+pub fn on_pool<R: Send>(leaves: &[LeafSpec], f: impl FnOnce() -> R + Send) -> R {
+    let elements: usize = leaves.iter().map(LeafSpec::numel).sum();
     if elements >= ON_POOL_MAX || rayon::current_thread_index().is_some() {
         f()
     } else {
@@ -332,7 +333,7 @@ pub fn keep_dtypes(
     }
 }
 
-/// How [`finish_updates_clipped`] caps the preconditioned updates before weight decay.
+/// How [`finish_updates`] caps the preconditioned updates before weight decay.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Clip {
     /// No cap.
@@ -343,30 +344,10 @@ pub enum Clip {
     GlobalNorm(f64),
 }
 
-/// [`finish_update`] for every leaf, each cast to its gradient's dtype.
-pub fn finish_updates(
-    pre: &[Tensor],
-    params: Option<&[Tensor]>,
-    specs: &[LeafSpec],
-    grads: &[Tensor],
-    weight_decay: f64,
-    learning_rate: f64,
-) -> Result<Vec<Tensor>> {
-    finish_updates_clipped(
-        pre,
-        params,
-        specs,
-        grads,
-        weight_decay,
-        learning_rate,
-        Clip::None,
-    )
-}
-
 /// `clip`, then [`finish_update`], for every leaf, each cast to its gradient's dtype. On
 /// the CPU in float32 this is one pass per leaf after the clip's sum of squares, instead
 /// of a chain of whole-tensor ops.
-pub fn finish_updates_clipped(
+pub fn finish_updates(
     pre: &[Tensor],
     params: Option<&[Tensor]>,
     specs: &[LeafSpec],
@@ -793,9 +774,8 @@ mod tests {
                 Clip::GlobalNorm(1e6),
             ] {
                 for wd in [0.0, 0.1] {
-                    let got =
-                        finish_updates_clipped(&pre, Some(&params), &specs, &grads, wd, 0.01, clip)
-                            .unwrap();
+                    let got = finish_updates(&pre, Some(&params), &specs, &grads, wd, 0.01, clip)
+                        .unwrap();
                     let clipped = match clip {
                         Clip::None => pre.clone(),
                         Clip::Rms => pre.iter().map(|u| clip_rms_ops(u).unwrap()).collect(),
@@ -818,15 +798,8 @@ mod tests {
                     // dtypes is an error there, as it always was)
                     let mut pre64 = pre.clone();
                     pre64[2] = pre64[2].to_dtype(DType::F64).unwrap();
-                    let slow = finish_updates_clipped(
-                        &pre64,
-                        Some(&params),
-                        &specs,
-                        &grads,
-                        wd,
-                        0.01,
-                        clip,
-                    );
+                    let slow =
+                        finish_updates(&pre64, Some(&params), &specs, &grads, wd, 0.01, clip);
                     if let Ok(slow) = slow {
                         for (a, b) in slow.iter().zip(&got) {
                             assert_close(a, b);
@@ -839,7 +812,7 @@ mod tests {
         }
         // weight decay without params is an error on either path
         let pre = leaves(&lens, 20, 1.0);
-        assert!(finish_updates(&pre, None, &specs, &grads, 0.1, 0.01).is_err());
+        assert!(finish_updates(&pre, None, &specs, &grads, 0.1, 0.01, Clip::None).is_err());
         let one = finish_update(&strided(&pre[2]), None, &specs[2], 0.1, 0.01, DType::F32).unwrap();
         let want = Finish::new(0.1, 0.01)
             .ops(&pre[2], None, DType::F32)
