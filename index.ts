@@ -17,5 +17,5 @@ export {
 } from './src/core'
 export { hessianHelper, type HessianHelperOptions, type HessianHelperResult, type LossAndGrad } from './src/hessian'
 export { precondUpdateProbSchedule, type Schedule, type PrecondUpdateProbScheduleOptions } from './src/schedule'
-export { Tensor, type DType, type DeviceName, type TensorOptions } from './src/tensor'
+export { Tensor, liveTensorBytes, type DType, type DeviceName, type TensorOptions } from './src/tensor'
 export { flatten, unflatten, isLeaf, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef, type Flat } from './src/tree'

@@ -6,10 +6,13 @@ Usage (in the venv made by benches/setup-reference.sh):
 
     python benches/psgd_jax_bench.py --workload transformer --variant kron \
         [--kinds update,apply] [--repeats N] [--warmup N] [--workloads FILE]
+    python benches/psgd_jax_bench.py --workload transformer      # each of its variants
     python benches/psgd_jax_bench.py --all [--kinds ...] [--repeats N] [--warmup N]
 
 Prints one JSON line per (workload, variant) on stdout; everything else goes to stderr
 (psgd-jax prints preconditioner sizes on stdout, so stdout is rerouted while it runs).
+Warmup and repeats come from the command line, else from the workload's own entry, else
+from the file's top level (the Rust bench and the Node runner read them the same way).
 
 Step kinds:
   update  a step that updates the preconditioner, then preconditions the gradient;
@@ -17,18 +20,21 @@ Step kinds:
 The kind is chosen through preconditioner_update_probability, the same knob a training
 run uses, so each timed call is exactly a real psgd-jax step:
   - kron: probability 1.0 updates every step; with APPLY_PROBABILITY the deterministic
-    counter (update when counter >= 1/p) never gets there.
+    counter (update when counter >= 1/p) never gets there. When both kinds run, the two
+    are one schedule over the step number (kron takes a callable probability), so one
+    compiled program serves both kinds.
   - xmat, lra, affine: probability 1.0 / 0.0. Their update functions take an
     `update_preconditioner` argument, but it is overwritten from the probability unless
     a Hessian-vector product is passed too, and they force an update on the first
     FORCED_UPDATE_STEPS steps (count < 2); those steps are always run untimed.
-Each kind starts from the optimizer's initial state and feeds every step's new state
-into the next one; buffers are not donated, so the initial state serves every kind.
+The kinds run in order on one chain of states, as in the Rust bench: the first starts
+from the optimizer's initial state, and each later kind goes on from the state the one
+before it left, so the apply kind needs no forced updates of its own.
 
 Memory: state_bytes is the size of the initial optimizer state (every leaf, the step
 counters and PRNG keys included). RSS figures come from /proc/self/status; VmHWM is
 reset at the start of each (workload, variant) where the kernel allows it
-(hwm_reset), so that under --all one run's peak does not carry into the next.
+(hwm_reset), so that one run's peak does not carry into the next.
 """
 import argparse
 import gc
@@ -103,14 +109,22 @@ def make_problem(leaves):
     return params, grads
 
 
-def make_optimizer(variant, options, leaves, kind):
+def kron_kinds_schedule(update_steps):
+    """Kron's probability as a schedule of the step number: the first `update_steps` steps
+    update, the later ones only apply. One compiled program then serves both kinds (kron
+    takes a callable probability; the other variants take a float only)."""
+    return lambda count: jnp.where(count <= update_steps, 1.0, APPLY_PROBABILITY)
+
+
+def make_optimizer(variant, options, leaves, kind, probability=None):
     options = dict(options)
     if "preconditioner_update_probability" in options:
         log(f"note: {variant}: preconditioner_update_probability from the workloads file "
             "is replaced by the step kind's")
     if variant == "kron":
         options["preconditioner_update_probability"] = (
-            1.0 if kind == "update" else APPLY_PROBABILITY
+            probability if probability is not None
+            else 1.0 if kind == "update" else APPLY_PROBABILITY
         )
         if any(leaf.get("scanned", False) for leaf in leaves):
             # Same structure as params (a flat dict); vmap rather than lax.map, which
@@ -133,12 +147,17 @@ def timed_step(step, grads, state, params):
     return time.perf_counter() - t0, new_state
 
 
-def run_kind(tx, variant, params, grads, state0, warmup, repeats):
-    # Untimed steps: at least one to hold compilation, and for xmat/lra/affine enough to
-    # pass their forced updates.
-    untimed = max(warmup, 1, 1 if variant == "kron" else FORCED_UPDATE_STEPS)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-    state = state0
+def untimed_steps(variant, steps_before, warmup):
+    # At least one, to hold compilation, and for xmat/lra/affine enough to pass their
+    # forced updates if the chain has not passed them yet.
+    forced = 0 if variant == "kron" else FORCED_UPDATE_STEPS - steps_before
+    return max(warmup, 1, forced)
+
+
+def run_kind(step, variant, params, grads, state, steps_before, warmup, repeats):
+    """Runs one kind with the jitted `step` from `state` (after `steps_before` steps of the
+    chain); returns its timings and the state it leaves."""
+    untimed = untimed_steps(variant, steps_before, warmup)
     warmup_times = []
     for _ in range(untimed):
         dt, state = timed_step(step, grads, state, params)
@@ -152,10 +171,11 @@ def run_kind(tx, variant, params, grads, state0, warmup, repeats):
         "min": min(times) if times else None,
         "median": statistics.median(times) if times else None,
         "warmup": untimed,
-        # The first call traces, compiles and runs one step.
+        # The first call traces, compiles and runs one step (kron's apply kind, when it
+        # follows the update kind, reuses that kind's program: see kron_kinds_schedule).
         "compile_s": warmup_times[0],
         "warmup_s": warmup_times[1:],
-    }
+    }, state, untimed + repeats
 
 
 def bench(workload, variant, variant_options, kinds, warmup, repeats):
@@ -163,6 +183,11 @@ def bench(workload, variant, variant_options, kinds, warmup, repeats):
     leaves = workload["leaves"]
     params, grads = make_problem(leaves)
     txs = {kind: make_optimizer(variant, variant_options, leaves, kind) for kind in kinds}
+    steps = {kind: jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)) for kind, tx in txs.items()}
+    if variant == "kron" and kinds == ["update", "apply"]:
+        shared = make_optimizer(variant, variant_options, leaves, None, kron_kinds_schedule(
+            untimed_steps(variant, 0, warmup) + repeats))
+        steps = dict.fromkeys(kinds, jax.jit(lambda g, s, p: shared.update(g, s, p)))
     # The initial state does not depend on the update probability: one serves all kinds.
     state0 = txs[kinds[0]].init(params)
     jax.block_until_ready(state0)
@@ -171,9 +196,12 @@ def bench(workload, variant, variant_options, kinds, warmup, repeats):
     rss_before = proc_status_bytes("VmRSS")
     hwm_before = proc_status_bytes("VmHWM")
     results = {}
+    state, done = state0, 0
     for kind in kinds:
         log(f"{workload['name']}/{variant}/{kind}: running")
-        results[kind] = run_kind(txs[kind], variant, params, grads, state0, warmup, repeats)
+        results[kind], state, n = run_kind(steps[kind], variant, params, grads, state, done,
+                                           warmup, repeats)
+        done += n
         log(f"{workload['name']}/{variant}/{kind}: compile+first {results[kind]['compile_s']:.3f}s, "
             f"median {results[kind]['median'] * 1e3:.3f} ms")
     peak_rss = proc_status_bytes("VmHWM")
@@ -198,8 +226,10 @@ def bench(workload, variant, variant_options, kinds, warmup, repeats):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", type=Path, default=DEFAULT_WORKLOADS)
-    ap.add_argument("--workload", help="a workload name from the workloads file")
-    ap.add_argument("--variant", choices=sorted(CONSTRUCTORS))
+    ap.add_argument("--workload", help="a workload name from the workloads file (alone: each "
+                    "variant it lists)")
+    ap.add_argument("--variant", choices=sorted(CONSTRUCTORS),
+                    help="one variant (alone: on each workload that lists it)")
     ap.add_argument("--all", action="store_true",
                     help="every (workload, variant) of the workloads file, one line each")
     ap.add_argument("--kinds", default=",".join(KINDS),
@@ -208,9 +238,7 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, help="untimed steps per kind (default: the file's)")
     args = ap.parse_args(argv)
     if args.all == bool(args.workload or args.variant):
-        ap.error("give either --all or both --workload and --variant")
-    if not args.all and not (args.workload and args.variant):
-        ap.error("--workload and --variant go together")
+        ap.error("give either --all or --workload and/or --variant")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in args.kinds if k not in KINDS]
     if bad or not args.kinds:
@@ -223,19 +251,14 @@ def parse_args(argv):
 def main(argv):
     args = parse_args(argv)
     config = json.loads(args.workloads.read_text())
-    warmup = config["warmup"] if args.warmup is None else args.warmup
-    repeats = config["repeats"] if args.repeats is None else args.repeats
     workloads = {w["name"]: w for w in config["workloads"]}
-
-    if args.all:
-        runs = [(w, v) for w in config["workloads"] for v in w["variants"]]
-    else:
-        if args.workload not in workloads:
-            sys.exit(f"unknown workload '{args.workload}' (have: {', '.join(workloads)})")
-        w = workloads[args.workload]
-        if args.variant not in w["variants"]:
-            sys.exit(f"workload '{w['name']}' does not list variant '{args.variant}'")
-        runs = [(w, args.variant)]
+    if args.workload and args.workload not in workloads:
+        sys.exit(f"unknown workload '{args.workload}' (have: {', '.join(workloads)})")
+    runs = [(w, v) for w in config["workloads"] if args.workload in (None, w["name"])
+            for v in w["variants"] if args.variant in (None, v)]
+    if not runs:
+        sys.exit(f"no workload lists variant '{args.variant}'"
+                 + (f" (workload '{args.workload}')" if args.workload else ""))
 
     log(f"jax {jax.__version__}, psgd-jax {version('psgd-jax')}, devices {jax.devices()}")
     out = sys.stdout
@@ -244,11 +267,14 @@ def main(argv):
     sys.stdout = sys.stderr
     failed = 0
     for workload, variant in runs:
+        warmup = args.warmup if args.warmup is not None else workload.get("warmup", config["warmup"])
+        repeats = (args.repeats if args.repeats is not None
+                   else workload.get("repeats", config["repeats"]))
         try:
             line = bench(workload, variant, config["variants"][variant],
                          args.kinds, warmup, repeats)
-        except Exception as e:  # under --all, one failing run should not stop the rest
-            if not args.all:
+        except Exception as e:  # with several runs, one failing should not stop the rest
+            if len(runs) == 1:
                 raise
             failed += 1
             log(f"{workload['name']}/{variant}: FAILED: {type(e).__name__}: {e}")

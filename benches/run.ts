@@ -6,8 +6,8 @@
  *    (update and apply-only), candle-nn AdamW, candle's matmul on the step's products,
  *    state bytes and peak RSS;
  * 2. the same steps through the Node API (this process), for the binding overhead;
- * 3. psgd-jax under jax.jit on the CPU (benches/psgd_jax_bench.py), when a reference
- *    environment is there or `--jax` asks to make one (benches/setup-reference.sh).
+ * 3. psgd-jax under jax.jit on the CPU (benches/psgd_jax_bench.py, its own process), when a
+ *    reference environment is there or `--jax` asks to make one (benches/setup-reference.sh).
  *
  * and prints every figure as a ratio of two timings taken in this run.
  *
@@ -33,6 +33,9 @@ interface Workload {
   about: string
   variants: string[]
   leaves: LeafDef[]
+  /** Per-workload counts (tiny workloads need more steps for a steady figure). */
+  warmup?: number
+  repeats?: number
 }
 interface Spec {
   warmup: number
@@ -122,11 +125,15 @@ function referencePython(mode: 'auto' | 'yes' | 'no'): string | null {
   return out.trim().split('\n').pop() || py
 }
 
-function runJson(cmd: string, args: string[]): Record_ {
+/** Every JSON line a bench process prints on stdout. */
+function runJson(cmd: string, args: string[]): Record_[] {
   const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 26 })
   if (r.status !== 0) throw new Error(`bench: ${path.basename(cmd)} ${args.join(' ')} failed (exit ${r.status})`)
-  const lines = r.stdout.trim().split('\n').filter((l) => l.startsWith('{'))
-  return JSON.parse(lines[lines.length - 1])
+  return r.stdout
+    .trim()
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l))
 }
 
 /** Deterministic normal draws (Box-Muller on a small LCG): the values do not matter, only the shapes. */
@@ -149,8 +156,13 @@ function normals(n: number, std: number, seed: number): Float32Array {
 const camel = (s: string) => s.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())
 const constructors: Record<string, (o: object) => GradientTransformation> = { kron, xmat, lra, affine }
 
-/** The same steps as the Rust bench, through the public Node API. */
-function nodeCase(w: Workload, variant: string, options: Record<string, unknown>, warmup: number, repeats: number) {
+interface Problem {
+  params: Record<string, Tensor>
+  grads: Record<string, Tensor>
+}
+
+/** A workload's params and grads as Tensors (the steps read them and never change them). */
+function problemOf(w: Workload): Problem {
   const params: Record<string, Tensor> = {}
   const grads: Record<string, Tensor> = {}
   w.leaves.forEach((l, i) => {
@@ -158,6 +170,24 @@ function nodeCase(w: Workload, variant: string, options: Record<string, unknown>
     params[l.path] = Tensor.fromArray(normals(n, 0.02, 2 * i + 1), l.shape)
     grads[l.path] = Tensor.fromArray(normals(n, 1, 2 * i + 2), l.shape)
   })
+  return { params, grads }
+}
+
+/**
+ * The same steps as the Rust bench, through the public Node API, alternating step by step
+ * with the same step run by a Rust loop inside this process (`timeSteps`): the binding
+ * overhead is their ratio, free of the differences between two processes' allocator and
+ * page state (which move a step by 10 to 15 % from one process to the next).
+ */
+function nodeCase(
+  w: Workload,
+  problem: Problem,
+  variant: string,
+  options: Record<string, unknown>,
+  warmup: number,
+  repeats: number,
+) {
+  const { params, grads } = problem
   let prob = 1
   const o: Record<string, unknown> = { preconditionerUpdateProbability: () => prob }
   for (const [k, v] of Object.entries(options)) o[camel(k)] = v
@@ -166,22 +196,37 @@ function nodeCase(w: Workload, variant: string, options: Record<string, unknown>
   }
   const opt = constructors[variant](o)
   const state = opt.init(params)
-  const steps = (n: number): number[] => {
-    const t: number[] = []
+  const paths = state.layout.paths
+  const nativeGrads = paths.map((p) => grads[p].native)
+  const nativeParams = paths.map((p) => params[p].native)
+  const learningRate = Number(options.learning_rate ?? 0.001)
+  const steps = (n: number, alternate = true) => {
+    const node: number[] = []
+    const rust: number[] = []
     for (let i = 0; i < n; i++) {
       const t0 = performance.now()
-      opt.update(grads, state, params)
-      t.push((performance.now() - t0) / 1e3)
+      const [updates] = opt.update(grads, state, params)
+      node.push((performance.now() - t0) / 1e3)
+      // as the README asks of a synchronous loop (the leaves are flat: paths are keys)
+      for (const u of Object.values(updates as Record<string, Tensor>)) u.dispose()
+      if (!alternate) continue
+      const step = { learningRate, updateProbability: prob }
+      rust.push(...state.optimizer.timeSteps(nativeGrads, state.handle, nativeParams, step, 1))
     }
-    return t
+    return { node, rust }
   }
-  // the order of the Rust bench: update steps (past the forced first updates), then apply
-  steps(warmup)
+  // the order of the Rust bench: update steps (past the forced first updates), then apply;
+  // the warm-up steps go through the Node API only
+  steps(warmup, false)
   const update = steps(repeats)
   prob = 0
-  steps(warmup)
+  steps(warmup, false)
   const apply = steps(repeats)
-  return { update: timing(update), apply: timing(apply) }
+  return {
+    update: timing(update.node),
+    apply: timing(apply.node),
+    inProcessRust: { update: timing(update.rust), apply: timing(apply.rust) },
+  }
 }
 
 const fmtMs = (s: number | undefined) => (s === undefined || !Number.isFinite(s) ? '—' : (s * 1e3).toFixed(s < 0.01 ? 3 : 1))
@@ -192,13 +237,17 @@ const mib = (b: unknown) => (typeof b === 'number' ? (b / 1048576).toFixed(1) : 
 function main() {
   const args = parseArgs(process.argv.slice(2))
   const spec: Spec = JSON.parse(readFileSync(workloadsFile, 'utf8'))
-  const warmup = args.warmup >= 0 ? args.warmup : spec.warmup
-  const repeats = args.repeats > 0 ? args.repeats : spec.repeats
+  // the command line, else the workload's own entry, else the file's top level
+  const counts = (w: Workload) => ({
+    warmup: args.warmup >= 0 ? args.warmup : (w.warmup ?? spec.warmup),
+    repeats: args.repeats > 0 ? args.repeats : (w.repeats ?? spec.repeats),
+  })
   const bin = rustBench()
   const py = referencePython(args.jax)
   const cpu = os.cpus()
   console.log(`machine: ${cpu[0]?.model ?? '?'} × ${cpu.length} threads, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${os.platform()} ${os.release()}, node ${process.version}`)
-  console.log(`psgd-jax: ${py ? py : 'not run (pass --jax to set up benches/setup-reference.sh)'}; warmup ${warmup}, repeats ${repeats}`)
+  const perWorkload = spec.workloads.map((w) => `${w.name} ${counts(w).warmup}/${counts(w).repeats}`).join(', ')
+  console.log(`psgd-jax: ${py ? py : 'not run (pass --jax to set up benches/setup-reference.sh)'}; warmup/repeats: ${perWorkload}`)
 
   const rows: string[] = []
   const memRows: string[] = []
@@ -215,12 +264,16 @@ function main() {
   }
   for (const w of spec.workloads) {
     if (args.workload && args.workload !== w.name) continue
-    for (const v of w.variants) {
-      if (args.variant && args.variant !== v) continue
-      const common = ['--workload', w.name, '--variant', v, '--warmup', String(warmup), '--repeats', String(repeats)]
-      const rust = timed('rust', () => runJson(bin, [...common, '--json']))
-      const node = timed('node', () => nodeCase(w, v, spec.variants[v] ?? {}, warmup, repeats))
-      const jax = py ? timed('jax', () => runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common])) : null
+    const variants = w.variants.filter((v) => !args.variant || args.variant === v)
+    if (variants.length === 0) continue
+    const { warmup, repeats } = counts(w)
+    const common = ['--workload', w.name, '--warmup', String(warmup), '--repeats', String(repeats)]
+    const problem = timed('node', () => problemOf(w))
+    for (const v of variants) {
+      const rust = timed('rust', () => runJson(bin, [...common, '--variant', v, '--json'])[0])
+      const node = timed('node', () => nodeCase(w, problem, v, spec.variants[v] ?? {}, warmup, repeats))
+      // one process per case, so that its peak resident memory is its own
+      const jax = py ? timed('jax', () => runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common, '--variant', v])[0]) : null
       records.push({ workload: w.name, variant: v, rust, node, jax })
       const lim = rust.matmul_limit as Record<string, { seconds: number }>
       const adam = (rust.adamw as Timing).median
@@ -233,7 +286,7 @@ function main() {
           `${fmtMs(ours)} / ${fmtMs(rust.kinds[kind].min)}`,
           jax ? `${fmtMs(jax.kinds[kind].median)} / ${fmtMs(jax.kinds[kind].min)}` : '—',
           jax ? `**${ratio(ours, jax.kinds[kind].median)}**` : '—',
-          ratio(node[kind].median, ours),
+          ratio(node[kind].median, node.inProcessRust[kind].median),
           lim[kind] ? `${(100 * lim[kind].seconds / ours).toFixed(0)}%` : 'n/a',
           ratio(ours, adam, 1),
         ]
@@ -244,6 +297,7 @@ function main() {
         `| ${w.name} | ${v} | ${mib(rust.state_bytes)} | ${jax ? mib(jax.state_bytes) : '—'} | ${mib(rust.peak_rss_bytes)} | ${jax ? mib(jax.peak_rss_bytes) : '—'} | ${((rust.rss_growth_bytes as number) / 1024).toFixed(0)} |`,
       )
     }
+    for (const t of [...Object.values(problem.params), ...Object.values(problem.grads)]) t.dispose()
   }
   const secs = (Date.now() - started) / 1000
   console.log(`\nsuite: ${secs.toFixed(0)} s (Rust ${spent.rust.toFixed(0)} s, Node ${spent.node.toFixed(0)} s, psgd-jax ${spent.jax.toFixed(0)} s)\n`)

@@ -164,7 +164,10 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 
 /** Converts one leaf to a native tensor on `device`, checking what JS can check. */
 function toNative(leaf: Leaf, path: string, what: string, device: string): NativeTensor {
-  if (leaf instanceof Tensor) return leaf.native
+  if (leaf instanceof Tensor) {
+    if (leaf.disposed) throw new TypeError(`${what} '${path}': the tensor was disposed`)
+    return leaf.native
+  }
   if (typeof leaf === 'number') {
     return call(() => native.NativeTensor.fromArray(Float32Array.of(leaf), [], 'float32', device), `${what} '${path}'`)
   }
@@ -190,6 +193,7 @@ function flattenLike(tree: unknown, layout: Layout, what: string) {
   const at = flat.paths.findIndex((p, i) => p !== layout.paths[i])
   if (at >= 0) throw new RangeError(`${what}: leaf '${flat.paths[at]}' is not where the params have it (leaf order differs)`)
   flat.leaves.forEach((leaf, i) => {
+    if (leaf instanceof Tensor && leaf.disposed) throw new TypeError(`${what} '${flat.paths[i]}': the tensor was disposed`)
     const got = shapeOf(leaf)
     if (!sameShape(got, layout.shapes[i])) {
       throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
@@ -402,6 +406,8 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
 
 /** Adds one update leaf to one param leaf, returning a new leaf of the param's kind. */
 function addLeaf(p: Leaf, u: Leaf, path: string): Leaf {
+  if (p instanceof Tensor && p.disposed) throw new TypeError(`params '${path}': the tensor was disposed`)
+  if (u instanceof Tensor && u.disposed) throw new TypeError(`updates '${path}': the tensor was disposed`)
   if (!sameShape(shapeOf(p), shapeOf(u))) {
     throw new RangeError(`updates '${path}' has shape ${JSON.stringify(shapeOf(u))}, the param has ${JSON.stringify(shapeOf(p))}`)
   }
@@ -480,6 +486,9 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
       else if (typeof leaf === 'number') p.set[i](v)
       else leaf.data.set((v as ArrayLeaf).data)
     })
+    // Nobody else sees these: free them now, not when a finalizer gets to them after the
+    // event loop turns, or a synchronous training loop holds one model-sized copy per step.
+    for (const t of [...u.leaves, ...next]) if (t instanceof Tensor) t.dispose()
   }
 
   /** One step: updates the params in place from `grads` (a tree like the params). */

@@ -10,6 +10,8 @@ export interface NativeTensor {
   readonly shape: number[]
   readonly dtype: string
   readonly device: string
+  readonly disposed: boolean
+  dispose(): void
   toArray(): Float32Array
   add(other: NativeTensor): NativeTensor
   assign(other: NativeTensor): void
@@ -59,6 +61,8 @@ export interface NativeOptimizer {
     hvp?: NativeTensor[] | null,
     vector?: NativeTensor[] | null,
   ): Promise<NativeTensor[]>
+  /** Benchmarks only: `n` steps run by a Rust loop, each timed there (seconds). */
+  timeSteps(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number): number[]
   stateToBytes(state: NativeState): Buffer
   stateFromBytes(bytes: Uint8Array, device: string): NativeState
   copyState(source: NativeState, target: NativeState): void
@@ -77,6 +81,7 @@ interface Binding {
     fromArray(data: Float32Array, shape: number[], dtype: string, device: string): NativeTensor
   }
   NativeOptimizer: new (variant: string, leaves: LeafInfo[], optionsJson: string) => NativeOptimizer
+  liveTensorBytes(): number
   runConformance(dir: string): ConformanceResult[]
   conformanceTolerance(): number
 }

@@ -21,6 +21,9 @@ export interface TensorOptions {
 export class Tensor {
   /** @internal */
   native: NativeTensor
+  // A native tensor's shape never changes (`assign` keeps it), so it is read across N-API
+  // once: every optimizer step checks each leaf's shape.
+  #shape: number[] | undefined
 
   /** @internal Wraps a native tensor; use {@link Tensor.fromArray}. */
   constructor(handle: NativeTensor) {
@@ -51,17 +54,34 @@ export class Tensor {
 
   /** The shape. */
   get shape(): number[] {
-    return this.native.shape
+    this.#shape ??= call(() => this.native.shape, 'Tensor.shape')
+    return [...this.#shape]
   }
 
   /** The element type. */
   get dtype(): DType {
-    return this.native.dtype as DType
+    return call(() => this.native.dtype, 'Tensor.dtype') as DType
   }
 
   /** The device, e.g. `'cpu'` or `'cuda:0'`. */
   get device(): DeviceName {
-    return this.native.device
+    return call(() => this.native.device, 'Tensor.device')
+  }
+
+  /** Whether {@link Tensor.dispose} was called. */
+  get disposed(): boolean {
+    return this.native.disposed
+  }
+
+  /**
+   * Frees the native memory now; any later use of this tensor throws a `TypeError`.
+   * Idempotent. Without it the memory goes back when the garbage collector has collected
+   * this object and the event loop has then turned (N-API runs finalizers there), so a
+   * long synchronous loop that drops large tensors (the updates of `update`, the results
+   * of `applyUpdates`) should dispose them; `PsgdOptimizer.step` does so for its own.
+   */
+  dispose(): void {
+    this.native.dispose()
   }
 
   /** The values as float32, row-major (copied to JS memory). */
@@ -73,4 +93,12 @@ export class Tensor {
   to(options: TensorOptions): Tensor {
     return new Tensor(call(() => this.native.to(options.dtype ?? this.dtype, options.device ?? this.device)))
   }
+}
+
+/**
+ * Bytes held by native tensors whose JS objects are alive or not yet finalized (disposed
+ * ones excluded): a way to see whether a loop frees what it drops. See {@link Tensor.dispose}.
+ */
+export function liveTensorBytes(): number {
+  return native.liveTensorBytes()
 }

@@ -110,9 +110,74 @@ fn dtype_name(d: DType) -> &'static str {
 }
 
 /// A tensor in native memory (CPU or GPU), backed by candle.
-#[napi(js_name = "NativeTensor")]
+#[napi(js_name = "NativeTensor", custom_finalize)]
 pub struct Tensor {
-    inner: candle_core::Tensor,
+    /// `None` once disposed.
+    inner: Option<candle_core::Tensor>,
+    /// What this wrapper told V8 it holds (see [`Tensor::wrap`]).
+    reported: i64,
+}
+
+/// Bytes held by the native tensors of live JS wrappers (disposed or finalized ones
+/// excluded): see [`live_tensor_bytes`].
+static LIVE_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+impl Tensor {
+    /// Wraps a candle tensor and reports its bytes to V8 as external memory. V8 sees only
+    /// the small wrapper object, so without this a loop of large steps would keep dozens of
+    /// dead updates alive until the JS heap itself filled: memory grows and each step
+    /// touches fresh pages. Shared storage is counted per wrapper, which only makes the
+    /// collector run a little sooner.
+    fn wrap(env: &Env, inner: candle_core::Tensor) -> Tensor {
+        let bytes = (inner.elem_count() * inner.dtype().size_in_bytes()) as i64;
+        let reported = match env.adjust_external_memory(bytes) {
+            Ok(_) => bytes,
+            Err(_) => 0,
+        };
+        LIVE_BYTES.fetch_add(reported, std::sync::atomic::Ordering::Relaxed);
+        Tensor {
+            inner: Some(inner),
+            reported,
+        }
+    }
+
+    fn live(&self) -> Result<&candle_core::Tensor> {
+        self.inner.as_ref().ok_or_else(|| {
+            Error::new(
+                Status::InvalidArg,
+                "[TypeError] the tensor was disposed".to_string(),
+            )
+        })
+    }
+
+    /// Drops the native tensor now and takes back what [`Tensor::wrap`] reported.
+    fn release(&mut self, env: &Env) -> Result<()> {
+        self.inner = None;
+        if self.reported != 0 {
+            LIVE_BYTES.fetch_sub(self.reported, std::sync::atomic::Ordering::Relaxed);
+            let r = std::mem::take(&mut self.reported);
+            env.adjust_external_memory(-r)?;
+        }
+        Ok(())
+    }
+
+    fn wrap_all(env: &Env, ts: Vec<candle_core::Tensor>) -> Vec<Tensor> {
+        ts.into_iter().map(|t| Tensor::wrap(env, t)).collect()
+    }
+}
+
+impl ObjectFinalize for Tensor {
+    fn finalize(mut self, env: Env) -> Result<()> {
+        self.release(&env)
+    }
+}
+
+/// Bytes held by native tensors whose JS wrappers are alive or not yet finalized. N-API runs
+/// the finalizers of collected wrappers only when the event loop turns, so a synchronous
+/// loop that drops tensors without `dispose` shows here as growth.
+#[napi]
+pub fn live_tensor_bytes() -> f64 {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64
 }
 
 #[napi]
@@ -120,6 +185,7 @@ impl Tensor {
     /// A tensor from float32 data (row-major) and a shape, stored as `dtype` on `device`.
     #[napi(factory)]
     pub fn from_array(
+        env: Env,
         data: &[f32],
         shape: Vec<u32>,
         dtype_name: String,
@@ -138,32 +204,45 @@ impl Tensor {
         let t = candle_core::Tensor::from_slice(data, shape.as_slice(), &dev)
             .and_then(|t| t.to_dtype(dt))
             .map_err(candle_err)?;
-        Ok(Tensor { inner: t })
+        Ok(Tensor::wrap(&env, t))
     }
 
     /// The shape.
     #[napi(getter)]
-    pub fn shape(&self) -> Vec<u32> {
-        self.inner.dims().iter().map(|&d| d as u32).collect()
+    pub fn shape(&self) -> Result<Vec<u32>> {
+        Ok(self.live()?.dims().iter().map(|&d| d as u32).collect())
     }
 
     /// The dtype name.
     #[napi(getter)]
-    pub fn dtype(&self) -> String {
-        dtype_name(self.inner.dtype()).to_string()
+    pub fn dtype(&self) -> Result<String> {
+        Ok(dtype_name(self.live()?.dtype()).to_string())
     }
 
     /// The device name.
     #[napi(getter)]
-    pub fn device(&self) -> String {
-        device_name(self.inner.device())
+    pub fn device(&self) -> Result<String> {
+        Ok(device_name(self.live()?.device()))
+    }
+
+    /// Whether [`Self::dispose`] was called.
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Frees the native memory now, instead of when the garbage collector and then the event
+    /// loop get to the wrapper; any later use of this tensor throws. Idempotent.
+    #[napi]
+    pub fn dispose(&mut self, env: Env) -> Result<()> {
+        self.release(&env)
     }
 
     /// The values as float32, row-major (copied to the host).
     #[napi]
     pub fn to_array(&self) -> Result<Float32Array> {
         let v = self
-            .inner
+            .live()?
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
@@ -173,44 +252,41 @@ impl Tensor {
 
     /// `self + other` in `self`'s dtype.
     #[napi]
-    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+    pub fn add(&self, env: Env, other: &Tensor) -> Result<Tensor> {
         let r = psgd::apply_updates(
-            std::slice::from_ref(&self.inner),
-            std::slice::from_ref(&other.inner),
+            std::slice::from_ref(self.live()?),
+            std::slice::from_ref(other.live()?),
         )
         .map_err(js_err)?;
-        Ok(Tensor {
-            inner: r.into_iter().next().unwrap(),
-        })
+        Ok(Tensor::wrap(&env, r.into_iter().next().unwrap()))
     }
 
     /// Makes this tensor hold `other`'s values (same shape required).
     #[napi]
     pub fn assign(&mut self, other: &Tensor) -> Result<()> {
-        if other.inner.dims() != self.inner.dims() {
+        let (src, dst) = (other.live()?, self.live()?);
+        if src.dims() != dst.dims() {
             return Err(range_err(format!(
                 "assign: shape {:?} into {:?}",
-                other.inner.dims(),
-                self.inner.dims()
+                src.dims(),
+                dst.dims()
             )));
         }
-        self.inner = other
-            .inner
-            .to_dtype(self.inner.dtype())
-            .map_err(candle_err)?;
+        let next = src.to_dtype(dst.dtype()).map_err(candle_err)?;
+        self.inner = Some(next);
         Ok(())
     }
 
     /// A copy on `device`, as `dtype`.
     #[napi]
-    pub fn to(&self, dtype_name: String, device_name: String) -> Result<Tensor> {
+    pub fn to(&self, env: Env, dtype_name: String, device_name: String) -> Result<Tensor> {
         let (dev, dt) = (device(&device_name)?, dtype(&dtype_name)?);
         let t = self
-            .inner
+            .live()?
             .to_device(&dev)
             .and_then(|t| t.to_dtype(dt))
             .map_err(candle_err)?;
-        Ok(Tensor { inner: t })
+        Ok(Tensor::wrap(&env, t))
     }
 }
 
@@ -252,8 +328,8 @@ pub struct NativeOptimizer {
     inner: Arc<AnyTransform>,
 }
 
-fn tensors(v: &[&Tensor]) -> Vec<candle_core::Tensor> {
-    v.iter().map(|t| t.inner.clone()).collect()
+fn tensors(v: &[&Tensor]) -> Result<Vec<candle_core::Tensor>> {
+    v.iter().map(|t| t.live().cloned()).collect()
 }
 
 /// This step's hyperparameters, with the schedules already evaluated by the caller.
@@ -281,8 +357,8 @@ fn step_parts(
     let curvature = match (hvp, vector, step.update_preconditioner) {
         (None, None, None) => None,
         (Some(h), Some(v), Some(flag)) => Some(Curvature {
-            hvp: tensors(&h),
-            vector: tensors(&v),
+            hvp: tensors(&h)?,
+            vector: tensors(&v)?,
             update_preconditioner: flag,
         }),
         _ => {
@@ -336,8 +412,8 @@ impl Task for UpdateTask {
         )
     }
 
-    fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
-        Ok(output.into_iter().map(|inner| Tensor { inner }).collect())
+    fn resolve(&mut self, env: Env, output: Self::Output) -> Result<Self::JsValue> {
+        Ok(Tensor::wrap_all(&env, output))
     }
 }
 
@@ -371,7 +447,7 @@ impl NativeOptimizer {
     /// The initial state for `params`.
     #[napi]
     pub fn init(&self, params: Vec<&Tensor>) -> Result<NativeState> {
-        let s = self.inner.init(&tensors(&params)).map_err(js_err)?;
+        let s = self.inner.init(&tensors(&params)?).map_err(js_err)?;
         Ok(NativeState {
             inner: Arc::new(Mutex::new(s)),
         })
@@ -379,9 +455,12 @@ impl NativeOptimizer {
 
     /// One step: returns the updates and advances `state` in place (only on success).
     /// `hvp` and `vector` (with `step.updatePreconditioner`) select the Hessian mode.
+    // the JS signature, plus the `Env` napi-rs injects
+    #[allow(clippy::too_many_arguments)]
     #[napi]
     pub fn update(
         &self,
+        env: Env,
         grads: Vec<&Tensor>,
         state: &NativeState,
         params: Option<Vec<&Tensor>>,
@@ -389,17 +468,49 @@ impl NativeOptimizer {
         hvp: Option<Vec<&Tensor>>,
         vector: Option<Vec<&Tensor>>,
     ) -> Result<Vec<Tensor>> {
-        let p = params.as_deref().map(tensors);
+        let p = params.as_deref().map(tensors).transpose()?;
         let (hyper, curvature) = step_parts(&step, hvp, vector)?;
         let u = run_update(
             &self.inner,
             &state.inner,
-            &tensors(&grads),
+            &tensors(&grads)?,
             p.as_deref(),
             hyper,
             curvature.as_ref(),
         )?;
-        Ok(u.into_iter().map(|inner| Tensor { inner }).collect())
+        Ok(Tensor::wrap_all(&env, u))
+    }
+
+    /// For the benchmark's binding-overhead figure: `n` whole steps run by a Rust loop, with
+    /// no JS in between, each timed on the Rust side (seconds; the updates are dropped).
+    /// Taken in the same process as the Node API steps it is compared with, so both see
+    /// the same allocator and page state. Advances `state` like `update`.
+    #[napi]
+    pub fn time_steps(
+        &self,
+        grads: Vec<&Tensor>,
+        state: &NativeState,
+        params: Option<Vec<&Tensor>>,
+        step: StepInput,
+        n: u32,
+    ) -> Result<Vec<f64>> {
+        let grads = tensors(&grads)?;
+        let params = params.as_deref().map(tensors).transpose()?;
+        let (hyper, _) = step_parts(&step, None, None)?;
+        (0..n)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                run_update(
+                    &self.inner,
+                    &state.inner,
+                    &grads,
+                    params.as_deref(),
+                    hyper,
+                    None,
+                )?;
+                Ok(t0.elapsed().as_secs_f64())
+            })
+            .collect()
     }
 
     /// [`Self::update`] on the libuv thread pool; resolves to the updates.
@@ -417,8 +528,8 @@ impl NativeOptimizer {
         Ok(AsyncTask::new(UpdateTask {
             opt: self.inner.clone(),
             state: state.inner.clone(),
-            grads: tensors(&grads),
-            params: params.as_deref().map(tensors),
+            grads: tensors(&grads)?,
+            params: params.as_deref().map(tensors).transpose()?,
             hyper,
             curvature,
         }))

@@ -11,8 +11,9 @@
 //! resident memory grew over the timed steps.
 //!
 //! Arguments (after `--`): `--workload NAME`, `--variant NAME` (default: all),
-//! `--repeats N`, `--warmup N`, `--workloads PATH`, `--json` (one JSON line per case, for
-//! the Node runner). Speed is never asserted here: it is measured and printed.
+//! `--repeats N`, `--warmup N` (else the workload's own counts, else the file's),
+//! `--workloads PATH`, `--json` (one JSON line per case, for the Node runner). Speed is
+//! never asserted here: it is measured and printed.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
@@ -412,17 +413,17 @@ fn main() -> Res<()> {
     let args = parse_args()?;
     let spec: Value = serde_json::from_str(&std::fs::read_to_string(&args.workloads)?)?;
     let device = device_of(&args.device)?;
-    let warmup = args
-        .warmup
-        .unwrap_or(spec["warmup"].as_u64().unwrap_or(2) as usize);
-    let repeats = args
-        .repeats
-        .unwrap_or(spec["repeats"].as_u64().unwrap_or(5) as usize);
+    // the command line, else the workload's own entry, else the file's top level
+    let count = |arg: Option<usize>, w: &Value, key: &str, default: u64| {
+        arg.unwrap_or(w[key].as_u64().or(spec[key].as_u64()).unwrap_or(default) as usize)
+    };
     for w in spec["workloads"].as_array().ok_or("workloads")? {
         let name = w["name"].as_str().unwrap_or("");
         if args.workload.as_deref().is_some_and(|x| x != name) {
             continue;
         }
+        let warmup = count(args.warmup, w, "warmup", 2);
+        let repeats = count(args.repeats, w, "repeats", 5);
         for v in w["variants"].as_array().ok_or("variants")? {
             let v = v.as_str().ok_or("variant name")?;
             if args.variant.as_deref().is_some_and(|x| x != v) {
