@@ -182,12 +182,15 @@ def bench(workload, variant, variant_options, kinds, warmup, repeats):
     hwm_reset = reset_peak_rss()
     leaves = workload["leaves"]
     params, grads = make_problem(leaves)
-    txs = {kind: make_optimizer(variant, variant_options, leaves, kind) for kind in kinds}
-    steps = {kind: jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)) for kind, tx in txs.items()}
     if variant == "kron" and kinds == ["update", "apply"]:
         shared = make_optimizer(variant, variant_options, leaves, None, kron_kinds_schedule(
             untimed_steps(variant, 0, warmup) + repeats))
-        steps = dict.fromkeys(kinds, jax.jit(lambda g, s, p: shared.update(g, s, p)))
+        txs = dict.fromkeys(kinds, shared)
+    else:
+        txs = {kind: make_optimizer(variant, variant_options, leaves, kind) for kind in kinds}
+    # one jitted step per distinct optimizer, so a shared one compiles once
+    jitted = {id(tx): jax.jit(tx.update) for tx in txs.values()}
+    steps = {kind: jitted[id(tx)] for kind, tx in txs.items()}
     # The initial state does not depend on the update probability: one serves all kinds.
     state0 = txs[kinds[0]].init(params)
     jax.block_until_ready(state0)

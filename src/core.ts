@@ -162,10 +162,15 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((d, i) => d === b[i])
 }
 
+/** Throws if `leaf` is a disposed Tensor, naming it. */
+function checkLive(leaf: Leaf, what: string, path: string): void {
+  if (leaf instanceof Tensor && leaf.disposed) throw new TypeError(`${what} '${path}': the tensor was disposed`)
+}
+
 /** Converts one leaf to a native tensor on `device`, checking what JS can check. */
 function toNative(leaf: Leaf, path: string, what: string, device: string): NativeTensor {
   if (leaf instanceof Tensor) {
-    if (leaf.disposed) throw new TypeError(`${what} '${path}': the tensor was disposed`)
+    checkLive(leaf, what, path)
     return leaf.native
   }
   if (typeof leaf === 'number') {
@@ -193,7 +198,7 @@ function flattenLike(tree: unknown, layout: Layout, what: string) {
   const at = flat.paths.findIndex((p, i) => p !== layout.paths[i])
   if (at >= 0) throw new RangeError(`${what}: leaf '${flat.paths[at]}' is not where the params have it (leaf order differs)`)
   flat.leaves.forEach((leaf, i) => {
-    if (leaf instanceof Tensor && leaf.disposed) throw new TypeError(`${what} '${flat.paths[i]}': the tensor was disposed`)
+    checkLive(leaf, what, flat.paths[i])
     const got = shapeOf(leaf)
     if (!sameShape(got, layout.shapes[i])) {
       throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
@@ -406,8 +411,8 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
 
 /** Adds one update leaf to one param leaf, returning a new leaf of the param's kind. */
 function addLeaf(p: Leaf, u: Leaf, path: string): Leaf {
-  if (p instanceof Tensor && p.disposed) throw new TypeError(`params '${path}': the tensor was disposed`)
-  if (u instanceof Tensor && u.disposed) throw new TypeError(`updates '${path}': the tensor was disposed`)
+  checkLive(p, 'params', path)
+  checkLive(u, 'updates', path)
   if (!sameShape(shapeOf(p), shapeOf(u))) {
     throw new RangeError(`updates '${path}' has shape ${JSON.stringify(shapeOf(u))}, the param has ${JSON.stringify(shapeOf(p))}`)
   }
