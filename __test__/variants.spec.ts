@@ -1,5 +1,5 @@
 import test from 'ava'
-import { affine, Affine, applyUpdates, hessianHelper, kron, lra, LRA, Tensor, xmat, XMat, type GradientTransformation, type PyTree } from '../index'
+import { affine, Affine, applyUpdates, hessianHelper, kron, Kron, lra, LRA, Tensor, xmat, XMat, type GradientTransformation, type PyTree } from '../index'
 import { leaf, safetensors, snapshot, sumSquares, twice, values } from './helpers'
 
 const FACTORIES: [string, (o: object) => GradientTransformation][] = [
@@ -239,4 +239,54 @@ test('hessianHelper: Tensor leaves, async lossAndGrad, and bad options', async (
   await t.throwsAsync(() => hessianHelper(quadratic, params, { preconditionerUpdateProbability: 2 }), { instanceOf: RangeError, message: /preconditionerUpdateProbability/ })
   await t.throwsAsync(() => hessianHelper(quadratic, params, { step: -1 }), { instanceOf: RangeError, message: /'step'/ })
   await t.throwsAsync(() => hessianHelper(() => ({ loss: 0, grads: { v: leaf([1]) } }), params), { instanceOf: RangeError, message: /grads does not have the params' leaves/ })
+})
+
+test('a class step on Tensor params gives the params exactly what update + applyUpdates gives, keeping each Tensor', (t) => {
+  const makers: [string, (o: object) => GradientTransformation, new (p: PyTree, o: object) => { step(g: PyTree): void; count: number }][] = [
+    ['kron', kron, Kron],
+    ['xmat', xmat, XMat],
+    ['lra', lra, LRA],
+    ['affine', affine, Affine],
+  ]
+  const tensors = (seed: number) => ({
+    w: Tensor.fromArray(values(12, seed), [3, 4]),
+    deep: { k: Tensor.fromArray(values(18, seed + 1), [3, 3, 2]), b: Tensor.fromArray(values(4, seed + 2), [4]) },
+  })
+  for (const [name, fn, Ctor] of makers) {
+    // weight decay, so the step also reads the params natively
+    const o = { learningRate: 0.05, weightDecay: 0.1, preconditionerUpdateProbability: 0.5 }
+    const inPlace = tensors(1)
+    const objects = [inPlace.w, inPlace.deep.k, inPlace.deep.b]
+    const opt = new Ctor(inPlace, o)
+    const ref = fn(o)
+    let params: PyTree = tensors(1)
+    const state = ref.init(params)
+    for (let i = 0; i < 4; i++) {
+      const grads = tensors(10 + i)
+      opt.step(grads)
+      const [updates] = ref.update(grads, state, params)
+      params = applyUpdates(params, updates)
+    }
+    t.deepEqual(snapshot(inPlace), snapshot(params), name)
+    t.deepEqual([inPlace.w, inPlace.deep.k, inPlace.deep.b], objects, `${name}: the same Tensor objects`)
+    t.is(opt.count, 4)
+  }
+})
+
+test('a failed class step changes neither the params nor the state, and names a leaf disposed natively', (t) => {
+  const params = { w: Tensor.fromArray(values(12, 1), [3, 4]), b: Tensor.fromArray(values(4, 2), [4]) }
+  const opt = new Kron(params, { learningRate: 0.05 })
+  opt.step({ w: Tensor.fromArray(values(12, 3), [3, 4]), b: Tensor.fromArray(values(4, 4), [4]) })
+  const before = snapshot(params)
+  const bytes = opt.stateDict()
+  const nan = values(12, 5)
+  nan[7] = Number.NaN
+  t.throws(() => opt.step({ w: Tensor.fromArray(nan, [3, 4]), b: Tensor.fromArray(values(4, 4), [4]) }), { message: /grads 'w'.*(NaN|non-finite)/i })
+  // disposed through the native handle, which only the native step sees
+  const b = Tensor.fromArray(values(4, 4), [4])
+  b.native.dispose()
+  t.throws(() => opt.step({ w: Tensor.fromArray(values(12, 3), [3, 4]), b }), { instanceOf: TypeError, message: /grads 'b': the tensor was disposed/ })
+  t.deepEqual(snapshot(params), before)
+  t.is(opt.count, 1)
+  t.deepEqual(opt.stateDict(), bytes)
 })

@@ -18,7 +18,7 @@ import { execFileSync, spawnSync } from 'node:child_process'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
-import { affine, kron, lra, xmat, Tensor, type GradientTransformation } from '../index'
+import { affine, kron, lra, xmat, Affine, Kron, LRA, XMat, Tensor, type GradientTransformation, type PsgdOptimizer } from '../index'
 
 const root = path.resolve(__dirname, '..')
 const workloadsFile = path.join(root, 'benches', 'workloads.json')
@@ -155,6 +155,12 @@ function normals(n: number, std: number, seed: number): Float32Array {
 
 const camel = (s: string) => s.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())
 const constructors: Record<string, (o: object) => GradientTransformation> = { kron, xmat, lra, affine }
+const classes: Record<string, new (params: Record<string, Tensor>, o: object) => PsgdOptimizer> = {
+  kron: Kron,
+  xmat: XMat,
+  lra: LRA,
+  affine: Affine,
+}
 
 interface Problem {
   params: Record<string, Tensor>
@@ -177,7 +183,9 @@ function problemOf(w: Workload): Problem {
  * The same steps as the Rust bench, through the public Node API, alternating step by step
  * with the same step run by a Rust loop inside this process (`timeSteps`): the binding
  * overhead is their ratio, free of the differences between two processes' allocator and
- * page state (which move a step by 10 to 15 % from one process to the next).
+ * page state (which move a step by 10 to 15 % from one process to the next). Both APIs:
+ * the functional `update` (against the Rust step), and the in-place class `step` (against
+ * the Rust step plus forming `params + updates`, the work it adds).
  */
 function nodeCase(
   w: Workload,
@@ -196,24 +204,35 @@ function nodeCase(
   }
   const opt = constructors[variant](o)
   const state = opt.init(params)
+  // the class steps its own copy of the params in place
+  const own: Record<string, Tensor> = {}
+  for (const [k, t] of Object.entries(params)) own[k] = Tensor.fromArray(t.toArray(), t.shape)
+  const cls = new classes[variant](own, o)
   const paths = state.layout.paths
   const nativeGrads = paths.map((p) => grads[p].native)
   const nativeParams = paths.map((p) => params[p].native)
+  const ownNative = paths.map((p) => own[p].native)
   const learningRate = Number(options.learning_rate ?? 0.001)
   const steps = (n: number, alternate = true) => {
     const node: number[] = []
     const rust: number[] = []
+    const nodeStep: number[] = []
+    const rustStep: number[] = []
     for (let i = 0; i < n; i++) {
-      const t0 = performance.now()
+      let t0 = performance.now()
       const [updates] = opt.update(grads, state, params)
       node.push((performance.now() - t0) / 1e3)
       // as the README asks of a synchronous loop (the leaves are flat: paths are keys)
       for (const u of Object.values(updates as Record<string, Tensor>)) u.dispose()
+      t0 = performance.now()
+      cls.step(grads)
+      nodeStep.push((performance.now() - t0) / 1e3)
       if (!alternate) continue
       const step = { learningRate, updateProbability: prob }
       rust.push(...state.optimizer.timeSteps(nativeGrads, state.handle, nativeParams, step, 1))
+      rustStep.push(...cls.state.optimizer.timeSteps(nativeGrads, cls.state.handle, ownNative, step, 1, true))
     }
-    return { node, rust }
+    return { node, rust, nodeStep, rustStep }
   }
   // the order of the Rust bench: update steps (past the forced first updates), then apply;
   // the warm-up steps go through the Node API only
@@ -222,10 +241,13 @@ function nodeCase(
   prob = 0
   steps(warmup, false)
   const apply = steps(repeats)
+  for (const t of Object.values(own)) t.dispose()
   return {
     update: timing(update.node),
     apply: timing(apply.node),
     inProcessRust: { update: timing(update.rust), apply: timing(apply.rust) },
+    classStep: { update: timing(update.nodeStep), apply: timing(apply.nodeStep) },
+    inProcessRustAdd: { update: timing(update.rustStep), apply: timing(apply.rustStep) },
   }
 }
 
@@ -287,6 +309,7 @@ function main() {
           jax ? `${fmtMs(jax.kinds[kind].median)} / ${fmtMs(jax.kinds[kind].min)}` : '—',
           jax ? `**${ratio(ours, jax.kinds[kind].median)}**` : '—',
           ratio(node[kind].median, node.inProcessRust[kind].median),
+          ratio(node.classStep[kind].median, node.inProcessRustAdd[kind].median),
           lim[kind] ? `${(100 * lim[kind].seconds / ours).toFixed(0)}%` : 'n/a',
           ratio(ours, adam, 1),
         ]
@@ -301,8 +324,8 @@ function main() {
   }
   const secs = (Date.now() - started) / 1000
   console.log(`\nsuite: ${secs.toFixed(0)} s (Rust ${spent.rust.toFixed(0)} s, Node ${spent.node.toFixed(0)} s, psgd-jax ${spent.jax.toFixed(0)} s)\n`)
-  console.log('| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust | matmul limit / ours | ours / AdamW |')
-  console.log('|---|---|---|---|---|---|---|---|---|')
+  console.log('| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust (update) | Node / Rust (class step) | matmul limit / ours | ours / AdamW |')
+  console.log('|---|---|---|---|---|---|---|---|---|---|')
   for (const r of rows) console.log(r)
   console.log('\n| workload | variant | state MiB (ours) | state MiB (psgd-jax) | peak RSS MiB (ours) | peak RSS MiB (psgd-jax) | RSS growth KiB (ours) |')
   console.log('|---|---|---|---|---|---|---|')

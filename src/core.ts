@@ -154,23 +154,40 @@ interface Layout {
   treedef: TreeDef
 }
 
-function shapeOf(leaf: Leaf): number[] {
-  return typeof leaf === 'number' ? [] : leaf.shape
+/** A leaf's shape (a Tensor's cached one, not a copy: read it, do not keep or modify it). */
+function shapeOf(leaf: Leaf): readonly number[] {
+  return typeof leaf === 'number' ? [] : leaf instanceof Tensor ? leaf.shapeView() : leaf.shape
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
-  return a.length === b.length && a.every((d, i) => d === b[i])
+  if (a.length !== b.length) return false
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
+  return true
+}
+
+function samePaths(a: readonly string[], b: readonly string[]): boolean {
+  if (a.length !== b.length) return false
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
+  return true
 }
 
 /** Throws if `leaf` is a disposed Tensor, naming it. */
 function checkLive(leaf: Leaf, what: string, path: string): void {
-  if (leaf instanceof Tensor && leaf.disposed) throw new TypeError(`${what} '${path}': the tensor was disposed`)
+  if (leaf instanceof Tensor && leaf.disposed) throw disposedError(what, path)
 }
 
-/** Converts one leaf to a native tensor on `device`, checking what JS can check. */
+function disposedError(what: string, path: string): TypeError {
+  return new TypeError(`${what} '${path}': the tensor was disposed`)
+}
+
+/**
+ * Converts one leaf to a native tensor on `device`, checking what JS can check. A Tensor is
+ * checked only for a `dispose` on itself (no N-API call); a native handle disposed some
+ * other way makes the native step fail, and {@link checkLiveAll} then names the leaf.
+ */
 function toNative(leaf: Leaf, path: string, what: string, device: string): NativeTensor {
   if (leaf instanceof Tensor) {
-    checkLive(leaf, what, path)
+    if (leaf.disposedHere) throw disposedError(what, path)
     return leaf.native
   }
   if (typeof leaf === 'number') {
@@ -193,19 +210,28 @@ function toNative(leaf: Leaf, path: string, what: string, device: string): Nativ
 /** Flattens `tree` and checks it has exactly the leaves (paths and shapes) of `layout`. */
 function flattenLike(tree: unknown, layout: Layout, what: string) {
   const flat = flatten<Leaf>(tree, isLeaf, what)
-  const bad = structureMismatch(layout.paths, flat.paths)
-  if (bad) throw new RangeError(`${what}: ${bad}`)
-  const at = flat.paths.findIndex((p, i) => p !== layout.paths[i])
-  if (at >= 0) throw new RangeError(`${what}: leaf '${flat.paths[at]}' is not where the params have it (leaf order differs)`)
-  flat.leaves.forEach((leaf, i) => {
-    checkLive(leaf, what, flat.paths[i])
+  if (!samePaths(flat.paths, layout.paths)) {
+    const bad = structureMismatch(layout.paths, flat.paths)
+    if (bad) throw new RangeError(`${what}: ${bad}`)
+    const at = flat.paths.findIndex((p, i) => p !== layout.paths[i])
+    throw new RangeError(`${what}: leaf '${flat.paths[at]}' is not where the params have it (leaf order differs)`)
+  }
+  const nativeLeaves: NativeTensor[] = []
+  for (let i = 0; i < flat.leaves.length; i++) {
+    const leaf = flat.leaves[i]
+    if (leaf instanceof Tensor && leaf.disposedHere) throw disposedError(what, flat.paths[i])
     const got = shapeOf(leaf)
     if (!sameShape(got, layout.shapes[i])) {
       throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
     }
-  })
-  const nativeLeaves = flat.leaves.map((l, i) => toNative(l, flat.paths[i], what, layout.devices[i]))
+    nativeLeaves.push(toNative(leaf, flat.paths[i], what, layout.devices[i]))
+  }
   return { flat, nativeLeaves }
+}
+
+/** Throws a TypeError naming the first disposed Tensor among the flattened inputs, if any. */
+function checkLiveAll(inputs: [string, { leaves: Leaf[]; paths: string[] } | null][]): void {
+  for (const [what, flat] of inputs) flat?.leaves.forEach((leaf, i) => checkLive(leaf, what, flat.paths[i]))
 }
 
 /** Checks and converts the Hessian-mode inputs of `update`; null when whitening. */
@@ -228,16 +254,19 @@ function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout
   if (typeof extra.updatePreconditioner !== 'boolean') {
     throw new TypeError(`${spec.name}.update: updatePreconditioner must be a boolean, got ${String(extra.updatePreconditioner)}`)
   }
+  const hvp = flattenLike(extra.hvp, layout, 'hvp')
+  const vector = flattenLike(extra.vector, layout, 'vector')
   return {
-    hvp: flattenLike(extra.hvp, layout, 'hvp').nativeLeaves,
-    vector: flattenLike(extra.vector, layout, 'vector').nativeLeaves,
+    hvp: hvp.nativeLeaves,
+    vector: vector.nativeLeaves,
+    flats: { hvp: hvp.flat, vector: vector.flat },
     updatePreconditioner: extra.updatePreconditioner,
   }
 }
 
 /** Builds an updates leaf of the same kind as the grads leaf it answers. */
 function fromNative(t: NativeTensor, like: Leaf): Leaf {
-  if (like instanceof Tensor) return new Tensor(t)
+  if (like instanceof Tensor) return new Tensor(t, like.shapeView())
   const data = call(() => t.toArray())
   if (typeof like === 'number') return data[0]
   return { data, shape: [...like.shape] }
@@ -326,15 +355,29 @@ export interface GradientTransformation {
 /** The inputs of one native step, fully checked. */
 interface Prepared {
   flat: ReturnType<typeof flattenLike>['flat']
+  /** The flattened params, when given. */
+  paramsFlat: ReturnType<typeof flattenLike>['flat'] | null
   grads: NativeTensor[]
   params: NativeTensor[] | null
   step: StepInput
   hvp: NativeTensor[] | null
   vector: NativeTensor[] | null
+  /** Every flattened input, by name, to find a disposed leaf after a native failure. */
+  inputs: [string, { leaves: Leaf[]; paths: string[] } | null][]
+}
+
+/** What {@link makeTransformation} builds: the public pair and the in-place step behind the optimizer classes. */
+interface Transformation extends GradientTransformation {
+  /**
+   * One step written straight into `params` when every param leaf is a Tensor: the native
+   * core adds the updates itself, so no update crosses into JS, and this returns null.
+   * With other leaf kinds it is `update`, and returns the updates for the caller to write.
+   */
+  stepInPlace(grads: PyTree, state: OptimizerState, params: PyTree, extra?: UpdateExtra): PyTree | null
 }
 
 /** Builds the optax-style pair for a variant. */
-export function makeTransformation(spec: VariantSpec, options: object | undefined): GradientTransformation {
+export function makeTransformation(spec: VariantSpec, options: object | undefined): Transformation {
   const o = resolveOptions(spec, options)
 
   const prepare = (grads: PyTree, state: OptimizerState, params: PyTree | null | undefined, extra?: UpdateExtra): Prepared => {
@@ -343,7 +386,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     }
     const hessian = hessianInputs(spec, extra, state.layout)
     const g = flattenLike(grads, state.layout, 'grads')
-    const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params').nativeLeaves
+    const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params')
     const count = state.count
     const learningRate = o.learningRate(count)
     checkLearningRate(spec.name, 'learningRate', learningRate, count)
@@ -355,21 +398,50 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       checkLearningRate(spec.name, 'precondLr', step.precondLr, count + 1)
     }
     if (hessian) step.updatePreconditioner = hessian.updatePreconditioner
-    return { flat: g.flat, grads: g.nativeLeaves, params: p, step, hvp: hessian?.hvp ?? null, vector: hessian?.vector ?? null }
+    return {
+      flat: g.flat,
+      paramsFlat: p?.flat ?? null,
+      grads: g.nativeLeaves,
+      params: p?.nativeLeaves ?? null,
+      step,
+      hvp: hessian?.hvp ?? null,
+      vector: hessian?.vector ?? null,
+      inputs: [
+        ['grads', g.flat],
+        ['params', p?.flat ?? null],
+        ['hvp', hessian?.flats.hvp ?? null],
+        ['vector', hessian?.flats.vector ?? null],
+      ],
+    }
   }
 
   const finish = (prep: Prepared, out: NativeTensor[]): PyTree =>
     unflatten(prep.flat.treedef, out.map((t, i) => fromNative(t, prep.flat.leaves[i])))
 
-  const nativeError = (e: unknown): never => nativeFailure(spec, e)
+  // a native failure from a disposed leaf is reported with the leaf's name
+  const nativeError = (e: unknown, prep?: Prepared): never => {
+    if (prep) checkLiveAll(prep.inputs)
+    return nativeFailure(spec, e)
+  }
+
+  const run = (prep: Prepared, state: OptimizerState): PyTree => {
+    let out: NativeTensor[]
+    try {
+      out = state.optimizer.update(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
+    } catch (e) {
+      return nativeError(e, prep)
+    }
+    return finish(prep, out)
+  }
 
   return {
     init(params: PyTree): OptimizerState {
       const flat = flatten<Leaf>(params, isLeaf, 'params')
       const wd = resolveMask(o.weightDecayMask, 'weightDecayMask', flat.paths, flat.leaves, true)
       const scanned = resolveMask(o.scannedLayers, 'scannedLayers', flat.paths, flat.leaves, false)
+      checkLiveAll([['params', flat]])
       const devices = flat.leaves.map((l) => (l instanceof Tensor ? l.device : 'cpu'))
-      const layout: Layout = { paths: flat.paths, shapes: flat.leaves.map(shapeOf), devices, treedef: flat.treedef }
+      const layout: Layout = { paths: flat.paths, shapes: flat.leaves.map((l) => [...shapeOf(l)]), devices, treedef: flat.treedef }
       const leaves: LeafInfo[] = flat.paths.map((path, i) => ({
         path,
         shape: layout.shapes[i],
@@ -386,14 +458,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     },
 
     update(grads, state, params, extra) {
-      const prep = prepare(grads, state, params, extra)
-      let out: NativeTensor[]
-      try {
-        out = state.optimizer.update(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
-      } catch (e) {
-        return nativeError(e)
-      }
-      return [finish(prep, out), state]
+      return [run(prepare(grads, state, params, extra), state), state]
     },
 
     async updateAsync(grads, state, params, extra) {
@@ -402,9 +467,21 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       try {
         out = await state.optimizer.updateAsync(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
       } catch (e) {
-        return nativeError(e)
+        return nativeError(e, prep)
       }
       return [finish(prep, out), state]
+    },
+
+    stepInPlace(grads, state, params, extra) {
+      const prep = prepare(grads, state, params, extra)
+      const paramLeaves = prep.paramsFlat?.leaves ?? []
+      if (prep.params === null || !paramLeaves.every((l) => l instanceof Tensor)) return run(prep, state)
+      try {
+        state.optimizer.step(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
+      } catch (e) {
+        return nativeError(e, prep)
+      }
+      return null
     },
   }
 }
@@ -448,6 +525,7 @@ export function applyUpdates<T extends PyTree>(params: T, updates: PyTree): T {
 export class PsgdOptimizer<P extends PyTree = PyTree> {
   /** The optax-style pair behind this optimizer. */
   readonly transformation: GradientTransformation
+  private readonly steps: Transformation
   /** The optimizer state (advanced in place by every step). */
   readonly state: OptimizerState
   private readonly tree: P
@@ -460,7 +538,8 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
     if (typeof params === 'number') {
       throw new TypeError(`${spec.name}: params must be a tree (or a Tensor / { data, shape } leaf) to update in place, got a number`)
     }
-    this.transformation = makeTransformation(spec, options)
+    this.steps = makeTransformation(spec, options)
+    this.transformation = this.steps
     this.tree = params
     this.state = this.transformation.init(params)
   }
@@ -481,7 +560,7 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
 
   /** Writes `params + updates` into the params' leaves (Tensors keep their identity). */
   private write(updates: PyTree): void {
-    const p = flatten<Leaf>(this.tree, isLeaf, 'params')
+    const p = flatten<Leaf>(this.tree, isLeaf, 'params', true)
     const u = flatten<Leaf>(updates, isLeaf, 'updates')
     // every new value is computed before the first write, so a failure changes nothing
     const next = p.leaves.map((leaf, i) => addLeaf(leaf, u.leaves[i], p.paths[i]))
@@ -499,8 +578,9 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
   /** One step: updates the params in place from `grads` (a tree like the params). */
   step(grads: PyTree, extra?: UpdateExtra): void {
     this.enter()
-    const [updates] = this.transformation.update(grads, this.state, this.tree, extra)
-    this.write(updates)
+    // Tensor params take the new values natively; other leaf kinds are written from JS
+    const updates = this.steps.stepInPlace(grads, this.state, this.tree, extra)
+    if (updates !== null) this.write(updates)
   }
 
   /** {@link PsgdOptimizer.step} with the optimizer's work done off the JS main thread. */

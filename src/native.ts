@@ -62,7 +62,16 @@ export interface NativeOptimizer {
     vector?: NativeTensor[] | null,
   ): Promise<NativeTensor[]>
   /** Benchmarks only: `n` steps run by a Rust loop, each timed there (seconds). */
-  timeSteps(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number): number[]
+  /** `update` with the updates added into `params` natively (each param keeps its object). */
+  step(
+    grads: NativeTensor[],
+    state: NativeState,
+    params: NativeTensor[],
+    step: StepInput,
+    hvp?: NativeTensor[] | null,
+    vector?: NativeTensor[] | null,
+  ): void
+  timeSteps(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number, add?: boolean): number[]
   stateToBytes(state: NativeState): Buffer
   stateFromBytes(bytes: Uint8Array, device: string): NativeState
   copyState(source: NativeState, target: NativeState): void

@@ -24,10 +24,16 @@ export class Tensor {
   // A native tensor's shape never changes (`assign` keeps it), so it is read across N-API
   // once: every optimizer step checks each leaf's shape.
   #shape: number[] | undefined
+  // Set by `dispose`, so that a step's check of each leaf needs no N-API call.
+  #disposed = false
 
-  /** @internal Wraps a native tensor; use {@link Tensor.fromArray}. */
-  constructor(handle: NativeTensor) {
+  /**
+   * @internal Wraps a native tensor; use {@link Tensor.fromArray}. A caller that knows the
+   * shape passes it, which saves reading it across N-API.
+   */
+  constructor(handle: NativeTensor, shape?: readonly number[]) {
     this.native = handle
+    if (shape !== undefined) this.#shape = [...shape]
   }
 
   /**
@@ -49,13 +55,19 @@ export class Tensor {
           native.NativeTensor.fromArray(values, [...shape], options.dtype ?? 'float32', options.device ?? 'cpu'),
         'Tensor.fromArray',
       ),
+      shape,
     )
   }
 
   /** The shape. */
   get shape(): number[] {
+    return [...this.shapeView()]
+  }
+
+  /** @internal The cached shape itself, not a copy: callers must not modify it. */
+  shapeView(): readonly number[] {
     this.#shape ??= call(() => this.native.shape, 'Tensor.shape')
-    return [...this.#shape]
+    return this.#shape
   }
 
   /** The element type. */
@@ -70,7 +82,15 @@ export class Tensor {
 
   /** Whether {@link Tensor.dispose} was called. */
   get disposed(): boolean {
-    return this.native.disposed
+    return this.#disposed || this.native.disposed
+  }
+
+  /**
+   * @internal Whether {@link Tensor.dispose} was called on this object: {@link
+   * Tensor.disposed} without the N-API call, blind only to a native handle disposed directly.
+   */
+  get disposedHere(): boolean {
+    return this.#disposed
   }
 
   /**
@@ -81,6 +101,7 @@ export class Tensor {
    * of `applyUpdates`) should dispose them; `PsgdOptimizer.step` does so for its own.
    */
   dispose(): void {
+    this.#disposed = true
     this.native.dispose()
   }
 

@@ -27,7 +27,7 @@ export interface Flat<L> {
   leaves: L[]
   paths: string[]
   treedef: TreeDef
-  /** `set[i](v)` stores `v` in the container that holds leaf `i` (in place). */
+  /** `set[i](v)` stores `v` in the container that holds leaf `i` (in place); empty unless asked for. */
   set: ((v: L) => void)[]
 }
 
@@ -50,26 +50,33 @@ function join(prefix: string, key: string | number): string {
 /**
  * Flattens a tree into leaves in a fixed order: arrays by index, objects by sorted key (as
  * JAX does for dicts), so trees built in different key order flatten the same way.
+ * `set` is filled only with `withSetters` (an in-place writer needs it; a step's inputs do
+ * not, and making a closure per node is a measurable part of a small model's step).
  */
-export function flatten<L = Leaf>(tree: unknown, isLeafFn: (x: unknown) => boolean = isLeaf, what = 'tree'): Flat<L> {
+export function flatten<L = Leaf>(
+  tree: unknown,
+  isLeafFn: (x: unknown) => boolean = isLeaf,
+  what = 'tree',
+  withSetters = false,
+): Flat<L> {
   const leaves: L[] = []
   const paths: string[] = []
   const set: ((v: L) => void)[] = []
-  const seen = new Set<unknown>()
-  const walk = (x: unknown, path: string, setter: (v: L) => void): TreeDef => {
+  // the containers from the root down to the current node: a cycle revisits one of them
+  const open: unknown[] = []
+  const walk = (x: unknown, path: string, setter: ((v: L) => void) | null): TreeDef => {
     if (isLeafFn(x)) {
       leaves.push(x as L)
       paths.push(path)
-      set.push(setter)
+      if (setter) set.push(setter)
       return { kind: 'leaf' }
     }
     if (x === null || x === undefined) return { kind: 'none', value: x }
-    if (typeof x === 'object') {
-      if (seen.has(x)) throw new TypeError(`${what}: '${path || '(root)'}' is a cycle`)
-      seen.add(x)
-    }
+    if (typeof x === 'object' && open.includes(x)) throw new TypeError(`${what}: '${path || '(root)'}' is a cycle`)
     if (Array.isArray(x)) {
-      const children = x.map((c, i) => walk(c, join(path, i), (v) => (x[i] = v)))
+      open.push(x)
+      const children = x.map((c, i) => walk(c, join(path, i), withSetters ? (v) => (x[i] = v) : null))
+      open.pop()
       return { kind: 'array', children }
     }
     if (isPlainObject(x)) {
@@ -79,8 +86,10 @@ export function flatten<L = Leaf>(tree: unknown, isLeafFn: (x: unknown) => boole
         const kind = d === null || d === undefined ? String(d) : (d.constructor?.name ?? typeof d)
         throw new TypeError(`${what} '${path || '(root)'}': data must be a Float32Array (float32), got ${kind}`)
       }
+      open.push(x)
       const keys = Object.keys(x).sort()
-      const children = keys.map((k) => walk(x[k], join(path, k), (v) => (x[k] = v)))
+      const children = keys.map((k) => walk(x[k], join(path, k), withSetters ? (v) => (x[k] = v) : null))
+      open.pop()
       return { kind: 'object', keys, children }
     }
     throw new TypeError(
@@ -88,7 +97,7 @@ export function flatten<L = Leaf>(tree: unknown, isLeafFn: (x: unknown) => boole
     )
   }
   const root = { value: tree }
-  const treedef = walk(tree, '', (v) => (root.value = v))
+  const treedef = walk(tree, '', withSetters ? (v) => (root.value = v) : null)
   return { leaves, paths, treedef, set }
 }
 

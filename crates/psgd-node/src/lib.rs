@@ -6,6 +6,7 @@ use candle_core::{DType, Device};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use psgd::{AnyState, AnyTransform, Curvature, ErrorKind, LeafSpec, PsgdError, StepHyper};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -112,8 +113,9 @@ fn dtype_name(d: DType) -> &'static str {
 /// A tensor in native memory (CPU or GPU), backed by candle.
 #[napi(js_name = "NativeTensor", custom_finalize)]
 pub struct Tensor {
-    /// `None` once disposed.
-    inner: Option<candle_core::Tensor>,
+    /// `None` once disposed. A cell, so that an in-place step can give the params new
+    /// values through the shared references it gets (a leaf may appear twice).
+    inner: RefCell<Option<candle_core::Tensor>>,
     /// What this wrapper told V8 it holds (see [`Tensor::wrap`]).
     reported: i64,
 }
@@ -136,13 +138,14 @@ impl Tensor {
         };
         LIVE_BYTES.fetch_add(reported, std::sync::atomic::Ordering::Relaxed);
         Tensor {
-            inner: Some(inner),
+            inner: RefCell::new(Some(inner)),
             reported,
         }
     }
 
-    fn live(&self) -> Result<&candle_core::Tensor> {
-        self.inner.as_ref().ok_or_else(|| {
+    /// The tensor (a cheap handle clone), or an error once disposed.
+    fn live(&self) -> Result<candle_core::Tensor> {
+        self.inner.borrow().clone().ok_or_else(|| {
             Error::new(
                 Status::InvalidArg,
                 "[TypeError] the tensor was disposed".to_string(),
@@ -152,7 +155,7 @@ impl Tensor {
 
     /// Drops the native tensor now and takes back what [`Tensor::wrap`] reported.
     fn release(&mut self, env: &Env) -> Result<()> {
-        self.inner = None;
+        self.inner.replace(None);
         if self.reported != 0 {
             LIVE_BYTES.fetch_sub(self.reported, std::sync::atomic::Ordering::Relaxed);
             let r = std::mem::take(&mut self.reported);
@@ -228,7 +231,7 @@ impl Tensor {
     /// Whether [`Self::dispose`] was called.
     #[napi(getter)]
     pub fn disposed(&self) -> bool {
-        self.inner.is_none()
+        self.inner.borrow().is_none()
     }
 
     /// Frees the native memory now, instead of when the garbage collector and then the event
@@ -254,8 +257,8 @@ impl Tensor {
     #[napi]
     pub fn add(&self, env: Env, other: &Tensor) -> Result<Tensor> {
         let r = psgd::apply_updates(
-            std::slice::from_ref(self.live()?),
-            std::slice::from_ref(other.live()?),
+            std::slice::from_ref(&self.live()?),
+            std::slice::from_ref(&other.live()?),
         )
         .map_err(js_err)?;
         Ok(Tensor::wrap(&env, r.into_iter().next().unwrap()))
@@ -273,7 +276,7 @@ impl Tensor {
             )));
         }
         let next = src.to_dtype(dst.dtype()).map_err(candle_err)?;
-        self.inner = Some(next);
+        self.inner.replace(Some(next));
         Ok(())
     }
 
@@ -329,7 +332,7 @@ pub struct NativeOptimizer {
 }
 
 fn tensors(v: &[&Tensor]) -> Result<Vec<candle_core::Tensor>> {
-    v.iter().map(|t| t.live().cloned()).collect()
+    v.iter().map(|t| t.live()).collect()
 }
 
 /// This step's hyperparameters, with the schedules already evaluated by the caller.
@@ -378,13 +381,27 @@ fn run_update(
     hyper: StepHyper,
     curvature: Option<&Curvature>,
 ) -> Result<Vec<candle_core::Tensor>> {
+    run_update_then(opt, state, grads, params, hyper, curvature, Ok)
+}
+
+/// [`run_update`], then `then` on the updates; the state advances only when both succeed.
+fn run_update_then<R>(
+    opt: &AnyTransform,
+    state: &Mutex<AnyState>,
+    grads: &[candle_core::Tensor],
+    params: Option<&[candle_core::Tensor]>,
+    hyper: StepHyper,
+    curvature: Option<&Curvature>,
+    then: impl FnOnce(Vec<candle_core::Tensor>) -> Result<R>,
+) -> Result<R> {
     let mut guard = state.lock().unwrap();
     let (updates, next) = opt
         .update_seeded(grads, &guard, params, hyper, curvature)
         .map_err(js_err)?;
+    let out = then(updates)?;
     // only a step that fully succeeded replaces the state
     *guard = next;
-    Ok(updates)
+    Ok(out)
 }
 
 /// The work of `updateAsync`, run on the libuv thread pool.
@@ -481,8 +498,40 @@ impl NativeOptimizer {
         Ok(Tensor::wrap_all(&env, u))
     }
 
+    /// One step in place: `params ← params + updates` (each in its own dtype), with no
+    /// updates handed back to JS, so a step costs no wrapper objects. Nothing changes on
+    /// error. The same inputs as [`Self::update`], with the params required.
+    #[allow(clippy::too_many_arguments)]
+    #[napi]
+    pub fn step(
+        &self,
+        grads: Vec<&Tensor>,
+        state: &NativeState,
+        params: Vec<&Tensor>,
+        step: StepInput,
+        hvp: Option<Vec<&Tensor>>,
+        vector: Option<Vec<&Tensor>>,
+    ) -> Result<()> {
+        let p = tensors(&params)?;
+        let (hyper, curvature) = step_parts(&step, hvp, vector)?;
+        let next = run_update_then(
+            &self.inner,
+            &state.inner,
+            &tensors(&grads)?,
+            Some(&p),
+            hyper,
+            curvature.as_ref(),
+            |u| psgd::apply_updates(&p, &u).map_err(js_err),
+        )?;
+        for (t, v) in params.iter().zip(next) {
+            t.inner.replace(Some(v));
+        }
+        Ok(())
+    }
+
     /// For the benchmark's binding-overhead figure: `n` whole steps run by a Rust loop, with
-    /// no JS in between, each timed on the Rust side (seconds; the updates are dropped).
+    /// no JS in between, each timed on the Rust side (seconds; the results are dropped).
+    /// With `add`, each step also forms `params + updates`, the work of [`Self::step`].
     /// Taken in the same process as the Node API steps it is compared with, so both see
     /// the same allocator and page state. Advances `state` like `update`.
     #[napi]
@@ -493,20 +542,26 @@ impl NativeOptimizer {
         params: Option<Vec<&Tensor>>,
         step: StepInput,
         n: u32,
+        add: Option<bool>,
     ) -> Result<Vec<f64>> {
         let grads = tensors(&grads)?;
         let params = params.as_deref().map(tensors).transpose()?;
         let (hyper, _) = step_parts(&step, None, None)?;
+        let add = add.unwrap_or(false);
         (0..n)
             .map(|_| {
                 let t0 = std::time::Instant::now();
-                run_update(
+                run_update_then(
                     &self.inner,
                     &state.inner,
                     &grads,
                     params.as_deref(),
                     hyper,
                     None,
+                    |u| match (&params, add) {
+                        (Some(p), true) => psgd::apply_updates(p, &u).map(drop).map_err(js_err),
+                        _ => Ok(()),
+                    },
                 )?;
                 Ok(t0.elapsed().as_secs_f64())
             })

@@ -450,7 +450,8 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             None => {
                 let u = rng.uniform()?;
                 let do_update = u < hyper.update_probability as f32 || state.count < 2;
-                let vectors = if P::WHITENING_VECTOR {
+                // the probes only feed the fit: a step without one skips their values
+                let vectors = if P::WHITENING_VECTOR && do_update {
                     Some(
                         self.leaves
                             .iter()
@@ -459,6 +460,11 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                             .collect::<Result<Vec<_>>>()?,
                     )
                 } else {
+                    if P::WHITENING_VECTOR {
+                        for l in &self.leaves {
+                            rng.skip_normal(&l.shape)?;
+                        }
+                    }
                     None
                 };
                 (do_update, vectors, g32.clone(), false)

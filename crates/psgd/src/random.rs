@@ -17,6 +17,11 @@ pub trait RandomSource: Send {
     fn uniform(&mut self) -> Result<f32>;
     /// A float32 tensor of standard normal draws with the given shape, on `device`.
     fn normal(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
+    /// Moves past the normal draw [`Self::normal`] would make, without its values: a step
+    /// that turns out not to need a draw still leaves the source where drawing would.
+    fn skip_normal(&mut self, shape: &[usize]) -> Result<()> {
+        self.normal(shape, &Device::Cpu).map(drop)
+    }
 }
 
 /// The default source: a seeded generator derived from `(seed, step)`.
@@ -111,6 +116,13 @@ impl RandomSource for SeededRandom {
                 }
             });
         Ok(Tensor::from_vec(data, shape, device)?)
+    }
+
+    /// A draw takes one `u64` from the step's generator (its seed); taking it alone leaves
+    /// the generator exactly where the draw would.
+    fn skip_normal(&mut self, _shape: &[usize]) -> Result<()> {
+        let _: u64 = self.rng.random();
+        Ok(())
     }
 }
 
@@ -225,6 +237,17 @@ mod tests {
             mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
             "{mean} {var}"
         );
+    }
+
+    #[test]
+    fn skipping_a_normal_draw_leaves_the_stream_where_drawing_does() {
+        let mut drawn = SeededRandom::for_step(9, 4);
+        let mut skipped = SeededRandom::for_step(9, 4);
+        drawn.normal(&[3, 5], &Device::Cpu).unwrap();
+        skipped.skip_normal(&[3, 5]).unwrap();
+        assert_eq!(drawn.uniform().unwrap(), skipped.uniform().unwrap());
+        let next = |r: &mut SeededRandom| r.normal(&[7], &Device::Cpu).unwrap().to_vec1::<f32>();
+        assert_eq!(next(&mut drawn).unwrap(), next(&mut skipped).unwrap());
     }
 
     #[test]
