@@ -6,7 +6,7 @@
 import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor, type StepInput } from './native'
 import type { Schedule } from './schedule'
 import { Tensor } from './tensor'
-import { flatten, isLeaf, resolveMask, structureMismatch, unflatten, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef } from './tree'
+import { flatten, isLeaf, leavesLike, resolveMask, structureMismatch, unflatten, type ArrayLeaf, type Flat, type Leaf, type Mask, type PyTree, type TreeDef } from './tree'
 import { camelizeMessage, checkOption, type NativeOption } from './options'
 
 /** Options every variant has. */
@@ -209,7 +209,8 @@ function toNative(leaf: Leaf, path: string, what: string, device: string): Nativ
 
 /** Flattens `tree` and checks it has exactly the leaves (paths and shapes) of `layout`. */
 function flattenLike(tree: unknown, layout: Layout, what: string) {
-  const flat = flatten<Leaf>(tree, isLeaf, what)
+  const same = leavesLike<Leaf>(tree, layout.treedef)
+  const flat: Flat<Leaf> = same ? { leaves: same, paths: layout.paths, treedef: layout.treedef, set: [] } : flatten<Leaf>(tree, isLeaf, what)
   if (!samePaths(flat.paths, layout.paths)) {
     const bad = structureMismatch(layout.paths, flat.paths)
     if (bad) throw new RangeError(`${what}: ${bad}`)

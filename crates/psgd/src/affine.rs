@@ -244,9 +244,34 @@ fn row(q: &Tensor) -> Result<Tensor> {
     Ok(q.unsqueeze(0)?)
 }
 
-/// The 1%-of-fits rebalancing of the two factors' largest entries.
-fn balance(ql: Tensor, qr: Tensor, rng: &mut dyn RandomSource) -> Result<(Tensor, Tensor)> {
-    if rng.uniform()? < 0.01 {
+/// A leaf fit's random draws, taken from the source in psgd-jax's order before the fits
+/// run (so the leaves can be fitted in parallel with the same numbers).
+struct LeafDraws {
+    /// The whitening fit's probe, where no closed form applies ([`whitening_needs_probe`]).
+    probe: Option<Tensor>,
+    /// Whether this fit rebalances the two factors (a 1 % draw).
+    rebalance: bool,
+}
+
+impl LeafDraws {
+    /// The draws of one leaf's fit: the probe first (when `probe_shape` is given), then
+    /// the rebalancing draw, as the reference takes them.
+    fn take(
+        rng: &mut dyn RandomSource,
+        probe_shape: Option<[usize; 2]>,
+        device: &Device,
+    ) -> Result<Self> {
+        let probe = probe_shape.map(|s| rng.normal(&s, device)).transpose()?;
+        Ok(LeafDraws {
+            probe,
+            rebalance: rng.uniform()? < 0.01,
+        })
+    }
+}
+
+/// The rebalancing of the two factors' largest entries (on 1 % of fits).
+fn balance(ql: Tensor, qr: Tensor, rebalance: bool) -> Result<(Tensor, Tensor)> {
+    if rebalance {
         let rho = (max_all(&ql.abs()?)? / max_all(&qr.abs()?)?)?.sqrt()?;
         return Ok((ql.broadcast_div(&rho)?, qr.broadcast_mul(&rho)?));
     }
@@ -303,12 +328,12 @@ fn fit_sides(
     qr: &Tensor,
     [aa1, bb1, aa2, bb2]: [Tensor; 4],
     inputs: &FitInputs,
-    rng: &mut dyn RandomSource,
+    rebalance: bool,
 ) -> Result<(Tensor, Tensor)> {
     let second = inputs.normalizer == StepNormalizer::Second;
     let ql = descend(ql, side(aa1, bb1, is_dense(ql), second)?, inputs)?;
     let qr = descend(qr, side(aa2, bb2, is_dense(qr), second)?, inputs)?;
-    balance(ql, qr, rng)
+    balance(ql, qr, rebalance)
 }
 
 /// psgd-jax's `_update_precond_affine_math_`: the fit to a pair `(dX, dG) = (v, H·v)`.
@@ -318,7 +343,7 @@ fn fit_with_vector(
     dx: &Tensor,
     dg: &Tensor,
     inputs: &FitInputs,
-    rng: &mut dyn RandomSource,
+    rebalance: bool,
 ) -> Result<(Tensor, Tensor)> {
     let p = inputs.precision;
     let terms = match (is_dense(ql), is_dense(qr)) {
@@ -363,7 +388,7 @@ fn fit_with_vector(
             ]
         }
     };
-    fit_sides(ql, qr, terms, inputs, rng)
+    fit_sides(ql, qr, terms, inputs, rebalance)
 }
 
 /// `(Q⁻¹)ᵀ·Q⁻¹` of a triangular side.
@@ -378,6 +403,17 @@ fn trace(t: &Tensor) -> Result<Tensor> {
     Ok((t * Tensor::eye(n, DType::F32, t.device())?)?.sum_all()?)
 }
 
+/// Whether the whitening fit of an `m×n` leaf with these sides has no closed form and
+/// draws a probe: both sides triangular, or the diagonal side the shorter one.
+fn whitening_needs_probe(left_dense: bool, right_dense: bool, m: usize, n: usize) -> bool {
+    match (left_dense, right_dense) {
+        (false, false) => false,
+        (false, true) => m < n,
+        (true, false) => n < m,
+        (true, true) => true,
+    }
+}
+
 /// psgd-jax's `_update_precond_affine_dropv_math`: the whitening fit to a gradient `dG`,
 /// with the probe integrated out where a side is diagonal and the shape allows it.
 fn fit_whitening(
@@ -385,10 +421,17 @@ fn fit_whitening(
     qr: &Tensor,
     dg: &Tensor,
     inputs: &FitInputs,
-    rng: &mut dyn RandomSource,
+    draws: &LeafDraws,
 ) -> Result<(Tensor, Tensor)> {
     let p = inputs.precision;
     let (m, n) = dg.dims2()?;
+    if whitening_needs_probe(is_dense(ql), is_dense(qr), m, n) {
+        // no closed form here: fit to the probe as with a Hessian-vector product
+        let v = draws.probe.as_ref().ok_or_else(|| {
+            PsgdError::State("affine: the whitening fit's probe was not drawn".into())
+        })?;
+        return fit_with_vector(ql, qr, v, dg, inputs, draws.rebalance);
+    }
     let terms = match (is_dense(ql), is_dense(qr)) {
         (false, false) => {
             let a = dg.broadcast_mul(&col(ql)?)?.broadcast_mul(&row(qr)?)?;
@@ -400,7 +443,7 @@ fn fit_whitening(
                 iqr.broadcast_mul(&iql.sum_all()?)?,
             ]
         }
-        (false, true) if m >= n => {
+        (false, true) => {
             let a = right_qt(&dg.broadcast_mul(&col(ql)?)?, qr, p)?;
             let iql = ql.sqr()?.recip()?;
             let iqqr = inv_qq(qr, p)?;
@@ -411,7 +454,7 @@ fn fit_whitening(
                 iqqr.broadcast_mul(&iql.sum_all()?)?,
             ]
         }
-        (true, false) if n >= m => {
+        (true, false) => {
             let a = left_q(ql, &dg.broadcast_mul(&row(qr)?)?, p)?;
             let iqql = inv_qq(ql, p)?;
             let iqr = qr.sqr()?.recip()?;
@@ -422,13 +465,13 @@ fn fit_whitening(
                 iqr.broadcast_mul(&trace(&iqql)?)?,
             ]
         }
-        _ => {
-            // no closed form here: draw a probe and fit as with a Hessian-vector product
-            let v = rng.normal(&[m, n], dg.device())?;
-            return fit_with_vector(ql, qr, &v, dg, inputs, rng);
+        (true, true) => {
+            return Err(PsgdError::State(
+                "affine: two triangular sides have no closed-form whitening fit".into(),
+            ))
         }
     };
-    fit_sides(ql, qr, terms, inputs, rng)
+    fit_sides(ql, qr, terms, inputs, draws.rebalance)
 }
 
 impl Preconditioner for AffinePreconditioner {
@@ -495,8 +538,19 @@ impl Preconditioner for AffinePreconditioner {
             }
             _ => None,
         };
-        let mut out = Vec::with_capacity(st.len());
-        for (l, (f, shape)) in st.iter().zip(&self.shapes).enumerate() {
+        let draws = st
+            .iter()
+            .zip(&self.shapes)
+            .enumerate()
+            .map(|(l, (f, shape))| {
+                let (m, n) = (shape.rows, shape.cols);
+                let probe = vectors.is_none()
+                    && whitening_needs_probe(is_dense(&f.ql), is_dense(&f.qr), m, n);
+                LeafDraws::take(rng, probe.then_some([m, n]), inputs.hvps[l].device())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::transform::map_leaves(&self.leaves, |l| {
+            let (f, shape) = (&st[l], &self.shapes[l]);
             let h = shape.leaf_to_matrix(&inputs.hvps[l])?;
             let v = vectors.map(|vs| shape.leaf_to_matrix(&vs[l])).transpose()?;
             let (mut ql, mut qr) = (f.ql.clone(), f.qr.clone());
@@ -508,12 +562,11 @@ impl Preconditioner for AffinePreconditioner {
                 qr = qr.broadcast_mul(&s)?;
             }
             let (ql, qr) = match &v {
-                Some(v) => fit_with_vector(&ql, &qr, v, &h, inputs, rng)?,
-                None => fit_whitening(&ql, &qr, &h, inputs, rng)?,
+                Some(v) => fit_with_vector(&ql, &qr, v, &h, inputs, draws[l].rebalance)?,
+                None => fit_whitening(&ql, &qr, &h, inputs, &draws[l])?,
             };
-            out.push(AffineFactors::new(ql, qr)?);
-        }
-        Ok(out)
+            AffineFactors::new(ql, qr)
+        })
     }
 
     fn apply(&self, st: &Vec<AffineFactors>, grads: &[Tensor]) -> Result<Vec<Tensor>> {

@@ -710,42 +710,38 @@ impl Kron {
             .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
             .collect::<Result<Vec<_>>>()?;
         let o = &self.options;
-        self.plans
-            .iter()
-            .zip(qs)
-            .zip(inputs.iter().zip(&probes))
-            .map(|((plan, q), (x, v))| {
-                let x = transform::damp(x, v)?;
-                let shape = plan.batched_shape();
-                let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
-                let mut bq = q
-                    .iter()
-                    .enumerate()
-                    .map(|(i, q)| plan.batched_q(i, q))
-                    .collect::<Result<Vec<_>>>()?;
-                if do_balance {
-                    bq = balance(&bq, plan)?;
-                }
-                let n = bq.len();
-                let mut ins: Vec<&Tensor> = bq.iter().collect();
-                ins.push(&x);
-                ins.push(&v);
-                let new = self.map_batches(plan, &ins, |t| {
-                    update_factors(
-                        &t[..n],
-                        &t[n],
-                        &t[n + 1],
-                        plan,
-                        o.preconditioner_lr,
-                        o.precond_update_precision,
-                    )
-                })?;
-                new.iter()
-                    .zip(&plan.stored)
-                    .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
-                    .collect()
-            })
-            .collect()
+        transform::map_leaves(&self.leaves, |l| {
+            let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
+            let x = transform::damp(x, v)?;
+            let shape = plan.batched_shape();
+            let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
+            let mut bq = q
+                .iter()
+                .enumerate()
+                .map(|(i, q)| plan.batched_q(i, q))
+                .collect::<Result<Vec<_>>>()?;
+            if do_balance {
+                bq = balance(&bq, plan)?;
+            }
+            let n = bq.len();
+            let mut ins: Vec<&Tensor> = bq.iter().collect();
+            ins.push(&x);
+            ins.push(&v);
+            let new = self.map_batches(plan, &ins, |t| {
+                update_factors(
+                    &t[..n],
+                    &t[n],
+                    &t[n + 1],
+                    plan,
+                    o.preconditioner_lr,
+                    o.precond_update_precision,
+                )
+            })?;
+            new.iter()
+                .zip(&plan.stored)
+                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
+                .collect()
+        })
     }
 
     /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).

@@ -241,6 +241,23 @@ pub fn on_pool<R: Send>(leaves: &[LeafSpec], f: impl FnOnce() -> R + Send) -> R 
     }
 }
 
+/// `f(i)` for every leaf index, in leaf order. In a small model's fit (on a worker, see
+/// [`on_pool`]) the leaves run in parallel: each leaf is a chain of small products and
+/// passes too short to split, so the leaves are the only parallel work there is. A large
+/// model's leaves run one after another, each product parallel within itself.
+pub fn map_leaves<T: Send>(
+    leaves: &[LeafSpec],
+    f: impl Fn(usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let elements: usize = leaves.iter().map(LeafSpec::numel).sum();
+    if elements < ON_POOL_MAX && leaves.len() > 1 {
+        use rayon::prelude::*;
+        (0..leaves.len()).into_par_iter().map(&f).collect()
+    } else {
+        (0..leaves.len()).map(f).collect()
+    }
+}
+
 /// Fails unless the option `name` is finite.
 pub fn check_finite_option(name: &str, v: f64) -> Result<()> {
     if v.is_finite() {
@@ -625,6 +642,26 @@ mod tests {
 
     /// Lengths around the host kernels' task size, and empty.
     const LENS: [usize; 5] = [0, 1, 7, 8192 * 2 + 3, 65536 + 5];
+
+    #[test]
+    fn map_leaves_keeps_leaf_order_and_reports_a_failure() {
+        let spec = |n: usize| LeafSpec::new(format!("l{n}"), &[n]);
+        // small (in parallel) and large (in turn)
+        for sizes in [vec![3, 5, 7, 11, 13], vec![ON_POOL_MAX, 2, 3]] {
+            let leaves: Vec<LeafSpec> = sizes.iter().map(|&n| spec(n)).collect();
+            let out = map_leaves(&leaves, |l| Ok(leaves[l].numel())).unwrap();
+            assert_eq!(out, sizes);
+            let err = map_leaves(&leaves, |l| {
+                if l == 2 {
+                    Err(PsgdError::State(format!("leaf {l}")))
+                } else {
+                    Ok(l)
+                }
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("leaf 2"), "{err}");
+        }
+    }
 
     fn randn(n: usize, seed: u64, scale: f64) -> Tensor {
         let t = SeededRandom::for_step(seed, 1)
