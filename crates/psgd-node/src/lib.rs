@@ -373,19 +373,9 @@ fn step_parts(
     Ok((hyper, curvature))
 }
 
-fn run_update(
-    opt: &AnyTransform,
-    state: &Mutex<AnyState>,
-    grads: &[candle_core::Tensor],
-    params: Option<&[candle_core::Tensor]>,
-    hyper: StepHyper,
-    curvature: Option<&Curvature>,
-) -> Result<Vec<candle_core::Tensor>> {
-    run_update_then(opt, state, grads, params, hyper, curvature, Ok)
-}
-
-/// [`run_update`], then `then` on the updates; the state advances only when both succeed.
-fn run_update_then<R>(
+/// One step on `state`, then `then` on its updates; the state advances only when both
+/// succeed (a failure leaves it as it was).
+fn run_update<R>(
     opt: &AnyTransform,
     state: &Mutex<AnyState>,
     grads: &[candle_core::Tensor],
@@ -426,6 +416,7 @@ impl Task for UpdateTask {
             self.params.as_deref(),
             self.hyper,
             self.curvature.as_ref(),
+            Ok,
         )
     }
 
@@ -494,6 +485,7 @@ impl NativeOptimizer {
             p.as_deref(),
             hyper,
             curvature.as_ref(),
+            Ok,
         )?;
         Ok(Tensor::wrap_all(&env, u))
     }
@@ -514,7 +506,7 @@ impl NativeOptimizer {
     ) -> Result<()> {
         let p = tensors(&params)?;
         let (hyper, curvature) = step_parts(&step, hvp, vector)?;
-        let next = run_update_then(
+        let next = run_update(
             &self.inner,
             &state.inner,
             &tensors(&grads)?,
@@ -551,7 +543,7 @@ impl NativeOptimizer {
         (0..n)
             .map(|_| {
                 let t0 = std::time::Instant::now();
-                run_update_then(
+                run_update(
                     &self.inner,
                     &state.inner,
                     &grads,
