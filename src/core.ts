@@ -159,13 +159,8 @@ function shapeOf(leaf: Leaf): readonly number[] {
   return typeof leaf === 'number' ? [] : leaf instanceof Tensor ? leaf.shapeView() : leaf.shape
 }
 
-function sameShape(a: readonly number[], b: readonly number[]): boolean {
-  if (a.length !== b.length) return false
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
-  return true
-}
-
-function samePaths(a: readonly string[], b: readonly string[]): boolean {
+/** Whether two shapes (or two path lists) are equal, item by item. */
+function sameItems<T>(a: readonly T[], b: readonly T[]): boolean {
   if (a.length !== b.length) return false
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
   return true
@@ -211,7 +206,7 @@ function toNative(leaf: Leaf, path: string, what: string, device: string): Nativ
 function flattenLike(tree: unknown, layout: Layout, what: string) {
   const same = leavesLike<Leaf>(tree, layout.treedef)
   const flat: Flat<Leaf> = same ? { leaves: same, paths: layout.paths, treedef: layout.treedef, set: [] } : flatten<Leaf>(tree, isLeaf, what)
-  if (!samePaths(flat.paths, layout.paths)) {
+  if (!sameItems(flat.paths, layout.paths)) {
     const bad = structureMismatch(layout.paths, flat.paths)
     if (bad) throw new RangeError(`${what}: ${bad}`)
     const at = flat.paths.findIndex((p, i) => p !== layout.paths[i])
@@ -220,9 +215,8 @@ function flattenLike(tree: unknown, layout: Layout, what: string) {
   const nativeLeaves: NativeTensor[] = []
   for (let i = 0; i < flat.leaves.length; i++) {
     const leaf = flat.leaves[i]
-    if (leaf instanceof Tensor && leaf.disposedHere) throw disposedError(what, flat.paths[i])
     const got = shapeOf(leaf)
-    if (!sameShape(got, layout.shapes[i])) {
+    if (!sameItems(got, layout.shapes[i])) {
       throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
     }
     nativeLeaves.push(toNative(leaf, flat.paths[i], what, layout.devices[i]))
@@ -491,7 +485,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
 function addLeaf(p: Leaf, u: Leaf, path: string): Leaf {
   checkLive(p, 'params', path)
   checkLive(u, 'updates', path)
-  if (!sameShape(shapeOf(p), shapeOf(u))) {
+  if (!sameItems(shapeOf(p), shapeOf(u))) {
     throw new RangeError(`updates '${path}' has shape ${JSON.stringify(shapeOf(u))}, the param has ${JSON.stringify(shapeOf(p))}`)
   }
   if (p instanceof Tensor) {

@@ -225,6 +225,12 @@ fn momentum_ops(
 /// Leaves with fewer elements than this in all fit on a worker of rayon's pool.
 const ON_POOL_MAX: usize = 1 << 20;
 
+/// Whether the leaves hold fewer than [`ON_POOL_MAX`] elements in all: a model whose fit
+/// is many small passes rather than a few large ones.
+fn is_small(leaves: &[LeafSpec]) -> bool {
+    leaves.iter().map(LeafSpec::numel).sum::<usize>() < ON_POOL_MAX
+}
+
 /// Runs a preconditioner fit of `leaves` on a worker of rayon's pool when the model is
 /// small. A fit's host passes fork many small jobs: from a thread outside
 /// the pool each fork is a hand-off to the pool and back (tens of µs, most of a small
@@ -233,8 +239,7 @@ const ON_POOL_MAX: usize = 1 << 20;
 /// then freed elsewhere made later steps slower (measured: transformer Kron apply +25 %),
 /// so it stays on the calling thread.
 pub fn on_pool<R: Send>(leaves: &[LeafSpec], f: impl FnOnce() -> R + Send) -> R {
-    let elements: usize = leaves.iter().map(LeafSpec::numel).sum();
-    if elements >= ON_POOL_MAX || rayon::current_thread_index().is_some() {
+    if !is_small(leaves) || rayon::current_thread_index().is_some() {
         f()
     } else {
         rayon::scope(|_| f())
@@ -249,8 +254,7 @@ pub fn map_leaves<T: Send>(
     leaves: &[LeafSpec],
     f: impl Fn(usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let elements: usize = leaves.iter().map(LeafSpec::numel).sum();
-    if elements < ON_POOL_MAX && leaves.len() > 1 {
+    if is_small(leaves) && leaves.len() > 1 {
         use rayon::prelude::*;
         (0..leaves.len()).into_par_iter().map(&f).collect()
     } else {
