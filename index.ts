@@ -7,14 +7,7 @@ export { xmat, XMat, type XMatOptions } from './src/xmat'
 export { lra, LRA, type LRAOptions } from './src/lra'
 export { affine, Affine, type AffineOptions } from './src/affine'
 export type { PsgdOptions } from './src/psgd'
-export {
-  applyUpdates,
-  OptimizerState,
-  PsgdOptimizer,
-  type BaseOptions,
-  type GradientTransformation,
-  type UpdateExtra,
-} from './src/core'
+export { applyUpdates, OptimizerState, PsgdOptimizer, type BaseOptions, type GradientTransformation, type UpdateExtra } from './src/core'
 export { hessianHelper, type HessianHelperOptions, type HessianHelperResult, type LossAndGrad } from './src/hessian'
 export { precondUpdateProbSchedule, type Schedule, type PrecondUpdateProbScheduleOptions } from './src/schedule'
 export { Tensor, liveTensorBytes, type DType, type DeviceName, type TensorOptions } from './src/tensor'

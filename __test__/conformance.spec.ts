@@ -10,7 +10,12 @@ const fixtures = path.join(root, 'fixtures', 'kron')
 const script = path.join(root, 'scripts', 'conformance.ts')
 const tsx = path.join(root, 'node_modules', 'tsx', 'dist', 'cli.mjs')
 
-for (const [variant, min] of [['kron', 10], ['xmat', 6], ['lra', 6], ['affine', 6]] as const) {
+for (const [variant, min] of [
+  ['kron', 10],
+  ['xmat', 6],
+  ['lra', 6],
+  ['affine', 6],
+] as const) {
   test(`every committed ${variant} fixture matches psgd-jax 0.2.9`, (t) => {
     const results = native.runConformance(path.join(root, 'fixtures', variant))
     t.true(results.length >= min, `${results.length} cases`)

@@ -21,13 +21,7 @@ function setup(options: object = {}) {
 }
 
 /** Asserts that `f` throws `Cls` with a message matching `message`, and that nothing changed. */
-function throwsUnchanged(
-  t: ExecutionContext,
-  s: ReturnType<typeof setup>,
-  f: () => unknown,
-  Cls: typeof TypeError | typeof RangeError,
-  message: RegExp,
-) {
+function throwsUnchanged(t: ExecutionContext, s: ReturnType<typeof setup>, f: () => unknown, Cls: typeof TypeError | typeof RangeError, message: RegExp) {
   const before = { params: snapshot(s.params), state: s.opt.stateDict(), count: s.opt.count }
   const err = t.throws(f)
   t.true(err instanceof Cls, `expected ${Cls.name}, got ${err?.constructor.name}: ${err?.message}`)

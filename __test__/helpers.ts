@@ -45,7 +45,11 @@ export function sumSquares(tree: PyTree): number {
 
 /** The gradient of `sumSquares`: 2·p, with the same leaf kinds. */
 export function twice(tree: PyTree): PyTree {
-  if (tree instanceof Tensor) return Tensor.fromArray(tree.toArray().map((x) => 2 * x), tree.shape)
+  if (tree instanceof Tensor)
+    return Tensor.fromArray(
+      tree.toArray().map((x) => 2 * x),
+      tree.shape,
+    )
   if (typeof tree === 'number') return 2 * tree
   if (tree === null || tree === undefined) return tree
   if (Array.isArray(tree)) return tree.map(twice)

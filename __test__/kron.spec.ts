@@ -265,6 +265,10 @@ test('a leaf with 14 axes gets one factor per axis (no axis limit)', (t) => {
   t.true(sumSquares(params) < start)
   t.deepEqual(params.t.shape, shape)
   // 14 triangular 2×2 factors and the momentum in the state
-  const header = JSON.parse(Buffer.from(opt.stateDict()).subarray(8, 8 + Number(Buffer.from(opt.stateDict()).readBigUInt64LE(0))).toString())
+  const header = JSON.parse(
+    Buffer.from(opt.stateDict())
+      .subarray(8, 8 + Number(Buffer.from(opt.stateDict()).readBigUInt64LE(0)))
+      .toString(),
+  )
   t.is(Object.keys(header).filter((k) => k.startsWith('Q.0.')).length, 14)
 })

@@ -6,7 +6,12 @@ import { values } from './helpers'
 
 const tensor = (shape: number[], seed: number) =>
   Tensor.fromArray(
-    Float32Array.from(values(shape.reduce((a, b) => a * b, 1), seed)),
+    Float32Array.from(
+      values(
+        shape.reduce((a, b) => a * b, 1),
+        seed,
+      ),
+    ),
     shape,
   )
 

@@ -76,8 +76,14 @@ test('grads of another structure than the params still get the full check and it
   const params = { a: { w: leaf([1, 2]) }, b: leaf([3]) }
   const opt = kron({ learningRate: 0.1 })
   const state = opt.init(params)
-  t.throws(() => opt.update({ a: { w: leaf([1, 2]), x: leaf([1]) }, b: leaf([3]) }, state, params), { instanceOf: RangeError, message: /grads: leaf 'a\.x' is not in the params/ })
-  t.throws(() => opt.update({ a: { w: leaf([1, 2, 3]) }, b: leaf([3]) }, state, params), { instanceOf: RangeError, message: /grads 'a\.w' has shape \[3\], expected \[2\]/ })
+  t.throws(() => opt.update({ a: { w: leaf([1, 2]), x: leaf([1]) }, b: leaf([3]) }, state, params), {
+    instanceOf: RangeError,
+    message: /grads: leaf 'a\.x' is not in the params/,
+  })
+  t.throws(() => opt.update({ a: { w: leaf([1, 2, 3]) }, b: leaf([3]) }, state, params), {
+    instanceOf: RangeError,
+    message: /grads 'a\.w' has shape \[3\], expected \[2\]/,
+  })
   t.is(state.count, 0)
   const [u] = opt.update({ b: leaf([1]), a: { w: leaf([1, 2]) } }, state, params)
   t.deepEqual(flatten(u).paths, ['a.w', 'b'])

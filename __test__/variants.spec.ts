@@ -236,9 +236,15 @@ test('hessianHelper: Tensor leaves, async lossAndGrad, and bad options', async (
   t.true((r.hvp as { w: unknown }).w instanceof Tensor)
   t.true((r.vector as { w: unknown }).w instanceof Tensor)
   t.is(r.loss, 30)
-  await t.throwsAsync(() => hessianHelper(quadratic, params, { preconditionerUpdateProbability: 2 }), { instanceOf: RangeError, message: /preconditionerUpdateProbability/ })
+  await t.throwsAsync(() => hessianHelper(quadratic, params, { preconditionerUpdateProbability: 2 }), {
+    instanceOf: RangeError,
+    message: /preconditionerUpdateProbability/,
+  })
   await t.throwsAsync(() => hessianHelper(quadratic, params, { step: -1 }), { instanceOf: RangeError, message: /'step'/ })
-  await t.throwsAsync(() => hessianHelper(() => ({ loss: 0, grads: { v: leaf([1]) } }), params), { instanceOf: RangeError, message: /grads does not have the params' leaves/ })
+  await t.throwsAsync(() => hessianHelper(() => ({ loss: 0, grads: { v: leaf([1]) } }), params), {
+    instanceOf: RangeError,
+    message: /grads does not have the params' leaves/,
+  })
 })
 
 test('a class step on Tensor params gives the params exactly what update + applyUpdates gives, keeping each Tensor', (t) => {

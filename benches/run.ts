@@ -187,14 +187,7 @@ function problemOf(w: Workload): Problem {
  * the functional `update` (against the Rust step), and, on the apply steps, the in-place
  * class `step` (against the Rust step plus forming `params + updates`, the work it adds).
  */
-function nodeCase(
-  w: Workload,
-  problem: Problem,
-  variant: string,
-  options: Record<string, unknown>,
-  warmup: number,
-  repeats: number,
-) {
+function nodeCase(w: Workload, problem: Problem, variant: string, options: Record<string, unknown>, warmup: number, repeats: number) {
   const { params, grads } = problem
   let prob = 1
   const o: Record<string, unknown> = { preconditionerUpdateProbability: () => prob }
@@ -258,8 +251,7 @@ function nodeCase(
 }
 
 const fmtMs = (s: number | undefined) => (s === undefined || !Number.isFinite(s) ? '—' : (s * 1e3).toFixed(s < 0.01 ? 3 : 1))
-const ratio = (a: number | undefined, b: number | undefined, digits = 2) =>
-  a === undefined || b === undefined || !(b > 0) ? '—' : (a / b).toFixed(digits)
+const ratio = (a: number | undefined, b: number | undefined, digits = 2) => (a === undefined || b === undefined || !(b > 0) ? '—' : (a / b).toFixed(digits))
 const mib = (b: unknown) => (typeof b === 'number' ? (b / 1048576).toFixed(1) : '—')
 
 function main() {
@@ -273,7 +265,9 @@ function main() {
   const bin = rustBench()
   const py = referencePython(args.jax)
   const cpu = os.cpus()
-  console.log(`machine: ${cpu[0]?.model ?? '?'} × ${cpu.length} threads, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${os.platform()} ${os.release()}, node ${process.version}`)
+  console.log(
+    `machine: ${cpu[0]?.model ?? '?'} × ${cpu.length} threads, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${os.platform()} ${os.release()}, node ${process.version}`,
+  )
   const perWorkload = spec.workloads.map((w) => `${w.name} ${counts(w).warmup}/${counts(w).repeats}`).join(', ')
   console.log(`psgd-jax: ${py ? py : 'not run (pass --jax to set up benches/setup-reference.sh)'}; warmup/repeats: ${perWorkload}`)
 
@@ -316,7 +310,7 @@ function main() {
           jax ? `**${ratio(ours, jax.kinds[kind].median)}**` : '—',
           ratio(node[kind].median, node.inProcessRust[kind].median),
           kind === 'apply' ? ratio(node.classStep.apply.median, node.inProcessRustAdd.apply.median) : '—',
-          lim[kind] ? `${(100 * lim[kind].seconds / ours).toFixed(0)}%` : 'n/a',
+          lim[kind] ? `${((100 * lim[kind].seconds) / ours).toFixed(0)}%` : 'n/a',
           ratio(ours, adam, 1),
         ]
         rows.push(`| ${row.join(' | ')} |`)
@@ -330,7 +324,9 @@ function main() {
   }
   const secs = (Date.now() - started) / 1000
   console.log(`\nsuite: ${secs.toFixed(0)} s (Rust ${spent.rust.toFixed(0)} s, Node ${spent.node.toFixed(0)} s, psgd-jax ${spent.jax.toFixed(0)} s)\n`)
-  console.log('| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust (update) | Node / Rust (class step) | matmul limit / ours | ours / AdamW |')
+  console.log(
+    '| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust (update) | Node / Rust (class step) | matmul limit / ours | ours / AdamW |',
+  )
   console.log('|---|---|---|---|---|---|---|---|---|---|')
   for (const r of rows) console.log(r)
   console.log('\n| workload | variant | state MiB (ours) | state MiB (psgd-jax) | peak RSS MiB (ours) | peak RSS MiB (psgd-jax) | RSS growth KiB (ours) |')

@@ -38,22 +38,33 @@ if (cargo.error || cargo.status !== 0) {
 let cli = null
 try {
   cli = require.resolve('@napi-rs/cli/package.json', { paths: [root] })
-} catch {}
+} catch {
+  // no @napi-rs/cli (installed as a dependency): the cargo build below
+}
 
 if (cli) {
   // the same command as `npm run build:native`, so the cargo build is shared with it
   run(process.execPath, [
     path.join(path.dirname(cli), 'dist', 'cli.js'),
-    'build', '--platform', '--release',
-    '--manifest-path', 'crates/psgd-node/Cargo.toml',
-    '--output-dir', 'native', '--js', 'index.js', '--dts', 'index.d.ts',
+    'build',
+    '--platform',
+    '--release',
+    '--manifest-path',
+    'crates/psgd-node/Cargo.toml',
+    '--output-dir',
+    'native',
+    '--js',
+    'index.js',
+    '--dts',
+    'index.d.ts',
   ])
 } else {
   // installed as a dependency: the loader (native/index.js) ships with the package; build
   // the library with cargo and put it where the loader looks for it
   run('cargo', ['build', '--release', '-p', 'psgd-node'])
   const lib = { linux: 'libpsgd_node.so', darwin: 'libpsgd_node.dylib', win32: 'psgd_node.dll' }[process.platform]
-  const abi = process.platform === 'linux' ? (process.report?.getReport().header.glibcVersionRuntime ? '-gnu' : '-musl') : process.platform === 'win32' ? '-msvc' : ''
+  const abi =
+    process.platform === 'linux' ? (process.report?.getReport().header.glibcVersionRuntime ? '-gnu' : '-musl') : process.platform === 'win32' ? '-msvc' : ''
   const target = path.join(nativeDir, `psgd.${process.platform}-${process.arch}${abi}.node`)
   fs.mkdirSync(nativeDir, { recursive: true })
   fs.copyFileSync(path.join(root, 'target', 'release', lib), target)

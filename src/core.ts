@@ -6,7 +6,20 @@
 import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor, type StepInput } from './native'
 import type { Schedule } from './schedule'
 import { Tensor } from './tensor'
-import { flatten, isLeaf, leavesLike, resolveMask, structureMismatch, unflatten, type ArrayLeaf, type Flat, type Leaf, type Mask, type PyTree, type TreeDef } from './tree'
+import {
+  flatten,
+  isLeaf,
+  leavesLike,
+  resolveMask,
+  structureMismatch,
+  unflatten,
+  type ArrayLeaf,
+  type Flat,
+  type Leaf,
+  type Mask,
+  type PyTree,
+  type TreeDef,
+} from './tree'
 import { camelizeMessage, checkOption, type NativeOption } from './options'
 
 /** Options every variant has. */
@@ -89,12 +102,7 @@ function resolveOptions(spec: VariantSpec, options: object | undefined): Resolve
     }
   }
   const learningRate = scheduleOption(spec.name, 'learningRate', o.learningRate, () => spec.defaultLearningRate)
-  const updateProbability = scheduleOption(
-    spec.name,
-    'preconditionerUpdateProbability',
-    o.preconditionerUpdateProbability,
-    spec.defaultUpdateProbability(),
-  )
+  const updateProbability = scheduleOption(spec.name, 'preconditionerUpdateProbability', o.preconditionerUpdateProbability, spec.defaultUpdateProbability())
   const precondLr = spec.precondLrSchedule ? scheduleOption(spec.name, 'precondLr', o.precondLr, () => 0.1) : null
   if (typeof o.preconditionerUpdateProbability === 'number') {
     checkProbability(spec.name, o.preconditionerUpdateProbability)
@@ -411,7 +419,10 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
   }
 
   const finish = (prep: Prepared, out: NativeTensor[]): PyTree =>
-    unflatten(prep.flat.treedef, out.map((t, i) => fromNative(t, prep.flat.leaves[i])))
+    unflatten(
+      prep.flat.treedef,
+      out.map((t, i) => fromNative(t, prep.flat.leaves[i])),
+    )
 
   // a native failure from a disposed leaf is reported with the leaf's name
   const nativeError = (e: unknown, prep?: Prepared): never => {

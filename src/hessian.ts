@@ -136,7 +136,11 @@ export async function hessianHelper<P extends PyTree, L = number>(
   const { loss, grads } = await lossAndGrad(params)
   checkGradTree(grads, flat.paths, 'grads')
 
-  const zeros = () => unflatten(flat.treedef, flat.leaves.map((l) => leafLike(l, new Float32Array(leafValues(l).length))))
+  const zeros = () =>
+    unflatten(
+      flat.treedef,
+      flat.leaves.map((l) => leafLike(l, new Float32Array(leafValues(l).length))),
+    )
   if (!updatePreconditioner) return { loss, grads, hvp: zeros(), vector: zeros(), updatePreconditioner }
 
   const values = flat.leaves.map(leafValues)
@@ -151,7 +155,10 @@ export async function hessianHelper<P extends PyTree, L = number>(
   }
 
   if (hvp) {
-    const vector = unflatten<P>(flat.treedef, flat.leaves.map((l, i) => leafLike(l, drawn[i])))
+    const vector = unflatten<P>(
+      flat.treedef,
+      flat.leaves.map((l, i) => leafLike(l, drawn[i])),
+    )
     const h = await hvp(params, vector)
     checkGradTree(h, flat.paths, 'hvp')
     return { loss, grads, hvp: h, vector, updatePreconditioner }
@@ -162,13 +169,43 @@ export async function hessianHelper<P extends PyTree, L = number>(
   const shifted = (sign: number) => values.map((v, i) => v.map((x, j) => x + sign * delta * drawn[i][j]))
   const plus = shifted(1)
   const minus = shifted(-1)
-  const gPlus = checkGradTree((await lossAndGrad(unflatten<P>(flat.treedef, flat.leaves.map((l, i) => leafLike(l, plus[i]))))).grads, flat.paths, 'grads')
-  const gMinus = checkGradTree((await lossAndGrad(unflatten<P>(flat.treedef, flat.leaves.map((l, i) => leafLike(l, minus[i]))))).grads, flat.paths, 'grads')
-  const vector = flat.leaves.map((l, i) => leafLike(l, plus[i].map((x, j) => (x - minus[i][j]) / (2 * delta))))
+  const gPlus = checkGradTree(
+    (
+      await lossAndGrad(
+        unflatten<P>(
+          flat.treedef,
+          flat.leaves.map((l, i) => leafLike(l, plus[i])),
+        ),
+      )
+    ).grads,
+    flat.paths,
+    'grads',
+  )
+  const gMinus = checkGradTree(
+    (
+      await lossAndGrad(
+        unflatten<P>(
+          flat.treedef,
+          flat.leaves.map((l, i) => leafLike(l, minus[i])),
+        ),
+      )
+    ).grads,
+    flat.paths,
+    'grads',
+  )
+  const vector = flat.leaves.map((l, i) =>
+    leafLike(
+      l,
+      plus[i].map((x, j) => (x - minus[i][j]) / (2 * delta)),
+    ),
+  )
   const product = flat.leaves.map((l, i) => {
     const a = leafValues(gPlus[i])
     const b = leafValues(gMinus[i])
-    return leafLike(l, Array.from(a, (x, j) => (x - b[j]) / (2 * delta)))
+    return leafLike(
+      l,
+      Array.from(a, (x, j) => (x - b[j]) / (2 * delta)),
+    )
   })
   return { loss, grads, hvp: unflatten(flat.treedef, product), vector: unflatten(flat.treedef, vector), updatePreconditioner }
 }

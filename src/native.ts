@@ -63,14 +63,7 @@ export interface NativeOptimizer {
   ): Promise<NativeTensor[]>
   /** Benchmarks only: `n` steps run by a Rust loop, each timed there (seconds). */
   /** `update` with the updates added into `params` natively (each param keeps its object). */
-  step(
-    grads: NativeTensor[],
-    state: NativeState,
-    params: NativeTensor[],
-    step: StepInput,
-    hvp?: NativeTensor[] | null,
-    vector?: NativeTensor[] | null,
-  ): void
+  step(grads: NativeTensor[], state: NativeState, params: NativeTensor[], step: StepInput, hvp?: NativeTensor[] | null, vector?: NativeTensor[] | null): void
   timeSteps(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number, add?: boolean): number[]
   stateToBytes(state: NativeState): Buffer
   stateFromBytes(bytes: Uint8Array, device: string): NativeState
@@ -104,9 +97,7 @@ function load(): Binding {
       return require(file) as Binding
     }
   }
-  throw new Error(
-    "psgd: the native addon is not built. Run 'npm run build:native' (needs Rust and cargo).",
-  )
+  throw new Error("psgd: the native addon is not built. Run 'npm run build:native' (needs Rust and cargo).")
 }
 
 /** The loaded addon. */

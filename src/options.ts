@@ -5,15 +5,7 @@
  */
 
 /** How an option's value is checked before it crosses to the native core. */
-export type OptionKind =
-  | 'number'
-  | 'numberOrNull'
-  | 'integer'
-  | 'boolean'
-  | 'seed'
-  | { oneOf: readonly (string | null)[] }
-  | 'dtype'
-  | 'precision'
+export type OptionKind = 'number' | 'numberOrNull' | 'integer' | 'boolean' | 'seed' | { oneOf: readonly (string | null)[] } | 'dtype' | 'precision'
 
 /** One option that is passed to the native core. */
 export interface NativeOption {

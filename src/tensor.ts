@@ -40,21 +40,13 @@ export class Tensor {
    * A tensor from row-major values and a shape (`[]` for a scalar).
    * @throws RangeError when the number of values does not match the shape.
    */
-  static fromArray(
-    data: Float32Array | ArrayLike<number>,
-    shape: readonly number[],
-    options: TensorOptions = {},
-  ): Tensor {
+  static fromArray(data: Float32Array | ArrayLike<number>, shape: readonly number[], options: TensorOptions = {}): Tensor {
     if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
       throw new TypeError(`Tensor.fromArray: shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`)
     }
     const values = data instanceof Float32Array ? data : Float32Array.from(data)
     return new Tensor(
-      call(
-        () =>
-          native.NativeTensor.fromArray(values, [...shape], options.dtype ?? 'float32', options.device ?? 'cpu'),
-        'Tensor.fromArray',
-      ),
+      call(() => native.NativeTensor.fromArray(values, [...shape], options.dtype ?? 'float32', options.device ?? 'cpu'), 'Tensor.fromArray'),
       shape,
     )
   }

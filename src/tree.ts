@@ -53,12 +53,7 @@ function join(prefix: string, key: string | number): string {
  * `set` is filled only with `withSetters` (an in-place writer needs it; a step's inputs do
  * not, and making a closure per node is a measurable part of a small model's step).
  */
-export function flatten<L = Leaf>(
-  tree: unknown,
-  isLeafFn: (x: unknown) => boolean = isLeaf,
-  what = 'tree',
-  withSetters = false,
-): Flat<L> {
+export function flatten<L = Leaf>(tree: unknown, isLeafFn: (x: unknown) => boolean = isLeaf, what = 'tree', withSetters = false): Flat<L> {
   const leaves: L[] = []
   const paths: string[] = []
   const set: ((v: L) => void)[] = []
@@ -92,9 +87,7 @@ export function flatten<L = Leaf>(
       open.pop()
       return { kind: 'object', keys, children }
     }
-    throw new TypeError(
-      `${what}: '${path || '(root)'}' is not a leaf (Tensor, { data: Float32Array, shape }, number), array or plain object`,
-    )
+    throw new TypeError(`${what}: '${path || '(root)'}' is not a leaf (Tensor, { data: Float32Array, shape }, number), array or plain object`)
   }
   const root = { value: tree }
   const treedef = walk(tree, '', withSetters ? (v) => (root.value = v) : null)
