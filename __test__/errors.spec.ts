@@ -123,7 +123,7 @@ test('a schedule returning a bad value: RangeError, nothing changed', (t) => {
     { ...s, good: () => ((bad = false), s.good()) } as ReturnType<typeof setup>,
     () => s.opt.step(s.good()),
     RangeError,
-    /'learningRate' must be a finite number, got NaN \(schedule at step 2\)/,
+    /'learningRate' must be a finite number >= 0, got NaN \(schedule at step 2\)/,
   )
 })
 

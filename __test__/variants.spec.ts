@@ -296,3 +296,44 @@ test('a failed class step changes neither the params nor the state, and names a 
   t.is(opt.count, 1)
   t.deepEqual(opt.stateDict(), bytes)
 })
+
+test('gradClip clips the incoming gradients to a global norm: the same steps as clipping them by hand', (t) => {
+  const params = { w: leaf(values(12, 5), [3, 4]), b: leaf(values(4, 6)) }
+  const grads = {
+    w: leaf(
+      values(12, 7).map((x) => 10 * x),
+      [3, 4],
+    ),
+    b: leaf(values(4, 8).map((x) => 10 * x)),
+  }
+  const norm = Math.sqrt(sumSquares(grads))
+  const c = 0.5
+  const scaled = {
+    w: leaf(
+      Array.from(grads.w.data, (x) => (x * c) / norm),
+      [3, 4],
+    ),
+    b: leaf(Array.from(grads.b.data, (x) => (x * c) / norm)),
+  }
+  for (const [name, f] of [['kron', kron], ...FACTORIES] as [string, (o: object) => GradientTransformation][]) {
+    const clipped = f({ gradClip: c, seed: 3 })
+    const plain = f({ seed: 3 })
+    const [s1, s2] = [clipped.init(params), plain.init(params)]
+    for (let i = 0; i < 3; i++) {
+      const [u1] = clipped.update(grads, s1, params)
+      const [u2] = plain.update(scaled, s2, params)
+      const [a, b] = [snapshot(u1) as Record<string, { data: number[] }>, snapshot(u2) as Record<string, { data: number[] }>]
+      for (const k of ['w', 'b']) {
+        a[k].data.forEach((x, j) =>
+          t.true(Math.abs(x - b[k].data[j]) <= 1e-5 * Math.max(1e-3, Math.abs(b[k].data[j])), `${name} step ${i} ${k}[${j}]: ${x} vs ${b[k].data[j]}`),
+        )
+      }
+    }
+    // below the threshold nothing changes; a non-positive threshold is refused
+    const [same] = f({ gradClip: 1e6, seed: 3 }).update(grads, f({ gradClip: 1e6, seed: 3 }).init(params), params)
+    const [ref] = f({ seed: 3 }).update(grads, f({ seed: 3 }).init(params), params)
+    t.deepEqual(snapshot(same), snapshot(ref), name)
+    t.throws(() => f({ gradClip: 0 }), { instanceOf: RangeError, message: new RegExp(`${name}: option 'gradClip' must be > 0`) })
+    t.throws(() => f({ gradClip: '1' }), { instanceOf: TypeError, message: /option 'gradClip' must be a number/ })
+  }
+})

@@ -97,9 +97,9 @@ for (const [variant, Cls] of Object.entries(classes)) {
     const [u] = fn.update(grads, state, params)
     for (const t of Object.values(u as Record<string, Tensor>)) t.dispose()
   })
-  const inner = state.optimizer.timeSteps(ng, state.handle, np, step, calls, true)
+  const inner = state.optimizer.timeSteps!(ng, state.handle, np, step, calls, true)
   const rust = median(inner) * 1e6
-  const napi = micros(() => state.optimizer.timeSteps(ng, state.handle, np, step, 0, true))
+  const napi = micros(() => state.optimizer.timeSteps!(ng, state.handle, np, step, 0, true))
   const ts = classStep - rust - napi
   const f = (x: number) => x.toFixed(1)
   console.log(`| ${variant} | ${f(classStep)} | ${f(update)} | ${f(rust)} | ${f(napi)} | ${f(ts)} | ${(classStep / rust).toFixed(2)} |`)

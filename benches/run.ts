@@ -226,8 +226,8 @@ function nodeCase(w: Workload, problem: Problem, variant: string, options: Recor
       }
       if (!alternate) continue
       const step = { learningRate, updateProbability: prob }
-      rust.push(...state.optimizer.timeSteps(nativeGrads, state.handle, nativeParams, step, 1))
-      if (withClass) rustStep.push(...cls.state.optimizer.timeSteps(nativeGrads, cls.state.handle, ownNative, step, 1, true))
+      rust.push(...state.optimizer.timeSteps!(nativeGrads, state.handle, nativeParams, step, 1))
+      if (withClass) rustStep.push(...cls.state.optimizer.timeSteps!(nativeGrads, cls.state.handle, ownNative, step, 1, true))
     }
     return { node, rust, nodeStep, rustStep }
   }

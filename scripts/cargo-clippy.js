@@ -10,7 +10,25 @@ const { execFileSync, spawnSync } = require('node:child_process')
 
 const host = /^host: (\S+)$/m.exec(execFileSync('rustc', ['-vV'], { encoding: 'utf8' }))
 if (!host) throw new Error('cargo-clippy: cannot read the host triple from `rustc -vV`')
-const args = ['clippy', '--release', '-p', 'psgd', '-p', 'psgd-node', '--all-targets', '--target', host[1], ...process.argv.slice(2), '--', '-D', 'warnings']
+const args = [
+  'clippy',
+  '--release',
+  '-p',
+  'psgd',
+  '-p',
+  'psgd-node',
+  '-p',
+  'psgd-conformance',
+  '--features',
+  'psgd-node/bench',
+  '--all-targets',
+  '--target',
+  host[1],
+  ...process.argv.slice(2),
+  '--',
+  '-D',
+  'warnings',
+]
 console.log(`cargo ${args.join(' ')}`)
 const r = spawnSync('cargo', args, { stdio: 'inherit' })
 process.exit(r.status ?? 1)

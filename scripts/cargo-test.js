@@ -9,7 +9,7 @@ const { execFileSync, spawnSync } = require('node:child_process')
 
 const host = /^host: (\S+)$/m.exec(execFileSync('rustc', ['-vV'], { encoding: 'utf8' }))
 if (!host) throw new Error('cargo-test: cannot read the host triple from `rustc -vV`')
-const args = ['test', '--release', '-p', 'psgd', '-p', 'psgd-node', '--target', host[1], ...process.argv.slice(2)]
+const args = ['test', '--release', '-p', 'psgd', '-p', 'psgd-node', '-p', 'psgd-conformance', '--target', host[1], ...process.argv.slice(2)]
 console.log(`cargo ${args.join(' ')}`)
 const r = spawnSync('cargo', args, { stdio: 'inherit' })
 process.exit(r.status ?? 1)

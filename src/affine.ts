@@ -1,20 +1,12 @@
-import { makeTransformation, PsgdOptimizer, type GradientTransformation } from './core'
-import { psgdSpec, type PsgdOptions } from './psgd'
+import { makeTransformation, PsgdOptimizer, type GradientTransformation, type VariantSpec } from './core'
+import type { AffineNativeOptions } from './options.generated'
 import type { PyTree } from './tree'
 
 /** Options of {@link affine} and {@link Affine}: psgd-jax 0.2.9's `affine` arguments, camelCased, with its defaults. */
-export interface AffineOptions extends PsgdOptions {
-  /** A side of the matrix longer than this gets a diagonal factor. Default 4096. */
-  maxSizeTriangular?: number
-  /** A side more than this many times longer than the other gets a diagonal factor. Default 128. */
-  maxSkewTriangular?: number
-}
+export type AffineOptions = AffineNativeOptions
 
 /** @internal */
-export const AFFINE = psgdSpec('affine', 'affine', {
-  maxSizeTriangular: { snake: 'max_size_triangular', kind: 'integer' },
-  maxSkewTriangular: { snake: 'max_skew_triangular', kind: 'integer' },
-})
+export const AFFINE: VariantSpec = { name: 'affine' }
 
 /**
  * PSGD Affine (optax style): each leaf reshaped to a matrix (as psgd-jax does: vectors and

@@ -1,7 +1,8 @@
 /**
- * The machinery every variant shares: option checking, pytree ↔ native conversion, the
- * schedules, the optax-style `init`/`update` pair and the in-place optimizer class.
- * A variant is just a {@link VariantSpec}; no variant has code of its own here.
+ * The machinery every variant shares: options split between JS and the native core,
+ * pytree ↔ native conversion, schedule functions, the optax-style `init`/`update` pair
+ * and the in-place optimizer class. A variant is just a {@link VariantSpec} (its name);
+ * no variant has code of its own here.
  */
 import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor, type StepInput } from './native'
 import type { Schedule } from './schedule'
@@ -20,63 +21,30 @@ import {
   type PyTree,
   type TreeDef,
 } from './tree'
-import { camelizeMessage, checkOption, type NativeOption } from './options'
+import { optionKinds, takesHessian, type VariantName } from './options'
+import type { KronNativeOptions } from './options.generated'
 
-/** Options every variant has. */
-export interface BaseOptions {
-  /** Learning rate, or a schedule of the step count (0 on the first step, as optax). Default: Kron 0.001, the others 0.01. */
-  learningRate?: number | Schedule
-  /** Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9. */
-  b1?: number
-  /** Decoupled weight decay (needs `params` in `update`). Default 0. */
-  weightDecay?: number
-  /**
-   * Probability of updating the preconditioner on a step, or a schedule of the 1-based step
-   * count. Default: Kron {@link precondUpdateProbSchedule}`()`, the others 1 (null also
-   * means the default).
-   */
-  preconditionerUpdateProbability?: number | Schedule | null
-  /** Seed of the random probe vectors; the same seed gives the same run. Default 0. */
-  seed?: number
-}
+/** Options every variant has (declared in Rust; see `options.generated.ts`). */
+export type BaseOptions = Pick<KronNativeOptions, 'learningRate' | 'b1' | 'weightDecay' | 'preconditionerUpdateProbability' | 'seed' | 'gradClip'>
 
-/** What a variant declares: its name, its native options and the options resolved here. */
+/**
+ * What a variant is to the TypeScript layer: its name. Its options, their defaults and
+ * checks, and whether it takes Hessian-vector products come from the Rust declarations.
+ */
 export interface VariantSpec {
-  /** The factory's name, used in error messages (`kron`). */
-  name: string
-  /** The native variant (`kron`). */
-  variant: string
-  /** Options forwarded to the native core, by camelCase name. */
-  nativeOptions: Readonly<Record<string, NativeOption>>
-  /** Whether the variant has scanned layers (`scannedLayers` mask). */
-  scannedLayers: boolean
-  /** The name of the weight-decay mask option (`weightDecayMask` for Kron, `mask` for the others). */
-  maskOption: 'weightDecayMask' | 'mask'
-  /** Whether `precondLr` is a TypeScript-side schedule (XMat, LRA, Affine). */
-  precondLrSchedule: boolean
-  /** Whether `update` takes the Hessian-mode inputs. */
-  hessian: boolean
-  /** Default learning rate. */
-  defaultLearningRate: number
-  /** Default preconditioner update probability (a schedule or a number). */
-  defaultUpdateProbability: () => Schedule
+  /** The variant (`kron`), also the factory's name in error messages. */
+  name: VariantName
 }
 
 /** Options after checking: the native JSON and the TypeScript-side schedules and masks. */
 interface Resolved {
   json: string
-  learningRate: Schedule
-  updateProbability: Schedule
+  /** Schedules given as functions (evaluated here each step); numbers went to `json`. */
+  learningRate: Schedule | null
+  updateProbability: Schedule | null
   precondLr: Schedule | null
   weightDecayMask: Mask
   scannedLayers: Mask
-}
-
-function scheduleOption(owner: string, name: string, v: unknown, fallback: Schedule): Schedule {
-  if (v === undefined || v === null) return fallback
-  if (typeof v === 'function') return v as Schedule
-  checkOption(owner, name, 'number', v)
-  return () => v as number
 }
 
 function maskOption(owner: string, name: string, v: unknown): Mask {
@@ -86,72 +54,56 @@ function maskOption(owner: string, name: string, v: unknown): Mask {
   throw new TypeError(`${owner}: option '${name}' must be a tree of booleans or a function (path, leaf) => boolean, got ${String(v)}`)
 }
 
+/**
+ * Splits the options into what only JavaScript can hold (masks, schedule functions) and
+ * the JSON the native core reads, and has the core check the JSON now (not at the first
+ * step). The names, kinds, defaults and ranges are the Rust declarations'.
+ */
 function resolveOptions(spec: VariantSpec, options: object | undefined): Resolved {
   if (options !== undefined && (options === null || typeof options !== 'object' || Array.isArray(options))) {
     throw new TypeError(`${spec.name}: options must be an object, got ${String(options)}`)
   }
-  const o = (options ?? {}) as Record<string, unknown>
+  const kinds = optionKinds(spec.name)
   const json: Record<string, unknown> = {}
-  for (const [k, v] of Object.entries(o)) {
+  const fns: Record<string, Schedule> = {}
+  const masks: Record<string, Mask> = {}
+  for (const [k, v] of Object.entries(options ?? {})) {
     if (v === undefined) continue
-    const nat = spec.nativeOptions[k]
-    if (nat) {
-      json[nat.snake] = checkOption(spec.name, k, nat.kind, v)
-    } else if (!tsOptions(spec).includes(k)) {
-      throw new TypeError(`${spec.name}: unknown option '${k}'`)
-    }
+    const kind = kinds[k]
+    if (kind === undefined) throw new TypeError(`${spec.name}: unknown option '${k}'`)
+    if (kind === 'mask') masks[k] = maskOption(spec.name, k, v)
+    else if (kind === 'schedule' && typeof v === 'function') fns[k] = v as Schedule
+    else if (typeof v === 'number' && !Number.isFinite(v)) {
+      // JSON has no NaN or Infinity to carry it to the core's own check
+      throw new RangeError(`${spec.name}: option '${k}' must be finite, got ${String(v)}`)
+    } else if (typeof v === 'function' || typeof v === 'symbol' || typeof v === 'bigint') {
+      throw new TypeError(`${spec.name}: option '${k}' must be a plain value, got a ${typeof v}`)
+    } else json[k] = v
   }
-  const learningRate = scheduleOption(spec.name, 'learningRate', o.learningRate, () => spec.defaultLearningRate)
-  const updateProbability = scheduleOption(spec.name, 'preconditionerUpdateProbability', o.preconditionerUpdateProbability, spec.defaultUpdateProbability())
-  const precondLr = spec.precondLrSchedule ? scheduleOption(spec.name, 'precondLr', o.precondLr, () => 0.1) : null
-  if (typeof o.preconditionerUpdateProbability === 'number') {
-    checkProbability(spec.name, o.preconditionerUpdateProbability)
-  }
-  // the native core validates the rest of the values (ranges) now, not at the first step
-  try {
-    new native.NativeOptimizer(spec.variant, [], JSON.stringify(json))
-  } catch (e) {
-    nativeFailure(spec, e)
-  }
+  const text = JSON.stringify(json)
+  call(() => native.checkOptions(spec.name, text), spec.name)
   return {
-    json: JSON.stringify(json),
-    learningRate,
-    updateProbability,
-    precondLr,
-    weightDecayMask: maskOption(spec.name, spec.maskOption, o[spec.maskOption]),
-    scannedLayers: maskOption(spec.name, 'scannedLayers', o.scannedLayers),
+    json: text,
+    learningRate: fns.learningRate ?? null,
+    updateProbability: fns.preconditionerUpdateProbability ?? null,
+    precondLr: fns.precondLr ?? null,
+    weightDecayMask: masks.weightDecayMask ?? masks.mask,
+    scannedLayers: masks.scannedLayers,
   }
 }
 
-/** The options a variant resolves in TypeScript (schedules and masks). */
-function tsOptions(spec: VariantSpec): string[] {
-  const out = ['learningRate', 'preconditionerUpdateProbability', spec.maskOption]
-  if (spec.scannedLayers) out.push('scannedLayers')
-  if (spec.precondLrSchedule) out.push('precondLr')
-  return out
-}
-
-/** Re-throws a native error as its JS class, with our option names. */
+/** Re-throws a native error with the optimizer's name. */
 function nativeFailure(spec: VariantSpec, e: unknown): never {
-  try {
-    rethrow(e, spec.name)
-  } catch (err) {
-    if (err instanceof Error) err.message = camelizeMessage(err.message, spec.nativeOptions)
-    throw err
-  }
+  rethrow(e, spec.name)
 }
 
-function checkProbability(owner: string, p: number, step?: number): void {
-  if (typeof p !== 'number' || !(p >= 0 && p <= 1)) {
-    const at = step === undefined ? '' : ` (schedule at step ${step})`
-    throw new RangeError(`${owner}: option 'preconditionerUpdateProbability' must be in [0, 1], got ${String(p)}${at}`)
+/** A schedule's value, which must be a number (the core checks its range). */
+function scheduleValue(spec: VariantSpec, name: string, f: Schedule, step: number): number {
+  const v = f(step)
+  if (typeof v !== 'number') {
+    throw new TypeError(`${spec.name}: option '${name}' must return a number, got ${String(v)} (schedule at step ${step})`)
   }
-}
-
-function checkLearningRate(owner: string, name: string, lr: number, step: number): void {
-  if (typeof lr !== 'number' || !Number.isFinite(lr)) {
-    throw new RangeError(`${owner}: option '${name}' must be a finite number, got ${String(lr)} (schedule at step ${step})`)
-  }
+  return v
 }
 
 /** Everything the state needs to know about the tree it was made for. */
@@ -247,7 +199,7 @@ function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout
   if (unknown !== undefined) throw new TypeError(`${spec.name}.update: unknown extra input '${unknown}' (expected hvp, vector, updatePreconditioner)`)
   const given = known.filter((k) => (extra as Record<string, unknown>)[k] !== undefined)
   if (given.length === 0) return null
-  if (!spec.hessian) {
+  if (!takesHessian(spec.name)) {
     throw new TypeError(`${spec.name}.update: ${spec.name} fits its preconditioner by gradient whitening only; it takes no hvp/vector/updatePreconditioner`)
   }
   if (given.length !== 3) {
@@ -390,16 +342,13 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     const hessian = hessianInputs(spec, extra, state.layout)
     const g = flattenLike(grads, state.layout, 'grads')
     const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params')
+    // schedules given as functions are evaluated here (the learning rate at the count
+    // before this step, the others at the 1-based step, as psgd-jax); the core checks them
     const count = state.count
-    const learningRate = o.learningRate(count)
-    checkLearningRate(spec.name, 'learningRate', learningRate, count)
-    const updateProbability = o.updateProbability(count + 1)
-    checkProbability(spec.name, updateProbability, count + 1)
-    const step: StepInput = { learningRate, updateProbability }
-    if (o.precondLr) {
-      step.precondLr = o.precondLr(count + 1)
-      checkLearningRate(spec.name, 'precondLr', step.precondLr, count + 1)
-    }
+    const step: StepInput = {}
+    if (o.learningRate) step.learningRate = scheduleValue(spec, 'learningRate', o.learningRate, count)
+    if (o.updateProbability) step.updateProbability = scheduleValue(spec, 'preconditionerUpdateProbability', o.updateProbability, count + 1)
+    if (o.precondLr) step.precondLr = scheduleValue(spec, 'precondLr', o.precondLr, count + 1)
     if (hessian) step.updatePreconditioner = hessian.updatePreconditioner
     return {
       flat: g.flat,
@@ -456,7 +405,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       }))
       const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i]))
       try {
-        const opt = new native.NativeOptimizer(spec.variant, leaves, o.json)
+        const opt = new native.NativeOptimizer(spec.name, leaves, o.json)
         return new OptimizerState(opt.init(nativeParams), opt, layout, spec.name)
       } catch (e) {
         return nativeError(e)

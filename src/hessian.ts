@@ -2,6 +2,7 @@
  * `hessianHelper`: everything the Hessian-based mode of XMat, LRA and Affine needs for one
  * step, from a loss-and-gradient function (psgd-jax's `hessian_helper`).
  */
+import { call, native, type NativeTensor } from './native'
 import { Tensor } from './tensor'
 import { flatten, isLeaf, unflatten, type ArrayLeaf, type Leaf, type PyTree } from './tree'
 
@@ -45,54 +46,35 @@ export interface HessianHelperResult<L = number> {
   updatePreconditioner: boolean
 }
 
-/** xoshiro128** seeded from (seed, step) through splitmix32: reproducible, no global state. */
-function generator(seed: number, step: number): () => number {
-  let x = (seed ^ Math.imul(step + 1, 0x9e3779b9)) >>> 0
-  const split = () => {
-    x = (x + 0x9e3779b9) >>> 0
-    let z = x
-    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b)
-    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35)
-    return (z ^ (z >>> 16)) >>> 0
-  }
-  const s = [split(), split(), split(), split()]
-  return () => {
-    const r = Math.imul(((Math.imul(s[1], 5) << 7) | (Math.imul(s[1], 5) >>> 25)) >>> 0, 9) >>> 0
-    const t = s[1] << 9
-    s[2] ^= s[0]
-    s[3] ^= s[1]
-    s[1] ^= s[2]
-    s[0] ^= s[3]
-    s[2] ^= t
-    s[3] = ((s[3] << 11) | (s[3] >>> 21)) >>> 0
-    return r / 4294967296
-  }
+/** The leaves as native tensors on their devices (plain leaves are copied in). */
+function toNativeLeaves(leaves: Leaf[], paths: string[], what: string): NativeTensor[] {
+  return leaves.map((leaf, i) => {
+    if (leaf instanceof Tensor) {
+      if (leaf.disposed) throw new TypeError(`hessianHelper: ${what} '${paths[i]}': the tensor was disposed`)
+      return leaf.native
+    }
+    const data = typeof leaf === 'number' ? Float32Array.of(leaf) : leaf.data
+    const shape = typeof leaf === 'number' ? [] : [...leaf.shape]
+    if (!(data instanceof Float32Array)) throw new TypeError(`hessianHelper: ${what} '${paths[i]}': data must be a Float32Array`)
+    return call(() => native.NativeTensor.fromArray(data, shape, 'float32', 'cpu'), `hessianHelper: ${what} '${paths[i]}'`)
+  })
 }
 
-/** Standard normal draws (Box–Muller). */
-function normals(uniform: () => number, n: number): Float64Array {
-  const out = new Float64Array(n)
-  for (let i = 0; i < n; i += 2) {
-    const u1 = 1 - uniform()
-    const u2 = uniform()
-    const r = Math.sqrt(-2 * Math.log(u1))
-    out[i] = r * Math.cos(2 * Math.PI * u2)
-    if (i + 1 < n) out[i + 1] = r * Math.sin(2 * Math.PI * u2)
-  }
-  return out
-}
-
-function leafValues(leaf: Leaf): Float32Array {
-  if (typeof leaf === 'number') return Float32Array.of(leaf)
-  return leaf instanceof Tensor ? leaf.toArray() : leaf.data
-}
-
-/** A leaf like `like` (kind, shape, device, dtype) holding `values`. */
-function leafLike(like: Leaf, values: ArrayLike<number>): Leaf {
-  if (typeof like === 'number') return Math.fround(values[0])
-  const data = Float32Array.from(values)
-  if (like instanceof Tensor) return Tensor.fromArray(data, like.shape, { device: like.device, dtype: like.dtype })
+/** A leaf like `like` (kind, shape) holding the native tensor `t`. */
+function leafFrom(like: Leaf, t: NativeTensor): Leaf {
+  if (like instanceof Tensor) return new Tensor(t, like.shapeView())
+  const data = call(() => t.toArray())
+  t.dispose()
+  if (typeof like === 'number') return data[0]
   return { data, shape: [...(like as ArrayLeaf).shape] }
+}
+
+/** A leaf like `like` holding zeros. */
+function zerosLike(like: Leaf): Leaf {
+  if (typeof like === 'number') return 0
+  if (like instanceof Tensor)
+    return Tensor.fromArray(new Float32Array(like.shapeView().reduce((a, b) => a * b, 1)), like.shape, { device: like.device, dtype: like.dtype })
+  return { data: new Float32Array((like as ArrayLeaf).data.length), shape: [...(like as ArrayLeaf).shape] }
 }
 
 function checkGradTree(grads: PyTree, paths: string[], what: string): Leaf[] {
@@ -131,81 +113,49 @@ export async function hessianHelper<P extends PyTree, L = number>(
   if (hvp !== undefined && typeof hvp !== 'function') throw new TypeError("hessianHelper: option 'hvp' must be a function (params, vector) => tree")
 
   const flat = flatten<Leaf>(params, isLeaf, 'params')
-  const uniform = generator(seed, step)
-  const updatePreconditioner = Math.fround(uniform()) < Math.fround(p) || step < 2
+  // the decision, the probe and the shifted points are drawn natively, on the leaves' own
+  // device, from the package's one random source (seeded by `seed` and `step`)
+  const probe = call(() => native.hessianProbe(toNativeLeaves(flat.leaves, flat.paths, 'params'), seed, step, p), 'hessianHelper')
+  const updatePreconditioner = probe.updatePreconditioner
   const { loss, grads } = await lossAndGrad(params)
   checkGradTree(grads, flat.paths, 'grads')
 
-  const zeros = () =>
-    unflatten(
-      flat.treedef,
-      flat.leaves.map((l) => leafLike(l, new Float32Array(leafValues(l).length))),
-    )
+  const zeros = () => unflatten(flat.treedef, flat.leaves.map(zerosLike))
   if (!updatePreconditioner) return { loss, grads, hvp: zeros(), vector: zeros(), updatePreconditioner }
-
-  const values = flat.leaves.map(leafValues)
-  const sizes = values.map((v) => v.length)
-  const n = sizes.reduce((a, b) => a + b, 0)
-  const draws = normals(uniform, n)
-  const drawn: Float64Array[] = []
-  let at = 0
-  for (const size of sizes) {
-    drawn.push(draws.subarray(at, at + size))
-    at += size
-  }
 
   if (hvp) {
     const vector = unflatten<P>(
       flat.treedef,
-      flat.leaves.map((l, i) => leafLike(l, drawn[i])),
+      probe.vector().map((t, i) => leafFrom(flat.leaves[i], t)),
     )
     const h = await hvp(params, vector)
     checkGradTree(h, flat.paths, 'hvp')
     return { loss, grads, hvp: h, vector, updatePreconditioner }
   }
 
-  const rms = (vs: ArrayLike<number>[]) => Math.sqrt(vs.reduce((s, v) => s + Array.from(v).reduce((a, x) => a + x * x, 0), 0) / Math.max(n, 1))
-  const delta = (Math.cbrt(2 ** -23) * Math.max(1, rms(values))) / Math.max(rms(drawn), 1e-30)
-  const shifted = (sign: number) => values.map((v, i) => v.map((x, j) => x + sign * delta * drawn[i][j]))
-  const plus = shifted(1)
-  const minus = shifted(-1)
-  const gPlus = checkGradTree(
-    (
-      await lossAndGrad(
-        unflatten<P>(
-          flat.treedef,
-          flat.leaves.map((l, i) => leafLike(l, plus[i])),
-        ),
-      )
-    ).grads,
-    flat.paths,
-    'grads',
-  )
-  const gMinus = checkGradTree(
-    (
-      await lossAndGrad(
-        unflatten<P>(
-          flat.treedef,
-          flat.leaves.map((l, i) => leafLike(l, minus[i])),
-        ),
-      )
-    ).grads,
-    flat.paths,
-    'grads',
-  )
-  const vector = flat.leaves.map((l, i) =>
-    leafLike(
-      l,
-      plus[i].map((x, j) => (x - minus[i][j]) / (2 * delta)),
-    ),
-  )
-  const product = flat.leaves.map((l, i) => {
-    const a = leafValues(gPlus[i])
-    const b = leafValues(gMinus[i])
-    return leafLike(
-      l,
-      Array.from(a, (x, j) => (x - b[j]) / (2 * delta)),
+  const [plus, minus] = probe.points()
+  const at = (points: NativeTensor[]) =>
+    unflatten<P>(
+      flat.treedef,
+      points.map((t, i) => leafFrom(flat.leaves[i], t)),
     )
-  })
-  return { loss, grads, hvp: unflatten(flat.treedef, product), vector: unflatten(flat.treedef, vector), updatePreconditioner }
+  const gPlus = checkGradTree((await lossAndGrad(at(plus))).grads, flat.paths, 'grads')
+  const gMinus = checkGradTree((await lossAndGrad(at(minus))).grads, flat.paths, 'grads')
+  const [product, vector] = call(
+    () => probe.difference(toNativeLeaves(gPlus, flat.paths, 'grads'), toNativeLeaves(gMinus, flat.paths, 'grads')),
+    'hessianHelper',
+  )
+  return {
+    loss,
+    grads,
+    hvp: unflatten(
+      flat.treedef,
+      product.map((t, i) => leafFrom(flat.leaves[i], t)),
+    ),
+    vector: unflatten(
+      flat.treedef,
+      vector.map((t, i) => leafFrom(flat.leaves[i], t)),
+    ),
+    updatePreconditioner,
+  }
 }

@@ -1,17 +1,12 @@
-import { makeTransformation, PsgdOptimizer, type GradientTransformation } from './core'
-import { psgdSpec, type PsgdOptions } from './psgd'
+import { makeTransformation, PsgdOptimizer, type GradientTransformation, type VariantSpec } from './core'
+import type { LRANativeOptions } from './options.generated'
 import type { PyTree } from './tree'
 
 /** Options of {@link lra} and {@link LRA}: psgd-jax 0.2.9's `low_rank_approximation` arguments, camelCased, with its defaults. */
-export interface LRAOptions extends PsgdOptions {
-  /** Rank of the low-rank part `U·Vᵀ` (psgd-jax's `uvd_rank_of_approximation`). Default 10. */
-  uvdRankOfApproximation?: number
-}
+export type LRAOptions = LRANativeOptions
 
 /** @internal */
-export const LRA_SPEC = psgdSpec('lra', 'lra', {
-  uvdRankOfApproximation: { snake: 'uvd_rank_of_approximation', kind: 'integer' },
-})
+export const LRA_SPEC: VariantSpec = { name: 'lra' }
 
 /**
  * PSGD LRA (optax style; psgd-jax's `low_rank_approximation`): one global preconditioner

@@ -32,14 +32,27 @@ export interface LeafInfo {
   weightDecay: boolean
 }
 
-/** One step's hyperparameters, with the schedules evaluated. */
+/**
+ * One step's hyperparameters that come from schedules given as JS functions (their values
+ * at this step); what is absent the native core takes from the options.
+ */
 export interface StepInput {
-  learningRate: number
-  updateProbability: number
+  learningRate?: number
+  updateProbability?: number
   /** XMat/LRA/Affine: the preconditioner step size this step. */
   precondLr?: number
   /** Hessian mode: whether to update the preconditioner this step. */
   updatePreconditioner?: boolean
+}
+
+/** The draws of one Hessian-mode step (see `hessianHelper`), held natively. */
+export interface NativeProbe {
+  readonly updatePreconditioner: boolean
+  vector(): NativeTensor[]
+  /** `[params + δ·v, params − δ·v]`. */
+  points(): NativeTensor[][]
+  /** `[hvp, vector]` from the gradients at the two points. */
+  difference(gradsPlus: NativeTensor[], gradsMinus: NativeTensor[]): NativeTensor[][]
 }
 
 /** A native optimizer of one variant for a fixed list of leaves. */
@@ -61,21 +74,16 @@ export interface NativeOptimizer {
     hvp?: NativeTensor[] | null,
     vector?: NativeTensor[] | null,
   ): Promise<NativeTensor[]>
-  /** Benchmarks only: `n` steps run by a Rust loop, each timed there (seconds). */
   /** `update` with the updates added into `params` natively (each param keeps its object). */
   step(grads: NativeTensor[], state: NativeState, params: NativeTensor[], step: StepInput, hvp?: NativeTensor[] | null, vector?: NativeTensor[] | null): void
-  timeSteps(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number, add?: boolean): number[]
+  /**
+   * Benchmarks only (an addon built with the `bench` feature, as `npm run bench` does):
+   * `n` steps run by a Rust loop, each timed there (seconds).
+   */
+  timeSteps?(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number, add?: boolean): number[]
   stateToBytes(state: NativeState): Buffer
   stateFromBytes(bytes: Uint8Array, device: string): NativeState
   copyState(source: NativeState, target: NativeState): void
-}
-
-/** The result of one conformance case. */
-export interface ConformanceResult {
-  name: string
-  maxRelErr: number
-  detail: string
-  passed: boolean
 }
 
 interface Binding {
@@ -84,8 +92,12 @@ interface Binding {
   }
   NativeOptimizer: new (variant: string, leaves: LeafInfo[], optionsJson: string) => NativeOptimizer
   liveTensorBytes(): number
-  runConformance(dir: string): ConformanceResult[]
-  conformanceTolerance(): number
+  /** Checks a variant's options (camelCase JSON) as the optimizer will read them. */
+  checkOptions(variant: string, optionsJson: string): void
+  /** psgd-jax's update-probability schedule at 1-based step `n`. */
+  precondUpdateProb(schedule: { maxProb?: number; minProb?: number; decay?: number; flatStart?: number }, n: number): number
+  /** Draws a Hessian-mode step's decision and probe for `params`. */
+  hessianProbe(params: NativeTensor[], seed: number, step: number, updateProbability: number): NativeProbe
 }
 
 function load(): Binding {
@@ -103,18 +115,14 @@ function load(): Binding {
 /** The loaded addon. */
 export const native: Binding = load()
 
-const ERROR_CLASS = /^\[(TypeError|RangeError|Error)\] /
-
-/** Re-throws a native error as the `TypeError`/`RangeError` its message is tagged with. */
+/**
+ * Re-throws an error from the native core (already a `TypeError`, `RangeError` or `Error`,
+ * by the core's error kind) with `context` (the optimizer's name) before its message.
+ */
 export function rethrow(e: unknown, context?: string): never {
-  if (e instanceof Error) {
-    const m = ERROR_CLASS.exec(e.message)
-    if (m) {
-      const msg = (context ? `${context}: ` : '') + e.message.slice(m[0].length)
-      if (m[1] === 'TypeError') throw new TypeError(msg)
-      if (m[1] === 'RangeError') throw new RangeError(msg)
-      throw new Error(msg)
-    }
+  if (context && e instanceof Error) {
+    const Cls = e instanceof TypeError ? TypeError : e instanceof RangeError ? RangeError : Error
+    throw new Cls(`${context}: ${e.message}`)
   }
   throw e
 }

@@ -1,3 +1,5 @@
+import { native } from './native'
+
 /** A hyperparameter as a function of the step count, like an optax schedule. */
 export type Schedule = (step: number) => number
 
@@ -16,18 +18,17 @@ export interface PrecondUpdateProbScheduleOptions {
 /**
  * psgd-jax's default preconditioner update-probability schedule:
  * `min(max(maxProb·exp(−decay·(n − flatStart)), minProb), maxProb)`, computed in float32 as
- * the reference does, so the deterministic update counter flips on the same steps.
+ * the reference does, so the deterministic update counter flips on the same steps. The
+ * formula and its defaults live once, in the native core (Kron's default uses the same).
  */
 export function precondUpdateProbSchedule(options: PrecondUpdateProbScheduleOptions = {}): Schedule {
-  const { maxProb = 1, minProb = 0.03, decay = 0.001, flatStart = 500 } = options
-  for (const [k, v] of Object.entries({ maxProb, minProb, decay, flatStart })) {
-    if (typeof v !== 'number' || !Number.isFinite(v)) {
+  const known = ['maxProb', 'minProb', 'decay', 'flatStart']
+  for (const [k, v] of Object.entries(options)) {
+    if (!known.includes(k)) throw new TypeError(`precondUpdateProbSchedule: unknown option '${k}'`)
+    if (v !== undefined && (typeof v !== 'number' || !Number.isFinite(v))) {
       throw new TypeError(`precondUpdateProbSchedule: option '${k}' must be a finite number, got ${String(v)}`)
     }
   }
-  const f = Math.fround
-  return (n: number) => {
-    const x = f(Math.exp(f(f(-f(decay)) * f(n - flatStart))))
-    return Math.min(Math.max(f(f(maxProb) * x), f(minProb)), f(maxProb))
-  }
+  const params = { ...options }
+  return (n: number) => native.precondUpdateProb(params, n)
 }

@@ -1,12 +1,15 @@
-import { makeTransformation, PsgdOptimizer, type GradientTransformation } from './core'
-import { psgdSpec, type PsgdOptions } from './psgd'
+import { makeTransformation, PsgdOptimizer, type GradientTransformation, type VariantSpec } from './core'
+import type { XMatNativeOptions } from './options.generated'
 import type { PyTree } from './tree'
 
 /** Options of {@link xmat} and {@link XMat}: psgd-jax 0.2.9's `xmat` arguments, camelCased, with its defaults. */
-export type XMatOptions = PsgdOptions
+export type XMatOptions = XMatNativeOptions
+
+/** The options XMat, LRA and Affine share (psgd-jax gives the three the same arguments; XMat has no others). */
+export type PsgdOptions = XMatNativeOptions
 
 /** @internal */
-export const XMAT = psgdSpec('xmat', 'xmat')
+export const XMAT: VariantSpec = { name: 'xmat' }
 
 /**
  * PSGD XMat (optax style): one global preconditioner `Q = diag(a) + adiag(b)` over all

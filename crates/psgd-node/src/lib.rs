@@ -1,38 +1,51 @@
 //! Node bindings: conversion and dispatch only. Every number is computed in the `psgd`
-//! crate; errors cross as JS exceptions whose message starts with `[TypeError]`,
-//! `[RangeError]` or `[Error]`, which the TypeScript layer turns into those classes.
+//! crate; errors cross as real `TypeError`/`RangeError`/`Error` objects (chosen by
+//! [`psgd::ErrorKind`]), so the TypeScript layer never parses a message.
 
 use candle_core::{DType, Device};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use psgd::options::StateDType;
 use psgd::{AnyState, AnyTransform, Curvature, ErrorKind, LeafSpec, PsgdError, StepHyper};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-fn js_err(e: PsgdError) -> Error {
-    let class = match e.kind() {
-        ErrorKind::Type => "TypeError",
-        ErrorKind::Range => "RangeError",
-        ErrorKind::Other => "Error",
+#[cfg(feature = "bench")]
+mod bench;
+
+/// A JS error of the class `kind` names. The error object is made here and retained, so a
+/// synchronous throw and a promise rejection both deliver it as it is.
+fn error_of(env: &Env, kind: ErrorKind, msg: String) -> Error {
+    let err = Error::new(Status::GenericFailure, msg);
+    let value = match kind {
+        ErrorKind::Type => JsTypeError::from(err).into_unknown(*env),
+        ErrorKind::Range => JsRangeError::from(err).into_unknown(*env),
+        ErrorKind::Other => JsError::from(err).into_unknown(*env),
     };
-    Error::new(Status::GenericFailure, format!("[{class}] {e}"))
+    Error::from_unknown_without_coercion(value)
 }
 
-fn type_err(msg: String) -> Error {
-    Error::new(Status::InvalidArg, format!("[TypeError] {msg}"))
+/// A core error as the JS error of its kind.
+fn js_err(env: &Env, e: PsgdError) -> Error {
+    error_of(env, e.kind(), e.to_string())
 }
 
-fn range_err(msg: String) -> Error {
-    Error::new(Status::InvalidArg, format!("[RangeError] {msg}"))
+fn type_err(env: &Env, msg: String) -> Error {
+    error_of(env, ErrorKind::Type, msg)
 }
 
-fn candle_err(e: candle_core::Error) -> Error {
-    js_err(PsgdError::Candle(e))
+fn range_err(env: &Env, msg: String) -> Error {
+    error_of(env, ErrorKind::Range, msg)
+}
+
+/// A disposed tensor's error (a `TypeError`), or a candle error.
+fn candle_err(env: &Env, e: candle_core::Error) -> Error {
+    js_err(env, PsgdError::Candle(e))
 }
 
 /// Devices are created once per name: candle only combines tensors of the same device.
-fn device(name: &str) -> Result<Device> {
+fn device(env: &Env, name: &str) -> Result<Device> {
     static CACHE: OnceLock<Mutex<HashMap<String, Device>>> = OnceLock::new();
     if name == "cpu" {
         return Ok(Device::Cpu);
@@ -45,7 +58,7 @@ fn device(name: &str) -> Result<Device> {
         Some((k, n)) => (
             k,
             n.parse::<usize>()
-                .map_err(|_| range_err(format!("device '{name}': bad ordinal")))?,
+                .map_err(|_| range_err(env, format!("device '{name}': bad ordinal")))?,
         ),
         None => (name, 0),
     };
@@ -53,12 +66,13 @@ fn device(name: &str) -> Result<Device> {
         "cuda" => Device::new_cuda(ordinal),
         "metal" => Device::new_metal(ordinal),
         _ => {
-            return Err(range_err(format!(
-                "device '{name}' is unknown (use 'cpu', 'cuda', 'cuda:N' or 'metal')"
-            )))
+            return Err(range_err(
+                env,
+                format!("device '{name}' is unknown (use 'cpu', 'cuda', 'cuda:N' or 'metal')"),
+            ))
         }
     }
-    .map_err(|e| range_err(format!("device '{name}' is not available: {e}")))?;
+    .map_err(|e| range_err(env, format!("device '{name}' is not available: {e}")))?;
     cache.insert(name.to_string(), dev.clone());
     Ok(dev)
 }
@@ -85,29 +99,13 @@ impl Ordinal for Device {
     }
 }
 
-fn dtype(name: &str) -> Result<DType> {
-    match name {
-        "float32" => Ok(DType::F32),
-        "bfloat16" => Ok(DType::BF16),
-        "float16" => Ok(DType::F16),
-        "float64" => Ok(DType::F64),
-        _ => Err(type_err(format!(
-            "dtype '{name}' is not supported (float32, bfloat16, float16, float64)"
-        ))),
-    }
-}
-
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        DType::F64 => "float64",
-        DType::U8 => "uint8",
-        DType::U32 => "uint32",
-        DType::I64 => "int64",
-        _ => "other",
-    }
+fn dtype(env: &Env, name: &str) -> Result<DType> {
+    StateDType::parse(name).ok_or_else(|| {
+        type_err(
+            env,
+            format!("dtype '{name}' is not supported (float32, bfloat16, float16, float64)"),
+        )
+    })
 }
 
 /// A tensor in native memory (CPU or GPU), backed by candle.
@@ -143,14 +141,12 @@ impl Tensor {
         }
     }
 
-    /// The tensor (a cheap handle clone), or an error once disposed.
-    fn live(&self) -> Result<candle_core::Tensor> {
-        self.inner.borrow().clone().ok_or_else(|| {
-            Error::new(
-                Status::InvalidArg,
-                "[TypeError] the tensor was disposed".to_string(),
-            )
-        })
+    /// The tensor (a cheap handle clone), or a `TypeError` once disposed.
+    fn live(&self, env: &Env) -> Result<candle_core::Tensor> {
+        self.inner
+            .borrow()
+            .clone()
+            .ok_or_else(|| type_err(env, "the tensor was disposed".to_string()))
     }
 
     /// Drops the native tensor now and takes back what [`Tensor::wrap`] reported.
@@ -197,35 +193,38 @@ impl Tensor {
         let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(range_err(format!(
-                "data has {} values, shape {:?} needs {n}",
-                data.len(),
-                shape
-            )));
+            return Err(range_err(
+                &env,
+                format!(
+                    "data has {} values, shape {:?} needs {n}",
+                    data.len(),
+                    shape
+                ),
+            ));
         }
-        let (dev, dt) = (device(&device_name)?, dtype(&dtype_name)?);
+        let (dev, dt) = (device(&env, &device_name)?, dtype(&env, &dtype_name)?);
         let t = candle_core::Tensor::from_slice(data, shape.as_slice(), &dev)
             .and_then(|t| t.to_dtype(dt))
-            .map_err(candle_err)?;
+            .map_err(|e| candle_err(&env, e))?;
         Ok(Tensor::wrap(&env, t))
     }
 
     /// The shape.
     #[napi(getter)]
-    pub fn shape(&self) -> Result<Vec<u32>> {
-        Ok(self.live()?.dims().iter().map(|&d| d as u32).collect())
+    pub fn shape(&self, env: Env) -> Result<Vec<u32>> {
+        Ok(self.live(&env)?.dims().iter().map(|&d| d as u32).collect())
     }
 
     /// The dtype name.
     #[napi(getter)]
-    pub fn dtype(&self) -> Result<String> {
-        Ok(dtype_name(self.live()?.dtype()).to_string())
+    pub fn dtype(&self, env: Env) -> Result<String> {
+        Ok(StateDType::name(self.live(&env)?.dtype()).to_string())
     }
 
     /// The device name.
     #[napi(getter)]
-    pub fn device(&self) -> Result<String> {
-        Ok(device_name(self.live()?.device()))
+    pub fn device(&self, env: Env) -> Result<String> {
+        Ok(device_name(self.live(&env)?.device()))
     }
 
     /// Whether [`Self::dispose`] was called.
@@ -243,13 +242,13 @@ impl Tensor {
 
     /// The values as float32, row-major (copied to the host).
     #[napi]
-    pub fn to_array(&self) -> Result<Float32Array> {
+    pub fn to_array(&self, env: Env) -> Result<Float32Array> {
         let v = self
-            .live()?
+            .live(&env)?
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(candle_err)?;
+            .map_err(|e| candle_err(&env, e))?;
         Ok(Float32Array::new(v))
     }
 
@@ -257,25 +256,24 @@ impl Tensor {
     #[napi]
     pub fn add(&self, env: Env, other: &Tensor) -> Result<Tensor> {
         let r = psgd::apply_updates(
-            std::slice::from_ref(&self.live()?),
-            std::slice::from_ref(&other.live()?),
+            std::slice::from_ref(&self.live(&env)?),
+            std::slice::from_ref(&other.live(&env)?),
         )
-        .map_err(js_err)?;
+        .map_err(|e| js_err(&env, e))?;
         Ok(Tensor::wrap(&env, r.into_iter().next().unwrap()))
     }
 
     /// Makes this tensor hold `other`'s values (same shape required).
     #[napi]
-    pub fn assign(&mut self, other: &Tensor) -> Result<()> {
-        let (src, dst) = (other.live()?, self.live()?);
+    pub fn assign(&mut self, env: Env, other: &Tensor) -> Result<()> {
+        let (src, dst) = (other.live(&env)?, self.live(&env)?);
         if src.dims() != dst.dims() {
-            return Err(range_err(format!(
-                "assign: shape {:?} into {:?}",
-                src.dims(),
-                dst.dims()
-            )));
+            return Err(range_err(
+                &env,
+                format!("assign: shape {:?} into {:?}", src.dims(), dst.dims()),
+            ));
         }
-        let next = src.to_dtype(dst.dtype()).map_err(candle_err)?;
+        let next = src.to_dtype(dst.dtype()).map_err(|e| candle_err(&env, e))?;
         self.inner.replace(Some(next));
         Ok(())
     }
@@ -283,12 +281,12 @@ impl Tensor {
     /// A copy on `device`, as `dtype`.
     #[napi]
     pub fn to(&self, env: Env, dtype_name: String, device_name: String) -> Result<Tensor> {
-        let (dev, dt) = (device(&device_name)?, dtype(&dtype_name)?);
+        let (dev, dt) = (device(&env, &device_name)?, dtype(&env, &dtype_name)?);
         let t = self
-            .live()?
+            .live(&env)?
             .to_device(&dev)
             .and_then(|t| t.to_dtype(dt))
-            .map_err(candle_err)?;
+            .map_err(|e| candle_err(&env, e))?;
         Ok(Tensor::wrap(&env, t))
     }
 }
@@ -331,46 +329,52 @@ pub struct NativeOptimizer {
     inner: Arc<AnyTransform>,
 }
 
-fn tensors(v: &[&Tensor]) -> Result<Vec<candle_core::Tensor>> {
-    v.iter().map(|t| t.live()).collect()
+fn tensors(env: &Env, v: &[&Tensor]) -> Result<Vec<candle_core::Tensor>> {
+    v.iter().map(|t| t.live(env)).collect()
 }
 
-/// This step's hyperparameters, with the schedules already evaluated by the caller.
+/// Overrides of this step's hyperparameters: the values of schedules given as JS
+/// functions. What is absent comes from the options (a constant or the default schedule).
 #[napi(object)]
+#[derive(Clone, Copy)]
 pub struct StepInput {
-    pub learning_rate: f64,
-    pub update_probability: f64,
-    /// The preconditioner step size (XMat, LRA, Affine); the options' value when absent.
+    pub learning_rate: Option<f64>,
+    pub update_probability: Option<f64>,
+    /// The preconditioner step size (XMat, LRA, Affine).
     pub precond_lr: Option<f64>,
     /// Hessian mode: whether to update the preconditioner this step (with `hvp` and
     /// `vector` given).
     pub update_preconditioner: Option<bool>,
 }
 
-fn step_parts(
+/// The options' hyperparameters for the step after `state`, with `step`'s overrides.
+fn hyper_of(opt: &AnyTransform, state: &AnyState, step: &StepInput) -> psgd::Result<StepHyper> {
+    let h = opt.hyper(state)?;
+    Ok(StepHyper {
+        learning_rate: step.learning_rate.unwrap_or(h.learning_rate),
+        update_probability: step.update_probability.unwrap_or(h.update_probability),
+        precond_lr: step.precond_lr.or(h.precond_lr),
+    })
+}
+
+fn curvature_of(
+    env: &Env,
     step: &StepInput,
     hvp: Option<Vec<&Tensor>>,
     vector: Option<Vec<&Tensor>>,
-) -> Result<(StepHyper, Option<Curvature>)> {
-    let hyper = StepHyper {
-        learning_rate: step.learning_rate,
-        update_probability: step.update_probability,
-        precond_lr: step.precond_lr,
-    };
-    let curvature = match (hvp, vector, step.update_preconditioner) {
-        (None, None, None) => None,
-        (Some(h), Some(v), Some(flag)) => Some(Curvature {
-            hvp: tensors(&h)?,
-            vector: tensors(&v)?,
+) -> Result<Option<Curvature>> {
+    match (hvp, vector, step.update_preconditioner) {
+        (None, None, None) => Ok(None),
+        (Some(h), Some(v), Some(flag)) => Ok(Some(Curvature {
+            hvp: tensors(env, &h)?,
+            vector: tensors(env, &v)?,
             update_preconditioner: flag,
-        }),
-        _ => {
-            return Err(type_err(
-                "the Hessian mode needs hvp, vector and updatePreconditioner together".into(),
-            ))
-        }
-    };
-    Ok((hyper, curvature))
+        })),
+        _ => Err(type_err(
+            env,
+            "the Hessian mode needs hvp, vector and updatePreconditioner together".into(),
+        )),
+    }
 }
 
 /// One step on `state`, then `then` on its updates; the state advances only when both
@@ -380,14 +384,13 @@ fn run_update<R>(
     state: &Mutex<AnyState>,
     grads: &[candle_core::Tensor],
     params: Option<&[candle_core::Tensor]>,
-    hyper: StepHyper,
+    step: &StepInput,
     curvature: Option<&Curvature>,
-    then: impl FnOnce(Vec<candle_core::Tensor>) -> Result<R>,
-) -> Result<R> {
+    then: impl FnOnce(Vec<candle_core::Tensor>) -> psgd::Result<R>,
+) -> psgd::Result<R> {
     let mut guard = state.lock().unwrap();
-    let (updates, next) = opt
-        .update_seeded(grads, &guard, params, hyper, curvature)
-        .map_err(js_err)?;
+    let hyper = hyper_of(opt, &guard, step)?;
+    let (updates, next) = opt.update_seeded(grads, &guard, params, hyper, curvature)?;
     let out = then(updates)?;
     // only a step that fully succeeded replaces the state
     *guard = next;
@@ -400,8 +403,10 @@ pub struct UpdateTask {
     state: Arc<Mutex<AnyState>>,
     grads: Vec<candle_core::Tensor>,
     params: Option<Vec<candle_core::Tensor>>,
-    hyper: StepHyper,
+    step: StepInput,
     curvature: Option<Curvature>,
+    /// The core's error, kept for `reject` (which has the env to make its JS class).
+    failure: Option<PsgdError>,
 }
 
 impl Task for UpdateTask {
@@ -414,29 +419,42 @@ impl Task for UpdateTask {
             &self.state,
             &self.grads,
             self.params.as_deref(),
-            self.hyper,
+            &self.step,
             self.curvature.as_ref(),
             Ok,
         )
+        .map_err(|e| {
+            let msg = e.to_string();
+            self.failure = Some(e);
+            Error::new(Status::GenericFailure, msg)
+        })
     }
 
     fn resolve(&mut self, env: Env, output: Self::Output) -> Result<Self::JsValue> {
         Ok(Tensor::wrap_all(&env, output))
     }
+
+    fn reject(&mut self, env: Env, err: Error) -> Result<Self::JsValue> {
+        Err(match self.failure.take() {
+            Some(e) => js_err(&env, e),
+            None => err,
+        })
+    }
 }
 
 #[napi]
 impl NativeOptimizer {
-    /// `variant` is `'kron'`, `'xmat'`, `'lra'` or `'affine'`; `options_json` holds
-    /// psgd-jax's snake_case options (without the schedules and masks, which the
-    /// TypeScript layer resolves).
+    /// `variant` is `'kron'`, `'xmat'`, `'lra'` or `'affine'`; `options_json` holds the
+    /// options by their camelCase names (schedules given as functions and the masks stay
+    /// in TypeScript).
     #[napi(constructor)]
-    pub fn new(variant: String, leaves: Vec<LeafInfo>, options_json: String) -> Result<Self> {
-        let options: serde_json::Value =
-            serde_json::from_str(&options_json).map_err(|e| type_err(format!("options: {e}")))?;
-        let options = options
-            .as_object()
-            .ok_or_else(|| type_err("options must be an object".into()))?;
+    pub fn new(
+        env: Env,
+        variant: String,
+        leaves: Vec<LeafInfo>,
+        options_json: String,
+    ) -> Result<Self> {
+        let options = options_object(&env, &options_json)?;
         let leaves = leaves
             .into_iter()
             .map(|l| LeafSpec {
@@ -446,7 +464,7 @@ impl NativeOptimizer {
                 weight_decay: l.weight_decay,
             })
             .collect();
-        let inner = AnyTransform::new(&variant, leaves, options).map_err(js_err)?;
+        let inner = AnyTransform::new(&variant, leaves, &options).map_err(|e| js_err(&env, e))?;
         Ok(NativeOptimizer {
             inner: Arc::new(inner),
         })
@@ -454,8 +472,11 @@ impl NativeOptimizer {
 
     /// The initial state for `params`.
     #[napi]
-    pub fn init(&self, params: Vec<&Tensor>) -> Result<NativeState> {
-        let s = self.inner.init(&tensors(&params)?).map_err(js_err)?;
+    pub fn init(&self, env: Env, params: Vec<&Tensor>) -> Result<NativeState> {
+        let s = self
+            .inner
+            .init(&tensors(&env, &params)?)
+            .map_err(|e| js_err(&env, e))?;
         Ok(NativeState {
             inner: Arc::new(Mutex::new(s)),
         })
@@ -476,17 +497,18 @@ impl NativeOptimizer {
         hvp: Option<Vec<&Tensor>>,
         vector: Option<Vec<&Tensor>>,
     ) -> Result<Vec<Tensor>> {
-        let p = params.as_deref().map(tensors).transpose()?;
-        let (hyper, curvature) = step_parts(&step, hvp, vector)?;
+        let p = params.as_deref().map(|p| tensors(&env, p)).transpose()?;
+        let curvature = curvature_of(&env, &step, hvp, vector)?;
         let u = run_update(
             &self.inner,
             &state.inner,
-            &tensors(&grads)?,
+            &tensors(&env, &grads)?,
             p.as_deref(),
-            hyper,
+            &step,
             curvature.as_ref(),
             Ok,
-        )?;
+        )
+        .map_err(|e| js_err(&env, e))?;
         Ok(Tensor::wrap_all(&env, u))
     }
 
@@ -497,6 +519,7 @@ impl NativeOptimizer {
     #[napi]
     pub fn step(
         &self,
+        env: Env,
         grads: Vec<&Tensor>,
         state: &NativeState,
         params: Vec<&Tensor>,
@@ -504,66 +527,30 @@ impl NativeOptimizer {
         hvp: Option<Vec<&Tensor>>,
         vector: Option<Vec<&Tensor>>,
     ) -> Result<()> {
-        let p = tensors(&params)?;
-        let (hyper, curvature) = step_parts(&step, hvp, vector)?;
+        let p = tensors(&env, &params)?;
+        let curvature = curvature_of(&env, &step, hvp, vector)?;
         let next = run_update(
             &self.inner,
             &state.inner,
-            &tensors(&grads)?,
+            &tensors(&env, &grads)?,
             Some(&p),
-            hyper,
+            &step,
             curvature.as_ref(),
-            |u| psgd::apply_updates(&p, &u).map_err(js_err),
-        )?;
+            |u| psgd::apply_updates(&p, &u),
+        )
+        .map_err(|e| js_err(&env, e))?;
         for (t, v) in params.iter().zip(next) {
             t.inner.replace(Some(v));
         }
         Ok(())
     }
 
-    /// For the benchmark's binding-overhead figure: `n` whole steps run by a Rust loop, with
-    /// no JS in between, each timed on the Rust side (seconds; the results are dropped).
-    /// With `add`, each step also forms `params + updates`, the work of [`Self::step`].
-    /// Taken in the same process as the Node API steps it is compared with, so both see
-    /// the same allocator and page state. Advances `state` like `update`.
-    #[napi]
-    pub fn time_steps(
-        &self,
-        grads: Vec<&Tensor>,
-        state: &NativeState,
-        params: Option<Vec<&Tensor>>,
-        step: StepInput,
-        n: u32,
-        add: Option<bool>,
-    ) -> Result<Vec<f64>> {
-        let grads = tensors(&grads)?;
-        let params = params.as_deref().map(tensors).transpose()?;
-        let (hyper, _) = step_parts(&step, None, None)?;
-        let add = add.unwrap_or(false);
-        (0..n)
-            .map(|_| {
-                let t0 = std::time::Instant::now();
-                run_update(
-                    &self.inner,
-                    &state.inner,
-                    &grads,
-                    params.as_deref(),
-                    hyper,
-                    None,
-                    |u| match (&params, add) {
-                        (Some(p), true) => psgd::apply_updates(p, &u).map(drop).map_err(js_err),
-                        _ => Ok(()),
-                    },
-                )?;
-                Ok(t0.elapsed().as_secs_f64())
-            })
-            .collect()
-    }
-
     /// [`Self::update`] on the libuv thread pool; resolves to the updates.
+    #[allow(clippy::too_many_arguments)]
     #[napi(ts_return_type = "Promise<NativeTensor[]>")]
     pub fn update_async(
         &self,
+        env: Env,
         grads: Vec<&Tensor>,
         state: &NativeState,
         params: Option<Vec<&Tensor>>,
@@ -571,31 +558,41 @@ impl NativeOptimizer {
         hvp: Option<Vec<&Tensor>>,
         vector: Option<Vec<&Tensor>>,
     ) -> Result<AsyncTask<UpdateTask>> {
-        let (hyper, curvature) = step_parts(&step, hvp, vector)?;
+        let curvature = curvature_of(&env, &step, hvp, vector)?;
         Ok(AsyncTask::new(UpdateTask {
             opt: self.inner.clone(),
             state: state.inner.clone(),
-            grads: tensors(&grads)?,
-            params: params.as_deref().map(tensors).transpose()?,
-            hyper,
+            grads: tensors(&env, &grads)?,
+            params: params.as_deref().map(|p| tensors(&env, p)).transpose()?,
+            step,
             curvature,
+            failure: None,
         }))
     }
 
     /// The state as safetensors bytes.
     #[napi]
-    pub fn state_to_bytes(&self, state: &NativeState) -> Result<Buffer> {
+    pub fn state_to_bytes(&self, env: Env, state: &NativeState) -> Result<Buffer> {
         let s = state.inner.lock().unwrap();
-        Ok(self.inner.state_to_bytes(&s).map_err(js_err)?.into())
+        Ok(self
+            .inner
+            .state_to_bytes(&s)
+            .map_err(|e| js_err(&env, e))?
+            .into())
     }
 
     /// A state from safetensors bytes, placed on `device`.
     #[napi]
-    pub fn state_from_bytes(&self, bytes: &[u8], device_name: String) -> Result<NativeState> {
+    pub fn state_from_bytes(
+        &self,
+        env: Env,
+        bytes: &[u8],
+        device_name: String,
+    ) -> Result<NativeState> {
         let s = self
             .inner
-            .state_from_bytes(bytes, &device(&device_name)?)
-            .map_err(js_err)?;
+            .state_from_bytes(bytes, &device(&env, &device_name)?)
+            .map_err(|e| js_err(&env, e))?;
         Ok(NativeState {
             inner: Arc::new(Mutex::new(s)),
         })
@@ -603,40 +600,123 @@ impl NativeOptimizer {
 
     /// Makes `target` hold `source`'s state (both of this optimizer).
     #[napi]
-    pub fn copy_state(&self, source: &NativeState, target: &NativeState) -> Result<()> {
+    pub fn copy_state(&self, env: Env, source: &NativeState, target: &NativeState) -> Result<()> {
         let s = source.inner.lock().unwrap().clone();
-        self.inner.check_variant(&s).map_err(js_err)?;
+        self.inner.check_variant(&s).map_err(|e| js_err(&env, e))?;
         *target.inner.lock().unwrap() = s;
         Ok(())
     }
 }
 
-/// The result of one conformance case.
+fn options_object(env: &Env, json: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_str(json) {
+        Ok(serde_json::Value::Object(o)) => Ok(o),
+        Ok(_) => Err(type_err(env, "options must be an object".into())),
+        Err(e) => Err(type_err(env, format!("options: {e}"))),
+    }
+}
+
+/// Checks a variant's options (camelCase JSON) as the optimizer will read them, without
+/// building one: what `kron(options)` and friends call so bad options fail at once.
+#[napi]
+pub fn check_options(env: Env, variant: String, options_json: String) -> Result<()> {
+    let options = options_object(&env, &options_json)?;
+    AnyTransform::check_options(&variant, &options).map_err(|e| js_err(&env, e))
+}
+
+/// The parameters of `precondUpdateProbSchedule`; absent ones take psgd-jax's defaults.
 #[napi(object)]
-pub struct ConformanceResult {
-    pub name: String,
-    pub max_rel_err: f64,
-    pub detail: String,
-    pub passed: bool,
+pub struct PrecondUpdateProbScheduleInput {
+    pub max_prob: Option<f64>,
+    pub min_prob: Option<f64>,
+    pub decay: Option<f64>,
+    pub flat_start: Option<f64>,
 }
 
-/// Runs every fixture case under `dir` (see `conformance.md`).
+/// psgd-jax's update-probability schedule at 1-based step `n` (the one implementation,
+/// which the Kron default uses too).
 #[napi]
-pub fn run_conformance(dir: String) -> Result<Vec<ConformanceResult>> {
-    let results = psgd::conformance::run_dir(std::path::Path::new(&dir)).map_err(js_err)?;
-    Ok(results
-        .into_iter()
-        .map(|r| ConformanceResult {
-            name: r.name,
-            max_rel_err: r.max_rel_err,
-            detail: r.detail,
-            passed: r.passed,
-        })
-        .collect())
+pub fn precond_update_prob(schedule: PrecondUpdateProbScheduleInput, n: f64) -> f64 {
+    let d = psgd::PrecondUpdateProbSchedule::default();
+    psgd::PrecondUpdateProbSchedule {
+        max_prob: schedule.max_prob.unwrap_or(d.max_prob),
+        min_prob: schedule.min_prob.unwrap_or(d.min_prob),
+        decay: schedule.decay.unwrap_or(d.decay),
+        flat_start: schedule.flat_start.unwrap_or(d.flat_start),
+    }
+    .at(n.max(0.0) as u64)
 }
 
-/// The tolerance a conformance case must meet.
+/// The draws of one Hessian-mode step (`hessianHelper`): the decision, and when it fits,
+/// the probe and the two shifted points, all native on the params' device.
 #[napi]
-pub fn conformance_tolerance() -> f64 {
-    psgd::conformance::TOLERANCE
+pub struct NativeProbe {
+    inner: psgd::hessian::Probe,
+}
+
+fn whole(env: &Env, name: &str, v: f64) -> Result<u64> {
+    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9007199254740991.0 {
+        Ok(v as u64)
+    } else {
+        Err(range_err(
+            env,
+            format!("option '{name}' must be a non-negative integer, got {v}"),
+        ))
+    }
+}
+
+/// Draws step `step`'s decision and probe for `params` (see [`psgd::hessian::probe`]).
+#[napi]
+pub fn hessian_probe(
+    env: Env,
+    params: Vec<&Tensor>,
+    seed: f64,
+    step: f64,
+    update_probability: f64,
+) -> Result<NativeProbe> {
+    let (seed, step) = (whole(&env, "seed", seed)?, whole(&env, "step", step)?);
+    let p = psgd::hessian::probe(&tensors(&env, &params)?, seed, step, update_probability)
+        .map_err(|e| js_err(&env, e))?;
+    Ok(NativeProbe { inner: p })
+}
+
+#[napi]
+impl NativeProbe {
+    /// Whether the preconditioner is fitted this step.
+    #[napi(getter)]
+    pub fn update_preconditioner(&self) -> bool {
+        self.inner.update_preconditioner
+    }
+
+    /// The probe vector, one tensor per leaf (empty when not fitting).
+    #[napi]
+    pub fn vector(&self, env: Env) -> Vec<Tensor> {
+        Tensor::wrap_all(&env, self.inner.vector.clone())
+    }
+
+    /// `params + δ·v` and `params − δ·v`, the points to take the gradient at.
+    #[napi]
+    pub fn points(&self, env: Env) -> Vec<Vec<Tensor>> {
+        vec![
+            Tensor::wrap_all(&env, self.inner.plus.clone()),
+            Tensor::wrap_all(&env, self.inner.minus.clone()),
+        ]
+    }
+
+    /// The central difference: `[hvp, vector]`, one tensor per leaf each (float32).
+    #[napi]
+    pub fn difference(
+        &self,
+        env: Env,
+        grads_plus: Vec<&Tensor>,
+        grads_minus: Vec<&Tensor>,
+    ) -> Result<Vec<Vec<Tensor>>> {
+        let (h, v) = psgd::hessian::difference(
+            &self.inner,
+            &tensors(&env, &grads_plus)?,
+            &tensors(&env, &grads_minus)?,
+        )
+        .map_err(|e| js_err(&env, e))?;
+        Ok(vec![Tensor::wrap_all(&env, h), Tensor::wrap_all(&env, v)])
+    }
 }

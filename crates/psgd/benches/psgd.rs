@@ -84,7 +84,7 @@ fn products(t: &AnyTransform, state: &AnyState, update: bool) -> Option<Vec<Prod
     };
     match (t, state) {
         (AnyTransform::Kron(k), AnyState::Kron(s)) => {
-            for (leaf, qs) in k.leaves().iter().zip(&s.qs) {
+            for (leaf, qs) in k.leaves().iter().zip(&s.precond.qs) {
                 let (b, dims) = if leaf.scanned {
                     (leaf.shape[0], &leaf.shape[1..])
                 } else {
@@ -333,7 +333,11 @@ fn run_case(
     device: &Device,
 ) -> Res<Value> {
     let leaves = leaves_of(workload, variant);
-    let t = AnyTransform::new(variant, leaves.clone(), options)?;
+    let t = AnyTransform::new(
+        variant,
+        leaves.clone(),
+        &psgd::options::from_psgd_jax_names(options),
+    )?;
     let params = random_tree(&leaves, 0.02, device)?;
     let grads = random_tree(&leaves, 1.0, device)?;
     let rss_before = proc_status_bytes("VmRSS:");

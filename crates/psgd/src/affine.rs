@@ -6,45 +6,34 @@
 //! not skewed against it, the probe vector is integrated out analytically; otherwise a
 //! probe is drawn and the Hessian-mode fit is used with the gradient as `H·v`.
 
-use crate::common::{
-    add_eps, global_init_scale, FitInputs, Preconditioner, Psgd, PsgdOptions, PsgdState,
-    StepNormalizer,
-};
+use crate::common::{add_eps, global_init_scale, psgd_options};
 use crate::error::{PsgdError, Result};
-use crate::linalg::{
+use crate::kernels::linalg::{
     factor_gram, norm_lower_bound, norm_lower_bound_sym_sum, solve_triangular_right,
     triu_difference,
 };
-use crate::precision::Precision;
+use crate::kernels::precision::Precision;
+use crate::kernels::triangular::{matmul_tri, Tri};
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
+use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
 use crate::transform::LeafSpec;
-use crate::triangular::{matmul_tri, Tri};
 use candle_core::{DType, Device, Tensor};
 
 /// PSGD Affine (see the module docs).
 pub type Affine = Psgd<AffinePreconditioner>;
-/// Options of [`Affine`].
-pub type AffineOptions = PsgdOptions<AffineVariantOptions>;
 /// State of [`Affine`].
 pub type AffineState = PsgdState<Vec<AffineFactors>>;
 
-/// The options only Affine has.
-#[derive(Debug, Clone)]
-pub struct AffineVariantOptions {
-    /// A side longer than this gets a diagonal factor. Default 4096.
-    pub max_size_triangular: usize,
-    /// A side more than this many times longer than the other gets a diagonal factor.
-    /// Default 128.
-    pub max_skew_triangular: usize,
-}
-
-impl Default for AffineVariantOptions {
-    fn default() -> Self {
-        AffineVariantOptions {
-            max_size_triangular: 4096,
-            max_skew_triangular: 128,
-        }
+psgd_options! {
+    /// Options of [`Affine`]: psgd-jax 0.2.9's `affine` arguments (camelCase in JSON), with
+    /// its defaults.
+    AffineOptions, "affine", zero_clip_disables: false, {
+        /// A side of the matrix longer than this gets a diagonal factor. Default 4096.
+        max_size_triangular: usize = 4096;
+        /// A side more than this many times longer than the other gets a diagonal factor.
+        /// Default 128.
+        max_skew_triangular: usize = 128;
     }
 }
 
@@ -186,7 +175,7 @@ pub struct AffinePreconditioner {
 }
 
 /// psgd-jax's `_initQ` rule for one side of length `s` against the other side `t`.
-fn triangular(s: usize, t: usize, o: &AffineVariantOptions) -> bool {
+fn triangular(s: usize, t: usize, o: &AffineOptions) -> bool {
     !(s < 2 || s > o.max_size_triangular || s > o.max_skew_triangular.saturating_mul(t))
 }
 
@@ -477,25 +466,11 @@ fn fit_whitening(
 impl Preconditioner for AffinePreconditioner {
     const NAME: &'static str = "affine";
     const WHITENING_VECTOR: bool = false;
-    const ZERO_CLIP_DISABLES: bool = false;
     const FIT_ON_POOL: bool = true;
-    type Options = AffineVariantOptions;
+    type Options = AffineOptions;
     type State = Vec<AffineFactors>;
 
-    fn parse_option(
-        o: &mut AffineVariantOptions,
-        key: &str,
-        v: &serde_json::Value,
-    ) -> Result<bool> {
-        match key {
-            "max_size_triangular" => o.max_size_triangular = crate::json::uint(key, v)?,
-            "max_skew_triangular" => o.max_skew_triangular = crate::json::uint(key, v)?,
-            _ => return Ok(false),
-        }
-        Ok(true)
-    }
-
-    fn new(leaves: &[LeafSpec], o: &AffineVariantOptions) -> Result<Self> {
+    fn new(leaves: &[LeafSpec], o: &AffineOptions) -> Result<Self> {
         let shapes: Vec<MatrixShape> = leaves.iter().map(|l| shape_as_matrix(&l.shape)).collect();
         let dense = shapes
             .iter()
@@ -549,7 +524,7 @@ impl Preconditioner for AffinePreconditioner {
                 LeafDraws::take(rng, probe.then_some([m, n]), inputs.hvps[l].device())
             })
             .collect::<Result<Vec<_>>>()?;
-        crate::transform::map_leaves(&self.leaves, |l| {
+        crate::stages::map_leaves(&self.leaves, |l| {
             let (f, shape) = (&st[l], &self.shapes[l]);
             let h = shape.leaf_to_matrix(&inputs.hvps[l])?;
             let v = vectors.map(|vs| shape.leaf_to_matrix(&vs[l])).transpose()?;

@@ -2,9 +2,9 @@
 //! conformance runner).
 
 use crate::error::{PsgdError, Result};
+use crate::options::Options;
 use crate::random::RandomSource;
-use crate::transform::{Curvature, LeafSpec, StepHyper};
-use crate::Transform;
+use crate::transform::{Curvature, LeafSpec, StepHyper, Transform};
 use candle_core::{Device, Tensor};
 
 /// Declares [`AnyTransform`] / [`AnyState`] over the variants, with one dispatch each.
@@ -30,7 +30,7 @@ macro_rules! variants {
 
         impl AnyTransform {
             /// The variant named `variant` (psgd-jax's module name: `kron`, `xmat`, `lra`,
-            /// `affine`) for `leaves`, with options in psgd-jax's snake_case names.
+            /// `affine`) for `leaves`, with options by their camelCase names.
             pub fn new(
                 variant: &str,
                 leaves: Vec<LeafSpec>,
@@ -39,11 +39,11 @@ macro_rules! variants {
                 match variant {
                     $($name => Ok(AnyTransform::$variant(<$ty as Transform>::new(
                         leaves,
-                        <$ty as Transform>::options_from_json(options)?,
+                        <<$ty as Transform>::Options as Options>::from_json(options)?,
                     )?)),)*
                     other => Err(PsgdError::option_range(
                         "variant",
-                        format!("unknown optimizer variant '{other}'"),
+                        format!("must be 'kron', 'xmat', 'lra' or 'affine', got '{other}'"),
                     )),
                 }
             }
@@ -112,7 +112,7 @@ macro_rules! variants {
                 }
             }
 
-            /// See [`Transform::state_to_bytes`].
+            /// The state as safetensors bytes (see [`crate::state_io`]).
             pub fn state_to_bytes(&self, state: &AnyState) -> Result<Vec<u8>> {
                 match (self, state) {
                     $((AnyTransform::$variant(t), AnyState::$variant(s)) => t.state_to_bytes(s),)*
@@ -121,10 +121,25 @@ macro_rules! variants {
                 }
             }
 
-            /// See [`Transform::state_from_bytes`].
+            /// A state from safetensors bytes, checked against this optimizer.
             pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<AnyState> {
                 match self {
                     $(AnyTransform::$variant(t) => Ok(AnyState::$variant(t.state_from_bytes(bytes, device)?)),)*
+                }
+            }
+
+            /// Checks options given by their camelCase names for the variant `variant`,
+            /// without building an optimizer.
+            pub fn check_options(
+                variant: &str,
+                options: &serde_json::Map<String, serde_json::Value>,
+            ) -> Result<()> {
+                match variant {
+                    $($name => <<$ty as Transform>::Options as Options>::from_json(options).map(drop),)*
+                    other => Err(PsgdError::option_range(
+                        "variant",
+                        format!("must be 'kron', 'xmat', 'lra' or 'affine', got '{other}'"),
+                    )),
                 }
             }
 
@@ -170,7 +185,7 @@ impl AnyTransform {
         hyper: StepHyper,
         curvature: Option<&Curvature>,
     ) -> Result<(Vec<Tensor>, AnyState)> {
-        let mut rng = crate::SeededRandom::for_step(self.seed(), state.count() + 1);
+        let mut rng = crate::random::SeededRandom::for_step(self.seed(), state.count() + 1);
         self.update_with(grads, state, params, hyper, curvature, &mut rng)
     }
 }

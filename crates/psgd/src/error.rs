@@ -33,11 +33,11 @@ pub enum PsgdError {
     /// A leaf holds NaN or Inf.
     #[error("{what} '{path}' contains NaN or Inf")]
     NonFinite { what: &'static str, path: String },
-    /// An option has the wrong type or is unknown.
-    #[error("option '{name}': {msg}")]
+    /// An option has the wrong type or is unknown (`msg` continues the sentence).
+    #[error("option '{name}' {msg}")]
     OptionType { name: String, msg: String },
-    /// An option has a value out of its range.
-    #[error("option '{name}': {msg}")]
+    /// An option has a value out of its range (`msg` continues the sentence).
+    #[error("option '{name}' {msg}")]
     OptionRange { name: String, msg: String },
     /// The number of leaves differs from the optimizer's.
     #[error("{what} has {got} leaves, expected {expected}")]

@@ -2,175 +2,149 @@
 //! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
 
 use crate::error::{PsgdError, Result};
-use crate::linalg::{
+use crate::kernels::linalg::{
     factor_gram, max_abs_per_batch, norm_lower_bound_sym_sum, solve_triangular_right,
     triu_difference, TINY_F32,
 };
-pub use crate::precision::{parse_dtype, Precision};
+pub use crate::kernels::precision::Precision;
+use crate::kernels::triangular::{matmul_tri, saves_work, Tri};
+use crate::options::{check, StateDType};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
-use crate::state_io::{self, StateFile};
-use crate::transform::{self, Curvature, LeafSpec, StepHyper};
-use crate::triangular::{matmul_tri, saves_work, Tri};
-use crate::Transform;
+use crate::stages::{self, Clip};
+use crate::state_io::{LoadedState, StateFile};
+use crate::step::{
+    FitInputs, FitSource, Preconditioner, Psgd, PsgdState, StepNormalizer, StepOptions,
+    UpdateDecision, VariantOptions,
+};
+use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
-/// Which axes get diagonal factors to save memory (`memory_save_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which axes get diagonal factors to save memory (`memorySaveMode`; null: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemorySaveMode {
-    /// Every eligible axis gets a triangular factor.
-    #[default]
-    None,
     /// The largest axis of each leaf (the last among equals) is diagonal.
     OneDiag,
     /// Every axis is diagonal.
     AllDiag,
 }
 
-impl MemorySaveMode {
-    /// Parses psgd-jax's spelling: `None`/`null`, `"one_diag"`, `"all_diag"`.
-    pub fn parse(s: Option<&str>) -> Result<Self> {
-        match s {
-            None => Ok(MemorySaveMode::None),
-            Some("one_diag") => Ok(MemorySaveMode::OneDiag),
-            Some("all_diag") => Ok(MemorySaveMode::AllDiag),
-            Some(other) => Err(PsgdError::option_range(
-                "memory_save_mode",
-                format!("must be null, 'one_diag' or 'all_diag', got '{other}'"),
-            )),
-        }
+impl crate::options::Choice for MemorySaveMode {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("one_diag", MemorySaveMode::OneDiag),
+        ("all_diag", MemorySaveMode::AllDiag),
+    ];
+}
+crate::options::choice_option!(MemorySaveMode, "'one_diag' | 'all_diag'");
+
+crate::declare_options! {
+    /// Options of [`Kron`]: psgd-jax 0.2.9's `kron` arguments (camelCase in JSON), with its
+    /// defaults.
+    pub struct KronOptions for "kron" {
+        /// Learning rate, or a schedule of the step count (0 on the first step, as optax).
+        /// Default 0.001.
+        learning_rate: Schedule = Schedule::Constant(0.001),
+            check check::learning_rate_schedule;
+        /// Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
+        b1: f64 = 0.9, check check::momentum;
+        /// Decoupled weight decay (needs `params` in `update`), on the leaves
+        /// `weightDecayMask` selects. Default 0.
+        weight_decay: f64 = 0.0, check check::finite;
+        /// Probability of updating the preconditioner on a step, or a schedule of the
+        /// 1-based step count. Default (and null): `precondUpdateProbSchedule()`, 1 for 500
+        /// steps, then annealed to 0.03.
+        preconditioner_update_probability: Option<Schedule> = None,
+            check |s: &Option<Schedule>| s.as_ref().map_or(Ok(()), check::probability_schedule);
+        /// Axes longer than this get a diagonal factor instead of a triangular one.
+        /// Default 8192.
+        max_size_triangular: usize = 8192;
+        /// Leaves with fewer axes than this get only diagonal factors. Default 2.
+        min_ndim_triangular: usize = 2;
+        /// `null` (default): every axis may be triangular; `'one_diag'`: the largest axis
+        /// of each leaf is diagonal; `'all_diag'`: every axis is diagonal.
+        memory_save_mode: Option<MemorySaveMode> = None;
+        /// Fit the preconditioner to the momentum rather than the raw gradient. Default
+        /// true.
+        momentum_into_precond_update: bool = true;
+        /// Step size of the preconditioner fit. Default 0.1.
+        preconditioner_lr: f64 = 0.1, check check::finite;
+        /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
+        /// Default 1.
+        preconditioner_init_scale: f64 = 1.0, check check::positive;
+        /// Clip the incoming gradients to this global L2 norm before anything else
+        /// (momentum and the preconditioner fit see the clipped gradients). Not in
+        /// psgd-jax. Default null (no clip).
+        grad_clip: Option<f64> = None, check check::positive_or_none;
+        /// Dtype of the momentum buffer; null keeps each param's dtype.
+        mu_dtype: Option<StateDType> = None;
+        /// Dtype of the preconditioner factors; null is float32.
+        precond_dtype: Option<StateDType> = None;
+        /// Matmul precision of the preconditioner fit. Default `'tensorfloat32'` (computed
+        /// in float32: candle has no TF32 switch); `'bfloat16'` rounds the operands to
+        /// bfloat16; null is float32.
+        precond_update_precision: Option<Precision> = Some(Precision::Tensorfloat32);
+        /// Matmul precision when applying the preconditioner. Default null (float32).
+        precond_grads_precision: Option<Precision> = None;
+        /// Process scanned layers in batches of `laxMapBatchSize` layers, bounding memory.
+        /// Default false.
+        lax_map_scanned_layers: bool = false;
+        /// Layers per batch with `laxMapScannedLayers`. Default 8.
+        lax_map_batch_size: usize = 8;
+        /// Seed of the random probe vectors; the same seed gives the same run. Default 0.
+        seed: u64 = 0;
+    }
+    ts_only {
+        /// Which leaves get weight decay: a tree of booleans or `(path, leaf) => boolean`.
+        /// Default: all.
+        "weightDecayMask": "Mask";
+        /// Leaves whose leading axis is a stack of layers (a tree of booleans or a
+        /// predicate): each layer gets its own preconditioner. Default: none.
+        "scannedLayers": "Mask";
     }
 }
 
-/// Options of [`Kron`], with psgd-jax 0.2.9's defaults.
-#[derive(Debug, Clone)]
-pub struct KronOptions {
-    /// Learning rate, or a schedule of the step count before this step (0 on the first
-    /// step), as optax's `scale_by_learning_rate` evaluates it. Default 0.001.
-    pub learning_rate: Schedule,
-    /// Momentum; 0 turns it off (no momentum state). Default 0.9.
-    pub b1: f64,
-    /// Decoupled weight decay, applied to leaves whose [`LeafSpec::weight_decay`] is set.
-    pub weight_decay: f64,
-    /// Probability of updating the preconditioner, or a schedule of the 1-based step count.
-    /// Default: [`precond_update_prob_schedule`].
-    pub preconditioner_update_probability: Schedule,
-    /// Axes longer than this get a diagonal factor. Default 8192.
-    pub max_size_triangular: usize,
-    /// Leaves with fewer axes get diagonal factors only. Default 2.
-    pub min_ndim_triangular: usize,
-    /// See [`MemorySaveMode`].
-    pub memory_save_mode: MemorySaveMode,
-    /// Fit the preconditioner to the momentum instead of the raw gradient. Default true.
-    pub momentum_into_precond_update: bool,
-    /// Step size of the preconditioner fit. Default 0.1.
-    pub preconditioner_lr: f64,
-    /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`). Default 1.
-    pub preconditioner_init_scale: f64,
-    /// Dtype of the momentum; `None` keeps the params' dtype.
-    pub mu_dtype: Option<DType>,
-    /// Dtype of the factors; `None` is float32.
-    pub precond_dtype: Option<DType>,
-    /// Matmul precision in the preconditioner fit. Default `Tensorfloat32`.
-    pub precond_update_precision: Precision,
-    /// Matmul precision when applying the preconditioner. Default `Float32`.
-    pub precond_grads_precision: Precision,
-    /// Process scanned layers in batches of `lax_map_batch_size` slices instead of all at
-    /// once (bounds the memory of the temporaries). Default false.
-    pub lax_map_scanned_layers: bool,
-    /// Slices per batch with `lax_map_scanned_layers`. Default 8.
-    pub lax_map_batch_size: usize,
-    /// Seed of the default random source.
-    pub seed: u64,
-}
+impl VariantOptions for KronOptions {
+    const PRECOND_LR: &'static str = "preconditionerLr";
 
-impl Default for KronOptions {
-    fn default() -> Self {
-        KronOptions {
-            learning_rate: Schedule::Constant(0.001),
-            b1: 0.9,
-            weight_decay: 0.0,
-            preconditioner_update_probability: precond_update_prob_schedule(),
-            max_size_triangular: 8192,
-            min_ndim_triangular: 2,
-            memory_save_mode: MemorySaveMode::None,
-            momentum_into_precond_update: true,
-            preconditioner_lr: 0.1,
-            preconditioner_init_scale: 1.0,
-            mu_dtype: None,
-            precond_dtype: None,
-            precond_update_precision: Precision::Tensorfloat32,
-            precond_grads_precision: Precision::Float32,
-            lax_map_scanned_layers: false,
-            lax_map_batch_size: 8,
-            seed: 0,
+    fn step(&self) -> StepOptions {
+        StepOptions {
+            learning_rate: self.learning_rate.clone(),
+            update_probability: self
+                .preconditioner_update_probability
+                .clone()
+                .unwrap_or_else(precond_update_prob_schedule),
+            precond_lr: Schedule::Constant(self.preconditioner_lr),
+            b1: self.b1,
+            nesterov: false,
+            weight_decay: self.weight_decay,
+            mu_dtype: self.mu_dtype.map(|d| d.0),
+            seed: self.seed,
+            init_scale: Some(self.preconditioner_init_scale),
+            normalizer: StepNormalizer::Second,
+            precision: self.update_precision(),
+            decision: UpdateDecision::Counter,
+            fit_source: if self.momentum_into_precond_update {
+                FitSource::Momentum
+            } else {
+                FitSource::Gradient
+            },
+            clip: Clip::Rms,
+            grad_clip: self.grad_clip,
         }
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.learning_rate = Schedule::Constant(lr);
     }
 }
 
 impl KronOptions {
-    /// Options from a JSON object with psgd-jax's snake_case keyword names. The pytree
-    /// options (`weight_decay_mask`, `scanned_layers`) belong in the [`LeafSpec`]s and are
-    /// skipped here; any other unknown key is an error.
-    pub fn from_json(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
-        use crate::json::*;
-        let mut o = KronOptions::default();
-        for (k, v) in obj {
-            match k.as_str() {
-                "learning_rate" => o.learning_rate = Schedule::Constant(num(k, v)?),
-                "b1" => o.b1 = num(k, v)?,
-                "weight_decay" => o.weight_decay = num(k, v)?,
-                "preconditioner_update_probability" => {
-                    if !v.is_null() {
-                        o.preconditioner_update_probability = Schedule::Constant(num(k, v)?)
-                    }
-                }
-                "max_size_triangular" => o.max_size_triangular = uint(k, v)?,
-                "min_ndim_triangular" => o.min_ndim_triangular = uint(k, v)?,
-                "memory_save_mode" => o.memory_save_mode = MemorySaveMode::parse(opt_str(k, v)?)?,
-                "momentum_into_precond_update" => o.momentum_into_precond_update = boolean(k, v)?,
-                "preconditioner_lr" => o.preconditioner_lr = num(k, v)?,
-                "preconditioner_init_scale" => o.preconditioner_init_scale = num(k, v)?,
-                "mu_dtype" => o.mu_dtype = parse_dtype(k, opt_str(k, v)?)?,
-                "precond_dtype" => o.precond_dtype = parse_dtype(k, opt_str(k, v)?)?,
-                "precond_update_precision" => {
-                    o.precond_update_precision = Precision::parse(k, opt_str(k, v)?)?
-                }
-                "precond_grads_precision" => {
-                    o.precond_grads_precision = Precision::parse(k, opt_str(k, v)?)?
-                }
-                "lax_map_scanned_layers" => o.lax_map_scanned_layers = boolean(k, v)?,
-                "lax_map_batch_size" => o.lax_map_batch_size = uint(k, v)?,
-                "seed" => o.seed = uint(k, v)? as u64,
-                "weight_decay_mask" | "scanned_layers" => {}
-                _ => {
-                    return Err(PsgdError::option_type(
-                        k,
-                        "unknown option for kron".to_string(),
-                    ))
-                }
-            }
-        }
-        o.validate()?;
-        Ok(o)
+    fn update_precision(&self) -> Precision {
+        self.precond_update_precision.unwrap_or(Precision::Float32)
     }
 
-    fn validate(&self) -> Result<()> {
-        transform::check_common_options(
-            self.b1,
-            self.weight_decay,
-            &self.learning_rate,
-            &self.preconditioner_update_probability,
-        )?;
-        transform::check_finite_option("preconditioner_lr", self.preconditioner_lr)?;
-        let s = self.preconditioner_init_scale;
-        if !(s.is_finite() && s > 0.0) {
-            return Err(PsgdError::option_range(
-                "preconditioner_init_scale",
-                format!("must be > 0, got {s}"),
-            ));
-        }
-        Ok(())
+    fn grads_precision(&self) -> Precision {
+        self.precond_grads_precision.unwrap_or(Precision::Float32)
     }
 }
 
@@ -232,8 +206,8 @@ impl LeafPlan {
                 d == 1
                     || d > o.max_size_triangular
                     || slice.len() < o.min_ndim_triangular
-                    || o.memory_save_mode == MemorySaveMode::AllDiag
-                    || (o.memory_save_mode == MemorySaveMode::OneDiag && i == largest)
+                    || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
+                    || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
             })
             .collect();
         let stored = slice
@@ -552,15 +526,14 @@ fn balance(qs: &[Tensor], plan: &LeafPlan) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// PSGD Kron (see the module docs).
+pub type Kron = Psgd<KronPreconditioner>;
 /// The state of [`Kron`]: plain data, saved and loaded as safetensors.
+pub type KronState = PsgdState<KronFactors>;
+
+/// Kron's preconditioner state.
 #[derive(Debug, Clone)]
-pub struct KronState {
-    /// Steps taken.
-    pub count: u64,
-    /// The deterministic preconditioner-update counter.
-    pub update_counter: u64,
-    /// Momentum per leaf (`None` when `b1 == 0`).
-    pub mu: Option<Vec<Tensor>>,
+pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes.
     pub qs: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
@@ -569,31 +542,26 @@ pub struct KronState {
     pub ps: Option<Vec<Vec<Tensor>>>,
 }
 
-/// The Kron optimizer for a fixed list of leaves.
+/// Kron's preconditioner for a fixed list of leaves.
 #[derive(Debug, Clone)]
-pub struct Kron {
+pub struct KronPreconditioner {
     options: KronOptions,
     leaves: Vec<LeafSpec>,
     plans: Vec<LeafPlan>,
 }
 
-impl Kron {
-    /// The options.
-    pub fn options(&self) -> &KronOptions {
-        &self.options
-    }
-
+impl KronPreconditioner {
     /// [`grams`] of every leaf, at the apply step's precision.
     fn grams_of(&self, qs: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>> {
         self.plans
             .iter()
             .zip(qs)
-            .map(|(plan, q)| grams(q, plan, self.options.precond_grads_precision))
+            .map(|(plan, q)| grams(q, plan, self.options.grads_precision()))
             .collect()
     }
 
     fn precond_dtype(&self) -> DType {
-        self.options.precond_dtype.unwrap_or(DType::F32)
+        self.options.precond_dtype.map_or(DType::F32, |d| d.0)
     }
 
     /// Runs `f` over the batch axis of a leaf: at once, or in slices of
@@ -630,7 +598,172 @@ impl Kron {
             .collect()
     }
 
-    fn check_state(&self, s: &KronState) -> Result<()> {
+    /// Fits every leaf's factors once: maybe balance, draw probes, damp, step.
+    fn update_preconditioners(
+        &self,
+        qs: &[Vec<Tensor>],
+        inputs: &[Tensor],
+        lr: f64,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Vec<Vec<Tensor>>> {
+        let do_balance = rng.uniform()? < 0.01;
+        let probes = self
+            .leaves
+            .iter()
+            .zip(inputs)
+            .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
+            .collect::<Result<Vec<_>>>()?;
+        let precision = self.options.update_precision();
+        stages::map_leaves(&self.leaves, |l| {
+            let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
+            let x = stages::damp(x, v)?;
+            let shape = plan.batched_shape();
+            let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
+            let mut bq = q
+                .iter()
+                .enumerate()
+                .map(|(i, q)| plan.batched_q(i, q))
+                .collect::<Result<Vec<_>>>()?;
+            if do_balance {
+                bq = balance(&bq, plan)?;
+            }
+            let n = bq.len();
+            let mut ins: Vec<&Tensor> = bq.iter().collect();
+            ins.push(&x);
+            ins.push(&v);
+            let new = self.map_batches(plan, &ins, |t| {
+                update_factors(&t[..n], &t[n], &t[n + 1], plan, lr, precision)
+            })?;
+            new.iter()
+                .zip(&plan.stored)
+                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
+                .collect()
+        })
+    }
+
+    /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
+    /// `f` holds the kept grams (already batched) or the factors in their stored shapes.
+    fn apply_leaf(&self, plan: &LeafPlan, f: Factors, m: &Tensor) -> Result<Tensor> {
+        let shape = m.dims().to_vec();
+        let x = m.reshape(plan.batched_shape().as_slice())?;
+        let batched = match f {
+            Factors::Grams(ps) => ps.to_vec(),
+            Factors::Qs(qs) => qs
+                .iter()
+                .enumerate()
+                .map(|(i, q)| plan.batched_q(i, q))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let n = batched.len();
+        let mut ins: Vec<&Tensor> = batched.iter().collect();
+        ins.push(&x);
+        let out = self.map_batches(plan, &ins, |t| {
+            Ok(vec![precondition(
+                &t[n],
+                f.like(&t[..n]),
+                plan,
+                self.options.grads_precision(),
+            )?])
+        })?;
+        Ok(out[0].reshape(shape)?)
+    }
+}
+
+impl Preconditioner for KronPreconditioner {
+    const NAME: &'static str = "kron";
+    const WHITENING_VECTOR: bool = false;
+    const HESSIAN: bool = false;
+    const FIT_ON_POOL: bool = true;
+    type Options = KronOptions;
+    type State = KronFactors;
+
+    fn new(leaves: &[LeafSpec], o: &KronOptions) -> Result<Self> {
+        let plans = leaves
+            .iter()
+            .map(|s| LeafPlan::new(s, o))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KronPreconditioner {
+            options: o.clone(),
+            leaves: leaves.to_vec(),
+            plans,
+        })
+    }
+
+    fn init(&self, device: &Device, _rng: &mut dyn RandomSource) -> Result<KronFactors> {
+        let qs = self
+            .plans
+            .iter()
+            .map(|plan| plan.init_factors(self.precond_dtype(), device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KronFactors { qs, ps: None })
+    }
+
+    fn update(
+        &self,
+        st: &KronFactors,
+        inputs: &FitInputs,
+        rng: &mut dyn RandomSource,
+    ) -> Result<KronFactors> {
+        let qs = self.update_preconditioners(&st.qs, inputs.hvps, inputs.precond_lr, rng)?;
+        Ok(KronFactors { qs, ps: None })
+    }
+
+    fn prepare_apply(&self, st: KronFactors, fitted: bool) -> Result<KronFactors> {
+        // the grams change only with the factors: formed at the first step that does not
+        // fit them, kept while none does
+        Ok(match (st.ps, fitted) {
+            (_, true) => KronFactors {
+                qs: st.qs,
+                ps: None,
+            },
+            (Some(ps), false) => KronFactors {
+                qs: st.qs,
+                ps: Some(ps),
+            },
+            (None, false) => {
+                let ps = self.grams_of(&st.qs)?;
+                KronFactors {
+                    qs: st.qs,
+                    ps: Some(ps),
+                }
+            }
+        })
+    }
+
+    fn apply(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.plans
+            .iter()
+            .enumerate()
+            .map(|(l, plan)| match &st.ps {
+                Some(ps) => self.apply_leaf(plan, Factors::Grams(&ps[l]), &grads[l]),
+                None => self.apply_leaf(plan, Factors::Qs(&st.qs[l]), &grads[l]),
+            })
+            .collect()
+    }
+
+    fn save(&self, st: &KronFactors, f: &mut StateFile) {
+        for (l, qs) in st.qs.iter().enumerate() {
+            for (i, q) in qs.iter().enumerate() {
+                f.tensor(format!("Q.{l}.{i}"), q);
+            }
+        }
+    }
+
+    fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
+        let qs = self
+            .plans
+            .iter()
+            .enumerate()
+            .map(|(l, plan)| {
+                (0..plan.stored.len())
+                    .map(|i| f.take(&format!("Q.{l}.{i}")))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KronFactors { qs, ps: None })
+    }
+
+    fn check(&self, s: &KronFactors) -> Result<()> {
         if s.qs.len() != self.leaves.len() {
             return Err(PsgdError::State(format!(
                 "has preconditioners for {} leaves, the optimizer has {}",
@@ -672,289 +805,7 @@ impl Kron {
                 "the derived QᵀQ cache (ps) does not match the factors; set it to None".into(),
             ));
         }
-        match (&s.mu, self.options.b1 > 0.0) {
-            (Some(mu), true) => {
-                for (spec, m) in self.leaves.iter().zip(mu) {
-                    if m.dims() != spec.shape.as_slice() {
-                        return Err(PsgdError::State(format!(
-                            "momentum of '{}' has shape {:?}, expected {:?}",
-                            spec.path,
-                            m.dims(),
-                            spec.shape
-                        )));
-                    }
-                }
-                if mu.len() != self.leaves.len() {
-                    return Err(PsgdError::State("momentum has the wrong leaf count".into()));
-                }
-                Ok(())
-            }
-            (None, false) => Ok(()),
-            (Some(_), false) => Err(PsgdError::State("has momentum but b1 is 0".into())),
-            (None, true) => Err(PsgdError::State("has no momentum but b1 > 0".into())),
-        }
-    }
-
-    /// Fits every leaf's factors once: maybe balance, draw probes, damp, step.
-    fn update_preconditioners(
-        &self,
-        qs: &[Vec<Tensor>],
-        inputs: &[Tensor],
-        rng: &mut dyn RandomSource,
-    ) -> Result<Vec<Vec<Tensor>>> {
-        let do_balance = rng.uniform()? < 0.01;
-        let probes = self
-            .leaves
-            .iter()
-            .zip(inputs)
-            .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
-            .collect::<Result<Vec<_>>>()?;
-        let o = &self.options;
-        transform::map_leaves(&self.leaves, |l| {
-            let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
-            let x = transform::damp(x, v)?;
-            let shape = plan.batched_shape();
-            let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
-            let mut bq = q
-                .iter()
-                .enumerate()
-                .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?;
-            if do_balance {
-                bq = balance(&bq, plan)?;
-            }
-            let n = bq.len();
-            let mut ins: Vec<&Tensor> = bq.iter().collect();
-            ins.push(&x);
-            ins.push(&v);
-            let new = self.map_batches(plan, &ins, |t| {
-                update_factors(
-                    &t[..n],
-                    &t[n],
-                    &t[n + 1],
-                    plan,
-                    o.preconditioner_lr,
-                    o.precond_update_precision,
-                )
-            })?;
-            new.iter()
-                .zip(&plan.stored)
-                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
-                .collect()
-        })
-    }
-
-    /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
-    /// `f` holds the kept grams (already batched) or the factors in their stored shapes.
-    fn apply_leaf(&self, plan: &LeafPlan, f: Factors, m: &Tensor) -> Result<Tensor> {
-        let shape = m.dims().to_vec();
-        let x = m.reshape(plan.batched_shape().as_slice())?;
-        let batched = match f {
-            Factors::Grams(ps) => ps.to_vec(),
-            Factors::Qs(qs) => qs
-                .iter()
-                .enumerate()
-                .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?,
-        };
-        let n = batched.len();
-        let mut ins: Vec<&Tensor> = batched.iter().collect();
-        ins.push(&x);
-        let out = self.map_batches(plan, &ins, |t| {
-            Ok(vec![precondition(
-                &t[n],
-                f.like(&t[..n]),
-                plan,
-                self.options.precond_grads_precision,
-            )?])
-        })?;
-        Ok(out[0].reshape(shape)?)
-    }
-}
-
-impl Transform for Kron {
-    type Options = KronOptions;
-    type State = KronState;
-
-    fn options_from_json(obj: &serde_json::Map<String, serde_json::Value>) -> Result<KronOptions> {
-        KronOptions::from_json(obj)
-    }
-
-    fn new(leaves: Vec<LeafSpec>, options: KronOptions) -> Result<Self> {
-        options.validate()?;
-        let plans = leaves
-            .iter()
-            .map(|s| LeafPlan::new(s, &options))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Kron {
-            options,
-            leaves,
-            plans,
-        })
-    }
-
-    fn leaves(&self) -> &[LeafSpec] {
-        &self.leaves
-    }
-
-    fn seed(&self) -> u64 {
-        self.options.seed
-    }
-
-    fn init_with(&self, params: &[Tensor], _rng: &mut dyn RandomSource) -> Result<KronState> {
-        transform::check_leaves("params", &self.leaves, params)?;
-        let mu = transform::init_momentum(self.options.b1, self.options.mu_dtype, params)?;
-        let qs = self
-            .plans
-            .iter()
-            .zip(params)
-            .map(|(plan, p)| plan.init_factors(self.precond_dtype(), p.device()))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KronState {
-            count: 0,
-            update_counter: 0,
-            mu,
-            qs,
-            ps: None,
-        })
-    }
-
-    fn hyper(&self, state: &KronState) -> StepHyper {
-        StepHyper::new(
-            self.options.learning_rate.at(state.count),
-            self.options
-                .preconditioner_update_probability
-                .at(state.count + 1),
-        )
-    }
-
-    fn count(state: &KronState) -> u64 {
-        state.count
-    }
-
-    fn update_with(
-        &self,
-        grads: &[Tensor],
-        state: &KronState,
-        params: Option<&[Tensor]>,
-        hyper: StepHyper,
-        curvature: Option<&Curvature>,
-        rng: &mut dyn RandomSource,
-    ) -> Result<(Vec<Tensor>, KronState)> {
-        let o = &self.options;
-        if curvature.is_some() {
-            return Err(PsgdError::option_type(
-                "hvp",
-                "kron fits its preconditioner by gradient whitening only; it takes no hvp/vector",
-            ));
-        }
-        transform::check_step_inputs(&self.leaves, grads, params, o.weight_decay)?;
-        transform::check_hyper(&hyper)?;
-        self.check_state(state)?;
-        let count = state.count + 1;
-        let g32 = grads
-            .iter()
-            .map(|g| Ok(g.to_dtype(DType::F32)?))
-            .collect::<Result<Vec<_>>>()?;
-
-        let (mu, momentum) = transform::momentum_all(o.b1, false, state.mu.as_ref(), &g32, count)?;
-
-        let (do_update, update_counter) =
-            transform::update_counter(state.update_counter, hyper.update_probability);
-        let qs = if do_update {
-            let inputs = if o.momentum_into_precond_update {
-                &momentum
-            } else {
-                &g32
-            };
-            transform::on_pool(&self.leaves, || {
-                self.update_preconditioners(&state.qs, inputs, rng)
-            })?
-        } else {
-            state.qs.clone()
-        };
-
-        let ps = match (&state.ps, do_update) {
-            (_, true) => None,
-            (Some(ps), false) => Some(ps.clone()),
-            (None, false) => Some(self.grams_of(&qs)?),
-        };
-        let pre = self
-            .plans
-            .iter()
-            .enumerate()
-            .map(|(l, plan)| match &ps {
-                Some(ps) => self.apply_leaf(plan, Factors::Grams(&ps[l]), &momentum[l]),
-                None => self.apply_leaf(plan, Factors::Qs(&qs[l]), &momentum[l]),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let updates = transform::finish_updates(
-            &pre,
-            params,
-            &self.leaves,
-            grads,
-            o.weight_decay,
-            hyper.learning_rate,
-            transform::Clip::Rms,
-        )?;
-
-        let mu = transform::keep_dtypes(mu, state.mu.as_ref())?;
-        Ok((
-            updates,
-            KronState {
-                count,
-                update_counter,
-                mu,
-                qs,
-                ps,
-            },
-        ))
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.options.learning_rate = Schedule::Constant(lr);
-    }
-
-    fn learning_rate(&self, state: &KronState) -> f64 {
-        self.options.learning_rate.at(state.count)
-    }
-
-    fn state_to_bytes(&self, state: &KronState) -> Result<Vec<u8>> {
-        let mut f = StateFile::new("kron", &self.leaves);
-        f.meta("count", state.count.to_string());
-        f.meta("update_counter", state.update_counter.to_string());
-        f.momentum(state.mu.as_ref());
-        for (l, qs) in state.qs.iter().enumerate() {
-            for (i, q) in qs.iter().enumerate() {
-                f.tensor(format!("Q.{l}.{i}"), q);
-            }
-        }
-        f.to_bytes()
-    }
-
-    fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<KronState> {
-        let mut f = state_io::LoadedState::parse(bytes, device, "kron", &self.leaves)?;
-        let count = f.meta_u64("count")?;
-        let update_counter = f.meta_u64("update_counter")?;
-        let mu = f.take_momentum(self.leaves.len(), self.options.b1 > 0.0)?;
-        let qs = self
-            .plans
-            .iter()
-            .enumerate()
-            .map(|(l, plan)| {
-                (0..plan.stored.len())
-                    .map(|i| f.take(&format!("Q.{l}.{i}")))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let state = KronState {
-            count,
-            update_counter,
-            mu,
-            qs,
-            ps: None,
-        };
-        self.check_state(&state)?;
-        Ok(state)
+        Ok(())
     }
 }
 

@@ -5,38 +5,32 @@
 //! hundred rebalances the norms of `U` and `V`.
 
 use crate::common::{
-    add_eps, concat_flat, global_init_scale, global_init_scale_host, split_flat, FitInputs,
-    Preconditioner, Psgd, PsgdOptions, PsgdState, StepNormalizer,
+    add_eps, concat_flat, global_init_scale, global_init_scale_host, psgd_options, split_flat,
 };
-use crate::elementwise::{self, map_fold_rows, Flat};
 use crate::error::{PsgdError, Result};
-use crate::linalg::solve_small;
-use crate::precision::Precision;
+use crate::kernels::elementwise::{self, map_fold_rows, Flat};
+use crate::kernels::linalg::solve_small;
+use crate::kernels::precision::Precision;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
+use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
 /// PSGD LRA (see the module docs).
 pub type Lra = Psgd<LraPreconditioner>;
-/// Options of [`Lra`].
-pub type LraOptions = PsgdOptions<LraVariantOptions>;
 /// State of [`Lra`].
 pub type LraState = PsgdState<LraFactors>;
 
 /// psgd-jax's default rank.
 const DEFAULT_RANK: usize = 10;
 
-/// The option only LRA has.
-#[derive(Debug, Clone)]
-pub struct LraVariantOptions {
-    /// Rank of `U` and `V` (psgd-jax's `uvd_rank_of_approximation`). Default 10.
-    pub rank: usize,
-}
-
-impl Default for LraVariantOptions {
-    fn default() -> Self {
-        LraVariantOptions { rank: DEFAULT_RANK }
+psgd_options! {
+    /// Options of [`Lra`]: psgd-jax 0.2.9's `low_rank_approximation` arguments (camelCase
+    /// in JSON), with its defaults.
+    LraOptions, "lra", zero_clip_disables: false, {
+        /// Rank of the low-rank part `U·Vᵀ`, at least 1. Default 10.
+        uvd_rank_of_approximation: usize = DEFAULT_RANK, check |r: &usize| if *r >= 1 { Ok(()) } else { Err("must be at least 1".to_string()) };
     }
 }
 
@@ -88,36 +82,17 @@ impl LraPreconditioner {
 impl Preconditioner for LraPreconditioner {
     const NAME: &'static str = "lra";
     const WHITENING_VECTOR: bool = true;
-    const ZERO_CLIP_DISABLES: bool = false;
-    type Options = LraVariantOptions;
+    type Options = LraOptions;
     type State = LraFactors;
 
-    fn parse_option(o: &mut LraVariantOptions, key: &str, v: &serde_json::Value) -> Result<bool> {
-        if key == "uvd_rank_of_approximation" {
-            o.rank = crate::json::uint(key, v)?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    fn validate(o: &LraVariantOptions) -> Result<()> {
-        if o.rank == 0 {
-            return Err(PsgdError::option_range(
-                "uvd_rank_of_approximation",
-                "must be at least 1",
-            ));
-        }
-        Ok(())
-    }
-
-    fn new(leaves: &[LeafSpec], o: &LraVariantOptions) -> Result<Self> {
+    fn new(leaves: &[LeafSpec], o: &LraOptions) -> Result<Self> {
         Ok(LraPreconditioner {
             leaves: leaves.to_vec(),
             n: leaves
                 .iter()
                 .map(|l| l.shape.iter().product::<usize>())
                 .sum(),
-            rank: o.rank,
+            rank: o.uvd_rank_of_approximation,
         })
     }
 
@@ -716,7 +691,14 @@ mod tests {
         };
         let (v, h) = (leafwise(), leafwise());
         for rank in [3, 10] {
-            let p = LraPreconditioner::new(&leaves, &LraVariantOptions { rank }).unwrap();
+            let p = LraPreconditioner::new(
+                &leaves,
+                &LraOptions {
+                    uvd_rank_of_approximation: rank,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let st = LraFactors {
                 u: randn(&mut rng, &[p.n, rank], 0.0, 0.01),
                 v: randn(&mut rng, &[p.n, rank], 0.0, 0.01),

@@ -3,20 +3,23 @@
 //! psgd-jax 0.2.9's `xmat` / `scale_by_xmat`. Memory: two vectors of the parameter count.
 
 use crate::common::{
-    add_eps, concat_flat, global_init_scale, global_init_scale_host, split_flat, FitInputs,
-    Preconditioner, Psgd, PsgdOptions, PsgdState, StepNormalizer,
+    add_eps, concat_flat, global_init_scale, global_init_scale_host, psgd_options, split_flat,
 };
-use crate::elementwise::{self, Flat};
 use crate::error::{PsgdError, Result};
+use crate::kernels::elementwise::{self, Flat};
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
+use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
 /// PSGD XMat (see the module docs).
 pub type XMat = Psgd<XMatPreconditioner>;
-/// Options of [`XMat`]: the shared options only.
-pub type XMatOptions = PsgdOptions<()>;
+psgd_options! {
+    /// Options of [`XMat`]: psgd-jax 0.2.9's `xmat` arguments (camelCase in JSON), with its
+    /// defaults. XMat has no options of its own.
+    XMatOptions, "xmat", zero_clip_disables: true, {}
+}
 /// State of [`XMat`].
 pub type XMatState = PsgdState<XMatFactors>;
 
@@ -43,15 +46,10 @@ fn flip(t: &Tensor) -> Result<Tensor> {
 impl Preconditioner for XMatPreconditioner {
     const NAME: &'static str = "xmat";
     const WHITENING_VECTOR: bool = true;
-    const ZERO_CLIP_DISABLES: bool = true;
-    type Options = ();
+    type Options = XMatOptions;
     type State = XMatFactors;
 
-    fn parse_option(_o: &mut (), _key: &str, _v: &serde_json::Value) -> Result<bool> {
-        Ok(false)
-    }
-
-    fn new(leaves: &[LeafSpec], _o: &()) -> Result<Self> {
+    fn new(leaves: &[LeafSpec], _o: &XMatOptions) -> Result<Self> {
         Ok(XMatPreconditioner {
             leaves: leaves.to_vec(),
             n: leaves
@@ -294,7 +292,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, s)| LeafSpec::new(format!("l{i}"), s))
                 .collect::<Vec<_>>();
-            let p = XMatPreconditioner::new(&leaves, &()).unwrap();
+            let p = XMatPreconditioner::new(&leaves, &XMatOptions::default()).unwrap();
             let mut rand = |m: f64, s: f64| -> Vec<Tensor> {
                 leaves
                     .iter()

@@ -21,7 +21,7 @@ fn kron_is_a_candle_nn_optimizer_and_converges() {
     let b = Var::from_tensor(&Tensor::new(&[1f32, -2.], &dev).unwrap()).unwrap();
     let options = KronOptions {
         learning_rate: Schedule::Constant(0.05),
-        preconditioner_update_probability: Schedule::Constant(1.0),
+        preconditioner_update_probability: Some(Schedule::Constant(1.0)),
         ..Default::default()
     };
     let mut opt = PsgdOptimizer::<Kron>::new(vec![w.clone(), b.clone()], options).unwrap();
@@ -123,7 +123,15 @@ fn bad_input_is_an_error_naming_the_leaf() {
 #[test]
 fn unknown_option_is_named() {
     let mut o = serde_json::Map::new();
-    o.insert("max_size_triangle".into(), serde_json::json!(3));
-    let e = KronOptions::from_json(&o).unwrap_err();
-    assert!(e.to_string().contains("max_size_triangle"), "{e}");
+    o.insert("maxSizeTriangle".into(), serde_json::json!(3));
+    let e = <KronOptions as psgd::Options>::from_json(&o).unwrap_err();
+    assert!(e.to_string().contains("maxSizeTriangle"), "{e}");
+    assert_eq!(e.kind(), psgd::ErrorKind::Type);
+    // serde reads the same names, with the same checks
+    let o: KronOptions =
+        serde_json::from_str(r#"{"b1": 0.5, "memorySaveMode": "one_diag"}"#).unwrap();
+    assert_eq!(o.b1, 0.5);
+    assert_eq!(o.memory_save_mode, Some(psgd::MemorySaveMode::OneDiag));
+    assert!(serde_json::from_str::<KronOptions>(r#"{"b1": 1.5}"#).is_err());
+    assert!(serde_json::from_str::<KronOptions>(r#"{"b2": 0.5}"#).is_err());
 }

@@ -35,7 +35,7 @@ fn every_variant_is_a_candle_nn_optimizer() {
     let lr = Schedule::Constant(0.05);
     let kron = KronOptions {
         learning_rate: lr.clone(),
-        preconditioner_update_probability: Schedule::Constant(1.0),
+        preconditioner_update_probability: Some(Schedule::Constant(1.0)),
         ..Default::default()
     };
     let xmat = XMatOptions {
@@ -153,7 +153,7 @@ fn state_bytes_round_trip_for_every_variant() {
             .reshape((2, 3, 2))
             .unwrap(),
     ];
-    fn check<T: Transform>(t: T, params: &[Tensor]) {
+    fn check<P: psgd::Preconditioner>(t: psgd::Psgd<P>, params: &[Tensor]) {
         let grads: Vec<Tensor> = params.iter().map(|p| (p * 0.3).unwrap()).collect();
         let mut s = t.init(params).unwrap();
         for _ in 0..3 {
@@ -179,5 +179,9 @@ fn state_bytes_round_trip_for_every_variant() {
         Lra::new(leaves.clone(), Default::default()).unwrap(),
         &params,
     );
-    check(Affine::new(leaves, Default::default()).unwrap(), &params);
+    check(
+        Affine::new(leaves.clone(), Default::default()).unwrap(),
+        &params,
+    );
+    check(Kron::new(leaves, Default::default()).unwrap(), &params);
 }

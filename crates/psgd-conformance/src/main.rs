@@ -1,5 +1,5 @@
-//! The conformance checker through cargo: `cargo run --release -p psgd --example
-//! conformance -- DIR` replays every fixture case under DIR (see `conformance.md`), prints
+//! The conformance checker: `cargo run --release -p psgd-conformance -- DIR` (or `npm run
+//! conformance -- DIR`) replays every fixture case under DIR (see `conformance.md`), prints
 //! one line per case and `N passed, M failed`, and exits 1 when any case fails.
 
 use std::path::Path;
@@ -8,10 +8,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [dir] = args.as_slice() else {
-        eprintln!("usage: cargo run --release -p psgd --example conformance -- DIR");
+        eprintln!("usage: psgd-conformance DIR");
         return ExitCode::from(2);
     };
-    let results = match psgd::conformance::run_dir(Path::new(dir)) {
+    let results = match psgd_conformance::run_dir(Path::new(dir)) {
         Ok(r) if !r.is_empty() => r,
         Ok(_) => {
             eprintln!("conformance: no case (a directory with case.json) under '{dir}'");
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             "{}  {:<width$}  max rel err {err} (tol {})  {}",
             if r.passed { "PASS" } else { "FAIL" },
             r.name,
-            psgd::conformance::TOLERANCE,
+            psgd_conformance::TOLERANCE,
             r.detail
         );
     }

@@ -1,11 +1,10 @@
 //! Replays golden fixture cases made by psgd-jax 0.2.9 (see `scripts/reference`) through
-//! our optimizers with the reference's own random draws, and measures the difference.
+//! our optimizers with the reference's own random draws, and measures the difference. A
+//! test and development tool: not part of the published crate or the Node addon.
 
-use crate::any::AnyTransform;
-use crate::error::{PsgdError, Result};
-use crate::random::{Draw, ReplayRandom};
-use crate::transform::{Curvature, LeafSpec};
 use candle_core::{DType, Device, Tensor};
+use psgd::random::{Draw, ReplayRandom};
+use psgd::{AnyTransform, Curvature, LeafSpec, PsgdError, Result};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -142,7 +141,11 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let opt = AnyTransform::new(variant, leaves.clone(), &options)?;
+    let opt = AnyTransform::new(
+        variant,
+        leaves.clone(),
+        &psgd::options::from_psgd_jax_names(&options),
+    )?;
     let mut params = leaves
         .iter()
         .map(|l| get_shaped(&ts, &format!("param.{}", l.path), &l.shape))

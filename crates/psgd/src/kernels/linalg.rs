@@ -1,10 +1,10 @@
 //! Linear algebra candle lacks: the right triangular solve, a small dense solve and the
 //! cheap spectral-norm lower bound. Both work on a leading batch axis (one matrix per scanned layer).
 
-use crate::elementwise::with_host;
 use crate::error::Result;
-use crate::precision::Precision;
-use crate::triangular::{matmul_tri, solve_right_cpu, Tri};
+use crate::kernels::elementwise::with_host;
+use crate::kernels::precision::Precision;
+use crate::kernels::triangular::{matmul_tri, solve_right_cpu, Tri};
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 

@@ -18,7 +18,7 @@ fn fixture_dir() -> PathBuf {
 
 #[test]
 fn fixtures_pass_with_float32_round_off_only() {
-    let results = psgd::conformance::run_dir(&fixture_dir()).expect("fixtures/affine");
+    let results = psgd_conformance::run_dir(&fixture_dir()).expect("fixtures/affine");
     assert!(results.len() >= 6, "only {} affine cases", results.len());
     let bad: Vec<String> = results
         .iter()
@@ -54,7 +54,7 @@ fn branch(dense_l: bool, dense_r: bool, rows: usize, cols: usize, hessian: bool)
 #[test]
 fn fixtures_cover_every_branch() {
     let mut seen = BTreeSet::new();
-    for dir in psgd::conformance::case_dirs(&fixture_dir()).unwrap() {
+    for dir in psgd_conformance::case_dirs(&fixture_dir()).unwrap() {
         let text = std::fs::read_to_string(dir.join("case.json")).unwrap();
         let case: Value = serde_json::from_str(&text).unwrap();
         let options = case["options"].as_object().unwrap();
@@ -73,7 +73,14 @@ fn fixtures_cover_every_branch() {
                 LeafSpec::new(p["path"].as_str().unwrap(), &shape)
             })
             .collect();
-        let opt = Affine::new(leaves.clone(), Affine::options_from_json(options).unwrap()).unwrap();
+        let opt = Affine::new(
+            leaves.clone(),
+            <psgd::AffineOptions as psgd::Options>::from_json(&psgd::options::from_psgd_jax_names(
+                options,
+            ))
+            .unwrap(),
+        )
+        .unwrap();
         let params: Vec<Tensor> = leaves
             .iter()
             .map(|l| Tensor::zeros(l.shape.as_slice(), candle_core::DType::F32, &Device::Cpu))
@@ -269,10 +276,7 @@ fn skewed_affine(max_skew: usize) -> Affine {
         leaves,
         AffineOptions {
             learning_rate: Schedule::Constant(0.1),
-            variant: psgd::affine::AffineVariantOptions {
-                max_skew_triangular: max_skew,
-                ..Default::default()
-            },
+            max_skew_triangular: max_skew,
             ..Default::default()
         },
     )

@@ -16,7 +16,7 @@
 //! small model's step).
 
 use crate::error::Result;
-use crate::precision::{batched_matmul, Precision};
+use crate::kernels::precision::{batched_matmul, Precision};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -30,17 +30,6 @@ pub enum Tri {
     Upper,
     /// On and below the diagonal (`j ≤ i`).
     Lower,
-}
-
-impl Tri {
-    /// The structure of the transposed matrix.
-    pub fn t(self) -> Tri {
-        match self {
-            Tri::Full => Tri::Full,
-            Tri::Upper => Tri::Lower,
-            Tri::Lower => Tri::Upper,
-        }
-    }
 }
 
 /// Products smaller than this (in multiply-adds) are not worth cutting up.

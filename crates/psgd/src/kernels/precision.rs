@@ -1,6 +1,6 @@
-//! Options shared by every variant: matmul precision and dtype names.
+//! Matmul precision: products at bfloat16 or float32 operand precision.
 
-use crate::error::{PsgdError, Result};
+use crate::error::Result;
 use candle_core::{DType, Tensor, D};
 
 /// Matmul precision (`precond_update_precision`, `precond_grads_precision`).
@@ -20,22 +20,9 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// Parses `'bfloat16'`, `'tensorfloat32'`, `'float32'` (or null: float32).
-    pub fn parse(name: &str, s: Option<&str>) -> Result<Self> {
-        match s {
-            None | Some("float32") | Some("highest") => Ok(Precision::Float32),
-            Some("tensorfloat32") | Some("high") => Ok(Precision::Tensorfloat32),
-            Some("bfloat16") | Some("default") => Ok(Precision::Bfloat16),
-            Some(other) => Err(PsgdError::option_range(
-                name,
-                format!("must be 'bfloat16', 'tensorfloat32' or 'float32', got '{other}'"),
-            )),
-        }
-    }
-
     /// `a · b` (batched like `Tensor::matmul`) at this precision.
     pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        use crate::triangular::{matmul_tri, Tri};
+        use crate::kernels::triangular::{matmul_tri, Tri};
         matmul_tri(a, Tri::Full, b, Tri::Full, Tri::Full, self)
     }
 
@@ -62,19 +49,4 @@ pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         .map(|i| a.get(i)?.matmul(&b.get(i)?))
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&outs, 0)?)
-}
-
-/// Parses a dtype name as psgd-jax accepts it (`'float32'`, `'bfloat16'`, ...).
-pub fn parse_dtype(name: &str, s: Option<&str>) -> Result<Option<DType>> {
-    match s {
-        None => Ok(None),
-        Some("float32") => Ok(Some(DType::F32)),
-        Some("bfloat16") => Ok(Some(DType::BF16)),
-        Some("float16") => Ok(Some(DType::F16)),
-        Some("float64") => Ok(Some(DType::F64)),
-        Some(other) => Err(PsgdError::option_type(
-            name,
-            format!("unsupported dtype '{other}' (float32, bfloat16, float16, float64)"),
-        )),
-    }
 }

@@ -6,7 +6,7 @@ fn check(variant: &str, min_cases: usize) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures")
         .join(variant);
-    let results = psgd::conformance::run_dir(&dir).expect("fixture directory");
+    let results = psgd_conformance::run_dir(&dir).expect("fixture directory");
     assert!(
         results.len() >= min_cases,
         "expected at least {min_cases} {variant} cases, found {}",

@@ -1,0 +1,471 @@
+//! The one optimizer step every variant runs, as psgd-jax 0.2.9 chains it:
+//! `scale_by_<variant>` (update decision, momentum, preconditioner fit, preconditioning,
+//! clip), then decoupled weight decay, then the learning rate. A variant only provides its
+//! [`Preconditioner`] (how it is initialised, fitted, applied and saved) and its options;
+//! where the variants differ in the step itself, the difference is a policy read from the
+//! options ([`StepOptions`]): the update decision (Kron's deterministic counter or a
+//! random draw), what the whitening fit sees (the momentum or the raw gradient), the clip
+//! (per-leaf RMS, global norm, none) and Nesterov momentum.
+
+use crate::error::{PsgdError, Result};
+use crate::kernels::precision::Precision;
+use crate::options::Options;
+use crate::random::RandomSource;
+use crate::schedule::Schedule;
+use crate::stages::{self, Clip};
+use crate::state_io::{LoadedState, StateFile};
+use crate::transform::{Curvature, LeafSpec, StepHyper, Transform};
+use candle_core::{DType, Device, Tensor};
+use std::fmt::Debug;
+
+/// How the preconditioner step is normalised (`stepNormalizerOrder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepNormalizer {
+    /// `'1st'`: by the size of the gradient of the fitting loss.
+    First,
+    /// `'2nd'` (default): by an estimate of its second-order term.
+    #[default]
+    Second,
+}
+
+impl crate::options::Choice for StepNormalizer {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("1st", StepNormalizer::First),
+        ("2nd", StepNormalizer::Second),
+    ];
+}
+crate::options::choice_option!(StepNormalizer, "'1st' | '2nd'");
+
+/// How a step decides whether to fit the preconditioner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateDecision {
+    /// Kron: a counter that fires once it reaches `1/p` (no random draw).
+    Counter,
+    /// XMat, LRA, Affine: a uniform draw `u < p`, and always on the first two steps.
+    Draw,
+}
+
+/// What a whitening fit is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitSource {
+    /// The momentum (Kron's `momentum_into_precond_update`).
+    Momentum,
+    /// The raw gradient.
+    Gradient,
+}
+
+/// The options the step reads, whatever each variant calls them.
+#[derive(Debug, Clone)]
+pub struct StepOptions {
+    /// Learning rate (a schedule of the step count before this step).
+    pub learning_rate: Schedule,
+    /// Probability of a fit (a schedule of the 1-based step count).
+    pub update_probability: Schedule,
+    /// Step size of the fit (a schedule of the 1-based step count).
+    pub precond_lr: Schedule,
+    /// Momentum; 0 turns it off.
+    pub b1: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Dtype of the momentum; `None` keeps the params'.
+    pub mu_dtype: Option<DType>,
+    /// Seed of the default random source.
+    pub seed: u64,
+    /// The initial scale of a global preconditioner (`None`: from the first fit's inputs).
+    pub init_scale: Option<f64>,
+    /// See [`StepNormalizer`].
+    pub normalizer: StepNormalizer,
+    /// Matmul precision of the fit.
+    pub precision: Precision,
+    /// See [`UpdateDecision`].
+    pub decision: UpdateDecision,
+    /// See [`FitSource`].
+    pub fit_source: FitSource,
+    /// The clip of the preconditioned updates.
+    pub clip: Clip,
+    /// Clip the incoming gradients to this global L2 norm first (`gradClip`; none by default).
+    pub grad_clip: Option<f64>,
+}
+
+/// The options of a variant: the [`Options`] table plus the view the step reads.
+pub trait VariantOptions: Options {
+    /// The name of the option that sets the fit's step size, in errors.
+    const PRECOND_LR: &'static str;
+    /// The step's view of the options.
+    fn step(&self) -> StepOptions;
+    /// Replaces the learning rate with a constant (`candle_nn::Optimizer`).
+    fn set_learning_rate(&mut self, lr: f64);
+}
+
+/// What a preconditioner fit gets.
+pub struct FitInputs<'a> {
+    /// The probe vectors, one per leaf (Hessian mode, or drawn for whitening when
+    /// [`Preconditioner::WHITENING_VECTOR`] is set).
+    pub vectors: Option<&'a [Tensor]>,
+    /// The Hessian-vector products, or what the whitening fit sees ([`FitSource`]). Float32.
+    pub hvps: &'a [Tensor],
+    /// Whether the inputs are Hessian-vector products (else gradients).
+    pub hessian: bool,
+    /// Whether this is the first step (the initial scale is applied first).
+    pub first: bool,
+    /// The fit's step size this step.
+    pub precond_lr: f64,
+    /// See [`StepOptions::init_scale`].
+    pub init_scale: Option<f64>,
+    /// See [`StepNormalizer`].
+    pub normalizer: StepNormalizer,
+    /// Matmul precision of the fit.
+    pub precision: Precision,
+}
+
+/// The variant-specific part of a PSGD optimizer: a fifth variant is one of these.
+pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
+    /// psgd-jax's name of the variant (`kron`, `xmat`, …), in errors and state files.
+    const NAME: &'static str;
+    /// Whether the whitening fit needs a probe vector per leaf drawn by the step, after the
+    /// update decision (XMat and LRA; Kron and Affine draw their own).
+    const WHITENING_VECTOR: bool;
+    /// Whether `update` accepts Hessian-vector products (all but Kron).
+    const HESSIAN: bool = true;
+    /// Whether the fit runs on a worker of rayon's pool ([`stages::on_pool`]): worth it
+    /// when it forks many small parallel jobs (Kron's and Affine's per-leaf products), not
+    /// for a fit of a few fused passes (XMat, LRA).
+    const FIT_ON_POOL: bool = false;
+    /// The variant's options.
+    type Options: VariantOptions;
+    /// The preconditioner's tensors.
+    type State: Clone + Debug + Send + Sync;
+
+    /// The preconditioner for these leaves.
+    fn new(leaves: &[LeafSpec], o: &Self::Options) -> Result<Self>;
+    /// The initial preconditioner on `device`, drawing any random factors from `rng`.
+    fn init(&self, device: &Device, rng: &mut dyn RandomSource) -> Result<Self::State>;
+    /// One fit of the preconditioner to the inputs.
+    fn update(
+        &self,
+        state: &Self::State,
+        inputs: &FitInputs,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Self::State>;
+    /// The state the apply reads, given whether this step fitted: a variant that keeps
+    /// derived tensors (Kron's `QᵀQ`) forms or drops them here.
+    fn prepare_apply(&self, state: Self::State, _fitted: bool) -> Result<Self::State> {
+        Ok(state)
+    }
+    /// The preconditioned gradients (float32, one per leaf).
+    fn apply(&self, state: &Self::State, grads: &[Tensor]) -> Result<Vec<Tensor>>;
+    /// Adds the preconditioner's tensors to a state file.
+    fn save(&self, state: &Self::State, f: &mut StateFile);
+    /// Reads them back.
+    fn load(&self, f: &mut LoadedState) -> Result<Self::State>;
+    /// Checks that `state` fits this preconditioner (shapes), before a step uses it.
+    fn check(&self, state: &Self::State) -> Result<()>;
+}
+
+/// The state of every variant: the step count, the update counter (Kron), the momentum
+/// and the preconditioner.
+#[derive(Debug, Clone)]
+pub struct PsgdState<S> {
+    /// Steps taken.
+    pub count: u64,
+    /// The deterministic preconditioner-update counter ([`UpdateDecision::Counter`]; 0
+    /// otherwise).
+    pub update_counter: u64,
+    /// Momentum per leaf (none when `b1 == 0`).
+    pub mu: Option<Vec<Tensor>>,
+    /// The preconditioner.
+    pub precond: S,
+}
+
+/// A PSGD optimizer: the shared step around a [`Preconditioner`].
+#[derive(Debug, Clone)]
+pub struct Psgd<P: Preconditioner> {
+    options: P::Options,
+    step: StepOptions,
+    leaves: Vec<LeafSpec>,
+    precond: P,
+}
+
+impl<P: Preconditioner> Psgd<P> {
+    /// The options.
+    pub fn options(&self) -> &P::Options {
+        &self.options
+    }
+
+    /// The preconditioner.
+    pub fn preconditioner(&self) -> &P {
+        &self.precond
+    }
+
+    /// The options as the step reads them.
+    pub fn step_options(&self) -> &StepOptions {
+        &self.step
+    }
+
+    /// Whether and on what the preconditioner is fitted this step: draws what the
+    /// decision and the whitening probes need (in psgd-jax's order).
+    fn decide(
+        &self,
+        state: &PsgdState<P::State>,
+        hyper: &StepHyper,
+        curvature: Option<&Curvature>,
+        g32: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<(bool, u64, Option<Vec<Tensor>>)> {
+        if let Some(c) = curvature {
+            return Ok((c.update_preconditioner, 0, Some(f32s(&c.vector)?)));
+        }
+        let (fit, counter) = match self.step.decision {
+            UpdateDecision::Counter => {
+                stages::update_counter(state.update_counter, hyper.update_probability)
+            }
+            UpdateDecision::Draw => {
+                let u = rng.uniform()?;
+                (u < hyper.update_probability as f32 || state.count < 2, 0)
+            }
+        };
+        if !P::WHITENING_VECTOR {
+            return Ok((fit, counter, None));
+        }
+        // the probes only feed the fit: a step without one skips their values
+        if !fit {
+            for l in &self.leaves {
+                rng.skip_normal(&l.shape)?;
+            }
+            return Ok((fit, counter, None));
+        }
+        let probes = self
+            .leaves
+            .iter()
+            .zip(g32)
+            .map(|(l, g)| rng.normal(&l.shape, g.device()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((fit, counter, Some(probes)))
+    }
+
+    fn check_state(&self, s: &PsgdState<P::State>) -> Result<()> {
+        let bad = |m: String| Err(PsgdError::State(m));
+        match (&s.mu, self.step.b1 > 0.0) {
+            (Some(mu), true) => {
+                if mu.len() != self.leaves.len() {
+                    return bad(format!(
+                        "momentum has {} leaves, expected {}",
+                        mu.len(),
+                        self.leaves.len()
+                    ));
+                }
+                for (m, l) in mu.iter().zip(&self.leaves) {
+                    if m.dims() != l.shape.as_slice() {
+                        return bad(format!(
+                            "momentum of '{}' has shape {:?}, expected {:?}",
+                            l.path,
+                            m.dims(),
+                            l.shape
+                        ));
+                    }
+                }
+            }
+            (None, false) => {}
+            (Some(_), false) => return bad("has momentum but b1 is 0".into()),
+            (None, true) => return bad("has no momentum but b1 > 0".into()),
+        }
+        self.precond.check(&s.precond)
+    }
+
+    /// The state as safetensors bytes (see [`crate::state_io`]).
+    pub fn state_to_bytes(&self, state: &PsgdState<P::State>) -> Result<Vec<u8>> {
+        let mut f = StateFile::new(P::NAME, &self.leaves);
+        f.meta("count", state.count.to_string());
+        if self.step.decision == UpdateDecision::Counter {
+            f.meta("update_counter", state.update_counter.to_string());
+        }
+        f.momentum(state.mu.as_ref());
+        self.precond.save(&state.precond, &mut f);
+        f.to_bytes()
+    }
+
+    /// A state from safetensors bytes, checked against this optimizer.
+    pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<PsgdState<P::State>> {
+        let mut f = LoadedState::parse(bytes, device, P::NAME, &self.leaves)?;
+        let count = f.meta_u64("count")?;
+        let update_counter = match self.step.decision {
+            UpdateDecision::Counter => f.meta_u64("update_counter")?,
+            UpdateDecision::Draw => 0,
+        };
+        let mu = f.take_momentum(self.leaves.len(), self.step.b1 > 0.0)?;
+        let state = PsgdState {
+            count,
+            update_counter,
+            mu,
+            precond: self.precond.load(&mut f)?,
+        };
+        self.check_state(&state)?;
+        Ok(state)
+    }
+}
+
+fn f32s(ts: &[Tensor]) -> Result<Vec<Tensor>> {
+    ts.iter().map(|t| Ok(t.to_dtype(DType::F32)?)).collect()
+}
+
+impl<P: Preconditioner> Transform for Psgd<P> {
+    type Options = P::Options;
+    type State = PsgdState<P::State>;
+
+    fn new(leaves: Vec<LeafSpec>, options: P::Options) -> Result<Self> {
+        options.validate()?;
+        let precond = P::new(&leaves, &options)?;
+        Ok(Psgd {
+            step: options.step(),
+            options,
+            leaves,
+            precond,
+        })
+    }
+
+    fn leaves(&self) -> &[LeafSpec] {
+        &self.leaves
+    }
+
+    fn seed(&self) -> u64 {
+        self.step.seed
+    }
+
+    fn init_with(&self, params: &[Tensor], rng: &mut dyn RandomSource) -> Result<Self::State> {
+        stages::check_leaves("params", &self.leaves, params)?;
+        let device = params
+            .first()
+            .map(|p| p.device().clone())
+            .unwrap_or(Device::Cpu);
+        let mu = stages::init_momentum(self.step.b1, self.step.mu_dtype, params)?;
+        Ok(PsgdState {
+            count: 0,
+            update_counter: 0,
+            mu,
+            precond: self.precond.init(&device, rng)?,
+        })
+    }
+
+    fn count(state: &Self::State) -> u64 {
+        state.count
+    }
+
+    fn hyper(&self, state: &Self::State) -> StepHyper {
+        StepHyper {
+            learning_rate: self.step.learning_rate.at(state.count),
+            update_probability: self.step.update_probability.at(state.count + 1),
+            precond_lr: Some(self.step.precond_lr.at(state.count + 1)),
+        }
+    }
+
+    fn update_with(
+        &self,
+        grads: &[Tensor],
+        state: &Self::State,
+        params: Option<&[Tensor]>,
+        hyper: StepHyper,
+        curvature: Option<&Curvature>,
+        rng: &mut dyn RandomSource,
+    ) -> Result<(Vec<Tensor>, Self::State)> {
+        let o = &self.step;
+        // checks: nothing below runs on input that would fail later
+        if curvature.is_some() && !P::HESSIAN {
+            return Err(PsgdError::option_type(
+                "hvp",
+                format!(
+                    "is not taken: {} fits its preconditioner by gradient whitening only",
+                    P::NAME
+                ),
+            ));
+        }
+        stages::check_step_inputs(&self.leaves, grads, params, o.weight_decay)?;
+        stages::check_hyper(&hyper, state.count)?;
+        if let Some(c) = curvature {
+            stages::check_leaves("hvp", &self.leaves, &c.hvp)?;
+            stages::check_leaves("vector", &self.leaves, &c.vector)?;
+            if c.update_preconditioner {
+                stages::check_finite("hvp", &self.leaves, &c.hvp)?;
+                stages::check_finite("vector", &self.leaves, &c.vector)?;
+            }
+        }
+        self.check_state(state)?;
+        let precond_lr = hyper
+            .precond_lr
+            .unwrap_or_else(|| o.precond_lr.at(state.count + 1));
+        crate::options::check::finite(&precond_lr).map_err(|m| {
+            let m = format!("{m} (schedule at step {})", state.count + 1);
+            PsgdError::option_range(P::Options::PRECOND_LR, m)
+        })?;
+        let count = state.count + 1;
+        let mut g32 = f32s(grads)?;
+        if let Some(c) = o.grad_clip {
+            g32 = stages::clip_global_norm(g32, c)?;
+        }
+
+        // the update decision and the whitening probes (psgd-jax draws them first)
+        let (fit, update_counter, vectors) = self.decide(state, &hyper, curvature, &g32, rng)?;
+        let (mu, momentum) =
+            stages::momentum_all(o.b1, o.nesterov, state.mu.as_ref(), &g32, count)?;
+
+        let precond = if fit {
+            let hvps = match (curvature, o.fit_source) {
+                (Some(c), _) => f32s(&c.hvp)?,
+                (None, FitSource::Momentum) => momentum.clone(),
+                (None, FitSource::Gradient) => g32.clone(),
+            };
+            let inputs = FitInputs {
+                vectors: vectors.as_deref(),
+                hvps: &hvps,
+                hessian: curvature.is_some(),
+                first: state.count == 0,
+                precond_lr,
+                init_scale: o.init_scale,
+                normalizer: o.normalizer,
+                precision: o.precision,
+            };
+            let mut fit = || self.precond.update(&state.precond, &inputs, rng);
+            if P::FIT_ON_POOL {
+                stages::on_pool(&self.leaves, fit)?
+            } else {
+                fit()?
+            }
+        } else {
+            state.precond.clone()
+        };
+        let precond = self.precond.prepare_apply(precond, fit)?;
+
+        // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
+        let pre = self.precond.apply(&precond, &momentum)?;
+        let updates = stages::finish_updates(
+            &pre,
+            params,
+            &self.leaves,
+            grads,
+            o.weight_decay,
+            hyper.learning_rate,
+            o.clip,
+        )?;
+
+        let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
+        Ok((
+            updates,
+            PsgdState {
+                count,
+                update_counter,
+                mu,
+                precond,
+            },
+        ))
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.options.set_learning_rate(lr);
+        self.step.learning_rate = Schedule::Constant(lr);
+    }
+
+    fn learning_rate(&self, state: &Self::State) -> f64 {
+        self.step.learning_rate.at(state.count)
+    }
+}

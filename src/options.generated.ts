@@ -1,0 +1,424 @@
+// Generated from the Rust option declarations (crates/psgd/src/options.rs and each
+// variant's `declare_options!`) by `cargo test -p psgd generated_typescript`; do not
+// edit. A test fails when this file and the declarations differ; rerun with
+// PSGD_WRITE_GENERATED=1 to rewrite it.
+import type { Schedule } from './schedule'
+import type { Mask } from './tree'
+
+/** The options of `kron` declared in Rust (see the variant's options type). */
+export interface KronNativeOptions {
+  /**
+   * Learning rate, or a schedule of the step count (0 on the first step, as optax).
+   * Default 0.001.
+   */
+  learningRate?: number | Schedule
+  /**
+   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
+   */
+  b1?: number
+  /**
+   * Decoupled weight decay (needs `params` in `update`), on the leaves
+   * `weightDecayMask` selects. Default 0.
+   */
+  weightDecay?: number
+  /**
+   * Probability of updating the preconditioner on a step, or a schedule of the
+   * 1-based step count. Default (and null): `precondUpdateProbSchedule()`, 1 for 500
+   * steps, then annealed to 0.03.
+   */
+  preconditionerUpdateProbability?: number | Schedule | null
+  /**
+   * Axes longer than this get a diagonal factor instead of a triangular one.
+   * Default 8192.
+   */
+  maxSizeTriangular?: number
+  /**
+   * Leaves with fewer axes than this get only diagonal factors. Default 2.
+   */
+  minNdimTriangular?: number
+  /**
+   * `null` (default): every axis may be triangular; `'one_diag'`: the largest axis
+   * of each leaf is diagonal; `'all_diag'`: every axis is diagonal.
+   */
+  memorySaveMode?: 'one_diag' | 'all_diag' | null
+  /**
+   * Fit the preconditioner to the momentum rather than the raw gradient. Default
+   * true.
+   */
+  momentumIntoPrecondUpdate?: boolean
+  /**
+   * Step size of the preconditioner fit. Default 0.1.
+   */
+  preconditionerLr?: number
+  /**
+   * Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
+   * Default 1.
+   */
+  preconditionerInitScale?: number
+  /**
+   * Clip the incoming gradients to this global L2 norm before anything else
+   * (momentum and the preconditioner fit see the clipped gradients). Not in
+   * psgd-jax. Default null (no clip).
+   */
+  gradClip?: number | null
+  /**
+   * Dtype of the momentum buffer; null keeps each param's dtype.
+   */
+  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
+  /**
+   * Dtype of the preconditioner factors; null is float32.
+   */
+  precondDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
+  /**
+   * Matmul precision of the preconditioner fit. Default `'tensorfloat32'` (computed
+   * in float32: candle has no TF32 switch); `'bfloat16'` rounds the operands to
+   * bfloat16; null is float32.
+   */
+  precondUpdatePrecision?: 'bfloat16' | 'tensorfloat32' | 'float32' | null
+  /**
+   * Matmul precision when applying the preconditioner. Default null (float32).
+   */
+  precondGradsPrecision?: 'bfloat16' | 'tensorfloat32' | 'float32' | null
+  /**
+   * Process scanned layers in batches of `laxMapBatchSize` layers, bounding memory.
+   * Default false.
+   */
+  laxMapScannedLayers?: boolean
+  /**
+   * Layers per batch with `laxMapScannedLayers`. Default 8.
+   */
+  laxMapBatchSize?: number
+  /**
+   * Seed of the random probe vectors; the same seed gives the same run. Default 0.
+   */
+  seed?: number
+  /**
+   * Which leaves get weight decay: a tree of booleans or `(path, leaf) => boolean`.
+   * Default: all.
+   */
+  weightDecayMask?: Mask
+  /**
+   * Leaves whose leading axis is a stack of layers (a tree of booleans or a
+   * predicate): each layer gets its own preconditioner. Default: none.
+   */
+  scannedLayers?: Mask
+}
+
+/** The options of `xmat` declared in Rust (see the variant's options type). */
+export interface XMatNativeOptions {
+  /**
+   * Learning rate, or a schedule of the step count (0 on the first step, as
+   * optax). Default 0.01.
+   */
+  learningRate?: number | Schedule
+  /**
+   * Probability of updating the preconditioner on a step, or a schedule of
+   * the 1-based step count. Default (and null) 1.
+   */
+  preconditionerUpdateProbability?: number | Schedule | null
+  /**
+   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
+   */
+  b1?: number
+  /**
+   * Nesterov momentum (with bias correction). Default false.
+   */
+  nesterov?: boolean
+  /**
+   * Decoupled weight decay (needs `params` in `update`), on the leaves the
+   * `mask` selects. Default 0.
+   */
+  weightDecay?: number
+  /**
+   * Step size of the preconditioner fit, or a schedule of the 1-based step
+   * count. Default 0.1.
+   */
+  precondLr?: number | Schedule
+  /**
+   * Initial scale of the preconditioner. Default null: chosen on the first fit
+   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
+   * when whitening.
+   */
+  precondInitScale?: number | null
+  /**
+   * Clip the updates to this global L2 norm. Default null (no clip).
+   */
+  updateGlobalNormClip?: number | null
+  /**
+   * Clip the incoming gradients to this global L2 norm before anything else
+   * (momentum and the preconditioner fit see the clipped gradients). Not in
+   * psgd-jax. Default null (no clip).
+   */
+  gradClip?: number | null
+  /**
+   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
+   */
+  stepNormalizerOrder?: '1st' | '2nd'
+  /**
+   * Dtype of the momentum buffer; null keeps each param's dtype.
+   */
+  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
+  /**
+   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
+   * computed in float32, as candle has no TF32 switch) or `'float32'`.
+   */
+  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
+  /**
+   * Seed of the random probe vectors; the same seed gives the same run.
+   * Default 0.
+   */
+  seed?: number
+  /**
+   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
+   * boolean` (psgd-jax's `mask`). Default: all.
+   */
+  mask?: Mask
+}
+
+/** The options of `lra` declared in Rust (see the variant's options type). */
+export interface LRANativeOptions {
+  /**
+   * Learning rate, or a schedule of the step count (0 on the first step, as
+   * optax). Default 0.01.
+   */
+  learningRate?: number | Schedule
+  /**
+   * Probability of updating the preconditioner on a step, or a schedule of
+   * the 1-based step count. Default (and null) 1.
+   */
+  preconditionerUpdateProbability?: number | Schedule | null
+  /**
+   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
+   */
+  b1?: number
+  /**
+   * Nesterov momentum (with bias correction). Default false.
+   */
+  nesterov?: boolean
+  /**
+   * Decoupled weight decay (needs `params` in `update`), on the leaves the
+   * `mask` selects. Default 0.
+   */
+  weightDecay?: number
+  /**
+   * Step size of the preconditioner fit, or a schedule of the 1-based step
+   * count. Default 0.1.
+   */
+  precondLr?: number | Schedule
+  /**
+   * Initial scale of the preconditioner. Default null: chosen on the first fit
+   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
+   * when whitening.
+   */
+  precondInitScale?: number | null
+  /**
+   * Clip the updates to this global L2 norm. Default null (no clip).
+   */
+  updateGlobalNormClip?: number | null
+  /**
+   * Clip the incoming gradients to this global L2 norm before anything else
+   * (momentum and the preconditioner fit see the clipped gradients). Not in
+   * psgd-jax. Default null (no clip).
+   */
+  gradClip?: number | null
+  /**
+   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
+   */
+  stepNormalizerOrder?: '1st' | '2nd'
+  /**
+   * Dtype of the momentum buffer; null keeps each param's dtype.
+   */
+  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
+  /**
+   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
+   * computed in float32, as candle has no TF32 switch) or `'float32'`.
+   */
+  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
+  /**
+   * Seed of the random probe vectors; the same seed gives the same run.
+   * Default 0.
+   */
+  seed?: number
+  /**
+   * Rank of the low-rank part `U·Vᵀ`, at least 1. Default 10.
+   */
+  uvdRankOfApproximation?: number
+  /**
+   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
+   * boolean` (psgd-jax's `mask`). Default: all.
+   */
+  mask?: Mask
+}
+
+/** The options of `affine` declared in Rust (see the variant's options type). */
+export interface AffineNativeOptions {
+  /**
+   * Learning rate, or a schedule of the step count (0 on the first step, as
+   * optax). Default 0.01.
+   */
+  learningRate?: number | Schedule
+  /**
+   * Probability of updating the preconditioner on a step, or a schedule of
+   * the 1-based step count. Default (and null) 1.
+   */
+  preconditionerUpdateProbability?: number | Schedule | null
+  /**
+   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
+   */
+  b1?: number
+  /**
+   * Nesterov momentum (with bias correction). Default false.
+   */
+  nesterov?: boolean
+  /**
+   * Decoupled weight decay (needs `params` in `update`), on the leaves the
+   * `mask` selects. Default 0.
+   */
+  weightDecay?: number
+  /**
+   * Step size of the preconditioner fit, or a schedule of the 1-based step
+   * count. Default 0.1.
+   */
+  precondLr?: number | Schedule
+  /**
+   * Initial scale of the preconditioner. Default null: chosen on the first fit
+   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
+   * when whitening.
+   */
+  precondInitScale?: number | null
+  /**
+   * Clip the updates to this global L2 norm. Default null (no clip).
+   */
+  updateGlobalNormClip?: number | null
+  /**
+   * Clip the incoming gradients to this global L2 norm before anything else
+   * (momentum and the preconditioner fit see the clipped gradients). Not in
+   * psgd-jax. Default null (no clip).
+   */
+  gradClip?: number | null
+  /**
+   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
+   */
+  stepNormalizerOrder?: '1st' | '2nd'
+  /**
+   * Dtype of the momentum buffer; null keeps each param's dtype.
+   */
+  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
+  /**
+   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
+   * computed in float32, as candle has no TF32 switch) or `'float32'`.
+   */
+  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
+  /**
+   * Seed of the random probe vectors; the same seed gives the same run.
+   * Default 0.
+   */
+  seed?: number
+  /**
+   * A side of the matrix longer than this gets a diagonal factor. Default 4096.
+   */
+  maxSizeTriangular?: number
+  /**
+   * A side more than this many times longer than the other gets a diagonal factor.
+   * Default 128.
+   */
+  maxSkewTriangular?: number
+  /**
+   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
+   * boolean` (psgd-jax's `mask`). Default: all.
+   */
+  mask?: Mask
+}
+
+/**
+ * Per variant: whether `update` takes Hessian-vector products, and each option's kind:
+ * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`
+ * (resolved in TypeScript) or `'value'` (read and checked by the native core).
+ */
+export const VARIANTS = {
+  kron: {
+    hessian: false,
+    options: {
+      learningRate: 'schedule',
+      b1: 'value',
+      weightDecay: 'value',
+      preconditionerUpdateProbability: 'schedule',
+      maxSizeTriangular: 'value',
+      minNdimTriangular: 'value',
+      memorySaveMode: 'value',
+      momentumIntoPrecondUpdate: 'value',
+      preconditionerLr: 'value',
+      preconditionerInitScale: 'value',
+      gradClip: 'value',
+      muDtype: 'value',
+      precondDtype: 'value',
+      precondUpdatePrecision: 'value',
+      precondGradsPrecision: 'value',
+      laxMapScannedLayers: 'value',
+      laxMapBatchSize: 'value',
+      seed: 'value',
+      weightDecayMask: 'mask',
+      scannedLayers: 'mask',
+    },
+  },
+  xmat: {
+    hessian: true,
+    options: {
+      learningRate: 'schedule',
+      preconditionerUpdateProbability: 'schedule',
+      b1: 'value',
+      nesterov: 'value',
+      weightDecay: 'value',
+      precondLr: 'schedule',
+      precondInitScale: 'value',
+      updateGlobalNormClip: 'value',
+      gradClip: 'value',
+      stepNormalizerOrder: 'value',
+      muDtype: 'value',
+      precision: 'value',
+      seed: 'value',
+      mask: 'mask',
+    },
+  },
+  lra: {
+    hessian: true,
+    options: {
+      learningRate: 'schedule',
+      preconditionerUpdateProbability: 'schedule',
+      b1: 'value',
+      nesterov: 'value',
+      weightDecay: 'value',
+      precondLr: 'schedule',
+      precondInitScale: 'value',
+      updateGlobalNormClip: 'value',
+      gradClip: 'value',
+      stepNormalizerOrder: 'value',
+      muDtype: 'value',
+      precision: 'value',
+      seed: 'value',
+      uvdRankOfApproximation: 'value',
+      mask: 'mask',
+    },
+  },
+  affine: {
+    hessian: true,
+    options: {
+      learningRate: 'schedule',
+      preconditionerUpdateProbability: 'schedule',
+      b1: 'value',
+      nesterov: 'value',
+      weightDecay: 'value',
+      precondLr: 'schedule',
+      precondInitScale: 'value',
+      updateGlobalNormClip: 'value',
+      gradClip: 'value',
+      stepNormalizerOrder: 'value',
+      muDtype: 'value',
+      precision: 'value',
+      seed: 'value',
+      maxSizeTriangular: 'value',
+      maxSkewTriangular: 'value',
+      mask: 'mask',
+    },
+  },
+} as const
