@@ -68,7 +68,7 @@ macro_rules! psgd_options {
             const PRECOND_LR: &'static str = "precondLr";
 
             fn step(&self) -> $crate::step::StepOptions {
-                use $crate::stages::Clip;
+                use $crate::kernels::fused::Clip;
                 $crate::step::StepOptions {
                     learning_rate: self.learning_rate.clone(),
                     update_probability: self
@@ -112,21 +112,23 @@ pub fn concat_flat(ts: &[Tensor]) -> Result<Tensor> {
     }
     let device = ts.first().map_or(Device::Cpu, |t| t.device().clone());
     // one parallel copy instead of candle's single-threaded `cat`
-    let host = elementwise::with_host(&[ts], |x| {
-        let [out] = elementwise::map_rows(x[0].len(), [1], |r, [out]| {
-            let mut scratch = vec![];
-            out.copy_from_slice(x[0].range(r.start, r.end, &mut scratch));
-        });
-        Tensor::from_vec(out, x[0].len(), &device)
-    });
-    if let Some(t) = host {
-        return Ok(t?);
-    }
-    let flat = ts
-        .iter()
-        .map(|t| Ok(t.flatten_all()?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&flat, 0)?)
+    crate::kernels::dispatch(
+        &[ts],
+        |x| {
+            let [out] = elementwise::map_rows(x[0].len(), [1], |r, [out]| {
+                let mut scratch = vec![];
+                out.copy_from_slice(x[0].range(r.start, r.end, &mut scratch));
+            });
+            Ok(Tensor::from_vec(out, x[0].len(), &device)?)
+        },
+        || {
+            let flat = ts
+                .iter()
+                .map(|t| Ok(t.flatten_all()?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&flat, 0)?)
+        },
+    )
 }
 
 /// Splits a vector made by [`concat_flat`] back into tensors of the leaves' shapes.

@@ -2,6 +2,7 @@
 //! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
 
 use crate::error::{PsgdError, Result};
+use crate::kernels::fused::{self, Clip};
 use crate::kernels::linalg::{
     factor_gram, max_abs_per_batch, norm_lower_bound_sym_sum, solve_triangular_right,
     triu_difference, TINY_F32,
@@ -11,7 +12,7 @@ use crate::kernels::triangular::{matmul_tri, saves_work, Tri};
 use crate::options::{check, StateDType};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
-use crate::stages::{self, Clip};
+use crate::stages;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{
     FitInputs, FitSource, Preconditioner, Psgd, PsgdState, StepNormalizer, StepOptions,
@@ -616,7 +617,7 @@ impl KronPreconditioner {
         let precision = self.options.update_precision();
         stages::map_leaves(&self.leaves, |l| {
             let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
-            let x = stages::damp(x, v)?;
+            let x = fused::damp(x, v)?;
             let shape = plan.batched_shape();
             let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
             let mut bq = q

@@ -117,28 +117,26 @@ impl Preconditioner for LraPreconditioner {
             PsgdError::State("lra: the preconditioner fit needs probe vectors".into())
         })?;
         // the host passes multiply in float32 only
-        if inputs.precision != Precision::Bfloat16 {
-            let factors = [&st.u, &st.v, &st.d].map(std::slice::from_ref);
-            let host = elementwise::with_host(
-                &[factors[0], factors[1], factors[2], vectors, inputs.hvps],
-                |x| self.update_host(st, x, inputs, rng),
-            );
-            if let Some(r) = host {
-                return r;
-            }
+        if inputs.precision == Precision::Bfloat16 {
+            return self.update_tensors(st, vectors, inputs, rng);
         }
-        self.update_tensors(st, vectors, inputs, rng)
+        let factors = [&st.u, &st.v, &st.d].map(std::slice::from_ref);
+        // one random source, whichever path takes it
+        let rng = std::cell::RefCell::new(rng);
+        crate::kernels::dispatch(
+            &[factors[0], factors[1], factors[2], vectors, inputs.hvps],
+            |x| self.update_host(st, x, inputs, &mut **rng.borrow_mut()),
+            || self.update_tensors(st, vectors, inputs, &mut **rng.borrow_mut()),
+        )
     }
 
     fn apply(&self, st: &LraFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
         let factors = [&st.u, &st.v, &st.d].map(std::slice::from_ref);
-        let host = elementwise::with_host(&[factors[0], factors[1], factors[2], grads], |x| {
-            self.apply_host(&x[0], &x[1], &x[2], &x[3], st.d.device())
-        });
-        let out = match host {
-            Some(out) => out?,
-            None => self.apply_tensors(st, grads)?,
-        };
+        let out = crate::kernels::dispatch(
+            &[factors[0], factors[1], factors[2], grads],
+            |x| self.apply_host(&x[0], &x[1], &x[2], &x[3], st.d.device()),
+            || self.apply_tensors(st, grads),
+        )?;
         split_flat(&out, &self.leaves)
     }
 

@@ -1,12 +1,11 @@
-//! The stages of the one optimizer step ([`crate::step`]): input checks, momentum with
-//! bias correction, the deterministic preconditioner-update counter, and the finish chain
-//! (clip, decoupled weight decay, learning rate), which the CPU path fuses into one pass.
+//! The stages of the one optimizer step ([`crate::step`]) around the fused kernels
+//! ([`crate::kernels::fused`]): input checks, the momentum buffers, the deterministic
+//! preconditioner-update counter, and where a fit runs (the pool, leaves in parallel).
 
 use crate::error::{PsgdError, Result};
-use crate::kernels::elementwise::{self, with_host, Flat};
+use crate::kernels::fused;
 use crate::transform::{LeafSpec, StepHyper};
 use candle_core::{DType, Tensor};
-use std::slice::from_ref;
 
 pub(crate) fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16)
@@ -43,33 +42,13 @@ pub fn check_leaves(what: &'static str, specs: &[LeafSpec], tensors: &[Tensor]) 
 
 /// Fails with the first leaf holding NaN or Inf.
 pub fn check_finite(what: &'static str, specs: &[LeafSpec], tensors: &[Tensor]) -> Result<()> {
-    let bad = match with_host(&[tensors], |x| {
-        elementwise::position(&x[0], |v| !v.is_finite()).map(|i| x[0].piece_of(i))
-    }) {
-        Some(bad) => bad,
-        None => first_non_finite(tensors)?,
-    };
-    match bad {
+    match fused::first_non_finite(tensors)? {
         None => Ok(()),
         Some(i) => Err(PsgdError::NonFinite {
             what,
             path: specs[i].path.clone(),
         }),
     }
-}
-
-/// The first tensor holding NaN or Inf, with one read-back for the whole tree (on a GPU
-/// the tensors stay there): `0 · t` is zero for finite entries and NaN otherwise.
-fn first_non_finite(tensors: &[Tensor]) -> Result<Option<usize>> {
-    let probes = tensors
-        .iter()
-        .map(|t| Ok((t * 0.0)?.to_dtype(DType::F32)?.sum_all()?))
-        .collect::<Result<Vec<_>>>()?;
-    if probes.is_empty() {
-        return Ok(None);
-    }
-    let vals = Tensor::stack(&probes, 0)?.to_vec1::<f32>()?;
-    Ok(vals.iter().position(|v| !v.is_finite()))
 }
 
 /// Checks the hyperparameters of the step after `count` steps. The options' constants
@@ -84,74 +63,6 @@ pub fn check_hyper(h: &StepHyper, count: u64) -> Result<()> {
         PsgdError::option_range("preconditionerUpdateProbability", at(m, count + 1))
     })?;
     Ok(())
-}
-
-/// `1 − b1^count` in float32, as optax's `tree_bias_correction` computes it.
-fn bias_correction(b1: f64, count: u64) -> f64 {
-    1.0 - (b1 as f32).powi(count.min(i32::MAX as u64) as i32) as f64
-}
-
-/// `v · m + 0` in float32: candle's `affine`, which every `tensor * f64` (and `/ f64`, as
-/// a product with the reciprocal) goes through; the host paths use it to give the same
-/// bits as the candle-op paths.
-fn affine(v: f32, m: f32) -> f32 {
-    v * m + 0.0
-}
-
-/// `mu ← b1·mu + (1−b1)·g` (float32) and the update it gives at 1-based step `count`: the
-/// bias-corrected `mu`, or with `nesterov` psgd-jax's bias-corrected Nesterov blend
-/// `b1·mu/(1−b1^(count+1)) + (1−b1)·g/(1−b1^count)`.
-pub fn momentum(
-    b1: f64,
-    mu: &Tensor,
-    g: &Tensor,
-    count: u64,
-    nesterov: bool,
-) -> Result<(Tensor, Tensor)> {
-    let mu = mu.to_dtype(DType::F32)?;
-    if mu.dims() == g.dims() {
-        let (a, b) = ((1.0 - b1) as f32, b1 as f32);
-        let c0 = (1.0 / bias_correction(b1, count)) as f32;
-        let c1 = (1.0 / bias_correction(b1, count + 1)) as f32;
-        // both outputs in one pass, with the candle path's operations in its order
-        let host = with_host(&[from_ref(&mu), from_ref(g)], |x| {
-            elementwise::zip_map([&x[0], &x[1]], |[m, g]| {
-                let m = affine(g, a) + affine(m, b);
-                let u = if nesterov {
-                    affine(affine(m, c1), b) + affine(affine(g, c0), a)
-                } else {
-                    affine(m, c0)
-                };
-                [m, u]
-            })
-        });
-        if let Some([m, u]) = host {
-            return Ok((
-                Tensor::from_vec(m, g.shape(), g.device())?,
-                Tensor::from_vec(u, g.shape(), g.device())?,
-            ));
-        }
-    }
-    momentum_ops(b1, &mu, g, count, nesterov)
-}
-
-/// [`momentum`] as candle ops, for tensors the host path cannot view (`mu` in float32).
-fn momentum_ops(
-    b1: f64,
-    mu: &Tensor,
-    g: &Tensor,
-    count: u64,
-    nesterov: bool,
-) -> Result<(Tensor, Tensor)> {
-    let mu_new = ((g * (1.0 - b1))? + (mu * b1)?)?;
-    let update = if nesterov {
-        let m = (&mu_new / bias_correction(b1, count + 1))?;
-        let gc = (g / bias_correction(b1, count))?;
-        ((m * b1)? + (gc * (1.0 - b1))?)?
-    } else {
-        (&mu_new / bias_correction(b1, count))?
-    };
-    Ok((mu_new, update))
 }
 
 /// Leaves with fewer elements than this in all fit on a worker of rayon's pool.
@@ -225,7 +136,7 @@ pub fn momentum_all(
             let pairs = mu
                 .iter()
                 .zip(g32)
-                .map(|(m, g)| momentum(b1, m, g, count, nesterov))
+                .map(|(m, g)| fused::momentum(b1, m, g, count, nesterov))
                 .collect::<Result<Vec<_>>>()?;
             let (mu, upd): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
             Ok((Some(mu), upd))
@@ -250,54 +161,6 @@ pub fn keep_dtypes(
     }
 }
 
-/// How [`finish_updates`] caps the preconditioned updates before weight decay.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Clip {
-    /// No cap.
-    None,
-    /// [`clip_rms`] on each leaf.
-    Rms,
-    /// [`clip_global_norm`] over all leaves with this maximum norm.
-    GlobalNorm(f64),
-}
-
-/// `clip`, then [`finish_update`], for every leaf, each cast to its gradient's dtype. On
-/// the CPU in float32 this is one pass per leaf after the clip's sum of squares, instead
-/// of a chain of whole-tensor ops.
-pub fn finish_updates(
-    pre: &[Tensor],
-    params: Option<&[Tensor]>,
-    specs: &[LeafSpec],
-    grads: &[Tensor],
-    weight_decay: f64,
-    learning_rate: f64,
-    clip: Clip,
-) -> Result<Vec<Tensor>> {
-    let decay = pre
-        .iter()
-        .enumerate()
-        .map(|(l, _)| decayed_param(params.map(|p| &p[l]), &specs[l], weight_decay))
-        .collect::<Result<Vec<_>>>()?;
-    let fin = Finish::new(weight_decay, learning_rate);
-    if let Some(out) = fin.host(pre, &decay, clip) {
-        return out?
-            .iter()
-            .zip(grads)
-            .map(|(u, g)| Ok(u.to_dtype(g.dtype())?))
-            .collect();
-    }
-    let pre = match clip {
-        Clip::None => pre.to_vec(),
-        Clip::Rms => pre.iter().map(clip_rms).collect::<Result<_>>()?,
-        Clip::GlobalNorm(c) => clip_global_norm(pre.to_vec(), c)?,
-    };
-    pre.iter()
-        .zip(&decay)
-        .zip(grads)
-        .map(|((u, p), g)| fin.ops(u, p.as_ref(), g.dtype()))
-        .collect()
-}
-
 /// The deterministic update counter of psgd-jax 0.2.9: count up, update the preconditioner
 /// once the counter reaches `1/prob` (compared in float32 as the reference does), then reset.
 /// Returns whether to update and the new counter.
@@ -308,199 +171,6 @@ pub fn update_counter(counter: u64, prob: f64) -> (bool, u64) {
         (true, 0)
     } else {
         (false, next)
-    }
-}
-
-/// `u / max(1, rms(u)/1.1)`: the preconditioned gradient should have unit RMS, so cap it.
-pub fn clip_rms(u: &Tensor) -> Result<Tensor> {
-    let host = with_host(&[from_ref(u)], |x| {
-        let d = rms_divisor(&x[0]);
-        let [out] = elementwise::zip_map([&x[0]], |[v]| [v / d]);
-        out
-    });
-    match host {
-        Some(out) => Ok(Tensor::from_vec(out, u.shape(), u.device())?),
-        None => clip_rms_ops(u),
-    }
-}
-
-/// [`clip_rms`] as candle ops.
-fn clip_rms_ops(u: &Tensor) -> Result<Tensor> {
-    let rms = u.sqr()?.mean_all()?.sqrt()?;
-    let denom = (rms / 1.1)?.maximum(1.0)?;
-    Ok(u.broadcast_div(&denom)?)
-}
-
-/// The divisor of [`clip_rms`], `max(1, rms/1.1)`, in float32 as the candle ops compute it
-/// from the sum of squares (which the host sums in float64).
-fn rms_divisor(x: &Flat<'_>) -> f32 {
-    let mean = (elementwise::sum_sq(x) / x.len() as f64) as f32;
-    affine(mean.sqrt(), (1.0 / 1.1) as f32).max(1.0)
-}
-
-/// optax's `clip_by_global_norm`: scales every update by `max / ‖u‖` when `‖u‖ ≥ max`.
-pub fn clip_global_norm(updates: Vec<Tensor>, max_norm: f64) -> Result<Vec<Tensor>> {
-    let sq = updates
-        .iter()
-        .map(|u| Ok(u.sqr()?.sum_all()?))
-        .collect::<Result<Vec<_>>>()?;
-    let norm = Tensor::stack(&sq, 0)?.sum_all()?.sqrt()?;
-    // max/max(‖u‖, max) is exactly 1 below the threshold; no host round trip
-    let scale = (norm.maximum(max_norm)?.recip()? * max_norm)?;
-    updates
-        .into_iter()
-        .map(|u| Ok(u.broadcast_mul(&scale)?))
-        .collect()
-}
-
-/// `x + v · mean(|x|) · sqrt(ε_f32)`: Kron's damping of the preconditioner fit's input by
-/// its probe `v`, so that a zero gradient still gives a well-posed fit.
-pub fn damp(x: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let eps = (f32::EPSILON as f64).sqrt();
-    if x.dims() == v.dims() && x.elem_count() > 0 {
-        let host = with_host(&[from_ref(x), from_ref(v)], |h| {
-            let mean = (elementwise::sum_abs(&h[0]) / h[0].len() as f64) as f32;
-            let scale = affine(mean, eps as f32);
-            let [out] = elementwise::zip_map([&h[0], &h[1]], |[x, v]| [x + v * scale]);
-            out
-        });
-        if let Some(out) = host {
-            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
-        }
-    }
-    let scale = (x.abs()?.mean_all()? * eps)?;
-    Ok((x + v.broadcast_mul(&scale)?)?)
-}
-
-/// The param a leaf's weight decay needs, in float32, or `None` when it has none.
-fn decayed_param(
-    param: Option<&Tensor>,
-    spec: &LeafSpec,
-    weight_decay: f64,
-) -> Result<Option<Tensor>> {
-    if !(weight_decay > 0.0 && spec.weight_decay) {
-        return Ok(None);
-    }
-    let p = param.ok_or_else(|| {
-        PsgdError::option_range(
-            "weightDecay",
-            format!("> 0 needs the params (leaf '{}')", spec.path),
-        )
-    })?;
-    Ok(Some(p.to_dtype(DType::F32)?))
-}
-
-/// The end of a step: decoupled weight decay, then `-learning_rate ·`.
-#[derive(Debug, Clone, Copy)]
-struct Finish {
-    weight_decay: f64,
-    learning_rate: f64,
-}
-
-impl Finish {
-    fn new(weight_decay: f64, learning_rate: f64) -> Self {
-        Finish {
-            weight_decay,
-            learning_rate,
-        }
-    }
-
-    /// One leaf as candle ops: `(u + wd·p) · (−lr)`, cast to `dtype`.
-    fn ops(&self, u: &Tensor, p32: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
-        let u = match p32 {
-            Some(p) => (u + (p * self.weight_decay)?)?,
-            None => u.clone(),
-        };
-        Ok((u * (-self.learning_rate))?.to_dtype(dtype)?)
-    }
-
-    /// Every leaf with `clip` on the host, each in one pass after the clip's sums; `None`
-    /// unless every update and decayed param is a contiguous float32 CPU tensor (of its
-    /// update's shape).
-    fn host(
-        &self,
-        pre: &[Tensor],
-        p32: &[Option<Tensor>],
-        clip: Clip,
-    ) -> Option<Result<Vec<Tensor>>> {
-        if pre
-            .iter()
-            .zip(p32)
-            .any(|(u, p)| p.as_ref().is_some_and(|p| p.dims() != u.dims()))
-        {
-            return None;
-        }
-        let groups: Vec<&[Tensor]> = pre
-            .iter()
-            .zip(p32)
-            .flat_map(|(u, p)| [from_ref(u), p.as_ref().map_or(&[][..], from_ref)])
-            .collect();
-        let (wd, nlr) = (self.weight_decay as f32, (-self.learning_rate) as f32);
-        with_host(&groups, |h| {
-            let leaves: Vec<(&Flat, &Flat)> = h.chunks(2).map(|c| (&c[0], &c[1])).collect();
-            // the multiplier of a global-norm clip, as the candle ops give it
-            let global = match clip {
-                Clip::GlobalNorm(c) => {
-                    let sq: f64 = leaves.iter().map(|(u, _)| elementwise::sum_sq(u)).sum();
-                    let norm = (sq.sqrt() as f32).max(c as f32);
-                    affine(1.0 / norm, c as f32)
-                }
-                _ => 1.0,
-            };
-            leaves
-                .iter()
-                .zip(pre)
-                .map(|(&(u, p), t)| {
-                    // a divisor of 1 and a multiplier of 1 leave every value as it is
-                    let div = match clip {
-                        Clip::Rms if !u.is_empty() => rms_divisor(u),
-                        _ => 1.0,
-                    };
-                    let out = match (div, global) {
-                        (1.0, 1.0) => finish_pass(u, p, wd, nlr, |v| v),
-                        (1.0, s) => finish_pass(u, p, wd, nlr, |v| v * s),
-                        (d, _) => finish_pass(u, p, wd, nlr, |v| v / d),
-                    };
-                    Ok(Tensor::from_vec(out, t.shape(), t.device())?)
-                })
-                .collect()
-        })
-    }
-}
-
-/// `(clip(u) + wd·p) · nlr` in one pass, without `p` when it is empty. `clip` is a
-/// separate closure per kind so that the common kinds pay no division.
-fn finish_pass(
-    u: &Flat<'_>,
-    p: &Flat<'_>,
-    wd: f32,
-    nlr: f32,
-    clip: impl Fn(f32) -> f32 + Sync,
-) -> Vec<f32> {
-    let [out] = if p.is_empty() {
-        elementwise::zip_map([u], |[v]| [affine(clip(v), nlr)])
-    } else {
-        elementwise::zip_map([u, p], |[v, p]| [affine(clip(v) + affine(p, wd), nlr)])
-    };
-    out
-}
-
-/// Decoupled weight decay on masked leaves, then `-learning_rate ·`, cast to `dtype` (one
-/// leaf of [`finish_updates`], for its tests).
-#[cfg(test)]
-fn finish_update(
-    pre: &Tensor,
-    param: Option<&Tensor>,
-    spec: &LeafSpec,
-    weight_decay: f64,
-    learning_rate: f64,
-    dtype: DType,
-) -> Result<Tensor> {
-    let p32 = decayed_param(param, spec, weight_decay)?;
-    let fin = Finish::new(weight_decay, learning_rate);
-    match fin.host(from_ref(pre), from_ref(&p32), Clip::None) {
-        Some(out) => Ok(out?.remove(0).to_dtype(dtype)?),
-        None => fin.ops(pre, p32.as_ref(), dtype),
     }
 }
 
@@ -539,11 +209,6 @@ pub fn check_step_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::random::{RandomSource, SeededRandom};
-    use candle_core::Device;
-
-    /// Lengths around the host kernels' task size, and empty.
-    const LENS: [usize; 5] = [0, 1, 7, 8192 * 2 + 3, 65536 + 5];
 
     #[test]
     fn map_leaves_keeps_leaf_order_and_reports_a_failure() {
@@ -562,239 +227,6 @@ mod tests {
             })
             .unwrap_err();
             assert!(err.to_string().contains("leaf 2"), "{err}");
-        }
-    }
-
-    fn randn(n: usize, seed: u64, scale: f64) -> Tensor {
-        let t = SeededRandom::for_step(seed, 1)
-            .normal(&[n], &Device::Cpu)
-            .unwrap();
-        (t * scale).unwrap()
-    }
-
-    fn vals(t: &Tensor) -> Vec<f32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    /// Equal up to float64-vs-float32 summation in a reduction the result went through.
-    fn assert_close(a: &Tensor, b: &Tensor) {
-        let (a, b) = (vals(a), vals(b));
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-3), "{x} vs {y}");
-        }
-    }
-
-    /// A view with the same values and shape that no host path can read (for more than
-    /// one element): every second entry of a longer tensor.
-    fn strided(t: &Tensor) -> Tensor {
-        let s = Tensor::stack(&[t, t], t.rank())
-            .unwrap()
-            .narrow(t.rank(), 0, 1)
-            .unwrap()
-            .squeeze(t.rank())
-            .unwrap();
-        assert_eq!(s.dims(), t.dims());
-        assert!(t.elem_count() <= 1 || with_host(&[from_ref(&s)], |_| ()).is_none());
-        s
-    }
-
-    #[test]
-    fn fused_momentum_matches_the_ops_bit_for_bit() {
-        for n in LENS {
-            let (mu, g) = (randn(n, 1, 1.0), randn(n, 2, 3.0));
-            for nesterov in [false, true] {
-                for count in [1, 2, 50] {
-                    let (m, u) = momentum(0.9, &mu, &g, count, nesterov).unwrap();
-                    let (m0, u0) = momentum_ops(0.9, &mu, &g, count, nesterov).unwrap();
-                    assert_eq!(vals(&m), vals(&m0), "n {n}");
-                    assert_eq!(vals(&u), vals(&u0), "n {n}");
-                    assert_eq!(m.dims(), g.dims());
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn momentum_of_other_layouts_and_dtypes_takes_the_ops() {
-        let (mu, g) = (randn(100, 1, 1.0), randn(100, 2, 1.0));
-        let (m0, u0) = momentum(0.9, &mu, &g, 3, true).unwrap();
-        // strided: the ops path, same values
-        let (m, u) = momentum(0.9, &strided(&mu), &strided(&g), 3, true).unwrap();
-        assert_eq!((vals(&m), vals(&u)), (vals(&m0), vals(&u0)));
-        assert_eq!(m.dims(), &[100]);
-        // a bfloat16 buffer is cast first, then fused
-        let mu16 = mu.to_dtype(DType::BF16).unwrap();
-        let (m, u) = momentum(0.9, &mu16, &g, 3, false).unwrap();
-        let (m1, u1) =
-            momentum_ops(0.9, &mu16.to_dtype(DType::F32).unwrap(), &g, 3, false).unwrap();
-        assert_eq!((vals(&m), vals(&u)), (vals(&m1), vals(&u1)));
-        // float64 gradients cannot be viewed
-        let g64 = g.to_dtype(DType::F64).unwrap();
-        assert!(
-            momentum(0.9, &mu, &g64, 3, false).is_err()
-                == momentum_ops(0.9, &mu, &g64, 3, false).is_err()
-        );
-    }
-
-    #[test]
-    fn fused_rms_clip_matches_the_ops() {
-        for n in LENS {
-            // below the cap (divisor 1: exact) and above it
-            for scale in [0.5, 4.0] {
-                let u = randn(n, 3, scale);
-                let got = clip_rms(&u).unwrap();
-                let want = clip_rms_ops(&u).unwrap();
-                if scale < 1.0 {
-                    assert_eq!(vals(&got), vals(&u));
-                }
-                assert_close(&got, &want);
-                // the ops path, whose sum over a strided view may round differently
-                assert_close(&clip_rms(&strided(&u)).unwrap(), &want);
-            }
-        }
-    }
-
-    #[test]
-    fn fused_damping_matches_the_ops() {
-        for n in LENS {
-            let (x, v) = (randn(n, 4, 2.0), randn(n, 5, 1.0));
-            let want = {
-                let scale =
-                    (x.abs().unwrap().mean_all().unwrap() * (f32::EPSILON as f64).sqrt()).unwrap();
-                (&x + v.broadcast_mul(&scale).unwrap()).unwrap()
-            };
-            assert_close(&damp(&x, &v).unwrap(), &want);
-            assert_close(&damp(&strided(&x), &strided(&v)).unwrap(), &want);
-        }
-    }
-
-    fn leaves(lens: &[usize], seed: u64, scale: f64) -> Vec<Tensor> {
-        lens.iter()
-            .enumerate()
-            .map(|(i, &n)| randn(n, seed + i as u64, scale))
-            .collect()
-    }
-
-    #[test]
-    fn fused_finish_matches_the_ops() {
-        let lens = [0, 3, 8192 + 1, 1000];
-        let specs: Vec<LeafSpec> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| LeafSpec {
-                weight_decay: i != 2,
-                ..LeafSpec::new(format!("l{i}"), &[n])
-            })
-            .collect();
-        let params = leaves(&lens, 10, 1.0);
-        let grads: Vec<Tensor> = params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                if i == 1 {
-                    p.to_dtype(DType::BF16).unwrap()
-                } else {
-                    p.clone()
-                }
-            })
-            .collect();
-        for scale in [0.1, 5.0] {
-            let pre = leaves(&lens, 20, scale);
-            for clip in [
-                Clip::None,
-                Clip::Rms,
-                Clip::GlobalNorm(1.0),
-                Clip::GlobalNorm(1e6),
-            ] {
-                for wd in [0.0, 0.1] {
-                    let got = finish_updates(&pre, Some(&params), &specs, &grads, wd, 0.01, clip)
-                        .unwrap();
-                    let clipped = match clip {
-                        Clip::None => pre.clone(),
-                        Clip::Rms => pre.iter().map(|u| clip_rms_ops(u).unwrap()).collect(),
-                        Clip::GlobalNorm(c) => clip_global_norm(pre.clone(), c).unwrap(),
-                    };
-                    let fin = Finish::new(wd, 0.01);
-                    for (l, u) in clipped.iter().enumerate() {
-                        let p = decayed_param(Some(&params[l]), &specs[l], wd).unwrap();
-                        let want = fin.ops(u, p.as_ref(), grads[l].dtype()).unwrap();
-                        assert_eq!(got[l].dtype(), grads[l].dtype());
-                        assert_eq!(got[l].dims(), want.dims());
-                        if clip == Clip::None || (scale < 1.0 && clip != Clip::GlobalNorm(1.0)) {
-                            assert_eq!(vals(&got[l]), vals(&want), "{clip:?} wd {wd}");
-                        } else {
-                            assert_close(&got[l], &want);
-                        }
-                    }
-                    // one float64 leaf (without weight decay) sends the whole step down
-                    // the ops path, which gives the same values (a global norm over mixed
-                    // dtypes is an error there, as it always was)
-                    let mut pre64 = pre.clone();
-                    pre64[2] = pre64[2].to_dtype(DType::F64).unwrap();
-                    let slow =
-                        finish_updates(&pre64, Some(&params), &specs, &grads, wd, 0.01, clip);
-                    if let Ok(slow) = slow {
-                        for (a, b) in slow.iter().zip(&got) {
-                            assert_close(a, b);
-                        }
-                    } else {
-                        assert!(matches!(clip, Clip::GlobalNorm(_)));
-                    }
-                }
-            }
-        }
-        // weight decay without params is an error on either path
-        let pre = leaves(&lens, 20, 1.0);
-        assert!(finish_updates(&pre, None, &specs, &grads, 0.1, 0.01, Clip::None).is_err());
-        let one = finish_update(&strided(&pre[2]), None, &specs[2], 0.1, 0.01, DType::F32).unwrap();
-        let want = Finish::new(0.1, 0.01)
-            .ops(&pre[2], None, DType::F32)
-            .unwrap();
-        assert_eq!(vals(&one), vals(&want));
-    }
-
-    #[test]
-    fn finiteness_scan_names_the_first_bad_leaf() {
-        let lens = [5, 0, 8192 * 3 + 7, 2];
-        let specs: Vec<LeafSpec> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| LeafSpec::new(format!("l{i}"), &[n]))
-            .collect();
-        let clean = leaves(&lens, 30, 1.0);
-        assert!(check_finite("grads", &specs, &clean).is_ok());
-        assert!(check_finite("grads", &[], &[]).is_ok());
-        let bad_at = |l: usize, i: usize, v: f32| {
-            let mut ts = clean.clone();
-            let mut x = vals(&ts[l]);
-            x[i] = v;
-            ts[l] = Tensor::new(x, &Device::Cpu).unwrap();
-            ts
-        };
-        for (l, i) in [(0, 0), (2, 0), (2, 8192 * 2 + 1), (2, 8192 * 3 + 6), (3, 1)] {
-            for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                let mut ts = bad_at(l, i, v);
-                // a later bad leaf must not be named instead
-                if l < 3 {
-                    ts[3] = Tensor::new(&[f32::NAN, 0.0], &Device::Cpu).unwrap();
-                }
-                let want = format!("l{l}");
-                for ts in [
-                    ts.clone(),
-                    ts.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect(),
-                ] {
-                    match check_finite("grads", &specs, &ts) {
-                        Err(PsgdError::NonFinite { path, .. }) => assert_eq!(path, want),
-                        other => panic!("{other:?}"),
-                    }
-                }
-            }
         }
     }
 

@@ -8,11 +8,12 @@
 //! (per-leaf RMS, global norm, none) and Nesterov momentum.
 
 use crate::error::{PsgdError, Result};
+use crate::kernels::fused::{self, Clip};
 use crate::kernels::precision::Precision;
 use crate::options::Options;
 use crate::random::RandomSource;
 use crate::schedule::Schedule;
-use crate::stages::{self, Clip};
+use crate::stages;
 use crate::state_io::{LoadedState, StateFile};
 use crate::transform::{Curvature, LeafSpec, StepHyper, Transform};
 use candle_core::{DType, Device, Tensor};
@@ -401,7 +402,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         let count = state.count + 1;
         let mut g32 = f32s(grads)?;
         if let Some(c) = o.grad_clip {
-            g32 = stages::clip_global_norm(g32, c)?;
+            g32 = fused::clip_global_norm(g32, c)?;
         }
 
         // the update decision and the whitening probes (psgd-jax draws them first)
@@ -438,7 +439,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
 
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
         let pre = self.precond.apply(&precond, &momentum)?;
-        let updates = stages::finish_updates(
+        let updates = fused::finish_updates(
             &pre,
             params,
             &self.leaves,

@@ -76,29 +76,30 @@ impl Preconditioner for XMatPreconditioner {
             PsgdError::State("xmat: the preconditioner fit needs probe vectors".into())
         })?;
         let (a, b) = (std::slice::from_ref(&st.a), std::slice::from_ref(&st.b));
-        elementwise::with_host(&[a, b, vectors, inputs.hvps], |x| {
-            self.update_host(&x[0], &x[1], &x[2], &x[3], inputs, st.a.device())
-        })
-        .unwrap_or_else(|| self.update_tensors(st, vectors, inputs))
+        crate::kernels::dispatch(
+            &[a, b, vectors, inputs.hvps],
+            |x| self.update_host(&x[0], &x[1], &x[2], &x[3], inputs, st.a.device()),
+            || self.update_tensors(st, vectors, inputs),
+        )
     }
 
     fn apply(&self, st: &XMatFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
         let (a, b) = (std::slice::from_ref(&st.a), std::slice::from_ref(&st.b));
-        let out = elementwise::with_host(&[a, b, grads], |x| {
-            let [out] = elementwise::mirror_map([&x[0], &x[1], &x[2]], |i, j, _| {
-                let ([ai, bi, gi], [aj, bj, gj]) = (*i, *j);
-                let anti = ai * bi + aj * bj;
-                (
-                    [(ai * ai + bj * bj) * gi + anti * gj],
-                    [(aj * aj + bi * bi) * gj + anti * gi],
-                )
-            });
-            Tensor::from_vec(out, self.n, st.a.device())
-        });
-        let out = match out {
-            Some(out) => out?,
-            None => self.apply_tensors(st, grads)?,
-        };
+        let out = crate::kernels::dispatch(
+            &[a, b, grads],
+            |x| {
+                let [out] = elementwise::mirror_map([&x[0], &x[1], &x[2]], |i, j, _| {
+                    let ([ai, bi, gi], [aj, bj, gj]) = (*i, *j);
+                    let anti = ai * bi + aj * bj;
+                    (
+                        [(ai * ai + bj * bj) * gi + anti * gj],
+                        [(aj * aj + bi * bi) * gj + anti * gi],
+                    )
+                });
+                Ok(Tensor::from_vec(out, self.n, st.a.device())?)
+            },
+            || self.apply_tensors(st, grads),
+        )?;
         split_flat(&out, &self.leaves)
     }
 
