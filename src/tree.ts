@@ -185,9 +185,3 @@ export function resolveMask(mask: Mask, name: string, paths: readonly string[], 
     return v
   })
 }
-
-/** A leaf's shape. */
-export function leafShape(leaf: Leaf): number[] {
-  if (typeof leaf === 'number') return []
-  return leaf instanceof Tensor ? leaf.shape : leaf.shape
-}
