@@ -13,13 +13,14 @@ function conformance(dir: string) {
   return spawnSync(process.execPath, [script, dir], { cwd: root, encoding: 'utf8' })
 }
 
+// serial: each test runs cargo, and concurrent cargo runs only queue on its build lock
 for (const [variant, min] of [
   ['kron', 10],
   ['xmat', 6],
   ['lra', 6],
   ['affine', 6],
 ] as const) {
-  test(`every committed ${variant} fixture matches psgd-jax 0.2.9 at tolerance 1e-3`, (t) => {
+  test.serial(`every committed ${variant} fixture matches psgd-jax 0.2.9 at tolerance 1e-3`, (t) => {
     const r = conformance(path.join(root, 'fixtures', variant))
     t.is(r.status, 0, r.stdout + r.stderr)
     const lines = r.stdout.trim().split('\n')
@@ -30,7 +31,7 @@ for (const [variant, min] of [
   })
 }
 
-test('npm run conformance prints one line per case and "N passed, 0 failed"', (t) => {
+test.serial('npm run conformance prints one line per case and "N passed, 0 failed"', (t) => {
   const out = execFileSync(process.execPath, [script, fixtures], { cwd: root, encoding: 'utf8' })
   const lines = out.trim().split('\n')
   const n = fs.readdirSync(fixtures).length
@@ -52,7 +53,7 @@ function editedCase(name: string, edit: (c: { options: Record<string, unknown>; 
   return { dir, dst }
 }
 
-test('the checker fails a case whose options differ from what the reference ran', (t) => {
+test.serial('the checker fails a case whose options differ from what the reference ran', (t) => {
   // a wrong formula shows as an O(1) error: run a case with another momentum
   const { dir } = editedCase('kron_basic_wrong', (c) => (c.options.b1 = 0.5))
   const r = conformance(dir)
@@ -62,7 +63,7 @@ test('the checker fails a case whose options differ from what the reference ran'
   fs.rmSync(dir, { recursive: true, force: true })
 })
 
-test('a replayed draw of the wrong shape fails loudly with step, index and shapes', (t) => {
+test.serial('a replayed draw of the wrong shape fails loudly with step, index and shapes', (t) => {
   // the optimizer asks for a [8, 4] normal draw at step 0 index 2; claim it was [4, 8]
   const { dir, dst } = editedCase('kron_basic_shapes', (c) => (c.draws[0][2].shape = [4, 8]))
   const r = conformance(dst)
