@@ -3,7 +3,7 @@
  * step, from a loss-and-gradient function (psgd-jax's `hessian_helper`).
  */
 import { call, native, type NativeTensor } from './native'
-import { Tensor } from './tensor'
+import { readValues, Tensor } from './tensor'
 import { flatten, isLeaf, unflatten, type ArrayLeaf, type Leaf, type PyTree } from './tree'
 
 /** What `lossAndGrad(params)` returns. */
@@ -63,7 +63,7 @@ function toNativeLeaves(leaves: Leaf[], paths: string[], what: string): NativeTe
 /** A leaf like `like` (kind, shape) holding the native tensor `t`. */
 function leafFrom(like: Leaf, t: NativeTensor): Leaf {
   if (like instanceof Tensor) return new Tensor(t, like.shapeView())
-  const data = call(() => t.toArray())
+  const data = readValues(t, typeof like === 'number' ? [] : (like as ArrayLeaf).shape)
   t.dispose()
   if (typeof like === 'number') return data[0]
   return { data, shape: [...(like as ArrayLeaf).shape] }

@@ -9,6 +9,7 @@ use crate::kernels::linalg::{
 };
 pub use crate::kernels::precision::Precision;
 use crate::kernels::triangular::{matmul_tri, saves_work, Tri};
+use crate::limits::StateSize;
 use crate::options::{check, StateDType};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
@@ -690,6 +691,29 @@ impl Preconditioner for KronPreconditioner {
         })
     }
 
+    fn factor_dtype(&self) -> DType {
+        self.precond_dtype()
+    }
+
+    fn state_sizes(&self) -> Vec<StateSize> {
+        let mut out = vec![];
+        for (leaf, plan) in self.leaves.iter().zip(&self.plans) {
+            for (axis, (stored, &diag)) in plan.stored.iter().zip(&plan.diag).enumerate() {
+                let elems = stored.iter().map(|&d| d as u128).product::<u128>();
+                out.push(StateSize {
+                    what: format!(
+                        "the factor of leaf '{}' for axis {axis} (shape {stored:?})",
+                        leaf.path
+                    ),
+                    option: (!diag).then_some("maxSizeTriangular"),
+                    // a dense factor keeps its QᵀQ next to it
+                    elems: if diag { elems } else { 2 * elems },
+                });
+            }
+        }
+        out
+    }
+
     fn init(&self, device: &Device, _rng: &mut dyn RandomSource) -> Result<KronFactors> {
         let qs = self
             .plans
@@ -757,7 +781,7 @@ impl Preconditioner for KronPreconditioner {
             .enumerate()
             .map(|(l, plan)| {
                 (0..plan.stored.len())
-                    .map(|i| f.take(&format!("Q.{l}.{i}")))
+                    .map(|i| f.take_factor(&format!("Q.{l}.{i}")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
