@@ -248,3 +248,57 @@ test('stepAsync: disposing a param or grad in use is refused (TypeError), stateD
   t.true(grads.w.disposed)
   t.notThrows(() => opt.stateDict())
 })
+
+// 3. silent NaN: no signal keeps a finite state; a non-finite update is refused
+
+test('a leaf whose gradients are all zero keeps a finite state and finite updates (every variant)', (t) => {
+  const zeros = (shape: number[]): ArrayLeaf => ({ data: new Float32Array(shape.reduce((a, b) => a * b, 1)), shape })
+  for (const make of [kron, xmat, lra, affine]) {
+    for (const allZero of [true, false]) {
+      const params = { w: plain([6, 5], 1), b: plain([5], 2), c: plain([2, 3, 4], 3) }
+      const opt = make({ learningRate: 0.01, preconditionerUpdateProbability: 1 })
+      const st = opt.init(params)
+      for (let i = 0; i < 5; i++) {
+        // first all leaves without signal, or one leaf (b) never with any
+        const g =
+          allZero && i < 2 ? { w: zeros([6, 5]), b: zeros([5]), c: zeros([2, 3, 4]) } : { w: plain([6, 5], 10 + i), b: zeros([5]), c: plain([2, 3, 4], 20 + i) }
+        const [u] = opt.update(g, st, params) as [Record<string, ArrayLeaf>, unknown]
+        for (const [k, l] of Object.entries(u)) t.true(l.data.every(Number.isFinite), `${k} at step ${i + 1}`)
+      }
+      // a state that loads is finite throughout (loading checks every tensor)
+      t.notThrows(() => opt.init(params).loadBytes(st.toBytes()))
+      t.is(st.count, 5)
+    }
+  }
+})
+
+test('a step whose updates would be non-finite throws a RangeError naming the leaf, with the state and params untouched; allowNonFinite opts out', (t) => {
+  for (const [make, option] of [
+    [kron, 'preconditionerInitScale'],
+    [xmat, 'precondInitScale'],
+    [affine, 'precondInitScale'],
+  ] as const) {
+    const params = { w: Tensor.fromArray(values(30, 1), [6, 5]) }
+    const opt = make({ learningRate: 0.01, preconditionerUpdateProbability: 1, [option]: 1e-20 })
+    const st = opt.init(params)
+    const before = st.toBytes()
+    t.throws(() => opt.update({ w: plain([6, 5], 2) }, st, params), {
+      instanceOf: RangeError,
+      message: /the updates of 'w' would hold NaN or Inf.*allowNonFinite/,
+    })
+    t.is(st.count, 0)
+    t.deepEqual(st.toBytes(), before)
+    const loose = make({ learningRate: 0.01, preconditionerUpdateProbability: 1, [option]: 1e-20, allowNonFinite: true })
+    const st2 = loose.init(params)
+    const [u] = loose.update({ w: plain([6, 5], 2) }, st2, params) as [{ w: ArrayLeaf }, unknown]
+    t.false(u.w.data.every(Number.isFinite), 'psgd-jax behaviour: the NaN goes through')
+    t.is(st2.count, 1)
+  }
+  // the class step leaves its Tensor params untouched
+  const params = { w: Tensor.fromArray(values(30, 1), [6, 5]) }
+  const opt = new Kron(params, { preconditionerInitScale: 1e-20, preconditionerUpdateProbability: 1 })
+  const snap = snapshot(params)
+  t.throws(() => opt.step({ w: plain([6, 5], 2) }), { instanceOf: RangeError })
+  t.deepEqual(snapshot(params), snap)
+  t.is(opt.count, 0)
+})

@@ -25,7 +25,10 @@ import { optionKinds, takesHessian, type VariantName } from './options'
 import type { KronNativeOptions } from './options.generated'
 
 /** Options every variant has (declared in Rust; see `options.generated.ts`). */
-export type BaseOptions = Pick<KronNativeOptions, 'learningRate' | 'b1' | 'weightDecay' | 'preconditionerUpdateProbability' | 'seed' | 'gradClip'>
+export type BaseOptions = Pick<
+  KronNativeOptions,
+  'learningRate' | 'b1' | 'weightDecay' | 'preconditionerUpdateProbability' | 'seed' | 'gradClip' | 'allowNonFinite'
+>
 
 /**
  * What a variant is to the TypeScript layer: its name. Its options, their defaults and

@@ -62,6 +62,12 @@ export interface KronNativeOptions {
    */
   gradClip?: number | null
   /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does. Default
+   * false: such a step fails with a `RangeError` naming the leaf and changes
+   * nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
+  /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
   muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
@@ -151,6 +157,12 @@ export interface XMatNativeOptions {
    */
   gradClip?: number | null
   /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does.
+   * Default false: such a step fails with a `RangeError` naming the leaf and
+   * changes nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
+  /**
    * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
    */
   stepNormalizerOrder?: '1st' | '2nd'
@@ -221,6 +233,12 @@ export interface LRANativeOptions {
    * psgd-jax. Default null (no clip).
    */
   gradClip?: number | null
+  /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does.
+   * Default false: such a step fails with a `RangeError` naming the leaf and
+   * changes nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
   /**
    * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
    */
@@ -297,6 +315,12 @@ export interface AffineNativeOptions {
    */
   gradClip?: number | null
   /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does.
+   * Default false: such a step fails with a `RangeError` naming the leaf and
+   * changes nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
+  /**
    * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
    */
   stepNormalizerOrder?: '1st' | '2nd'
@@ -350,6 +374,7 @@ export const VARIANTS = {
       preconditionerLr: 'value',
       preconditionerInitScale: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       muDtype: 'value',
       precondDtype: 'value',
       precondUpdatePrecision: 'value',
@@ -373,6 +398,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
@@ -392,6 +418,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
@@ -412,6 +439,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',

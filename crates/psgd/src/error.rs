@@ -33,6 +33,13 @@ pub enum PsgdError {
     /// A leaf holds NaN or Inf.
     #[error("{what} '{path}' contains NaN or Inf")]
     NonFinite { what: &'static str, path: String },
+    /// A step's update of a leaf came out NaN or Inf (with `allowNonFinite` off).
+    #[error(
+        "the updates of '{path}' would hold NaN or Inf, so the step was refused and nothing \
+         changed (an extreme option, e.g. the initial scale or the learning rate? \
+         allowNonFinite: true lets such steps through)"
+    )]
+    NonFiniteUpdate { path: String },
     /// An option has the wrong type or is unknown (`msg` continues the sentence).
     #[error("option '{name}' {msg}")]
     OptionType { name: String, msg: String },
@@ -93,6 +100,7 @@ impl PsgdError {
             PsgdError::Dtype { .. } | PsgdError::OptionType { .. } => ErrorKind::Type,
             PsgdError::Shape { .. }
             | PsgdError::NonFinite { .. }
+            | PsgdError::NonFiniteUpdate { .. }
             | PsgdError::OptionRange { .. }
             | PsgdError::LeafCount { .. }
             | PsgdError::State(_)

@@ -77,6 +77,10 @@ crate::declare_options! {
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
         /// psgd-jax. Default null (no clip).
         grad_clip: Option<f64> = None, check check::positive_or_none;
+        /// Let a step whose updates hold NaN or Inf through, as psgd-jax does. Default
+        /// false: such a step fails with a `RangeError` naming the leaf and changes
+        /// nothing (the test is fused into the step's last pass).
+        allow_non_finite: bool = false;
         /// Dtype of the momentum buffer; null keeps each param's dtype.
         mu_dtype: Option<StateDType> = None;
         /// Dtype of the preconditioner factors; null is float32.
@@ -132,6 +136,7 @@ impl VariantOptions for KronOptions {
             },
             clip: Clip::Rms,
             grad_clip: self.grad_clip,
+            check_finite: !self.allow_non_finite,
         }
     }
 

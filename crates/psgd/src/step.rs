@@ -89,6 +89,8 @@ pub struct StepOptions {
     pub clip: Clip,
     /// Clip the incoming gradients to this global L2 norm first (`gradClip`; none by default).
     pub grad_clip: Option<f64>,
+    /// Fail a step whose updates hold NaN or Inf (`allowNonFinite: false`, the default).
+    pub check_finite: bool,
 }
 
 /// The options of a variant: the [`Options`] table plus the view the step reads.
@@ -462,7 +464,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
 
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
         let pre = self.precond.apply(&precond, &momentum)?;
-        let updates = fused::finish_updates(
+        let (updates, non_finite) = fused::finish_updates(
             &pre,
             params,
             &self.leaves,
@@ -470,7 +472,13 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             o.weight_decay,
             hyper.learning_rate,
             o.clip,
+            o.check_finite,
         )?;
+        if let Some(l) = non_finite {
+            return Err(PsgdError::NonFiniteUpdate {
+                path: self.leaves[l].path.clone(),
+            });
+        }
 
         let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
         Ok((
