@@ -302,3 +302,15 @@ test('a step whose updates would be non-finite throws a RangeError naming the le
   t.deepEqual(snapshot(params), snap)
   t.is(opt.count, 0)
 })
+
+test('stepAsync: when the params cannot be written, the state does not count the step', async (t) => {
+  const params: { w: ArrayLeaf } = { w: plain([4, 3], 1) }
+  const opt = new Kron(params, { learningRate: 0.1, preconditionerUpdateProbability: 1 })
+  const before = opt.stateDict()
+  const pending = opt.stepAsync({ w: plain([4, 3], 2) })
+  // the tree changes under the pending step: its updates no longer fit
+  params.w = plain([3, 4], 3)
+  await t.throwsAsync(pending, { instanceOf: RangeError, message: /updates 'w' has shape \[4,3\]/ })
+  t.is(opt.count, 0)
+  t.deepEqual(opt.stateDict(), before)
+})
