@@ -308,7 +308,13 @@ export class OptimizerState {
     return call(() => this.optimizer.stateToBytes(this.handle), this.owner)
   }
 
-  /** Replaces this state's contents with a state saved by {@link OptimizerState.toBytes}. */
+  /**
+   * Replaces this state's contents with a state saved by {@link OptimizerState.toBytes}, all
+   * or nothing.
+   * @throws RangeError when the bytes are not such a state for these leaves and options: a
+   * wrong format version or checksum, a tensor of another dtype or shape, NaN/Inf, an
+   * all-zero factor, counters out of range, a tensor this optimizer does not keep.
+   */
   loadBytes(bytes: Uint8Array): void {
     if (!(bytes instanceof Uint8Array)) throw new TypeError(`${this.owner}: state bytes must be a Uint8Array`)
     this.idle('loadBytes')
@@ -340,10 +346,16 @@ export interface GradientTransformation {
   /**
    * One step. Returns the updates (to add to the params, e.g. with `applyUpdates`), with
    * the same leaf kinds as `grads`, and the state, advanced in place. On error nothing
-   * changes.
+   * changes: a `TypeError`/`RangeError` names the bad leaf or option; a state made by this
+   * variant with other options is a `TypeError`; updates that would hold NaN or Inf are a
+   * `RangeError` naming the leaf (unless `allowNonFinite`).
    */
   update(grads: PyTree, state: OptimizerState, params?: PyTree | null, extra?: UpdateExtra): [PyTree, OptimizerState]
-  /** {@link GradientTransformation.update} with the work done off the JS main thread. */
+  /**
+   * {@link GradientTransformation.update} with the work done off the JS main thread. One
+   * step at a time per state: until it settles, another step, `toBytes`, `loadBytes` or
+   * `clone` on the same state throws an `Error`, and the Tensors it reads cannot be disposed.
+   */
   updateAsync(grads: PyTree, state: OptimizerState, params?: PyTree | null, extra?: UpdateExtra): Promise<[PyTree, OptimizerState]>
 }
 

@@ -94,6 +94,8 @@ export class Tensor {
    * this object and the event loop has then turned (N-API runs finalizers there), so a
    * long synchronous loop that drops large tensors (the updates of `update`, the results
    * of `applyUpdates`) should dispose them; `PsgdOptimizer.step` does so for its own.
+   * @throws TypeError while a pending `stepAsync`/`updateAsync` reads this tensor (it stays
+   * usable; dispose it once the step has settled).
    */
   dispose(): void {
     if (this.#uses > 0) {
