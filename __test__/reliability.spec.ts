@@ -57,6 +57,8 @@ test('options implying a state larger than the machine: RangeError naming the op
     instanceOf: RangeError,
     message: /rank 1000000000000.*uvdRankOfApproximation/,
   })
+  // a rank far above the parameter count: small U and V, but rank × rank matrices in the fit
+  t.throws(() => lra({ uvdRankOfApproximation: 1e6 }).init({ w: plain([4, 4], 1) }), { instanceOf: RangeError, message: /uvdRankOfApproximation/ })
   // the class constructor refuses the same way, and nothing is left half-made
   t.throws(() => new Kron(big, { maxSizeTriangular: 1 << 21 }), { instanceOf: RangeError })
 })

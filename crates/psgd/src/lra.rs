@@ -104,8 +104,11 @@ impl Preconditioner for LraPreconditioner {
                 self.n, self.rank
             ),
             option: Some("uvdRankOfApproximation"),
-            // U, V and the fit's products of the same shape
-            elems: 4 * self.n as u128 * self.rank as u128 + self.n as u128,
+            // U, V and the fit's products of the same shape, and the fit's rank × rank
+            // matrices (I + VᵀU, its factors, per-task partial sums)
+            elems: 4 * self.n as u128 * self.rank as u128
+                + self.n as u128
+                + 8 * (self.rank as u128).pow(2),
         }]
     }
 
