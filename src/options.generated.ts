@@ -52,6 +52,12 @@ export interface PsgdNativeOptions {
    */
   gradClip?: number | null
   /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does.
+   * Default false: such a step fails with a `RangeError` naming the leaf and
+   * changes nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
+  /**
    * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
    */
   stepNormalizerOrder?: '1st' | '2nd'
@@ -132,6 +138,12 @@ export interface KronNativeOptions {
    * psgd-jax. Default null (no clip).
    */
   gradClip?: number | null
+  /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does. Default
+   * false: such a step fails with a `RangeError` naming the leaf and changes
+   * nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
   /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
@@ -219,6 +231,7 @@ export const VARIANTS = {
       preconditionerLr: 'value',
       preconditionerInitScale: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       muDtype: 'value',
       precondDtype: 'value',
       precondUpdatePrecision: 'value',
@@ -242,6 +255,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
@@ -261,6 +275,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
@@ -281,6 +296,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
