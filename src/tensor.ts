@@ -21,11 +21,13 @@ export interface TensorOptions {
 export class Tensor {
   /** @internal */
   native: NativeTensor
+  // These two are TypeScript `private`, not `#` fields: a `#` field in the shipped `.d.ts`
+  // fails to type-check under tsc's default target.
   // A native tensor's shape never changes (`assign` keeps it), so it is read across N-API
   // once: every optimizer step checks each leaf's shape.
-  #shape: number[] | undefined
+  private cachedShape: number[] | undefined
   // Set by `dispose`, so that a step's check of each leaf needs no N-API call.
-  #disposed = false
+  private disposeCalled = false
 
   /**
    * @internal Wraps a native tensor; use {@link Tensor.fromArray}. A caller that knows the
@@ -33,7 +35,7 @@ export class Tensor {
    */
   constructor(handle: NativeTensor, shape?: readonly number[]) {
     this.native = handle
-    if (shape !== undefined) this.#shape = [...shape]
+    if (shape !== undefined) this.cachedShape = [...shape]
   }
 
   /**
@@ -58,8 +60,8 @@ export class Tensor {
 
   /** @internal The cached shape itself, not a copy: callers must not modify it. */
   shapeView(): readonly number[] {
-    this.#shape ??= call(() => this.native.shape, 'Tensor.shape')
-    return this.#shape
+    this.cachedShape ??= call(() => this.native.shape, 'Tensor.shape')
+    return this.cachedShape
   }
 
   /** The element type. */
@@ -74,7 +76,7 @@ export class Tensor {
 
   /** Whether {@link Tensor.dispose} was called. */
   get disposed(): boolean {
-    return this.#disposed || this.native.disposed
+    return this.disposeCalled || this.native.disposed
   }
 
   /**
@@ -82,7 +84,7 @@ export class Tensor {
    * Tensor.disposed} without the N-API call, blind only to a native handle disposed directly.
    */
   get disposedHere(): boolean {
-    return this.#disposed
+    return this.disposeCalled
   }
 
   /**
@@ -93,7 +95,7 @@ export class Tensor {
    * of `applyUpdates`) should dispose them; `PsgdOptimizer.step` does so for its own.
    */
   dispose(): void {
-    this.#disposed = true
+    this.disposeCalled = true
     this.native.dispose()
   }
 
