@@ -13,8 +13,8 @@
 // Unless --no-build, the Linux addons are built first with the release command (zig links
 // them against glibc 2.17; scripts/zig-toolchain.sh installs it): by default the host's
 // platform on a Linux host, or the list given by --targets (linux-x64-gnu, linux-arm64-gnu).
-// --from takes the `.node` files from another directory (the release workflow downloads
-// each runner's build there) instead of native/.
+// With --no-build every addon found is packed; --from takes the `.node` files from another
+// directory (the release workflow downloads each runner's build there) instead of native/.
 //
 // `napi artifacts` and `napi pre-publish` are not used: both require the artifact of every
 // configured target, which only the full build matrix of a release has.
@@ -70,7 +70,9 @@ for (const { dir, json } of platformPackages) {
   if (json.version !== pkg.version) fail(`npm/${dir} is at version ${json.version}, the package at ${pkg.version}: run \`npx napi version\``)
 }
 
-// the release build of each Linux addon asked for (cargo makes this a no-op when it is current)
+// the release build of each Linux addon asked for (cargo makes this a no-op when it is current);
+// only those are packed then, not an older addon that happens to lie in native/
+let packOnly
 if (build) {
   const host = process.platform === 'linux' ? `linux-${process.arch}-gnu` : undefined
   const wanted = targets ?? (host && ['linux-x64-gnu', 'linux-arm64-gnu'].includes(host) ? [host] : [])
@@ -83,6 +85,7 @@ if (build) {
       run('npm', ['run', scripts[t]], { env: { ...process.env, PATH: `${zigPath}${path.delimiter}${process.env.PATH}` } })
     }
   }
+  packOnly = new Set(wanted.map((t) => `${pkg.name}-${t}`))
 }
 // dist/ from scratch, so that no stale file of an earlier build is published
 fs.rmSync(path.join(root, 'dist'), { recursive: true, force: true })
@@ -97,7 +100,7 @@ const written = []
 // the platform packages with an addon at hand, each packed from a copy of npm/<platform>/
 for (const { dir, json } of platformPackages) {
   const node = path.join(from, json.main)
-  if (!fs.existsSync(node)) continue
+  if (!fs.existsSync(node) || (packOnly && !packOnly.has(json.name))) continue
   const stage = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-dist-'))
   try {
     for (const f of fs.readdirSync(path.join(npmDir, dir))) fs.copyFileSync(path.join(npmDir, dir, f), path.join(stage, f))
