@@ -6,7 +6,7 @@
  */
 import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor, type StepInput } from './native'
 import type { Schedule } from './schedule'
-import { Tensor } from './tensor'
+import { checkShape, readValues, Tensor } from './tensor'
 import {
   flatten,
   isLeaf,
@@ -25,7 +25,10 @@ import { optionKinds, takesHessian, type VariantName } from './options'
 import type { KronNativeOptions } from './options.generated'
 
 /** Options every variant has (declared in Rust; see `options.generated.ts`). */
-export type BaseOptions = Pick<KronNativeOptions, 'learningRate' | 'b1' | 'weightDecay' | 'preconditionerUpdateProbability' | 'seed' | 'gradClip'>
+export type BaseOptions = Pick<
+  KronNativeOptions,
+  'learningRate' | 'b1' | 'weightDecay' | 'preconditionerUpdateProbability' | 'seed' | 'gradClip' | 'allowNonFinite'
+>
 
 /**
  * What a variant is to the TypeScript layer: its name. Its options, their defaults and
@@ -139,12 +142,30 @@ function disposedError(what: string, path: string): TypeError {
  * Converts one leaf to a native tensor on `device`, checking what JS can check. A Tensor is
  * checked only for a `dispose` on itself (no N-API call); a native handle disposed some
  * other way makes the native step fail, and {@link checkLiveAll} then names the leaf.
+ * A native tensor made here from a plain leaf is pushed to `temps`: nobody else holds it,
+ * so the caller frees it when its call ends (see {@link disposeAll}).
  */
-function toNative(leaf: Leaf, path: string, what: string, device: string): NativeTensor {
+function toNative(leaf: Leaf, path: string, what: string, device: string, temps: NativeTensor[]): NativeTensor {
   if (leaf instanceof Tensor) {
     if (leaf.disposedHere) throw disposedError(what, path)
     return leaf.native
   }
+  const t = plainToNative(leaf, path, what, device)
+  temps.push(t)
+  return t
+}
+
+/**
+ * Frees native tensors made for one call. Left to the garbage collector, their memory would
+ * come back only after the event loop turns (N-API runs finalizers there), so a synchronous
+ * loop of steps on `{ data, shape }` leaves would hold every step's copies.
+ */
+function disposeAll(temps: NativeTensor[]): void {
+  for (const t of temps) t.dispose()
+  temps.length = 0
+}
+
+function plainToNative(leaf: number | ArrayLeaf, path: string, what: string, device: string): NativeTensor {
   if (typeof leaf === 'number') {
     return call(() => native.NativeTensor.fromArray(Float32Array.of(leaf), [], 'float32', device), `${what} '${path}'`)
   }
@@ -152,9 +173,7 @@ function toNative(leaf: Leaf, path: string, what: string, device: string): Nativ
   if (!(data instanceof Float32Array)) {
     throw new TypeError(`${what} '${path}': data must be a Float32Array`)
   }
-  if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
-    throw new TypeError(`${what} '${path}': shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`)
-  }
+  checkShape(shape, `${what} '${path}'`)
   const n = shape.reduce((a, b) => a * b, 1)
   if (data.length !== n) {
     throw new RangeError(`${what} '${path}' has ${data.length} values, its shape ${JSON.stringify(shape)} needs ${n}`)
@@ -163,7 +182,7 @@ function toNative(leaf: Leaf, path: string, what: string, device: string): Nativ
 }
 
 /** Flattens `tree` and checks it has exactly the leaves (paths and shapes) of `layout`. */
-function flattenLike(tree: unknown, layout: Layout, what: string) {
+function flattenLike(tree: unknown, layout: Layout, what: string, temps: NativeTensor[]) {
   const same = leavesLike<Leaf>(tree, layout.treedef)
   const flat: Flat<Leaf> = same ? { leaves: same, paths: layout.paths, treedef: layout.treedef, set: [] } : flatten<Leaf>(tree, isLeaf, what)
   if (!sameItems(flat.paths, layout.paths)) {
@@ -179,7 +198,7 @@ function flattenLike(tree: unknown, layout: Layout, what: string) {
     if (!sameItems(got, layout.shapes[i])) {
       throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
     }
-    nativeLeaves.push(toNative(leaf, flat.paths[i], what, layout.devices[i]))
+    nativeLeaves.push(toNative(leaf, flat.paths[i], what, layout.devices[i], temps))
   }
   return { flat, nativeLeaves }
 }
@@ -190,7 +209,7 @@ function checkLiveAll(inputs: [string, { leaves: Leaf[]; paths: string[] } | nul
 }
 
 /** Checks and converts the Hessian-mode inputs of `update`; null when whitening. */
-function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout: Layout) {
+function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout: Layout, temps: NativeTensor[]) {
   if (extra === undefined || extra === null) return null
   if (typeof extra !== 'object') throw new TypeError(`${spec.name}.update: extra must be { hvp, vector, updatePreconditioner }`)
   const known = ['hvp', 'vector', 'updatePreconditioner']
@@ -209,8 +228,8 @@ function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout
   if (typeof extra.updatePreconditioner !== 'boolean') {
     throw new TypeError(`${spec.name}.update: updatePreconditioner must be a boolean, got ${String(extra.updatePreconditioner)}`)
   }
-  const hvp = flattenLike(extra.hvp, layout, 'hvp')
-  const vector = flattenLike(extra.vector, layout, 'vector')
+  const hvp = flattenLike(extra.hvp, layout, 'hvp', temps)
+  const vector = flattenLike(extra.vector, layout, 'vector', temps)
   return {
     hvp: hvp.nativeLeaves,
     vector: vector.nativeLeaves,
@@ -222,7 +241,9 @@ function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout
 /** Builds an updates leaf of the same kind as the grads leaf it answers. */
 function fromNative(t: NativeTensor, like: Leaf): Leaf {
   if (like instanceof Tensor) return new Tensor(t, like.shapeView())
-  const data = call(() => t.toArray())
+  const data = readValues(t, shapeOf(like))
+  // copied out: the native tensor is nobody's now (see disposeAll)
+  t.dispose()
   if (typeof like === 'number') return data[0]
   return { data, shape: [...like.shape] }
 }
@@ -240,13 +261,29 @@ export class OptimizerState {
   readonly layout: Layout
   /** @internal */
   readonly owner: string
+  /** @internal The options (as the native core reads them) of the optimizer that made it. */
+  readonly config: string
+  /** @internal Whether an async step on this state is in flight (see {@link OptimizerState.idle}). */
+  pending = false
 
   /** @internal States are made by an optimizer's `init`. */
-  constructor(handle: NativeState, optimizer: NativeOptimizer, layout: Layout, owner: string) {
+  constructor(handle: NativeState, optimizer: NativeOptimizer, layout: Layout, owner: string, config: string) {
     this.handle = handle
     this.optimizer = optimizer
     this.layout = layout
     this.owner = owner
+    this.config = config
+  }
+
+  /**
+   * @internal Throws while an async step on this state is in flight: one step at a time per
+   * state, so every step sees the count and the state the one before it left (a second
+   * step would read stale schedules; a save would see a state the params do not have yet).
+   */
+  idle(what: string): void {
+    if (this.pending) {
+      throw new Error(`${this.owner}: ${what}: an updateAsync/stepAsync on this state is still running; await it first`)
+    }
   }
 
   /** Steps taken so far. */
@@ -261,17 +298,26 @@ export class OptimizerState {
 
   /** An independent copy: stepping one does not change the other. */
   clone(): OptimizerState {
-    return new OptimizerState(this.handle.clone(), this.optimizer, this.layout, this.owner)
+    this.idle('clone')
+    return new OptimizerState(this.handle.clone(), this.optimizer, this.layout, this.owner, this.config)
   }
 
   /** The state as safetensors bytes (factors, momentum, counters; metadata names the leaves). */
   toBytes(): Uint8Array {
+    this.idle('toBytes')
     return call(() => this.optimizer.stateToBytes(this.handle), this.owner)
   }
 
-  /** Replaces this state's contents with a state saved by {@link OptimizerState.toBytes}. */
+  /**
+   * Replaces this state's contents with a state saved by {@link OptimizerState.toBytes}, all
+   * or nothing.
+   * @throws RangeError when the bytes are not such a state for these leaves and options: a
+   * wrong format version or checksum, a tensor of another dtype or shape, NaN/Inf, an
+   * all-zero factor, counters out of range, a tensor this optimizer does not keep.
+   */
   loadBytes(bytes: Uint8Array): void {
     if (!(bytes instanceof Uint8Array)) throw new TypeError(`${this.owner}: state bytes must be a Uint8Array`)
+    this.idle('loadBytes')
     const device = this.layout.devices[0] ?? 'cpu'
     call(() => {
       const loaded = this.optimizer.stateFromBytes(bytes, device)
@@ -300,10 +346,16 @@ export interface GradientTransformation {
   /**
    * One step. Returns the updates (to add to the params, e.g. with `applyUpdates`), with
    * the same leaf kinds as `grads`, and the state, advanced in place. On error nothing
-   * changes.
+   * changes: a `TypeError`/`RangeError` names the bad leaf or option; a state made by this
+   * variant with other options is a `TypeError`; updates that would hold NaN or Inf are a
+   * `RangeError` naming the leaf (unless `allowNonFinite`).
    */
   update(grads: PyTree, state: OptimizerState, params?: PyTree | null, extra?: UpdateExtra): [PyTree, OptimizerState]
-  /** {@link GradientTransformation.update} with the work done off the JS main thread. */
+  /**
+   * {@link GradientTransformation.update} with the work done off the JS main thread. One
+   * step at a time per state: until it settles, another step, `toBytes`, `loadBytes` or
+   * `clone` on the same state throws an `Error`, and the Tensors it reads cannot be disposed.
+   */
   updateAsync(grads: PyTree, state: OptimizerState, params?: PyTree | null, extra?: UpdateExtra): Promise<[PyTree, OptimizerState]>
 }
 
@@ -319,6 +371,8 @@ interface Prepared {
   vector: NativeTensor[] | null
   /** Every flattened input, by name, to find a disposed leaf after a native failure. */
   inputs: [string, { leaves: Leaf[]; paths: string[] } | null][]
+  /** Native tensors made from plain leaves for this call, freed when it ends. */
+  temps: NativeTensor[]
 }
 
 /** What {@link makeTransformation} builds: the public pair and the in-place step behind the optimizer classes. */
@@ -339,9 +393,30 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     if (!(state instanceof OptimizerState) || state.owner !== spec.name) {
       throw new TypeError(`${spec.name}.update: state must come from ${spec.name}().init`)
     }
-    const hessian = hessianInputs(spec, extra, state.layout)
-    const g = flattenLike(grads, state.layout, 'grads')
-    const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params')
+    // the step would run with the state's own native optimizer, i.e. the other options
+    if (state.config !== o.json) {
+      throw new TypeError(`${spec.name}.update: the state was made by ${spec.name}() with other options (${state.config}, this one has ${o.json})`)
+    }
+    state.idle('update')
+    const temps: NativeTensor[] = []
+    try {
+      return prepareWith(grads, state, params, extra, temps)
+    } catch (e) {
+      disposeAll(temps)
+      throw e
+    }
+  }
+
+  const prepareWith = (
+    grads: PyTree,
+    state: OptimizerState,
+    params: PyTree | null | undefined,
+    extra: UpdateExtra | undefined,
+    temps: NativeTensor[],
+  ): Prepared => {
+    const hessian = hessianInputs(spec, extra, state.layout, temps)
+    const g = flattenLike(grads, state.layout, 'grads', temps)
+    const p = params === undefined || params === null ? null : flattenLike(params, state.layout, 'params', temps)
     // schedules given as functions are evaluated here (the learning rate at the count
     // before this step, the others at the 1-based step, as psgd-jax); the core checks them
     const count = state.count
@@ -364,6 +439,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
         ['hvp', hessian?.flats.hvp ?? null],
         ['vector', hessian?.flats.vector ?? null],
       ],
+      temps,
     }
   }
 
@@ -385,9 +461,14 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       out = state.optimizer.update(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
     } catch (e) {
       return nativeError(e, prep)
+    } finally {
+      disposeAll(prep.temps)
     }
     return finish(prep, out)
   }
+
+  /** The Tensor leaves an async step reads, which must stay undisposed until it settles. */
+  const tensorInputs = (prep: Prepared): Tensor[] => prep.inputs.flatMap(([, f]) => (f ? f.leaves.filter((l): l is Tensor => l instanceof Tensor) : []))
 
   return {
     init(params: PyTree): OptimizerState {
@@ -403,12 +484,15 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
         scanned: scanned[i],
         weightDecay: wd[i],
       }))
-      const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i]))
+      const temps: NativeTensor[] = []
       try {
+        const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i], temps))
         const opt = new native.NativeOptimizer(spec.name, leaves, o.json)
-        return new OptimizerState(opt.init(nativeParams), opt, layout, spec.name)
+        return new OptimizerState(opt.init(nativeParams), opt, layout, spec.name, o.json)
       } catch (e) {
         return nativeError(e)
+      } finally {
+        disposeAll(temps)
       }
     },
 
@@ -418,11 +502,18 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
 
     async updateAsync(grads, state, params, extra) {
       const prep = prepare(grads, state, params, extra)
+      const held = tensorInputs(prep)
+      for (const t of held) t.retain()
+      state.pending = true
       let out: NativeTensor[]
       try {
         out = await state.optimizer.updateAsync(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
       } catch (e) {
         return nativeError(e, prep)
+      } finally {
+        state.pending = false
+        for (const t of held) t.unretain()
+        disposeAll(prep.temps)
       }
       return [finish(prep, out), state]
     },
@@ -435,6 +526,8 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
         state.optimizer.step(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
       } catch (e) {
         return nativeError(e, prep)
+      } finally {
+        disposeAll(prep.temps)
       }
       return null
     },
@@ -449,8 +542,13 @@ function addLeaf(p: Leaf, u: Leaf, path: string): Leaf {
     throw new RangeError(`updates '${path}' has shape ${JSON.stringify(shapeOf(u))}, the param has ${JSON.stringify(shapeOf(p))}`)
   }
   if (p instanceof Tensor) {
-    const un = u instanceof Tensor ? u.native : toNative(u, path, 'updates', p.device)
-    return new Tensor(call(() => p.native.add(un), `updates '${path}'`))
+    const temps: NativeTensor[] = []
+    try {
+      const un = u instanceof Tensor ? u.native : toNative(u, path, 'updates', p.device, temps)
+      return new Tensor(call(() => p.native.add(un), `updates '${path}'`))
+    } finally {
+      disposeAll(temps)
+    }
   }
   const uv = u instanceof Tensor ? u.toArray() : typeof u === 'number' ? Float32Array.of(u) : u.data
   if (typeof p === 'number') return Math.fround(p + uv[0])
@@ -538,20 +636,32 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
     if (updates !== null) this.write(updates)
   }
 
-  /** {@link PsgdOptimizer.step} with the optimizer's work done off the JS main thread. */
+  /**
+   * {@link PsgdOptimizer.step} with the optimizer's work done off the JS main thread. The
+   * params' Tensors cannot be disposed until it settles, and the state counts the step only
+   * once the params hold its values (a failure to write them puts the state back).
+   */
   async stepAsync(grads: PyTree, extra?: UpdateExtra): Promise<void> {
     this.enter()
     this.busy = true
+    // tensors are immutable natively, so this copy is handles only
+    const before = this.state.handle.clone()
     try {
       const [updates] = await this.transformation.updateAsync(grads, this.state, this.tree, extra)
-      this.write(updates)
+      try {
+        this.write(updates)
+      } catch (e) {
+        this.state.optimizer.copyState(before, this.state.handle)
+        throw e
+      }
     } finally {
       this.busy = false
     }
   }
 
-  /** The optimizer state as safetensors bytes. */
+  /** The optimizer state as safetensors bytes; throws while a {@link PsgdOptimizer.stepAsync} is running. */
   stateDict(): Uint8Array {
+    this.enter()
     return this.state.toBytes()
   }
 

@@ -3,7 +3,7 @@
  * step, from a loss-and-gradient function (psgd-jax's `hessian_helper`).
  */
 import { call, native, type NativeTensor } from './native'
-import { Tensor } from './tensor'
+import { readValues, Tensor } from './tensor'
 import { flatten, isLeaf, unflatten, type ArrayLeaf, type Leaf, type PyTree } from './tree'
 
 /** What `lossAndGrad(params)` returns. */
@@ -46,8 +46,21 @@ export interface HessianHelperResult<L = number> {
   updatePreconditioner: boolean
 }
 
-/** The leaves as native tensors on their devices (plain leaves are copied in). */
-function toNativeLeaves(leaves: Leaf[], paths: string[], what: string): NativeTensor[] {
+/**
+ * Calls `f` with the leaves as native tensors on their devices (plain leaves are copied in,
+ * and those copies freed when it returns rather than when a finalizer gets to them).
+ */
+function withNativeLeaves<R>(leaves: Leaf[], paths: string[], what: string, f: (ts: NativeTensor[]) => R): R {
+  const temps: NativeTensor[] = []
+  try {
+    const ts = toNativeLeaves(leaves, paths, what, temps)
+    return f(ts)
+  } finally {
+    for (const t of temps) t.dispose()
+  }
+}
+
+function toNativeLeaves(leaves: Leaf[], paths: string[], what: string, temps: NativeTensor[]): NativeTensor[] {
   return leaves.map((leaf, i) => {
     if (leaf instanceof Tensor) {
       if (leaf.disposed) throw new TypeError(`hessianHelper: ${what} '${paths[i]}': the tensor was disposed`)
@@ -56,14 +69,16 @@ function toNativeLeaves(leaves: Leaf[], paths: string[], what: string): NativeTe
     const data = typeof leaf === 'number' ? Float32Array.of(leaf) : leaf.data
     const shape = typeof leaf === 'number' ? [] : [...leaf.shape]
     if (!(data instanceof Float32Array)) throw new TypeError(`hessianHelper: ${what} '${paths[i]}': data must be a Float32Array`)
-    return call(() => native.NativeTensor.fromArray(data, shape, 'float32', 'cpu'), `hessianHelper: ${what} '${paths[i]}'`)
+    const t = call(() => native.NativeTensor.fromArray(data, shape, 'float32', 'cpu'), `hessianHelper: ${what} '${paths[i]}'`)
+    temps.push(t)
+    return t
   })
 }
 
 /** A leaf like `like` (kind, shape) holding the native tensor `t`. */
 function leafFrom(like: Leaf, t: NativeTensor): Leaf {
   if (like instanceof Tensor) return new Tensor(t, like.shapeView())
-  const data = call(() => t.toArray())
+  const data = readValues(t, typeof like === 'number' ? [] : (like as ArrayLeaf).shape)
   t.dispose()
   if (typeof like === 'number') return data[0]
   return { data, shape: [...(like as ArrayLeaf).shape] }
@@ -115,7 +130,7 @@ export async function hessianHelper<P extends PyTree, L = number>(
   const flat = flatten<Leaf>(params, isLeaf, 'params')
   // the decision, the probe and the shifted points are drawn natively, on the leaves' own
   // device, from the package's one random source (seeded by `seed` and `step`)
-  const probe = call(() => native.hessianProbe(toNativeLeaves(flat.leaves, flat.paths, 'params'), seed, step, p), 'hessianHelper')
+  const probe = withNativeLeaves(flat.leaves, flat.paths, 'params', (ts) => call(() => native.hessianProbe(ts, seed, step, p), 'hessianHelper'))
   const updatePreconditioner = probe.updatePreconditioner
   const { loss, grads } = await lossAndGrad(params)
   checkGradTree(grads, flat.paths, 'grads')
@@ -141,9 +156,8 @@ export async function hessianHelper<P extends PyTree, L = number>(
     )
   const gPlus = checkGradTree((await lossAndGrad(at(plus))).grads, flat.paths, 'grads')
   const gMinus = checkGradTree((await lossAndGrad(at(minus))).grads, flat.paths, 'grads')
-  const [product, vector] = call(
-    () => probe.difference(toNativeLeaves(gPlus, flat.paths, 'grads'), toNativeLeaves(gMinus, flat.paths, 'grads')),
-    'hessianHelper',
+  const [product, vector] = withNativeLeaves(gPlus, flat.paths, 'grads', (plusTs) =>
+    withNativeLeaves(gMinus, flat.paths, 'grads', (minusTs) => call(() => probe.difference(plusTs, minusTs), 'hessianHelper')),
   )
   return {
     loss,

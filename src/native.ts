@@ -12,7 +12,8 @@ export interface NativeTensor {
   readonly device: string
   readonly disposed: boolean
   dispose(): void
-  toArray(): Float32Array
+  /** Copies the values (as float32) into `out`, which has the element count. */
+  copyTo(out: Float32Array): void
   add(other: NativeTensor): NativeTensor
   assign(other: NativeTensor): void
   to(dtype: string, device: string): NativeTensor

@@ -5,6 +5,83 @@
 import type { Schedule } from './schedule'
 import type { Mask } from './tree'
 
+/** The options XMat, LRA and Affine share (psgd-jax's common arguments of `xmat`, `low_rank_approximation` and `affine`). */
+export interface PsgdNativeOptions {
+  /**
+   * Learning rate, or a schedule of the step count (0 on the first step, as
+   * optax). Default 0.01.
+   */
+  learningRate?: number | Schedule
+  /**
+   * Probability of updating the preconditioner on a step, or a schedule of
+   * the 1-based step count. Default (and null) 1.
+   */
+  preconditionerUpdateProbability?: number | Schedule | null
+  /**
+   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
+   */
+  b1?: number
+  /**
+   * Nesterov momentum (with bias correction). Default false.
+   */
+  nesterov?: boolean
+  /**
+   * Decoupled weight decay (needs `params` in `update`), on the leaves the
+   * `mask` selects. Default 0.
+   */
+  weightDecay?: number
+  /**
+   * Step size of the preconditioner fit, or a schedule of the 1-based step
+   * count. Default 0.1.
+   */
+  precondLr?: number | Schedule
+  /**
+   * Initial scale of the preconditioner. Default null: chosen on the first fit
+   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
+   * when whitening.
+   */
+  precondInitScale?: number | null
+  /**
+   * Clip the updates to this global L2 norm. Default null (no clip).
+   */
+  updateGlobalNormClip?: number | null
+  /**
+   * Clip the incoming gradients to this global L2 norm before anything else
+   * (momentum and the preconditioner fit see the clipped gradients). Not in
+   * psgd-jax. Default null (no clip).
+   */
+  gradClip?: number | null
+  /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does.
+   * Default false: such a step fails with a `RangeError` naming the leaf and
+   * changes nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
+  /**
+   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
+   */
+  stepNormalizerOrder?: '1st' | '2nd'
+  /**
+   * Dtype of the momentum buffer; null keeps each param's dtype.
+   */
+  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
+  /**
+   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
+   * computed in float32, as candle has no TF32 switch) or `'float32'`.
+   */
+  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
+  /**
+   * Seed of the random probe vectors; the same seed gives the same run.
+   * Default 0.
+   */
+  seed?: number
+  /**
+   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
+   * boolean` (psgd-jax's `mask`). Default: all.
+   */
+  mask?: Mask
+}
+
 /** The options of `kron` declared in Rust (see the variant's options type). */
 export interface KronNativeOptions {
   /**
@@ -62,6 +139,12 @@ export interface KronNativeOptions {
    */
   gradClip?: number | null
   /**
+   * Let a step whose updates hold NaN or Inf through, as psgd-jax does. Default
+   * false: such a step fails with a `RangeError` naming the leaf and changes
+   * nothing (the test is fused into the step's last pass).
+   */
+  allowNonFinite?: boolean
+  /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
   muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
@@ -105,215 +188,18 @@ export interface KronNativeOptions {
 }
 
 /** The options of `xmat` declared in Rust (see the variant's options type). */
-export interface XMatNativeOptions {
-  /**
-   * Learning rate, or a schedule of the step count (0 on the first step, as
-   * optax). Default 0.01.
-   */
-  learningRate?: number | Schedule
-  /**
-   * Probability of updating the preconditioner on a step, or a schedule of
-   * the 1-based step count. Default (and null) 1.
-   */
-  preconditionerUpdateProbability?: number | Schedule | null
-  /**
-   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
-   */
-  b1?: number
-  /**
-   * Nesterov momentum (with bias correction). Default false.
-   */
-  nesterov?: boolean
-  /**
-   * Decoupled weight decay (needs `params` in `update`), on the leaves the
-   * `mask` selects. Default 0.
-   */
-  weightDecay?: number
-  /**
-   * Step size of the preconditioner fit, or a schedule of the 1-based step
-   * count. Default 0.1.
-   */
-  precondLr?: number | Schedule
-  /**
-   * Initial scale of the preconditioner. Default null: chosen on the first fit
-   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
-   * when whitening.
-   */
-  precondInitScale?: number | null
-  /**
-   * Clip the updates to this global L2 norm. Default null (no clip).
-   */
-  updateGlobalNormClip?: number | null
-  /**
-   * Clip the incoming gradients to this global L2 norm before anything else
-   * (momentum and the preconditioner fit see the clipped gradients). Not in
-   * psgd-jax. Default null (no clip).
-   */
-  gradClip?: number | null
-  /**
-   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
-   */
-  stepNormalizerOrder?: '1st' | '2nd'
-  /**
-   * Dtype of the momentum buffer; null keeps each param's dtype.
-   */
-  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
-  /**
-   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
-   * computed in float32, as candle has no TF32 switch) or `'float32'`.
-   */
-  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
-  /**
-   * Seed of the random probe vectors; the same seed gives the same run.
-   * Default 0.
-   */
-  seed?: number
-  /**
-   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
-   * boolean` (psgd-jax's `mask`). Default: all.
-   */
-  mask?: Mask
-}
+export type XMatNativeOptions = PsgdNativeOptions
 
 /** The options of `lra` declared in Rust (see the variant's options type). */
-export interface LRANativeOptions {
-  /**
-   * Learning rate, or a schedule of the step count (0 on the first step, as
-   * optax). Default 0.01.
-   */
-  learningRate?: number | Schedule
-  /**
-   * Probability of updating the preconditioner on a step, or a schedule of
-   * the 1-based step count. Default (and null) 1.
-   */
-  preconditionerUpdateProbability?: number | Schedule | null
-  /**
-   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
-   */
-  b1?: number
-  /**
-   * Nesterov momentum (with bias correction). Default false.
-   */
-  nesterov?: boolean
-  /**
-   * Decoupled weight decay (needs `params` in `update`), on the leaves the
-   * `mask` selects. Default 0.
-   */
-  weightDecay?: number
-  /**
-   * Step size of the preconditioner fit, or a schedule of the 1-based step
-   * count. Default 0.1.
-   */
-  precondLr?: number | Schedule
-  /**
-   * Initial scale of the preconditioner. Default null: chosen on the first fit
-   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
-   * when whitening.
-   */
-  precondInitScale?: number | null
-  /**
-   * Clip the updates to this global L2 norm. Default null (no clip).
-   */
-  updateGlobalNormClip?: number | null
-  /**
-   * Clip the incoming gradients to this global L2 norm before anything else
-   * (momentum and the preconditioner fit see the clipped gradients). Not in
-   * psgd-jax. Default null (no clip).
-   */
-  gradClip?: number | null
-  /**
-   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
-   */
-  stepNormalizerOrder?: '1st' | '2nd'
-  /**
-   * Dtype of the momentum buffer; null keeps each param's dtype.
-   */
-  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
-  /**
-   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
-   * computed in float32, as candle has no TF32 switch) or `'float32'`.
-   */
-  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
-  /**
-   * Seed of the random probe vectors; the same seed gives the same run.
-   * Default 0.
-   */
-  seed?: number
+export interface LRANativeOptions extends PsgdNativeOptions {
   /**
    * Rank of the low-rank part `U·Vᵀ`, at least 1. Default 10.
    */
   uvdRankOfApproximation?: number
-  /**
-   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
-   * boolean` (psgd-jax's `mask`). Default: all.
-   */
-  mask?: Mask
 }
 
 /** The options of `affine` declared in Rust (see the variant's options type). */
-export interface AffineNativeOptions {
-  /**
-   * Learning rate, or a schedule of the step count (0 on the first step, as
-   * optax). Default 0.01.
-   */
-  learningRate?: number | Schedule
-  /**
-   * Probability of updating the preconditioner on a step, or a schedule of
-   * the 1-based step count. Default (and null) 1.
-   */
-  preconditionerUpdateProbability?: number | Schedule | null
-  /**
-   * Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
-   */
-  b1?: number
-  /**
-   * Nesterov momentum (with bias correction). Default false.
-   */
-  nesterov?: boolean
-  /**
-   * Decoupled weight decay (needs `params` in `update`), on the leaves the
-   * `mask` selects. Default 0.
-   */
-  weightDecay?: number
-  /**
-   * Step size of the preconditioner fit, or a schedule of the 1-based step
-   * count. Default 0.1.
-   */
-  precondLr?: number | Schedule
-  /**
-   * Initial scale of the preconditioner. Default null: chosen on the first fit
-   * from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
-   * when whitening.
-   */
-  precondInitScale?: number | null
-  /**
-   * Clip the updates to this global L2 norm. Default null (no clip).
-   */
-  updateGlobalNormClip?: number | null
-  /**
-   * Clip the incoming gradients to this global L2 norm before anything else
-   * (momentum and the preconditioner fit see the clipped gradients). Not in
-   * psgd-jax. Default null (no clip).
-   */
-  gradClip?: number | null
-  /**
-   * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
-   */
-  stepNormalizerOrder?: '1st' | '2nd'
-  /**
-   * Dtype of the momentum buffer; null keeps each param's dtype.
-   */
-  muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
-  /**
-   * Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
-   * computed in float32, as candle has no TF32 switch) or `'float32'`.
-   */
-  precision?: 'bfloat16' | 'tensorfloat32' | 'float32'
-  /**
-   * Seed of the random probe vectors; the same seed gives the same run.
-   * Default 0.
-   */
-  seed?: number
+export interface AffineNativeOptions extends PsgdNativeOptions {
   /**
    * A side of the matrix longer than this gets a diagonal factor. Default 4096.
    */
@@ -323,11 +209,6 @@ export interface AffineNativeOptions {
    * Default 128.
    */
   maxSkewTriangular?: number
-  /**
-   * Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
-   * boolean` (psgd-jax's `mask`). Default: all.
-   */
-  mask?: Mask
 }
 
 /**
@@ -350,6 +231,7 @@ export const VARIANTS = {
       preconditionerLr: 'value',
       preconditionerInitScale: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       muDtype: 'value',
       precondDtype: 'value',
       precondUpdatePrecision: 'value',
@@ -373,6 +255,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
@@ -392,6 +275,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',
@@ -412,6 +296,7 @@ export const VARIANTS = {
       precondInitScale: 'value',
       updateGlobalNormClip: 'value',
       gradClip: 'value',
+      allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       muDtype: 'value',
       precision: 'value',

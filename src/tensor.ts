@@ -21,13 +21,16 @@ export interface TensorOptions {
 export class Tensor {
   /** @internal */
   native: NativeTensor
-  // These two are TypeScript `private`, not `#` fields: a `#` field in the shipped `.d.ts`
-  // fails to type-check under tsc's default target.
+  // These are TypeScript `private`, not `#` fields: a `#` field in the shipped `.d.ts` fails
+  // to type-check under tsc's default target.
   // A native tensor's shape never changes (`assign` keeps it), so it is read across N-API
   // once: every optimizer step checks each leaf's shape.
   private cachedShape: number[] | undefined
   // Set by `dispose`, so that a step's check of each leaf needs no N-API call.
   private disposeCalled = false
+  // How many pending async steps read this tensor: `dispose` is refused meanwhile, since
+  // the step would otherwise fail after its work (or write into a freed tensor).
+  private uses = 0
 
   /**
    * @internal Wraps a native tensor; use {@link Tensor.fromArray}. A caller that knows the
@@ -40,13 +43,13 @@ export class Tensor {
 
   /**
    * A tensor from row-major values and a shape (`[]` for a scalar).
-   * @throws RangeError when the number of values does not match the shape.
+   * @throws TypeError when a value is not a number or the shape is not an array of
+   * non-negative integers; RangeError when the number of values does not match the shape,
+   * a dim exceeds 2^32 − 1, or a finite value overflows float32 (it would become Infinity).
    */
   static fromArray(data: Float32Array | ArrayLike<number>, shape: readonly number[], options: TensorOptions = {}): Tensor {
-    if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
-      throw new TypeError(`Tensor.fromArray: shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`)
-    }
-    const values = data instanceof Float32Array ? data : Float32Array.from(data)
+    checkShape(shape, 'Tensor.fromArray')
+    const values = data instanceof Float32Array ? data : toFloat32(data)
     return new Tensor(
       call(() => native.NativeTensor.fromArray(values, [...shape], options.dtype ?? 'float32', options.device ?? 'cpu'), 'Tensor.fromArray'),
       shape,
@@ -93,21 +96,81 @@ export class Tensor {
    * this object and the event loop has then turned (N-API runs finalizers there), so a
    * long synchronous loop that drops large tensors (the updates of `update`, the results
    * of `applyUpdates`) should dispose them; `PsgdOptimizer.step` does so for its own.
+   * @throws TypeError while a pending `stepAsync`/`updateAsync` reads this tensor (it stays
+   * usable; dispose it once the step has settled).
    */
   dispose(): void {
+    if (this.uses > 0) {
+      throw new TypeError('Tensor.dispose: the tensor is in use by a pending stepAsync/updateAsync; await it first (the tensor stays usable)')
+    }
     this.disposeCalled = true
     this.native.dispose()
   }
 
+  /** @internal Marks the tensor as read by a pending async step (`dispose` is refused). */
+  retain(): void {
+    this.uses++
+  }
+
+  /** @internal Ends a {@link Tensor.retain}. */
+  unretain(): void {
+    this.uses--
+  }
+
   /** The values as float32, row-major (copied to JS memory). */
   toArray(): Float32Array {
-    return call(() => this.native.toArray())
+    return readValues(this.native, this.shapeView())
   }
 
   /** A copy with another dtype and/or device. */
   to(options: TensorOptions): Tensor {
     return new Tensor(call(() => this.native.to(options.dtype ?? this.dtype, options.device ?? this.device)))
   }
+}
+
+/**
+ * @internal A native tensor's values, copied into a Float32Array allocated here: one the
+ * addon made would be freed only by a finalizer after the event loop turns (see `copyTo`).
+ */
+export function readValues(t: NativeTensor, shape: readonly number[]): Float32Array {
+  const out = new Float32Array(shape.reduce((a, b) => a * b, 1))
+  call(() => t.copyTo(out))
+  return out
+}
+
+/** The largest dim the native side takes (it reads dims as unsigned 32-bit integers). */
+const MAX_DIM = 0xffffffff
+
+/**
+ * Checks a shape as the native side will read it: integer dims in u32 range, and an
+ * element count that is exact in a double (so a count check against the data is exact).
+ * @internal
+ */
+export function checkShape(shape: unknown, context: string): asserts shape is number[] {
+  if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
+    throw new TypeError(`${context}: shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`)
+  }
+  const big = (shape as number[]).find((d) => d > MAX_DIM)
+  if (big !== undefined) throw new RangeError(`${context}: shape ${JSON.stringify(shape)} has dim ${big}, more than 2^32 - 1`)
+  if (!shape.includes(0) && !Number.isSafeInteger((shape as number[]).reduce((a, b) => a * b, 1))) {
+    throw new RangeError(`${context}: shape ${JSON.stringify(shape)} has more elements than 2^53 - 1`)
+  }
+}
+
+/** Values as float32, refusing what float32 cannot hold instead of making NaN or ±Infinity. */
+function toFloat32(data: ArrayLike<number>): Float32Array {
+  if (data === null || typeof data !== 'object' || typeof data.length !== 'number') {
+    throw new TypeError(`Tensor.fromArray: data must be a Float32Array or an array of numbers, got ${String(data)}`)
+  }
+  const out = new Float32Array(data.length)
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i]
+    if (typeof v !== 'number') throw new TypeError(`Tensor.fromArray: data[${i}] is not a number (${typeof v})`)
+    const f = Math.fround(v)
+    if (Number.isFinite(v) && !Number.isFinite(f)) throw new RangeError(`Tensor.fromArray: data[${i}] = ${v} overflows float32`)
+    out[i] = f
+  }
+  return out
 }
 
 /**

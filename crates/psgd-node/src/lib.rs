@@ -14,6 +14,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 #[cfg(feature = "bench")]
 mod bench;
 
+// The step allocates and frees tensors of several MiB each (momentum, preconditioned
+// gradients, updates). glibc's malloc serves blocks that large with fresh mmap'd or
+// trimmed pages and faults them in again on the next step, so how fast a step runs
+// depended on how its frees happened to interleave (a scanned XMat apply moved from 77
+// to 107 ms with no change in arithmetic). mimalloc keeps freed pages and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A JS error of the class `kind` names. The error object is made here and retained, so a
 /// synchronous throw and a promise rejection both deliver it as it is.
 fn error_of(env: &Env, kind: ErrorKind, msg: String) -> Error {
@@ -41,7 +49,30 @@ fn range_err(env: &Env, msg: String) -> Error {
 
 /// A disposed tensor's error (a `TypeError`), or a candle error.
 fn candle_err(env: &Env, e: candle_core::Error) -> Error {
-    js_err(env, PsgdError::Candle(e))
+    js_err(env, PsgdError::from(e))
+}
+
+/// Runs a call into the core with a panic turned into an error, as a last resort: a panic
+/// that reached N-API would abort the process. The core checks its inputs before it
+/// allocates or indexes, so this only catches bugs; the state is untouched either way,
+/// since a step commits only after it succeeded.
+fn no_panic<T>(f: impl FnOnce() -> psgd::Result<T>) -> psgd::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(PsgdError::from(candle_core::Error::Msg(format!(
+            "internal error (please report it): {what}"
+        ))))
+    })
+}
+
+/// Locks a state. A panic caught by [`no_panic`] while the lock was held poisons it, but
+/// leaves the state as it was (a step replaces it only at its end), so it stays usable.
+fn lock(m: &Mutex<AnyState>) -> std::sync::MutexGuard<'_, AnyState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Devices are created once per name: candle only combines tensors of the same device.
@@ -72,7 +103,10 @@ fn device(env: &Env, name: &str) -> Result<Device> {
             ))
         }
     }
-    .map_err(|e| range_err(env, format!("device '{name}' is not available: {e}")))?;
+    .map_err(|e| {
+        let e = PsgdError::from(e);
+        range_err(env, format!("device '{name}' is not available: {e}"))
+    })?;
     cache.insert(name.to_string(), dev.clone());
     Ok(dev)
 }
@@ -191,7 +225,15 @@ impl Tensor {
         device_name: String,
     ) -> Result<Tensor> {
         let shape: Vec<usize> = shape.into_iter().map(|d| d as usize).collect();
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                range_err(
+                    &env,
+                    format!("shape {shape:?} has more elements than can be addressed"),
+                )
+            })?;
         if n != data.len() {
             return Err(range_err(
                 &env,
@@ -240,26 +282,42 @@ impl Tensor {
         self.release(&env)
     }
 
-    /// The values as float32, row-major (copied to the host).
+    /// Copies the values as float32, row-major, into `out` (which must have the tensor's
+    /// element count). The caller allocates it in JS: a typed array made here would be an
+    /// external buffer, freed only by a finalizer that N-API runs after the event loop
+    /// turns, so a synchronous loop reading values would hold every copy it ever read.
     #[napi]
-    pub fn to_array(&self, env: Env) -> Result<Float32Array> {
-        let v = self
-            .live(&env)?
+    pub fn copy_to(&self, env: Env, mut out: Float32ArraySlice) -> Result<()> {
+        // SAFETY: this synchronous call runs on the JS thread, so no JS code touches the
+        // array while it is written
+        let out = unsafe { out.as_mut() };
+        let t = self.live(&env)?;
+        if t.elem_count() != out.len() {
+            return Err(range_err(
+                &env,
+                format!(
+                    "copyTo: {} values into an array of {}",
+                    t.elem_count(),
+                    out.len()
+                ),
+            ));
+        }
+        let v = t
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| candle_err(&env, e))?;
-        Ok(Float32Array::new(v))
+        out.copy_from_slice(&v);
+        Ok(())
     }
 
     /// `self + other` in `self`'s dtype.
     #[napi]
     pub fn add(&self, env: Env, other: &Tensor) -> Result<Tensor> {
-        let r = psgd::apply_updates(
-            std::slice::from_ref(&self.live(&env)?),
-            std::slice::from_ref(&other.live(&env)?),
-        )
-        .map_err(|e| js_err(&env, e))?;
+        let (a, b) = (self.live(&env)?, other.live(&env)?);
+        let r =
+            no_panic(|| psgd::apply_updates(std::slice::from_ref(&a), std::slice::from_ref(&b)))
+                .map_err(|e| js_err(&env, e))?;
         Ok(Tensor::wrap(&env, r.into_iter().next().unwrap()))
     }
 
@@ -303,14 +361,14 @@ impl NativeState {
     #[napi(js_name = "clone")]
     pub fn clone_state(&self) -> NativeState {
         NativeState {
-            inner: Arc::new(Mutex::new(self.inner.lock().unwrap().clone())),
+            inner: Arc::new(Mutex::new(lock(&self.inner).clone())),
         }
     }
 
     /// Steps taken.
     #[napi(getter)]
     pub fn count(&self) -> f64 {
-        self.inner.lock().unwrap().count() as f64
+        lock(&self.inner).count() as f64
     }
 }
 
@@ -388,13 +446,15 @@ fn run_update<R>(
     curvature: Option<&Curvature>,
     then: impl FnOnce(Vec<candle_core::Tensor>) -> psgd::Result<R>,
 ) -> psgd::Result<R> {
-    let mut guard = state.lock().unwrap();
-    let hyper = hyper_of(opt, &guard, step)?;
-    let (updates, next) = opt.update_seeded(grads, &guard, params, hyper, curvature)?;
-    let out = then(updates)?;
-    // only a step that fully succeeded replaces the state
-    *guard = next;
-    Ok(out)
+    let mut guard = lock(state);
+    no_panic(|| {
+        let hyper = hyper_of(opt, &guard, step)?;
+        let (updates, next) = opt.update_seeded(grads, &guard, params, hyper, curvature)?;
+        let out = then(updates)?;
+        // only a step that fully succeeded replaces the state
+        *guard = next;
+        Ok(out)
+    })
 }
 
 /// The work of `updateAsync`, run on the libuv thread pool.
@@ -464,7 +524,8 @@ impl NativeOptimizer {
                 weight_decay: l.weight_decay,
             })
             .collect();
-        let inner = AnyTransform::new(&variant, leaves, &options).map_err(|e| js_err(&env, e))?;
+        let inner = no_panic(|| AnyTransform::new(&variant, leaves, &options))
+            .map_err(|e| js_err(&env, e))?;
         Ok(NativeOptimizer {
             inner: Arc::new(inner),
         })
@@ -473,10 +534,8 @@ impl NativeOptimizer {
     /// The initial state for `params`.
     #[napi]
     pub fn init(&self, env: Env, params: Vec<&Tensor>) -> Result<NativeState> {
-        let s = self
-            .inner
-            .init(&tensors(&env, &params)?)
-            .map_err(|e| js_err(&env, e))?;
+        let params = tensors(&env, &params)?;
+        let s = no_panic(|| self.inner.init(&params)).map_err(|e| js_err(&env, e))?;
         Ok(NativeState {
             inner: Arc::new(Mutex::new(s)),
         })
@@ -573,10 +632,8 @@ impl NativeOptimizer {
     /// The state as safetensors bytes.
     #[napi]
     pub fn state_to_bytes(&self, env: Env, state: &NativeState) -> Result<Buffer> {
-        let s = state.inner.lock().unwrap();
-        Ok(self
-            .inner
-            .state_to_bytes(&s)
+        let s = lock(&state.inner);
+        Ok(no_panic(|| self.inner.state_to_bytes(&s))
             .map_err(|e| js_err(&env, e))?
             .into())
     }
@@ -589,10 +646,9 @@ impl NativeOptimizer {
         bytes: &[u8],
         device_name: String,
     ) -> Result<NativeState> {
-        let s = self
-            .inner
-            .state_from_bytes(bytes, &device(&env, &device_name)?)
-            .map_err(|e| js_err(&env, e))?;
+        let dev = device(&env, &device_name)?;
+        let s =
+            no_panic(|| self.inner.state_from_bytes(bytes, &dev)).map_err(|e| js_err(&env, e))?;
         Ok(NativeState {
             inner: Arc::new(Mutex::new(s)),
         })
@@ -601,9 +657,9 @@ impl NativeOptimizer {
     /// Makes `target` hold `source`'s state (both of this optimizer).
     #[napi]
     pub fn copy_state(&self, env: Env, source: &NativeState, target: &NativeState) -> Result<()> {
-        let s = source.inner.lock().unwrap().clone();
+        let s = lock(&source.inner).clone();
         self.inner.check_variant(&s).map_err(|e| js_err(&env, e))?;
-        *target.inner.lock().unwrap() = s;
+        *lock(&target.inner) = s;
         Ok(())
     }
 }
@@ -675,7 +731,8 @@ pub fn hessian_probe(
     update_probability: f64,
 ) -> Result<NativeProbe> {
     let (seed, step) = (whole(&env, "seed", seed)?, whole(&env, "step", step)?);
-    let p = psgd::hessian::probe(&tensors(&env, &params)?, seed, step, update_probability)
+    let params = tensors(&env, &params)?;
+    let p = no_panic(|| psgd::hessian::probe(&params, seed, step, update_probability))
         .map_err(|e| js_err(&env, e))?;
     Ok(NativeProbe { inner: p })
 }
@@ -711,12 +768,9 @@ impl NativeProbe {
         grads_plus: Vec<&Tensor>,
         grads_minus: Vec<&Tensor>,
     ) -> Result<Vec<Vec<Tensor>>> {
-        let (h, v) = psgd::hessian::difference(
-            &self.inner,
-            &tensors(&env, &grads_plus)?,
-            &tensors(&env, &grads_minus)?,
-        )
-        .map_err(|e| js_err(&env, e))?;
+        let (plus, minus) = (tensors(&env, &grads_plus)?, tensors(&env, &grads_minus)?);
+        let (h, v) = no_panic(|| psgd::hessian::difference(&self.inner, &plus, &minus))
+            .map_err(|e| js_err(&env, e))?;
         Ok(vec![Tensor::wrap_all(&env, h), Tensor::wrap_all(&env, v)])
     }
 }

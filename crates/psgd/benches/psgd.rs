@@ -15,6 +15,12 @@
 //! `--workloads PATH`, `--json` (one JSON line per case, for the Node runner). Speed is
 //! never asserted here: it is measured and printed.
 
+// The same allocator as the Node addon (crates/psgd-node), so the figures are the
+// package's: with glibc's default malloc the large-leaf rows vary with how the step's
+// frees interleave (see the README's "Allocator" note).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use psgd::affine::shape_as_matrix;

@@ -14,6 +14,7 @@ use crate::kernels::linalg::{
 };
 use crate::kernels::precision::Precision;
 use crate::kernels::triangular::{matmul_tri, Tri};
+use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
@@ -80,26 +81,33 @@ fn prod(s: &[usize]) -> usize {
     s.iter().product()
 }
 
-/// Every permutation of `items` in the order psgd-jax's recursive generator yields them
-/// (lexicographic in positions), so ties in the size criterion resolve the same way.
-fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
-    if items.len() <= 1 {
-        return vec![items.to_vec()];
-    }
-    let mut out = vec![];
-    for i in 0..items.len() {
-        let mut rest = items.to_vec();
-        let first = rest.remove(i);
-        for mut q in permutations(&rest) {
-            q.insert(0, first);
-            out.push(q);
+/// Calls `f` on every permutation of `0..n` in the order psgd-jax's recursive generator
+/// yields them (lexicographic in positions), so ties in the size criterion resolve the
+/// same way. One at a time: a list of all of them is `n!` vectors (rank 11: 40 M).
+fn for_each_permutation(n: usize, f: &mut impl FnMut(&[usize])) {
+    fn go(rest: &mut Vec<usize>, prefix: &mut Vec<usize>, f: &mut impl FnMut(&[usize])) {
+        if rest.is_empty() {
+            f(prefix);
+            return;
+        }
+        for i in 0..rest.len() {
+            let x = rest.remove(i);
+            prefix.push(x);
+            go(rest, prefix, f);
+            prefix.pop();
+            rest.insert(i, x);
         }
     }
-    out
+    go(&mut (0..n).collect(), &mut Vec::with_capacity(n), f);
 }
+
+/// The highest leaf rank Affine takes: the search below visits every axis permutation
+/// (10! = 3.6 M, a fraction of a second; each rank more multiplies that by the rank).
+pub const MAX_RANK: usize = 10;
 
 /// psgd-jax's `_shape_as_matrix`: scalars and vectors become one row, matrices stay, and
 /// higher-rank tensors take the permutation and split minimising `rows² + cols²`.
+/// Sizes are compared in `u128`, so no shape of addressable size overflows.
 pub fn shape_as_matrix(shape: &[usize]) -> MatrixShape {
     let identity: Vec<usize> = (0..shape.len()).collect();
     match shape.len() {
@@ -116,17 +124,22 @@ pub fn shape_as_matrix(shape: &[usize]) -> MatrixShape {
             cols: prod(shape),
         },
         _ => {
-            let mut best = (usize::MAX, identity.clone(), shape.to_vec(), 1);
-            for p in permutations(&identity) {
-                let s: Vec<usize> = p.iter().map(|&j| shape[j]).collect();
-                for i in 1..s.len() {
-                    let size = prod(&s[..i]).pow(2) + prod(&s[i..]).pow(2);
+            let mut best: (u128, Vec<usize>, usize) = (u128::MAX, identity.clone(), 1);
+            for_each_permutation(shape.len(), &mut |p| {
+                let dims: Vec<u128> = p.iter().map(|&j| shape[j] as u128).collect();
+                for i in 1..dims.len() {
+                    let rows: u128 = dims[..i].iter().product();
+                    let cols: u128 = dims[i..].iter().product();
+                    let size = rows
+                        .saturating_mul(rows)
+                        .saturating_add(cols.saturating_mul(cols));
                     if size < best.0 {
-                        best = (size, p.clone(), s.clone(), i);
+                        best = (size, p.to_vec(), i);
                     }
                 }
-            }
-            let (_, perm, permuted, i) = best;
+            });
+            let (_, perm, i) = best;
+            let permuted: Vec<usize> = perm.iter().map(|&j| shape[j]).collect();
             MatrixShape {
                 rows: prod(&permuted[..i]),
                 cols: prod(&permuted[i..]),
@@ -471,6 +484,24 @@ impl Preconditioner for AffinePreconditioner {
     type State = Vec<AffineFactors>;
 
     fn new(leaves: &[LeafSpec], o: &AffineOptions) -> Result<Self> {
+        for l in leaves {
+            // a 0-size axis gives an empty factor, which the fit cannot normalise
+            if l.shape.contains(&0) {
+                return Err(PsgdError::Size(format!(
+                    "params '{}' has shape {:?}: affine needs every dim to be at least 1",
+                    l.path, l.shape
+                )));
+            }
+            if l.shape.len() > MAX_RANK {
+                return Err(PsgdError::Size(format!(
+                    "params '{}' has rank {} (shape {:?}); affine takes leaves of rank up to \
+                     {MAX_RANK} (reshape it first)",
+                    l.path,
+                    l.shape.len(),
+                    l.shape
+                )));
+            }
+        }
         let shapes: Vec<MatrixShape> = leaves.iter().map(|l| shape_as_matrix(&l.shape)).collect();
         let dense = shapes
             .iter()
@@ -481,6 +512,30 @@ impl Preconditioner for AffinePreconditioner {
             shapes,
             dense,
         })
+    }
+
+    fn state_sizes(&self) -> Vec<StateSize> {
+        let mut out = vec![];
+        for ((leaf, s), &(dl, dr)) in self.leaves.iter().zip(&self.shapes).zip(&self.dense) {
+            for (side, n, dense) in [("left", s.rows, dl), ("right", s.cols, dr)] {
+                let n = n as u128;
+                out.push(StateSize {
+                    what: format!(
+                        "the {side} factor of leaf '{}' ({})",
+                        leaf.path,
+                        if dense {
+                            format!("a {n}×{n} matrix")
+                        } else {
+                            format!("{n} values")
+                        }
+                    ),
+                    option: dense.then_some("maxSizeTriangular"),
+                    // a dense factor keeps its Gram matrix next to it
+                    elems: if dense { 2 * n * n } else { 2 * n },
+                });
+            }
+        }
+        out
     }
 
     fn init(&self, device: &Device, _rng: &mut dyn RandomSource) -> Result<Vec<AffineFactors>> {
@@ -575,7 +630,12 @@ impl Preconditioner for AffinePreconditioner {
 
     fn load(&self, f: &mut LoadedState) -> Result<Vec<AffineFactors>> {
         (0..self.leaves.len())
-            .map(|l| AffineFactors::new(f.take(&format!("Ql.{l}"))?, f.take(&format!("Qr.{l}"))?))
+            .map(|l| {
+                AffineFactors::new(
+                    f.take_factor(&format!("Ql.{l}"))?,
+                    f.take_factor(&format!("Qr.{l}"))?,
+                )
+            })
             .collect()
     }
 
@@ -633,6 +693,50 @@ mod tests {
         let r = shape_as_matrix(&[2, 8, 2]);
         assert_eq!((r.rows * r.cols, r.rows.pow(2) + r.cols.pow(2)), (32, 80));
         assert_ne!(r.perm, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn permutations_come_in_the_reference_generator_order() {
+        // psgd-jax's recursive generator, as a list
+        fn reference(items: &[usize]) -> Vec<Vec<usize>> {
+            if items.len() <= 1 {
+                return vec![items.to_vec()];
+            }
+            let mut out = vec![];
+            for i in 0..items.len() {
+                let mut rest = items.to_vec();
+                let first = rest.remove(i);
+                for mut q in reference(&rest) {
+                    q.insert(0, first);
+                    out.push(q);
+                }
+            }
+            out
+        }
+        for n in 0..6 {
+            let mut got = vec![];
+            for_each_permutation(n, &mut |p| got.push(p.to_vec()));
+            let want = reference(&(0..n).collect::<Vec<_>>());
+            assert_eq!(got, if n == 0 { vec![vec![]] } else { want });
+        }
+    }
+
+    #[test]
+    fn leaves_of_too_high_rank_or_with_an_empty_axis_are_refused_by_name() {
+        let o = AffineOptions::default();
+        let ten = LeafSpec::new("ok", &[1; MAX_RANK]);
+        AffinePreconditioner::new(std::slice::from_ref(&ten), &o).unwrap();
+        for (shape, want) in [
+            (vec![1; MAX_RANK + 1], "rank 11"),
+            (vec![3, 0], "at least 1"),
+        ] {
+            let e = AffinePreconditioner::new(&[LeafSpec::new("x", &shape)], &o).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Range);
+            assert!(
+                e.to_string().contains("params 'x'") && e.to_string().contains(want),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -45,6 +45,10 @@ macro_rules! psgd_options {
                 /// (momentum and the preconditioner fit see the clipped gradients). Not in
                 /// psgd-jax. Default null (no clip).
                 grad_clip: Option<f64> = None, check $crate::options::check::positive_or_none;
+                /// Let a step whose updates hold NaN or Inf through, as psgd-jax does.
+                /// Default false: such a step fails with a `RangeError` naming the leaf and
+                /// changes nothing (the test is fused into the step's last pass).
+                allow_non_finite: bool = false;
                 /// How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
                 step_normalizer_order: $crate::step::StepNormalizer = $crate::step::StepNormalizer::Second;
                 /// Dtype of the momentum buffer; null keeps each param's dtype.
@@ -93,6 +97,7 @@ macro_rules! psgd_options {
                         _ => Clip::None,
                     },
                     grad_clip: self.grad_clip,
+                    check_finite: !self.allow_non_finite,
                 }
             }
 
@@ -143,8 +148,9 @@ pub fn split_flat(v: &Tensor, leaves: &[LeafSpec]) -> Result<Vec<Tensor>> {
     Ok(out)
 }
 
-/// The automatic initial scale of a global preconditioner (XMat, LRA), as a 0-d tensor:
-/// `(Σv² / Σh²)^¼` with Hessian-vector products, `(n / Σh²)^¼` when whitening gradients.
+/// The automatic initial scale of a global preconditioner (XMat, LRA; Affine per leaf),
+/// as a 0-d tensor: `(Σv² / Σh²)^¼` with Hessian-vector products, `(n / Σh²)^¼` when
+/// whitening gradients. See [`finite_scale`] for inputs without signal.
 pub fn global_init_scale(inputs: &FitInputs, v: Option<&Tensor>, h: &Tensor) -> Result<Tensor> {
     if let Some(s) = inputs.init_scale {
         return Ok(Tensor::new(s as f32, h.device())?);
@@ -154,7 +160,23 @@ pub fn global_init_scale(inputs: &FitInputs, v: Option<&Tensor>, h: &Tensor) -> 
         (true, Some(v)) => v.sqr()?.sum_all()?,
         _ => Tensor::new(h.elem_count() as f32, h.device())?,
     };
-    Ok((num / hh)?.sqrt()?.sqrt()?)
+    let s = (num / hh)?.sqrt()?.sqrt()?;
+    // one read-back, on the first fit only
+    let v = s.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+    Ok(Tensor::new(finite_scale(v), h.device())?)
+}
+
+/// The initial scale `s`, or 1 when it is not finite: the inputs of the first fit carry no
+/// signal (an all-zero gradient: an unused parameter, a frozen block), where psgd-jax
+/// divides by `Σh² = 0` and the preconditioner, then every update, turns NaN. With 1
+/// the preconditioner keeps its initial identity scale and fits once gradients arrive.
+/// Every finite scale is the reference's.
+pub fn finite_scale(s: f32) -> f32 {
+    if s.is_finite() {
+        s
+    } else {
+        1.0
+    }
 }
 
 /// [`global_init_scale`] on host vectors (sums in float64, the rest in float32).
@@ -167,7 +189,7 @@ pub fn global_init_scale_host(inputs: &FitInputs, v: Option<&Flat>, h: &Flat) ->
         (true, Some(v)) => elementwise::sum_sq(v) as f32,
         _ => h.len() as f32,
     };
-    (num / hh).sqrt().sqrt()
+    finite_scale((num / hh).sqrt().sqrt())
 }
 
 /// `max(x, 1e-25)` for a 0-d tensor (psgd-jax's `add_eps`).

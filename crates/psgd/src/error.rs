@@ -33,6 +33,13 @@ pub enum PsgdError {
     /// A leaf holds NaN or Inf.
     #[error("{what} '{path}' contains NaN or Inf")]
     NonFinite { what: &'static str, path: String },
+    /// A step's update of a leaf came out NaN or Inf (with `allowNonFinite` off).
+    #[error(
+        "the updates of '{path}' would hold NaN or Inf, so the step was refused and nothing \
+         changed (an extreme option, e.g. the initial scale or the learning rate? \
+         allowNonFinite: true lets such steps through)"
+    )]
+    NonFiniteUpdate { path: String },
     /// An option has the wrong type or is unknown (`msg` continues the sentence).
     #[error("option '{name}' {msg}")]
     OptionType { name: String, msg: String },
@@ -52,9 +59,38 @@ pub enum PsgdError {
     /// A replayed random source was asked for a draw it does not have.
     #[error("random draw: {0}")]
     Draw(String),
-    /// An error from candle.
+    /// A size that cannot be allocated or counted: an element count that overflows, or a
+    /// state larger than this machine's memory (the message names the leaf or option).
+    #[error("{0}")]
+    Size(String),
+    /// An error from candle, without the backtrace candle attaches when `RUST_BACKTRACE`
+    /// is set (see [`strip_backtrace`]).
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+/// `e` without its `WithBacktrace` layers: a backtrace in an error message tells a
+/// JavaScript user nothing and makes messages differ between environments.
+pub fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(strip_backtrace(*inner)),
+            context,
+        },
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(strip_backtrace(*inner)),
+            path,
+        },
+        other => other,
+    }
+}
+
+impl From<candle_core::Error> for PsgdError {
+    fn from(e: candle_core::Error) -> Self {
+        PsgdError::Candle(strip_backtrace(e))
+    }
 }
 
 impl PsgdError {
@@ -64,9 +100,11 @@ impl PsgdError {
             PsgdError::Dtype { .. } | PsgdError::OptionType { .. } => ErrorKind::Type,
             PsgdError::Shape { .. }
             | PsgdError::NonFinite { .. }
+            | PsgdError::NonFiniteUpdate { .. }
             | PsgdError::OptionRange { .. }
             | PsgdError::LeafCount { .. }
-            | PsgdError::State(_) => ErrorKind::Range,
+            | PsgdError::State(_)
+            | PsgdError::Size(_) => ErrorKind::Range,
             PsgdError::Draw(_) | PsgdError::Candle(_) => ErrorKind::Other,
         }
     }
@@ -88,3 +126,18 @@ impl PsgdError {
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, PsgdError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_lose_their_backtrace() {
+        let e = candle_core::Error::Msg("bad".into()).bt();
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(PsgdError::from(e).to_string(), "bad");
+    }
+}

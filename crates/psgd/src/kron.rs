@@ -9,6 +9,7 @@ use crate::kernels::linalg::{
 };
 pub use crate::kernels::precision::Precision;
 use crate::kernels::triangular::{matmul_tri, saves_work, Tri};
+use crate::limits::StateSize;
 use crate::options::{check, StateDType};
 use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
@@ -76,6 +77,10 @@ crate::declare_options! {
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
         /// psgd-jax. Default null (no clip).
         grad_clip: Option<f64> = None, check check::positive_or_none;
+        /// Let a step whose updates hold NaN or Inf through, as psgd-jax does. Default
+        /// false: such a step fails with a `RangeError` naming the leaf and changes
+        /// nothing (the test is fused into the step's last pass).
+        allow_non_finite: bool = false;
         /// Dtype of the momentum buffer; null keeps each param's dtype.
         mu_dtype: Option<StateDType> = None;
         /// Dtype of the preconditioner factors; null is float32.
@@ -131,6 +136,7 @@ impl VariantOptions for KronOptions {
             },
             clip: Clip::Rms,
             grad_clip: self.grad_clip,
+            check_finite: !self.allow_non_finite,
         }
     }
 
@@ -690,6 +696,29 @@ impl Preconditioner for KronPreconditioner {
         })
     }
 
+    fn factor_dtype(&self) -> DType {
+        self.precond_dtype()
+    }
+
+    fn state_sizes(&self) -> Vec<StateSize> {
+        let mut out = vec![];
+        for (leaf, plan) in self.leaves.iter().zip(&self.plans) {
+            for (axis, (stored, &diag)) in plan.stored.iter().zip(&plan.diag).enumerate() {
+                let elems = stored.iter().map(|&d| d as u128).product::<u128>();
+                out.push(StateSize {
+                    what: format!(
+                        "the factor of leaf '{}' for axis {axis} (shape {stored:?})",
+                        leaf.path
+                    ),
+                    option: (!diag).then_some("maxSizeTriangular"),
+                    // a dense factor keeps its QᵀQ next to it
+                    elems: if diag { elems } else { 2 * elems },
+                });
+            }
+        }
+        out
+    }
+
     fn init(&self, device: &Device, _rng: &mut dyn RandomSource) -> Result<KronFactors> {
         let qs = self
             .plans
@@ -757,7 +786,7 @@ impl Preconditioner for KronPreconditioner {
             .enumerate()
             .map(|(l, plan)| {
                 (0..plan.stored.len())
-                    .map(|i| f.take(&format!("Q.{l}.{i}")))
+                    .map(|i| f.take_factor(&format!("Q.{l}.{i}")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;

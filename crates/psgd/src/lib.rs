@@ -19,6 +19,7 @@ pub mod error;
 pub mod hessian;
 mod kernels;
 pub mod kron;
+pub mod limits;
 pub mod lra;
 mod optimizer;
 pub mod options;

@@ -11,6 +11,7 @@ use crate::error::{PsgdError, Result};
 use crate::kernels::elementwise::{self, map_fold_rows, Flat};
 use crate::kernels::linalg::solve_small;
 use crate::kernels::precision::Precision;
+use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
@@ -96,6 +97,21 @@ impl Preconditioner for LraPreconditioner {
         })
     }
 
+    fn state_sizes(&self) -> Vec<StateSize> {
+        vec![StateSize {
+            what: format!(
+                "the low-rank factors U and V ({} parameters × rank {})",
+                self.n, self.rank
+            ),
+            option: Some("uvdRankOfApproximation"),
+            // U, V and the fit's products of the same shape, and the fit's rank × rank
+            // matrices (I + VᵀU, its factors, per-task partial sums)
+            elems: 4 * self.n as u128 * self.rank as u128
+                + self.n as u128
+                + 8 * (self.rank as u128).pow(2),
+        }]
+    }
+
     fn init(&self, device: &Device, rng: &mut dyn RandomSource) -> Result<LraFactors> {
         let s = ((self.n * (self.rank + 10)) as f64).sqrt();
         let u = (rng.normal(&[self.n, self.rank], device)? / s)?;
@@ -148,9 +164,9 @@ impl Preconditioner for LraPreconditioner {
 
     fn load(&self, f: &mut LoadedState) -> Result<LraFactors> {
         Ok(LraFactors {
-            u: f.take("U")?,
-            v: f.take("V")?,
-            d: f.take("d")?,
+            u: f.take_typed("U")?,
+            v: f.take_typed("V")?,
+            d: f.take_factor("d")?,
         })
     }
 

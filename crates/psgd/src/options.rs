@@ -434,6 +434,24 @@ pub fn ts_type<T: OptionValue>() -> String {
     T::ts()
 }
 
+/// One option of a generated interface: its doc comment, then `name?: type`.
+fn push_option(out: &mut String, i: &OptionInfo) {
+    let doc = i.doc.trim();
+    if !doc.is_empty() {
+        out.push_str("  /**\n");
+        for line in doc.lines() {
+            let line = line.strip_prefix(' ').unwrap_or(line);
+            if line.is_empty() {
+                out.push_str("   *\n");
+            } else {
+                out.push_str(&format!("   * {line}\n"));
+            }
+        }
+        out.push_str("   */\n");
+    }
+    out.push_str(&format!("  {}?: {}\n", i.name, i.ts));
+}
+
 /// The generated TypeScript file: one interface of option fields per variant, with docs.
 pub fn typescript() -> String {
     let mut out = String::from(
@@ -450,27 +468,50 @@ pub fn typescript() -> String {
         ("LRA", <crate::lra::LraOptions as Options>::info()),
         ("Affine", <crate::affine::AffineOptions as Options>::info()),
     ];
-    for (name, info) in &variants {
-        out.push_str(&format!(
-            "\n/** The options of `{}` declared in Rust (see the variant's options type). */\nexport interface {name}NativeOptions {{\n",
+    // The options XMat, LRA and Affine declare alike (psgd_options!) are written once, as
+    // `PsgdNativeOptions`, which their interfaces extend: the same text is not generated
+    // three times.
+    let same = |a: &OptionInfo, b: &OptionInfo| a.name == b.name && a.ts == b.ts && a.doc == b.doc;
+    let shared: Vec<&OptionInfo> = variants[1]
+        .1
+        .iter()
+        .filter(|i| {
+            variants[2..]
+                .iter()
+                .all(|(_, v)| v.iter().any(|j| same(i, j)))
+        })
+        .collect();
+    out.push_str(
+        "\n/** The options XMat, LRA and Affine share (psgd-jax's common arguments of `xmat`, `low_rank_approximation` and `affine`). */\nexport interface PsgdNativeOptions {\n",
+    );
+    shared.iter().for_each(|i| push_option(&mut out, i));
+    out.push_str("}\n");
+    for (k, (name, info)) in variants.iter().enumerate() {
+        let about = format!(
+            "\n/** The options of `{}` declared in Rust (see the variant's options type). */\n",
             name.to_lowercase()
-        ));
-        for i in info {
-            let doc = i.doc.trim();
-            if !doc.is_empty() {
-                out.push_str("  /**\n");
-                for line in doc.lines() {
-                    let line = line.strip_prefix(' ').unwrap_or(line);
-                    if line.is_empty() {
-                        out.push_str("   *\n");
-                    } else {
-                        out.push_str(&format!("   * {line}\n"));
-                    }
-                }
-                out.push_str("   */\n");
+        );
+        out.push_str(&about);
+        let own: Vec<&OptionInfo> = if k == 0 {
+            info.iter().collect()
+        } else {
+            info.iter()
+                .filter(|i| !shared.iter().any(|s| same(i, s)))
+                .collect()
+        };
+        match (k, own.is_empty()) {
+            (0, _) => out.push_str(&format!("export interface {name}NativeOptions {{\n")),
+            (_, true) => {
+                out.push_str(&format!(
+                    "export type {name}NativeOptions = PsgdNativeOptions\n"
+                ));
+                continue;
             }
-            out.push_str(&format!("  {}?: {}\n", i.name, i.ts));
+            (_, false) => out.push_str(&format!(
+                "export interface {name}NativeOptions extends PsgdNativeOptions {{\n"
+            )),
         }
+        own.iter().for_each(|i| push_option(&mut out, i));
         out.push_str("}\n");
     }
     out.push_str(

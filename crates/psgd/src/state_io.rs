@@ -2,13 +2,49 @@
 //! metadata, so a file can be checked against the optimizer that loads it. The metadata is
 //! one JSON object under the key `psgd` with sorted keys, so equal states give equal bytes
 //! (safetensors writes its own metadata map in hash order).
+//!
+//! Loading checks everything a step would trust: the format version, a CRC-32 of the
+//! tensors and metadata (format 2; any flipped bit is caught), each tensor's dtype (a
+//! float; the preconditioner's factors in the dtype the optimizer keeps them), that every
+//! value is finite, that no factor is all zero, and that the counters are in range. The
+//! state is built whole before anything else sees it, so loading is all or nothing.
 
 use crate::error::{PsgdError, Result};
 use crate::transform::LeafSpec;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 
 const META_KEY: &str = "psgd";
+/// The format written: format 1 plus a `checksum` entry.
+const FORMAT: &str = "psgd-state-2";
+/// The format of version 0.1.0, read without a checksum.
+const FORMAT_1: &str = "psgd-state-1";
+/// The largest step count (JavaScript reads counts as doubles).
+const MAX_COUNT: u64 = (1 << 53) - 1;
+
+/// CRC-32 over the tensors (by name: name, dtype, shape, bytes) and the metadata without
+/// its checksum entry, so a change anywhere in the file changes it.
+fn checksum<'a>(
+    tensors: impl Iterator<Item = (String, String, Vec<usize>, std::borrow::Cow<'a, [u8]>)>,
+    meta: &BTreeMap<String, String>,
+) -> String {
+    let mut all: Vec<_> = tensors.collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = crc32fast::Hasher::new();
+    for (name, dtype, shape, data) in &all {
+        h.update(name.as_bytes());
+        h.update(dtype.as_bytes());
+        for d in shape {
+            h.update(&(*d as u64).to_le_bytes());
+        }
+        h.update(data);
+    }
+    for (k, v) in meta.iter().filter(|(k, _)| k.as_str() != "checksum") {
+        h.update(k.as_bytes());
+        h.update(v.as_bytes());
+    }
+    format!("{:08x}", h.finalize())
+}
 
 /// A state being written.
 pub struct StateFile {
@@ -32,7 +68,7 @@ impl StateFile {
         let mut meta = BTreeMap::new();
         meta.insert("variant".to_string(), variant.to_string());
         meta.insert("leaves".to_string(), leaves_json(leaves));
-        meta.insert("format".to_string(), "psgd-state-1".to_string());
+        meta.insert("format".to_string(), FORMAT.to_string());
         StateFile {
             tensors: vec![],
             meta,
@@ -57,7 +93,20 @@ impl StateFile {
     }
 
     /// The safetensors bytes.
-    pub fn to_bytes(self) -> Result<Vec<u8>> {
+    pub fn to_bytes(mut self) -> Result<Vec<u8>> {
+        use safetensors::View;
+        let sum = checksum(
+            self.tensors.iter().map(|(n, t)| {
+                (
+                    n.clone(),
+                    format!("{:?}", View::dtype(t)),
+                    t.dims().to_vec(),
+                    View::data(t),
+                )
+            }),
+            &self.meta,
+        );
+        self.meta.insert("checksum".to_string(), sum);
         let meta =
             serde_json::to_string(&self.meta).map_err(|e| PsgdError::State(e.to_string()))?;
         let meta = HashMap::from([(META_KEY.to_string(), meta)]);
@@ -70,6 +119,22 @@ impl StateFile {
 pub struct LoadedState {
     tensors: HashMap<String, Tensor>,
     meta: BTreeMap<String, String>,
+    /// The dtype the preconditioner's factors must have (see [`LoadedState::take_factor`]).
+    factor_dtype: DType,
+}
+
+fn bad(m: String) -> PsgdError {
+    PsgdError::State(m)
+}
+
+/// Whether a tensor holds a NaN or Inf, and whether it is all zero (on the host: loading
+/// is not a hot path, and this reads each value once).
+fn scan(t: &Tensor) -> Result<(bool, bool)> {
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok((
+        v.iter().any(|x| !x.is_finite()),
+        v.iter().all(|&x| x == 0.0),
+    ))
 }
 
 impl LoadedState {
@@ -94,6 +159,15 @@ impl LoadedState {
                 "holds a '{got}' state, this optimizer is '{variant}'"
             )));
         }
+        match meta.get("format").map(String::as_str) {
+            Some(FORMAT) | Some(FORMAT_1) => {}
+            other => {
+                return Err(bad(format!(
+                    "format {:?} is not one this version reads ({FORMAT}, {FORMAT_1})",
+                    other.unwrap_or("(none)")
+                )))
+            }
+        }
         let want = leaves_json(leaves);
         if meta.get("leaves") != Some(&want) {
             return Err(PsgdError::State(format!(
@@ -101,8 +175,48 @@ impl LoadedState {
                 meta.get("leaves").map(String::as_str).unwrap_or("(none)")
             )));
         }
-        let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
-        Ok(LoadedState { tensors, meta })
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a safetensors state: {e}")))?;
+        for (name, view) in st.tensors() {
+            use safetensors::Dtype as D;
+            if !matches!(view.dtype(), D::F32 | D::F64 | D::BF16 | D::F16) {
+                return Err(bad(format!(
+                    "tensor '{name}' has dtype {:?}, expected a float dtype",
+                    view.dtype()
+                )));
+            }
+        }
+        if meta.get("format").map(String::as_str) == Some(FORMAT) {
+            let sum = checksum(
+                st.tensors().into_iter().map(|(n, v)| {
+                    let (dtype, shape) = (format!("{:?}", v.dtype()), v.shape().to_vec());
+                    (n, dtype, shape, std::borrow::Cow::Borrowed(v.data()))
+                }),
+                &meta,
+            );
+            if meta.get("checksum") != Some(&sum) {
+                return Err(bad(
+                    "the checksum does not match: the bytes were changed or damaged".into(),
+                ));
+            }
+        }
+        let tensors = candle_core::safetensors::load_buffer(bytes, device)
+            .map_err(|e| bad(format!("cannot read its tensors: {}", PsgdError::from(e))))?;
+        for (name, t) in &tensors {
+            if scan(t)?.0 {
+                return Err(bad(format!("tensor '{name}' holds NaN or Inf")));
+            }
+        }
+        Ok(LoadedState {
+            tensors,
+            meta,
+            factor_dtype: DType::F32,
+        })
+    }
+
+    /// Sets the dtype [`LoadedState::take_factor`] requires.
+    pub fn set_factor_dtype(&mut self, dtype: DType) {
+        self.factor_dtype = dtype;
     }
 
     /// Takes the tensor `name`.
@@ -112,22 +226,74 @@ impl LoadedState {
             .ok_or_else(|| PsgdError::State(format!("missing tensor '{name}'")))
     }
 
-    /// Takes the momentum buffers of `leaves` leaves when `present` (`b1 > 0`).
-    pub fn take_momentum(&mut self, leaves: usize, present: bool) -> Result<Option<Vec<Tensor>>> {
+    /// Takes the preconditioner tensor `name`, which must have the factors' dtype.
+    pub fn take_typed(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.take(name)?;
+        if t.dtype() != self.factor_dtype {
+            return Err(bad(format!(
+                "tensor '{name}' has dtype {:?}, this optimizer keeps it as {:?}",
+                t.dtype(),
+                self.factor_dtype
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Fails on a tensor no `take` asked for: a state of another configuration (e.g.
+    /// with momentum, for an optimizer without).
+    pub fn finish(&self) -> Result<()> {
+        match self.tensors.keys().min() {
+            Some(name) => Err(bad(format!(
+                "has a tensor '{name}' this optimizer does not keep (saved with other options?)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the preconditioner factor `name`, which must have the factors' dtype and not
+    /// be all zero (a zero factor makes every later update zero, or NaN once normalised).
+    pub fn take_factor(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.take_typed(name)?;
+        if scan(&t)?.1 {
+            return Err(bad(format!("tensor '{name}' is all zero")));
+        }
+        Ok(t)
+    }
+
+    /// Takes the momentum buffers of `leaves` leaves when `present` (`b1 > 0`), which must
+    /// have `dtype` when the options fix it (`muDtype`).
+    pub fn take_momentum(
+        &mut self,
+        leaves: usize,
+        present: bool,
+        dtype: Option<DType>,
+    ) -> Result<Option<Vec<Tensor>>> {
         if !present {
             return Ok(None);
         }
+        let take = |f: &mut Self, l: usize| {
+            let name = format!("mu.{l}");
+            let t = f.take(&name)?;
+            match dtype {
+                Some(d) if t.dtype() != d => Err(bad(format!(
+                    "tensor '{name}' has dtype {:?}, the option muDtype says {d:?}",
+                    t.dtype()
+                ))),
+                _ => Ok(t),
+            }
+        };
         (0..leaves)
-            .map(|l| self.take(&format!("mu.{l}")))
+            .map(|l| take(self, l))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
 
-    /// Reads an integer from the metadata.
+    /// Reads a counter from the metadata (at most 2^53 − 1, a JavaScript integer).
     pub fn meta_u64(&self, k: &str) -> Result<u64> {
         self.meta
             .get(k)
             .and_then(|v| v.parse().ok())
+            .filter(|&v| v <= MAX_COUNT)
             .ok_or_else(|| PsgdError::State(format!("missing or bad '{k}'")))
     }
 }

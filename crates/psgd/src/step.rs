@@ -10,6 +10,7 @@
 use crate::error::{PsgdError, Result};
 use crate::kernels::fused::{self, Clip};
 use crate::kernels::precision::Precision;
+use crate::limits::{self, StateSize};
 use crate::options::Options;
 use crate::random::RandomSource;
 use crate::schedule::Schedule;
@@ -88,6 +89,8 @@ pub struct StepOptions {
     pub clip: Clip,
     /// Clip the incoming gradients to this global L2 norm first (`gradClip`; none by default).
     pub grad_clip: Option<f64>,
+    /// Fail a step whose updates hold NaN or Inf (`allowNonFinite: false`, the default).
+    pub check_finite: bool,
 }
 
 /// The options of a variant: the [`Options`] table plus the view the step reads.
@@ -141,6 +144,13 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
 
     /// The preconditioner for these leaves.
     fn new(leaves: &[LeafSpec], o: &Self::Options) -> Result<Self>;
+    /// The parts of the state `init` makes, with their sizes, which [`Psgd`] checks
+    /// against the machine's memory before anything is allocated.
+    fn state_sizes(&self) -> Vec<StateSize>;
+    /// The dtype the preconditioner keeps its factors in (checked when a state is loaded).
+    fn factor_dtype(&self) -> DType {
+        DType::F32
+    }
     /// The initial preconditioner on `device`, drawing any random factors from `rng`.
     fn init(&self, device: &Device, rng: &mut dyn RandomSource) -> Result<Self::State>;
     /// One fit of the preconditioner to the inputs.
@@ -290,18 +300,25 @@ impl<P: Preconditioner> Psgd<P> {
     /// A state from safetensors bytes, checked against this optimizer.
     pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<PsgdState<P::State>> {
         let mut f = LoadedState::parse(bytes, device, P::NAME, &self.leaves)?;
+        f.set_factor_dtype(self.precond.factor_dtype());
         let count = f.meta_u64("count")?;
         let update_counter = match self.step.decision {
             UpdateDecision::Counter => f.meta_u64("update_counter")?,
             UpdateDecision::Draw => 0,
         };
-        let mu = f.take_momentum(self.leaves.len(), self.step.b1 > 0.0)?;
+        if update_counter > count {
+            return Err(PsgdError::State(format!(
+                "its update counter ({update_counter}) exceeds its step count ({count})"
+            )));
+        }
+        let mu = f.take_momentum(self.leaves.len(), self.step.b1 > 0.0, self.step.mu_dtype)?;
         let state = PsgdState {
             count,
             update_counter,
             mu,
             precond: self.precond.load(&mut f)?,
         };
+        f.finish()?;
         self.check_state(&state)?;
         Ok(state)
     }
@@ -317,9 +334,17 @@ impl<P: Preconditioner> Transform for Psgd<P> {
 
     fn new(leaves: Vec<LeafSpec>, options: P::Options) -> Result<Self> {
         options.validate()?;
+        limits::check_leaf_sizes(&leaves)?;
         let precond = P::new(&leaves, &options)?;
+        let step = options.step();
+        limits::check_state_size(
+            &leaves,
+            &precond.state_sizes(),
+            step.b1 > 0.0,
+            limits::memory_limit(),
+        )?;
         Ok(Psgd {
-            step: options.step(),
+            step,
             options,
             leaves,
             precond,
@@ -439,7 +464,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
 
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
         let pre = self.precond.apply(&precond, &momentum)?;
-        let updates = fused::finish_updates(
+        let (updates, non_finite) = fused::finish_updates(
             &pre,
             params,
             &self.leaves,
@@ -447,7 +472,13 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             o.weight_decay,
             hyper.learning_rate,
             o.clip,
+            o.check_finite,
         )?;
+        if let Some(l) = non_finite {
+            return Err(PsgdError::NonFiniteUpdate {
+                path: self.leaves[l].path.clone(),
+            });
+        }
 
         let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
         Ok((

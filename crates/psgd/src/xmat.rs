@@ -7,6 +7,7 @@ use crate::common::{
 };
 use crate::error::{PsgdError, Result};
 use crate::kernels::elementwise::{self, Flat};
+use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
@@ -57,6 +58,14 @@ impl Preconditioner for XMatPreconditioner {
                 .map(|l| l.shape.iter().product::<usize>())
                 .sum(),
         })
+    }
+
+    fn state_sizes(&self) -> Vec<StateSize> {
+        vec![StateSize {
+            what: format!("the X-matrix preconditioner ({} parameters)", self.n),
+            option: None,
+            elems: 2 * self.n as u128,
+        }]
     }
 
     fn init(&self, device: &Device, _rng: &mut dyn RandomSource) -> Result<XMatFactors> {
@@ -110,8 +119,8 @@ impl Preconditioner for XMatPreconditioner {
 
     fn load(&self, f: &mut LoadedState) -> Result<XMatFactors> {
         Ok(XMatFactors {
-            a: f.take("a")?,
-            b: f.take("b")?,
+            a: f.take_factor("a")?,
+            b: f.take_typed("b")?,
         })
     }
 

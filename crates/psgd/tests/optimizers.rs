@@ -170,6 +170,13 @@ fn state_bytes_round_trip_for_every_variant() {
         let a = t.update(&grads, &s, Some(params)).unwrap().0;
         let b = t.update(&grads, &loaded, Some(params)).unwrap().0;
         assert_eq!(values(a), values(b));
+        // every single flipped bit is refused (checksum, or the header no longer parses)
+        for at in (0..bytes.len()).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[at] ^= 1 << (at % 8);
+            let e = t.state_from_bytes(&bad, &Device::Cpu).unwrap_err();
+            assert_eq!(e.kind(), psgd::ErrorKind::Range, "byte {at}: {e}");
+        }
     }
     check(
         XMat::new(leaves.clone(), Default::default()).unwrap(),

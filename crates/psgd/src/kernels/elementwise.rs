@@ -322,6 +322,17 @@ pub fn zip_map<const I: usize, const O: usize>(
     inputs: [&Flat<'_>; I],
     f: impl Fn([f32; I]) -> [f32; O] + Sync,
 ) -> [Vec<f32>; O] {
+    zip_map_checked(inputs, f, false).0
+}
+
+/// [`zip_map`], and with `check` whether every output is finite, tested on each block of
+/// outputs while it is still in registers (no second pass over memory).
+pub fn zip_map_checked<const I: usize, const O: usize>(
+    inputs: [&Flat<'_>; I],
+    f: impl Fn([f32; I]) -> [f32; O] + Sync,
+    check: bool,
+) -> ([Vec<f32>; O], bool) {
+    let bad = std::sync::atomic::AtomicBool::new(false);
     /// Elements per block: the block's inputs and outputs live in local arrays, which the
     /// compiler knows alias nothing, so it vectorises `f` across the block (over slices of
     /// the tensors it cannot rule out overlap and stays scalar, several times slower).
@@ -355,6 +366,13 @@ pub fn zip_map<const I: usize, const O: usize>(
                         y[o][k] = v[o];
                     }
                 }
+                // a branch-free fold over the block's outputs, so it vectorises
+                if check
+                    && y.iter()
+                        .any(|yo| yo[..m].iter().fold(false, |h, v| h | !v.is_finite()))
+                {
+                    bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 for (o, yo) in outs.iter_mut().zip(&y) {
                     for (d, &v) in o[at..at + m].iter_mut().zip(&yo[..m]) {
                         d.write(v);
@@ -368,7 +386,7 @@ pub fn zip_map<const I: usize, const O: usize>(
         // every element of its chunks (`at` runs over all of `0..len`).
         unsafe { v.set_len(n) };
     }
-    outs
+    (outs, !bad.into_inner())
 }
 
 /// The sum of `f(x)` over the elements, each term computed in float32 and accumulated in

@@ -114,7 +114,10 @@ pub enum Clip {
 
 /// `clip`, then [`finish_update`], for every leaf, each cast to its gradient's dtype. On
 /// the CPU in float32 this is one pass per leaf after the clip's sum of squares, instead
-/// of a chain of whole-tensor ops.
+/// of a chain of whole-tensor ops. With `check`, also the index of the first leaf whose
+/// update holds a NaN or Inf (on the host tested within that same pass).
+// the step's inputs to the finish, each used once; a struct would only rename them
+#[allow(clippy::too_many_arguments)]
 pub fn finish_updates(
     pre: &[Tensor],
     params: Option<&[Tensor]>,
@@ -123,30 +126,41 @@ pub fn finish_updates(
     weight_decay: f64,
     learning_rate: f64,
     clip: Clip,
-) -> Result<Vec<Tensor>> {
+    check: bool,
+) -> Result<(Vec<Tensor>, Option<usize>)> {
     let decay = pre
         .iter()
         .enumerate()
         .map(|(l, _)| decayed_param(params.map(|p| &p[l]), &specs[l], weight_decay))
         .collect::<Result<Vec<_>>>()?;
     let fin = Finish::new(weight_decay, learning_rate);
-    if let Some(out) = fin.host(pre, &decay, clip) {
-        return out?
+    if let Some(out) = fin.host(pre, &decay, clip, check) {
+        let (out, finite) = out?;
+        let updates = out
             .iter()
             .zip(grads)
             .map(|(u, g)| Ok(u.to_dtype(g.dtype())?))
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
+        return Ok((updates, finite.iter().position(|f| !f)));
     }
     let pre = match clip {
         Clip::None => pre.to_vec(),
         Clip::Rms => pre.iter().map(clip_rms).collect::<Result<_>>()?,
         Clip::GlobalNorm(c) => clip_global_norm(pre.to_vec(), c)?,
     };
-    pre.iter()
+    let updates = pre
+        .iter()
         .zip(&decay)
         .zip(grads)
         .map(|((u, p), g)| fin.ops(u, p.as_ref(), g.dtype()))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // one read-back for the whole tree (the ops path is the GPU's)
+    let bad = if check {
+        first_non_finite_ops(&updates)?
+    } else {
+        None
+    };
+    Ok((updates, bad))
 }
 
 /// `u / max(1, rms(u)/1.1)`: the preconditioned gradient should have unit RMS, so cap it.
@@ -260,7 +274,8 @@ impl Finish {
         pre: &[Tensor],
         p32: &[Option<Tensor>],
         clip: Clip,
-    ) -> Option<Result<Vec<Tensor>>> {
+        check: bool,
+    ) -> Option<Result<(Vec<Tensor>, Vec<bool>)>> {
         if pre
             .iter()
             .zip(p32)
@@ -294,33 +309,40 @@ impl Finish {
                         Clip::Rms if !u.is_empty() => rms_divisor(u),
                         _ => 1.0,
                     };
-                    let out = match (div, global) {
-                        (1.0, 1.0) => finish_pass(u, p, wd, nlr, |v| v),
-                        (1.0, s) => finish_pass(u, p, wd, nlr, |v| v * s),
-                        (d, _) => finish_pass(u, p, wd, nlr, |v| v / d),
+                    let (out, finite) = match (div, global) {
+                        (1.0, 1.0) => finish_pass(u, p, wd, nlr, check, |v| v),
+                        (1.0, s) => finish_pass(u, p, wd, nlr, check, |v| v * s),
+                        (d, _) => finish_pass(u, p, wd, nlr, check, |v| v / d),
                     };
-                    Ok(Tensor::from_vec(out, t.shape(), t.device())?)
+                    Ok((Tensor::from_vec(out, t.shape(), t.device())?, finite))
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
+                .map(|v| v.into_iter().unzip())
         })
     }
 }
 
-/// `(clip(u) + wd·p) · nlr` in one pass, without `p` when it is empty. `clip` is a
-/// separate closure per kind so that the common kinds pay no division.
+/// `(clip(u) + wd·p) · nlr` in one pass, without `p` when it is empty, and with `check`
+/// whether every value is finite. `clip` is a separate closure per kind so that the
+/// common kinds pay no division.
 fn finish_pass(
     u: &Flat<'_>,
     p: &Flat<'_>,
     wd: f32,
     nlr: f32,
+    check: bool,
     clip: impl Fn(f32) -> f32 + Sync,
-) -> Vec<f32> {
-    let [out] = if p.is_empty() {
-        elementwise::zip_map([u], |[v]| [affine(clip(v), nlr)])
+) -> (Vec<f32>, bool) {
+    let ([out], finite) = if p.is_empty() {
+        elementwise::zip_map_checked([u], |[v]| [affine(clip(v), nlr)], check)
     } else {
-        elementwise::zip_map([u, p], |[v, p]| [affine(clip(v) + affine(p, wd), nlr)])
+        elementwise::zip_map_checked(
+            [u, p],
+            |[v, p]| [affine(clip(v) + affine(p, wd), nlr)],
+            check,
+        )
     };
-    out
+    (out, finite)
 }
 
 /// Decoupled weight decay on masked leaves, then `-learning_rate ·`, cast to `dtype` (one
@@ -336,8 +358,8 @@ fn finish_update(
 ) -> Result<Tensor> {
     let p32 = decayed_param(param, spec, weight_decay)?;
     let fin = Finish::new(weight_decay, learning_rate);
-    match fin.host(from_ref(pre), from_ref(&p32), Clip::None) {
-        Some(out) => Ok(out?.remove(0).to_dtype(dtype)?),
+    match fin.host(from_ref(pre), from_ref(&p32), Clip::None, false) {
+        Some(out) => Ok(out?.0.remove(0).to_dtype(dtype)?),
         None => fin.ops(pre, p32.as_ref(), dtype),
     }
 }
@@ -501,8 +523,10 @@ pub(crate) mod tests {
                 Clip::GlobalNorm(1e6),
             ] {
                 for wd in [0.0, 0.1] {
-                    let got = finish_updates(&pre, Some(&params), &specs, &grads, wd, 0.01, clip)
-                        .unwrap();
+                    let (got, bad) =
+                        finish_updates(&pre, Some(&params), &specs, &grads, wd, 0.01, clip, true)
+                            .unwrap();
+                    assert_eq!(bad, None);
                     let clipped = match clip {
                         Clip::None => pre.clone(),
                         Clip::Rms => pre.iter().map(|u| clip_rms_ops(u).unwrap()).collect(),
@@ -525,9 +549,17 @@ pub(crate) mod tests {
                     // dtypes is an error there, as it always was)
                     let mut pre64 = pre.clone();
                     pre64[2] = pre64[2].to_dtype(DType::F64).unwrap();
-                    let slow =
-                        finish_updates(&pre64, Some(&params), &specs, &grads, wd, 0.01, clip);
-                    if let Ok(slow) = slow {
+                    let slow = finish_updates(
+                        &pre64,
+                        Some(&params),
+                        &specs,
+                        &grads,
+                        wd,
+                        0.01,
+                        clip,
+                        false,
+                    );
+                    if let Ok((slow, _)) = slow {
                         for (a, b) in slow.iter().zip(&got) {
                             assert_close(a, b);
                         }
@@ -539,7 +571,7 @@ pub(crate) mod tests {
         }
         // weight decay without params is an error on either path
         let pre = leaves(&lens, 20, 1.0);
-        assert!(finish_updates(&pre, None, &specs, &grads, 0.1, 0.01, Clip::None).is_err());
+        assert!(finish_updates(&pre, None, &specs, &grads, 0.1, 0.01, Clip::None, false).is_err());
         let one = finish_update(&strided(&pre[2]), None, &specs[2], 0.1, 0.01, DType::F32).unwrap();
         let want = Finish::new(0.1, 0.01)
             .ops(&pre[2], None, DType::F32)
@@ -581,6 +613,14 @@ pub(crate) mod tests {
                         Err(PsgdError::NonFinite { path, .. }) => assert_eq!(path, want),
                         other => panic!("{other:?}"),
                     }
+                    // the check fused into the finish (host for float32, ops for float64)
+                    let fin = |check| {
+                        finish_updates(&ts, None, &specs, &clean, 0.0, 0.01, Clip::None, check)
+                            .unwrap()
+                            .1
+                    };
+                    assert_eq!(fin(true), Some(l));
+                    assert_eq!(fin(false), None);
                 }
             }
         }

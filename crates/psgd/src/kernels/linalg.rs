@@ -14,8 +14,9 @@ pub const TINY_F32: f64 = f32::MIN_POSITIVE as f64;
 /// `X @ inv(A)` for a batch of upper-triangular `A`.
 ///
 /// `x` is `(B, R, n)` and `a` is `(B, n, n)`; only the upper triangle of `a` is read. On
-/// the CPU it is [`solve_right_cpu`]'s blocked GEMMs; elsewhere a recursive block solve
-/// made of candle ops, so the data never leaves the device.
+/// the CPU it is [`solve_right_cpu`] (blocked GEMMs, or substitution for a short `X`);
+/// elsewhere a recursive block solve made of candle ops, so the data never leaves the
+/// device.
 pub fn solve_triangular_right(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     match solve_right_cpu(x, a) {
         Some(y) => y,
@@ -359,7 +360,10 @@ mod tests {
             (3, 4, 9),
             (2, 1, 16),
             (1, 33, 33),
+            // short right-hand sides are solved by substitution, tall ones in blocks
             (2, 7, 300),
+            (1, 120, 300),
+            (2, 40, 260),
         ];
         for &(b, r, n) in &cases {
             // off-diagonal entries shrunk by √n keep large random triangles well

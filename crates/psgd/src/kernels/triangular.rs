@@ -392,6 +392,11 @@ pub fn solve_right_cpu(x: &Tensor, a: &Tensor) -> Option<Result<Tensor>> {
         return None;
     };
     let (vx, va) = (View::of(cx, lx)?, View::of(ca, la)?);
+    if substitution_pays(r, n) {
+        let y = solve_by_substitution(vx, va, batch, r, n);
+        drop((gx, ga));
+        return Some(Tensor::from_vec(y, (batch, r, n), &Device::Cpu).map_err(Into::into));
+    }
     let cols = blocks(n, SOLVE_BLOCK);
     let jobs: Vec<(usize, &Range<usize>)> = (0..batch)
         .flat_map(|b| cols.iter().map(move |c| (b, c)))
@@ -455,6 +460,51 @@ pub fn solve_right_cpu(x: &Tensor, a: &Tensor) -> Option<Result<Tensor>> {
     }
     drop((gx, ga));
     Some(Tensor::from_vec(y, (batch, r, n), &Device::Cpu).map_err(Into::into))
+}
+
+/// Whether a right-hand side of `r` rows is solved faster by plain substitution than by
+/// inverting the diagonal blocks: inverting costs about `n·w²/3` multiply-adds (`w` the
+/// block width) whatever `r` is, substitution `r·n²/2`. A short right-hand side (a leaf
+/// like 10×512, whose factor on the long side is solved for 10 rows) spent most of its
+/// solve on the inverses: 3.05 ms here against 0.33 ms in faer, which substitutes.
+fn substitution_pays(r: usize, n: usize) -> bool {
+    let w = SOLVE_BLOCK.min(n);
+    3 * r * n < 2 * w * w
+}
+
+/// `X · A⁻¹` row by row: `y_j = (x_j − Σ_{k<j} y_k A_kj) / A_jj`, as updates of the
+/// row's remainder by the rows of `A` (contiguous when `A` is), rows in parallel.
+fn solve_by_substitution(vx: View, va: View, batch: usize, r: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; batch * r * n];
+    if n == 0 {
+        return y;
+    }
+    y.par_chunks_mut(n).enumerate().for_each(|(k, row)| {
+        let (b, i) = (k / r, k % r);
+        for (j, o) in row.iter_mut().enumerate() {
+            // SAFETY: (b, i, j) is an element of x, checked (batch, r, n) by the caller
+            *o = unsafe { vx.get(b, i, j) };
+        }
+        for j in 0..n {
+            // SAFETY: (b, j, l) with j ≤ l < n is an element of a, checked (batch, n, n)
+            let yj = row[j] / unsafe { va.get(b, j, j) };
+            row[j] = yj;
+            let a_row = unsafe { va.at(b, j, 0) };
+            if a_row.cs == 1 {
+                // SAFETY: row j of a is n contiguous elements
+                let a_row = unsafe { std::slice::from_raw_parts(a_row.ptr, n) };
+                for (t, &ajl) in row[j + 1..].iter_mut().zip(&a_row[j + 1..]) {
+                    *t -= yj * ajl;
+                }
+            } else {
+                for (l, t) in row.iter_mut().enumerate().skip(j + 1) {
+                    // SAFETY: as above
+                    *t -= yj * unsafe { a_row.get(0, 0, l) };
+                }
+            }
+        }
+    });
+    y
 }
 
 /// The inverse of the `s × s` upper-triangular matrix with entries `u(i, j)` (`j ≥ i`),
