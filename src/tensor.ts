@@ -21,14 +21,16 @@ export interface TensorOptions {
 export class Tensor {
   /** @internal */
   native: NativeTensor
+  // These are TypeScript `private`, not `#` fields: a `#` field in the shipped `.d.ts` fails
+  // to type-check under tsc's default target.
   // A native tensor's shape never changes (`assign` keeps it), so it is read across N-API
   // once: every optimizer step checks each leaf's shape.
-  #shape: number[] | undefined
+  private cachedShape: number[] | undefined
   // Set by `dispose`, so that a step's check of each leaf needs no N-API call.
-  #disposed = false
+  private disposeCalled = false
   // How many pending async steps read this tensor: `dispose` is refused meanwhile, since
   // the step would otherwise fail after its work (or write into a freed tensor).
-  #uses = 0
+  private uses = 0
 
   /**
    * @internal Wraps a native tensor; use {@link Tensor.fromArray}. A caller that knows the
@@ -36,7 +38,7 @@ export class Tensor {
    */
   constructor(handle: NativeTensor, shape?: readonly number[]) {
     this.native = handle
-    if (shape !== undefined) this.#shape = [...shape]
+    if (shape !== undefined) this.cachedShape = [...shape]
   }
 
   /**
@@ -61,8 +63,8 @@ export class Tensor {
 
   /** @internal The cached shape itself, not a copy: callers must not modify it. */
   shapeView(): readonly number[] {
-    this.#shape ??= call(() => this.native.shape, 'Tensor.shape')
-    return this.#shape
+    this.cachedShape ??= call(() => this.native.shape, 'Tensor.shape')
+    return this.cachedShape
   }
 
   /** The element type. */
@@ -77,7 +79,7 @@ export class Tensor {
 
   /** Whether {@link Tensor.dispose} was called. */
   get disposed(): boolean {
-    return this.#disposed || this.native.disposed
+    return this.disposeCalled || this.native.disposed
   }
 
   /**
@@ -85,7 +87,7 @@ export class Tensor {
    * Tensor.disposed} without the N-API call, blind only to a native handle disposed directly.
    */
   get disposedHere(): boolean {
-    return this.#disposed
+    return this.disposeCalled
   }
 
   /**
@@ -98,21 +100,21 @@ export class Tensor {
    * usable; dispose it once the step has settled).
    */
   dispose(): void {
-    if (this.#uses > 0) {
+    if (this.uses > 0) {
       throw new TypeError('Tensor.dispose: the tensor is in use by a pending stepAsync/updateAsync; await it first (the tensor stays usable)')
     }
-    this.#disposed = true
+    this.disposeCalled = true
     this.native.dispose()
   }
 
   /** @internal Marks the tensor as read by a pending async step (`dispose` is refused). */
   retain(): void {
-    this.#uses++
+    this.uses++
   }
 
   /** @internal Ends a {@link Tensor.retain}. */
   unretain(): void {
-    this.#uses--
+    this.uses--
   }
 
   /** The values as float32, row-major (copied to JS memory). */
