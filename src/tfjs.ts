@@ -8,7 +8,18 @@
  * `{ data, shape }` leaves (whose native copies the core frees before it returns, so a
  * step leaves no native tensor behind), and writes each variable once (`assign`).
  */
-import { add, engine, Optimizer, serialization, tensor, tidy, type NamedTensorMap, type Tensor as TfTensor, type Variable } from '@tensorflow/tfjs-core'
+import {
+  add,
+  engine,
+  getBackend,
+  Optimizer,
+  serialization,
+  tensor,
+  tidy,
+  type NamedTensorMap,
+  type Tensor as TfTensor,
+  type Variable,
+} from '@tensorflow/tfjs-core'
 import type { GradientTransformation, OptimizerState } from './core'
 import { affine, type AffineOptions } from './affine'
 import { kron, type KronOptions } from './kron'
@@ -123,8 +134,20 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     const params = this.needsParams() ? vars.map((v) => ({ data: v.dataSync() as Float32Array, shape: [...v.shape] })) : null
     const [updates] = this.transformation.update(grads, group.state, params)
     const leaves = updates as ArrayLeaf[]
+    // The `cpu` backend keeps values in JS arrays, so reading a variable is free while its
+    // own `add` is a generic broadcasting loop (measured 6.5 ms vs 0.8 ms for the JS sum on
+    // a 784×128 kernel); elsewhere (`wasm`, native, GPU) the backend's add is the fast one.
+    const sumInJs = getBackend() === 'cpu'
     tidy(() => {
-      vars.forEach((v, i) => v.assign(add(v, tensor(leaves[i].data, leaves[i].shape, 'float32'))))
+      vars.forEach((v, i) => {
+        const u = leaves[i].data
+        if (sumInJs) {
+          const cur = v.dataSync() as Float32Array
+          // the updates array is this step's own (copied out of native memory): reuse it
+          for (let j = 0; j < u.length; j++) u[j] += cur[j]
+          v.assign(tensor(u, leaves[i].shape, 'float32'))
+        } else v.assign(add(v, tensor(u, leaves[i].shape, 'float32')))
+      })
     })
     this.incrementIterations()
   }
