@@ -177,6 +177,8 @@ export function tfjsSuite(test: TestFn, backend: string): void {
     const opt = new KronOptimizer()
     t.throws(() => opt.applyGradients({ [w.name]: tf.zeros([2, 3]) }), { instanceOf: RangeError, message: new RegExp(w.name) })
     t.throws(() => opt.applyGradients({ no_such_variable: tf.zeros([2]) }), { instanceOf: TypeError, message: /no_such_variable/ })
+    // found by the native core, which knows the leaf by its index: the error names the variable
+    t.throws(() => opt.applyGradients({ [w.name]: tf.fill([3, 2], NaN) }), { instanceOf: RangeError, message: new RegExp(`'${w.name}'.*NaN`) })
     t.deepEqual(bits(w), before)
     t.is(opt.iterations, 0)
   })

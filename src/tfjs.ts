@@ -132,7 +132,12 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     const group = this.groupFor(names, vars)
     // params are read only when the step needs them (decoupled weight decay)
     const params = this.needsParams() ? vars.map((v) => ({ data: v.dataSync() as Float32Array, shape: [...v.shape] })) : null
-    const [updates] = this.transformation.update(grads, group.state, params)
+    let updates
+    try {
+      ;[updates] = this.transformation.update(grads, group.state, params)
+    } catch (e) {
+      throw withNames(e, names)
+    }
     const leaves = updates as ArrayLeaf[]
     // The `cpu` backend keeps values in JS arrays, so reading a variable is free while its
     // own `add` is a generic broadcasting loop (measured 6.5 ms vs 0.8 ms for the JS sum on
@@ -254,6 +259,18 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     this.pending = []
     this.disposed = true
   }
+}
+
+/**
+ * The core names a leaf by its path, here its index in the sorted variables (indices, not
+ * names, so that a state reloads into a model rebuilt with other layer names): the error
+ * the caller sees names the variable.
+ */
+function withNames(e: unknown, names: readonly string[]): unknown {
+  if (!(e instanceof TypeError || e instanceof RangeError)) return e
+  const message = e.message.replace(/'(\d+)'/g, (m, i: string) => (names[Number(i)] !== undefined ? `'${names[Number(i)]}'` : m))
+  const out = e instanceof TypeError ? new TypeError(message, { cause: e }) : new RangeError(message, { cause: e })
+  return out
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
