@@ -118,6 +118,26 @@ export function tfjsSuite(test: TestFn, backend: string): void {
     })
   }
 
+  test.serial(`${backend}: a restored state that does not fit the variables is a RangeError at their first step, and stays pending`, async (t) => {
+    const small = variable(fresh('s'), [3], 1)
+    const big = variable(fresh('s'), [4], 1)
+    const first = new KronOptimizer({ seed: 1 })
+    first.applyGradients({ [small.name]: tf.ones([3]) })
+    const saved = await first.getWeights()
+    const second = new KronOptimizer({ seed: 1 })
+    await second.setWeights(saved)
+    const before = bits(big)
+    t.throws(() => second.applyGradients({ [big.name]: tf.ones([4]) }), {
+      instanceOf: RangeError,
+      message: new RegExp(`${small.name}.*does not fit.*${big.name}`),
+    })
+    t.deepEqual(bits(big), before)
+    // the saved state is still there for the variable it was saved for
+    second.applyGradients({ [small.name]: tf.ones([3]) })
+    t.is(second.iterations, 2)
+    tf.dispose(saved.map((w) => w.tensor))
+  })
+
   test.serial(`${backend}: a model saved with its optimizer loads (registered class) and continues bit-for-bit`, async (t) => {
     const build = () => {
       const m = tfl.sequential()

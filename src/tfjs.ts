@@ -166,7 +166,21 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     // only shapes are read at init, so zeros stand in for the values (no backend read)
     const state = this.transformation.init(shapes.map((shape) => ({ data: new Float32Array(sizeOf(shape)), shape })))
     const restored = this.takePending(names)
-    if (restored) state.loadBytes(restored.bytes)
+    if (restored) {
+      try {
+        state.loadBytes(restored.bytes)
+      } catch (e) {
+        // kept, so a step on the variables it was saved for can still restore it
+        this.pending.unshift(restored)
+        const why = e instanceof Error ? e.message : String(e)
+        throw new RangeError(
+          `${this.variant}: the state setWeights restored for ${JSON.stringify(restored.names)} does not fit ${JSON.stringify(names)}: ${why}`,
+          {
+            cause: e,
+          },
+        )
+      }
+    }
     const group = { names, shapes, state }
     this.groups.set(key, group)
     return group
