@@ -117,9 +117,42 @@ export class Tensor {
     this.uses--
   }
 
-  /** The values as float32, row-major (copied to JS memory). */
-  toArray(): Float32Array {
-    return readValues(this.native, this.shapeView())
+  /**
+   * The values as float32, row-major, copied to JS memory: into `into` when given (which
+   * must have exactly as many elements; nothing is allocated, so a loop that syncs weights
+   * every step can reuse one buffer), else into a new array.
+   * @throws TypeError when `into` is not a Float32Array; RangeError when its length differs
+   * from the element count.
+   */
+  toArray(into?: Float32Array): Float32Array {
+    if (into === undefined) return readValues(this.native, this.shapeView())
+    if (!(into instanceof Float32Array)) throw new TypeError(`Tensor.toArray: into must be a Float32Array, got ${String(into)}`)
+    const n = elementCount(this.shapeView())
+    if (into.length !== n) throw new RangeError(`Tensor.toArray: the tensor has ${n} values, into has ${into.length}`)
+    call(() => this.native.copyTo(into), 'Tensor.toArray')
+    return into
+  }
+
+  /**
+   * Copies `values` (row-major, as many as the tensor has) into this tensor, in place: its
+   * identity, shape, dtype and device stay, so an optimizer holding it sees the new values.
+   * @throws TypeError when `values` is not a Float32Array or the tensor was disposed;
+   * RangeError when the number of values differs from the element count.
+   */
+  set(values: Float32Array): void {
+    if (!(values instanceof Float32Array)) throw new TypeError(`Tensor.set: values must be a Float32Array, got ${String(values)}`)
+    if (this.#disposed) throw new TypeError('Tensor.set: the tensor was disposed')
+    const shape = this.shapeView()
+    const n = elementCount(shape)
+    if (values.length !== n) throw new RangeError(`Tensor.set: the tensor has ${n} values, got ${values.length}`)
+    // a native copy on the tensor's own device and dtype, moved in by `assign`, then freed
+    // at once (not left for a finalizer after the event loop turns)
+    const src = call(() => native.NativeTensor.fromArray(values, [...shape], this.dtype, this.device), 'Tensor.set')
+    try {
+      call(() => this.native.assign(src), 'Tensor.set')
+    } finally {
+      src.dispose()
+    }
   }
 
   /** A copy with another dtype and/or device. */
@@ -133,9 +166,13 @@ export class Tensor {
  * addon made would be freed only by a finalizer after the event loop turns (see `copyTo`).
  */
 export function readValues(t: NativeTensor, shape: readonly number[]): Float32Array {
-  const out = new Float32Array(shape.reduce((a, b) => a * b, 1))
+  const out = new Float32Array(elementCount(shape))
   call(() => t.copyTo(out))
   return out
+}
+
+function elementCount(shape: readonly number[]): number {
+  return shape.reduce((a, b) => a * b, 1)
 }
 
 /** The largest dim the native side takes (it reads dims as unsigned 32-bit integers). */
