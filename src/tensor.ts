@@ -136,12 +136,14 @@ export class Tensor {
   /**
    * Copies `values` (row-major, as many as the tensor has) into this tensor, in place: its
    * identity, shape, dtype and device stay, so an optimizer holding it sees the new values.
-   * @throws TypeError when `values` is not a Float32Array or the tensor was disposed;
-   * RangeError when the number of values differs from the element count.
+   * @throws TypeError when `values` is not a Float32Array, the tensor was disposed or a
+   * pending `stepAsync`/`updateAsync` reads it; RangeError when the number of values differs from the element count.
    */
   set(values: Float32Array): void {
     if (!(values instanceof Float32Array)) throw new TypeError(`Tensor.set: values must be a Float32Array, got ${String(values)}`)
-    if (this.#disposed) throw new TypeError('Tensor.set: the tensor was disposed')
+    if (this.disposed) throw new TypeError('Tensor.set: the tensor was disposed')
+    // a pending async step reads these values on another thread
+    if (this.uses > 0) throw new TypeError('Tensor.set: the tensor is in use by a pending stepAsync/updateAsync; await it first')
     const shape = this.shapeView()
     const n = elementCount(shape)
     if (values.length !== n) throw new RangeError(`Tensor.set: the tensor has ${n} values, got ${values.length}`)
