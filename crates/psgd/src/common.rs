@@ -163,9 +163,10 @@ pub fn global_init_scale(inputs: &FitInputs, v: Option<&Tensor>, h: &Tensor) -> 
         _ => Tensor::new(h.elem_count() as f32, h.device())?,
     };
     let s = (num / hh)?.sqrt()?.sqrt()?;
-    // one read-back, on the first fit only
-    let v = s.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-    Ok(Tensor::new(finite_scale(v), h.device())?)
+    // [`finite_scale`] on the device (no read-back): `0·s` is 0 exactly when `s` is
+    // finite (NaN and ±Inf give NaN, which equals nothing)
+    let finite = (&s * 0.0)?.eq(0f32)?;
+    Ok(finite.where_cond(&s, &s.ones_like()?)?)
 }
 
 /// The initial scale `s`, or 1 when it is not finite: the inputs of the first fit carry no
@@ -197,4 +198,44 @@ pub fn global_init_scale_host(inputs: &FitInputs, v: Option<&Flat>, h: &Flat) ->
 /// `max(x, 1e-25)` for a 0-d tensor (psgd-jax's `add_eps`).
 pub fn add_eps(x: &Tensor) -> Result<Tensor> {
     Ok(x.maximum(1e-25)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::precision::Precision;
+    use crate::step::StepNormalizer;
+    use candle_core::Device;
+
+    /// The candle-op path keeps the reference's finite scales and gives 1 where psgd-jax
+    /// divides by `Σh² = 0`, as the host path does.
+    #[test]
+    fn init_scale_is_the_reference_s_or_1_without_signal() {
+        let inputs = |hessian| FitInputs {
+            vectors: None,
+            hvps: &[],
+            hessian,
+            first: true,
+            precond_lr: 0.1,
+            init_scale: None,
+            normalizer: StepNormalizer::Second,
+            precision: Precision::Float32,
+        };
+        let dev = Device::Cpu;
+        let h = Tensor::new(&[1f32, 2., 2.], &dev).unwrap();
+        let v = Tensor::new(&[3f32, 0., 4.], &dev).unwrap();
+        let zero = h.zeros_like().unwrap();
+        let at = |hessian, v: Option<&Tensor>, h: &Tensor| {
+            global_init_scale(&inputs(hessian), v, h)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // (Σv²/Σh²)^¼ = (25/9)^¼ and (n/Σh²)^¼ = (3/9)^¼
+        assert!((at(true, Some(&v), &h) - (25f32 / 9.).powf(0.25)).abs() < 1e-6);
+        assert!((at(false, None, &h) - (3f32 / 9.).powf(0.25)).abs() < 1e-6);
+        // no signal: 1, not Inf (n/0) or NaN (0/0)
+        assert_eq!(at(false, None, &zero), 1.0);
+        assert_eq!(at(true, Some(&zero), &zero), 1.0);
+    }
 }
