@@ -1,0 +1,52 @@
+/**
+ * The optimizers the examples compare, by name: PSGD Kron and Affine through the
+ * `psgd/tfjs` adapter, and TensorFlow.js's own Adam.
+ */
+import * as tf from '@tensorflow/tfjs-core'
+import { AffineOptimizer, KronOptimizer } from '../../tfjs'
+
+export type OptimizerName = 'adam' | 'kron' | 'affine'
+
+export const LABELS: Record<OptimizerName, string> = {
+  adam: 'Adam (tfjs)',
+  kron: 'Kron',
+  affine: 'Affine',
+}
+
+/** A learning rate, or a schedule of the number of steps already taken (0 at the first). */
+export type LearningRate = number | ((step: number) => number)
+
+/**
+ * A fresh optimizer; `seed` seeds PSGD's probe vectors (Adam draws nothing). PSGD takes a
+ * schedule as it is; tfjs's Adam has no schedule, so its learning rate is set before each
+ * step.
+ */
+export function makeOptimizer(name: OptimizerName, learningRate: LearningRate, seed = 0): tf.Optimizer {
+  switch (name) {
+    case 'adam':
+      return typeof learningRate === 'number' ? tf.train.adam(learningRate) : scheduled(tf.train.adam(learningRate(0)), learningRate)
+    case 'kron':
+      return new KronOptimizer({ learningRate, seed })
+    case 'affine':
+      return new AffineOptimizer({ learningRate, seed })
+  }
+}
+
+/** Parse a comma-separated list of optimizer names (as given to `--optimizers`). */
+export function parseOptimizerNames(list: string): OptimizerName[] {
+  const names = list.split(',').map((s) => s.trim())
+  for (const n of names) if (!(n in LABELS)) throw new Error(`unknown optimizer '${n}' (known: ${Object.keys(LABELS).join(', ')})`)
+  return names as OptimizerName[]
+}
+
+/** `opt` with its `learningRate` field set from `schedule` before each step. */
+function scheduled(opt: tf.AdamOptimizer, schedule: (step: number) => number): tf.Optimizer {
+  const apply = opt.applyGradients.bind(opt)
+  let step = 0
+  opt.applyGradients = (grads) => {
+    // tfjs's optimizers read this (protected) field at each step
+    ;(opt as unknown as { learningRate: number }).learningRate = schedule(step++)
+    apply(grads)
+  }
+  return opt
+}
