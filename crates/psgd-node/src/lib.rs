@@ -774,3 +774,15 @@ impl NativeProbe {
         Ok(vec![Tensor::wrap_all(&env, h), Tensor::wrap_all(&env, v)])
     }
 }
+
+/// Node-API's module version, read by Node when it loads the addon. The experimental
+/// version makes Node run the finalizers of collected wrappers during garbage collection,
+/// instead of queueing them until the event loop turns: a synchronous loop that creates
+/// `Tensor`s and drops them without `dispose` then gets their native memory back as soon
+/// as V8 collects them (V8 collects early because every wrapper reports its bytes as
+/// external memory). Our finalizers only free Rust memory and adjust that count, which
+/// Node allows from the collector.
+#[no_mangle]
+pub extern "C" fn node_api_module_get_api_version_v1() -> i32 {
+    i32::MAX // NAPI_VERSION_EXPERIMENTAL
+}
