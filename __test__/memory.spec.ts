@@ -26,8 +26,7 @@ for (const [name, Ctor] of Object.entries(classes)) {
     const opt = new Ctor(params, { learningRate: 0.01, preconditionerUpdateProbability: 1 })
     const before = Array.from(params.w.toArray())
     const start = liveTensorBytes()
-    // N-API runs the finalizers of collected objects only when the event loop turns, which
-    // it never does in here: whatever the steps did not dispose would still count.
+    // no collection is forced in here: whatever the steps did not dispose would still count
     for (let i = 0; i < 20; i++) opt.step(grads)
     t.is(liveTensorBytes() - start, 0)
     t.notDeepEqual(Array.from(params.w.toArray()), before, 'the steps changed the params')

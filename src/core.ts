@@ -156,9 +156,9 @@ function toNative(leaf: Leaf, path: string, what: string, device: string, temps:
 }
 
 /**
- * Frees native tensors made for one call. Left to the garbage collector, their memory would
- * come back only after the event loop turns (N-API runs finalizers there), so a synchronous
- * loop of steps on `{ data, shape }` leaves would hold every step's copies.
+ * Frees native tensors made for one call at once: left to the garbage collector, each
+ * step on `{ data, shape }` leaves would add its copies to the heap until the next
+ * collection, and RSS would follow the collector's pace instead of staying flat.
  */
 function disposeAll(temps: NativeTensor[]): void {
   for (const t of temps) t.dispose()
@@ -623,8 +623,8 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
       else if (typeof leaf === 'number') p.set[i](v)
       else leaf.data.set((v as ArrayLeaf).data)
     })
-    // Nobody else sees these: free them now, not when a finalizer gets to them after the
-    // event loop turns, or a synchronous training loop holds one model-sized copy per step.
+    // Nobody else sees these: free them now, not at the next collection, or a training
+    // loop holds several model-sized copies between collections.
     for (const t of [...u.leaves, ...next]) if (t instanceof Tensor) t.dispose()
   }
 

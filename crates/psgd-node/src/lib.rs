@@ -205,9 +205,9 @@ impl ObjectFinalize for Tensor {
     }
 }
 
-/// Bytes held by native tensors whose JS wrappers are alive or not yet finalized. N-API runs
-/// the finalizers of collected wrappers only when the event loop turns, so a synchronous
-/// loop that drops tensors without `dispose` shows here as growth.
+/// Bytes held by native tensors whose JS wrappers are alive or not yet collected (disposed
+/// ones excluded): a loop that drops tensors without `dispose` shows here what the next
+/// collection will free.
 #[napi]
 pub fn live_tensor_bytes() -> f64 {
     LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64
@@ -284,8 +284,8 @@ impl Tensor {
 
     /// Copies the values as float32, row-major, into `out` (which must have the tensor's
     /// element count). The caller allocates it in JS: a typed array made here would be an
-    /// external buffer, freed only by a finalizer that N-API runs after the event loop
-    /// turns, so a synchronous loop reading values would hold every copy it ever read.
+    /// external buffer that V8 does not count in its heap, freed by a finalizer, so a loop
+    /// reading values could hold many copies before the collector noticed them.
     #[napi]
     pub fn copy_to(&self, env: Env, mut out: Float32ArraySlice) -> Result<()> {
         // SAFETY: this synchronous call runs on the JS thread, so no JS code touches the
