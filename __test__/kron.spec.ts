@@ -1,5 +1,5 @@
 import test from 'ava'
-import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type PyTree } from '../index'
+import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type ArrayLeaf, type PyTree } from '../index'
 import { leaf, snapshot, sumSquares, twice, values } from './helpers'
 
 test("the seed's quadratic toy problem converges below 1e-4 (the README's code)", (t) => {
@@ -287,7 +287,7 @@ test('preconditionerInitScale: null takes the initial scale from the first gradi
       },
       st,
       params,
-    ) as [{ w: { data: Float32Array } }, unknown]
+    ) as [{ w: ArrayLeaf }, unknown]
     return Array.from(u.w.data)
   }
   const unit = first(1, null)
