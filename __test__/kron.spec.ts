@@ -1,5 +1,5 @@
 import test from 'ava'
-import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type PyTree } from '../index'
+import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type ArrayLeaf, type PyTree } from '../index'
 import { leaf, snapshot, sumSquares, twice, values } from './helpers'
 
 test("the seed's quadratic toy problem converges below 1e-4 (the README's code)", (t) => {
@@ -271,4 +271,39 @@ test('a leaf with 14 axes gets one factor per axis (no axis limit)', (t) => {
       .toString(),
   )
   t.is(Object.keys(header).filter((k) => k.startsWith('Q.0.')).length, 14)
+})
+
+test('preconditionerInitScale: null takes the initial scale from the first gradient, so the first update does not depend on the gradient scale', (t) => {
+  const first = (k: number, preconditionerInitScale: number | null | undefined) => {
+    const opt = kron({ learningRate: 0.1, preconditionerUpdateProbability: 0, preconditionerInitScale })
+    const params = { w: leaf(values(24, 3), [4, 6]) }
+    const st = opt.init(params)
+    const [u] = opt.update(
+      {
+        w: leaf(
+          values(24, 5).map((v) => v * k),
+          [4, 6],
+        ),
+      },
+      st,
+      params,
+    ) as [{ w: ArrayLeaf }, unknown]
+    return Array.from(u.w.data)
+  }
+  const unit = first(1, null)
+  for (const k of [1e-4, 1e3]) {
+    const scaled = first(k, null)
+    scaled.forEach((v, i) => t.true(Math.abs(v - unit[i]) <= 1e-5 * Math.abs(unit[i]) + 1e-9, `k=${k}, [${i}]: ${v} vs ${unit[i]}`))
+  }
+  // psgd-jax's default (scale 1): a small gradient gives a proportionally small first update
+  const plain = first(1, undefined)
+  const small = first(1e-4, undefined)
+  t.true(Math.abs(small[0]) < 1e-3 * Math.abs(plain[0]), `${small[0]} vs ${plain[0]}`)
+  // the automatic scale trains, and a string is still a TypeError
+  const params = { w: leaf(values(24, 3), [4, 6]), b: leaf(values(6, 4)) }
+  const opt = new Kron(params, { learningRate: 0.02, preconditionerInitScale: null })
+  const start = sumSquares(params)
+  for (let i = 0; i < 40; i++) opt.step(twice(params))
+  t.true(sumSquares(params) < 0.5 * start)
+  t.throws(() => kron({ preconditionerInitScale: 'auto' as unknown as number }), { instanceOf: TypeError, message: /preconditionerInitScale/ })
 })

@@ -26,8 +26,7 @@ for (const [name, Ctor] of Object.entries(classes)) {
     const opt = new Ctor(params, { learningRate: 0.01, preconditionerUpdateProbability: 1 })
     const before = Array.from(params.w.toArray())
     const start = liveTensorBytes()
-    // N-API runs the finalizers of collected objects only when the event loop turns, which
-    // it never does in here: whatever the steps did not dispose would still count.
+    // no collection is forced in here: whatever the steps did not dispose would still count
     for (let i = 0; i < 20; i++) opt.step(grads)
     t.is(liveTensorBytes() - start, 0)
     t.notDeepEqual(Array.from(params.w.toArray()), before, 'the steps changed the params')
@@ -66,4 +65,49 @@ test.serial('a disposed tensor throws a TypeError when used, naming the leaf, an
   t.throws(() => opt.update(grads, state, params), { instanceOf: TypeError, message: /grads 'deep\.0': the tensor was disposed/ })
   t.is(state.count, 0)
   t.throws(() => applyUpdates(params, grads), { instanceOf: TypeError, message: /updates 'deep\.0': the tensor was disposed/ })
+})
+
+test.serial('OptimizerState.dispose frees the native state at once; any later use is a TypeError; refused while a step is in flight', async (t) => {
+  const params = tree(8)
+  const grads = tree(9)
+  const opt = xmat({ learningRate: 0.01 })
+  const state = opt.init(params)
+  opt.update(grads, state, params)
+  // refused while updateAsync runs, and the state stays usable
+  const pending = opt.updateAsync(grads, state, params)
+  t.throws(() => state.dispose(), { instanceOf: Error, message: /still running/ })
+  await pending
+  t.is(state.count, 2)
+  t.false(state.disposed)
+  state.dispose()
+  state.dispose() // idempotent
+  t.true(state.disposed)
+  t.true(state.handle.disposed, 'the native tensors were dropped')
+  t.throws(() => opt.update(grads, state, params), { instanceOf: TypeError, message: /the state was disposed/ })
+  t.throws(() => state.toBytes(), { instanceOf: TypeError, message: /the state was disposed/ })
+  t.throws(() => state.clone(), { instanceOf: TypeError, message: /the state was disposed/ })
+  t.throws(() => state.count, { instanceOf: TypeError, message: /the state was disposed/ })
+  await t.throwsAsync(() => opt.updateAsync(grads, state, params), { instanceOf: TypeError, message: /the state was disposed/ })
+  // the native side refuses too, should anything reach it
+  t.throws(() => state.handle.count, { message: /disposed/ })
+})
+
+test.serial('PsgdOptimizer.dispose frees its state and keeps the params; later steps are a TypeError', async (t) => {
+  const params = tree(10)
+  const grads = tree(11)
+  const opt = new Kron(params, { learningRate: 0.01 })
+  opt.step(grads)
+  const after = Array.from(params.w.toArray())
+  const pending = opt.stepAsync(grads)
+  t.throws(() => opt.dispose(), { instanceOf: Error, message: /still running/ })
+  await pending
+  const now = Array.from(params.w.toArray())
+  t.notDeepEqual(now, after)
+  opt.dispose()
+  t.true(opt.state.disposed)
+  t.throws(() => opt.step(grads), { instanceOf: TypeError, message: /the state was disposed/ })
+  await t.throwsAsync(() => opt.stepAsync(grads), { instanceOf: TypeError, message: /the state was disposed/ })
+  t.throws(() => opt.stateDict(), { instanceOf: TypeError, message: /the state was disposed/ })
+  t.deepEqual(Array.from(params.w.toArray()), now, 'the params stay as the last step left them')
+  t.false(params.w.disposed)
 })

@@ -44,7 +44,13 @@ export function tfjsSuite(test: TestFn, backend: string): void {
       const last = tf.tidy(() => loss().dataSync()[0])
       t.true(last < first / 4, `loss ${first} → ${last}`)
       t.is(opt.iterations, 30)
+      // dispose frees the native states at once, and the optimizer refuses further use
+      const states = [...(opt as unknown as { groups: Map<string, { state: { disposed: boolean; handle: { disposed: boolean } } }> }).groups.values()].map(
+        (g) => g.state,
+      )
       opt.dispose()
+      t.true(states.length > 0 && states.every((s) => s.disposed && s.handle.disposed))
+      t.throws(() => opt.minimize(loss), { instanceOf: TypeError, message: /disposed/ })
       tf.dispose([w, target])
     })
   }

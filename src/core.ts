@@ -156,9 +156,9 @@ function toNative(leaf: Leaf, path: string, what: string, device: string, temps:
 }
 
 /**
- * Frees native tensors made for one call. Left to the garbage collector, their memory would
- * come back only after the event loop turns (N-API runs finalizers there), so a synchronous
- * loop of steps on `{ data, shape }` leaves would hold every step's copies.
+ * Frees native tensors made for one call at once: left to the garbage collector, each
+ * step on `{ data, shape }` leaves would add its copies to the heap until the next
+ * collection, and RSS would follow the collector's pace instead of staying flat.
  */
 function disposeAll(temps: NativeTensor[]): void {
   for (const t of temps) t.dispose()
@@ -265,6 +265,8 @@ export class OptimizerState {
   readonly config: string
   /** @internal Whether an async step on this state is in flight (see {@link OptimizerState.idle}). */
   pending = false
+  // set by `dispose`, so that every use checks it without an N-API call
+  private disposeCalled = false
 
   /** @internal States are made by an optimizer's `init`. */
   constructor(handle: NativeState, optimizer: NativeOptimizer, layout: Layout, owner: string, config: string) {
@@ -281,6 +283,7 @@ export class OptimizerState {
    * step would read stale schedules; a save would see a state the params do not have yet).
    */
   idle(what: string): void {
+    if (this.disposeCalled) throw new TypeError(`${this.owner}: ${what}: the state was disposed`)
     if (this.pending) {
       throw new Error(`${this.owner}: ${what}: an updateAsync/stepAsync on this state is still running; await it first`)
     }
@@ -288,7 +291,27 @@ export class OptimizerState {
 
   /** Steps taken so far. */
   get count(): number {
+    if (this.disposeCalled) throw new TypeError(`${this.owner}: count: the state was disposed`)
     return this.handle.count
+  }
+
+  /** Whether {@link OptimizerState.dispose} was called. */
+  get disposed(): boolean {
+    return this.disposeCalled
+  }
+
+  /**
+   * Frees the state's native tensors (momentum and preconditioner factors) now, instead of
+   * when the garbage collector gets to this object (V8 does not see their size). Any later
+   * use of the state throws a `TypeError`. Idempotent.
+   * @throws Error while an `updateAsync`/`stepAsync` on this state is in flight (await it first).
+   */
+  dispose(): void {
+    if (this.pending) {
+      throw new Error(`${this.owner}: dispose: an updateAsync/stepAsync on this state is still running; await it first`)
+    }
+    this.disposeCalled = true
+    this.handle.dispose()
   }
 
   /** The leaf paths this state was made for, in order. */
@@ -623,8 +646,8 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
       else if (typeof leaf === 'number') p.set[i](v)
       else leaf.data.set((v as ArrayLeaf).data)
     })
-    // Nobody else sees these: free them now, not when a finalizer gets to them after the
-    // event loop turns, or a synchronous training loop holds one model-sized copy per step.
+    // Nobody else sees these: free them now, not at the next collection, or a training
+    // loop holds several model-sized copies between collections.
     for (const t of [...u.leaves, ...next]) if (t instanceof Tensor) t.dispose()
   }
 
@@ -643,6 +666,7 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
    */
   async stepAsync(grads: PyTree, extra?: UpdateExtra): Promise<void> {
     this.enter()
+    this.state.idle('stepAsync')
     this.busy = true
     // tensors are immutable natively, so this copy is handles only
     const before = this.state.handle.clone()
@@ -669,5 +693,15 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
   loadStateDict(bytes: Uint8Array): void {
     this.enter()
     this.state.loadBytes(bytes)
+  }
+
+  /**
+   * Frees the optimizer state's native memory now (see {@link OptimizerState.dispose}); the
+   * params are the caller's and stay. Later steps throw a `TypeError`. Idempotent.
+   * @throws Error while a {@link PsgdOptimizer.stepAsync} is running.
+   */
+  dispose(): void {
+    this.enter()
+    this.state.dispose()
   }
 }

@@ -23,6 +23,8 @@ export interface NativeTensor {
 export interface NativeState {
   clone(): NativeState
   readonly count: number
+  dispose(): void
+  readonly disposed: boolean
 }
 
 /** One leaf as the native optimizer sees it. */

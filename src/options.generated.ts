@@ -131,9 +131,13 @@ export interface KronNativeOptions {
   preconditionerLr?: number
   /**
    * Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
-   * Default 1.
+   * Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
+   * `g` of each leaf (of each layer with `scannedLayers`), `mean(|g|⁴)^(-1/8)`
+   * as psgd_torch's newer Kron does, so that the first preconditioned gradient
+   * has an RMS near 1 whatever the gradient's scale; 1 for a gradient of all
+   * zeros. Not in psgd-jax.
    */
-  preconditionerInitScale?: number
+  preconditionerInitScale?: number | null
   /**
    * Clip the incoming gradients to this global L2 norm before anything else
    * (momentum and the preconditioner fit see the clipped gradients). Not in

@@ -267,8 +267,9 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     return new cls(options)
   }
 
-  /** Drops the native states (their memory goes back to the allocator when collected); later use throws a TypeError. */
+  /** Frees the native states now (momentum and preconditioner factors); later use throws a TypeError. */
   override dispose(): void {
+    for (const g of this.groups.values()) g.state.dispose()
     this.groups.clear()
     this.pending = []
     this.disposed = true

@@ -71,8 +71,15 @@ fn no_panic<T>(f: impl FnOnce() -> psgd::Result<T>) -> psgd::Result<T> {
 
 /// Locks a state. A panic caught by [`no_panic`] while the lock was held poisons it, but
 /// leaves the state as it was (a step replaces it only at its end), so it stays usable.
-fn lock(m: &Mutex<AnyState>) -> std::sync::MutexGuard<'_, AnyState> {
+fn lock(m: &Mutex<Option<AnyState>>) -> std::sync::MutexGuard<'_, Option<AnyState>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The state a guard holds, or an error once [`NativeState::dispose`] dropped it (the
+/// TypeScript layer refuses a disposed state first, with a `TypeError`).
+fn held(s: &Option<AnyState>) -> psgd::Result<&AnyState> {
+    s.as_ref()
+        .ok_or_else(|| PsgdError::State("the state was disposed".to_string()))
 }
 
 /// Devices are created once per name: candle only combines tensors of the same device.
@@ -205,9 +212,9 @@ impl ObjectFinalize for Tensor {
     }
 }
 
-/// Bytes held by native tensors whose JS wrappers are alive or not yet finalized. N-API runs
-/// the finalizers of collected wrappers only when the event loop turns, so a synchronous
-/// loop that drops tensors without `dispose` shows here as growth.
+/// Bytes held by native tensors whose JS wrappers are alive or not yet collected (disposed
+/// ones excluded): a loop that drops tensors without `dispose` shows here what the next
+/// collection will free.
 #[napi]
 pub fn live_tensor_bytes() -> f64 {
     LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64
@@ -284,8 +291,8 @@ impl Tensor {
 
     /// Copies the values as float32, row-major, into `out` (which must have the tensor's
     /// element count). The caller allocates it in JS: a typed array made here would be an
-    /// external buffer, freed only by a finalizer that N-API runs after the event loop
-    /// turns, so a synchronous loop reading values would hold every copy it ever read.
+    /// external buffer that V8 does not count in its heap, freed by a finalizer, so a loop
+    /// reading values could hold many copies before the collector noticed them.
     #[napi]
     pub fn copy_to(&self, env: Env, mut out: Float32ArraySlice) -> Result<()> {
         // SAFETY: this synchronous call runs on the JS thread, so no JS code touches the
@@ -352,23 +359,48 @@ impl Tensor {
 /// An optimizer's state: an opaque handle, advanced in place by `update`.
 #[napi]
 pub struct NativeState {
-    inner: Arc<Mutex<AnyState>>,
+    /// `None` once disposed.
+    inner: Arc<Mutex<Option<AnyState>>>,
+}
+
+impl NativeState {
+    fn of(s: AnyState) -> NativeState {
+        NativeState {
+            inner: Arc::new(Mutex::new(Some(s))),
+        }
+    }
 }
 
 #[napi]
 impl NativeState {
     /// An independent copy (tensors are immutable, so this is cheap).
     #[napi(js_name = "clone")]
-    pub fn clone_state(&self) -> NativeState {
-        NativeState {
-            inner: Arc::new(Mutex::new(lock(&self.inner).clone())),
-        }
+    pub fn clone_state(&self, env: Env) -> Result<NativeState> {
+        let s = lock(&self.inner);
+        Ok(NativeState::of(
+            held(&s).map_err(|e| js_err(&env, e))?.clone(),
+        ))
     }
 
     /// Steps taken.
     #[napi(getter)]
-    pub fn count(&self) -> f64 {
-        lock(&self.inner).count() as f64
+    pub fn count(&self, env: Env) -> Result<f64> {
+        let s = lock(&self.inner);
+        Ok(held(&s).map_err(|e| js_err(&env, e))?.count() as f64)
+    }
+
+    /// Frees the state's tensors now (the momentum and the preconditioner), instead of
+    /// when the collector gets to this object; later use is an error. Idempotent. A
+    /// pending async step keeps its own reference and finishes first (the lock).
+    #[napi]
+    pub fn dispose(&self) {
+        lock(&self.inner).take();
+    }
+
+    /// Whether [`Self::dispose`] was called.
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        lock(&self.inner).is_none()
     }
 }
 
@@ -439,7 +471,7 @@ fn curvature_of(
 /// succeed (a failure leaves it as it was).
 fn run_update<R>(
     opt: &AnyTransform,
-    state: &Mutex<AnyState>,
+    state: &Mutex<Option<AnyState>>,
     grads: &[candle_core::Tensor],
     params: Option<&[candle_core::Tensor]>,
     step: &StepInput,
@@ -448,11 +480,12 @@ fn run_update<R>(
 ) -> psgd::Result<R> {
     let mut guard = lock(state);
     no_panic(|| {
-        let hyper = hyper_of(opt, &guard, step)?;
-        let (updates, next) = opt.update_seeded(grads, &guard, params, hyper, curvature)?;
+        let current = held(&guard)?;
+        let hyper = hyper_of(opt, current, step)?;
+        let (updates, next) = opt.update_seeded(grads, current, params, hyper, curvature)?;
         let out = then(updates)?;
         // only a step that fully succeeded replaces the state
-        *guard = next;
+        *guard = Some(next);
         Ok(out)
     })
 }
@@ -460,7 +493,7 @@ fn run_update<R>(
 /// The work of `updateAsync`, run on the libuv thread pool.
 pub struct UpdateTask {
     opt: Arc<AnyTransform>,
-    state: Arc<Mutex<AnyState>>,
+    state: Arc<Mutex<Option<AnyState>>>,
     grads: Vec<candle_core::Tensor>,
     params: Option<Vec<candle_core::Tensor>>,
     step: StepInput,
@@ -536,9 +569,7 @@ impl NativeOptimizer {
     pub fn init(&self, env: Env, params: Vec<&Tensor>) -> Result<NativeState> {
         let params = tensors(&env, &params)?;
         let s = no_panic(|| self.inner.init(&params)).map_err(|e| js_err(&env, e))?;
-        Ok(NativeState {
-            inner: Arc::new(Mutex::new(s)),
-        })
+        Ok(NativeState::of(s))
     }
 
     /// One step: returns the updates and advances `state` in place (only on success).
@@ -633,7 +664,7 @@ impl NativeOptimizer {
     #[napi]
     pub fn state_to_bytes(&self, env: Env, state: &NativeState) -> Result<Buffer> {
         let s = lock(&state.inner);
-        Ok(no_panic(|| self.inner.state_to_bytes(&s))
+        Ok(no_panic(|| self.inner.state_to_bytes(held(&s)?))
             .map_err(|e| js_err(&env, e))?
             .into())
     }
@@ -649,17 +680,17 @@ impl NativeOptimizer {
         let dev = device(&env, &device_name)?;
         let s =
             no_panic(|| self.inner.state_from_bytes(bytes, &dev)).map_err(|e| js_err(&env, e))?;
-        Ok(NativeState {
-            inner: Arc::new(Mutex::new(s)),
-        })
+        Ok(NativeState::of(s))
     }
 
     /// Makes `target` hold `source`'s state (both of this optimizer).
     #[napi]
     pub fn copy_state(&self, env: Env, source: &NativeState, target: &NativeState) -> Result<()> {
-        let s = lock(&source.inner).clone();
+        let s = held(&lock(&source.inner))
+            .map_err(|e| js_err(&env, e))?
+            .clone();
         self.inner.check_variant(&s).map_err(|e| js_err(&env, e))?;
-        *lock(&target.inner) = s;
+        *lock(&target.inner) = Some(s);
         Ok(())
     }
 }
@@ -773,4 +804,16 @@ impl NativeProbe {
             .map_err(|e| js_err(&env, e))?;
         Ok(vec![Tensor::wrap_all(&env, h), Tensor::wrap_all(&env, v)])
     }
+}
+
+/// Node-API's module version, read by Node when it loads the addon. The experimental
+/// version makes Node run the finalizers of collected wrappers during garbage collection,
+/// instead of queueing them until the event loop turns: a synchronous loop that creates
+/// `Tensor`s and drops them without `dispose` then gets their native memory back as soon
+/// as V8 collects them (V8 collects early because every wrapper reports its bytes as
+/// external memory). Our finalizers only free Rust memory and adjust that count, which
+/// Node allows from the collector.
+#[no_mangle]
+pub extern "C" fn node_api_module_get_api_version_v1() -> i32 {
+    i32::MAX // NAPI_VERSION_EXPERIMENTAL
 }

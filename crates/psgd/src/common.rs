@@ -162,11 +162,14 @@ pub fn global_init_scale(inputs: &FitInputs, v: Option<&Tensor>, h: &Tensor) -> 
         (true, Some(v)) => v.sqr()?.sum_all()?,
         _ => Tensor::new(h.elem_count() as f32, h.device())?,
     };
-    let s = (num / hh)?.sqrt()?.sqrt()?;
-    // [`finite_scale`] on the device (no read-back): `0·s` is 0 exactly when `s` is
-    // finite (NaN and ±Inf give NaN, which equals nothing)
-    let finite = (&s * 0.0)?.eq(0f32)?;
-    Ok(finite.where_cond(&s, &s.ones_like()?)?)
+    finite_or_one(&(num / hh)?.sqrt()?.sqrt()?)
+}
+
+/// [`finite_scale`] on the device, elementwise (no read-back): `0·s` is 0 exactly where
+/// `s` is finite (NaN and ±Inf give NaN, which equals nothing).
+pub fn finite_or_one(s: &Tensor) -> Result<Tensor> {
+    let finite = (s * 0.0)?.eq(0f32)?;
+    Ok(finite.where_cond(s, &s.ones_like()?)?)
 }
 
 /// The initial scale `s`, or 1 when it is not finite: the inputs of the first fit carry no

@@ -1,6 +1,7 @@
 //! PSGD Kron: one preconditioner factor per tensor axis (triangular or diagonal), fitted by
 //! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
 
+use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
 use crate::kernels::fused::{self, Clip};
 use crate::kernels::linalg::{
@@ -71,8 +72,12 @@ crate::declare_options! {
         /// Step size of the preconditioner fit. Default 0.1.
         preconditioner_lr: f64 = 0.1, check check::finite;
         /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
-        /// Default 1.
-        preconditioner_init_scale: f64 = 1.0, check check::positive;
+        /// Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
+        /// `g` of each leaf (of each layer with `scannedLayers`), `mean(|g|⁴)^(-1/8)`
+        /// as psgd_torch's newer Kron does, so that the first preconditioned gradient
+        /// has an RMS near 1 whatever the gradient's scale; 1 for a gradient of all
+        /// zeros. Not in psgd-jax.
+        preconditioner_init_scale: Option<f64> = Some(1.0), check check::positive_or_none;
         /// Clip the incoming gradients to this global L2 norm before anything else
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
         /// psgd-jax. Default null (no clip).
@@ -125,7 +130,7 @@ impl VariantOptions for KronOptions {
             weight_decay: self.weight_decay,
             mu_dtype: self.mu_dtype.map(|d| d.0),
             seed: self.seed,
-            init_scale: Some(self.preconditioner_init_scale),
+            init_scale: self.preconditioner_init_scale,
             normalizer: StepNormalizer::Second,
             precision: self.update_precision(),
             decision: UpdateDecision::Counter,
@@ -199,7 +204,7 @@ impl LeafPlan {
                 diag: vec![true],
                 stored: vec![lead],
                 scanned: spec.scanned,
-                scale: o.preconditioner_init_scale,
+                scale: o.preconditioner_init_scale.unwrap_or(1.0),
             });
         }
         let largest = slice
@@ -235,7 +240,10 @@ impl LeafPlan {
             diag,
             stored,
             scanned: spec.scanned,
-            scale: o.preconditioner_init_scale.powf(1.0 / slice.len() as f64),
+            scale: o
+                .preconditioner_init_scale
+                .unwrap_or(1.0)
+                .powf(1.0 / slice.len() as f64),
         })
     }
 
@@ -258,6 +266,32 @@ impl LeafPlan {
         } else {
             q.reshape((self.batch, d, d))?
         })
+    }
+
+    /// The factors times the automatic initial scale taken from the gradient `g`: per
+    /// slice of the batch `s = mean(|g|⁴)^(-1/8)`, each of the `k` factors times `s^(1/k)`.
+    fn auto_scaled(&self, qs: &[Tensor], g: &Tensor) -> Result<Vec<Tensor>> {
+        let g = g
+            .to_dtype(DType::F32)?
+            .reshape((self.batch, self.numel()))?;
+        // mean(|g|⁴) = m⁴·mean(|g/m|⁴) with m = max|g|: no overflow for large gradients
+        let m = g.abs()?.max_keepdim(1)?;
+        let r = g.broadcast_div(&m)?.sqr()?.sqr()?.mean_keepdim(1)?;
+        let s = finite_or_one(&(m.sqrt()?.recip()? * r.powf(-0.125)?)?)?;
+        let per_factor = s.powf(1.0 / self.dims.len() as f64)?;
+        qs.iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let b = self.batched_q(i, q)?;
+                let f = if self.diag[i] {
+                    per_factor.clone()
+                } else {
+                    per_factor.unsqueeze(2)?
+                };
+                let stored = self.stored[i].as_slice();
+                Ok(b.broadcast_mul(&f)?.reshape(stored)?.to_dtype(q.dtype())?)
+            })
+            .collect()
     }
 
     fn init_factors(&self, dtype: DType, device: &Device) -> Result<Vec<Tensor>> {
@@ -553,6 +587,8 @@ pub struct KronFactors {
 #[derive(Debug, Clone)]
 pub struct KronPreconditioner {
     options: KronOptions,
+    /// `preconditionerInitScale: null`: the factors are scaled on the first step.
+    auto_scale: bool,
     leaves: Vec<LeafSpec>,
     plans: Vec<LeafPlan>,
 }
@@ -690,6 +726,7 @@ impl Preconditioner for KronPreconditioner {
             .map(|s| LeafPlan::new(s, o))
             .collect::<Result<Vec<_>>>()?;
         Ok(KronPreconditioner {
+            auto_scale: o.preconditioner_init_scale.is_none(),
             options: o.clone(),
             leaves: leaves.to_vec(),
             plans,
@@ -726,6 +763,16 @@ impl Preconditioner for KronPreconditioner {
             .map(|plan| plan.init_factors(self.precond_dtype(), device))
             .collect::<Result<Vec<_>>>()?;
         Ok(KronFactors { qs, ps: None })
+    }
+
+    fn first_step(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Option<KronFactors>> {
+        if !self.auto_scale {
+            return Ok(None);
+        }
+        let qs = stages::map_leaves(&self.leaves, |l| {
+            self.plans[l].auto_scaled(&st.qs[l], &grads[l])
+        })?;
+        Ok(Some(KronFactors { qs, ps: None }))
     }
 
     fn update(

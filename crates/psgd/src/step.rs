@@ -153,6 +153,13 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     }
     /// The initial preconditioner on `device`, drawing any random factors from `rng`.
     fn init(&self, device: &Device, rng: &mut dyn RandomSource) -> Result<Self::State>;
+    /// The preconditioner rescaled from the first step's gradients (float32, after
+    /// `gradClip`), before that step's fit decision; `None` keeps it. Called on the first
+    /// step only: Kron's automatic initial scale. (XMat, LRA and Affine take theirs inside
+    /// their first fit, as psgd-jax does.)
+    fn first_step(&self, _state: &Self::State, _grads: &[Tensor]) -> Result<Option<Self::State>> {
+        Ok(None)
+    }
     /// One fit of the preconditioner to the inputs.
     fn update(
         &self,
@@ -435,6 +442,11 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         let (mu, momentum) =
             stages::momentum_all(o.b1, o.nesterov, state.mu.as_ref(), &g32, count)?;
 
+        let scaled = match state.count {
+            0 => self.precond.first_step(&state.precond, &g32)?,
+            _ => None,
+        };
+        let start = scaled.as_ref().unwrap_or(&state.precond);
         let precond = if fit {
             let hvps = match (curvature, o.fit_source) {
                 (Some(c), _) => f32s(&c.hvp)?,
@@ -451,14 +463,14 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 normalizer: o.normalizer,
                 precision: o.precision,
             };
-            let mut fit = || self.precond.update(&state.precond, &inputs, rng);
+            let mut fit = || self.precond.update(start, &inputs, rng);
             if P::FIT_ON_POOL {
                 stages::on_pool(&self.leaves, fit)?
             } else {
                 fit()?
             }
         } else {
-            state.precond.clone()
+            start.clone()
         };
         let precond = self.precond.prepare_apply(precond, fit)?;
 

@@ -135,3 +135,117 @@ fn unknown_option_is_named() {
     assert!(serde_json::from_str::<KronOptions>(r#"{"b1": 1.5}"#).is_err());
     assert!(serde_json::from_str::<KronOptions>(r#"{"b2": 0.5}"#).is_err());
 }
+
+/// Kron with `preconditioner_init_scale: None` and no fit (probability 0), so that the
+/// factors after one step are exactly the initial ones.
+fn auto_scaled_kron(scale: Option<f64>, leaves: Vec<LeafSpec>) -> Kron {
+    let options = KronOptions {
+        preconditioner_init_scale: scale,
+        preconditioner_update_probability: Some(Schedule::Constant(0.0)),
+        ..Default::default()
+    };
+    Kron::new(leaves, options).unwrap()
+}
+
+/// `mean(|g|⁴)^(-1/8)` in float64, per slice of `per` values.
+fn expected_scales(g: &[f32], per: usize) -> Vec<f64> {
+    g.chunks(per)
+        .map(|c| {
+            let m4 = c.iter().map(|&x| (x as f64).powi(4)).sum::<f64>() / c.len() as f64;
+            m4.powf(-0.125)
+        })
+        .collect()
+}
+
+fn first_factors(kron: &Kron, grads: &[Tensor]) -> Vec<Vec<Tensor>> {
+    let params: Vec<Tensor> = grads.iter().map(|g| g.zeros_like().unwrap()).collect();
+    let state = kron.init(&params).unwrap();
+    let (updates, state) = kron.update(grads, &state, Some(&params)).unwrap();
+    for u in &updates {
+        let v = u.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "finite updates: {v:?}");
+    }
+    state.precond.qs
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * b.abs()
+}
+
+#[test]
+fn automatic_initial_scale_is_mean_g4_to_the_minus_eighth_per_leaf_and_layer() {
+    let dev = Device::Cpu;
+    let mut scanned = LeafSpec::new("layers", &[2, 3, 2]);
+    scanned.scanned = true;
+    let leaves = vec![
+        LeafSpec::new("w", &[3, 4]),
+        LeafSpec::new("s", &[]),
+        scanned,
+    ];
+    let data = |n: usize, k: f32| {
+        (0..n)
+            .map(|i| k * ((i as f32) * 0.7 - 1.3))
+            .collect::<Vec<_>>()
+    };
+    let (gw, gs, gl) = (data(12, 1.0), vec![-0.25f32], data(12, 3e4));
+    let grads = vec![
+        Tensor::from_slice(&gw, (3, 4), &dev).unwrap(),
+        Tensor::from_slice(&gs, (), &dev).unwrap(),
+        Tensor::from_slice(&gl, (2, 3, 2), &dev).unwrap(),
+    ];
+    let qs = first_factors(&auto_scaled_kron(None, leaves.clone()), &grads);
+
+    // w: two triangular factors, each s^(1/2)·I
+    let s = expected_scales(&gw, 12)[0];
+    for (q, d) in qs[0].iter().zip([3, 4]) {
+        let q = q.to_vec2::<f32>().unwrap();
+        for (i, row) in q.iter().enumerate().take(d) {
+            for (j, &x) in row.iter().enumerate() {
+                let want = if i == j { s.sqrt() } else { 0.0 };
+                assert!(close(x as f64, want), "w: Q[{i}][{j}] = {x}, want {want}");
+            }
+        }
+    }
+    // the scalar: one diagonal factor s
+    let q = qs[1][0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(close(q[0] as f64, expected_scales(&gs, 1)[0]), "{q:?}");
+    // scanned: each layer its own scale, each of its two factors s^(1/2)
+    let per_layer = expected_scales(&gl, 6);
+    assert!(per_layer[0] != per_layer[1]);
+    for q in &qs[2] {
+        let v = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = (v.len() / 2) as f64;
+        for (layer, &s) in per_layer.iter().enumerate() {
+            let block = &v[layer * v.len() / 2..(layer + 1) * v.len() / 2];
+            let trace: f64 = block.iter().map(|&x| x as f64).sum();
+            // the sum of a diagonal block is its trace: d·s^(1/2) (d²=len for a dense one)
+            let dim = if q.rank() == 3 { d.sqrt() } else { d };
+            assert!(
+                close(trace, dim * s.sqrt()),
+                "layer {layer}: {trace} vs {}",
+                dim * s.sqrt()
+            );
+        }
+    }
+
+    // the default (psgd-jax's scale 1) keeps the identity
+    let qs = first_factors(&auto_scaled_kron(Some(1.0), leaves), &grads);
+    let q = qs[0][0].to_vec2::<f32>().unwrap();
+    assert_eq!(q[0][0], 1.0);
+}
+
+#[test]
+fn automatic_initial_scale_without_signal_or_with_huge_gradients_stays_finite() {
+    let dev = Device::Cpu;
+    let leaves = vec![LeafSpec::new("w", &[3, 4])];
+    let kron = auto_scaled_kron(None, leaves);
+    // an all-zero gradient (an unused parameter): the scale is 1, not Inf
+    let qs = first_factors(&kron, &[Tensor::zeros((3, 4), DType::F32, &dev).unwrap()]);
+    assert_eq!(qs[0][0].to_vec2::<f32>().unwrap()[1][1], 1.0);
+    // values whose fourth power overflows float32: still mean(|g|⁴)^(-1/8)
+    let g: Vec<f32> = (0..12).map(|i| 1e30 * (1.0 + i as f32)).collect();
+    let qs = first_factors(&kron, &[Tensor::from_slice(&g, (3, 4), &dev).unwrap()]);
+    let want = expected_scales(&g, 12)[0].sqrt();
+    let got = qs[0][1].to_vec2::<f32>().unwrap()[2][2] as f64;
+    assert!(close(got, want), "{got} vs {want}");
+}
