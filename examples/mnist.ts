@@ -108,13 +108,28 @@ export async function trainMnist(c: MnistConfig): Promise<MnistRun> {
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/mnist.svg', ['epochs', 'train', 'test', 'batch', 'optimizers', 'lr-adam', 'lr-kron', 'lr-affine'])
+  const flags = parseFlags(argv, 'examples/out/mnist.svg', [
+    'epochs',
+    'train',
+    'test',
+    'batch',
+    'optimizers',
+    'lr-adam',
+    'lr-kron',
+    'lr-kron-auto',
+    'lr-affine',
+  ])
   await useCpuBackend()
   const epochs = num(flags, 'epochs', flags.smoke ? 2 : 3)
   const batchSize = num(flags, 'batch', 64)
   const { train, test } = split(flags.seed, num(flags, 'train', flags.smoke ? 256 : 8000), num(flags, 'test', flags.smoke ? 128 : 2000))
-  const names = parseOptimizerNames(flags.extra.optimizers ?? 'adam,kron,affine')
-  const lrs: Record<OptimizerName, number> = { adam: num(flags, 'lr-adam', 1e-3), kron: num(flags, 'lr-kron', 1e-3), affine: num(flags, 'lr-affine', 1e-3) }
+  const names = parseOptimizerNames(flags.extra.optimizers ?? 'adam,kron,kron-auto,affine')
+  const lrs: Record<OptimizerName, number> = {
+    adam: num(flags, 'lr-adam', 1e-3),
+    kron: num(flags, 'lr-kron', 1e-3),
+    'kron-auto': num(flags, 'lr-kron-auto', 1e-3),
+    affine: num(flags, 'lr-affine', 1e-3),
+  }
   const steps = epochs * Math.ceil(train.n / batchSize)
   const lossSeries: Series[] = []
   const accSeries: Series[] = []

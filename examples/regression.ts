@@ -7,7 +7,7 @@
  * preconditioner with off-diagonal terms, such as Kron's 32×32 factor, can undo it).
  * Reports the steps to reach loss/initial-loss ratios 1e-3 … 1e-6.
  *
- * `npm run example -- regression [--steps N] [--cond C] [--lr-kron X] [--lr-adam X] [--out FILE]`
+ * `npm run example -- regression [--steps N] [--cond C] [--lr-adam X] [--lr-kron X] [--lr-kron-auto X] [--lr-affine X] [--out FILE]`
  */
 import * as tf from '@tensorflow/tfjs-core'
 import { parseFlags, num } from './lib/cli'
@@ -127,12 +127,17 @@ export function trainRegression(
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/regression.svg', ['steps', 'cond', 'lr-kron', 'lr-adam', 'lr-affine'])
+  const flags = parseFlags(argv, 'examples/out/regression.svg', ['steps', 'cond', 'lr-adam', 'lr-kron', 'lr-kron-auto', 'lr-affine'])
   await useCpuBackend()
   const steps = num(flags, 'steps', flags.smoke ? 60 : 2000)
   const cond = num(flags, 'cond', 1e4)
-  const lrs: Record<OptimizerName, number> = { kron: num(flags, 'lr-kron', 0.03), adam: num(flags, 'lr-adam', 0.1), affine: num(flags, 'lr-affine', 0.03) }
-  const optimizers: OptimizerName[] = ['adam', 'kron', 'affine']
+  const lrs: Record<OptimizerName, number> = {
+    adam: num(flags, 'lr-adam', 0.1),
+    kron: num(flags, 'lr-kron', 0.03),
+    'kron-auto': num(flags, 'lr-kron-auto', 0.03),
+    affine: num(flags, 'lr-affine', 0.03),
+  }
+  const optimizers: OptimizerName[] = ['adam', 'kron', 'kron-auto', 'affine']
   const panels: Panel[] = []
   const runs: ExampleResult['runs'] = []
   const rows: string[] = []

@@ -72,7 +72,7 @@ export function lossAndGrad(
     // softplus(m), stable
     loss += m > 0 ? m + Math.log1p(Math.exp(-m)) : Math.log1p(Math.exp(m))
     // d softplus(m)/dz = sigmoid(m)·(−y)
-    dlogit[b] = (-y[b] / (1 + Math.exp(-m))) / B
+    dlogit[b] = -y[b] / (1 + Math.exp(-m)) / B
   }
   loss /= B
   if (!withGrad) return { loss, logits, grads: null }

@@ -12,13 +12,13 @@
  * through time written out in xor-rnn.ts (checked against tfjs's autodiff by a test), as
  * the same graph of tfjs ops costs several times more per step on the `cpu` backend.
  *
- * `npm run example -- xor [--length L] [--seeds N] [--steps N] [--lr-kron X] [--lr-adam X] [--out FILE]`
+ * `npm run example -- xor [--length L] [--seeds N] [--steps N] [--optimizers adam,kron,kron-auto] [--lr-kron X] [--lr-adam X] … [--out FILE]`
  */
 import * as tf from '@tensorflow/tfjs-core'
 import { parseFlags, num } from './lib/cli'
 import { ema, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
-import { LABELS, makeOptimizer, type OptimizerName } from './lib/optimizers'
+import { LABELS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
 import { Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Series } from './lib/svg-plot'
@@ -110,7 +110,10 @@ export function trainXor(
   const init = initialParams(rng)
   const keys = Object.keys(init) as (keyof RnnParams)[]
   const shapes = SHAPES(HIDDEN)
-  const vars = Object.fromEntries(keys.map((k) => [k, tf.variable(tf.tensor(init[k], shapes[k]), true, `xor_${id}_${k}`)])) as Record<keyof RnnParams, tf.Variable>
+  const vars = Object.fromEntries(keys.map((k) => [k, tf.variable(tf.tensor(init[k], shapes[k]), true, `xor_${id}_${k}`)])) as Record<
+    keyof RnnParams,
+    tf.Variable
+  >
   const current = (): RnnParams => Object.fromEntries(keys.map((k) => [k, vars[k].dataSync() as Float32Array])) as unknown as RnnParams
   const held = xorBatch(new Rng(seed + 1_000_003), length, 1024)
   const opt = makeOptimizer(optimizer, learningRate, seed)
@@ -143,17 +146,18 @@ export function trainXor(
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/xor.svg', ['length', 'seeds', 'steps', 'lr-kron', 'lr-adam'])
+  const flags = parseFlags(argv, 'examples/out/xor.svg', ['length', 'seeds', 'steps', 'optimizers', 'lr-adam', 'lr-kron', 'lr-kron-auto', 'lr-affine'])
   await useCpuBackend()
-  const length = num(flags, 'length', flags.smoke ? 8 : 32)
-  const seeds = num(flags, 'seeds', flags.smoke ? 1 : 4)
-  const steps = num(flags, 'steps', flags.smoke ? 40 : 3000)
-  const lrs: Partial<Record<OptimizerName, number>> = { kron: num(flags, 'lr-kron', 3e-3), adam: num(flags, 'lr-adam', 3e-3) }
+  const length = num(flags, 'length', flags.smoke ? 8 : 20)
+  const seeds = num(flags, 'seeds', flags.smoke ? 1 : 3)
+  const steps = num(flags, 'steps', flags.smoke ? 200 : 2000)
+  const names = parseOptimizerNames(flags.extra.optimizers ?? 'adam,kron')
+  const lrOf = (name: OptimizerName): number => num(flags, `lr-${name}`, 3e-3)
   const series: Series[] = []
   const runs: ExampleResult['runs'] = []
   const lines: string[] = []
-  for (const name of ['adam', 'kron'] as const) {
-    const lr = lrs[name]!
+  for (const name of names) {
+    const lr = lrOf(name)
     const label = `${LABELS[name]} lr ${lr}`
     let solved = 0
     for (let s = 0; s < seeds; s++) {
@@ -163,7 +167,9 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
       if (run.solvedAt !== null) solved++
       runs.push({ label: `${label} seed ${flags.seed + s}`, firstLoss: run.losses[0], lastLoss: run.heldOut[run.heldOut.length - 1][1] })
       series.push({ name: label, ...thin(ema(run.losses, 0.95), 300), opacity: s === 0 ? 1 : 0.45, noLegend: s > 0 })
-      lines.push(`${label}, seed ${flags.seed + s}: ${run.solvedAt !== null ? `solved at step ${run.solvedAt}` : `not solved in ${steps} steps`}, held-out accuracy ${(100 * run.accuracy).toFixed(1)}%`)
+      lines.push(
+        `${label}, seed ${flags.seed + s}: ${run.solvedAt !== null ? `solved at step ${run.solvedAt}` : `not solved in ${steps} steps`}, held-out accuracy ${(100 * run.accuracy).toFixed(1)}%`,
+      )
     }
     lines.push(`${label}: ${solved}/${seeds} seeds solved`)
   }

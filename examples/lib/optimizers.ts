@@ -1,15 +1,18 @@
 /**
- * The optimizers the examples compare, by name: PSGD Kron and Affine through the
- * `psgd/tfjs` adapter, and TensorFlow.js's own Adam.
+ * The optimizers the examples compare, by name: PSGD Kron (with psgd-jax's initial
+ * preconditioner scale 1, and with `preconditionerInitScale: null`, the scale taken from
+ * the first gradient) and Affine through the `psgd/tfjs` adapter, and TensorFlow.js's own
+ * Adam. Every other option is the default.
  */
 import * as tf from '@tensorflow/tfjs-core'
 import { AffineOptimizer, KronOptimizer } from '../../tfjs'
 
-export type OptimizerName = 'adam' | 'kron' | 'affine'
+export type OptimizerName = 'adam' | 'kron' | 'kron-auto' | 'affine'
 
 export const LABELS: Record<OptimizerName, string> = {
   adam: 'Adam (tfjs)',
   kron: 'Kron',
+  'kron-auto': 'Kron auto-scale',
   affine: 'Affine',
 }
 
@@ -27,6 +30,8 @@ export function makeOptimizer(name: OptimizerName, learningRate: LearningRate, s
       return typeof learningRate === 'number' ? tf.train.adam(learningRate) : scheduled(tf.train.adam(learningRate(0)), learningRate)
     case 'kron':
       return new KronOptimizer({ learningRate, seed })
+    case 'kron-auto':
+      return new KronOptimizer({ learningRate, seed, preconditionerInitScale: null })
     case 'affine':
       return new AffineOptimizer({ learningRate, seed })
   }

@@ -56,8 +56,27 @@ function linearTicks(lo: number, hi: number, n = 5): number[] {
   return ticks
 }
 
+/** Ticks of a log axis spanning [lo, hi] decades (log10 units): powers of ten, thinned on long spans; 2× and 5× as well on short ones. */
+function logTicks(lo: number, hi: number): number[] {
+  const decades = hi - lo
+  const out: number[] = []
+  const every = Math.max(1, Math.ceil(decades / 8))
+  for (let k = Math.floor(lo); k <= Math.ceil(hi); k++) {
+    for (const m of decades < 2 ? [1, 2, 5] : [1]) {
+      const t = k + Math.log10(m)
+      if (t >= lo - 1e-9 && t <= hi + 1e-9 && (m !== 1 || k % every === 0)) out.push(t)
+    }
+  }
+  return out
+}
+
 function fmtTick(v: number, log: boolean): string {
-  if (log) return Number.isInteger(v) ? `1e${v}` : ''
+  if (log) {
+    const x = 10 ** v
+    const k = Math.floor(v + 1e-9)
+    const m = Math.round(x / 10 ** k)
+    return k >= -2 && k <= 3 ? String(Number(x.toPrecision(2))) : m === 1 ? `1e${k}` : `${m}e${k}`
+  }
   if (v === 0) return '0'
   const a = Math.abs(v)
   if (a >= 1e5 || a < 1e-3) return v.toExponential(0)
@@ -94,7 +113,7 @@ function panelSvg(p: Panel, w: number, h: number, colorOf: (name: string) => str
   const out: string[] = []
   out.push(`<rect x="${m.left}" y="${m.top}" width="${pw}" height="${ph}" fill="#fff" stroke="#999"/>`)
   // grid and ticks
-  const yt = log ? linearTicks(y0, y1, 6).filter((t) => Number.isInteger(t)) : linearTicks(y0, y1, 5)
+  const yt = log ? logTicks(y0, y1) : linearTicks(y0, y1, 5)
   for (const t of yt) {
     const py = m.top + (1 - (t - y0) / (y1 - y0)) * ph
     out.push(`<line x1="${m.left}" x2="${m.left + pw}" y1="${py.toFixed(1)}" y2="${py.toFixed(1)}" stroke="#e5e5e5"/>`)
@@ -168,7 +187,9 @@ export function svgFigure(panels: readonly Panel[], options: FigureOptions = {})
     const gx = (i % cols) * pw
     const gy = top + Math.floor(i / cols) * ph
     // each panel's clip path gets its own id
-    const inner = panelSvg(p, pw, ph, colorOf).replace(/id="clip"/, `id="clip${i}"`).replace(/url\(#clip\)/g, `url(#clip${i})`)
+    const inner = panelSvg(p, pw, ph, colorOf)
+      .replace(/id="clip"/, `id="clip${i}"`)
+      .replace(/url\(#clip\)/g, `url(#clip${i})`)
     return `<g transform="translate(${gx} ${gy})">\n${inner}\n</g>`
   })
   const title = options.title

@@ -66,7 +66,7 @@ export function terminalChart(series: readonly ChartSeries[], options: ChartOpti
   if (options.title) lines.push(options.title)
   grid.forEach((row, r) => {
     const v = yHi - (r / (height - 1)) * (yHi - yLo)
-    const axis = r === 0 || r === height - 1 || r === (height >> 1) ? label(v) : ' '.repeat(8)
+    const axis = r === 0 || r === height - 1 || r === height >> 1 ? label(v) : ' '.repeat(8)
     lines.push(`${axis} ┤${row.join('')}`)
   })
   const xl = String(Math.round(xMin))
