@@ -150,8 +150,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     })
     bar.finish(`test accuracy ${(100 * run.testAccuracy[run.testAccuracy.length - 1]).toFixed(2)}%`)
     runs.push({ label, firstLoss: run.losses[0], lastLoss: run.epochLoss[run.epochLoss.length - 1] })
-    lossSeries.push({ name: label, ...thin(ema(run.losses, 0.9), 400) })
-    accSeries.push({ name: label, x: run.testAccuracy.map((_, i) => i + 1), y: run.testAccuracy.map((a) => 100 * a), markers: true })
+    lossSeries.push({ name: label, colorKey: name, ...thin(ema(run.losses, 0.9), 400) })
+    accSeries.push({ name: label, colorKey: name, x: run.testAccuracy.map((_, i) => i + 1), y: run.testAccuracy.map((a) => 100 * a), markers: true })
     rows.push(
       `| ${label} | ${run.epochLoss.map((l) => l.toFixed(3)).join(' / ')} | ${run.testLoss.toFixed(3)} | ${run.testAccuracy.map((a) => (100 * a).toFixed(2)).join(' / ')} | ${(run.gradMs / 1000).toFixed(1)} s | ${(run.optMs / 1000).toFixed(1)} s |`,
     )
@@ -165,7 +165,7 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     svgFigure(
       [
         { title: 'training loss (EMA of batches)', xLabel: 'step', yLabel: 'cross-entropy', logY: true, series: lossSeries },
-        { title: `test accuracy (${test.n} digits)`, xLabel: 'epoch', yLabel: 'accuracy %', series: accSeries },
+        { title: `test accuracy (${test.n} digits)`, xLabel: 'epoch', yLabel: 'accuracy %', series: accSeries, xIntegers: true, legend: 'bottom-right' },
       ],
       { title: `MNIST, 784-128-10 MLP, ${train.n} training digits, batch ${batchSize}, same initial weights and batches` },
     ),

@@ -11,7 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core'
 import { parseFlags, num } from './lib/cli'
-import { geomeanCurve, stepsToReach, thin } from './lib/curves'
+import { stepsToReach, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
 import { LABELS, makeOptimizer, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
@@ -150,7 +150,7 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
       bar.finish()
       const label = `${LABELS[name]} lr ${lrs[name]}`
       runs.push({ label: `${kind} ${label}`, firstLoss: 1, lastLoss: run.ratios[run.ratios.length - 1] })
-      series.push({ name: label, ...thin(geomeanCurve([run.ratios]), 400) })
+      series.push({ name: label, colorKey: name, ...thin(run.ratios, 400) })
       const reach = TARGETS.map((t) => stepsToReach(run.ratios, t) ?? '—')
       rows.push(`| ${kind} | ${label} | ${reach.join(' | ')} | ${run.ratios[run.ratios.length - 1].toExponential(1)} |`)
     }

@@ -166,7 +166,7 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
       bar.finish(run.solvedAt !== null ? `solved at step ${run.solvedAt}` : `not solved, held-out accuracy ${(100 * run.accuracy).toFixed(1)}%`)
       if (run.solvedAt !== null) solved++
       runs.push({ label: `${label} seed ${flags.seed + s}`, firstLoss: run.losses[0], lastLoss: run.heldOut[run.heldOut.length - 1][1] })
-      series.push({ name: label, ...thin(ema(run.losses, 0.95), 300), opacity: s === 0 ? 1 : 0.45, noLegend: s > 0 })
+      series.push({ name: label, colorKey: name, ...thin(ema(run.losses, 0.95), 300), opacity: s === 0 ? 1 : 0.45, noLegend: s > 0 })
       lines.push(
         `${label}, seed ${flags.seed + s}: ${run.solvedAt !== null ? `solved at step ${run.solvedAt}` : `not solved in ${steps} steps`}, held-out accuracy ${(100 * run.accuracy).toFixed(1)}%`,
       )
@@ -189,6 +189,7 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
         yLabel: 'training loss (EMA)',
         logY: true,
         series,
+        legend: 'bottom-left',
       },
     ]),
   )

@@ -9,6 +9,8 @@ import * as path from 'node:path'
 
 export interface Series {
   name: string
+  /** what picks the colour (default: the name), e.g. the optimizer, so it stays the same across panels */
+  colorKey?: string
   x: readonly number[]
   y: readonly number[]
   /** draw a dot at each point */
@@ -28,6 +30,10 @@ export interface Panel {
   series: readonly Series[]
   /** fixed y range (in data units), else from the data */
   yRange?: [number, number]
+  /** x ticks at integers only (epochs, lengths) */
+  xIntegers?: boolean
+  /** where the legend goes inside the frame (default top right) */
+  legend?: 'top-right' | 'bottom-left' | 'bottom-right'
 }
 
 export interface FigureOptions {
@@ -83,7 +89,8 @@ function fmtTick(v: number, log: boolean): string {
   return String(Number(v.toPrecision(4)))
 }
 
-function panelSvg(p: Panel, w: number, h: number, colorOf: (name: string) => string): string {
+function panelSvg(p: Panel, w: number, h: number, colorOfKey: (key: string) => string): string {
+  const colorOf = (s: Series): string => colorOfKey(s.colorKey ?? s.name)
   const m = { left: 62, right: 14, top: 28, bottom: 44 }
   const pw = w - m.left - m.right
   const ph = h - m.top - m.bottom
@@ -119,7 +126,7 @@ function panelSvg(p: Panel, w: number, h: number, colorOf: (name: string) => str
     out.push(`<line x1="${m.left}" x2="${m.left + pw}" y1="${py.toFixed(1)}" y2="${py.toFixed(1)}" stroke="#e5e5e5"/>`)
     out.push(`<text x="${m.left - 6}" y="${(py + 4).toFixed(1)}" text-anchor="end" font-size="11" ${FONT}>${escapeXml(fmtTick(t, log))}</text>`)
   }
-  for (const t of linearTicks(x0, x1, 6)) {
+  for (const t of linearTicks(x0, x1, 6).filter((t) => !p.xIntegers || Number.isInteger(t))) {
     const px = X(t)
     out.push(`<line x1="${px.toFixed(1)}" x2="${px.toFixed(1)}" y1="${m.top}" y2="${m.top + ph}" stroke="#f0f0f0"/>`)
     out.push(`<text x="${px.toFixed(1)}" y="${m.top + ph + 16}" text-anchor="middle" font-size="11" ${FONT}>${escapeXml(fmtTick(t, false))}</text>`)
@@ -144,26 +151,29 @@ function panelSvg(p: Panel, w: number, h: number, colorOf: (name: string) => str
       const py = Y(y).toFixed(1)
       d += `${pen ? 'L' : 'M'}${px} ${py}`
       pen = true
-      if (s.markers) dots.push(`<circle class="marker" cx="${px}" cy="${py}" r="3" fill="${colorOf(s.name)}"/>`)
+      if (s.markers) dots.push(`<circle class="marker" cx="${px}" cy="${py}" r="3" fill="${colorOf(s)}"/>`)
     })
     const dash = s.dashed ? ' stroke-dasharray="6 4"' : ''
     const op = s.opacity !== undefined ? ` stroke-opacity="${s.opacity}"` : ''
     out.push(
-      `<path class="curve" data-series="${escapeXml(s.name)}" d="${d}" fill="none" stroke="${colorOf(s.name)}" stroke-width="1.8"${dash}${op} clip-path="url(#clip)"/>`,
+      `<path class="curve" data-series="${escapeXml(s.name)}" d="${d}" fill="none" stroke="${colorOf(s)}" stroke-width="1.8"${dash}${op} clip-path="url(#clip)"/>`,
     )
     out.push(...dots)
   }
   // legend, top right inside the frame
   const named = p.series.filter((s) => !s.noLegend)
   const lw = Math.max(...named.map((s) => s.name.length), 4) * 6.6 + 34
-  const lx = m.left + pw - lw - 6
+  const lh = named.length * 16 + 6
+  const where = p.legend ?? 'top-right'
+  const lx = where === 'bottom-left' ? m.left + 6 : m.left + pw - lw - 6
+  const ly0 = where === 'top-right' ? m.top + 6 : m.top + ph - lh - 6
   if (named.length > 0) {
-    out.push(`<rect x="${lx}" y="${m.top + 6}" width="${lw}" height="${named.length * 16 + 6}" fill="#fff" fill-opacity="0.85" stroke="#ccc"/>`)
+    out.push(`<rect x="${lx}" y="${ly0}" width="${lw}" height="${lh}" fill="#fff" fill-opacity="0.85" stroke="#ccc"/>`)
   }
   named.forEach((s, i) => {
-    const ly = m.top + 18 + i * 16
+    const ly = ly0 + 12 + i * 16
     const dash = s.dashed ? ' stroke-dasharray="6 4"' : ''
-    out.push(`<line x1="${lx + 6}" x2="${lx + 26}" y1="${ly - 4}" y2="${ly - 4}" stroke="${colorOf(s.name)}" stroke-width="2"${dash}/>`)
+    out.push(`<line x1="${lx + 6}" x2="${lx + 26}" y1="${ly - 4}" y2="${ly - 4}" stroke="${colorOf(s)}" stroke-width="2"${dash}/>`)
     out.push(`<text x="${lx + 30}" y="${ly}" font-size="11" ${FONT}>${escapeXml(s.name)}</text>`)
   })
   return out.join('\n')
