@@ -124,11 +124,12 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
   const batchSize = num(flags, 'batch', 64)
   const { train, test } = split(flags.seed, num(flags, 'train', flags.smoke ? 256 : 8000), num(flags, 'test', flags.smoke ? 128 : 2000))
   const names = parseOptimizerNames(flags.extra.optimizers ?? 'adam,kron,kron-auto,affine')
+  // each optimizer's best rate in `npm run bench:quality` (three tried each)
   const lrs: Record<OptimizerName, number> = {
-    adam: num(flags, 'lr-adam', 1e-3),
-    kron: num(flags, 'lr-kron', 1e-3),
-    'kron-auto': num(flags, 'lr-kron-auto', 1e-3),
-    affine: num(flags, 'lr-affine', 1e-3),
+    adam: num(flags, 'lr-adam', 1e-2),
+    kron: num(flags, 'lr-kron', 3e-3),
+    'kron-auto': num(flags, 'lr-kron-auto', 3e-3),
+    affine: num(flags, 'lr-affine', 1e-2),
   }
   const steps = epochs * Math.ceil(train.n / batchSize)
   const lossSeries: Series[] = []

@@ -58,7 +58,8 @@ function linearTicks(lo: number, hi: number, n = 5): number[] {
   const mag = 10 ** Math.floor(Math.log10(raw))
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n + 1) ?? 10 * mag
   const ticks: number[] = []
-  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Math.abs(t) < step * 1e-9 ? 0 : t)
+  // from an index, rounded, so that 1 + 5·0.2 is the integer 2 (a running sum is not)
+  for (let i = Math.ceil(lo / step - 1e-9); i * step <= hi + step * 1e-9; i++) ticks.push(Number((i * step).toPrecision(12)))
   return ticks
 }
 
@@ -181,9 +182,10 @@ function panelSvg(p: Panel, w: number, h: number, colorOfKey: (key: string) => s
 
 /** A figure of one or more panels, as a complete SVG document. */
 export function svgFigure(panels: readonly Panel[], options: FigureOptions = {}): string {
-  const pw = options.panelWidth ?? 480
-  const ph = options.panelHeight ?? 320
   const cols = Math.min(options.columns ?? panels.length, panels.length)
+  // panels wide enough for the figure's title (bold 15 px: about 8.7 px a character)
+  const pw = Math.max(options.panelWidth ?? 480, Math.ceil(((options.title?.length ?? 0) * 8.7 + 40) / cols))
+  const ph = options.panelHeight ?? 320
   const rows = Math.ceil(panels.length / cols)
   const top = options.title ? 30 : 0
   const W = pw * cols
