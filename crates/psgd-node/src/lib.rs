@@ -357,17 +357,43 @@ impl Tensor {
 }
 
 /// An optimizer's state: an opaque handle, advanced in place by `update`.
-#[napi]
+#[napi(custom_finalize)]
 pub struct NativeState {
     /// `None` once disposed.
     inner: Arc<Mutex<Option<AnyState>>>,
+    /// What this wrapper told V8 it holds (see [`NativeState::of`]).
+    reported: std::cell::Cell<i64>,
 }
 
 impl NativeState {
-    fn of(s: AnyState) -> NativeState {
+    /// Wraps a state and reports its tensors' bytes to V8 as external memory, as
+    /// [`Tensor::wrap`] does: a state dropped without `dispose` (an optimizer per trial
+    /// in a sweep) is then collected in time, not when the small wrapper alone would be.
+    fn of(env: &Env, s: AnyState, nbytes: usize) -> NativeState {
+        let bytes = nbytes as i64;
+        let reported = match env.adjust_external_memory(bytes) {
+            Ok(_) => bytes,
+            Err(_) => 0,
+        };
         NativeState {
             inner: Arc::new(Mutex::new(Some(s))),
+            reported: std::cell::Cell::new(reported),
         }
+    }
+
+    /// Takes back what [`NativeState::of`] reported.
+    fn unreport(&self, env: &Env) -> Result<()> {
+        let r = self.reported.replace(0);
+        if r != 0 {
+            env.adjust_external_memory(-r)?;
+        }
+        Ok(())
+    }
+}
+
+impl ObjectFinalize for NativeState {
+    fn finalize(self, env: Env) -> Result<()> {
+        self.unreport(&env)
     }
 }
 
@@ -377,9 +403,8 @@ impl NativeState {
     #[napi(js_name = "clone")]
     pub fn clone_state(&self, env: Env) -> Result<NativeState> {
         let s = lock(&self.inner);
-        Ok(NativeState::of(
-            held(&s).map_err(|e| js_err(&env, e))?.clone(),
-        ))
+        let copy = held(&s).map_err(|e| js_err(&env, e))?.clone();
+        Ok(NativeState::of(&env, copy, self.reported.get() as usize))
     }
 
     /// Steps taken.
@@ -393,8 +418,9 @@ impl NativeState {
     /// when the collector gets to this object; later use is an error. Idempotent. A
     /// pending async step keeps its own reference and finishes first (the lock).
     #[napi]
-    pub fn dispose(&self) {
+    pub fn dispose(&self, env: Env) -> Result<()> {
         lock(&self.inner).take();
+        self.unreport(&env)
     }
 
     /// Whether [`Self::dispose`] was called.
@@ -569,7 +595,8 @@ impl NativeOptimizer {
     pub fn init(&self, env: Env, params: Vec<&Tensor>) -> Result<NativeState> {
         let params = tensors(&env, &params)?;
         let s = no_panic(|| self.inner.init(&params)).map_err(|e| js_err(&env, e))?;
-        Ok(NativeState::of(s))
+        let nbytes = self.inner.state_nbytes(&s);
+        Ok(NativeState::of(&env, s, nbytes))
     }
 
     /// One step: returns the updates and advances `state` in place (only on success).
@@ -680,7 +707,8 @@ impl NativeOptimizer {
         let dev = device(&env, &device_name)?;
         let s =
             no_panic(|| self.inner.state_from_bytes(bytes, &dev)).map_err(|e| js_err(&env, e))?;
-        Ok(NativeState::of(s))
+        let nbytes = self.inner.state_nbytes(&s);
+        Ok(NativeState::of(&env, s, nbytes))
     }
 
     /// Makes `target` hold `source`'s state (both of this optimizer).

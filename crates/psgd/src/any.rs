@@ -121,6 +121,15 @@ macro_rules! variants {
                 }
             }
 
+            /// Bytes held by a state's tensors (see [`crate::Psgd::state_nbytes`]).
+            pub fn state_nbytes(&self, state: &AnyState) -> usize {
+                match (self, state) {
+                    $((AnyTransform::$variant(t), AnyState::$variant(s)) => t.state_nbytes(s),)*
+                    #[allow(unreachable_patterns)]
+                    _ => 0,
+                }
+            }
+
             /// A state from safetensors bytes, checked against this optimizer.
             pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<AnyState> {
                 match self {

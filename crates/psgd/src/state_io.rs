@@ -92,6 +92,14 @@ impl StateFile {
         }
     }
 
+    /// Bytes held by the tensors added so far (their data, not a serialisation).
+    pub fn nbytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// The safetensors bytes.
     pub fn to_bytes(mut self) -> Result<Vec<u8>> {
         use safetensors::View;

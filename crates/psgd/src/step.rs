@@ -294,6 +294,17 @@ impl<P: Preconditioner> Psgd<P> {
 
     /// The state as safetensors bytes (see [`crate::state_io`]).
     pub fn state_to_bytes(&self, state: &PsgdState<P::State>) -> Result<Vec<u8>> {
+        self.state_file(state).to_bytes()
+    }
+
+    /// Bytes held by the tensors a state file would hold (momentum and factors; derived
+    /// tensors such as Kron's `QᵀQ` are not counted): what a binding reports to its
+    /// garbage collector. Cheap: no data is read.
+    pub fn state_nbytes(&self, state: &PsgdState<P::State>) -> usize {
+        self.state_file(state).nbytes()
+    }
+
+    fn state_file(&self, state: &PsgdState<P::State>) -> StateFile {
         let mut f = StateFile::new(P::NAME, &self.leaves);
         f.meta("count", state.count.to_string());
         if self.step.decision == UpdateDecision::Counter {
@@ -301,7 +312,7 @@ impl<P: Preconditioner> Psgd<P> {
         }
         f.momentum(state.mu.as_ref());
         self.precond.save(&state.precond, &mut f);
-        f.to_bytes()
+        f
     }
 
     /// A state from safetensors bytes, checked against this optimizer.
