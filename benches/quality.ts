@@ -43,7 +43,7 @@ const entries = (g: Grid): [OptimizerName, number[]][] => Object.entries(g) as [
 
 const FULL: Plan = {
   seeds: [1, 2],
-  regression: { steps: 2000, cond: 1e4, lrs: { adam: [0.1, 0.3, 1], kron: [0.003, 0.01, 0.03], 'kron-auto': [0.003, 0.01, 0.03], affine: [0.01, 0.03, 0.1] } },
+  regression: { steps: 2000, cond: 1e4, lrs: { adam: [0.3, 1, 3], kron: [0.003, 0.01, 0.03], 'kron-auto': [0.003, 0.01, 0.03], affine: [0.01, 0.03, 0.1] } },
   xor: { lengths: [20], steps: 2000, lrs: { adam: [3e-4, 1e-3, 3e-3], kron: [3e-4, 1e-3, 3e-3], 'kron-auto': [3e-4, 1e-3, 3e-3] } },
   mnist: {
     epochs: 2,
