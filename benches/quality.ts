@@ -63,6 +63,15 @@ const QUICK: Plan = {
 
 const fmtExp = (v: number): string => v.toExponential(1)
 const perStep = (ms: number, steps: number): string => `${(ms / steps).toFixed(2)} ms`
+/** The two timing cells of a results row: gradient and optimizer milliseconds per step, over all `steps` of `runs`. */
+const timeCells = (runs: { gradMs: number; optMs: number }[], steps: number): string =>
+  `${perStep(
+    runs.reduce((a, r) => a + r.gradMs, 0),
+    steps,
+  )} | ${perStep(
+    runs.reduce((a, r) => a + r.optMs, 0),
+    steps,
+  )}`
 
 /** The learning rate whose runs score lowest (`score` of the runs of one lr over the seeds). */
 function best<R>(byLr: Map<number, R[]>, score: (runs: R[]) => number): [number, R[]] {
@@ -101,11 +110,9 @@ function regression(plan: Plan, out: string[], dir: string): void {
       }
       const [lr, runs] = best(byLr, score)
       const reach = TARGETS.map((t) => runs.map((r) => stepsToReach(r.ratios, t) ?? '—').join(' / '))
-      const gradMs = runs.reduce((a, r) => a + r.gradMs, 0)
-      const optMs = runs.reduce((a, r) => a + r.optMs, 0)
       const steps = runs.length * p.steps
       rows.push(
-        `| ${kind} | ${LABELS[name]} | ${lr} | ${reach.join(' | ')} | ${runs.map((r) => fmtExp(r.ratios[r.ratios.length - 1])).join(' / ')} | ${perStep(gradMs, steps)} | ${perStep(optMs, steps)} |`,
+        `| ${kind} | ${LABELS[name]} | ${lr} | ${reach.join(' | ')} | ${runs.map((r) => fmtExp(r.ratios[r.ratios.length - 1])).join(' / ')} | ${timeCells(runs, steps)} |`,
       )
       series.push({ name: `${LABELS[name]} (lr ${lr})`, colorKey: name, ...thin(geomeanCurve(runs.map((r) => r.ratios)), 400) })
     }
@@ -164,13 +171,7 @@ function xor(plan: Plan, out: string[], dir: string): void {
       const [lr, runs] = best(byLr, score)
       const steps = runs.reduce((a, r) => a + r.losses.length, 0)
       rows.push(
-        `| ${length} | ${LABELS[name]} | ${lr} | ${runs.filter((r) => r.solvedAt !== null).length}/${runs.length} | ${runs.map((r) => r.solvedAt ?? '—').join(' / ')} | ${runs.map((r) => (100 * r.accuracy).toFixed(1)).join(' / ')} | ${perStep(
-          runs.reduce((a, r) => a + r.gradMs, 0),
-          steps,
-        )} | ${perStep(
-          runs.reduce((a, r) => a + r.optMs, 0),
-          steps,
-        )} |`,
+        `| ${length} | ${LABELS[name]} | ${lr} | ${runs.filter((r) => r.solvedAt !== null).length}/${runs.length} | ${runs.map((r) => r.solvedAt ?? '—').join(' / ')} | ${runs.map((r) => (100 * r.accuracy).toFixed(1)).join(' / ')} | ${timeCells(runs, steps)} |`,
       )
       runs.forEach((r, i) =>
         series.push({ name: `${LABELS[name]} (lr ${lr})`, colorKey: name, ...thin(ema(r.losses, 0.95), 300), opacity: i === 0 ? 1 : 0.45, noLegend: i > 0 }),
@@ -223,13 +224,7 @@ async function mnist(plan: Plan, out: string[], dir: string): Promise<void> {
     const last = (a: number[]): number => a[a.length - 1]
     const steps = runs.length * stepsPerRun
     rows.push(
-      `| ${LABELS[name]} | ${lr} | ${mean(runs.map((r) => r.epochLoss[0])).toFixed(3)} | ${mean(runs.map((r) => last(r.epochLoss))).toFixed(3)} | ${mean(runs.map((r) => r.testLoss)).toFixed(3)} | ${runs.map((r) => (100 * last(r.testAccuracy)).toFixed(2)).join(' / ')} | ${perStep(
-        runs.reduce((a, r) => a + r.gradMs, 0),
-        steps,
-      )} | ${perStep(
-        runs.reduce((a, r) => a + r.optMs, 0),
-        steps,
-      )} |`,
+      `| ${LABELS[name]} | ${lr} | ${mean(runs.map((r) => r.epochLoss[0])).toFixed(3)} | ${mean(runs.map((r) => last(r.epochLoss))).toFixed(3)} | ${mean(runs.map((r) => r.testLoss)).toFixed(3)} | ${runs.map((r) => (100 * last(r.testAccuracy)).toFixed(2)).join(' / ')} | ${timeCells(runs, steps)} |`,
     )
     lossSeries.push({ name: label, colorKey: name, ...thin(ema(geomeanCurve(runs.map((r) => r.losses)), 0.9), 400) })
     accSeries.push({

@@ -15,7 +15,7 @@ import { stepsToReach, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
 import { LABELS, makeOptimizer, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
-import { Rng } from './lib/rng'
+import { orthonormalColumns, Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Panel } from './lib/svg-plot'
 import { terminalChart } from './lib/terminal-chart'
 import { Stopwatch } from './lib/timing'
@@ -37,26 +37,6 @@ export interface RegressionRun {
   ratios: number[]
   gradMs: number
   optMs: number
-}
-
-/** `d` orthonormal columns of length `n` (Gram–Schmidt, twice, on normal draws), row-major n×d. */
-function orthonormalColumns(rng: Rng, n: number, d: number): Float64Array {
-  const q = new Float64Array(n * d)
-  for (let i = 0; i < n * d; i++) q[i] = rng.normal()
-  for (let j = 0; j < d; j++) {
-    for (let pass = 0; pass < 2; pass++) {
-      for (let k = 0; k < j; k++) {
-        let dot = 0
-        for (let i = 0; i < n; i++) dot += q[i * d + j] * q[i * d + k]
-        for (let i = 0; i < n; i++) q[i * d + j] -= dot * q[i * d + k]
-      }
-    }
-    let norm = 0
-    for (let i = 0; i < n; i++) norm += q[i * d + j] ** 2
-    norm = Math.sqrt(norm)
-    for (let i = 0; i < n; i++) q[i * d + j] /= norm
-  }
-  return q
 }
 
 /**

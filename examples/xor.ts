@@ -20,7 +20,7 @@ import { ema, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
 import { LABELS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
-import { Rng } from './lib/rng'
+import { orthonormalColumns, Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Series } from './lib/svg-plot'
 import { terminalChart } from './lib/terminal-chart'
 import { Stopwatch } from './lib/timing'
@@ -61,21 +61,7 @@ export function xorBatch(rng: Rng, length: number, batch: number): { x: Float32A
 
 /** A random orthogonal n×n matrix (Gram–Schmidt on normal draws), the recurrent weight's start. */
 export function randomOrthogonal(rng: Rng, n: number): Float32Array {
-  const q = new Float64Array(n * n)
-  for (let i = 0; i < n * n; i++) q[i] = rng.normal()
-  for (let j = 0; j < n; j++) {
-    for (let pass = 0; pass < 2; pass++) {
-      for (let k = 0; k < j; k++) {
-        let dot = 0
-        for (let i = 0; i < n; i++) dot += q[i * n + j] * q[i * n + k]
-        for (let i = 0; i < n; i++) q[i * n + j] -= dot * q[i * n + k]
-      }
-    }
-    let norm = 0
-    for (let i = 0; i < n; i++) norm += q[i * n + j] ** 2
-    for (let i = 0; i < n; i++) q[i * n + j] /= Math.sqrt(norm)
-  }
-  return Float32Array.from(q)
+  return Float32Array.from(orthonormalColumns(rng, n, n))
 }
 
 /** psgd_torch's initialisation: small normal input and output weights, an orthogonal recurrent weight, zero biases. */

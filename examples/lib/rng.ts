@@ -81,3 +81,23 @@ export class Rng {
     return p
   }
 }
+
+/** `d` orthonormal columns of length `n` (Gram–Schmidt, twice, on normal draws), row-major n×d. */
+export function orthonormalColumns(rng: Rng, n: number, d: number): Float64Array {
+  const q = new Float64Array(n * d)
+  for (let i = 0; i < n * d; i++) q[i] = rng.normal()
+  for (let j = 0; j < d; j++) {
+    for (let pass = 0; pass < 2; pass++) {
+      for (let k = 0; k < j; k++) {
+        let dot = 0
+        for (let i = 0; i < n; i++) dot += q[i * d + j] * q[i * d + k]
+        for (let i = 0; i < n; i++) q[i * d + j] -= dot * q[i * d + k]
+      }
+    }
+    let norm = 0
+    for (let i = 0; i < n; i++) norm += q[i * d + j] ** 2
+    norm = Math.sqrt(norm)
+    for (let i = 0; i < n; i++) q[i * d + j] /= norm
+  }
+  return q
+}
