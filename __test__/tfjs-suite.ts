@@ -70,6 +70,42 @@ export function tfjsSuite(test: TestFn, backend: string): void {
     tf.dispose([x, y])
   })
 
+  test.serial(`${backend}: model.fitDataset trains with AffineOptimizer, and its batches leave no tensor behind`, async (t) => {
+    const model = tfl.sequential()
+    model.add(tfl.layers.dense({ units: 8, activation: 'tanh', inputShape: [4], kernelInitializer: tfl.initializers.glorotUniform({ seed: 3 }) }))
+    model.add(tfl.layers.dense({ units: 1, kernelInitializer: tfl.initializers.glorotUniform({ seed: 4 }) }))
+    model.compile({ optimizer: new AffineOptimizer({ learningRate: 0.01, seed: 1 }), loss: 'meanSquaredError' })
+    const x = tf.tensor(Float32Array.from(values(64 * 4, 6)), [64, 4])
+    const y = tf.tidy(() => tf.sum(tf.mul(x, tf.tensor([0.5, -1, 2, 0.25])), 1, true))
+    // What tfjs-layers reads of a tf.data.Dataset: `iterator()` and its `next()`, one
+    // `{xs, ys}` batch per call (fitDataset disposes each batch after its step); a
+    // stand-in keeps tfjs-data out of the dev dependencies.
+    const batches = 4
+    const dataset = {
+      size: batches,
+      iterator: async () => {
+        let i = 0
+        return {
+          next: async () =>
+            i < batches
+              ? { done: false, value: { xs: tf.slice(x, [16 * i, 0], [16, 4]), ys: tf.slice(y, [16 * i++, 0], [16, 1]) } }
+              : { done: true, value: null },
+        }
+      },
+    }
+    const before = tf.memory().numTensors
+    const h = await model.fitDataset(dataset as never, { epochs: 15, verbose: 0 })
+    const losses = h.history.loss as number[]
+    t.is(losses.length, 15)
+    t.true(losses[losses.length - 1] < losses[0] / 2, `loss ${losses[0]} → ${losses[losses.length - 1]}`)
+    t.is((model.optimizer as AffineOptimizer).iterations, 15 * batches)
+    // the optimizer's own variables (none: its state is native) and the batches are gone
+    t.is(tf.memory().numTensors, before)
+    model.optimizer.dispose()
+    model.dispose()
+    tf.dispose([x, y])
+  })
+
   test.serial(`${backend}: the map and list forms of applyGradients, in any order, give the same step`, (t) => {
     const a = [variable(fresh('a'), [5, 4], 1), variable(fresh('b'), [4], 2)]
     const b = [variable(fresh('a'), [5, 4], 1), variable(fresh('b'), [4], 2)]
@@ -194,6 +230,8 @@ export function tfjsSuite(test: TestFn, backend: string): void {
   test.serial(`${backend}: bad options are TypeError/RangeError naming the option, at construction`, (t) => {
     t.throws(() => new KronOptimizer({ learningRat: 0.1 } as never), { instanceOf: TypeError, message: /learningRat/ })
     t.throws(() => new XMatOptimizer({ learningRate: -1 }), { instanceOf: RangeError, message: /learningRate/ })
+    // 0 is allowed (a frozen phase), a negative rate is not (it would ascend)
+    t.notThrows(() => new XMatOptimizer({ learningRate: 0 }).dispose())
     t.throws(() => new AffineOptimizer({ b1: 'x' } as never), { instanceOf: TypeError, message: /b1/ })
   })
 
