@@ -23,6 +23,20 @@ function gradsFor(vars: tf.Variable[], k: number): tf.NamedTensorMap {
   return Object.fromEntries(vars.map((v, i) => [v.name, tf.tensor(Float32Array.from(values(v.size, 1000 * k + i + 1)), v.shape)]))
 }
 
+/**
+ * A 4-8-1 tanh MLP compiled with `optimizer` (mean squared error) and 64 samples of a
+ * linear target; the kernels are drawn from `seed` and `seed + 1`, the inputs from `seed + 4`.
+ */
+function tinyRegression(optimizer: tf.Optimizer, seed: number): { model: tfl.Sequential; x: tf.Tensor2D; y: tf.Tensor2D } {
+  const model = tfl.sequential()
+  model.add(tfl.layers.dense({ units: 8, activation: 'tanh', inputShape: [4], kernelInitializer: tfl.initializers.glorotUniform({ seed }) }))
+  model.add(tfl.layers.dense({ units: 1, kernelInitializer: tfl.initializers.glorotUniform({ seed: seed + 1 }) }))
+  model.compile({ optimizer, loss: 'meanSquaredError' })
+  const x = tf.tensor2d(Float32Array.from(values(64 * 4, seed + 4)), [64, 4])
+  const y = tf.tidy(() => tf.sum(tf.mul(x, tf.tensor([0.5, -1, 2, 0.25])), 1, true) as tf.Tensor2D)
+  return { model, x, y }
+}
+
 const bits = (v: tf.Tensor) => Array.from(new Uint32Array((v.dataSync() as Float32Array).slice().buffer))
 
 export function tfjsSuite(test: TestFn, backend: string): void {
@@ -56,12 +70,7 @@ export function tfjsSuite(test: TestFn, backend: string): void {
   }
 
   test.serial(`${backend}: model.compile + model.fit trains a small MLP with KronOptimizer`, async (t) => {
-    const model = tfl.sequential()
-    model.add(tfl.layers.dense({ units: 8, activation: 'tanh', inputShape: [4], kernelInitializer: tfl.initializers.glorotUniform({ seed: 1 }) }))
-    model.add(tfl.layers.dense({ units: 1, kernelInitializer: tfl.initializers.glorotUniform({ seed: 2 }) }))
-    model.compile({ optimizer: new KronOptimizer({ learningRate: 0.01, seed: 1 }), loss: 'meanSquaredError' })
-    const x = tf.tensor(Float32Array.from(values(64 * 4, 5)), [64, 4])
-    const y = tf.tidy(() => tf.sum(tf.mul(x, tf.tensor([0.5, -1, 2, 0.25])), 1, true))
+    const { model, x, y } = tinyRegression(new KronOptimizer({ learningRate: 0.01, seed: 1 }), 1)
     const h = await model.fit(x, y, { epochs: 15, batchSize: 16, shuffle: false, verbose: 0 })
     const losses = h.history.loss as number[]
     t.true(losses[losses.length - 1] < losses[0] / 2, `loss ${losses[0]} → ${losses[losses.length - 1]}`)
@@ -71,12 +80,7 @@ export function tfjsSuite(test: TestFn, backend: string): void {
   })
 
   test.serial(`${backend}: model.fitDataset trains with AffineOptimizer, and its batches leave no tensor behind`, async (t) => {
-    const model = tfl.sequential()
-    model.add(tfl.layers.dense({ units: 8, activation: 'tanh', inputShape: [4], kernelInitializer: tfl.initializers.glorotUniform({ seed: 3 }) }))
-    model.add(tfl.layers.dense({ units: 1, kernelInitializer: tfl.initializers.glorotUniform({ seed: 4 }) }))
-    model.compile({ optimizer: new AffineOptimizer({ learningRate: 0.01, seed: 1 }), loss: 'meanSquaredError' })
-    const x = tf.tensor(Float32Array.from(values(64 * 4, 6)), [64, 4])
-    const y = tf.tidy(() => tf.sum(tf.mul(x, tf.tensor([0.5, -1, 2, 0.25])), 1, true))
+    const { model, x, y } = tinyRegression(new AffineOptimizer({ learningRate: 0.01, seed: 1 }), 3)
     // What tfjs-layers reads of a tf.data.Dataset: `iterator()` and its `next()`, one
     // `{xs, ys}` batch per call (fitDataset disposes each batch after its step); a
     // stand-in keeps tfjs-data out of the dev dependencies.

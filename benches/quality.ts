@@ -66,14 +66,10 @@ const QUICK: Plan = {
 const fmtExp = (v: number): string => v.toExponential(1)
 const perStep = (ms: number, steps: number): string => `${(ms / steps).toFixed(2)} ms`
 /** The two timing cells of a results row: gradient and optimizer milliseconds per step, over all `steps` of `runs`. */
-const timeCells = (runs: { gradMs: number; optMs: number }[], steps: number): string =>
-  `${perStep(
-    runs.reduce((a, r) => a + r.gradMs, 0),
-    steps,
-  )} | ${perStep(
-    runs.reduce((a, r) => a + r.optMs, 0),
-    steps,
-  )}`
+function timeCells(runs: { gradMs: number; optMs: number }[], steps: number): string {
+  const total = (key: 'gradMs' | 'optMs'): number => runs.reduce((a, r) => a + r[key], 0)
+  return `${perStep(total('gradMs'), steps)} | ${perStep(total('optMs'), steps)}`
+}
 
 /** The learning rate whose runs score lowest (`score` of the runs of one lr over the seeds). */
 function best<R>(byLr: Map<number, R[]>, score: (runs: R[]) => number): [number, R[]] {
