@@ -12,3 +12,4 @@ export { hessianHelper, type HessianHelperOptions, type HessianHelperResult, typ
 export { precondUpdateProbSchedule, type Schedule, type PrecondUpdateProbScheduleOptions } from './src/schedule'
 export { Tensor, liveTensorBytes, type DType, type DeviceName, type TensorOptions } from './src/tensor'
 export { flatten, unflatten, isLeaf, type ArrayLeaf, type Leaf, type Mask, type PyTree, type TreeDef, type Flat } from './src/tree'
+export type { PsgdNativeOptions, KronNativeOptions, XMatNativeOptions, LRANativeOptions, AffineNativeOptions } from './src/options.generated'

@@ -10,7 +10,7 @@ export interface PsgdNativeOptions {
   /**
    * Learning rate, or a schedule of the step count (0 on the first step, as
    * optax). Default 0.01 (psgd-jax's), which suits small problems: XMat at
-   * 0.01 diverged training a 3-layer MNIST MLP (issue 14), so on networks
+   * 0.01 diverged training a 3-layer MNIST MLP, so on networks
    * start lower, e.g. 1e-3.
    */
   learningRate?: number | Schedule

@@ -17,7 +17,7 @@ macro_rules! psgd_options {
             pub struct $name for $variant {
                 /// Learning rate, or a schedule of the step count (0 on the first step, as
                 /// optax). Default 0.01 (psgd-jax's), which suits small problems: XMat at
-                /// 0.01 diverged training a 3-layer MNIST MLP (issue 14), so on networks
+                /// 0.01 diverged training a 3-layer MNIST MLP, so on networks
                 /// start lower, e.g. 1e-3.
                 learning_rate: $crate::schedule::Schedule = $crate::schedule::Schedule::Constant(0.01),
                     check $crate::options::check::learning_rate_schedule;

@@ -7,7 +7,7 @@
 //!
 //! The layers, top to bottom: [`Transform`] (the interface) is implemented once by
 //! [`Psgd`], the step every variant runs ([`step`]: update decision, momentum, fit,
-//! apply, then the finish chain of [`stages`]); a variant is a [`Preconditioner`] plus its
+//! apply, then the finish chain of `stages`); a variant is a [`Preconditioner`] plus its
 //! options, declared once ([`options`]); the preconditioners call the hot operations of
 //! the kernel layer (`kernels`), each with a CPU host path and a candle-op path for
 //! the other devices.

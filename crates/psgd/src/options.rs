@@ -1,5 +1,5 @@
 //! Options, declared once. Each variant's options are one struct written with
-//! [`declare_options!`]: per field its doc, type, default and range check. From that one
+//! `declare_options!`: per field its doc, type, default and range check. From that one
 //! declaration come the struct and its `Default`, the JSON/serde reader (camelCase names,
 //! unknown names rejected, missing ones defaulted, every error naming the option and
 //! carrying its `TypeError`/`RangeError` kind), and the table [`OptionInfo`] from which the
@@ -220,7 +220,7 @@ pub fn from_psgd_jax_names(obj: &serde_json::Map<String, Value>) -> serde_json::
         .collect()
 }
 
-/// What every options struct declared with [`declare_options!`] provides.
+/// What every options struct declared with `declare_options!` provides.
 pub trait Options: Sized + Clone + Default + std::fmt::Debug + Send + Sync {
     /// The variant's name (`kron`), in errors.
     const VARIANT: &'static str;
@@ -256,7 +256,7 @@ pub trait Options: Sized + Clone + Default + std::fmt::Debug + Send + Sync {
     }
 }
 
-/// Range checks for [`declare_options!`]: each returns the message's tail.
+/// Range checks for `declare_options!`: each returns the message's tail.
 pub mod check {
     use crate::schedule::Schedule;
 

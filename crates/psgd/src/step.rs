@@ -133,7 +133,7 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     const WHITENING_VECTOR: bool;
     /// Whether `update` accepts Hessian-vector products (all but Kron).
     const HESSIAN: bool = true;
-    /// Whether the fit runs on a worker of rayon's pool ([`stages::on_pool`]): worth it
+    /// Whether the fit runs on a worker of rayon's pool (`stages::on_pool`): worth it
     /// when it forks many small parallel jobs (Kron's and Affine's per-leaf products), not
     /// for a fit of a few fused passes (XMat, LRA).
     const FIT_ON_POOL: bool = false;

@@ -101,14 +101,14 @@ fn momentum_ops(
     Ok((mu_new, update))
 }
 
-/// How [`finish_updates`] caps the preconditioned updates before weight decay.
+/// How `finish_updates` caps the preconditioned updates before weight decay.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Clip {
     /// No cap.
     None,
-    /// [`clip_rms`] on each leaf.
+    /// `clip_rms` on each leaf.
     Rms,
-    /// [`clip_global_norm`] over all leaves with this maximum norm.
+    /// `clip_global_norm` over all leaves with this maximum norm.
     GlobalNorm(f64),
 }
 

@@ -34,7 +34,7 @@ pub enum Tri {
 
 impl Precision {
     /// `a · b` (batched like `Tensor::matmul`) at this precision: the dense case of
-    /// [`matmul_tri`]. (Defined here, beside the products, so that `precision` depends on
+    /// `matmul_tri`. (Defined here, beside the products, so that `precision` depends on
     /// no other kernel.)
     pub fn matmul(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         matmul_tri(a, Tri::Full, b, Tri::Full, Tri::Full, self)
