@@ -54,3 +54,27 @@ test('a supported platform whose optional package is missing: the error says to 
   t.true(message.includes(`Its prebuilt package psgd-${platform()} is not installed`), message)
   t.true(message.includes('--omit=optional'), message)
 })
+
+test('npm run demo and example never build the addon: where none is built they say what to run', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-need-addon-'))
+  try {
+    fs.mkdirSync(path.join(dir, 'scripts'))
+    fs.copyFileSync(path.join(root, 'scripts', 'need-addon.js'), path.join(dir, 'scripts', 'need-addon.js'))
+    const run = (env: NodeJS.ProcessEnv) => spawnSync(process.execPath, [path.join(dir, 'scripts', 'need-addon.js')], { encoding: 'utf8', env })
+    const withRust = run(process.env)
+    t.is(withRust.status, 1)
+    t.regex(withRust.stderr, /the native addon is not built\. Run `npm run build` first/)
+    // no cargo on PATH: the message says a Rust toolchain is needed and where to get it
+    const bin = path.join(dir, 'bin')
+    fs.mkdirSync(bin)
+    const noRust = run({ ...process.env, PATH: bin })
+    t.is(noRust.status, 1)
+    t.regex(noRust.stderr, /needs a Rust toolchain \(cargo\), which is not on PATH/)
+    // with the addon built, it says nothing and lets the script run
+    const here = spawnSync(process.execPath, [path.join(root, 'scripts', 'need-addon.js')], { encoding: 'utf8' })
+    t.is(here.status, 0, here.stderr)
+    t.is(here.stderr, '')
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+})
