@@ -51,13 +51,19 @@ impl<T: Transform> candle_nn::Optimizer for PsgdOptimizer<T> {
         })
     }
 
+    /// One step on the vars that have a gradient in `grads`. A var without one (not in the
+    /// loss's graph: frozen, or unused this step) is left as it is, as candle-nn's `AdamW`
+    /// leaves it; the state sees a zero gradient for it (every leaf shares one step count),
+    /// so its momentum decays. Every new value is computed before the first var is written,
+    /// so a step that fails changes neither the vars nor the state.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        // every leaf shares one step counter, so a var without a gradient gets zeros
+        let given: Vec<Option<&Tensor>> = self.vars.iter().map(|v| grads.get(v)).collect();
         let g = self
             .vars
             .iter()
-            .map(|v| match grads.get(v) {
-                Some(g) => Ok(g.clone()),
+            .zip(&given)
+            .map(|(v, g)| match g {
+                Some(g) => Ok((*g).clone()),
                 None => v.zeros_like(),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -66,8 +72,16 @@ impl<T: Transform> candle_nn::Optimizer for PsgdOptimizer<T> {
             .transform
             .update(&g, &self.state, Some(&params))
             .map_err(to_candle)?;
-        for (v, u) in self.vars.iter().zip(&updates) {
-            v.set(&(v.as_tensor() + u)?)?;
+        let next = params
+            .iter()
+            .zip(&updates)
+            .zip(&given)
+            .map(|((p, u), g)| g.map(|_| p + u).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        for (v, n) in self.vars.iter().zip(&next) {
+            if let Some(n) = n {
+                v.set(n)?;
+            }
         }
         self.state = state;
         Ok(())

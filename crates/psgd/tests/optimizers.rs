@@ -192,3 +192,45 @@ fn state_bytes_round_trip_for_every_variant() {
     );
     check(Kron::new(leaves, Default::default()).unwrap(), &params);
 }
+
+/// A var without a gradient (not in the loss's graph: frozen or unused) is left as it is,
+/// as candle-nn's `AdamW` leaves it, even with momentum from earlier steps; the others train.
+#[test]
+fn a_var_without_a_gradient_is_not_moved() {
+    let dev = Device::Cpu;
+    let used = Var::from_tensor(&Tensor::new(&[[1f32, 2.], [3., 4.]], &dev).unwrap()).unwrap();
+    let sometimes = Var::from_tensor(&Tensor::new(&[0.5f32, -0.5], &dev).unwrap()).unwrap();
+    let vars = vec![used.clone(), sometimes.clone()];
+    let options = KronOptions {
+        learning_rate: Schedule::Constant(0.05),
+        ..Default::default()
+    };
+    let mut opt = PsgdOptimizer::<Kron>::new(vars.clone(), options).unwrap();
+    // a few steps with both in the loss build up momentum for both
+    for _ in 0..3 {
+        opt.backward_step(&loss_of(&vars)).unwrap();
+    }
+    let frozen = sometimes.as_tensor().to_vec1::<f32>().unwrap();
+    let before = used
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // then steps whose loss does not use `sometimes`
+    for _ in 0..3 {
+        opt.backward_step(&loss_of(std::slice::from_ref(&used)))
+            .unwrap();
+    }
+    assert_eq!(sometimes.as_tensor().to_vec1::<f32>().unwrap(), frozen);
+    let after = used
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| a.abs() < b.abs()),
+        "{before:?} -> {after:?}"
+    );
+}
