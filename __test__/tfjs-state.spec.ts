@@ -6,7 +6,8 @@ import '@tensorflow/tfjs-backend-cpu'
 import * as tf from '@tensorflow/tfjs-core'
 import * as tfl from '@tensorflow/tfjs-layers'
 import test from 'ava'
-import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer, type PsgdTfjsOptimizer } from '../tfjs'
+import { liveTensorBytes } from '../index'
+import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer, type NamedTensor, type PsgdTfjsOptimizer } from '../tfjs'
 import { values } from './helpers'
 import { parse } from './safetensors'
 
@@ -104,7 +105,11 @@ for (const [name, Ctor] of Object.entries(classes)) {
     // layers 8, 9, 10 sort as 10, 8, 9; the rebuilt 11, 12, 13 sort in order: same shapes
     // everywhere, so matching by sorted name would swap the layers' states silently
     const first = [`${p}L8`, `${p}L9`, `${p}L10`]
-    const whole = stack(first.map((n) => `${n}w`), 5, new Ctor(options))
+    const whole = stack(
+      first.map((n) => `${n}w`),
+      5,
+      new Ctor(options),
+    )
     await fit(whole, x, y)
     await fit(whole, x, y)
 
@@ -160,7 +165,7 @@ for (const [name, Ctor] of Object.entries(classes)) {
     // loaded in this process: tfjs-layers gives the variables other names (a `_1` suffix)
     const loadedB = await tfl.loadLayersModel(tf.io.fromMemory(savedB))
     const loadedA = await tfl.loadLayersModel(tf.io.fromMemory(savedA))
-    t.true(loadedA.getWeights()[0].name !== a.getWeights()[0].name, loadedA.getWeights()[0].name)
+    t.true(loadedA.weights[0].name !== a.weights[0].name, loadedA.weights[0].name)
     await fit(loadedB, x, y)
     await fit(loadedA, x, y)
     sameModelBits(t, refA, loadedA)
@@ -212,8 +217,7 @@ for (const [name, Ctor] of Object.entries(classes)) {
     const scanned: string[] = []
     const base = { learningRate: 0.1, weightDecay: 0.5, seed: 4 }
     const copies = (tag: string) => [variable(fresh(`${tag}/kernel`), [4, 3], 1), variable(fresh(`${tag}/bias`), [3], 2)]
-    const masks =
-      Ctor === KronOptimizer ? { weightDecayMask: mask, scannedLayers: (path: string) => (scanned.push(path), false) } : { mask }
+    const masks = Ctor === KronOptimizer ? { weightDecayMask: mask, scannedLayers: (path: string) => (scanned.push(path), false) } : { mask }
     const masked = new Ctor({ ...base, ...masks })
     const all = copies('all')
     const none = copies('none')
@@ -322,10 +326,7 @@ for (const [name, Ctor] of Object.entries(classes)) {
     // c unfrozen: its state comes back (and a's and b's go on), at the optimizer's count
     t.throws(() => refusedStep(opt, [a, b, c], [a, b, c]), { instanceOf: RangeError })
     const [all] = states(opt)
-    t.deepEqual(
-      [all.names, all.count, states(opt).length],
-      [[a.name, b.name, c.name], 5, 1],
-    )
+    t.deepEqual([all.names, all.count, states(opt).length], [[a.name, b.name, c.name], 5, 1])
     t.deepEqual(leafTensors(all.file, 2), leafTensors(cAfter.file, 0))
     t.deepEqual(leafTensors(all.file, 0).mu, leafTensors(abAfter.file, 0).mu)
     if (perVariable) t.deepEqual(leafTensors(all.file, 1), leafTensors(abAfter.file, 1))
@@ -374,10 +375,7 @@ test.serial('a layer frozen and the model compiled again: the learning-rate sche
   m.compile({ optimizer: opt, loss: 'meanSquaredError' })
   const frozen = m.layers[0].getWeights().map(bits)
   await fit(m, x, y, 1)
-  t.deepEqual(
-    m.layers[0].getWeights().map(bits),
-    frozen,
-  )
+  t.deepEqual(m.layers[0].getWeights().map(bits), frozen)
   m.layers[0].trainable = true
   m.compile({ optimizer: opt, loss: 'meanSquaredError' })
   await fit(m, x, y, 1)
@@ -401,7 +399,7 @@ test.serial('setWeights checks the whole list first: no iter, a foreign weight, 
   step(xmat, [a, b], 0)
   const [, xmatState] = await xmat.getWeights()
   const before = states(opt)
-  const cases: [string, tf.NamedTensor[], ErrorConstructor, RegExp][] = [
+  const cases: [string, NamedTensor[], ErrorConstructor, RegExp][] = [
     ['no iter', copy.slice(1), TypeError, /first weight must be the scalar 'iter'.*psgd_state\/0/],
     ['a foreign weight', [...copy, { name: 'dense/kernel', tensor: tf.zeros([2]) }], TypeError, /unexpected weight 'dense\/kernel'/],
     ['another variant', [copy[0], { name: 'psgd_state/0', tensor: xmatState.tensor }], RangeError, /holds a 'xmat' state, this is KronOptimizer/],
@@ -436,13 +434,18 @@ test.serial('getWeights and model.save in a loop keep tfjs memory flat; the hand
     const first = await m.optimizer.getWeights()
     await saveWithOptimizer(m)
     const base = tf.memory()
+    const native = liveTensorBytes()
     for (let i = 0; i < 20; i++) {
       await m.optimizer.getWeights()
       await saveWithOptimizer(m)
     }
-    t.true(first.every((w) => w.tensor.isDisposed), `${Ctor.name}: earlier weights freed`)
+    t.true(
+      first.every((w) => w.tensor.isDisposed),
+      `${Ctor.name}: earlier weights freed`,
+    )
     t.is(tf.memory().numTensors, base.numTensors, `${Ctor.name}: tensors`)
     t.is(tf.memory().numBytes, base.numBytes, `${Ctor.name}: bytes`)
+    t.is(liveTensorBytes(), native, `${Ctor.name}: native tensor bytes`)
     const tensors = base.numTensors
     freeModels(m)
     t.true(tf.memory().numTensors < tensors)

@@ -107,7 +107,13 @@ interface Binding {
    * `sources`, the tensors spanning all leaves from `sources[spanning]` when given (else
    * `fresh`'s), and the step count `count`; as bytes for `loadBytes`.
    */
-  regroupState(fresh: Uint8Array, sources: Uint8Array[], picks: { leaf: number; source: number; sourceLeaf: number }[], spanning: number | null, count: number): Buffer
+  regroupState(
+    fresh: Uint8Array,
+    sources: Uint8Array[],
+    picks: { leaf: number; source: number; sourceLeaf: number }[],
+    spanning: number | null,
+    count: number,
+  ): Buffer
   /** Draws a Hessian-mode step's decision and probe for `params`. */
   hessianProbe(params: NativeTensor[], seed: number, step: number, updateProbability: number): NativeProbe
 }

@@ -96,10 +96,12 @@ function baseName(name: string): string {
  *   preconditioner is one per variable, its factors, carried from the state that last
  *   held them into the state of the new set; a variable seen for the first time starts
  *   fresh. XMat's and LRA's preconditioner spans all the variables of its set at once, so
- *   it starts anew (from `preconditionerInitScale`, without the automatic scale of a
- *   first step) when the set changes, while the momentum and the count carry over. Sets
- *   that alternate without sharing variables (a GAN's generator and discriminator) each
- *   keep their whole state.
+ *   it starts anew when the set changes, while the momentum and the count carry over. A
+ *   preconditioner that starts at a count above 0 (a new variable's; XMat's and LRA's
+ *   after a change) starts from its initial scale option: the automatic scale a null
+ *   initial scale takes from the first step applies at count 0 only. Sets that alternate
+ *   without sharing variables (a GAN's generator and discriminator) each keep their whole
+ *   state.
  * - **Saving.** `getWeights` returns `iter` and one int32 tensor `psgd_state/<i>` per
  *   state (the variable names in leaf order and the native state bytes, packed); a model
  *   saved with `includeOptimizer: true` and loaded again continues bit-for-bit. The
@@ -209,7 +211,12 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     if (this.pending.length > 0) this.bindPending(names, vars)
     const first = this.holders.get(names[0])
     const whole = first !== undefined && first.names.length === names.length && names.every((n) => this.holders.get(n) === first)
-    const group = whole ? first : this.regroup(names, names.map((n) => [...(vars.get(n) as Variable).shape]))
+    const group = whole
+      ? first
+      : this.regroup(
+          names,
+          names.map((n) => [...(vars.get(n) as Variable).shape]),
+        )
     if (group.state.count !== this.iterations) group.state.handle.setCount(this.iterations)
     return group
   }
@@ -225,7 +232,13 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
    * them moved in (see {@link native.regroupState}); with `spanning`, the whole state of
    * that source (the same variables under other names).
    */
-  private moved(names: string[], shapes: number[][], sources: { names: string[]; bytes: Uint8Array }[], spanning: number | null, count: number): OptimizerState {
+  private moved(
+    names: string[],
+    shapes: number[][],
+    sources: { names: string[]; bytes: Uint8Array }[],
+    spanning: number | null,
+    count: number,
+  ): OptimizerState {
     const state = this.freshState(names, shapes)
     const picks = names.flatMap((n, leaf) => {
       const source = spanning ?? sources.findIndex((s) => s.names.includes(n))
@@ -233,7 +246,17 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     })
     if (picks.length === 0 && spanning === null) return state
     try {
-      const bytes = call(() => native.regroupState(state.toBytes(), sources.map((s) => s.bytes), picks, spanning, count), this.variant)
+      const bytes = call(
+        () =>
+          native.regroupState(
+            state.toBytes(),
+            sources.map((s) => s.bytes),
+            picks,
+            spanning,
+            count,
+          ),
+        this.variant,
+      )
       state.loadBytes(bytes)
     } catch (e) {
       state.dispose()
@@ -417,7 +440,6 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     this.pending = []
   }
 
-
   /**
    * The options, for `tf.serialization` (and `model.save`).
    * @throws TypeError when an option is a function (a schedule or mask), which no config can hold.
@@ -441,7 +463,6 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     const options = Object.fromEntries(Object.entries(config).filter(([k]) => k !== 'customObjects'))
     return new cls(options)
   }
-
 
   /**
    * Frees the native states now (momentum and preconditioner factors) and the tensors the

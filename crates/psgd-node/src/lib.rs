@@ -425,7 +425,10 @@ impl NativeState {
                 s.set_count(count);
                 Ok(())
             }
-            None => Err(js_err(&env, PsgdError::State("the state was disposed".into()))),
+            None => Err(js_err(
+                &env,
+                PsgdError::State("the state was disposed".into()),
+            )),
         }
     }
 

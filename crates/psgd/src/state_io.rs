@@ -202,7 +202,12 @@ pub fn regroup(
     }
     for p in picks {
         let Some((n, source)) = from.get(p.source) else {
-            return Err(bad(format!("leaf {} is picked from source {}, of {}", p.leaf, p.source, from.len())));
+            return Err(bad(format!(
+                "leaf {} is picked from source {}, of {}",
+                p.leaf,
+                p.source,
+                from.len()
+            )));
         };
         if p.leaf >= leaves || p.source_leaf >= *n {
             return Err(bad(format!(
@@ -225,7 +230,9 @@ pub fn regroup(
             return Err(bad(format!("spanning source {s} of {}", from.len())));
         };
         if *n != leaves {
-            return Err(bad(format!("source {s} has {n} leaves, the new state {leaves}")));
+            return Err(bad(format!(
+                "source {s} has {n} leaves, the new state {leaves}"
+            )));
         }
         tensors.retain(|name, _| leaf_of(name).is_some());
         for (name, t) in source {
