@@ -10,6 +10,7 @@ import { liveTensorBytes } from '../index'
 import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer, type NamedTensor, type PsgdTfjsOptimizer } from '../tfjs'
 import { values } from './helpers'
 import { parse } from './safetensors'
+import { saveWithOptimizer } from './tfjs-suite'
 
 const classes = { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer } as const
 type Ctor = (typeof classes)[keyof typeof classes]
@@ -124,19 +125,6 @@ for (const [name, Ctor] of Object.entries(classes)) {
     freeModels(whole, part, rebuilt)
     tf.dispose([x, y])
   })
-}
-
-/** Saves `m` with its optimizer, in memory. */
-async function saveWithOptimizer(m: tfl.LayersModel): Promise<tf.io.ModelArtifacts> {
-  let artifacts: tf.io.ModelArtifacts | undefined
-  await m.save(
-    tf.io.withSaveHandler(async (a) => {
-      artifacts = a
-      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } }
-    }),
-    { includeOptimizer: true },
-  )
-  return artifacts as tf.io.ModelArtifacts
 }
 
 for (const [name, Ctor] of Object.entries(classes)) {

@@ -37,6 +37,19 @@ function tinyRegression(optimizer: tf.Optimizer, seed: number): { model: tfl.Seq
   return { model, x, y }
 }
 
+/** Saves `m` with its optimizer (`includeOptimizer: true`), in memory. */
+export async function saveWithOptimizer(m: tfl.LayersModel): Promise<tf.io.ModelArtifacts> {
+  let artifacts: tf.io.ModelArtifacts | undefined
+  await m.save(
+    tf.io.withSaveHandler(async (a) => {
+      artifacts = a
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } }
+    }),
+    { includeOptimizer: true },
+  )
+  return artifacts as tf.io.ModelArtifacts
+}
+
 const bits = (v: tf.Tensor) => Array.from(new Uint32Array((v.dataSync() as Float32Array).slice().buffer))
 
 export function tfjsSuite(test: TestFn, backend: string): void {
@@ -201,15 +214,7 @@ export function tfjsSuite(test: TestFn, backend: string): void {
 
     const part = build()
     await fit(part)
-    let artifacts: tf.io.ModelArtifacts | undefined
-    await part.save(
-      tf.io.withSaveHandler(async (a) => {
-        artifacts = a
-        return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } }
-      }),
-      { includeOptimizer: true },
-    )
-    const loaded = await tfl.loadLayersModel(tf.io.fromMemory(artifacts as tf.io.ModelArtifacts))
+    const loaded = await tfl.loadLayersModel(tf.io.fromMemory(await saveWithOptimizer(part)))
     t.true(loaded.optimizer instanceof AffineOptimizer)
     t.deepEqual((loaded.optimizer as AffineOptimizer).getConfig(), { learningRate: 0.02, seed: 5 })
     await fit(loaded)
