@@ -229,7 +229,7 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
 
   /**
    * A fresh state for `names` with the per-variable state of `sources`' variables among
-   * them moved in (see {@link native.regroupState}); with `spanning`, the whole state of
+   * them moved in (the binding's `regroupState`); with `spanning`, the whole state of
    * that source (the same variables under other names).
    */
   private moved(
