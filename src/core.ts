@@ -398,8 +398,14 @@ interface Prepared {
   temps: NativeTensor[]
 }
 
-/** What {@link makeTransformation} builds: the public pair and the in-place step behind the optimizer classes. */
-interface Transformation extends GradientTransformation {
+/** @internal What {@link makeTransformation} builds: the public pair and the in-place step behind the optimizer classes (and the TensorFlow.js adapter). */
+export interface Transformation extends GradientTransformation {
+  /**
+   * The initial state for `leaves` named by `paths` (in this order), which `update` then
+   * takes as an array of leaves in the same order: what the TensorFlow.js adapter makes
+   * for its variables (the paths are their names, which masks and errors see).
+   */
+  initNamed(leaves: Leaf[], paths: string[]): OptimizerState
   /**
    * One step written straight into `params` when every param leaf is a Tensor: the native
    * core adds the updates itself, so no update crosses into JS, and this returns null.
@@ -493,30 +499,38 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
   /** The Tensor leaves an async step reads, which must stay undisposed until it settles. */
   const tensorInputs = (prep: Prepared): Tensor[] => prep.inputs.flatMap(([, f]) => (f ? f.leaves.filter((l): l is Tensor => l instanceof Tensor) : []))
 
+  const initFlat = (flat: Flat<Leaf>): OptimizerState => {
+    const wd = resolveMask(o.weightDecayMask, 'weightDecayMask', flat.paths, flat.leaves, true)
+    const scanned = resolveMask(o.scannedLayers, 'scannedLayers', flat.paths, flat.leaves, false)
+    checkLiveAll([['params', flat]])
+    const devices = flat.leaves.map((l) => (l instanceof Tensor ? l.device : 'cpu'))
+    const layout: Layout = { paths: flat.paths, shapes: flat.leaves.map((l) => [...shapeOf(l)]), devices, treedef: flat.treedef }
+    const leaves: LeafInfo[] = flat.paths.map((path, i) => ({
+      path,
+      shape: layout.shapes[i],
+      scanned: scanned[i],
+      weightDecay: wd[i],
+    }))
+    const temps: NativeTensor[] = []
+    try {
+      const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i], temps))
+      const opt = new native.NativeOptimizer(spec.name, leaves, o.json)
+      return new OptimizerState(opt.init(nativeParams), opt, layout, spec.name, o.json)
+    } catch (e) {
+      return nativeError(e)
+    } finally {
+      disposeAll(temps)
+    }
+  }
+
   return {
     init(params: PyTree): OptimizerState {
-      const flat = flatten<Leaf>(params, isLeaf, 'params')
-      const wd = resolveMask(o.weightDecayMask, 'weightDecayMask', flat.paths, flat.leaves, true)
-      const scanned = resolveMask(o.scannedLayers, 'scannedLayers', flat.paths, flat.leaves, false)
-      checkLiveAll([['params', flat]])
-      const devices = flat.leaves.map((l) => (l instanceof Tensor ? l.device : 'cpu'))
-      const layout: Layout = { paths: flat.paths, shapes: flat.leaves.map((l) => [...shapeOf(l)]), devices, treedef: flat.treedef }
-      const leaves: LeafInfo[] = flat.paths.map((path, i) => ({
-        path,
-        shape: layout.shapes[i],
-        scanned: scanned[i],
-        weightDecay: wd[i],
-      }))
-      const temps: NativeTensor[] = []
-      try {
-        const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i], temps))
-        const opt = new native.NativeOptimizer(spec.name, leaves, o.json)
-        return new OptimizerState(opt.init(nativeParams), opt, layout, spec.name, o.json)
-      } catch (e) {
-        return nativeError(e)
-      } finally {
-        disposeAll(temps)
-      }
+      return initFlat(flatten<Leaf>(params, isLeaf, 'params'))
+    },
+
+    initNamed(leaves: Leaf[], paths: string[]): OptimizerState {
+      const treedef: TreeDef = { kind: 'array', children: leaves.map(() => ({ kind: 'leaf' }) as const) }
+      return initFlat({ leaves, paths, treedef, set: [] })
     },
 
     update(grads, state, params, extra) {

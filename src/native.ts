@@ -23,6 +23,8 @@ export interface NativeTensor {
 export interface NativeState {
   clone(): NativeState
   readonly count: number
+  /** Sets the step count (a state continuing another count; see the TensorFlow.js adapter). */
+  setCount(count: number): void
   dispose(): void
   readonly disposed: boolean
 }
@@ -99,6 +101,19 @@ interface Binding {
   checkOptions(variant: string, optionsJson: string): void
   /** psgd-jax's update-probability schedule at 1-based step `n`. */
   precondUpdateProb(schedule: { maxProb?: number; minProb?: number; decay?: number; flatStart?: number }, n: number): number
+  /**
+   * A state for a new set of leaves: `fresh` (its `init` state, as bytes) with each picked
+   * leaf's per-leaf tensors (momentum; Kron's and Affine's factors) from a leaf of one of
+   * `sources`, the tensors spanning all leaves from `sources[spanning]` when given (else
+   * `fresh`'s), and the step count `count`; as bytes for `loadBytes`.
+   */
+  regroupState(
+    fresh: Uint8Array,
+    sources: Uint8Array[],
+    picks: { leaf: number; source: number; sourceLeaf: number }[],
+    spanning: number | null,
+    count: number,
+  ): Buffer
   /** Draws a Hessian-mode step's decision and probe for `params`. */
   hessianProbe(params: NativeTensor[], seed: number, step: number, updateProbability: number): NativeProbe
 }

@@ -10,9 +10,11 @@
  */
 import {
   add,
+  dispose,
   engine,
   getBackend,
   Optimizer,
+  scalar,
   serialization,
   tensor,
   tidy,
@@ -20,7 +22,8 @@ import {
   type Tensor as TfTensor,
   type Variable,
 } from '@tensorflow/tfjs-core'
-import type { GradientTransformation, OptimizerState } from './core'
+import type { GradientTransformation, OptimizerState, Transformation } from './core'
+import { call, native } from './native'
 import { affine, type AffineOptions } from './affine'
 import { kron, type KronOptions } from './kron'
 import { lra, type LRAOptions } from './lra'
@@ -35,25 +38,36 @@ export interface NamedTensor {
   tensor: TfTensor
 }
 
-/** Name of the weight {@link PsgdTfjsOptimizer.getWeights} gives the state of the `i`-th set of variables. */
+/** Name of the weights {@link PsgdTfjsOptimizer.getWeights} gives the saved states: `psgd_state/<i>`. */
 const STATE_WEIGHT = 'psgd_state'
+/** A saved state's weight name (under any scope tfjs may add). */
+const STATE_NAME = /(^|\/)psgd_state\/\d+$/
 
-/** One native state and the variables (by name, in the leaf order) it was made for. */
+/** One native state and the variables it holds the state of (by name, in its leaf order). */
 interface Group {
   names: string[]
-  shapes: number[][]
   state: OptimizerState
 }
 
-/** A state restored by `setWeights`, waiting for the first step on its variables (see {@link PsgdTfjsOptimizer.setWeights}). */
+/** A state restored by `setWeights`, waiting for a step on its variables (see {@link PsgdTfjsOptimizer.setWeights}). */
 interface Pending {
+  /** The variable names it was saved for, in its leaf order. */
   names: string[]
+  /** Their shapes (from the state's own metadata). */
+  shapes: number[][]
+  /** Its step count when saved. */
+  count: number
   bytes: Uint8Array
 }
 
-/** The sorted variable names of one call, joined: the key of the state kept for that set. */
-function groupKey(names: readonly string[]): string {
-  return JSON.stringify(names)
+/** The key of a set of variable names, in any order. */
+function setKey(names: readonly string[]): string {
+  return JSON.stringify([...names].sort())
+}
+
+/** A name without the `_<n>` tfjs-layers appends to a name registered a second time. */
+function baseName(name: string): string {
+  return name.replace(/_\d+$/, '')
 }
 
 /**
@@ -64,23 +78,55 @@ function groupKey(names: readonly string[]): string {
  *   registered with the tfjs engine), skipping null gradients, as tfjs's own optimizers
  *   do; `minimize` and `model.fit` give it the trainable variables only, so non-trainable
  *   ones (e.g. batch-norm statistics) are never touched.
- * - **Leaf order.** The variables are sorted by name, so the map and list forms of
- *   `applyGradients`, in any order, give the same step.
- * - **State per set of variables.** A PSGD preconditioner spans the leaves it was made
- *   for (XMat and LRA: all of them at once), so one native state is kept per distinct set
- *   of variable names, created on its first step. A call with another set (a variable
- *   created later, a GAN alternating two sub-models) gets a fresh state for that set, as
- *   tfjs's optimizers give a new variable fresh slots.
- * - **Saving.** `getWeights` returns `iter` and one int32 tensor `psgd_state/<i>` per set
- *   (the variable names and the native state bytes, packed), so a model saved with
- *   `includeOptimizer: true` and loaded again continues bit-for-bit.
+ * - **Leaf order.** The variables are taken in the order they were created: for a model,
+ *   the order in which it gives its weights (layer by layer, kernel before bias). It does
+ *   not depend on their names nor on the order of the call (the map and list forms of
+ *   `applyGradients`, in any order, give the same step), so a model built again under
+ *   other auto-generated layer names steps the same way.
+ * - **Names.** The leaves are named by their variables: `weightDecayMask` and
+ *   `scannedLayers` given as functions are called with the variable's name and a leaf of
+ *   its shape (`(name) => !name.includes('bias')` decays the kernels only), and errors
+ *   name the variable.
+ * - **One step count.** The optimizer's `iterations` is the count every step reads:
+ *   learning-rate and update-probability schedules, momentum's bias correction and the
+ *   random stream all continue across any change of the variables a step is given.
+ * - **When the trainable set changes** (a layer frozen or unfrozen and the model compiled
+ *   again, a variable created later, a step in which some variables get a null gradient),
+ *   each variable keeps its own state: its momentum, and with Kron and Affine, whose
+ *   preconditioner is one per variable, its factors, carried from the state that last
+ *   held them into the state of the new set; a variable seen for the first time starts
+ *   fresh. XMat's and LRA's preconditioner spans all the variables of its set at once, so
+ *   it starts anew when the set changes, while the momentum and the count carry over. A
+ *   preconditioner that starts at a count above 0 (a new variable's; XMat's and LRA's
+ *   after a change) starts from its initial scale option: the automatic scale a null
+ *   initial scale takes from the first step applies at count 0 only. Sets that alternate
+ *   without sharing variables (a GAN's generator and discriminator) each keep their whole
+ *   state.
+ * - **Saving.** `getWeights` returns `iter` and one int32 tensor `psgd_state/<i>` per
+ *   state (the variable names in leaf order and the native state bytes, packed); a model
+ *   saved with `includeOptimizer: true` and loaded again continues bit-for-bit. The
+ *   returned tensors belong to the optimizer, as tfjs's optimizers' own weights do: they
+ *   stay valid until the next `getWeights` or `dispose` (clone them to keep them longer),
+ *   so any number of saves holds one copy.
+ * - **Restoring.** `setWeights` keeps the states until a step on their variables: a saved
+ *   state goes to the variables of its names (also when tfjs-layers added or changed a
+ *   `_<n>` suffix, as it does to a model loaded into a process that already has those
+ *   names), else, when no variable of the step has a state yet, to the step's variables
+ *   if it is the only saved state of their shapes in leaf order. Two models sharing one
+ *   optimizer each get their own state back; a state is never guessed onto variables
+ *   (several fitting by shape only is a RangeError).
  */
 export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   /** @internal */
   protected readonly options: O
   private readonly transformation: GradientTransformation
+  /** The live states, by the set of variable names each holds; no variable is in two. */
   private groups = new Map<string, Group>()
+  /** The live state of each variable, by name. */
+  private holders = new Map<string, Group>()
   private pending: Pending[] = []
+  /** The tensors the last `getWeights` handed out (this optimizer's, freed at the next call or at `dispose`). */
+  private handedOut: TfTensor[] = []
   private disposed = false
   private readonly variant: string
 
@@ -98,53 +144,52 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   /**
    * One PSGD step on the variables named in `variableGradients` (a name → gradient map or
    * a list of `{ name, tensor }`, the two forms tfjs passes).
-   * @throws TypeError for a name that is no registered variable, a non-float32 variable or
-   * gradient; RangeError for a gradient whose shape differs from its variable's.
+   * @throws TypeError for a name that is no registered variable or is given twice, a
+   * non-float32 variable or gradient; RangeError for a gradient whose shape differs from
+   * its variable's, or a restored state that does not fit (see {@link PsgdTfjsOptimizer.setWeights}).
    */
   applyGradients(variableGradients: NamedTensorMap | NamedTensor[]): void {
     this.checkAlive()
-    const pairs: [string, TfTensor][] = []
-    if (Array.isArray(variableGradients)) {
-      for (const v of variableGradients) if (v?.tensor != null) pairs.push([v.name, v.tensor])
-    } else {
-      for (const [name, g] of Object.entries(variableGradients)) if (g != null) pairs.push([name, g])
+    const given = new Map<string, TfTensor>()
+    const take = (name: string, g: TfTensor | null | undefined) => {
+      if (g == null) return
+      if (given.has(name)) throw new TypeError(`${this.variant}: variable '${name}' is given twice`)
+      given.set(name, g)
     }
-    if (pairs.length === 0) return
-    pairs.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))
-    const names = pairs.map(([n]) => n)
-    const vars = names.map((name, i) => {
-      if (i > 0 && name === names[i - 1]) throw new TypeError(`${this.variant}: variable '${name}' is given twice`)
+    if (Array.isArray(variableGradients)) for (const v of variableGradients) take(v?.name, v?.tensor)
+    else for (const [name, g] of Object.entries(variableGradients)) take(name, g)
+    if (given.size === 0) return
+    const vars = new Map<string, Variable>()
+    for (const [name, g] of given) {
       const v = engine().registeredVariables[name]
       if (v === undefined) throw new TypeError(`${this.variant}: '${name}' is not a registered tfjs variable`)
       if (v.dtype !== 'float32') throw new TypeError(`${this.variant}: variable '${name}' is ${v.dtype}; PSGD updates float32 variables`)
-      return v
-    })
-    const grads: ArrayLeaf[] = pairs.map(([name, g], i) => {
       if (g.dtype !== 'float32') throw new TypeError(`${this.variant}: the gradient of '${name}' is ${g.dtype}, expected float32`)
-      if (!sameShape(g.shape, vars[i].shape)) {
-        throw new RangeError(
-          `${this.variant}: the gradient of '${name}' has shape ${JSON.stringify(g.shape)}, the variable has ${JSON.stringify(vars[i].shape)}`,
-        )
+      if (!sameShape(g.shape, v.shape)) {
+        throw new RangeError(`${this.variant}: the gradient of '${name}' has shape ${JSON.stringify(g.shape)}, the variable has ${JSON.stringify(v.shape)}`)
       }
-      // read once; the native step copies it, so a backend's own buffer is never written
+      vars.set(name, v)
+    }
+    // creation order (tensor ids grow): the model's order, whatever the names or the call's order
+    const created = [...vars.keys()].sort((a, b) => (vars.get(a) as Variable).id - (vars.get(b) as Variable).id)
+    const group = this.groupFor(created, vars)
+    const names = group.names
+    const variables = names.map((n) => vars.get(n) as Variable)
+    // read once; the native step copies it, so a backend's own buffer is never written
+    const grads: ArrayLeaf[] = names.map((n) => {
+      const g = given.get(n) as TfTensor
       return { data: g.dataSync() as Float32Array, shape: [...g.shape] }
     })
-    const group = this.groupFor(names, vars)
     // params are read only when the step needs them (decoupled weight decay)
-    const params = this.needsParams() ? vars.map((v) => ({ data: v.dataSync() as Float32Array, shape: [...v.shape] })) : null
-    let updates
-    try {
-      ;[updates] = this.transformation.update(grads, group.state, params)
-    } catch (e) {
-      throw withNames(e, names)
-    }
+    const params = this.needsParams() ? variables.map((v) => ({ data: v.dataSync() as Float32Array, shape: [...v.shape] })) : null
+    const [updates] = this.transformation.update(grads, group.state, params)
     const leaves = updates as ArrayLeaf[]
     // The `cpu` backend keeps values in JS arrays, so reading a variable is free while its
     // own `add` is a generic broadcasting loop (measured 6.5 ms vs 0.8 ms for the JS sum on
     // a 784×128 kernel); elsewhere (`wasm`, native, GPU) the backend's add is the fast one.
     const sumInJs = getBackend() === 'cpu'
     tidy(() => {
-      vars.forEach((v, i) => {
+      variables.forEach((v, i) => {
         const u = leaves[i].data
         if (sumInJs) {
           const cur = v.dataSync() as Float32Array
@@ -157,45 +202,164 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     this.incrementIterations()
   }
 
-  /** The state for this set of variables: kept, restored from `setWeights`, or new. */
-  private groupFor(names: string[], vars: Variable[]): Group {
-    const key = groupKey(names)
-    const have = this.groups.get(key)
-    if (have) return have
-    const shapes = vars.map((v) => [...v.shape])
-    // only shapes are read at init, so zeros stand in for the values (no backend read)
-    const state = this.transformation.init(shapes.map((shape) => ({ data: new Float32Array(sizeOf(shape)), shape })))
-    const restored = this.takePending(names)
-    if (restored) {
-      try {
-        state.loadBytes(restored.bytes)
-      } catch (e) {
-        // kept, so a step on the variables it was saved for can still restore it
-        this.pending.unshift(restored)
-        const why = e instanceof Error ? e.message : String(e)
-        throw new RangeError(
-          `${this.variant}: the state setWeights restored for ${JSON.stringify(restored.names)} does not fit ${JSON.stringify(names)}: ${why}`,
-          {
-            cause: e,
-          },
+  /**
+   * The state for this step's variables (`names`, in creation order), at the optimizer's
+   * count: a restored one, the live one of exactly these variables, or one made for them
+   * from the live states of each (see the class's notes).
+   */
+  private groupFor(names: string[], vars: Map<string, Variable>): Group {
+    if (this.pending.length > 0) this.bindPending(names, vars)
+    const first = this.holders.get(names[0])
+    const whole = first !== undefined && first.names.length === names.length && names.every((n) => this.holders.get(n) === first)
+    const group = whole
+      ? first
+      : this.regroup(
+          names,
+          names.map((n) => [...(vars.get(n) as Variable).shape]),
         )
-      }
-    }
-    const group = { names, shapes, state }
-    this.groups.set(key, group)
+    if (group.state.count !== this.iterations) group.state.handle.setCount(this.iterations)
     return group
   }
 
+  /** A fresh native state for variables `names` of `shapes` (only shapes are read at init: zeros stand in for the values). */
+  private freshState(names: string[], shapes: number[][]): OptimizerState {
+    const leaves = shapes.map((shape) => ({ data: new Float32Array(sizeOf(shape)), shape }))
+    return (this.transformation as Transformation).initNamed(leaves, names)
+  }
+
   /**
-   * The saved state for `names`: the one saved for the same names, else (a model rebuilt
-   * with other layer names) the first one saved for as many variables; its shapes are
-   * checked by `loadBytes`.
+   * A fresh state for `names` with the per-variable state of `sources`' variables among
+   * them moved in (the binding's `regroupState`); with `spanning`, the whole state of
+   * that source (the same variables under other names).
    */
-  private takePending(names: string[]): Pending | undefined {
-    let at = this.pending.findIndex((p) => groupKey(p.names) === groupKey(names))
-    if (at < 0) at = this.pending.findIndex((p) => p.names.length === names.length)
-    if (at < 0) return undefined
-    return this.pending.splice(at, 1)[0]
+  private moved(
+    names: string[],
+    shapes: number[][],
+    sources: { names: string[]; bytes: Uint8Array }[],
+    spanning: number | null,
+    count: number,
+  ): OptimizerState {
+    const state = this.freshState(names, shapes)
+    const picks = names.flatMap((n, leaf) => {
+      const source = spanning ?? sources.findIndex((s) => s.names.includes(n))
+      return source < 0 ? [] : [{ leaf, source, sourceLeaf: spanning === null ? sources[source].names.indexOf(n) : leaf }]
+    })
+    if (picks.length === 0 && spanning === null) return state
+    try {
+      const bytes = call(
+        () =>
+          native.regroupState(
+            state.toBytes(),
+            sources.map((s) => s.bytes),
+            picks,
+            spanning,
+            count,
+          ),
+        this.variant,
+      )
+      state.loadBytes(bytes)
+    } catch (e) {
+      state.dispose()
+      throw e
+    }
+    return state
+  }
+
+  /**
+   * Makes the live state of `names` from the live states holding any of them (momentum,
+   * and Kron's and Affine's per-variable factors, move; see the class's notes), and
+   * leaves each of those states with its other variables only.
+   */
+  private regroup(names: string[], shapes: number[][]): Group {
+    const sources = [...new Set(names.flatMap((n) => this.holders.get(n) ?? []))]
+    const saved = sources.map((g) => ({ names: g.names, bytes: g.state.toBytes() }))
+    const made: Group[] = []
+    try {
+      made.push({ names, state: this.moved(names, shapes, saved, null, this.iterations) })
+      const now = new Set(names)
+      sources.forEach((g, i) => {
+        const rest = g.names.filter((n) => !now.has(n))
+        if (rest.length === 0) return
+        const restShapes = rest.map((n) => g.state.layout.shapes[g.names.indexOf(n)])
+        made.push({ names: rest, state: this.moved(rest, restShapes, [saved[i]], null, g.state.count) })
+      })
+    } catch (e) {
+      for (const g of made) g.state.dispose()
+      throw e
+    }
+    // all made: now replace the sources
+    for (const g of sources) {
+      this.groups.delete(setKey(g.names))
+      g.state.dispose()
+    }
+    for (const g of made) this.register(g)
+    return made[0]
+  }
+
+  private register(g: Group): void {
+    this.groups.set(setKey(g.names), g)
+    for (const n of g.names) this.holders.set(n, g)
+  }
+
+  /**
+   * Binds restored states to this step's variables: a state whose every saved name is one
+   * of them (or, modulo tfjs-layers' `_<n>` suffix, exactly one of them), else, when none
+   * of them has a state yet, the one state saved for as many variables of the same shapes
+   * in leaf order.
+   * @throws RangeError when a state bound by name does not fit its variables, or when
+   * several states fit by shape and no names decide; nothing is bound then.
+   */
+  private bindPending(names: string[], vars: Map<string, Variable>): void {
+    const here = new Set(names)
+    const byName = (saved: string): string | undefined => {
+      if (here.has(saved)) return saved
+      const like = names.filter((n) => baseName(n) === baseName(saved))
+      return like.length === 1 ? like[0] : undefined
+    }
+    let bound: [Pending, string[]][] = []
+    for (const p of this.pending) {
+      const mapped = p.names.map(byName)
+      if (mapped.every((m) => m !== undefined) && new Set(mapped).size === mapped.length) bound.push([p, mapped as string[]])
+    }
+    const shapeOf = (n: string) => (vars.get(n) as Variable).shape
+    if (bound.length === 0 && names.every((n) => !this.holders.has(n))) {
+      const fits = this.pending.filter((p) => p.names.length === names.length && p.shapes.every((s, i) => sameShape(s, shapeOf(names[i]))))
+      if (fits.length > 1) {
+        throw new RangeError(
+          `${this.variant}: the states setWeights restored for ${fits.map((p) => JSON.stringify(p.names)).join(' and ')} all fit the variables ${JSON.stringify(names)} by shape, and no names decide which is theirs`,
+        )
+      }
+      bound = fits.map((p) => [p, names])
+    }
+    const claimed = new Map<string, Pending>()
+    for (const [p, mapped] of bound) {
+      for (const n of mapped) {
+        const other = claimed.get(n)
+        if (other !== undefined || this.holders.has(n)) {
+          throw new RangeError(
+            `${this.variant}: variable '${n}' would take the state setWeights restored for ${JSON.stringify(p.names)}, but it already has ${other ? `the one restored for ${JSON.stringify(other.names)}` : 'a state'}`,
+          )
+        }
+        claimed.set(n, p)
+      }
+      const shapes = mapped.map((n) => [...shapeOf(n)])
+      if (!p.shapes.every((s, i) => sameShape(s, shapes[i]))) {
+        throw new RangeError(
+          `${this.variant}: the state setWeights restored for ${JSON.stringify(p.names)} (shapes ${JSON.stringify(p.shapes)}) does not fit ${JSON.stringify(mapped)} (shapes ${JSON.stringify(shapes)})`,
+        )
+      }
+    }
+    const made: Group[] = []
+    try {
+      for (const [p, mapped] of bound) made.push({ names: mapped, state: this.moved(mapped, p.shapes, [p], 0, p.count) })
+    } catch (e) {
+      for (const g of made) g.state.dispose()
+      const why = e instanceof Error ? e.message : String(e)
+      throw new RangeError(`${this.variant}: a state setWeights restored does not fit the variables ${JSON.stringify(names)}: ${why}`, { cause: e })
+    }
+    const taken = new Set(bound.map(([p]) => p))
+    this.pending = this.pending.filter((p) => !taken.has(p))
+    for (const g of made) this.register(g)
   }
 
   private needsParams(): boolean {
@@ -207,40 +371,73 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     if (this.disposed) throw new TypeError(`${this.variant}: the optimizer was disposed`)
   }
 
+  /** Frees the tensors the last {@link PsgdTfjsOptimizer.getWeights} handed out. */
+  private releaseWeights(): void {
+    dispose(this.handedOut)
+    this.handedOut = []
+  }
+
   /**
-   * `iter` and one int32 tensor `psgd_state/<i>` per set of variables stepped so far (or
-   * restored and not yet stepped): `[name bytes, state bytes, …packed bytes]`.
+   * `iter` and one int32 tensor `psgd_state/<i>` per state (live, or restored and not yet
+   * stepped): `[name bytes, state bytes, …packed bytes]`. The tensors are this
+   * optimizer's: they stay valid until the next `getWeights` or `dispose`, which free
+   * them (tfjs's own optimizers hand out their variables the same way), so a loop of
+   * saves holds one copy.
    */
   override async getWeights(): Promise<NamedTensor[]> {
     this.checkAlive()
-    const out: NamedTensor[] = [await this.saveIterations()]
-    const saved: Pending[] = [...[...this.groups.values()].map((g) => ({ names: g.names, bytes: g.state.toBytes() })), ...this.pending]
+    const saved = [...[...this.groups.values()].map((g) => ({ names: g.names, bytes: g.state.toBytes() })), ...this.pending]
+    const out: NamedTensor[] = [{ name: 'iter', tensor: scalar(this.iterations, 'int32') }]
     saved.forEach((p, i) => out.push({ name: `${STATE_WEIGHT}/${i}`, tensor: pack(p) }))
+    this.releaseWeights()
+    this.handedOut = out.map((w) => w.tensor)
     return out
   }
 
   /**
-   * Restores what {@link PsgdTfjsOptimizer.getWeights} returned. The states replace this
-   * optimizer's and are loaded at the first step on their variables (only then are the
-   * variables' shapes known); a state that does not fit them is a RangeError there.
-   * @throws TypeError when the weights are not such a list.
+   * Restores what {@link PsgdTfjsOptimizer.getWeights} returned: the count at once, the
+   * states at the first step on their variables (see the class's notes on restoring). The
+   * list is checked whole before anything changes.
+   * @throws TypeError when the weights are not such a list (no `iter` first, a weight of
+   * another name or dtype); RangeError for a count or a state that is not one (or of
+   * another variant), or a variable in two states.
    */
   override async setWeights(weightValues: NamedTensor[]): Promise<void> {
     this.checkAlive()
+    const what = `${this.variant}.setWeights`
     if (!Array.isArray(weightValues) || weightValues.length === 0) {
-      throw new TypeError(`${this.variant}.setWeights: expected the list getWeights returns ('iter', then '${STATE_WEIGHT}/<i>' tensors)`)
+      throw new TypeError(`${what}: expected the list getWeights returns ('iter', then '${STATE_WEIGHT}/<i>' tensors)`)
     }
-    const rest = await this.extractIterations(weightValues)
+    const [iter, ...rest] = weightValues
+    if (iter?.name !== 'iter' || iter.tensor?.size !== 1) {
+      throw new TypeError(`${what}: the first weight must be the scalar 'iter' (the step count), got '${String(iter?.name)}'`)
+    }
+    const count = (await iter.tensor.data())[0]
+    if (!Number.isSafeInteger(count) || count < 0) throw new RangeError(`${what}: 'iter' must be a step count (an integer ≥ 0), got ${count}`)
     const pending: Pending[] = []
+    const seen = new Set<string>()
     for (const w of rest) {
-      if (!w.name.includes(STATE_WEIGHT)) {
-        throw new TypeError(`${this.variant}.setWeights: unexpected weight '${w.name}' (expected '${STATE_WEIGHT}/<i>')`)
+      if (typeof w?.name !== 'string' || !STATE_NAME.test(w.name)) {
+        throw new TypeError(`${what}: unexpected weight '${String(w?.name)}' (expected '${STATE_WEIGHT}/<i>')`)
       }
-      if (w.tensor.dtype !== 'int32') throw new TypeError(`${this.variant}.setWeights: weight '${w.name}' must be int32, got ${w.tensor.dtype}`)
-      pending.push(unpack(await w.tensor.data<'int32'>(), `${this.variant}.setWeights: weight '${w.name}'`))
+      if (w.tensor?.dtype !== 'int32') throw new TypeError(`${what}: weight '${w.name}' must be int32, got ${String(w.tensor?.dtype)}`)
+      const p = unpack(await w.tensor.data<'int32'>(), `${what}: weight '${w.name}'`, this.variant)
+      for (const n of p.names) {
+        if (seen.has(n)) throw new RangeError(`${what}: variable '${n}' is in two saved states`)
+        seen.add(n)
+      }
+      pending.push(p)
     }
-    this.groups.clear()
+    this.dropStates()
     this.pending = pending
+    this.iterations_ = count
+  }
+
+  private dropStates(): void {
+    for (const g of this.groups.values()) g.state.dispose()
+    this.groups.clear()
+    this.holders.clear()
+    this.pending = []
   }
 
   /**
@@ -267,25 +464,15 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     return new cls(options)
   }
 
-  /** Frees the native states now (momentum and preconditioner factors); later use throws a TypeError. */
+  /**
+   * Frees the native states now (momentum and preconditioner factors) and the tensors the
+   * last {@link PsgdTfjsOptimizer.getWeights} handed out; later use throws a TypeError.
+   */
   override dispose(): void {
-    for (const g of this.groups.values()) g.state.dispose()
-    this.groups.clear()
-    this.pending = []
+    this.dropStates()
+    this.releaseWeights()
     this.disposed = true
   }
-}
-
-/**
- * The core names a leaf by its path, here its index in the sorted variables (indices, not
- * names, so that a state reloads into a model rebuilt with other layer names): the error
- * the caller sees names the variable.
- */
-function withNames(e: unknown, names: readonly string[]): unknown {
-  if (!(e instanceof TypeError || e instanceof RangeError)) return e
-  const message = e.message.replace(/'(\d+)'/g, (m, i: string) => (names[Number(i)] !== undefined ? `'${names[Number(i)]}'` : m))
-  const out = e instanceof TypeError ? new TypeError(message, { cause: e }) : new RangeError(message, { cause: e })
-  return out
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
@@ -297,7 +484,7 @@ function sizeOf(shape: readonly number[]): number {
 }
 
 /** `[name byte count, state byte count, …(names JSON ++ state bytes) packed 4 per int32]`. */
-function pack(p: Pending): TfTensor {
+function pack(p: { names: string[]; bytes: Uint8Array }): TfTensor {
   const names = new TextEncoder().encode(JSON.stringify(p.names))
   const words = Math.ceil((names.length + p.bytes.length) / 4)
   const buf = new Uint8Array(8 + words * 4)
@@ -309,7 +496,8 @@ function pack(p: Pending): TfTensor {
   return tensor(littleEndianInt32(buf), [2 + words], 'int32')
 }
 
-function unpack(words: Int32Array, what: string): Pending {
+/** A packed state, checked as far as its header goes (the state itself is checked when it is loaded). */
+function unpack(words: Int32Array, what: string, variant: string): Pending {
   const buf = new Uint8Array(words.length * 4)
   const view = new DataView(buf.buffer)
   words.forEach((w, i) => view.setInt32(i * 4, w, true))
@@ -323,7 +511,35 @@ function unpack(words: Int32Array, what: string): Pending {
     throw new RangeError(`${what} is not a PSGD state (bad variable names)`)
   }
   if (!Array.isArray(names) || !names.every((n) => typeof n === 'string')) throw new RangeError(`${what} is not a PSGD state (bad variable names)`)
-  return { names, bytes: buf.slice(8 + nameLen, 8 + nameLen + stateLen) }
+  const bytes = buf.slice(8 + nameLen, 8 + nameLen + stateLen)
+  const header = stateHeader(bytes, what)
+  // 'KronOptimizer' holds 'kron' states
+  if (`${header.variant}optimizer` !== variant.toLowerCase()) throw new RangeError(`${what} holds a '${header.variant}' state, this is ${variant}`)
+  if (header.shapes.length !== names.length) {
+    throw new RangeError(`${what} names ${names.length} variables for a state of ${header.shapes.length}`)
+  }
+  return { names, shapes: header.shapes, count: header.count, bytes }
+}
+
+/** What a state's safetensors header says: its variant, leaf shapes and step count. */
+function stateHeader(bytes: Uint8Array, what: string): { variant: string; shapes: number[][]; count: number } {
+  try {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+    const n = Number(view.getBigUint64(0, true))
+    const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n))) as { __metadata__: { psgd: string } }
+    const meta = JSON.parse(header.__metadata__.psgd) as { variant: string; leaves: string; count: string }
+    const shapes = (JSON.parse(meta.leaves) as { shape: number[] }[]).map((l) => l.shape)
+    const count = Number(meta.count)
+    const ok =
+      8 + n <= bytes.length &&
+      typeof meta.variant === 'string' &&
+      Number.isSafeInteger(count) &&
+      shapes.every((s) => Array.isArray(s) && s.every((d) => Number.isSafeInteger(d) && d >= 0))
+    if (ok) return { variant: meta.variant, shapes, count }
+  } catch {
+    // reported below
+  }
+  throw new RangeError(`${what} is not a PSGD state (no state header)`)
 }
 
 /** The bytes as int32 words, little-endian whatever the platform (saved files are little-endian). */

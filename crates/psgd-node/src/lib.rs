@@ -414,6 +414,24 @@ impl NativeState {
         Ok(held(&s).map_err(|e| js_err(&env, e))?.count() as f64)
     }
 
+    /// Sets the step count (see [`AnyState::set_count`]): a state that continues another
+    /// count, as the TensorFlow.js adapter's per-set states continue the optimizer's.
+    #[napi]
+    pub fn set_count(&self, env: Env, count: f64) -> Result<()> {
+        let count = whole(&env, "count", count)?;
+        let mut s = lock(&self.inner);
+        match s.as_mut() {
+            Some(s) => {
+                s.set_count(count);
+                Ok(())
+            }
+            None => Err(js_err(
+                &env,
+                PsgdError::State("the state was disposed".into()),
+            )),
+        }
+    }
+
     /// Frees the state's tensors now (the momentum and the preconditioner), instead of
     /// when the collector gets to this object; later use is an error. Idempotent. A
     /// pending async step keeps its own reference and finishes first (the lock).
@@ -721,6 +739,42 @@ impl NativeOptimizer {
         *lock(&target.inner) = Some(s);
         Ok(())
     }
+}
+
+/// Where one leaf of [`regroup_state`]'s result takes its tensors from.
+#[napi(object)]
+pub struct LeafPick {
+    pub leaf: u32,
+    pub source: u32,
+    pub source_leaf: u32,
+}
+
+/// A state for a new set of leaves from `fresh` (its `init` state, as bytes) and the
+/// per-leaf tensors of `sources` (see [`psgd::state_io::regroup`]), as bytes to load.
+#[napi]
+pub fn regroup_state(
+    env: Env,
+    fresh: &[u8],
+    sources: Vec<Buffer>,
+    picks: Vec<LeafPick>,
+    spanning: Option<u32>,
+    count: f64,
+) -> Result<Buffer> {
+    let count = whole(&env, "count", count)?;
+    let sources: Vec<&[u8]> = sources.iter().map(|b| b.as_ref()).collect();
+    let picks: Vec<_> = picks
+        .iter()
+        .map(|p| psgd::state_io::LeafSource {
+            leaf: p.leaf as usize,
+            source: p.source as usize,
+            source_leaf: p.source_leaf as usize,
+        })
+        .collect();
+    no_panic(|| {
+        psgd::state_io::regroup(fresh, &sources, &picks, spanning.map(|s| s as usize), count)
+    })
+    .map(Buffer::from)
+    .map_err(|e| js_err(&env, e))
 }
 
 fn options_object(env: &Env, json: &str) -> Result<serde_json::Map<String, serde_json::Value>> {

@@ -169,6 +169,18 @@ macro_rules! variants {
                     $(AnyState::$variant(s) => <$ty as Transform>::count(s),)*
                 }
             }
+
+            /// Sets the step count (what schedules, momentum's bias correction and the
+            /// random stream of the next step read), keeping the update counter at most it:
+            /// for a state that continues another count (an optimizer's global one).
+            pub fn set_count(&mut self, count: u64) {
+                match self {
+                    $(AnyState::$variant(s) => {
+                        s.count = count;
+                        s.update_counter = s.update_counter.min(count);
+                    })*
+                }
+            }
         }
     };
 }

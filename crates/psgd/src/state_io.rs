@@ -123,6 +123,135 @@ impl StateFile {
     }
 }
 
+/// The `psgd` metadata of a state file.
+fn read_meta(bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| PsgdError::State(format!("not a safetensors state: {e}")))?;
+    md.metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .and_then(|m| serde_json::from_str(m).ok())
+        .ok_or_else(|| PsgdError::State("not a psgd state (no 'psgd' metadata)".into()))
+}
+
+/// Where [`regroup`] takes one leaf's tensors from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafSource {
+    /// The leaf of the new state.
+    pub leaf: usize,
+    /// Which of the source states.
+    pub source: usize,
+    /// The leaf of that source state.
+    pub source_leaf: usize,
+}
+
+/// The leaf index of a per-leaf tensor (`<kind>.<leaf>` or `<kind>.<leaf>.<more>`: the
+/// momentum `mu.<l>`, Kron's `Q.<l>.<i>`, Affine's `Ql.<l>` and `Qr.<l>`), with the name
+/// split around it; `None` for a tensor that spans all leaves (XMat's `a`, LRA's `U`).
+fn leaf_of(name: &str) -> Option<(&str, usize, &str)> {
+    let (kind, rest) = name.split_once('.')?;
+    let (index, more) = rest.split_once('.').map_or((rest, ""), |(i, m)| (i, m));
+    Some((kind, index.parse().ok()?, more))
+}
+
+fn leaf_count(meta: &BTreeMap<String, String>) -> Result<usize> {
+    meta.get("leaves")
+        .and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(l).ok())
+        .map(|l| l.len())
+        .ok_or_else(|| bad("missing or bad 'leaves'".into()))
+}
+
+/// A state for a new set of leaves, made from `fresh` (a state of that set as `init` made
+/// it, as bytes) with the per-leaf tensors of each picked leaf (its momentum and, for the
+/// variants whose preconditioner is per leaf, Kron's and Affine's, its factors) taken from
+/// a leaf of one of `sources` (states of the same variant and options), and the step count
+/// set to `count`. Tensors that span all leaves (XMat's and LRA's preconditioner) stay
+/// `fresh`'s, or, with `spanning`, that source's (a whole state moved onto other leaf
+/// names, which must then be as many). The update counter (Kron's deterministic schedule)
+/// is the largest of the sources', at most `count`. The result is a state file with its
+/// own checksum, which loading checks as any other (shapes against the leaves, finite
+/// values).
+pub fn regroup(
+    fresh: &[u8],
+    sources: &[&[u8]],
+    picks: &[LeafSource],
+    spanning: Option<usize>,
+    count: u64,
+) -> Result<Vec<u8>> {
+    if count > MAX_COUNT {
+        return Err(bad(format!("count {count} exceeds {MAX_COUNT}")));
+    }
+    let mut meta = read_meta(fresh)?;
+    let leaves = leaf_count(&meta)?;
+    let load = |b: &[u8]| {
+        candle_core::safetensors::load_buffer(b, &Device::Cpu)
+            .map_err(|e| bad(format!("cannot read its tensors: {}", PsgdError::from(e))))
+    };
+    let mut tensors = load(fresh)?;
+    let mut counter = 0;
+    let mut from = Vec::with_capacity(sources.len());
+    for (i, b) in sources.iter().enumerate() {
+        let m = read_meta(b)?;
+        if m.get("variant") != meta.get("variant") {
+            return Err(bad(format!("source {i} holds another variant's state")));
+        }
+        if let Some(c) = m.get("update_counter").and_then(|c| c.parse::<u64>().ok()) {
+            counter = counter.max(c);
+        }
+        from.push((leaf_count(&m)?, load(b)?));
+    }
+    for p in picks {
+        let Some((n, source)) = from.get(p.source) else {
+            return Err(bad(format!(
+                "leaf {} is picked from source {}, of {}",
+                p.leaf,
+                p.source,
+                from.len()
+            )));
+        };
+        if p.leaf >= leaves || p.source_leaf >= *n {
+            return Err(bad(format!(
+                "pick of leaf {} (of {leaves}) from leaf {} (of {n}) is out of range",
+                p.leaf, p.source_leaf
+            )));
+        }
+        tensors.retain(|name, _| leaf_of(name).is_none_or(|(_, l, _)| l != p.leaf));
+        for (name, t) in source {
+            if let Some((kind, l, more)) = leaf_of(name) {
+                if l == p.source_leaf {
+                    let dot = if more.is_empty() { "" } else { "." };
+                    tensors.insert(format!("{kind}.{}{dot}{more}", p.leaf), t.clone());
+                }
+            }
+        }
+    }
+    if let Some(s) = spanning {
+        let Some((n, source)) = from.get(s) else {
+            return Err(bad(format!("spanning source {s} of {}", from.len())));
+        };
+        if *n != leaves {
+            return Err(bad(format!(
+                "source {s} has {n} leaves, the new state {leaves}"
+            )));
+        }
+        tensors.retain(|name, _| leaf_of(name).is_some());
+        for (name, t) in source {
+            if leaf_of(name).is_none() {
+                tensors.insert(name.clone(), t.clone());
+            }
+        }
+    }
+    meta.remove("checksum");
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("count".into(), count.to_string());
+    if meta.contains_key("update_counter") {
+        meta.insert("update_counter".into(), counter.min(count).to_string());
+    }
+    let mut tensors: Vec<_> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    StateFile { tensors, meta }.to_bytes()
+}
+
 /// A state being read.
 pub struct LoadedState {
     tensors: HashMap<String, Tensor>,
@@ -153,14 +282,7 @@ impl LoadedState {
         variant: &str,
         leaves: &[LeafSpec],
     ) -> Result<Self> {
-        let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| PsgdError::State(format!("not a safetensors state: {e}")))?;
-        let meta: BTreeMap<String, String> = md
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .and_then(|m| serde_json::from_str(m).ok())
-            .ok_or_else(|| PsgdError::State("not a psgd state (no 'psgd' metadata)".into()))?;
+        let meta = read_meta(bytes)?;
         let got = meta.get("variant").map(String::as_str).unwrap_or("none");
         if got != variant {
             return Err(PsgdError::State(format!(
