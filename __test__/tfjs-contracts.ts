@@ -112,16 +112,7 @@ const everyKind: Record<string, object[]> = {
 const bits = (v: tf.Tensor) => Array.from(new Uint32Array((v.dataSync() as Float32Array).slice().buffer))
 
 /** A tensor of deterministic values. */
-const tensorOf = (shape: number[], seed: number) =>
-  tf.tensor(
-    Float32Array.from(
-      values(
-        shape.reduce((a, b) => a * b, 1),
-        seed,
-      ),
-    ),
-    shape,
-  )
+const tensorOf = (shape: number[], seed: number) => tf.tensor(Float32Array.from(values(tf.util.sizeFromShape(shape), seed)), shape)
 
 /** A 3-2 dense model compiled with `optimizer`, and 8 samples (targets NaN when `nan`). */
 function smallModel(optimizer: tf.Optimizer, nan = false): { model: tfl.Sequential; x: tf.Tensor; y: tf.Tensor } {
@@ -132,7 +123,7 @@ function smallModel(optimizer: tf.Optimizer, nan = false): { model: tfl.Sequenti
 }
 
 /** The model saved with its optimizer (the training config through JSON, as a file keeps it) and loaded again. */
-async function saveAndLoad(model: tfl.LayersModel): Promise<tfl.LayersModel> {
+export async function saveAndLoad(model: tfl.LayersModel): Promise<tfl.LayersModel> {
   let artifacts: tf.io.ModelArtifacts | undefined
   await model.save(
     tf.io.withSaveHandler(async (a) => {

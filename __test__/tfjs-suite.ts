@@ -9,6 +9,7 @@ import type { TestFn } from 'ava'
 import { liveTensorBytes } from '../index'
 import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer } from '../tfjs'
 import { values } from './helpers'
+import { saveAndLoad } from './tfjs-contracts'
 
 const classes = { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer } as const
 
@@ -200,15 +201,7 @@ export function tfjsSuite(test: TestFn, backend: string): void {
 
     const part = build()
     await fit(part)
-    let artifacts: tf.io.ModelArtifacts | undefined
-    await part.save(
-      tf.io.withSaveHandler(async (a) => {
-        artifacts = a
-        return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } }
-      }),
-      { includeOptimizer: true },
-    )
-    const loaded = await tfl.loadLayersModel(tf.io.fromMemory(artifacts as tf.io.ModelArtifacts))
+    const loaded = await saveAndLoad(part)
     t.true(loaded.optimizer instanceof AffineOptimizer)
     t.deepEqual((loaded.optimizer as AffineOptimizer).getConfig(), { learningRate: 0.02, seed: 5 })
     await fit(loaded)
