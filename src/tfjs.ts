@@ -338,7 +338,7 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
    * and `tf.loadLayersModel` call). A model loaded by tfjs-layers has its string values
    * rewritten from snake_case to camelCase (`'one_diag'` comes back as `'oneDiag'`); such a
    * value, refused as it is and accepted in snake_case, is restored.
-   * @throws TypeError / RangeError for a config that holds no options of `cls`.
+   * @throws TypeError / RangeError for a config whose options `cls` refuses (as its constructor).
    */
   static override fromConfig<T extends serialization.Serializable>(cls: serialization.SerializableConstructor<T>, config: serialization.ConfigDict): T {
     const accepts = (options: object): boolean => {
