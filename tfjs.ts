@@ -1,8 +1,11 @@
 /**
  * psgd/tfjs: the PSGD optimizers as TensorFlow.js optimizers (`tf.train.Optimizer`
  * subclasses), for `model.compile`/`model.fit` and `optimizer.minimize`. Needs
- * `@tensorflow/tfjs-core` ≥ 4 (an optional peer dependency of psgd); importing this entry
- * registers the four classes with `tf.serialization`.
+ * `@tensorflow/tfjs-core` ≥ 4 (an optional peer dependency of psgd; without it, importing
+ * this entry throws an Error that says what to install); importing this entry registers the
+ * four classes with `tf.serialization`.
  * @packageDocumentation
  */
+// first, so that a missing @tensorflow/tfjs-core is reported with what to install
+import './src/tfjs-peer'
 export { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer, PsgdTfjsOptimizer, type NamedTensor } from './src/tfjs'

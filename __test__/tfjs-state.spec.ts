@@ -10,7 +10,7 @@ import { liveTensorBytes } from '../index'
 import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer, type NamedTensor, type PsgdTfjsOptimizer } from '../tfjs'
 import { values } from './helpers'
 import { parse } from './safetensors'
-import { saveWithOptimizer } from './tfjs-suite'
+import { saveWithOptimizer } from './tfjs-contracts'
 
 const classes = { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer } as const
 type Ctor = (typeof classes)[keyof typeof classes]

@@ -9,6 +9,7 @@ import type { TestFn } from 'ava'
 import { liveTensorBytes } from '../index'
 import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer } from '../tfjs'
 import { values } from './helpers'
+import { saveAndLoad } from './tfjs-contracts'
 
 const classes = { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer } as const
 
@@ -35,19 +36,6 @@ function tinyRegression(optimizer: tf.Optimizer, seed: number): { model: tfl.Seq
   const x = tf.tensor2d(Float32Array.from(values(64 * 4, seed + 4)), [64, 4])
   const y = tf.tidy(() => tf.sum(tf.mul(x, tf.tensor([0.5, -1, 2, 0.25])), 1, true) as tf.Tensor2D)
   return { model, x, y }
-}
-
-/** Saves `m` with its optimizer (`includeOptimizer: true`), in memory. */
-export async function saveWithOptimizer(m: tfl.LayersModel): Promise<tf.io.ModelArtifacts> {
-  let artifacts: tf.io.ModelArtifacts | undefined
-  await m.save(
-    tf.io.withSaveHandler(async (a) => {
-      artifacts = a
-      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } }
-    }),
-    { includeOptimizer: true },
-  )
-  return artifacts as tf.io.ModelArtifacts
 }
 
 const bits = (v: tf.Tensor) => Array.from(new Uint32Array((v.dataSync() as Float32Array).slice().buffer))
@@ -214,7 +202,7 @@ export function tfjsSuite(test: TestFn, backend: string): void {
 
     const part = build()
     await fit(part)
-    const loaded = await tfl.loadLayersModel(tf.io.fromMemory(await saveWithOptimizer(part)))
+    const loaded = await saveAndLoad(part)
     t.true(loaded.optimizer instanceof AffineOptimizer)
     t.deepEqual((loaded.optimizer as AffineOptimizer).getConfig(), { learningRate: 0.02, seed: 5 })
     await fit(loaded)

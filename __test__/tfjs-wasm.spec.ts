@@ -2,6 +2,7 @@ import { setWasmPaths } from '@tensorflow/tfjs-backend-wasm'
 import * as tf from '@tensorflow/tfjs-core'
 import test from 'ava'
 import path from 'node:path'
+import { tfjsContracts } from './tfjs-contracts'
 import { tfjsSuite } from './tfjs-suite'
 
 test.before(async () => {
@@ -11,3 +12,4 @@ test.before(async () => {
 })
 
 tfjsSuite(test, 'wasm')
+tfjsContracts(test, 'wasm')

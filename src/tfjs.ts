@@ -19,11 +19,13 @@ import {
   tensor,
   tidy,
   type NamedTensorMap,
+  type Scalar,
   type Tensor as TfTensor,
   type Variable,
 } from '@tensorflow/tfjs-core'
 import type { GradientTransformation, OptimizerState, Transformation } from './core'
 import { call, native } from './native'
+import type { Schedule } from './schedule'
 import { affine, type AffineOptions } from './affine'
 import { kron, type KronOptions } from './kron'
 import { lra, type LRAOptions } from './lra'
@@ -117,7 +119,7 @@ function baseName(name: string): string {
  *   (several fitting by shape only is a RangeError).
  */
 export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
-  /** @internal */
+  /** @internal The options as given, less `learningRate` (see {@link PsgdTfjsOptimizer.learningRate}). */
   protected readonly options: O
   private readonly transformation: GradientTransformation
   /** The live states, by the set of variable names each holds; no variable is in two. */
@@ -129,16 +131,88 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   private handedOut: TfTensor[] = []
   private disposed = false
   private readonly variant: string
+  private readonly make: (options: O) => GradientTransformation
+  /** The learning rate: a number, or a schedule of the step count. */
+  private rate: number | Schedule
 
   /**
+   * @param options the options of the class of the same variant, or a number: the learning
+   * rate (`new KronOptimizer(1e-3)` is `new KronOptimizer({ learningRate: 1e-3 })`, as
+   * `tf.train.adam(1e-3)`).
    * @throws TypeError for an unknown option or one of the wrong type; RangeError for a
    * value out of range (checked now, not at the first step).
    */
-  protected constructor(variant: string, make: (options: O) => GradientTransformation, options: O | undefined) {
+  protected constructor(variant: string, make: (options: O) => GradientTransformation, options: O | number | undefined, defaultRate: number) {
     super()
     this.variant = variant
-    this.transformation = make(options ?? ({} as O))
-    this.options = { ...(options ?? ({} as O)) }
+    this.make = make
+    const given = (typeof options === 'number' ? { learningRate: options } : (options ?? {})) as O & { learningRate?: number | Schedule }
+    const { learningRate, ...rest } = given
+    this.rate = learningRate ?? defaultRate
+    this.checkRate(this.rate)
+    // The rate reaches the core as a schedule read at every step, so assigning
+    // `learningRate` changes the next step and leaves the options the state was made
+    // with (its config) as they were.
+    this.transformation = make({ ...given, learningRate: (count: number) => this.rateAt(count) })
+    this.options = rest as O
+  }
+
+  /**
+   * The learning rate, as on every `tf.train` optimizer: reading gives the rate of the next
+   * step (a schedule's value at the current {@link PsgdTfjsOptimizer.iterations}); assigning
+   * a number (or a schedule of the step count) changes every later step, so learning-rate
+   * callbacks and schedulers written for tfjs (`model.optimizer.learningRate = lr`) work.
+   * The preconditioner and momentum are kept.
+   * @throws RangeError on assignment of a negative or non-finite rate; TypeError for one
+   * that is neither a number nor a function (the rate stays as it was).
+   */
+  get learningRate(): number {
+    return this.rateAt(this.iterations)
+  }
+
+  set learningRate(value: number | Schedule) {
+    this.checkRate(value)
+    this.rate = value
+  }
+
+  /** Sets {@link PsgdTfjsOptimizer.learningRate} (the method `tf.train.sgd`'s optimizer has). */
+  setLearningRate(value: number | Schedule): void {
+    this.learningRate = value
+  }
+
+  /** The rate at step `count` (what the core's schedule reads). */
+  private rateAt(count: number): number {
+    const r = this.rate
+    return typeof r === 'function' ? r(count) : r
+  }
+
+  /** A rate the options would accept, by the same checks (a function is checked at each step). */
+  private checkRate(value: unknown): void {
+    if (typeof value !== 'function') this.make({ learningRate: value } as O)
+  }
+
+  /**
+   * `tf.train.Optimizer.minimize`: computes `f`'s gradients with respect to `varList` (default:
+   * every trainable variable) and applies them. A step that throws (bad gradients, such as a
+   * NaN batch, or a disposed optimizer) disposes the gradients and the cost before the error
+   * reaches the caller, so refused steps leave no tensor behind.
+   * @returns the cost (`f`'s value before the step) when `returnCost` is true, else null.
+   * @throws TypeError when the optimizer was disposed (before `f` runs); what `applyGradients` throws.
+   */
+  override minimize(f: () => Scalar, returnCost = false, varList?: Variable[]): Scalar | null {
+    this.checkAlive()
+    const { value, grads } = this.computeGradients(f, varList)
+    try {
+      this.applyGradients(varList == null ? grads : varList.map((v) => ({ name: v.name, tensor: grads[v.name] })))
+    } catch (e) {
+      value.dispose()
+      throw e
+    } finally {
+      dispose(grads)
+    }
+    if (returnCost) return value
+    value.dispose()
+    return null
   }
 
   /**
@@ -441,12 +515,13 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   }
 
   /**
-   * The options, for `tf.serialization` (and `model.save`).
+   * The options, for `tf.serialization` (and `model.save`), with the current
+   * {@link PsgdTfjsOptimizer.learningRate}.
    * @throws TypeError when an option is a function (a schedule or mask), which no config can hold.
    */
   getConfig(): serialization.ConfigDict {
     const config: serialization.ConfigDict = {}
-    for (const [k, v] of Object.entries(this.options)) {
+    for (const [k, v] of Object.entries({ learningRate: this.rate, ...this.options })) {
       if (v === undefined) continue
       if (typeof v === 'function') throw new TypeError(`${this.variant}.getConfig: option '${k}' is a function, which a config cannot hold`)
       config[k] = v as serialization.ConfigDictValue
@@ -456,11 +531,27 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
 
   /**
    * An optimizer from a {@link PsgdTfjsOptimizer.getConfig} result (what `tf.serialization`
-   * and `tf.loadLayersModel` call).
+   * and `tf.loadLayersModel` call). A model loaded by tfjs-layers has its string values
+   * rewritten from snake_case to camelCase (`'one_diag'` comes back as `'oneDiag'`); such a
+   * value, refused as it is and accepted in snake_case, is restored.
+   * @throws TypeError / RangeError for a config whose options `cls` refuses (as its constructor).
    */
   static override fromConfig<T extends serialization.Serializable>(cls: serialization.SerializableConstructor<T>, config: serialization.ConfigDict): T {
-    // tfjs-layers adds its deserialization context to the config; it is no PSGD option
-    const options = Object.fromEntries(Object.entries(config).filter(([k]) => k !== 'customObjects'))
+    const accepts = (options: object): boolean => {
+      try {
+        ;(new cls(options) as unknown as PsgdTfjsOptimizer<object>).dispose()
+        return true
+      } catch {
+        return false
+      }
+    }
+    const options: Record<string, unknown> = {}
+    for (const [k, v] of Object.entries(config)) {
+      // tfjs-layers adds its deserialization context to the config; it is no PSGD option
+      if (k === 'customObjects') continue
+      const snake = typeof v === 'string' ? snakeCase(v) : v
+      options[k] = snake !== v && !accepts({ [k]: v }) && accepts({ [k]: snake }) ? snake : v
+    }
     return new cls(options)
   }
 
@@ -473,6 +564,11 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     this.releaseWeights()
     this.disposed = true
   }
+}
+
+/** Undoes tfjs-layers' `toCamelCase` of a config string: `'oneDiag'` → `'one_diag'`. */
+function snakeCase(s: string): string {
+  return s.replace(/([a-z0-9])([A-Z])/g, '$1_$2').toLowerCase()
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
@@ -554,9 +650,12 @@ function littleEndianInt32(buf: Uint8Array): Int32Array {
 export class KronOptimizer extends PsgdTfjsOptimizer<KronOptions> {
   /** The name `tf.serialization` registers it under. */
   static className = 'PsgdKron'
-  /** The options of `new Kron(params, options)`. @throws TypeError / RangeError for bad options. */
-  constructor(options: KronOptions = {}) {
-    super('KronOptimizer', kron, options)
+  /**
+   * The options of `new Kron(params, options)`, or the learning rate alone (default 0.001, the core's).
+   * @throws TypeError / RangeError for bad options.
+   */
+  constructor(options: KronOptions | number = {}) {
+    super('KronOptimizer', kron, options, 0.001)
   }
 }
 
@@ -564,9 +663,12 @@ export class KronOptimizer extends PsgdTfjsOptimizer<KronOptions> {
 export class XMatOptimizer extends PsgdTfjsOptimizer<XMatOptions> {
   /** The name `tf.serialization` registers it under. */
   static className = 'PsgdXMat'
-  /** The options of `new XMat(params, options)`. @throws TypeError / RangeError for bad options. */
-  constructor(options: XMatOptions = {}) {
-    super('XMatOptimizer', xmat, options)
+  /**
+   * The options of `new XMat(params, options)`, or the learning rate alone (default 0.01, the core's).
+   * @throws TypeError / RangeError for bad options.
+   */
+  constructor(options: XMatOptions | number = {}) {
+    super('XMatOptimizer', xmat, options, 0.01)
   }
 }
 
@@ -574,9 +676,12 @@ export class XMatOptimizer extends PsgdTfjsOptimizer<XMatOptions> {
 export class LRAOptimizer extends PsgdTfjsOptimizer<LRAOptions> {
   /** The name `tf.serialization` registers it under. */
   static className = 'PsgdLRA'
-  /** The options of `new LRA(params, options)`. @throws TypeError / RangeError for bad options. */
-  constructor(options: LRAOptions = {}) {
-    super('LRAOptimizer', lra, options)
+  /**
+   * The options of `new LRA(params, options)`, or the learning rate alone (default 0.01, the core's).
+   * @throws TypeError / RangeError for bad options.
+   */
+  constructor(options: LRAOptions | number = {}) {
+    super('LRAOptimizer', lra, options, 0.01)
   }
 }
 
@@ -584,9 +689,12 @@ export class LRAOptimizer extends PsgdTfjsOptimizer<LRAOptions> {
 export class AffineOptimizer extends PsgdTfjsOptimizer<AffineOptions> {
   /** The name `tf.serialization` registers it under. */
   static className = 'PsgdAffine'
-  /** The options of `new Affine(params, options)`. @throws TypeError / RangeError for bad options. */
-  constructor(options: AffineOptions = {}) {
-    super('AffineOptimizer', affine, options)
+  /**
+   * The options of `new Affine(params, options)`, or the learning rate alone (default 0.01, the core's).
+   * @throws TypeError / RangeError for bad options.
+   */
+  constructor(options: AffineOptions | number = {}) {
+    super('AffineOptimizer', affine, options, 0.01)
   }
 }
 
