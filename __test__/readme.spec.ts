@@ -66,7 +66,7 @@ function makeProject(kind: 'esm' | 'cjs'): string {
 }
 
 for (const kind of ['esm', 'cjs'] as const) {
-  test.serial(`every TypeScript block of the README type-checks and runs in a ${kind === 'esm' ? 'ESM' : 'CommonJS'} project made as the README says`, (t) => {
+  test.serial(`every TypeScript block of the README type-checks and runs in ${kind === 'esm' ? 'an ESM' : 'a CommonJS'} project made as the README says`, (t) => {
     const blocks = readmeBlocks()
     t.true(blocks.length >= 4, `${blocks.length} blocks`)
     const dir = makeProject(kind)
