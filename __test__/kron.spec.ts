@@ -307,3 +307,50 @@ test('preconditionerInitScale: null takes the initial scale from the first gradi
   t.true(sumSquares(params) < 0.5 * start)
   t.throws(() => kron({ preconditionerInitScale: 'auto' as unknown as number }), { instanceOf: TypeError, message: /preconditionerInitScale/ })
 })
+
+test('preconditionerInitScale: null after a tiny first gradient: later ordinary steps are accepted, finite and train', (t) => {
+  const tiny: [string, (i: number) => number][] = [
+    ['1e-33', () => 1e-33],
+    ['1e-38', (i) => (i % 2 ? -1e-38 : 1e-38)],
+    ['subnormal 1e-44', () => 1e-44],
+    ['one entry of 1e-40, the rest 0', (i) => (i === 5 ? 1e-40 : 0)],
+    ['one entry of 1e-30, the rest 0', (i) => (i === 0 ? 1e-30 : 0)],
+  ]
+  for (const [name, g] of tiny) {
+    for (const momentumIntoPrecondUpdate of [true, false]) {
+      const params = { w: leaf(values(24, 3), [4, 6]), b: leaf(values(6, 4)), s: 0.5 }
+      const opt = new Kron(params, { learningRate: 0.01, preconditionerInitScale: null, momentumIntoPrecondUpdate })
+      opt.step({
+        w: leaf(
+          Array.from({ length: 24 }, (_, i) => g(i)),
+          [4, 6],
+        ),
+        b: leaf(Array.from({ length: 6 }, (_, i) => g(i))),
+        s: g(0),
+      })
+      const start = sumSquares(params)
+      for (let i = 0; i < 60; i++) t.notThrows(() => opt.step(twice(params)), `${name}, step ${i + 1}`)
+      t.is(opt.count, 61)
+      const flat = [...params.w.data, ...params.b.data, params.s]
+      t.true(
+        flat.every((v) => Number.isFinite(v)),
+        name,
+      )
+      t.true(sumSquares(params) < 0.9 * start, `${name}: ${sumSquares(params)} vs ${start}`)
+    }
+  }
+})
+
+test('a refused non-finite step says where float32 overflowed, not "an extreme option"', (t) => {
+  // an initial scale of 1e-20 overflows float32 in the preconditioner fit
+  const params = { w: leaf(values(30, 1), [6, 5]) }
+  const opt = kron({ learningRate: 0.01, preconditionerUpdateProbability: 1, preconditionerInitScale: 1e-20 })
+  const st = opt.init(params)
+  const err = t.throws(() => opt.update({ w: leaf(values(30, 2), [6, 5]) }, st, params), { instanceOf: RangeError })
+  t.regex(
+    err.message,
+    /the updates of 'w' would hold NaN or Inf: the preconditioned gradient overflowed float32 \(largest \|gradient\| [0-9.e+-]+\): the preconditioner's scale does not suit gradients of this size.*allowNonFinite/,
+  )
+  t.notRegex(err.message, /extreme option/)
+  t.is(st.count, 0)
+})

@@ -10,7 +10,7 @@ import { optionKinds } from '../src/options'
 import { snapshot, values } from './helpers'
 
 /** Cases per property (the README's table quotes these). */
-export const RUNS = { trees: 60, badInput: 80, checkpoints: 150, options: 200, fromArray: 200 } as const
+export const RUNS = { trees: 60, badInput: 80, oddInput: 40, checkpoints: 150, options: 200, fromArray: 200 } as const
 
 const SEED = 13
 const variants = { kron, xmat, lra, affine } as const
@@ -144,6 +144,99 @@ test('a bad grads tree (wrong shape, NaN/Inf, wrong type, missing or extra leaf)
     { numRuns: RUNS.badInput, seed: SEED },
   )
   t.pass()
+})
+
+/**
+ * Odd values for one grads leaf of `n` values and shape `shape`: each either works (and
+ * gives the numbers of the plain Float32Array leaf) or must be refused naming the leaf.
+ */
+const oddLeaves: Record<string, { works: boolean; make: (v: number[], shape: number[]) => unknown }> = {
+  plainCopy: { works: true, make: (v, shape) => ({ data: Float32Array.from(v), shape: [...shape] }) },
+  structuredClone: { works: true, make: (v, shape) => structuredClone({ data: Float32Array.from(v), shape: [...shape] }) },
+  nullPrototype: { works: true, make: (v, shape) => Object.assign(Object.create(null) as object, { data: Float32Array.from(v), shape: [...shape] }) },
+  proxy: { works: true, make: (v, shape) => new Proxy({ data: Float32Array.from(v), shape: [...shape] }, {}) },
+  frozen: { works: true, make: (v, shape) => Object.freeze({ data: Float32Array.from(v), shape: Object.freeze([...shape]) }) },
+  offsetView: { works: true, make: (v, shape) => ({ data: Float32Array.from([7, ...v, 7]).subarray(1, v.length + 1), shape: [...shape] }) },
+  float64: { works: false, make: (v, shape) => ({ data: Float64Array.from(v), shape }) },
+  int32: { works: false, make: (v, shape) => ({ data: Int32Array.from(v), shape }) },
+  uint8: { works: false, make: (v, shape) => ({ data: Uint8Array.from(v), shape }) },
+  buffer: { works: false, make: (v, shape) => ({ data: Buffer.from(Float32Array.from(v).buffer), shape }) },
+  bigint64: { works: false, make: (v, shape) => ({ data: BigInt64Array.from(v, (x) => BigInt(Math.round(x))), shape }) },
+  dataView: { works: false, make: (v, shape) => ({ data: new DataView(Float32Array.from(v).buffer), shape }) },
+  arrayBuffer: { works: false, make: (v, shape) => ({ data: Float32Array.from(v).buffer, shape }) },
+  numberArray: { works: false, make: (v, shape) => JSON.parse(JSON.stringify({ data: v, shape })) as unknown },
+  jsonTypedArray: { works: false, make: (v, shape) => JSON.parse(JSON.stringify({ data: Float32Array.from(v), shape })) as unknown },
+  clonedTensor: { works: false, make: (v, shape) => structuredClone(Tensor.fromArray(v, shape)) },
+  bareFloat32Array: { works: false, make: (v) => Float32Array.from(v) },
+  typedShape: { works: false, make: (v, shape) => ({ data: Float32Array.from(v), shape: Int32Array.from(shape) }) },
+  fractionalShape: { works: false, make: (v, shape) => ({ data: Float32Array.from(v), shape: [...shape, 0.5] }) },
+  negativeShape: { works: false, make: (v, shape) => ({ data: Float32Array.from(v), shape: [-1, ...shape] }) },
+  hugeShape: { works: false, make: (v) => ({ data: Float32Array.from(v), shape: Array.from({ length: 100_000 }, () => 1.5) }) },
+  shortData: { works: false, make: (v, shape) => ({ data: Float32Array.from(v).subarray(1), shape }) },
+  nullData: { works: false, make: (_v, shape) => ({ data: null, shape }) },
+  map: {
+    works: false,
+    make: (v, shape) =>
+      new Map<string, unknown>([
+        ['data', Float32Array.from(v)],
+        ['shape', shape],
+      ]),
+  },
+  set: { works: false, make: (v) => new Set(v) },
+  sparse: { works: false, make: (v) => [v[0], , v[0]] }, // eslint-disable-line no-sparse-arrays
+  date: { works: false, make: () => new Date(0) },
+  string: { works: false, make: (v) => String(v) },
+  bigint: { works: false, make: () => 1n },
+  boolean: { works: false, make: () => true },
+  symbol: { works: false, make: () => Symbol('leaf') },
+  func: { works: false, make: () => () => 1 },
+  promise: { works: false, make: (v, shape) => Promise.resolve({ data: Float32Array.from(v), shape }) },
+  symbolKeys: { works: false, make: (v, shape) => ({ [Symbol('k')]: 1, x: { data: Float32Array.from(v), shape } }) },
+}
+
+test('odd grads leaves (typed arrays of every dtype, JSON.parse and structuredClone copies, exotic objects): a right result, or a short TypeError/RangeError naming the leaf with nothing changed', (t) => {
+  const kinds = Object.keys(oddLeaves)
+  let cases = 0
+  fc.assert(
+    fc.property(treeSpec, variant, fc.nat(), (spec, name, pick) => {
+      const arrays = leafPaths(spec).filter(([, s]) => s.kind === 'plain')
+      if (arrays.length === 0) return true
+      const params = makeTree(spec, 1)
+      const opt = variants[name]({ learningRate: 0.01, preconditionerUpdateProbability: 1 })
+      const state = opt.init(params)
+      opt.update(makeTree(spec, 7), state, params)
+      const [path, ls] = arrays[pick % arrays.length]
+      const [want] = opt.update(makeTree(spec, 9), state.clone(), params)
+      const before = { bytes: state.toBytes(), params: JSON.stringify(snapshot(params)) }
+      // every kind of odd leaf at this path, each on the same state
+      return kinds.every((kind) => {
+        cases++
+        const odd = oddLeaves[kind]
+        const grads = makeTree(spec, 9)
+        setLeaf(grads, path, odd.make(Array.from((leafAt(grads, path) as { data: Float32Array }).data), ls.shape))
+        const st = state.clone()
+        let got: PyTree
+        try {
+          ;[got] = opt.update(grads, st, params)
+        } catch (e) {
+          const ok =
+            !odd.works &&
+            (e instanceof TypeError || e instanceof RangeError) &&
+            e.message.includes(`'${path}`) &&
+            e.message.length < 500 &&
+            Buffer.compare(Buffer.from(st.toBytes()), Buffer.from(before.bytes)) === 0 &&
+            JSON.stringify(snapshot(params)) === before.params &&
+            st.count === 1
+          if (!ok) t.log(kind, path, e instanceof Error ? `${e.constructor.name}: ${e.message.slice(0, 300)}` : e)
+          return ok
+        }
+        if (!odd.works) t.log(kind, path, 'accepted')
+        return odd.works && JSON.stringify(snapshot(got)) === JSON.stringify(snapshot(want)) && st.count === 2
+      })
+    }),
+    { numRuns: RUNS.oddInput, seed: SEED },
+  )
+  t.true(cases >= kinds.length * 10, `${cases} cases`)
 })
 
 test('a checkpoint with any one bit flipped is refused with a RangeError/TypeError, and the state is unchanged', (t) => {

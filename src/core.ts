@@ -8,6 +8,7 @@ import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type Native
 import type { Schedule } from './schedule'
 import { checkShape, readValues, Tensor } from './tensor'
 import {
+  dataProblem,
   flatten,
   isLeaf,
   leavesLike,
@@ -21,7 +22,8 @@ import {
   type PyTree,
   type TreeDef,
 } from './tree'
-import { optionKinds, takesHessian, type VariantName } from './options'
+import { preview, showPath, showShape } from './describe'
+import { optionKinds, suggestOption, takesHessian, type OptionKind, type VariantName } from './options'
 import type { KronNativeOptions } from './options.generated'
 
 /** Options every variant has (declared in Rust; see `options.generated.ts`). */
@@ -54,7 +56,14 @@ function maskOption(owner: string, name: string, v: unknown): Mask {
   if (v === undefined || v === null || typeof v === 'function' || typeof v === 'boolean' || typeof v === 'object') {
     return v as Mask
   }
-  throw new TypeError(`${owner}: option '${name}' must be a tree of booleans or a function (path, leaf) => boolean, got ${String(v)}`)
+  throw new TypeError(`${owner}: option '${name}' must be a tree of booleans or a function (path, leaf) => boolean, got ${preview(v)}`)
+}
+
+/** The TypeError for an unknown option, with the name it most likely means. */
+function unknownOption(spec: VariantSpec, name: string): TypeError {
+  const hint = suggestOption(spec.name, name)
+  const fix = hint === null ? `; see the options of ${spec.name}` : ` (did you mean '${hint}'?)`
+  return new TypeError(`${spec.name}: unknown option '${showPath(name)}'${fix}`)
 }
 
 /**
@@ -64,21 +73,22 @@ function maskOption(owner: string, name: string, v: unknown): Mask {
  */
 function resolveOptions(spec: VariantSpec, options: object | undefined): Resolved {
   if (options !== undefined && (options === null || typeof options !== 'object' || Array.isArray(options))) {
-    throw new TypeError(`${spec.name}: options must be an object, got ${String(options)}`)
+    throw new TypeError(`${spec.name}: options must be an object, got ${preview(options)}`)
   }
+  if (options instanceof Map) throw new TypeError(`${spec.name}: options must be a plain object, got ${preview(options)}: use Object.fromEntries(map)`)
   const kinds = optionKinds(spec.name)
   const json: Record<string, unknown> = {}
   const fns: Record<string, Schedule> = {}
   const masks: Record<string, Mask> = {}
   for (const [k, v] of Object.entries(options ?? {})) {
     if (v === undefined) continue
-    const kind = kinds[k]
-    if (kind === undefined) throw new TypeError(`${spec.name}: unknown option '${k}'`)
+    const kind = kinds[k] as OptionKind
+    if (!Object.prototype.hasOwnProperty.call(kinds, k)) throw unknownOption(spec, k)
     if (kind === 'mask') masks[k] = maskOption(spec.name, k, v)
     else if (kind === 'schedule' && typeof v === 'function') fns[k] = v as Schedule
     else if (typeof v === 'number' && !Number.isFinite(v)) {
       // JSON has no NaN or Infinity to carry it to the core's own check
-      throw new RangeError(`${spec.name}: option '${k}' must be finite, got ${String(v)}`)
+      throw new RangeError(`${spec.name}: option '${k}' must be finite, got ${preview(v)}`)
     } else if (typeof v === 'function' || typeof v === 'symbol' || typeof v === 'bigint') {
       throw new TypeError(`${spec.name}: option '${k}' must be a plain value, got a ${typeof v}`)
     } else json[k] = v
@@ -104,7 +114,7 @@ function nativeFailure(spec: VariantSpec, e: unknown): never {
 function scheduleValue(spec: VariantSpec, name: string, f: Schedule, step: number): number {
   const v = f(step)
   if (typeof v !== 'number') {
-    throw new TypeError(`${spec.name}: option '${name}' must return a number, got ${String(v)} (schedule at step ${step})`)
+    throw new TypeError(`${spec.name}: option '${name}' must return a number, got ${preview(v)} (schedule at step ${step})`)
   }
   return v
 }
@@ -170,13 +180,14 @@ function plainToNative(leaf: number | ArrayLeaf, path: string, what: string, dev
     return call(() => native.NativeTensor.fromArray(Float32Array.of(leaf), [], 'float32', device), `${what} '${path}'`)
   }
   const { data, shape } = leaf as ArrayLeaf
-  if (!(data instanceof Float32Array)) {
-    throw new TypeError(`${what} '${path}': data must be a Float32Array`)
-  }
-  checkShape(shape, `${what} '${path}'`)
+  const problem = dataProblem(data)
+  if (problem !== null) throw new TypeError(`${what} '${showPath(path)}': ${problem}`)
+  checkShape(shape, `${what} '${showPath(path)}'`)
   const n = shape.reduce((a, b) => a * b, 1)
   if (data.length !== n) {
-    throw new RangeError(`${what} '${path}' has ${data.length} values, its shape ${JSON.stringify(shape)} needs ${n}`)
+    // a buffer transferred by postMessage is left detached, with no bytes
+    const detached = data.buffer.byteLength === 0 && n > 0 ? ' (its buffer is detached: was it transferred by postMessage?)' : ''
+    throw new RangeError(`${what} '${showPath(path)}' has ${data.length} values${detached}, its shape ${showShape(shape)} needs ${n}`)
   }
   return call(() => native.NativeTensor.fromArray(data, [...shape], 'float32', device), `${what} '${path}'`)
 }
@@ -196,7 +207,7 @@ function flattenLike(tree: unknown, layout: Layout, what: string, temps: NativeT
     const leaf = flat.leaves[i]
     const got = shapeOf(leaf)
     if (!sameItems(got, layout.shapes[i])) {
-      throw new RangeError(`${what} '${flat.paths[i]}' has shape ${JSON.stringify(got)}, expected ${JSON.stringify(layout.shapes[i])}`)
+      throw new RangeError(`${what} '${showPath(flat.paths[i])}' has shape ${showShape(got)}, expected ${showShape(layout.shapes[i])}`)
     }
     nativeLeaves.push(toNative(leaf, flat.paths[i], what, layout.devices[i], temps))
   }
@@ -226,7 +237,7 @@ function hessianInputs(spec: VariantSpec, extra: UpdateExtra | undefined, layout
     throw new TypeError(`${spec.name}.update: the Hessian mode needs hvp, vector and updatePreconditioner together; missing ${missing.join(', ')}`)
   }
   if (typeof extra.updatePreconditioner !== 'boolean') {
-    throw new TypeError(`${spec.name}.update: updatePreconditioner must be a boolean, got ${String(extra.updatePreconditioner)}`)
+    throw new TypeError(`${spec.name}.update: updatePreconditioner must be a boolean, got ${preview(extra.updatePreconditioner)}`)
   }
   const hvp = flattenLike(extra.hvp, layout, 'hvp', temps)
   const vector = flattenLike(extra.vector, layout, 'vector', temps)
@@ -631,6 +642,8 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
     this.steps = makeTransformation(spec, options)
     this.transformation = this.steps
     this.tree = params
+    // a number leaf in a read-only property is refused now, not when a step writes it
+    flatten(params, isLeaf, 'params', true)
     this.state = this.transformation.init(params)
   }
 

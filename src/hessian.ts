@@ -3,8 +3,9 @@
  * step, from a loss-and-gradient function (psgd-jax's `hessian_helper`).
  */
 import { call, native, type NativeTensor } from './native'
-import { readValues, Tensor } from './tensor'
-import { flatten, isLeaf, unflatten, type ArrayLeaf, type Leaf, type PyTree } from './tree'
+import { preview, showPath, showShape } from './describe'
+import { checkShape, readValues, Tensor } from './tensor'
+import { dataProblem, flatten, isLeaf, structureMismatch, unflatten, type ArrayLeaf, type Leaf, type PyTree } from './tree'
 
 /** What `lossAndGrad(params)` returns. */
 export interface LossAndGrad<L = number> {
@@ -66,10 +67,15 @@ function toNativeLeaves(leaves: Leaf[], paths: string[], what: string, temps: Na
       if (leaf.disposed) throw new TypeError(`hessianHelper: ${what} '${paths[i]}': the tensor was disposed`)
       return leaf.native
     }
+    const at = `hessianHelper: ${what} '${showPath(paths[i])}'`
     const data = typeof leaf === 'number' ? Float32Array.of(leaf) : leaf.data
-    const shape = typeof leaf === 'number' ? [] : [...leaf.shape]
-    if (!(data instanceof Float32Array)) throw new TypeError(`hessianHelper: ${what} '${paths[i]}': data must be a Float32Array`)
-    const t = call(() => native.NativeTensor.fromArray(data, shape, 'float32', 'cpu'), `hessianHelper: ${what} '${paths[i]}'`)
+    const shape = typeof leaf === 'number' ? [] : leaf.shape
+    const problem = dataProblem(data)
+    if (problem !== null) throw new TypeError(`${at}: ${problem}`)
+    checkShape(shape, at)
+    const n = shape.reduce((a, b) => a * b, 1)
+    if (data.length !== n) throw new RangeError(`${at} has ${data.length} values, its shape ${showShape(shape)} needs ${n}`)
+    const t = call(() => native.NativeTensor.fromArray(data, [...shape], 'float32', 'cpu'), at)
     temps.push(t)
     return t
   })
@@ -92,12 +98,47 @@ function zerosLike(like: Leaf): Leaf {
   return { data: new Float32Array((like as ArrayLeaf).data.length), shape: [...(like as ArrayLeaf).shape] }
 }
 
-function checkGradTree(grads: PyTree, paths: string[], what: string): Leaf[] {
-  const flat = flatten<Leaf>(grads, isLeaf, what)
-  if (flat.paths.length !== paths.length || flat.paths.some((p, i) => p !== paths[i])) {
-    throw new RangeError(`hessianHelper: ${what} does not have the params' leaves`)
-  }
+/** A leaf's shape without an N-API call for a plain leaf or a number. */
+function shapeOf(leaf: Leaf): readonly number[] {
+  return typeof leaf === 'number' ? [] : leaf instanceof Tensor ? leaf.shapeView() : leaf.shape
+}
+
+/**
+ * The leaves of a tree returned by a callback (`what`: the gradients of `lossAndGrad`,
+ * the result of `hvp`), checked to be the params' tree, leaf for leaf: the same paths,
+ * shapes and (for Tensors) dtype, float32 data for plain leaves.
+ */
+function checkGradTree(grads: unknown, params: { leaves: Leaf[]; paths: string[] }, what: string): Leaf[] {
+  const flat = flatten<Leaf>(grads, isLeaf, `hessianHelper: ${what}`)
+  const bad = structureMismatch(params.paths, flat.paths)
+  if (bad) throw new RangeError(`hessianHelper: ${what}: ${bad}`)
+  if (flat.paths.some((p, i) => p !== params.paths[i])) throw new RangeError(`hessianHelper: ${what}: the leaves are not in the params' order`)
+  flat.leaves.forEach((g, i) => {
+    const at = `hessianHelper: ${what} '${showPath(flat.paths[i])}'`
+    const want = shapeOf(params.leaves[i])
+    if (!(g instanceof Tensor)) {
+      const problem = typeof g === 'number' ? null : dataProblem(g.data)
+      if (problem !== null) throw new TypeError(`${at}: ${problem}`)
+    } else if (g.disposed) throw new TypeError(`${at}: the tensor was disposed`)
+    const got = shapeOf(g)
+    if (got.length !== want.length || got.some((d, k) => d !== want[k])) {
+      throw new RangeError(`${at} has shape ${showShape(got)}, the param has ${showShape(want)}`)
+    }
+    const p = params.leaves[i]
+    if (g instanceof Tensor && p instanceof Tensor && g.dtype !== p.dtype) {
+      throw new TypeError(`${at} has dtype ${g.dtype}, the param has ${p.dtype}: convert it with .to({ dtype: '${p.dtype}' })`)
+    }
+  })
   return flat.leaves
+}
+
+/** The `{ loss, grads }` a `lossAndGrad` call returned, checked. */
+function lossAndGrads<L>(r: unknown, params: { leaves: Leaf[]; paths: string[] }): { loss: L; grads: PyTree; leaves: Leaf[] } {
+  if (r === null || typeof r !== 'object' || !('grads' in r)) {
+    throw new TypeError(`hessianHelper: lossAndGrad must return { loss, grads }, got ${preview(r)}`)
+  }
+  const { loss, grads } = r as LossAndGrad<L>
+  return { loss, grads, leaves: checkGradTree(grads, params, 'grads') }
 }
 
 /**
@@ -119,11 +160,11 @@ export async function hessianHelper<P extends PyTree, L = number>(
 ): Promise<HessianHelperResult<L>> {
   const { step = 0, seed = 0, preconditionerUpdateProbability = 1, hvp } = options
   if (typeof lossAndGrad !== 'function') throw new TypeError('hessianHelper: lossAndGrad must be a function')
-  if (!Number.isInteger(step) || step < 0) throw new RangeError(`hessianHelper: option 'step' must be a non-negative integer, got ${String(step)}`)
-  if (!Number.isInteger(seed)) throw new RangeError(`hessianHelper: option 'seed' must be an integer, got ${String(seed)}`)
+  if (!Number.isInteger(step) || step < 0) throw new RangeError(`hessianHelper: option 'step' must be a non-negative integer, got ${preview(step)}`)
+  if (!Number.isInteger(seed)) throw new RangeError(`hessianHelper: option 'seed' must be an integer, got ${preview(seed)}`)
   const p = preconditionerUpdateProbability
   if (typeof p !== 'number' || !(p >= 0 && p <= 1)) {
-    throw new RangeError(`hessianHelper: option 'preconditionerUpdateProbability' must be in [0, 1], got ${String(p)}`)
+    throw new RangeError(`hessianHelper: option 'preconditionerUpdateProbability' must be in [0, 1], got ${preview(p)}`)
   }
   if (hvp !== undefined && typeof hvp !== 'function') throw new TypeError("hessianHelper: option 'hvp' must be a function (params, vector) => tree")
 
@@ -132,8 +173,7 @@ export async function hessianHelper<P extends PyTree, L = number>(
   // device, from the package's one random source (seeded by `seed` and `step`)
   const probe = withNativeLeaves(flat.leaves, flat.paths, 'params', (ts) => call(() => native.hessianProbe(ts, seed, step, p), 'hessianHelper'))
   const updatePreconditioner = probe.updatePreconditioner
-  const { loss, grads } = await lossAndGrad(params)
-  checkGradTree(grads, flat.paths, 'grads')
+  const { loss, grads } = lossAndGrads<L>(await lossAndGrad(params), flat)
 
   const zeros = () => unflatten(flat.treedef, flat.leaves.map(zerosLike))
   if (!updatePreconditioner) return { loss, grads, hvp: zeros(), vector: zeros(), updatePreconditioner }
@@ -144,7 +184,7 @@ export async function hessianHelper<P extends PyTree, L = number>(
       probe.vector().map((t, i) => leafFrom(flat.leaves[i], t)),
     )
     const h = await hvp(params, vector)
-    checkGradTree(h, flat.paths, 'hvp')
+    checkGradTree(h, flat, 'hvp')
     return { loss, grads, hvp: h, vector, updatePreconditioner }
   }
 
@@ -154,8 +194,8 @@ export async function hessianHelper<P extends PyTree, L = number>(
       flat.treedef,
       points.map((t, i) => leafFrom(flat.leaves[i], t)),
     )
-  const gPlus = checkGradTree((await lossAndGrad(at(plus))).grads, flat.paths, 'grads')
-  const gMinus = checkGradTree((await lossAndGrad(at(minus))).grads, flat.paths, 'grads')
+  const gPlus = lossAndGrads<L>(await lossAndGrad(at(plus)), flat).leaves
+  const gMinus = lossAndGrads<L>(await lossAndGrad(at(minus)), flat).leaves
   const [product, vector] = withNativeLeaves(gPlus, flat.paths, 'grads', (plusTs) =>
     withNativeLeaves(gMinus, flat.paths, 'grads', (minusTs) => call(() => probe.difference(plusTs, minusTs), 'hessianHelper')),
   )

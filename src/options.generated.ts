@@ -29,12 +29,12 @@ export interface PsgdNativeOptions {
   nesterov?: boolean
   /**
    * Decoupled weight decay (needs `params` in `update`), on the leaves the
-   * `mask` selects. Default 0.
+   * `mask` selects (≥ 0). Default 0.
    */
   weightDecay?: number
   /**
-   * Step size of the preconditioner fit, or a schedule of the 1-based step
-   * count. Default 0.1.
+   * Step size of the preconditioner fit (≥ 0), or a schedule of the 1-based
+   * step count. Default 0.1.
    */
   precondLr?: number | Schedule
   /**
@@ -97,7 +97,7 @@ export interface KronNativeOptions {
   b1?: number
   /**
    * Decoupled weight decay (needs `params` in `update`), on the leaves
-   * `weightDecayMask` selects. Default 0.
+   * `weightDecayMask` selects (≥ 0). Default 0.
    */
   weightDecay?: number
   /**
@@ -126,16 +126,17 @@ export interface KronNativeOptions {
    */
   momentumIntoPrecondUpdate?: boolean
   /**
-   * Step size of the preconditioner fit. Default 0.1.
+   * Step size of the preconditioner fit (≥ 0). Default 0.1.
    */
   preconditionerLr?: number
   /**
    * Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
    * Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
-   * `g` of each leaf (of each layer with `scannedLayers`), `mean(|g|⁴)^(-1/8)`
-   * as psgd_torch's newer Kron does, so that the first preconditioned gradient
-   * has an RMS near 1 whatever the gradient's scale; 1 for a gradient of all
-   * zeros. Not in psgd-jax.
+   * `g` of each leaf (of each layer with `scannedLayers`), `(mean(|g|⁴) + δ⁴)^(-1/8)`
+   * with `δ = 1e-9` as psgd_torch's newer Kron does, so that the first
+   * preconditioned gradient has an RMS near 1 whatever the gradient's scale, and
+   * at most `δ^(-1/2)` ≈ 3.2e4 for a tiny gradient; 1 for a gradient of all zeros.
+   * Not in psgd-jax.
    */
   preconditionerInitScale?: number | null
   /**

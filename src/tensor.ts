@@ -1,3 +1,4 @@
+import { preview, showShape } from './describe'
 import { call, native, type NativeTensor } from './native'
 
 /** Element types a {@link Tensor} can hold. */
@@ -126,7 +127,7 @@ export class Tensor {
    */
   toArray(into?: Float32Array): Float32Array {
     if (into === undefined) return readValues(this.native, this.shapeView())
-    if (!(into instanceof Float32Array)) throw new TypeError(`Tensor.toArray: into must be a Float32Array, got ${String(into)}`)
+    if (!(into instanceof Float32Array)) throw new TypeError(`Tensor.toArray: into must be a Float32Array, got ${preview(into)}`)
     const n = elementCount(this.shapeView())
     if (into.length !== n) throw new RangeError(`Tensor.toArray: the tensor has ${n} values, into has ${into.length}`)
     call(() => this.native.copyTo(into), 'Tensor.toArray')
@@ -140,7 +141,9 @@ export class Tensor {
    * pending `stepAsync`/`updateAsync` reads it; RangeError when the number of values differs from the element count.
    */
   set(values: Float32Array): void {
-    if (!(values instanceof Float32Array)) throw new TypeError(`Tensor.set: values must be a Float32Array, got ${String(values)}`)
+    if (!(values instanceof Float32Array)) {
+      throw new TypeError(`Tensor.set: values must be a Float32Array, got ${preview(values)}: convert them with Float32Array.from(values)`)
+    }
     if (this.disposed) throw new TypeError('Tensor.set: the tensor was disposed')
     // a pending async step reads these values on another thread
     if (this.uses > 0) throw new TypeError('Tensor.set: the tensor is in use by a pending stepAsync/updateAsync; await it first')
@@ -187,24 +190,30 @@ const MAX_DIM = 0xffffffff
  */
 export function checkShape(shape: unknown, context: string): asserts shape is number[] {
   if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
-    throw new TypeError(`${context}: shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`)
+    const fix = ArrayBuffer.isView(shape) ? ': convert it with Array.from(shape)' : ''
+    throw new TypeError(`${context}: shape must be an array of non-negative integers, got ${showShape(shape)}${fix}`)
   }
   const big = (shape as number[]).find((d) => d > MAX_DIM)
-  if (big !== undefined) throw new RangeError(`${context}: shape ${JSON.stringify(shape)} has dim ${big}, more than 2^32 - 1`)
+  if (big !== undefined) throw new RangeError(`${context}: shape ${showShape(shape)} has dim ${big}, more than 2^32 - 1`)
   if (!shape.includes(0) && !Number.isSafeInteger((shape as number[]).reduce((a, b) => a * b, 1))) {
-    throw new RangeError(`${context}: shape ${JSON.stringify(shape)} has more elements than 2^53 - 1`)
+    throw new RangeError(`${context}: shape ${showShape(shape)} has more elements than 2^53 - 1`)
   }
 }
 
 /** Values as float32, refusing what float32 cannot hold instead of making NaN or ±Infinity. */
 function toFloat32(data: ArrayLike<number>): Float32Array {
   if (data === null || typeof data !== 'object' || typeof data.length !== 'number') {
-    throw new TypeError(`Tensor.fromArray: data must be a Float32Array or an array of numbers, got ${String(data)}`)
+    // a typed array through JSON.stringify/JSON.parse becomes { "0": …, "1": … }
+    const fix = data !== null && typeof data === 'object' && '0' in data ? ': if it came through JSON, use Object.values(data)' : ''
+    throw new TypeError(`Tensor.fromArray: data must be a Float32Array or an array of numbers, got ${preview(data)}${fix}`)
   }
   const out = new Float32Array(data.length)
   for (let i = 0; i < data.length; i++) {
     const v = data[i]
-    if (typeof v !== 'number') throw new TypeError(`Tensor.fromArray: data[${i}] is not a number (${typeof v})`)
+    if (typeof v !== 'number') {
+      const fix = typeof v === 'bigint' ? ': convert with Float32Array.from(data, Number)' : ''
+      throw new TypeError(`Tensor.fromArray: data[${i}] is not a number (${preview(v)})${fix}`)
+    }
     const f = Math.fround(v)
     if (Number.isFinite(v) && !Number.isFinite(f)) throw new RangeError(`Tensor.fromArray: data[${i}] = ${v} overflows float32`)
     out[i] = f

@@ -1,3 +1,4 @@
+import { kindOf, preview, showPath } from './describe'
 import { Tensor } from './tensor'
 
 /** A plain leaf: row-major float32 values and a shape. */
@@ -37,14 +38,87 @@ function isPlainObject(x: unknown): x is Record<string, unknown> {
   return proto === Object.prototype || proto === null
 }
 
+/**
+ * Whether `x` is a Float32Array, also one made in another realm (a `vm` context, an
+ * iframe), which `instanceof` does not recognise but the native side reads alike.
+ */
+export function isFloat32Array(x: unknown): x is Float32Array {
+  return x instanceof Float32Array || (ArrayBuffer.isView(x) && Object.prototype.toString.call(x) === '[object Float32Array]')
+}
+
 /** Whether `x` is a leaf (a Tensor, a `{ data: Float32Array, shape }` object, or a number). */
 export function isLeaf(x: unknown): x is Leaf {
   if (x instanceof Tensor || typeof x === 'number') return true
-  return isPlainObject(x) && x.data instanceof Float32Array && Array.isArray(x.shape)
+  return isPlainObject(x) && isFloat32Array(x.data) && Array.isArray(x.shape)
 }
 
 function join(prefix: string, key: string | number): string {
   return prefix === '' ? String(key) : `${prefix}.${key}`
+}
+
+/** How deep a tree may nest: deeper is surely a mistake, and would exhaust the stack. */
+export const MAX_DEPTH = 1000
+
+/**
+ * What is wrong with `data` as a plain leaf's values, and how to fix it; null when it is
+ * a Float32Array.
+ */
+export function dataProblem(data: unknown): string | null {
+  if (isFloat32Array(data)) return null
+  const head = `data must be a Float32Array (float32), got ${preview(data).replace(/^an? /, '')}`
+  if (data instanceof DataView) return `${head}: use new Float32Array(view.buffer, view.byteOffset, view.byteLength / 4) if it holds float32 values`
+  if (data instanceof BigInt64Array || data instanceof BigUint64Array) return `${head}: convert it with Float32Array.from(data, Number)`
+  if (ArrayBuffer.isView(data)) return `${head}: convert it with Float32Array.from(data)`
+  if (Array.isArray(data)) return `${head}: convert it with Float32Array.from(data) (JSON.parse gives plain arrays)`
+  if (data instanceof ArrayBuffer) return `${head}: view it with new Float32Array(buffer)`
+  if (isPlainObject(data) && Object.keys(data).every((k) => /^(0|[1-9]\d*)$/.test(k))) {
+    return `${head}: a Float32Array through JSON.stringify becomes such an object; rebuild it with Float32Array.from(Object.values(data))`
+  }
+  return head
+}
+
+/** What is wrong with `shape` as a plain leaf's shape, and how to fix it; null when it is an array. */
+export function shapeProblem(shape: unknown): string | null {
+  if (Array.isArray(shape)) return null
+  const head = `shape must be an array of non-negative integers, got ${preview(shape)}`
+  return ArrayBuffer.isView(shape) ? `${head}: convert it with Array.from(shape)` : head
+}
+
+/** Why `x` (not a leaf, array or plain object) cannot be in a tree, and what to pass instead. */
+function notALeaf(x: unknown): string {
+  const got = preview(x)
+  switch (typeof x) {
+    case 'bigint':
+      return `${got} is a bigint: use Number(x)`
+    case 'string':
+    case 'boolean':
+    case 'symbol':
+      return `${kindOf(x)} ${got}`
+    case 'function':
+      return `${got}: call it first, or leave it out of the tree`
+  }
+  if (x instanceof Map) return `${got}: use a plain object (Object.fromEntries(map))`
+  if (x instanceof Set) return `${got}: use an array ([...set])`
+  if (x instanceof Promise) return `${got}: await it first`
+  if (x instanceof Number) return `${got}: use the primitive number (x.valueOf())`
+  if (isFloat32Array(x)) return `${got} on its own: wrap it as { data, shape: [data.length] }`
+  if (ArrayBuffer.isView(x)) return `${got}: wrap it as { data: Float32Array.from(x), shape: [x.length] }`
+  return `${got}: trees are built from plain objects and arrays; copy its fields into a plain object, or pass a Tensor or { data, shape }`
+}
+
+/** Whether a plain object is what `structuredClone`/`postMessage` make of a {@link Tensor}. */
+function isClonedTensor(x: Record<string, unknown>): boolean {
+  return 'native' in x && ('cachedShape' in x || 'disposeCalled' in x)
+}
+
+/** Throws when container `x` cannot take a new value at `key` (read-only: frozen, or a getter without a setter). */
+function checkWritable(x: object, key: string | number, what: string, path: string): void {
+  const d = Object.getOwnPropertyDescriptor(x, key)
+  if (d && (d.writable === false || (d.get && !d.set))) {
+    throw new TypeError(
+      `${what} '${showPath(path)}' is a number in a read-only property (a frozen object or a getter): the optimizer writes a new number there; make it writable, or use a { data: Float32Array, shape: [] } leaf`,
+    )
+  }
 }
 
 /**
@@ -59,7 +133,7 @@ export function flatten<L = Leaf>(tree: unknown, isLeafFn: (x: unknown) => boole
   const set: ((v: L) => void)[] = []
   // the containers from the root down to the current node: a cycle revisits one of them
   const open: unknown[] = []
-  const walk = (x: unknown, path: string, setter: ((v: L) => void) | null): TreeDef => {
+  const walk = (x: unknown, path: string, setter: ((v: L) => void) | null, depth: number): TreeDef => {
     if (isLeafFn(x)) {
       leaves.push(x as L)
       paths.push(path)
@@ -67,30 +141,53 @@ export function flatten<L = Leaf>(tree: unknown, isLeafFn: (x: unknown) => boole
       return { kind: 'leaf' }
     }
     if (x === null || x === undefined) return { kind: 'none', value: x }
-    if (typeof x === 'object' && open.includes(x)) throw new TypeError(`${what}: '${path || '(root)'}' is a cycle`)
+    const at = `${what}: '${showPath(path)}'`
+    if (typeof x === 'object' && open.includes(x)) throw new TypeError(`${at} is a cycle`)
+    if (depth > MAX_DEPTH) throw new RangeError(`${at} is nested more than ${MAX_DEPTH} levels deep: flatten the tree`)
+    if (typeof x === 'object' && Object.getOwnPropertySymbols(x).some((k) => Object.prototype.propertyIsEnumerable.call(x, k))) {
+      throw new TypeError(`${at} has symbol keys, which a tree cannot hold (they would be skipped): use string keys`)
+    }
     if (Array.isArray(x)) {
+      const keys = Object.keys(x)
+      if (keys.length !== x.length) {
+        const hole = Array.from({ length: x.length }, (_, i) => i).find((i) => !(i in x))
+        if (hole !== undefined) throw new TypeError(`${what}: '${showPath(join(path, hole))}' is a hole in a sparse array: fill it (null for no leaf)`)
+        const extra = keys.find((k) => !/^(0|[1-9]\d*)$/.test(k)) ?? ''
+        throw new TypeError(`${at} is an array with a named property '${showPath(extra)}', which a tree cannot hold: use a plain object`)
+      }
       open.push(x)
-      const children = x.map((c, i) => walk(c, join(path, i), withSetters ? (v) => (x[i] = v) : null))
+      const children = x.map((c, i) => {
+        if (withSetters && typeof c === 'number') checkWritable(x, i, what, join(path, i))
+        return walk(c, join(path, i), withSetters ? (v) => (x[i] = v) : null, depth + 1)
+      })
       open.pop()
       return { kind: 'array', children }
     }
     if (isPlainObject(x)) {
       if ('data' in x && 'shape' in x) {
         // shaped like a plain leaf: say what is wrong with it rather than descend into it
-        const d = x.data as { constructor?: { name?: string } } | null
-        const kind = d === null || d === undefined ? String(d) : (d.constructor?.name ?? typeof d)
-        throw new TypeError(`${what} '${path || '(root)'}': data must be a Float32Array (float32), got ${kind}`)
+        const problem = dataProblem(x.data) ?? shapeProblem(x.shape) ?? 'not a leaf'
+        throw new TypeError(`${what} '${showPath(path)}': ${problem}`)
+      }
+      if (isClonedTensor(x)) {
+        throw new TypeError(
+          `${at} is not a leaf: it is a plain copy of a Tensor (structuredClone and postMessage copy its fields, not its native memory); send { data: t.toArray(), shape: t.shape } and rebuild it with Tensor.fromArray`,
+        )
       }
       open.push(x)
       const keys = Object.keys(x).sort()
-      const children = keys.map((k) => walk(x[k], join(path, k), withSetters ? (v) => (x[k] = v) : null))
+      const children = keys.map((k) => {
+        const c = x[k]
+        if (withSetters && typeof c === 'number') checkWritable(x, k, what, join(path, k))
+        return walk(c, join(path, k), withSetters ? (v) => (x[k] = v) : null, depth + 1)
+      })
       open.pop()
       return { kind: 'object', keys, children }
     }
-    throw new TypeError(`${what}: '${path || '(root)'}' is not a leaf (Tensor, { data: Float32Array, shape }, number), array or plain object`)
+    throw new TypeError(`${at} is not a leaf (Tensor, { data: Float32Array, shape }, number), array or plain object: it is ${notALeaf(x)}`)
   }
   const root = { value: tree }
-  const treedef = walk(tree, '', withSetters ? (v) => (root.value = v) : null)
+  const treedef = walk(tree, '', withSetters ? (v) => (root.value = v) : null, 0)
   return { leaves, paths, treedef, set }
 }
 
@@ -156,9 +253,9 @@ export function structureMismatch(expected: readonly string[], got: readonly str
   const want = new Set(expected)
   const have = new Set(got)
   const missing = expected.find((p) => !have.has(p))
-  if (missing !== undefined) return `leaf '${missing}' is missing`
+  if (missing !== undefined) return `leaf '${showPath(missing)}' is missing`
   const extra = got.find((p) => !want.has(p))
-  if (extra !== undefined) return `leaf '${extra}' is not in the params`
+  if (extra !== undefined) return `leaf '${showPath(extra)}' is not in the params`
   if (expected.length !== got.length) return `has ${got.length} leaves, expected ${expected.length}`
   return null
 }
@@ -172,7 +269,7 @@ export function resolveMask(mask: Mask, name: string, paths: readonly string[], 
   if (typeof mask === 'function') {
     return paths.map((p, i) => {
       const v = mask(p, leaves[i])
-      if (typeof v !== 'boolean') throw new TypeError(`${name}: the predicate returned ${String(v)} for '${p}', expected a boolean`)
+      if (typeof v !== 'boolean') throw new TypeError(`${name}: the predicate returned ${preview(v)} for '${showPath(p)}', expected a boolean`)
       return v
     })
   }
@@ -181,7 +278,7 @@ export function resolveMask(mask: Mask, name: string, paths: readonly string[], 
   const byPath = new Map(flat.paths.map((p, i) => [p, flat.leaves[i]]))
   return paths.map((p) => {
     const v = byPath.get(p)
-    if (v === undefined) throw new TypeError(`${name}: no boolean for leaf '${p}'`)
+    if (v === undefined) throw new TypeError(`${name}: no boolean for leaf '${showPath(p)}'`)
     return v
   })
 }

@@ -30,12 +30,12 @@ macro_rules! psgd_options {
                 /// Nesterov momentum (with bias correction). Default false.
                 nesterov: bool = false;
                 /// Decoupled weight decay (needs `params` in `update`), on the leaves the
-                /// `mask` selects. Default 0.
-                weight_decay: f64 = 0.0, check $crate::options::check::finite;
-                /// Step size of the preconditioner fit, or a schedule of the 1-based step
-                /// count. Default 0.1.
+                /// `mask` selects (≥ 0). Default 0.
+                weight_decay: f64 = 0.0, check $crate::options::check::non_negative;
+                /// Step size of the preconditioner fit (≥ 0), or a schedule of the 1-based
+                /// step count. Default 0.1.
                 precond_lr: $crate::schedule::Schedule = $crate::schedule::Schedule::Constant(0.1),
-                    check $crate::options::check::finite_schedule;
+                    check $crate::options::check::precond_lr_schedule;
                 /// Initial scale of the preconditioner. Default null: chosen on the first fit
                 /// from its inputs, `(Σv²/Σh²)^¼` with Hessian-vector products, `(n/Σg²)^¼`
                 /// when whitening.

@@ -34,12 +34,13 @@ pub enum PsgdError {
     #[error("{what} '{path}' contains NaN or Inf")]
     NonFinite { what: &'static str, path: String },
     /// A step's update of a leaf came out NaN or Inf (with `allowNonFinite` off).
+    /// The inputs were finite (they are checked first), so float32 overflowed inside the
+    /// step; `cause` says where.
     #[error(
-        "the updates of '{path}' would hold NaN or Inf, so the step was refused and nothing \
-         changed (an extreme option, e.g. the initial scale or the learning rate? \
-         allowNonFinite: true lets such steps through)"
+        "the updates of '{path}' would hold NaN or Inf: {cause}; the step was refused and \
+         nothing changed (allowNonFinite: true lets such steps through)"
     )]
-    NonFiniteUpdate { path: String },
+    NonFiniteUpdate { path: String, cause: String },
     /// An option has the wrong type or is unknown (`msg` continues the sentence).
     #[error("option '{name}' {msg}")]
     OptionType { name: String, msg: String },

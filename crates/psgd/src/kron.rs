@@ -40,6 +40,13 @@ impl crate::options::Choice for MemorySaveMode {
 }
 crate::options::choice_option!(MemorySaveMode, "'one_diag' | 'all_diag'");
 
+/// The damping `δ` of the automatic initial scale `(mean(|g|⁴) + δ⁴)^(-1/8)`, as
+/// psgd_torch's Kron: it bounds the scale by `δ^(-1/2)` ≈ 3.2e4, so a first gradient that
+/// is tiny (1e-33, a subnormal, a single tiny entry) cannot make a preconditioner so large
+/// that every later ordinary gradient overflows float32. For a gradient with
+/// `mean(|g|⁴)^¼ ≥ 1e-8` it changes the scale by less than 1e-5 relative.
+pub const AUTO_SCALE_DAMPING: f64 = 1e-9;
+
 crate::declare_options! {
     /// Options of [`Kron`]: psgd-jax 0.2.9's `kron` arguments (camelCase in JSON), with its
     /// defaults.
@@ -51,8 +58,8 @@ crate::declare_options! {
         /// Momentum coefficient in [0, 1); 0 turns momentum off. Default 0.9.
         b1: f64 = 0.9, check check::momentum;
         /// Decoupled weight decay (needs `params` in `update`), on the leaves
-        /// `weightDecayMask` selects. Default 0.
-        weight_decay: f64 = 0.0, check check::finite;
+        /// `weightDecayMask` selects (≥ 0). Default 0.
+        weight_decay: f64 = 0.0, check check::non_negative;
         /// Probability of updating the preconditioner on a step, or a schedule of the
         /// 1-based step count. Default (and null): `precondUpdateProbSchedule()`, 1 for 500
         /// steps, then annealed to 0.03.
@@ -69,14 +76,15 @@ crate::declare_options! {
         /// Fit the preconditioner to the momentum rather than the raw gradient. Default
         /// true.
         momentum_into_precond_update: bool = true;
-        /// Step size of the preconditioner fit. Default 0.1.
-        preconditioner_lr: f64 = 0.1, check check::finite;
+        /// Step size of the preconditioner fit (≥ 0). Default 0.1.
+        preconditioner_lr: f64 = 0.1, check |v: &f64| check::precond_lr(*v);
         /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
         /// Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
-        /// `g` of each leaf (of each layer with `scannedLayers`), `mean(|g|⁴)^(-1/8)`
-        /// as psgd_torch's newer Kron does, so that the first preconditioned gradient
-        /// has an RMS near 1 whatever the gradient's scale; 1 for a gradient of all
-        /// zeros. Not in psgd-jax.
+        /// `g` of each leaf (of each layer with `scannedLayers`), `(mean(|g|⁴) + δ⁴)^(-1/8)`
+        /// with `δ = 1e-9` as psgd_torch's newer Kron does, so that the first
+        /// preconditioned gradient has an RMS near 1 whatever the gradient's scale, and
+        /// at most `δ^(-1/2)` ≈ 3.2e4 for a tiny gradient; 1 for a gradient of all zeros.
+        /// Not in psgd-jax.
         preconditioner_init_scale: Option<f64> = Some(1.0), check check::positive_or_none;
         /// Clip the incoming gradients to this global L2 norm before anything else
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
@@ -269,15 +277,28 @@ impl LeafPlan {
     }
 
     /// The factors times the automatic initial scale taken from the gradient `g`: per
-    /// slice of the batch `s = mean(|g|⁴)^(-1/8)`, each of the `k` factors times `s^(1/k)`.
+    /// slice of the batch `s = (mean(|g|⁴) + δ⁴)^(-1/8)` with psgd_torch's damping
+    /// `δ` = [`AUTO_SCALE_DAMPING`] (so `s ≤ δ^(-1/2)` ≈ 3.2e4 however tiny the gradient),
+    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)`.
     fn auto_scaled(&self, qs: &[Tensor], g: &Tensor) -> Result<Vec<Tensor>> {
         let g = g
             .to_dtype(DType::F32)?
             .reshape((self.batch, self.numel()))?;
-        // mean(|g|⁴) = m⁴·mean(|g/m|⁴) with m = max|g|: no overflow for large gradients
+        // a = mean(|g|⁴)^¼ = m·mean(|g/m|⁴)^¼ with m = max|g| (1 for an all-zero slice):
+        // no overflow for large gradients, no underflow to 0 for tiny ones
         let m = g.abs()?.max_keepdim(1)?;
+        let zero = m.eq(0f32)?;
+        let m = zero.where_cond(&m.ones_like()?, &m)?;
         let r = g.broadcast_div(&m)?.sqr()?.sqr()?.mean_keepdim(1)?;
-        let s = finite_or_one(&(m.sqrt()?.recip()? * r.powf(-0.125)?)?)?;
+        let a = (m * r.sqrt()?.sqrt()?)?;
+        // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
+        // of a tiny or huge number is formed
+        let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
+        let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
+        let t = (lo / &hi)?.sqr()?.sqr()?;
+        let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
+        let s = norm.sqrt()?.recip()?;
+        let s = finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)?;
         let per_factor = s.powf(1.0 / self.dims.len() as f64)?;
         qs.iter()
             .enumerate()
@@ -899,6 +920,51 @@ mod tests {
             stored: vec![],
             scanned: true,
             scale: 1.0,
+        }
+    }
+
+    /// The automatic initial scale: `mean(|g|⁴)^(-1/8)` for an ordinary gradient, bounded
+    /// by `δ^(-1/2)` for a tiny one (no underflow to 0, no huge scale), 1 for all zeros.
+    #[test]
+    fn auto_scale_is_bounded_for_tiny_gradients() {
+        let mut plan = plan(&[2, 3], &[true, true]);
+        plan.stored = vec![vec![2, 2], vec![2, 3]];
+        let ordinary: Vec<f32> = (0..6).map(|i| (i as f32 - 2.5) * 0.3).collect();
+        let reference = {
+            let m4 = ordinary.iter().map(|g| (*g as f64).powi(4)).sum::<f64>() / 6.0;
+            m4.powf(-0.125)
+        };
+        let bound = AUTO_SCALE_DAMPING.powf(-0.5);
+        let cases: [(Vec<f32>, f64); 6] = [
+            (ordinary.clone(), reference),
+            (ordinary.iter().map(|g| g * 1e6).collect(), reference * 1e-3),
+            (vec![1e-33; 6], bound),
+            (vec![1e-38, -1e-38, 1e-38, 1e-38, 0.0, 1e-38], bound),
+            (vec![0.0, 0.0, 1e-44, 0.0, 0.0, 0.0], bound),
+            (vec![0.0; 6], 1.0),
+        ];
+        for (k, (g, want)) in cases.iter().enumerate() {
+            let mut both = ordinary.clone();
+            both.extend(g);
+            let g = Tensor::from_vec(both, (2, 6), &Device::Cpu).unwrap();
+            let qs: Vec<Tensor> = plan
+                .stored
+                .iter()
+                .map(|s| Tensor::ones(s.as_slice(), DType::F32, &Device::Cpu).unwrap())
+                .collect();
+            let out = plan.auto_scaled(&qs, &g).unwrap();
+            let at = |i: usize, b: usize| -> f64 { out[i].to_vec2::<f32>().unwrap()[b][0] as f64 };
+            // slice 0 holds the ordinary gradient, slice 1 the case's
+            let s0 = at(0, 0) * at(1, 0);
+            let s1 = at(0, 1) * at(1, 1);
+            assert!(
+                (s0 / reference - 1.0).abs() < 1e-5,
+                "case {k}: {s0} vs {reference}"
+            );
+            assert!(
+                s1.is_finite() && (s1 / want - 1.0).abs() < 1e-4,
+                "case {k}: {s1} vs {want}"
+            );
         }
     }
 

@@ -24,11 +24,24 @@ pub trait OptionValue: Sized {
     }
 }
 
-/// `'x'` for strings, the JSON text otherwise: how a bad value is quoted in an error.
+/// Characters of a value quoted in an error, at most: a message never carries a whole
+/// array someone passed by mistake.
+const DESCRIBE_MAX: usize = 60;
+
+/// `'x'` for strings, the JSON text otherwise: how a bad value is quoted in an error, cut
+/// to [`DESCRIBE_MAX`] characters (with `…` and, for an array, its length).
 pub(crate) fn describe(v: &Value) -> String {
-    match v {
+    let text = match v {
         Value::String(s) => format!("'{s}'"),
         other => other.to_string(),
+    };
+    if text.chars().count() <= DESCRIBE_MAX {
+        return text;
+    }
+    let head: String = text.chars().take(DESCRIBE_MAX - 1).collect();
+    match v {
+        Value::Array(a) => format!("{head}… (an array of {} items)", a.len()),
+        _ => format!("{head}…"),
     }
 }
 
@@ -328,9 +341,16 @@ pub mod check {
         }
     }
 
-    /// A constant schedule that is finite.
-    pub fn finite_schedule(s: &Schedule) -> Result<(), String> {
-        schedule(|v| finite(&v))(s)
+    /// A preconditioner step size (`precondLr`, `preconditionerLr`): finite and ≥ 0 (a
+    /// negative one would fit the preconditioner away from the gradients' whitening, and
+    /// its factors blow up within a few steps).
+    pub fn precond_lr(v: f64) -> Result<(), String> {
+        non_negative(&v)
+    }
+
+    /// A preconditioner step-size schedule (see [`precond_lr`]).
+    pub fn precond_lr_schedule(s: &Schedule) -> Result<(), String> {
+        schedule(precond_lr)(s)
     }
 
     /// A learning-rate schedule.
@@ -563,6 +583,57 @@ mod tests {
             got == want,
             "src/options.generated.ts is out of date: run `PSGD_WRITE_GENERATED=1 cargo test -p psgd generated_typescript`"
         );
+    }
+
+    /// A bad value is quoted in a short preview, not whole.
+    #[test]
+    fn describe_cuts_long_values() {
+        let long = Value::Array((0..100_000).map(|i| Value::from(i as f64)).collect());
+        let d = describe(&long);
+        assert!(d.chars().count() < 100, "{d}");
+        assert!(d.ends_with("(an array of 100000 items)"), "{d}");
+        assert_eq!(describe(&Value::from("abc")), "'abc'");
+        let e = crate::kron::KronOptions::from_json(
+            serde_json::json!({ "b1": vec![0.5; 10_000] })
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.len() < 200 && e.contains("'b1'"), "{e}");
+    }
+
+    /// Negative preconditioner step sizes and weight decay are refused at construction,
+    /// in every variant (a negative step size blows the factors up a few steps later).
+    #[test]
+    fn negative_precond_lr_and_weight_decay_are_refused() {
+        fn refused<O: Options>(name: &str, v: f64) -> String {
+            let mut obj = serde_json::Map::new();
+            obj.insert(name.to_string(), Value::from(v));
+            let e = O::from_json(&obj).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Range, "{e}");
+            e.to_string()
+        }
+        for v in [-0.1, -1e-30] {
+            let e = refused::<crate::kron::KronOptions>("preconditionerLr", v);
+            assert!(
+                e.contains("'preconditionerLr'") && e.contains(">= 0"),
+                "{e}"
+            );
+            for e in [
+                refused::<crate::xmat::XMatOptions>("precondLr", v),
+                refused::<crate::lra::LraOptions>("precondLr", v),
+                refused::<crate::affine::AffineOptions>("precondLr", v),
+            ] {
+                assert!(e.contains("'precondLr'") && e.contains(">= 0"), "{e}");
+            }
+            refused::<crate::kron::KronOptions>("weightDecay", v);
+            refused::<crate::xmat::XMatOptions>("weightDecay", v);
+        }
+        // 0 is allowed: the preconditioner stays as it is
+        let mut obj = serde_json::Map::new();
+        obj.insert("precondLr".into(), Value::from(0.0));
+        assert!(crate::xmat::XMatOptions::from_json(&obj).is_ok());
     }
 
     #[test]

@@ -438,7 +438,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         let precond_lr = hyper
             .precond_lr
             .unwrap_or_else(|| o.precond_lr.at(state.count + 1));
-        crate::options::check::finite(&precond_lr).map_err(|m| {
+        crate::options::check::precond_lr(precond_lr).map_err(|m| {
             let m = format!("{m} (schedule at step {})", state.count + 1);
             PsgdError::option_range(P::Options::PRECOND_LR, m)
         })?;
@@ -500,6 +500,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         if let Some(l) = non_finite {
             return Err(PsgdError::NonFiniteUpdate {
                 path: self.leaves[l].path.clone(),
+                cause: overflow_cause(&pre[l], &g32[l], hyper.learning_rate)?,
             });
         }
 
@@ -523,4 +524,31 @@ impl<P: Preconditioner> Transform for Psgd<P> {
     fn learning_rate(&self, state: &Self::State) -> f64 {
         self.step.learning_rate.at(state.count)
     }
+}
+
+/// Where a step whose inputs were finite overflowed float32 for one leaf: in the
+/// preconditioned gradient `pre` (the preconditioner's scale does not suit gradients `g`
+/// of this size), or only once the learning rate (and weight decay) were applied.
+fn overflow_cause(pre: &Tensor, g: &Tensor, learning_rate: f64) -> Result<String> {
+    let largest = |t: &Tensor| -> Result<Option<f64>> {
+        let a = t.to_dtype(DType::F64)?.abs()?.flatten_all()?;
+        let finite = a.sum_all()?.to_scalar::<f64>()?.is_finite();
+        Ok(match (finite, a.elem_count()) {
+            (false, _) => None,
+            (true, 0) => Some(0.0),
+            (true, _) => Some(a.max(0)?.to_scalar::<f64>()?),
+        })
+    };
+    let g = largest(g)?.unwrap_or(f64::NAN);
+    Ok(match largest(pre)? {
+        None => format!(
+            "the preconditioned gradient overflowed float32 (largest |gradient| {g:e}): the \
+             preconditioner's scale does not suit gradients of this size (an initial scale \
+             or a first gradient far from the later gradients' scale?)"
+        ),
+        Some(p) => format!(
+            "the preconditioned gradient is finite (largest |value| {p:e}), but times the \
+             learning rate {learning_rate:e} (with weight decay) it overflows float32"
+        ),
+    })
 }
