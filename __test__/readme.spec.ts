@@ -66,29 +66,32 @@ function makeProject(kind: 'esm' | 'cjs'): string {
 }
 
 for (const kind of ['esm', 'cjs'] as const) {
-  test.serial(`every TypeScript block of the README type-checks and runs in ${kind === 'esm' ? 'an ESM' : 'a CommonJS'} project made as the README says`, (t) => {
-    const blocks = readmeBlocks()
-    t.true(blocks.length >= 4, `${blocks.length} blocks`)
-    const dir = makeProject(kind)
-    blocks.forEach((b, i) => fs.writeFileSync(path.join(dir, `block${i + 1}.ts`), b))
-    const check = spawnSync(process.execPath, [tsc, '-p', '.'], { cwd: dir, encoding: 'utf8', timeout: 120_000 })
-    t.is(check.status, 0, `tsc -p . in the ${kind} project:\n${check.stdout}${check.stderr}`)
-    const outputs = blocks.map((_, i) => {
-      const r = spawnSync(process.execPath, [`block${i + 1}.js`], {
-        cwd: dir,
-        encoding: 'utf8',
-        timeout: 120_000,
-        env: { ...process.env, NAPI_RS_NATIVE_LIBRARY_PATH: '' },
+  test.serial(
+    `every TypeScript block of the README type-checks and runs in ${kind === 'esm' ? 'an ESM' : 'a CommonJS'} project made as the README says`,
+    (t) => {
+      const blocks = readmeBlocks()
+      t.true(blocks.length >= 4, `${blocks.length} blocks`)
+      const dir = makeProject(kind)
+      blocks.forEach((b, i) => fs.writeFileSync(path.join(dir, `block${i + 1}.ts`), b))
+      const check = spawnSync(process.execPath, [tsc, '-p', '.'], { cwd: dir, encoding: 'utf8', timeout: 120_000 })
+      t.is(check.status, 0, `tsc -p . in the ${kind} project:\n${check.stdout}${check.stderr}`)
+      const outputs = blocks.map((_, i) => {
+        const r = spawnSync(process.execPath, [`block${i + 1}.js`], {
+          cwd: dir,
+          encoding: 'utf8',
+          timeout: 120_000,
+          env: { ...process.env, NAPI_RS_NATIVE_LIBRARY_PATH: '' },
+        })
+        t.is(r.status, 0, `block ${i + 1} (${kind}) exited with ${r.status}:\n${r.stdout.slice(-2000)}${r.stderr.slice(-2000)}`)
+        return r.stdout
       })
-      t.is(r.status, 0, `block ${i + 1} (${kind}) exited with ${r.status}:\n${r.stdout.slice(-2000)}${r.stderr.slice(-2000)}`)
-      return r.stdout
-    })
-    // the blocks do what the README says: the toy problem's last loss is below 1e-4, the
-    // class example counts its steps, the TensorFlow.js one reports its losses
-    const at = (needle: string) => blocks.findIndex((b) => b.includes(needle))
-    t.true(Number(outputs[at('loss < 1e-4')].trim().split('\n').pop()) < 1e-4)
-    t.regex(outputs[at('stepAsync')], /steps taken: 2/)
-    t.true(at("from 'psgd/tfjs'") >= 0, 'the README has a TensorFlow.js block')
-    t.regex(outputs[at("from 'psgd/tfjs'")], /loss/)
-  })
+      // the blocks do what the README says: the toy problem's last loss is below 1e-4, the
+      // class example counts its steps, the TensorFlow.js one reports its losses
+      const at = (needle: string) => blocks.findIndex((b) => b.includes(needle))
+      t.true(Number(outputs[at('loss < 1e-4')].trim().split('\n').pop()) < 1e-4)
+      t.regex(outputs[at('stepAsync')], /steps taken: 2/)
+      t.true(at("from 'psgd/tfjs'") >= 0, 'the README has a TensorFlow.js block')
+      t.regex(outputs[at("from 'psgd/tfjs'")], /loss/)
+    },
+  )
 }

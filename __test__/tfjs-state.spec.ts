@@ -11,6 +11,7 @@ import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer, type Named
 import { values } from './helpers'
 import { parse } from './safetensors'
 import { saveWithOptimizer } from './tfjs-contracts'
+import { Draft } from '../src/tfjs'
 
 const classes = { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer } as const
 type Ctor = (typeof classes)[keyof typeof classes]
@@ -43,7 +44,7 @@ function step(opt: tf.Optimizer, vars: (tf.Variable | null)[], k: number, like: 
 
 /** The live states of an optimizer: their variable names, counts and parsed bytes. */
 function states(opt: tf.Optimizer) {
-  const groups = (opt as unknown as { groups: Map<string, { names: string[]; state: { count: number; toBytes(): Uint8Array } }> }).groups
+  const groups = (opt as unknown as { book: { groups: Map<string, { names: string[]; state: { count: number; toBytes(): Uint8Array } }> } }).book.groups
   return [...groups.values()].map((g) => ({ names: g.names, count: g.state.count, file: parse(g.state.toBytes()) }))
 }
 
@@ -246,7 +247,29 @@ function trio(tag: string) {
   return [variable(fresh(`${tag}a`), [4, 3], 1), variable(fresh(`${tag}b`), [3], 2), variable(fresh(`${tag}c`), [3, 2], 3)]
 }
 
-/** A step whose gradients are all NaN (refused by the core, after the state for its set was made). */
+/**
+ * The states a step on `vars` would run on, as the optimizer plans them for a step, then
+ * dropped (its own planning without the step): what a change of the set carries over,
+ * seen before any step changes it.
+ */
+function planned(opt: tf.Optimizer, vars: tf.Variable[]) {
+  const o = opt as unknown as {
+    book: ConstructorParameters<typeof Draft>[0]
+    groupFor(d: Draft, names: string[], vars: Map<string, tf.Variable>): unknown
+    iterations: number
+  }
+  const draft = new Draft(o.book)
+  o.groupFor(
+    draft,
+    vars.map((v) => v.name),
+    new Map(vars.map((v) => [v.name, v])),
+  )
+  const out = [...draft.book.groups.values()].map((g) => ({ names: g.names, count: g.state.count, file: parse(g.state.toBytes()) }))
+  draft.abandon()
+  return out
+}
+
+/** A step whose gradients are all NaN (refused by the core: it changes nothing). */
 function refusedStep(opt: tf.Optimizer, vars: (tf.Variable | null)[], like: tf.Variable[]): void {
   const list = vars.map((v, i) => ({ name: like[i].name, tensor: v ? tf.fill(v.shape, NaN) : (null as unknown as tf.Tensor) }))
   try {
@@ -264,9 +287,11 @@ for (const [name, Ctor] of Object.entries(classes)) {
     for (let k = 0; k < 3; k++) step(opt, [a, b, c], k)
     const [before] = states(opt)
     // c frozen: a null gradient for it (as a GAN's or a conditional branch's step gives).
-    // A refused step shows the state made for {a, b}, before any step changes it.
+    // A refused step on {a, b} changes nothing; the plan of a step on them shows the
+    // state made for {a, b}, before any step changes it.
     t.throws(() => refusedStep(opt, [a, b, null], [a, b, c]), { instanceOf: RangeError, message: /NaN/ })
-    const [ab, rest] = states(opt)
+    t.deepEqual(states(opt), [before])
+    const [ab, rest] = planned(opt, [a, b])
     t.deepEqual(
       [ab, rest].map((s) => [s.names, s.count]),
       [
@@ -286,7 +311,8 @@ for (const [name, Ctor] of Object.entries(classes)) {
       const [a2, b2] = trio('fn')
       const other = new Ctor(options)
       t.throws(() => refusedStep(other, [a2, b2], [a2, b2]), { instanceOf: RangeError })
-      t.deepEqual(spanning(ab.file), spanning(states(other)[0].file))
+      t.deepEqual(states(other), [])
+      t.deepEqual(spanning(ab.file), spanning(planned(other, [a2, b2])[0].file))
       t.notDeepEqual(spanning(ab.file), spanning(before.file))
       other.dispose()
       tf.dispose([a2, b2])
@@ -313,8 +339,10 @@ for (const [name, Ctor] of Object.entries(classes)) {
     const [abAfter, cAfter] = states(opt)
     // c unfrozen: its state comes back (and a's and b's go on), at the optimizer's count
     t.throws(() => refusedStep(opt, [a, b, c], [a, b, c]), { instanceOf: RangeError })
-    const [all] = states(opt)
-    t.deepEqual([all.names, all.count, states(opt).length], [[a.name, b.name, c.name], 5, 1])
+    t.is(states(opt).length, 2)
+    const plan = planned(opt, [a, b, c])
+    const [all] = plan
+    t.deepEqual([all.names, all.count, plan.length], [[a.name, b.name, c.name], 5, 1])
     t.deepEqual(leafTensors(all.file, 2), leafTensors(cAfter.file, 0))
     t.deepEqual(leafTensors(all.file, 0).mu, leafTensors(abAfter.file, 0).mu)
     if (perVariable) t.deepEqual(leafTensors(all.file, 1), leafTensors(abAfter.file, 1))
@@ -440,3 +468,48 @@ test.serial('getWeights and model.save in a loop keep tfjs memory flat; the hand
   }
   tf.dispose([x, y])
 })
+
+for (const [name, Ctor] of Object.entries(classes)) {
+  test.serial(
+    `${name}: a refused step makes no state, and a step after a restore on some of a saved state's variables takes it by name; both continue bit-for-bit`,
+    async (t) => {
+      const [a, b, c] = trio('r')
+      const [a2, b2, c2] = trio('r2')
+      const opt = new Ctor(options)
+      const twin = new Ctor(options)
+      // a refused first step on {b, c}: no state is made for it
+      t.throws(() => refusedStep(opt, [null, b, c], [a, b, c]), { instanceOf: RangeError })
+      t.deepEqual(states(opt), [])
+      for (let k = 0; k < 3; k++) {
+        step(opt, [a, b, c], k)
+        step(twin, [a2, b2, c2], k)
+      }
+      const saved = await opt.getWeights()
+      const restored = new Ctor(options) as unknown as Opt
+      await restored.setWeights(saved)
+      opt.dispose()
+      // c frozen right after the restore: a and b take their restored state (by name), c's waits
+      step(restored, [a, b, null], 3, [a, b, c])
+      step(twin, [a2, b2, null], 3, [a2, b2, c2])
+      t.deepEqual(
+        states(restored).map((s) => [s.names, s.count]),
+        [
+          [[a.name, b.name], 4],
+          [[c.name], 3],
+        ],
+      )
+      step(restored, [a, b, c], 4)
+      step(twin, [a2, b2, c2], 4)
+      for (const [x, y] of [
+        [a, a2],
+        [b, b2],
+        [c, c2],
+      ]) {
+        t.deepEqual(bits(x), bits(y))
+      }
+      restored.dispose()
+      twin.dispose()
+      tf.dispose([a, b, c, a2, b2, c2])
+    },
+  )
+}

@@ -60,9 +60,9 @@ export function tfjsSuite(test: TestFn, backend: string): void {
       t.true(last < first / 4, `loss ${first} → ${last}`)
       t.is(opt.iterations, 30)
       // dispose frees the native states at once, and the optimizer refuses further use
-      const states = [...(opt as unknown as { groups: Map<string, { state: { disposed: boolean; handle: { disposed: boolean } } }> }).groups.values()].map(
-        (g) => g.state,
-      )
+      const states = [
+        ...(opt as unknown as { book: { groups: Map<string, { state: { disposed: boolean; handle: { disposed: boolean } } }> } }).book.groups.values(),
+      ].map((g) => g.state)
       opt.dispose()
       t.true(states.length > 0 && states.every((s) => s.disposed && s.handle.disposed))
       t.throws(() => opt.minimize(loss), { instanceOf: TypeError, message: /disposed/ })
@@ -274,7 +274,7 @@ export function tfjsSuite(test: TestFn, backend: string): void {
       ['iter', 'psgd_state/0'],
     )
     t.is(opt.iterations, 3)
-    const groups = [...(opt as unknown as { groups: Map<string, { names: string[]; state: { count: number } }> }).groups.values()]
+    const groups = [...(opt as unknown as { book: { groups: Map<string, { names: string[]; state: { count: number } }> } }).book.groups.values()]
     t.deepEqual(
       groups.map((g) => [g.names, g.state.count]),
       [[[a.name, b.name], 3]],

@@ -72,6 +72,79 @@ function baseName(name: string): string {
   return name.replace(/_\d+$/, '')
 }
 
+/** The `_<n>` suffix tfjs adds to a re-registered name (`''` when there is none). */
+function suffixOf(name: string): string {
+  return name.slice(baseName(name).length)
+}
+
+/** The optimizer's states: the live ones, which variable each is held by, and the restored ones not yet bound. */
+interface Book {
+  /** The live states, by the set of variable names each holds; no variable is in two. */
+  groups: Map<string, Group>
+  /** The live state of each variable, by name. */
+  holders: Map<string, Group>
+  /** The states `setWeights` restored, not yet bound to variables. */
+  pending: Pending[]
+}
+
+/**
+ * @internal A step's changes to a {@link Book}, made on copies of its maps: the states made for the
+ * step, the ones they replace, the counts set. {@link Draft.commit} gives the new book and
+ * frees what was replaced; {@link Draft.abandon} frees what was made and puts the counts
+ * back, leaving the book as it was.
+ */
+export class Draft {
+  readonly book: Book
+  private readonly made: Group[] = []
+  private readonly replaced: Group[] = []
+  private readonly counts: [Group, number][] = []
+
+  constructor(from: Book) {
+    this.book = { groups: new Map(from.groups), holders: new Map(from.holders), pending: [...from.pending] }
+  }
+
+  /** Notes a state made for this step (freed if the step is abandoned). */
+  add(g: Group): Group {
+    this.made.push(g)
+    return g
+  }
+
+  register(g: Group): void {
+    this.book.groups.set(setKey(g.names), g)
+    for (const n of g.names) this.book.holders.set(n, g)
+  }
+
+  /** Takes `g` out of the book (freed when the step commits). */
+  remove(g: Group): void {
+    this.book.groups.delete(setKey(g.names))
+    for (const n of g.names) if (this.book.holders.get(n) === g) this.book.holders.delete(n)
+    this.replaced.push(g)
+  }
+
+  /** Marks a restored state as bound. */
+  take(p: Pending): void {
+    this.book.pending = this.book.pending.filter((q) => q !== p)
+  }
+
+  /** Sets `g`'s step count, to be put back if the step is abandoned. */
+  setCount(g: Group, count: number): void {
+    const was = g.state.count
+    if (was === count) return
+    this.counts.push([g, was])
+    g.state.handle.setCount(count)
+  }
+
+  commit(): Book {
+    for (const g of this.replaced) g.state.dispose()
+    return this.book
+  }
+
+  abandon(): void {
+    for (const g of this.made) if (!g.state.disposed) g.state.dispose()
+    for (const [g, was] of this.counts.reverse()) if (!g.state.disposed) g.state.handle.setCount(was)
+  }
+}
+
 /**
  * The base of {@link KronOptimizer}, {@link XMatOptimizer}, {@link LRAOptimizer} and
  * {@link AffineOptimizer}: a `tf.train.Optimizer` whose step is PSGD's.
@@ -110,23 +183,23 @@ function baseName(name: string): string {
  *   returned tensors belong to the optimizer, as tfjs's optimizers' own weights do: they
  *   stay valid until the next `getWeights` or `dispose` (clone them to keep them longer),
  *   so any number of saves holds one copy.
- * - **Restoring.** `setWeights` keeps the states until a step on their variables: a saved
- *   state goes to the variables of its names (also when tfjs-layers added or changed a
- *   `_<n>` suffix, as it does to a model loaded into a process that already has those
- *   names), else, when no variable of the step has a state yet, to the step's variables
+ * - **Restoring.** `setWeights` keeps the states until a step on any of their variables:
+ *   a saved state goes to the variables of its names (also when tfjs-layers added or
+ *   changed a `_<n>` suffix, as it does to a model loaded into a process that already has
+ *   those names; its variables not in the step are renamed alike and keep their state until
+ *   they step), else, when no variable of the step has a state yet, to the step's variables
  *   if it is the only saved state of their shapes in leaf order. Two models sharing one
  *   optimizer each get their own state back; a state is never guessed onto variables
  *   (several fitting by shape only is a RangeError).
+ * - **A refused step changes nothing.** The states a step needs (made, moved between sets,
+ *   or bound from a restore) are planned on a draft and kept only once the step succeeded.
  */
 export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   /** @internal The options as given, less `learningRate` (see {@link PsgdTfjsOptimizer.learningRate}). */
   protected readonly options: O
   private readonly transformation: GradientTransformation
-  /** The live states, by the set of variable names each holds; no variable is in two. */
-  private groups = new Map<string, Group>()
-  /** The live state of each variable, by name. */
-  private holders = new Map<string, Group>()
-  private pending: Pending[] = []
+  /** The live states, the variable each is held by, and the restored states not yet bound. */
+  private book: Book = { groups: new Map(), holders: new Map(), pending: [] }
   /** The tensors the last `getWeights` handed out (this optimizer's, freed at the next call or at `dispose`). */
   private handedOut: TfTensor[] = []
   private disposed = false
@@ -246,7 +319,23 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     }
     // creation order (tensor ids grow): the model's order, whatever the names or the call's order
     const created = [...vars.keys()].sort((a, b) => (vars.get(a) as Variable).id - (vars.get(b) as Variable).id)
-    const group = this.groupFor(created, vars)
+    // The states this step needs are planned on a draft of the book and committed only
+    // once the step has succeeded: a refused step (a NaN gradient, a bad schedule value)
+    // leaves every state, restored or live, as it was.
+    const draft = new Draft(this.book)
+    try {
+      const group = this.groupFor(draft, created, vars)
+      this.stepOn(group, given, vars)
+    } catch (e) {
+      draft.abandon()
+      throw e
+    }
+    this.book = draft.commit()
+    this.incrementIterations()
+  }
+
+  /** The native step on `group`'s variables and the write of their new values. */
+  private stepOn(group: Group, given: Map<string, TfTensor>, vars: Map<string, Variable>): void {
     const names = group.names
     const variables = names.map((n) => vars.get(n) as Variable)
     // read once; the native step copies it, so a backend's own buffer is never written
@@ -273,25 +362,26 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
         } else v.assign(add(v, tensor(u, leaves[i].shape, 'float32')))
       })
     })
-    this.incrementIterations()
   }
 
   /**
    * The state for this step's variables (`names`, in creation order), at the optimizer's
-   * count: a restored one, the live one of exactly these variables, or one made for them
-   * from the live states of each (see the class's notes).
+   * count, planned on `draft`: a restored one, the live one of exactly these variables, or
+   * one made for them from the live states of each (see the class's notes).
    */
-  private groupFor(names: string[], vars: Map<string, Variable>): Group {
-    if (this.pending.length > 0) this.bindPending(names, vars)
-    const first = this.holders.get(names[0])
-    const whole = first !== undefined && first.names.length === names.length && names.every((n) => this.holders.get(n) === first)
+  private groupFor(draft: Draft, names: string[], vars: Map<string, Variable>): Group {
+    if (draft.book.pending.length > 0) this.bindPending(draft, names, vars)
+    const { holders } = draft.book
+    const first = holders.get(names[0])
+    const whole = first !== undefined && first.names.length === names.length && names.every((n) => holders.get(n) === first)
     const group = whole
       ? first
       : this.regroup(
+          draft,
           names,
           names.map((n) => [...(vars.get(n) as Variable).shape]),
         )
-    if (group.state.count !== this.iterations) group.state.handle.setCount(this.iterations)
+    draft.setCount(group, this.iterations)
     return group
   }
 
@@ -342,62 +432,60 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   /**
    * Makes the live state of `names` from the live states holding any of them (momentum,
    * and Kron's and Affine's per-variable factors, move; see the class's notes), and
-   * leaves each of those states with its other variables only.
+   * leaves each of those states with its other variables only; on `draft`.
    */
-  private regroup(names: string[], shapes: number[][]): Group {
-    const sources = [...new Set(names.flatMap((n) => this.holders.get(n) ?? []))]
+  private regroup(draft: Draft, names: string[], shapes: number[][]): Group {
+    const sources = [...new Set(names.flatMap((n) => draft.book.holders.get(n) ?? []))]
     const saved = sources.map((g) => ({ names: g.names, bytes: g.state.toBytes() }))
-    const made: Group[] = []
-    try {
-      made.push({ names, state: this.moved(names, shapes, saved, null, this.iterations) })
-      const now = new Set(names)
-      sources.forEach((g, i) => {
-        const rest = g.names.filter((n) => !now.has(n))
-        if (rest.length === 0) return
-        const restShapes = rest.map((n) => g.state.layout.shapes[g.names.indexOf(n)])
-        made.push({ names: rest, state: this.moved(rest, restShapes, [saved[i]], null, g.state.count) })
-      })
-    } catch (e) {
-      for (const g of made) g.state.dispose()
-      throw e
-    }
-    // all made: now replace the sources
-    for (const g of sources) {
-      this.groups.delete(setKey(g.names))
-      g.state.dispose()
-    }
-    for (const g of made) this.register(g)
+    const made: Group[] = [draft.add({ names, state: this.moved(names, shapes, saved, null, this.iterations) })]
+    const now = new Set(names)
+    sources.forEach((g, i) => {
+      const rest = g.names.filter((n) => !now.has(n))
+      if (rest.length === 0) return
+      const restShapes = rest.map((n) => g.state.layout.shapes[g.names.indexOf(n)])
+      made.push(draft.add({ names: rest, state: this.moved(rest, restShapes, [saved[i]], null, g.state.count) }))
+    })
+    for (const g of sources) draft.remove(g)
+    for (const g of made) draft.register(g)
     return made[0]
   }
 
-  private register(g: Group): void {
-    this.groups.set(setKey(g.names), g)
-    for (const n of g.names) this.holders.set(n, g)
-  }
-
   /**
-   * Binds restored states to this step's variables: a state whose every saved name is one
-   * of them (or, modulo tfjs-layers' `_<n>` suffix, exactly one of them), else, when none
-   * of them has a state yet, the one state saved for as many variables of the same shapes
-   * in leaf order.
+   * Binds restored states on `draft`: by name, a state one of whose saved names is one of
+   * this step's variables (also across tfjs-layers' `_<n>` suffix, which then renames its
+   * other variables alike: they need not be in this step, and keep their state until they
+   * are); else, when none of this step's variables has a state yet, the one state saved
+   * for as many variables of the same shapes in leaf order.
    * @throws RangeError when a state bound by name does not fit its variables, or when
    * several states fit by shape and no names decide; nothing is bound then.
    */
-  private bindPending(names: string[], vars: Map<string, Variable>): void {
+  private bindPending(draft: Draft, names: string[], vars: Map<string, Variable>): void {
+    const { pending, holders } = draft.book
     const here = new Set(names)
-    const byName = (saved: string): string | undefined => {
+    // a saved name's variable in this step: the same name, else the one of its base name
+    const inStep = (saved: string): string | undefined => {
       if (here.has(saved)) return saved
       const like = names.filter((n) => baseName(n) === baseName(saved))
       return like.length === 1 ? like[0] : undefined
     }
     let bound: [Pending, string[]][] = []
-    for (const p of this.pending) {
-      const mapped = p.names.map(byName)
-      if (mapped.every((m) => m !== undefined) && new Set(mapped).size === mapped.length) bound.push([p, mapped as string[]])
+    for (const p of pending) {
+      const matched = p.names.map(inStep)
+      if (matched.every((m) => m === undefined)) continue
+      // the suffix change the matches make (none, or tfjs's `_<n>` added or changed)
+      const changes = new Set(matched.flatMap((m, i) => (m === undefined || m === p.names[i] ? [] : [`${suffixOf(p.names[i])}>${suffixOf(m)}`])))
+      if (changes.size > 1) {
+        throw new RangeError(
+          `${this.variant}: the state setWeights restored for ${JSON.stringify(p.names)} matches the variables ${JSON.stringify(matched.filter(Boolean))} under different name suffixes; which variables are its is unclear`,
+        )
+      }
+      const [from, to] = changes.size === 0 ? ['', ''] : [...changes][0].split('>')
+      const mapped = p.names.map((n, i) => matched[i] ?? (changes.size > 0 && suffixOf(n) === from ? baseName(n) + to : n))
+      if (new Set(mapped).size === mapped.length) bound.push([p, mapped])
     }
     const shapeOf = (n: string) => (vars.get(n) as Variable).shape
-    if (bound.length === 0 && names.every((n) => !this.holders.has(n))) {
-      const fits = this.pending.filter((p) => p.names.length === names.length && p.shapes.every((s, i) => sameShape(s, shapeOf(names[i]))))
+    if (bound.length === 0 && names.every((n) => !holders.has(n))) {
+      const fits = pending.filter((p) => p.names.length === names.length && p.shapes.every((s, i) => sameShape(s, shapeOf(names[i]))))
       if (fits.length > 1) {
         throw new RangeError(
           `${this.variant}: the states setWeights restored for ${fits.map((p) => JSON.stringify(p.names)).join(' and ')} all fit the variables ${JSON.stringify(names)} by shape, and no names decide which is theirs`,
@@ -409,31 +497,31 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     for (const [p, mapped] of bound) {
       for (const n of mapped) {
         const other = claimed.get(n)
-        if (other !== undefined || this.holders.has(n)) {
+        if (other !== undefined || holders.has(n)) {
           throw new RangeError(
             `${this.variant}: variable '${n}' would take the state setWeights restored for ${JSON.stringify(p.names)}, but it already has ${other ? `the one restored for ${JSON.stringify(other.names)}` : 'a state'}`,
           )
         }
         claimed.set(n, p)
       }
-      const shapes = mapped.map((n) => [...shapeOf(n)])
-      if (!p.shapes.every((s, i) => sameShape(s, shapes[i]))) {
+      const bad = mapped.findIndex((n, i) => here.has(n) && !sameShape(p.shapes[i], shapeOf(n)))
+      if (bad >= 0) {
         throw new RangeError(
-          `${this.variant}: the state setWeights restored for ${JSON.stringify(p.names)} (shapes ${JSON.stringify(p.shapes)}) does not fit ${JSON.stringify(mapped)} (shapes ${JSON.stringify(shapes)})`,
+          `${this.variant}: the state setWeights restored for ${JSON.stringify(p.names)} holds '${p.names[bad]}' of shape ${JSON.stringify(p.shapes[bad])}, which does not fit '${mapped[bad]}' of shape ${JSON.stringify([...shapeOf(mapped[bad])])}`,
         )
       }
     }
-    const made: Group[] = []
-    try {
-      for (const [p, mapped] of bound) made.push({ names: mapped, state: this.moved(mapped, p.shapes, [p], 0, p.count) })
-    } catch (e) {
-      for (const g of made) g.state.dispose()
-      const why = e instanceof Error ? e.message : String(e)
-      throw new RangeError(`${this.variant}: a state setWeights restored does not fit the variables ${JSON.stringify(names)}: ${why}`, { cause: e })
+    for (const [p, mapped] of bound) {
+      let state: OptimizerState
+      try {
+        state = this.moved(mapped, p.shapes, [p], 0, p.count)
+      } catch (e) {
+        const why = e instanceof Error ? e.message : String(e)
+        throw new RangeError(`${this.variant}: a state setWeights restored does not fit the variables ${JSON.stringify(mapped)}: ${why}`, { cause: e })
+      }
+      draft.register(draft.add({ names: mapped, state }))
+      draft.take(p)
     }
-    const taken = new Set(bound.map(([p]) => p))
-    this.pending = this.pending.filter((p) => !taken.has(p))
-    for (const g of made) this.register(g)
   }
 
   private needsParams(): boolean {
@@ -460,7 +548,7 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
    */
   override async getWeights(): Promise<NamedTensor[]> {
     this.checkAlive()
-    const saved = [...[...this.groups.values()].map((g) => ({ names: g.names, bytes: g.state.toBytes() })), ...this.pending]
+    const saved = [...[...this.book.groups.values()].map((g) => ({ names: g.names, bytes: g.state.toBytes() })), ...this.book.pending]
     const out: NamedTensor[] = [{ name: 'iter', tensor: scalar(this.iterations, 'int32') }]
     saved.forEach((p, i) => out.push({ name: `${STATE_WEIGHT}/${i}`, tensor: pack(p) }))
     this.releaseWeights()
@@ -503,15 +591,13 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
       pending.push(p)
     }
     this.dropStates()
-    this.pending = pending
+    this.book.pending = pending
     this.iterations_ = count
   }
 
   private dropStates(): void {
-    for (const g of this.groups.values()) g.state.dispose()
-    this.groups.clear()
-    this.holders.clear()
-    this.pending = []
+    for (const g of this.book.groups.values()) g.state.dispose()
+    this.book = { groups: new Map(), holders: new Map(), pending: [] }
   }
 
   /**
