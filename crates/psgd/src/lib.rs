@@ -12,15 +12,12 @@
 //! the kernel layer (`kernels`), each with a CPU host path and a candle-op path for
 //! the other devices.
 
-pub mod affine;
 pub mod any;
-mod common;
+pub mod codegen;
 pub mod error;
 pub mod hessian;
 mod kernels;
-pub mod kron;
 pub mod limits;
-pub mod lra;
 mod optimizer;
 pub mod options;
 pub mod random;
@@ -31,7 +28,10 @@ pub mod step;
 #[cfg(test)]
 mod test_util;
 pub mod transform;
-pub mod xmat;
+pub mod variants;
+
+pub(crate) use variants::common;
+pub use variants::{affine, kron, lra, xmat};
 
 pub use affine::{Affine, AffineOptions, AffineState};
 pub use any::{AnyState, AnyTransform};

@@ -200,6 +200,8 @@ choice_option!(Precision, "'bfloat16' | 'tensorfloat32' | 'float32'");
 pub struct OptionInfo {
     /// camelCase name.
     pub name: String,
+    /// The Rust field's snake_case name (psgd-jax's keyword, where psgd-jax has the option).
+    pub snake: String,
     /// TypeScript type.
     pub ts: String,
     /// The doc comment.
@@ -218,6 +220,20 @@ pub fn camel_case(snake: &str) -> String {
         } else if up {
             out.extend(c.to_uppercase());
             up = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `camelCase` → `snake_case`.
+pub fn snake_case(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for c in camel.chars() {
+        if c.is_uppercase() {
+            out.push('_');
+            out.extend(c.to_lowercase());
         } else {
             out.push(c);
         }
@@ -400,6 +416,7 @@ macro_rules! declare_options {
                 let mut out = vec![$(
                     $crate::options::OptionInfo {
                         name: $crate::options::camel_case(stringify!($field)),
+                        snake: stringify!($field).to_string(),
                         ts: $crate::options::ts_type::<$ty>(),
                         doc: [$($doc),*].join("\n"),
                         ts_only: false,
@@ -407,6 +424,7 @@ macro_rules! declare_options {
                 )*];
                 $(out.push($crate::options::OptionInfo {
                     name: $tname.to_string(),
+                    snake: $crate::options::snake_case($tname),
                     ts: $tts.to_string(),
                     doc: [$($tdoc),*].join("\n"),
                     ts_only: true,
@@ -454,187 +472,9 @@ pub fn ts_type<T: OptionValue>() -> String {
     T::ts()
 }
 
-/// One option of a generated interface: its doc comment, then `name?: type`.
-fn push_option(out: &mut String, i: &OptionInfo) {
-    let doc = i.doc.trim();
-    if !doc.is_empty() {
-        out.push_str("  /**\n");
-        for line in doc.lines() {
-            let line = line.strip_prefix(' ').unwrap_or(line);
-            if line.is_empty() {
-                out.push_str("   *\n");
-            } else {
-                out.push_str(&format!("   * {line}\n"));
-            }
-        }
-        out.push_str("   */\n");
-    }
-    out.push_str(&format!("  {}?: {}\n", i.name, i.ts));
-}
-
-/// The generated TypeScript file: one interface of option fields per variant, with docs.
-pub fn typescript() -> String {
-    let mut out = String::from(
-        "// Generated from the Rust option declarations (crates/psgd/src/options.rs and each\n\
-         // variant's `declare_options!`) by `cargo test -p psgd generated_typescript`; do not\n\
-         // edit. A test fails when this file and the declarations differ; rerun with\n\
-         // PSGD_WRITE_GENERATED=1 to rewrite it.\n\
-         import type { Schedule } from './schedule'\n\
-         import type { Mask } from './tree'\n",
-    );
-    let variants: [(&str, Vec<OptionInfo>); 4] = [
-        ("Kron", <crate::kron::KronOptions as Options>::info()),
-        ("XMat", <crate::xmat::XMatOptions as Options>::info()),
-        ("LRA", <crate::lra::LraOptions as Options>::info()),
-        ("Affine", <crate::affine::AffineOptions as Options>::info()),
-    ];
-    // The options XMat, LRA and Affine declare alike (psgd_options!) are written once, as
-    // `PsgdNativeOptions`, which their interfaces extend: the same text is not generated
-    // three times.
-    let same = |a: &OptionInfo, b: &OptionInfo| a.name == b.name && a.ts == b.ts && a.doc == b.doc;
-    let shared: Vec<&OptionInfo> = variants[1]
-        .1
-        .iter()
-        .filter(|i| {
-            variants[2..]
-                .iter()
-                .all(|(_, v)| v.iter().any(|j| same(i, j)))
-        })
-        .collect();
-    out.push_str(
-        "\n/** The options XMat, LRA and Affine share (psgd-jax's common arguments of `xmat`, `low_rank_approximation` and `affine`). */\nexport interface PsgdNativeOptions {\n",
-    );
-    shared.iter().for_each(|i| push_option(&mut out, i));
-    out.push_str("}\n");
-    for (k, (name, info)) in variants.iter().enumerate() {
-        let about = format!(
-            "\n/** The options of `{}` declared in Rust (see the variant's options type). */\n",
-            name.to_lowercase()
-        );
-        out.push_str(&about);
-        let own: Vec<&OptionInfo> = if k == 0 {
-            info.iter().collect()
-        } else {
-            info.iter()
-                .filter(|i| !shared.iter().any(|s| same(i, s)))
-                .collect()
-        };
-        match (k, own.is_empty()) {
-            (0, _) => out.push_str(&format!("export interface {name}NativeOptions {{\n")),
-            (_, true) => {
-                out.push_str(&format!(
-                    "export type {name}NativeOptions = PsgdNativeOptions\n"
-                ));
-                continue;
-            }
-            (_, false) => out.push_str(&format!(
-                "export interface {name}NativeOptions extends PsgdNativeOptions {{\n"
-            )),
-        }
-        own.iter().for_each(|i| push_option(&mut out, i));
-        out.push_str("}\n");
-    }
-    out.push_str(
-        "\n/**\n * Per variant: whether `update` takes Hessian-vector products, and each option's kind:\n * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`\n * (resolved in TypeScript) or `'value'` (read and checked by the native core).\n */\n",
-    );
-    out.push_str("export const VARIANTS = {\n");
-    let hessian = [
-        <crate::kron::KronPreconditioner as crate::step::Preconditioner>::HESSIAN,
-        <crate::xmat::XMatPreconditioner as crate::step::Preconditioner>::HESSIAN,
-        <crate::lra::LraPreconditioner as crate::step::Preconditioner>::HESSIAN,
-        <crate::affine::AffinePreconditioner as crate::step::Preconditioner>::HESSIAN,
-    ];
-    for ((name, info), h) in variants.iter().zip(hessian) {
-        out.push_str(&format!(
-            "  {}: {{\n    hessian: {h},\n    options: {{\n",
-            name.to_lowercase()
-        ));
-        for i in info {
-            let kind = if i.ts_only {
-                "mask"
-            } else if i.ts.contains("Schedule") {
-                "schedule"
-            } else {
-                "value"
-            };
-            out.push_str(&format!("      {}: '{kind}',\n", i.name));
-        }
-        out.push_str("    },\n  },\n");
-    }
-    out.push_str("} as const\n");
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The checked-in TypeScript types are the ones the declarations give.
-    #[test]
-    fn generated_typescript_is_current() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src/options.generated.ts");
-        let want = typescript();
-        if std::env::var_os("PSGD_WRITE_GENERATED").is_some() {
-            std::fs::write(&path, &want).unwrap();
-        }
-        let got = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            got == want,
-            "src/options.generated.ts is out of date: run `PSGD_WRITE_GENERATED=1 cargo test -p psgd generated_typescript`"
-        );
-    }
-
-    /// A bad value is quoted in a short preview, not whole.
-    #[test]
-    fn describe_cuts_long_values() {
-        let long = Value::Array((0..100_000).map(|i| Value::from(i as f64)).collect());
-        let d = describe(&long);
-        assert!(d.chars().count() < 100, "{d}");
-        assert!(d.ends_with("(an array of 100000 items)"), "{d}");
-        assert_eq!(describe(&Value::from("abc")), "'abc'");
-        let e = crate::kron::KronOptions::from_json(
-            serde_json::json!({ "b1": vec![0.5; 10_000] })
-                .as_object()
-                .unwrap(),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.len() < 200 && e.contains("'b1'"), "{e}");
-    }
-
-    /// Negative preconditioner step sizes and weight decay are refused at construction,
-    /// in every variant (a negative step size blows the factors up a few steps later).
-    #[test]
-    fn negative_precond_lr_and_weight_decay_are_refused() {
-        fn refused<O: Options>(name: &str, v: f64) -> String {
-            let mut obj = serde_json::Map::new();
-            obj.insert(name.to_string(), Value::from(v));
-            let e = O::from_json(&obj).unwrap_err();
-            assert_eq!(e.kind(), crate::error::ErrorKind::Range, "{e}");
-            e.to_string()
-        }
-        for v in [-0.1, -1e-30] {
-            let e = refused::<crate::kron::KronOptions>("preconditionerLr", v);
-            assert!(
-                e.contains("'preconditionerLr'") && e.contains(">= 0"),
-                "{e}"
-            );
-            for e in [
-                refused::<crate::xmat::XMatOptions>("precondLr", v),
-                refused::<crate::lra::LraOptions>("precondLr", v),
-                refused::<crate::affine::AffineOptions>("precondLr", v),
-            ] {
-                assert!(e.contains("'precondLr'") && e.contains(">= 0"), "{e}");
-            }
-            refused::<crate::kron::KronOptions>("weightDecay", v);
-            refused::<crate::xmat::XMatOptions>("weightDecay", v);
-        }
-        // 0 is allowed: the preconditioner stays as it is
-        let mut obj = serde_json::Map::new();
-        obj.insert("precondLr".into(), Value::from(0.0));
-        assert!(crate::xmat::XMatOptions::from_json(&obj).is_ok());
-    }
 
     #[test]
     fn camel_case_names() {
@@ -644,5 +484,7 @@ mod tests {
         );
         assert_eq!(camel_case("b1"), "b1");
         assert_eq!(camel_case("lax_map_scanned_layers"), "laxMapScannedLayers");
+        assert_eq!(snake_case("weightDecayMask"), "weight_decay_mask");
+        assert_eq!(snake_case("b1"), "b1");
     }
 }

@@ -1,0 +1,234 @@
+//! The files generated from the option declarations (each variant's `declare_options!`):
+//! the TypeScript option types, `src/options.generated.ts`, and the options reference, the
+//! tables of `docs/options.md`. It lists every variant, so it stands above them; the
+//! option machinery in `options` knows none of them. Tests fail when a checked-in file
+//! differs from what the declarations give (`PSGD_WRITE_GENERATED=1` rewrites them).
+
+use crate::options::{OptionInfo, Options};
+
+/// Each variant's name and its options, in the order the generated files list them.
+fn variants() -> [(&'static str, Vec<OptionInfo>); 4] {
+    [
+        ("Kron", <crate::kron::KronOptions as Options>::info()),
+        ("XMat", <crate::xmat::XMatOptions as Options>::info()),
+        ("LRA", <crate::lra::LraOptions as Options>::info()),
+        ("Affine", <crate::affine::AffineOptions as Options>::info()),
+    ]
+}
+
+/// Whether two variants declare an option alike (name, type and doc).
+fn same(a: &OptionInfo, b: &OptionInfo) -> bool {
+    a.name == b.name && a.ts == b.ts && a.doc == b.doc
+}
+
+/// The options XMat, LRA and Affine declare alike (psgd-jax's common arguments of `xmat`,
+/// `low_rank_approximation` and `affine`): written once in each generated file.
+fn shared(variants: &[(&'static str, Vec<OptionInfo>); 4]) -> Vec<OptionInfo> {
+    variants[1]
+        .1
+        .iter()
+        .filter(|i| {
+            variants[2..]
+                .iter()
+                .all(|(_, v)| v.iter().any(|j| same(i, j)))
+        })
+        .cloned()
+        .collect()
+}
+
+/// One option of a generated interface: its doc comment, then `name?: type`.
+fn push_option(out: &mut String, i: &OptionInfo) {
+    let doc = i.doc.trim();
+    if !doc.is_empty() {
+        out.push_str("  /**\n");
+        for line in doc.lines() {
+            let line = line.strip_prefix(' ').unwrap_or(line);
+            if line.is_empty() {
+                out.push_str("   *\n");
+            } else {
+                out.push_str(&format!("   * {line}\n"));
+            }
+        }
+        out.push_str("   */\n");
+    }
+    out.push_str(&format!("  {}?: {}\n", i.name, i.ts));
+}
+
+/// The generated TypeScript file: one interface of option fields per variant, with docs.
+pub fn typescript() -> String {
+    let mut out = String::from(
+        "// Generated from the Rust option declarations (crates/psgd/src/options.rs and each\n\
+         // variant's `declare_options!`) by `cargo test -p psgd generated_typescript`; do not\n\
+         // edit. A test fails when this file and the declarations differ; rerun with\n\
+         // PSGD_WRITE_GENERATED=1 to rewrite it.\n\
+         import type { Schedule } from './schedule'\n\
+         import type { Mask } from './tree'\n",
+    );
+    let variants = variants();
+    // The options XMat, LRA and Affine declare alike (psgd_options!) are written once, as
+    // `PsgdNativeOptions`, which their interfaces extend: the same text is not generated
+    // three times.
+    let shared = shared(&variants);
+    out.push_str(
+        "\n/** The options XMat, LRA and Affine share (psgd-jax's common arguments of `xmat`, `low_rank_approximation` and `affine`). */\nexport interface PsgdNativeOptions {\n",
+    );
+    shared.iter().for_each(|i| push_option(&mut out, i));
+    out.push_str("}\n");
+    for (k, (name, info)) in variants.iter().enumerate() {
+        let about = format!(
+            "\n/** The options of `{}` declared in Rust (see the variant's options type). */\n",
+            name.to_lowercase()
+        );
+        out.push_str(&about);
+        let own: Vec<&OptionInfo> = if k == 0 {
+            info.iter().collect()
+        } else {
+            info.iter()
+                .filter(|i| !shared.iter().any(|s| same(i, s)))
+                .collect()
+        };
+        match (k, own.is_empty()) {
+            (0, _) => out.push_str(&format!("export interface {name}NativeOptions {{\n")),
+            (_, true) => {
+                out.push_str(&format!(
+                    "export type {name}NativeOptions = PsgdNativeOptions\n"
+                ));
+                continue;
+            }
+            (_, false) => out.push_str(&format!(
+                "export interface {name}NativeOptions extends PsgdNativeOptions {{\n"
+            )),
+        }
+        own.iter().for_each(|i| push_option(&mut out, i));
+        out.push_str("}\n");
+    }
+    out.push_str(
+        "\n/**\n * Per variant: whether `update` takes Hessian-vector products, and each option's kind:\n * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`\n * (resolved in TypeScript) or `'value'` (read and checked by the native core).\n */\n",
+    );
+    out.push_str("export const VARIANTS = {\n");
+    let hessian = [
+        <crate::kron::KronPreconditioner as crate::step::Preconditioner>::HESSIAN,
+        <crate::xmat::XMatPreconditioner as crate::step::Preconditioner>::HESSIAN,
+        <crate::lra::LraPreconditioner as crate::step::Preconditioner>::HESSIAN,
+        <crate::affine::AffinePreconditioner as crate::step::Preconditioner>::HESSIAN,
+    ];
+    for ((name, info), h) in variants.iter().zip(hessian) {
+        out.push_str(&format!(
+            "  {}: {{\n    hessian: {h},\n    options: {{\n",
+            name.to_lowercase()
+        ));
+        for i in info {
+            let kind = if i.ts_only {
+                "mask"
+            } else if i.ts.contains("Schedule") {
+                "schedule"
+            } else {
+                "value"
+            };
+            out.push_str(&format!("      {}: '{kind}',\n", i.name));
+        }
+        out.push_str("    },\n  },\n");
+    }
+    out.push_str("} as const\n");
+    out
+}
+
+/// A markdown table cell: one line, `|` escaped.
+fn cell(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
+}
+
+/// One options table: TypeScript name, psgd-jax / Rust name, type, what it does.
+fn push_table(out: &mut String, infos: &[&OptionInfo]) {
+    out.push_str("| option | psgd-jax / Rust | type | meaning and default |\n|---|---|---|---|\n");
+    for i in infos {
+        out.push_str(&format!(
+            "| `{}` | `{}` | `{}` | {} |\n",
+            i.name,
+            i.snake,
+            cell(&i.ts),
+            cell(&i.doc)
+        ));
+    }
+}
+
+/// The options reference: a table per variant (the options XMat, LRA and Affine share in
+/// one table, then each one's own), from the same declarations as the TypeScript types.
+pub fn options_reference() -> String {
+    let variants = variants();
+    let shared = shared(&variants);
+    let mut out = String::from(
+        "<!-- generated from the Rust option declarations by `cargo test -p psgd generated_options_reference`; do not edit between these markers -->\n",
+    );
+    out.push_str("\n## Kron options\n\n");
+    push_table(&mut out, &variants[0].1.iter().collect::<Vec<_>>());
+    out.push_str("\n## XMat, LRA and Affine options\n\nThe options the three share (psgd-jax's common arguments of `xmat`, `low_rank_approximation` and `affine`):\n\n");
+    push_table(&mut out, &shared.iter().collect::<Vec<_>>());
+    for (name, info) in &variants[1..] {
+        let own: Vec<&OptionInfo> = info
+            .iter()
+            .filter(|i| !shared.iter().any(|s| same(i, s)))
+            .collect();
+        if own.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n{name} also takes:\n\n"));
+        push_table(&mut out, &own);
+    }
+    out.push_str("<!-- end of generated options -->\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks (or, with `PSGD_WRITE_GENERATED` set, rewrites) the part of `path` (relative
+    /// to the repository root) from `start` to `end` inclusive, or the whole file.
+    fn check_generated(path: &str, want: &str, markers: Option<(&str, &str)>) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path);
+        let got = std::fs::read_to_string(&path).unwrap_or_default();
+        let (before, now, after) = match markers {
+            None => ("", got.as_str(), ""),
+            Some((start, end)) => {
+                let a = got.find(start).expect("the start marker");
+                let b = got[a..].find(end).expect("the end marker") + a;
+                let b = b + got[b..].find('\n').map_or(got.len() - b, |n| n + 1);
+                (&got[..a], &got[a..b], &got[b..])
+            }
+        };
+        if std::env::var_os("PSGD_WRITE_GENERATED").is_some() {
+            std::fs::write(&path, format!("{before}{want}{after}")).unwrap();
+            return;
+        }
+        assert!(
+            now == want,
+            "{} is out of date: run `PSGD_WRITE_GENERATED=1 cargo test -p psgd generated_`",
+            path.display()
+        );
+    }
+
+    /// The checked-in TypeScript types are the ones the declarations give.
+    #[test]
+    fn generated_typescript_is_current() {
+        check_generated("src/options.generated.ts", &typescript(), None);
+    }
+
+    /// The options reference in the docs is the one the declarations give.
+    #[test]
+    fn generated_options_reference_is_current() {
+        check_generated(
+            "docs/options.md",
+            &options_reference(),
+            Some((
+                "<!-- generated from the Rust",
+                "<!-- end of generated options -->",
+            )),
+        );
+    }
+}
