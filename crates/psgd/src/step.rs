@@ -213,8 +213,12 @@ impl<P: Preconditioner> Psgd<P> {
     /// false) or run a step (`step` true) that would not get its memory now: see
     /// [`limits::reserve`]. A state is also refused when the memory available now is less
     /// than it and a step need together ([`limits::ensure_available`]; read at the state
-    /// only, as reading it costs about 30 µs).
-    fn ensure_memory(&self, step: bool) -> Result<()> {
+    /// only, as reading it costs about 30 µs). The host's memory is checked for a state
+    /// on the CPU only: a GPU's allocation failure is an error, not an abort.
+    fn ensure_memory(&self, device: &Device, step: bool) -> Result<()> {
+        if !device.is_cpu() {
+            return Ok(());
+        }
         let name = P::NAME;
         if step {
             return limits::reserve(self.need.step, &format!("a {name} step"));
@@ -334,7 +338,7 @@ impl<P: Preconditioner> Psgd<P> {
 
     /// A state from safetensors bytes, checked against this optimizer.
     pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<PsgdState<P::State>> {
-        self.ensure_memory(false)?;
+        self.ensure_memory(device, false)?;
         let allow_non_finite = !self.step.check_finite;
         let mut f = LoadedState::parse(bytes, device, P::NAME, &self.leaves, allow_non_finite)?;
         f.set_factor_dtype(self.precond.factor_dtype());
@@ -399,11 +403,11 @@ impl<P: Preconditioner> Transform for Psgd<P> {
 
     fn init_with(&self, params: &[Tensor], rng: &mut dyn RandomSource) -> Result<Self::State> {
         stages::check_leaves("params", &self.leaves, params)?;
-        self.ensure_memory(false)?;
         let device = params
             .first()
             .map(|p| p.device().clone())
             .unwrap_or(Device::Cpu);
+        self.ensure_memory(&device, false)?;
         let mu = stages::init_momentum(self.step.b1, self.step.mu_dtype, params)?;
         Ok(PsgdState {
             count: 0,
@@ -456,7 +460,9 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             }
         }
         self.check_state(state)?;
-        self.ensure_memory(true)?;
+        if let Some(g) = grads.first() {
+            self.ensure_memory(g.device(), true)?;
+        }
         let precond_lr = hyper
             .precond_lr
             .unwrap_or_else(|| o.precond_lr.at(state.count + 1));
