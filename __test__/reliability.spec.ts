@@ -197,6 +197,82 @@ test.serial('states dropped without dispose (an optimizer per trial) are collect
   t.true(growth < 256 * 2 ** 20, `RSS grew ${(growth / 2 ** 20).toFixed(1)} MiB over 140 dropped states of 12 MiB`)
 })
 
+test.serial('RSS stays flat over a synchronous loop of checkpoints: stateDict, toBytes and loadStateDict (child process)', (t) => {
+  // each checkpoint is 768 KiB: handed out as external buffers, freed only once the event
+  // loop turned, 500 of them grew RSS by 440 MiB (and 500 loads by 150 MiB)
+  const out = child(`
+    const n = 256
+    const params = { w: { data: new Float32Array(n * n).fill(0.5), shape: [n, n] } }
+    const opt = new p.Kron(params, { learningRate: 1e-4 })
+    opt.step({ w: { data: new Float32Array(n * n).map((_, i) => Math.sin(i)), shape: [n, n] } })
+    const bytes = opt.stateDict()
+    const growth = (f) => {
+      for (let i = 0; i < 20; i++) f()
+      global.gc()
+      const before = process.memoryUsage().rss
+      for (let i = 0; i < 500; i++) f()
+      return process.memoryUsage().rss - before
+    }
+    const r = {
+      size: bytes.length,
+      stateDict: growth(() => opt.stateDict()),
+      toBytes: growth(() => opt.state.toBytes()),
+      load: growth(() => opt.loadStateDict(bytes)),
+      same: Buffer.from(opt.stateDict()).equals(Buffer.from(bytes)),
+    }
+    console.log(JSON.stringify(r))
+  `)
+  const r = JSON.parse(out) as { size: number; stateDict: number; toBytes: number; load: number; same: boolean }
+  t.true(r.size > 700 * 1024)
+  t.true(r.same, 'the loads restored the state')
+  for (const k of ['stateDict', 'toBytes', 'load'] as const) {
+    t.true(r[k] < 96 * 2 ** 20, `${k}: RSS grew ${(r[k] / 2 ** 20).toFixed(1)} MiB over 500 calls`)
+  }
+})
+
+const hasPrlimit = process.platform === 'linux' && spawnSync('prlimit', ['--version']).status === 0
+
+;(hasPrlimit ? test.serial : test.serial.skip)(
+  'under a process memory limit (ulimit -v), a state or step that cannot get its memory is a RangeError, not an abort (child process)',
+  (t) => {
+    // the limit is set from inside the child (prlimit on its own pid, its address space so
+    // far plus 256 MiB) once it has started, since Node and its loader reserve gigabytes of
+    // address space at startup. A step on an 8192×4096 leaf needs about 2 GiB, a state with
+    // a 24576² factor 2.25 GiB, both more than the limit leaves even with the allocator's
+    // spare reservations: they used to abort the process ("memory allocation of … bytes
+    // failed"), the step in the middle of its work
+    const out = child(`
+    const fs = require('node:fs')
+    const vm = () => Number(/VmSize:\\s+(\\d+)/.exec(fs.readFileSync('/proc/self/status', 'utf8'))[1]) * 1024
+    const leafOf = (v) => ({ w: { data: new Float32Array(8192 * 4096).fill(v), shape: [8192, 4096] } })
+    const caught = (f) => { try { f(); return 'no error' } catch (e) { return e.constructor.name + ': ' + e.message } }
+    setTimeout(() => {
+      const params = leafOf(0.1)
+      const opt = new p.Kron(params, { learningRate: 1e-4, b1: 0, memorySaveMode: 'all_diag' })
+      const bytes = opt.stateDict()
+      const grads = leafOf(0.2)
+      require('node:child_process').execFileSync('prlimit', ['--pid', String(process.pid), '--as=' + (vm() + 256 * 2 ** 20)])
+      const tall = { w: { data: new Float32Array(24576 * 2), shape: [24576, 2] } }
+      const r = {
+        step: caught(() => opt.step(grads)),
+        count: opt.count,
+        param: params.w.data[0],
+        init: caught(() => new p.Kron(tall, { maxSizeTriangular: 30000 })),
+        // a state that fits still loads
+        load: caught(() => opt.loadStateDict(bytes)),
+      }
+      console.log(JSON.stringify(r))
+    }, 300)
+  `)
+    const r = JSON.parse(out) as Record<string, string | number>
+    t.regex(String(r.step), /^RangeError: kron: a kron step would need about 2\.0 GiB, but the process cannot allocate that much/)
+    t.regex(String(r.init), /^RangeError: kron: a kron state would need about \d+\.\d GiB, but the process cannot allocate that much/)
+    t.is(r.load, 'no error')
+    t.is(r.count, 0)
+    t.is(r.param, Math.fround(0.1))
+  },
+)
+
 // 4. checkpoints: every tensor and counter is checked, and the bytes are checksummed
 
 function stepped() {
@@ -264,11 +340,43 @@ test('a checkpoint with NaN, an all-zero factor, an absurd counter, another form
     t.throws(() => opt.loadStateDict(bytes), { instanceOf: RangeError, message })
     t.deepEqual(opt.stateDict(), before)
   }
-  // a state of version 0.1.0 (format 1, no checksum) still loads
-  const v1 = parse(before)
-  v1.meta.format = 'psgd-state-1'
-  opt.loadStateDict(write(v1, false))
+})
+
+test('a checkpoint claiming the format without a checksum is refused: editing the format word does not turn the checksum off', (t) => {
+  const { opt } = stepped()
+  const before = opt.stateDict()
+  // an edited value behind the old format word, with or without a checksum entry
+  for (const sign of [false, true]) {
+    const f = parse(before)
+    f.meta.format = 'psgd-state-1'
+    new Float32Array(f.tensors.get('mu.0')!.data.buffer).fill(1e3)
+    t.throws(() => opt.loadStateDict(write(f, sign)), { instanceOf: RangeError, message: /format "psgd-state-1" carries no checksum/ })
+    t.deepEqual(opt.stateDict(), before)
+  }
+  // the current format without its checksum entry
+  const f = parse(before)
+  delete f.meta.checksum
+  t.throws(() => opt.loadStateDict(write(f, false)), { instanceOf: RangeError, message: /checksum does not match/ })
+  t.deepEqual(opt.stateDict(), before)
   t.is(opt.count, 1)
+})
+
+test('a state written with allowNonFinite that holds NaN/Inf loads back with the same options, and is refused by others', (t) => {
+  const params = { w: Tensor.fromArray(values(30, 1), [6, 5]) }
+  const options = { learningRate: 0.01, preconditionerUpdateProbability: 1, preconditionerInitScale: 1e-20, allowNonFinite: true }
+  const loose = kron(options)
+  const st = loose.init(params)
+  loose.update({ w: plain([6, 5], 2) }, st, params)
+  const bytes = st.toBytes()
+  const nonFinite = [...parse(bytes).tensors.values()].some((e) => new Float32Array(e.data.slice().buffer).some((x) => !Number.isFinite(x)))
+  t.true(nonFinite, 'the state holds NaN or Inf')
+  const back = kron(options).init(params)
+  back.loadBytes(bytes)
+  t.is(back.count, 1)
+  t.deepEqual(back.toBytes(), bytes)
+  const strict = kron({ ...options, allowNonFinite: false }).init(params)
+  t.throws(() => strict.loadBytes(bytes), { instanceOf: RangeError, message: /holds NaN or Inf/ })
+  t.is(strict.count, 0)
 })
 
 test('update refuses a state made by the same variant with other options', (t) => {
@@ -384,4 +492,101 @@ test('stepAsync: when the params cannot be written, the state does not count the
   await t.throwsAsync(pending, { instanceOf: RangeError, message: /updates 'w' has shape \[4,3\]/ })
   t.is(opt.count, 0)
   t.deepEqual(opt.stateDict(), before)
+})
+
+/** Params whose number leaf `inner.b` cannot be written, in three ways; `a` (written before it) and `w` (after) can. */
+const unwritable = {
+  'a frozen container': () => ({ a: 0.5, inner: Object.freeze({ b: 0.25 }), w: plain([4, 3], 1) }),
+  'a getter-only property': () => ({ a: 0.5, inner: Object.defineProperty({}, 'b', { get: () => 0.25, enumerable: true }), w: plain([4, 3], 1) }),
+  'a throwing setter': () => ({
+    a: 0.5,
+    inner: {
+      get b() {
+        return 0.25
+      },
+      set b(_: number) {
+        throw new Error('read-only here')
+      },
+    },
+    w: plain([4, 3], 1),
+  }),
+}
+const gradsOf = () => ({ a: 0.1, inner: { b: 0.2 }, w: plain([4, 3], 2) })
+
+for (const [how, make] of Object.entries(unwritable)) {
+  test(`step and stepAsync with ${how} in the params: TypeError naming the leaf; count, state and every param unchanged`, async (t) => {
+    for (const async of [false, true]) {
+      const params = make()
+      const opt = new Kron(params, { learningRate: 0.1, preconditionerUpdateProbability: 1 })
+      const bytes = opt.stateDict()
+      const snap = snapshot(params)
+      const message = /kron: params 'inner\.b' cannot be written .*the step changed nothing/
+      if (async) await t.throwsAsync(opt.stepAsync(gradsOf()), { instanceOf: TypeError, message })
+      else t.throws(() => opt.step(gradsOf()), { instanceOf: TypeError, message })
+      t.is(opt.count, 0)
+      t.deepEqual(opt.stateDict(), bytes)
+      t.deepEqual(snapshot(params), snap, 'a and w are as they were')
+      t.is(params.a, 0.5)
+    }
+  })
+}
+
+test('step and stepAsync with odd keys in the params (an own __proto__, a dotted key): every param written, or none and no step counted', async (t) => {
+  const tree = () => JSON.parse('{"__proto__": 0.5, "a.b": 0.25, "a": {"b": 0.125}, "w": {"c": 1}}') as Record<string, unknown>
+  const leaves = (x: Record<string, unknown>) => [Object.getOwnPropertyDescriptor(x, '__proto__')?.value, x['a.b'], (x.a as { b: number }).b]
+  for (const async of [false, true]) {
+    const params = tree()
+    params.w = plain([4, 3], 1)
+    const opt = new Kron(params as never, { learningRate: 0.1, preconditionerUpdateProbability: 1 })
+    const bytes = opt.stateDict()
+    const snap = snapshot(params as never)
+    const grads = tree()
+    grads.w = plain([4, 3], 2)
+    let failed: unknown = null
+    try {
+      if (async) await opt.stepAsync(grads as never)
+      else opt.step(grads as never)
+    } catch (e) {
+      failed = e
+    }
+    if (failed === null) {
+      t.is(opt.count, 1)
+      t.true(
+        leaves(params).every((v, i) => v !== [0.5, 0.25, 0.125][i]),
+        'every number leaf was written',
+      )
+    } else {
+      t.true(failed instanceof TypeError || failed instanceof RangeError, String(failed))
+      t.is(opt.count, 0)
+      t.deepEqual(opt.stateDict(), bytes)
+      t.deepEqual(snapshot(params as never), snap)
+      t.deepEqual(leaves(params), [0.5, 0.25, 0.125])
+    }
+  }
+})
+
+test.serial('reading count while a stepAsync or updateAsync runs returns at once, with the count before the step', async (t) => {
+  const n = 2048
+  const big = () => ({ w: { data: Float32Array.from({ length: n * n }, (_, i) => Math.sin(i)), shape: [n, n] } })
+  const params = big()
+  const opt = new Kron(params, { preconditionerUpdateProbability: 1 })
+  const fn = kron({ preconditionerUpdateProbability: 1 })
+  const st = fn.init(params)
+  for (const run of [() => opt.stepAsync(big()), () => fn.updateAsync(big(), st)]) {
+    const before = [opt.count, opt.state.count, st.count]
+    const start = performance.now()
+    const pending = run()
+    // let the worker take the state before reading
+    await new Promise((r) => setTimeout(r, 100))
+    const r0 = performance.now()
+    const counts = [opt.count, opt.state.count, st.count]
+    const read = performance.now() - r0
+    await pending
+    const step = performance.now() - start
+    t.true(step > 500, `the step took ${step.toFixed(0)} ms: long enough to tell`)
+    t.true(read < step / 20, `the reads took ${read.toFixed(1)} ms of a ${step.toFixed(0)} ms step`)
+    t.deepEqual(counts, before, 'the counts before the step')
+  }
+  t.is(opt.count, 1)
+  t.is(st.count, 1)
 })

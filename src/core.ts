@@ -300,7 +300,7 @@ export class OptimizerState {
     }
   }
 
-  /** Steps taken so far. */
+  /** Steps taken so far. While an async step runs, the count before it (read without waiting for it). */
   get count(): number {
     if (this.disposeCalled) throw new TypeError(`${this.owner}: count: the state was disposed`)
     return this.handle.count
@@ -355,7 +355,12 @@ export class OptimizerState {
     const device = this.layout.devices[0] ?? 'cpu'
     call(() => {
       const loaded = this.optimizer.stateFromBytes(bytes, device)
-      this.optimizer.copyState(loaded, this.handle)
+      try {
+        this.optimizer.copyState(loaded, this.handle)
+      } finally {
+        // its tensors are this state's now; the wrapper goes at once, not at a collection
+        loaded.dispose()
+      }
     }, `${this.owner}: loading state`)
   }
 }
@@ -418,11 +423,26 @@ export interface Transformation extends GradientTransformation {
    */
   initNamed(leaves: Leaf[], paths: string[]): OptimizerState
   /**
-   * One step written straight into `params` when every param leaf is a Tensor: the native
-   * core adds the updates itself, so no update crosses into JS, and this returns null.
-   * With other leaf kinds it is `update`, and returns the updates for the caller to write.
+   * One step written into `params`, all or nothing. When every param leaf is a Tensor the
+   * native core adds the updates itself, so no update crosses into JS. With other leaf
+   * kinds it is `update`, and `write` stores the updates into the params; if `write`
+   * throws, the state is put back as it was before the step.
    */
-  stepInPlace(grads: PyTree, state: OptimizerState, params: PyTree, extra?: UpdateExtra): PyTree | null
+  stepInPlace(grads: PyTree, state: OptimizerState, params: PyTree, extra: UpdateExtra | undefined, write: (updates: PyTree) => void): void
+}
+
+/**
+ * Runs `write`, which stores the values of a step the state has already counted into the
+ * params; if it throws, `state` is put back to `before` (a clone from before the step),
+ * so that the step changes nothing.
+ */
+function undoOnThrow(state: OptimizerState, before: NativeState, write: () => void): void {
+  try {
+    write()
+  } catch (e) {
+    state.optimizer.copyState(before, state.handle)
+    throw e
+  }
 }
 
 /** Builds the optax-style pair for a variant. */
@@ -566,10 +586,19 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       return [finish(prep, out), state]
     },
 
-    stepInPlace(grads, state, params, extra) {
+    stepInPlace(grads, state, params, extra, write) {
       const prep = prepare(grads, state, params, extra)
       const paramLeaves = prep.paramsFlat?.leaves ?? []
-      if (prep.params === null || !paramLeaves.every((l) => l instanceof Tensor)) return run(prep, state)
+      if (prep.params === null || !paramLeaves.every((l) => l instanceof Tensor)) {
+        // tensors are immutable natively, so this copy is handles only
+        const before = state.handle.clone()
+        try {
+          undoOnThrow(state, before, () => write(run(prep, state)))
+        } finally {
+          before.dispose()
+        }
+        return
+      }
       try {
         state.optimizer.step(prep.grads, state.handle, prep.params, prep.step, prep.hvp, prep.vector)
       } catch (e) {
@@ -577,7 +606,6 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       } finally {
         disposeAll(prep.temps)
       }
-      return null
     },
   }
 }
@@ -661,35 +689,62 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
     if (this.busy) throw new Error(`${this.owner}: a stepAsync is still running; await it before the next step`)
   }
 
-  /** Writes `params + updates` into the params' leaves (Tensors keep their identity). */
+  /**
+   * Writes `params + updates` into the params' leaves (Tensors keep their identity), all
+   * or nothing. Every new value is computed first. Then the numbers are stored through
+   * their containers, the only writes that can fail (a frozen container, a getter-only or
+   * throwing property), and put back if one does; only then are the arrays and Tensors,
+   * which are written in place, given their values.
+   * @throws TypeError naming a number leaf that cannot be written; RangeError when the
+   * params' leaves no longer match the updates.
+   */
   private write(updates: PyTree): void {
     const p = flatten<Leaf>(this.tree, isLeaf, 'params', true)
     const u = flatten<Leaf>(updates, isLeaf, 'updates')
-    // every new value is computed before the first write, so a failure changes nothing
-    const next = p.leaves.map((leaf, i) => addLeaf(leaf, u.leaves[i], p.paths[i]))
-    p.leaves.forEach((leaf, i) => {
-      const v = next[i]
-      if (leaf instanceof Tensor) leaf.native.assign((v as Tensor).native)
-      else if (typeof leaf === 'number') p.set[i](v)
-      else leaf.data.set((v as ArrayLeaf).data)
-    })
-    // Nobody else sees these: free them now, not at the next collection, or a training
-    // loop holds several model-sized copies between collections.
-    for (const t of [...u.leaves, ...next]) if (t instanceof Tensor) t.dispose()
+    const next: Leaf[] = []
+    try {
+      const bad = sameItems(p.paths, u.paths) ? null : (structureMismatch(p.paths, u.paths) ?? 'the leaf order differs from the params')
+      if (bad !== null) throw new RangeError(`${this.owner}: updates: ${bad}; the step changed nothing`)
+      p.leaves.forEach((leaf, i) => next.push(addLeaf(leaf, u.leaves[i], p.paths[i])))
+      const written: number[] = []
+      p.leaves.forEach((leaf, i) => {
+        if (typeof leaf !== 'number') return
+        try {
+          p.set[i](next[i])
+          written.push(i)
+        } catch (e) {
+          for (const j of written.reverse()) p.set[j](p.leaves[j])
+          const why = e instanceof Error ? e.message : String(e)
+          throw new TypeError(`${this.owner}: params '${p.paths[i]}' cannot be written (${why}); the step changed nothing`, { cause: e })
+        }
+      })
+      p.leaves.forEach((leaf, i) => {
+        if (leaf instanceof Tensor) leaf.native.assign((next[i] as Tensor).native)
+        else if (typeof leaf !== 'number') leaf.data.set((next[i] as ArrayLeaf).data)
+      })
+    } finally {
+      // Nobody else sees these: free them now, not at the next collection, or a training
+      // loop holds several model-sized copies between collections.
+      for (const t of [...u.leaves, ...next]) if (t instanceof Tensor) t.dispose()
+    }
   }
 
-  /** One step: updates the params in place from `grads` (a tree like the params). */
+  /**
+   * One step: updates the params in place from `grads` (a tree like the params). All or
+   * nothing: when it throws, the params and the state (its count included) are unchanged.
+   */
   step(grads: PyTree, extra?: UpdateExtra): void {
     this.enter()
     // Tensor params take the new values natively; other leaf kinds are written from JS
-    const updates = this.steps.stepInPlace(grads, this.state, this.tree, extra)
-    if (updates !== null) this.write(updates)
+    this.steps.stepInPlace(grads, this.state, this.tree, extra, (updates) => this.write(updates))
   }
 
   /**
    * {@link PsgdOptimizer.step} with the optimizer's work done off the JS main thread. The
-   * params' Tensors cannot be disposed until it settles, and the state counts the step only
-   * once the params hold its values (a failure to write them puts the state back).
+   * params' Tensors cannot be disposed until it settles. All or nothing, as `step`: the
+   * state counts the step only once the params hold all its values (a failure to write
+   * one puts the params and the state back). Reading `count` meanwhile does not wait for
+   * it, and gives the count before the step.
    */
   async stepAsync(grads: PyTree, extra?: UpdateExtra): Promise<void> {
     this.enter()
@@ -699,13 +754,9 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
     const before = this.state.handle.clone()
     try {
       const [updates] = await this.transformation.updateAsync(grads, this.state, this.tree, extra)
-      try {
-        this.write(updates)
-      } catch (e) {
-        this.state.optimizer.copyState(before, this.state.handle)
-        throw e
-      }
+      undoOnThrow(this.state, before, () => this.write(updates))
     } finally {
+      before.dispose()
       this.busy = false
     }
   }

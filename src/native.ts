@@ -86,7 +86,8 @@ export interface NativeOptimizer {
    * `n` steps run by a Rust loop, each timed there (seconds).
    */
   timeSteps?(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number, add?: boolean): number[]
-  stateToBytes(state: NativeState): Buffer
+  /** The state as safetensors bytes, in memory V8 allocates (and counts). */
+  stateToBytes(state: NativeState): Uint8Array
   stateFromBytes(bytes: Uint8Array, device: string): NativeState
   copyState(source: NativeState, target: NativeState): void
 }

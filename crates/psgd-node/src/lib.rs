@@ -9,6 +9,7 @@ use psgd::options::StateDType;
 use psgd::{AnyState, AnyTransform, Curvature, ErrorKind, LeafSpec, PsgdError, StepHyper};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(feature = "bench")]
@@ -361,8 +362,20 @@ impl Tensor {
 pub struct NativeState {
     /// `None` once disposed.
     inner: Arc<Mutex<Option<AnyState>>>,
+    /// The state's step count, or [`DISPOSED`]: set with the state under its lock, read
+    /// without it, so that `count` and `disposed` never wait for a step in flight.
+    count: Arc<AtomicI64>,
     /// What this wrapper told V8 it holds (see [`NativeState::of`]).
     reported: std::cell::Cell<i64>,
+}
+
+/// [`NativeState::count`]'s value once the state was disposed.
+const DISPOSED: i64 = -1;
+
+/// Puts `next` in `slot` (a state's, under its lock) and its count in `count`.
+fn commit(slot: &mut Option<AnyState>, count: &AtomicI64, next: AnyState) {
+    count.store(next.count() as i64, Ordering::Release);
+    *slot = Some(next);
 }
 
 impl NativeState {
@@ -376,6 +389,7 @@ impl NativeState {
             Err(_) => 0,
         };
         NativeState {
+            count: Arc::new(AtomicI64::new(s.count() as i64)),
             inner: Arc::new(Mutex::new(Some(s))),
             reported: std::cell::Cell::new(reported),
         }
@@ -407,11 +421,17 @@ impl NativeState {
         Ok(NativeState::of(&env, copy, self.reported.get() as usize))
     }
 
-    /// Steps taken.
+    /// Steps taken. Does not wait for a step in flight: while `updateAsync` runs, this is
+    /// the count before it.
     #[napi(getter)]
     pub fn count(&self, env: Env) -> Result<f64> {
-        let s = lock(&self.inner);
-        Ok(held(&s).map_err(|e| js_err(&env, e))?.count() as f64)
+        match self.count.load(Ordering::Acquire) {
+            DISPOSED => Err(js_err(
+                &env,
+                PsgdError::State("the state was disposed".to_string()),
+            )),
+            n => Ok(n as f64),
+        }
     }
 
     /// Sets the step count (see [`AnyState::set_count`]): a state that continues another
@@ -437,14 +457,17 @@ impl NativeState {
     /// pending async step keeps its own reference and finishes first (the lock).
     #[napi]
     pub fn dispose(&self, env: Env) -> Result<()> {
-        lock(&self.inner).take();
+        let mut s = lock(&self.inner);
+        s.take();
+        self.count.store(DISPOSED, Ordering::Release);
+        drop(s);
         self.unreport(&env)
     }
 
-    /// Whether [`Self::dispose`] was called.
+    /// Whether [`Self::dispose`] was called (without waiting for a step in flight).
     #[napi(getter)]
     pub fn disposed(&self) -> bool {
-        lock(&self.inner).is_none()
+        self.count.load(Ordering::Acquire) == DISPOSED
     }
 }
 
@@ -511,11 +534,11 @@ fn curvature_of(
     }
 }
 
-/// One step on `state`, then `then` on its updates; the state advances only when both
-/// succeed (a failure leaves it as it was).
+/// One step on `state` (a state's slot and its count), then `then` on its updates; the
+/// state advances only when both succeed (a failure leaves it as it was).
 fn run_update<R>(
     opt: &AnyTransform,
-    state: &Mutex<Option<AnyState>>,
+    (state, count): (&Mutex<Option<AnyState>>, &AtomicI64),
     grads: &[candle_core::Tensor],
     params: Option<&[candle_core::Tensor]>,
     step: &StepInput,
@@ -529,7 +552,7 @@ fn run_update<R>(
         let (updates, next) = opt.update_seeded(grads, current, params, hyper, curvature)?;
         let out = then(updates)?;
         // only a step that fully succeeded replaces the state
-        *guard = Some(next);
+        commit(&mut guard, count, next);
         Ok(out)
     })
 }
@@ -538,6 +561,7 @@ fn run_update<R>(
 pub struct UpdateTask {
     opt: Arc<AnyTransform>,
     state: Arc<Mutex<Option<AnyState>>>,
+    count: Arc<AtomicI64>,
     grads: Vec<candle_core::Tensor>,
     params: Option<Vec<candle_core::Tensor>>,
     step: StepInput,
@@ -553,7 +577,7 @@ impl Task for UpdateTask {
     fn compute(&mut self) -> Result<Self::Output> {
         run_update(
             &self.opt,
-            &self.state,
+            (&self.state, &self.count),
             &self.grads,
             self.params.as_deref(),
             &self.step,
@@ -636,7 +660,7 @@ impl NativeOptimizer {
         let curvature = curvature_of(&env, &step, hvp, vector)?;
         let u = run_update(
             &self.inner,
-            &state.inner,
+            (&state.inner, &state.count),
             &tensors(&env, &grads)?,
             p.as_deref(),
             &step,
@@ -666,7 +690,7 @@ impl NativeOptimizer {
         let curvature = curvature_of(&env, &step, hvp, vector)?;
         let next = run_update(
             &self.inner,
-            &state.inner,
+            (&state.inner, &state.count),
             &tensors(&env, &grads)?,
             Some(&p),
             &step,
@@ -697,6 +721,7 @@ impl NativeOptimizer {
         Ok(AsyncTask::new(UpdateTask {
             opt: self.inner.clone(),
             state: state.inner.clone(),
+            count: state.count.clone(),
             grads: tensors(&env, &grads)?,
             params: params.as_deref().map(|p| tensors(&env, p)).transpose()?,
             step,
@@ -705,13 +730,21 @@ impl NativeOptimizer {
         }))
     }
 
-    /// The state as safetensors bytes.
-    #[napi]
-    pub fn state_to_bytes(&self, env: Env, state: &NativeState) -> Result<Buffer> {
-        let s = lock(&state.inner);
-        Ok(no_panic(|| self.inner.state_to_bytes(held(&s)?))
-            .map_err(|e| js_err(&env, e))?
-            .into())
+    /// The state as safetensors bytes, in an `ArrayBuffer` that V8 allocates and counts:
+    /// bytes handed out as an external buffer would be freed by a finalizer that runs
+    /// only once the event loop turns, so a synchronous loop of checkpoints would hold
+    /// every one of them. The serialisation is freed here at once.
+    #[napi(ts_return_type = "Uint8Array")]
+    pub fn state_to_bytes<'env>(
+        &self,
+        env: &'env Env,
+        state: &NativeState,
+    ) -> Result<Uint8ArraySlice<'env>> {
+        let bytes = {
+            let s = lock(&state.inner);
+            no_panic(|| self.inner.state_to_bytes(held(&s)?)).map_err(|e| js_err(env, e))?
+        };
+        Uint8ArraySlice::copy_from(env, bytes)
     }
 
     /// A state from safetensors bytes, placed on `device`.
@@ -736,7 +769,7 @@ impl NativeOptimizer {
             .map_err(|e| js_err(&env, e))?
             .clone();
         self.inner.check_variant(&s).map_err(|e| js_err(&env, e))?;
-        *lock(&target.inner) = Some(s);
+        commit(&mut lock(&target.inner), &target.count, s);
         Ok(())
     }
 }

@@ -4,10 +4,11 @@
 //! (safetensors writes its own metadata map in hash order).
 //!
 //! Loading checks everything a step would trust: the format version, a CRC-32 of the
-//! tensors and metadata (format 2; any flipped bit is caught), each tensor's dtype (a
-//! float; the preconditioner's factors in the dtype the optimizer keeps them), that every
-//! value is finite, that no factor is all zero, and that the counters are in range. The
-//! state is built whole before anything else sees it, so loading is all or nothing.
+//! tensors and metadata (every file carries one, so any flipped bit is caught), each
+//! tensor's dtype (a float; the preconditioner's factors in the dtype the optimizer keeps
+//! them), that every value is finite (unless the optimizer allows non-finite values, whose
+//! states may hold them), that no factor is all zero, and that the counters are in range.
+//! The state is built whole before anything else sees it, so loading is all or nothing.
 
 use crate::error::{PsgdError, Result};
 use crate::transform::LeafSpec;
@@ -15,10 +16,10 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 
 const META_KEY: &str = "psgd";
-/// The format written: format 1 plus a `checksum` entry.
+/// The format written and read: tensors, metadata and a `checksum` entry. (Format 1 had
+/// no checksum; a file that claims it is refused, or editing the format word would turn
+/// the checksum off.)
 const FORMAT: &str = "psgd-state-2";
-/// The format of version 0.1.0, read without a checksum.
-const FORMAT_1: &str = "psgd-state-1";
 /// The largest step count (JavaScript reads counts as doubles).
 const MAX_COUNT: u64 = (1 << 53) - 1;
 
@@ -276,11 +277,14 @@ fn scan(t: &Tensor) -> Result<(bool, bool)> {
 
 impl LoadedState {
     /// Parses `bytes` and checks that they hold a `variant` state for the same leaves.
+    /// With `allow_non_finite` (the optimizer's `allowNonFinite`), tensors may hold NaN or
+    /// Inf, as the states of such an optimizer may.
     pub fn parse(
         bytes: &[u8],
         device: &Device,
         variant: &str,
         leaves: &[LeafSpec],
+        allow_non_finite: bool,
     ) -> Result<Self> {
         let meta = read_meta(bytes)?;
         let got = meta.get("variant").map(String::as_str).unwrap_or("none");
@@ -290,10 +294,16 @@ impl LoadedState {
             )));
         }
         match meta.get("format").map(String::as_str) {
-            Some(FORMAT) | Some(FORMAT_1) => {}
+            Some(FORMAT) => {}
+            Some("psgd-state-1") => {
+                return Err(bad(format!(
+                    "format \"psgd-state-1\" carries no checksum, so its contents cannot be \
+                     trusted; this version reads only {FORMAT} (save the state again)"
+                )))
+            }
             other => {
                 return Err(bad(format!(
-                    "format {:?} is not one this version reads ({FORMAT}, {FORMAT_1})",
+                    "format {:?} is not one this version reads ({FORMAT})",
                     other.unwrap_or("(none)")
                 )))
             }
@@ -316,23 +326,21 @@ impl LoadedState {
                 )));
             }
         }
-        if meta.get("format").map(String::as_str) == Some(FORMAT) {
-            let sum = checksum(
-                st.tensors().into_iter().map(|(n, v)| {
-                    let (dtype, shape) = (format!("{:?}", v.dtype()), v.shape().to_vec());
-                    (n, dtype, shape, std::borrow::Cow::Borrowed(v.data()))
-                }),
-                &meta,
-            );
-            if meta.get("checksum") != Some(&sum) {
-                return Err(bad(
-                    "the checksum does not match: the bytes were changed or damaged".into(),
-                ));
-            }
+        let sum = checksum(
+            st.tensors().into_iter().map(|(n, v)| {
+                let (dtype, shape) = (format!("{:?}", v.dtype()), v.shape().to_vec());
+                (n, dtype, shape, std::borrow::Cow::Borrowed(v.data()))
+            }),
+            &meta,
+        );
+        if meta.get("checksum") != Some(&sum) {
+            return Err(bad(
+                "the checksum does not match: the bytes were changed or damaged".into(),
+            ));
         }
         let tensors = candle_core::safetensors::load_buffer(bytes, device)
             .map_err(|e| bad(format!("cannot read its tensors: {}", PsgdError::from(e))))?;
-        for (name, t) in &tensors {
+        for (name, t) in tensors.iter().filter(|_| !allow_non_finite) {
             if scan(t)?.0 {
                 return Err(bad(format!("tensor '{name}' holds NaN or Inf")));
             }

@@ -204,9 +204,30 @@ pub struct Psgd<P: Preconditioner> {
     step: StepOptions,
     leaves: Vec<LeafSpec>,
     precond: P,
+    /// What the state and a step need (see [`Psgd::ensure_memory`]).
+    need: limits::MemoryNeed,
 }
 
 impl<P: Preconditioner> Psgd<P> {
+    /// Refuses with a `RangeError`, before anything is allocated, to make a state (`step`
+    /// false) or run a step (`step` true) that would not get its memory now: see
+    /// [`limits::reserve`]. A state is also refused when the memory available now is less
+    /// than it and a step need together ([`limits::ensure_available`]; read at the state
+    /// only, as reading it costs about 30 µs). The host's memory is checked for a state
+    /// on the CPU only: a GPU's allocation failure is an error, not an abort.
+    fn ensure_memory(&self, device: &Device, step: bool) -> Result<()> {
+        if !device.is_cpu() {
+            return Ok(());
+        }
+        let name = P::NAME;
+        if step {
+            return limits::reserve(self.need.step, &format!("a {name} step"));
+        }
+        let what = format!("a {name} state and its steps");
+        limits::ensure_available(self.need.step, &what, limits::memory_available)?;
+        limits::reserve(self.need.state, &format!("a {name} state"))
+    }
+
     /// The options.
     pub fn options(&self) -> &P::Options {
         &self.options
@@ -317,7 +338,9 @@ impl<P: Preconditioner> Psgd<P> {
 
     /// A state from safetensors bytes, checked against this optimizer.
     pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<PsgdState<P::State>> {
-        let mut f = LoadedState::parse(bytes, device, P::NAME, &self.leaves)?;
+        self.ensure_memory(device, false)?;
+        let allow_non_finite = !self.step.check_finite;
+        let mut f = LoadedState::parse(bytes, device, P::NAME, &self.leaves, allow_non_finite)?;
         f.set_factor_dtype(self.precond.factor_dtype());
         let count = f.meta_u64("count")?;
         let update_counter = match self.step.decision {
@@ -355,7 +378,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         limits::check_leaf_sizes(&leaves)?;
         let precond = P::new(&leaves, &options)?;
         let step = options.step();
-        limits::check_state_size(
+        let need = limits::check_state_size(
             &leaves,
             &precond.state_sizes(),
             step.b1 > 0.0,
@@ -366,6 +389,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             options,
             leaves,
             precond,
+            need,
         })
     }
 
@@ -383,6 +407,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             .first()
             .map(|p| p.device().clone())
             .unwrap_or(Device::Cpu);
+        self.ensure_memory(&device, false)?;
         let mu = stages::init_momentum(self.step.b1, self.step.mu_dtype, params)?;
         Ok(PsgdState {
             count: 0,
@@ -435,6 +460,9 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             }
         }
         self.check_state(state)?;
+        if let Some(g) = grads.first() {
+            self.ensure_memory(g.device(), true)?;
+        }
         let precond_lr = hyper
             .precond_lr
             .unwrap_or_else(|| o.precond_lr.at(state.count + 1));
