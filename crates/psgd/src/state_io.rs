@@ -135,6 +135,50 @@ fn read_meta(bytes: &[u8]) -> Result<BTreeMap<String, String>> {
         .ok_or_else(|| PsgdError::State("not a psgd state (no 'psgd' metadata)".into()))
 }
 
+/// Refuses a file of another format than this version writes.
+fn check_format(meta: &BTreeMap<String, String>) -> Result<()> {
+    match meta.get("format").map(String::as_str) {
+        Some(FORMAT) => Ok(()),
+        Some("psgd-state-1") => Err(bad(format!(
+            "format \"psgd-state-1\" carries no checksum, so its contents cannot be \
+             trusted; this version reads only {FORMAT} (save the state again)"
+        ))),
+        other => Err(bad(format!(
+            "format {:?} is not one this version reads ({FORMAT})",
+            other.unwrap_or("(none)")
+        ))),
+    }
+}
+
+/// Refuses a file whose checksum does not match its tensors and metadata.
+fn check_sum(st: &safetensors::SafeTensors<'_>, meta: &BTreeMap<String, String>) -> Result<()> {
+    let sum = checksum(
+        st.tensors().into_iter().map(|(n, v)| {
+            let (dtype, shape) = (format!("{:?}", v.dtype()), v.shape().to_vec());
+            (n, dtype, shape, std::borrow::Cow::Borrowed(v.data()))
+        }),
+        meta,
+    );
+    if meta.get("checksum") != Some(&sum) {
+        return Err(bad(
+            "the checksum does not match: the bytes were changed or damaged".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The metadata of a state file this version wrote: its format and checksum checked, so
+/// that nothing another program or an edit made can pass through [`regroup`] and come out
+/// with a fresh checksum.
+fn checked_meta(bytes: &[u8]) -> Result<BTreeMap<String, String>> {
+    let meta = read_meta(bytes)?;
+    check_format(&meta)?;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a safetensors state: {e}")))?;
+    check_sum(&st, &meta)?;
+    Ok(meta)
+}
+
 /// Where [`regroup`] takes one leaf's tensors from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeafSource {
@@ -182,7 +226,7 @@ pub fn regroup(
     if count > MAX_COUNT {
         return Err(bad(format!("count {count} exceeds {MAX_COUNT}")));
     }
-    let mut meta = read_meta(fresh)?;
+    let mut meta = checked_meta(fresh)?;
     let leaves = leaf_count(&meta)?;
     let load = |b: &[u8]| {
         candle_core::safetensors::load_buffer(b, &Device::Cpu)
@@ -192,7 +236,7 @@ pub fn regroup(
     let mut counter = 0;
     let mut from = Vec::with_capacity(sources.len());
     for (i, b) in sources.iter().enumerate() {
-        let m = read_meta(b)?;
+        let m = checked_meta(b)?;
         if m.get("variant") != meta.get("variant") {
             return Err(bad(format!("source {i} holds another variant's state")));
         }
@@ -293,21 +337,7 @@ impl LoadedState {
                 "holds a '{got}' state, this optimizer is '{variant}'"
             )));
         }
-        match meta.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
-            Some("psgd-state-1") => {
-                return Err(bad(format!(
-                    "format \"psgd-state-1\" carries no checksum, so its contents cannot be \
-                     trusted; this version reads only {FORMAT} (save the state again)"
-                )))
-            }
-            other => {
-                return Err(bad(format!(
-                    "format {:?} is not one this version reads ({FORMAT})",
-                    other.unwrap_or("(none)")
-                )))
-            }
-        }
+        check_format(&meta)?;
         let want = leaves_json(leaves);
         if meta.get("leaves") != Some(&want) {
             return Err(PsgdError::State(format!(
@@ -326,18 +356,7 @@ impl LoadedState {
                 )));
             }
         }
-        let sum = checksum(
-            st.tensors().into_iter().map(|(n, v)| {
-                let (dtype, shape) = (format!("{:?}", v.dtype()), v.shape().to_vec());
-                (n, dtype, shape, std::borrow::Cow::Borrowed(v.data()))
-            }),
-            &meta,
-        );
-        if meta.get("checksum") != Some(&sum) {
-            return Err(bad(
-                "the checksum does not match: the bytes were changed or damaged".into(),
-            ));
-        }
+        check_sum(&st, &meta)?;
         let tensors = candle_core::safetensors::load_buffer(bytes, device)
             .map_err(|e| bad(format!("cannot read its tensors: {}", PsgdError::from(e))))?;
         for (name, t) in tensors.iter().filter(|_| !allow_non_finite) {

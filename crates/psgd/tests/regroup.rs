@@ -133,3 +133,25 @@ fn regroup_refuses_another_variants_state() {
     }];
     assert!(regroup(&k, &[&x], &pick, None, 0).is_err());
 }
+
+/// A source (or the fresh state) that this package did not write as it is, one edited
+/// after it was saved, is refused: regroup never gives edited values a new checksum.
+#[test]
+fn regroup_refuses_a_source_whose_checksum_does_not_match() {
+    let dev = Device::Cpu;
+    let p = [Tensor::new(&[1f32, 2.], &dev).unwrap()];
+    let kron = Kron::new(vec![LeafSpec::new("x", &[2])], Default::default()).unwrap();
+    let good = kron.state_to_bytes(&kron.init(&p).unwrap()).unwrap();
+    let pick = [LeafSource {
+        leaf: 0,
+        source: 0,
+        source_leaf: 0,
+    }];
+    assert!(regroup(&good, &[&good], &pick, None, 0).is_ok());
+    // the last byte is tensor data (the header comes first)
+    let mut edited = good.clone();
+    *edited.last_mut().unwrap() ^= 0x10;
+    let e = regroup(&good, &[&edited], &pick, None, 0).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    assert!(regroup(&edited, &[&good], &pick, None, 0).is_err());
+}
