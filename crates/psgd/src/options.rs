@@ -2,9 +2,8 @@
 //! `declare_options!`: per field its doc, type, default and range check. From that one
 //! declaration come the struct and its `Default`, the JSON/serde reader (camelCase names,
 //! unknown names rejected, missing ones defaulted, every error naming the option and
-//! carrying its `TypeError`/`RangeError` kind), and the table [`OptionInfo`] from which the
-//! TypeScript option types are generated ([`typescript`], checked in as
-//! `src/options.generated.ts` and verified by a test).
+//! carrying its `TypeError`/`RangeError` kind), and the table [`OptionInfo`] from which
+//! [`crate::codegen`] generates the TypeScript option types and the options reference.
 
 use crate::error::{PsgdError, Result};
 use crate::kernels::precision::Precision;
