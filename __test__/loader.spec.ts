@@ -78,3 +78,17 @@ test('npm run demo and example never build the addon: where none is built they s
     fs.rmSync(dir, { recursive: true, force: true })
   }
 })
+
+test("the binding's checked-in types are the ones napi-rs generated for this build", (t) => {
+  // src/native.generated.ts: a three-line header, then native/index.d.ts as written by `npm run build:native`
+  const committed = fs
+    .readFileSync(path.join(root, 'src', 'native.generated.ts'), 'utf8')
+    .split('\n')
+    .slice(3)
+    .join('\n')
+  const built = fs.readFileSync(path.join(root, 'native', 'index.d.ts'), 'utf8')
+  t.true(
+    committed === built,
+    'src/native.generated.ts differs from native/index.d.ts: after `npm run build:native` (not the bench build), copy native/index.d.ts below its three-line header',
+  )
+})

@@ -1,122 +1,31 @@
 /**
- * The native addon (built by `@napi-rs/cli` from `crates/psgd-node`), typed by hand so the
- * TypeScript layer type-checks before the addon is built.
+ * The native addon (built by `@napi-rs/cli` from `crates/psgd-node`). Its types are the
+ * ones napi-rs generates from the binding, checked in as `native.generated.ts` (a test
+ * fails when they differ from the build's `native/index.d.ts`), so the TypeScript layer
+ * type-checks before the addon is built and never drifts from it.
  */
 import * as path from 'node:path'
 import * as fs from 'node:fs'
+import type * as Generated from './native.generated'
 
-/** A tensor in native memory (candle), CPU or GPU. */
-export interface NativeTensor {
-  readonly shape: number[]
-  readonly dtype: string
-  readonly device: string
-  readonly disposed: boolean
-  dispose(): void
-  /** Copies the values (as float32) into `out`, which has the element count. */
-  copyTo(out: Float32Array): void
-  add(other: NativeTensor): NativeTensor
-  assign(other: NativeTensor): void
-  to(dtype: string, device: string): NativeTensor
-}
-
-/** An optimizer state handle; advanced in place by `update`. */
-export interface NativeState {
-  clone(): NativeState
-  readonly count: number
-  /** Sets the step count (a state continuing another count; see the TensorFlow.js adapter). */
-  setCount(count: number): void
-  dispose(): void
-  readonly disposed: boolean
-}
-
-/** One leaf as the native optimizer sees it. */
-export interface LeafInfo {
-  path: string
-  shape: number[]
-  scanned: boolean
-  weightDecay: boolean
-}
-
-/**
- * One step's hyperparameters that come from schedules given as JS functions (their values
- * at this step); what is absent the native core takes from the options.
- */
-export interface StepInput {
-  learningRate?: number
-  updateProbability?: number
-  /** XMat/LRA/Affine: the preconditioner step size this step. */
-  precondLr?: number
-  /** Hessian mode: whether to update the preconditioner this step. */
-  updatePreconditioner?: boolean
-}
-
-/** The draws of one Hessian-mode step (see `hessianHelper`), held natively. */
-export interface NativeProbe {
-  readonly updatePreconditioner: boolean
-  vector(): NativeTensor[]
-  /** `[params + δ·v, params − δ·v]`. */
-  points(): NativeTensor[][]
-  /** `[hvp, vector]` from the gradients at the two points. */
-  difference(gradsPlus: NativeTensor[], gradsMinus: NativeTensor[]): NativeTensor[][]
-}
+export type NativeTensor = Generated.NativeTensor
+export type NativeState = Generated.NativeState
+export type NativeProbe = Generated.NativeProbe
+export type LeafInfo = Generated.LeafInfo
+export type StepInput = Generated.StepInput
 
 /** A native optimizer of one variant for a fixed list of leaves. */
-export interface NativeOptimizer {
-  init(params: NativeTensor[]): NativeState
-  update(
-    grads: NativeTensor[],
-    state: NativeState,
-    params: NativeTensor[] | null,
-    step: StepInput,
-    hvp?: NativeTensor[] | null,
-    vector?: NativeTensor[] | null,
-  ): NativeTensor[]
-  updateAsync(
-    grads: NativeTensor[],
-    state: NativeState,
-    params: NativeTensor[] | null,
-    step: StepInput,
-    hvp?: NativeTensor[] | null,
-    vector?: NativeTensor[] | null,
-  ): Promise<NativeTensor[]>
-  /** `update` with the updates added into `params` natively (each param keeps its object). */
-  step(grads: NativeTensor[], state: NativeState, params: NativeTensor[], step: StepInput, hvp?: NativeTensor[] | null, vector?: NativeTensor[] | null): void
+export type NativeOptimizer = Generated.NativeOptimizer & {
   /**
    * Benchmarks only (an addon built with the `bench` feature, as `npm run bench` does):
    * `n` steps run by a Rust loop, each timed there (seconds).
    */
   timeSteps?(grads: NativeTensor[], state: NativeState, params: NativeTensor[] | null, step: StepInput, n: number, add?: boolean): number[]
-  /** The state as safetensors bytes, in memory V8 allocates (and counts). */
-  stateToBytes(state: NativeState): Uint8Array
-  stateFromBytes(bytes: Uint8Array, device: string): NativeState
-  copyState(source: NativeState, target: NativeState): void
 }
 
-interface Binding {
-  NativeTensor: {
-    fromArray(data: Float32Array, shape: number[], dtype: string, device: string): NativeTensor
-  }
+/** The addon's exports. */
+type Binding = Omit<typeof Generated, 'NativeOptimizer'> & {
   NativeOptimizer: new (variant: string, leaves: LeafInfo[], optionsJson: string) => NativeOptimizer
-  liveTensorBytes(): number
-  /** Checks a variant's options (camelCase JSON) as the optimizer will read them. */
-  checkOptions(variant: string, optionsJson: string): void
-  /** psgd-jax's update-probability schedule at 1-based step `n`. */
-  precondUpdateProb(schedule: { maxProb?: number; minProb?: number; decay?: number; flatStart?: number }, n: number): number
-  /**
-   * A state for a new set of leaves: `fresh` (its `init` state, as bytes) with each picked
-   * leaf's per-leaf tensors (momentum; Kron's and Affine's factors) from a leaf of one of
-   * `sources`, the tensors spanning all leaves from `sources[spanning]` when given (else
-   * `fresh`'s), and the step count `count`; as bytes for `loadBytes`.
-   */
-  regroupState(
-    fresh: Uint8Array,
-    sources: Uint8Array[],
-    picks: { leaf: number; source: number; sourceLeaf: number }[],
-    spanning: number | null,
-    count: number,
-  ): Buffer
-  /** Draws a Hessian-mode step's decision and probe for `params`. */
-  hessianProbe(params: NativeTensor[], seed: number, step: number, updateProbability: number): NativeProbe
 }
 
 /** This process's platform as the napi-rs package names spell it, e.g. `linux-x64-gnu`. */

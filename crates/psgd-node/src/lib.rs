@@ -783,17 +783,19 @@ pub struct LeafPick {
 }
 
 /// A state for a new set of leaves from `fresh` (its `init` state, as bytes) and the
-/// per-leaf tensors of `sources` (see [`psgd::state_io::regroup`]), as bytes to load.
-#[napi]
-pub fn regroup_state(
-    env: Env,
+/// per-leaf tensors of `sources` (see [`psgd::state_io::regroup`]), as bytes to load, in
+/// an `ArrayBuffer` V8 allocates and counts (as [`NativeOptimizer::state_to_bytes`]): a
+/// loop whose steps change their set of variables holds no external buffers.
+#[napi(ts_return_type = "Uint8Array")]
+pub fn regroup_state<'env>(
+    env: &'env Env,
     fresh: &[u8],
-    sources: Vec<Buffer>,
+    sources: Vec<Uint8Array>,
     picks: Vec<LeafPick>,
     spanning: Option<u32>,
     count: f64,
-) -> Result<Buffer> {
-    let count = whole(&env, "count", count)?;
+) -> Result<Uint8ArraySlice<'env>> {
+    let count = whole(env, "count", count)?;
     let sources: Vec<&[u8]> = sources.iter().map(|b| b.as_ref()).collect();
     let picks: Vec<_> = picks
         .iter()
@@ -803,11 +805,11 @@ pub fn regroup_state(
             source_leaf: p.source_leaf as usize,
         })
         .collect();
-    no_panic(|| {
+    let bytes = no_panic(|| {
         psgd::state_io::regroup(fresh, &sources, &picks, spanning.map(|s| s as usize), count)
     })
-    .map(Buffer::from)
-    .map_err(|e| js_err(&env, e))
+    .map_err(|e| js_err(env, e))?;
+    Uint8ArraySlice::copy_from(env, bytes)
 }
 
 fn options_object(env: &Env, json: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
