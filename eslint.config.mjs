@@ -5,7 +5,20 @@ import tseslint from 'typescript-eslint'
 
 export default tseslint.config(
   {
-    ignores: ['dist/', 'docs/api/', 'src/native.generated.ts', 'native/', 'target/', 'node_modules/', 'crates/', 'fixtures/', '.venv*/', '.whl/', '.cuda/', '.zig/'],
+    ignores: [
+      'dist/',
+      'docs/api/',
+      'src/native.generated.ts',
+      'native/',
+      'target/',
+      'node_modules/',
+      'crates/',
+      'fixtures/',
+      '.venv*/',
+      '.whl/',
+      '.cuda/',
+      '.zig/',
+    ],
   },
   js.configs.recommended,
   tseslint.configs.recommended,
