@@ -327,7 +327,7 @@ fn host_matmul(a: &Tensor, sa: Tri, b: &Tensor, sb: Tri, out: Tri) -> Option<Res
     let optr = OutPtr(dst.as_mut_ptr());
     let run = |t: &Task, par: gemm::Parallelism| {
         // SAFETY: the ranges come from the dims checked above, so every element read or
-        // written lies inside its matrix, and the destination block is this task's alone.
+        // written lies inside its matrix, and the destination block is this job's alone.
         unsafe {
             gemm_at(
                 (
