@@ -534,37 +534,22 @@ for (const [how, lock] of Object.entries(lockB)) {
   })
 }
 
-test('step and stepAsync with odd keys in the params (an own __proto__, a dotted key): every param written, or none and no step counted', async (t) => {
+test('step and stepAsync with odd keys in the params (an own __proto__, a dotted key): every param is written', async (t) => {
   const tree = () => JSON.parse('{"__proto__": 0.5, "a.b": 0.25, "a": {"b": 0.125}, "w": {"c": 1}}') as Record<string, unknown>
   const leaves = (x: Record<string, unknown>) => [Object.getOwnPropertyDescriptor(x, '__proto__')?.value, x['a.b'], (x.a as { b: number }).b]
   for (const async of [false, true]) {
     const params = tree()
     params.w = plain([4, 3], 1)
     const opt = new Kron(params as never, { learningRate: 0.1, preconditionerUpdateProbability: 1 })
-    const bytes = opt.stateDict()
-    const snap = snapshot(params as never)
     const grads = tree()
     grads.w = plain([4, 3], 2)
-    let failed: unknown = null
-    try {
-      if (async) await opt.stepAsync(grads as never)
-      else opt.step(grads as never)
-    } catch (e) {
-      failed = e
-    }
-    if (failed === null) {
-      t.is(opt.count, 1)
-      t.true(
-        leaves(params).every((v, i) => v !== [0.5, 0.25, 0.125][i]),
-        'every number leaf was written',
-      )
-    } else {
-      t.true(failed instanceof TypeError || failed instanceof RangeError, String(failed))
-      t.is(opt.count, 0)
-      t.deepEqual(opt.stateDict(), bytes)
-      t.deepEqual(snapshot(params as never), snap)
-      t.deepEqual(leaves(params), [0.5, 0.25, 0.125])
-    }
+    if (async) await opt.stepAsync(grads as never)
+    else opt.step(grads as never)
+    t.is(opt.count, 1)
+    t.true(
+      leaves(params).every((v, i) => v !== [0.5, 0.25, 0.125][i]),
+      'every number leaf was written',
+    )
   }
 })
 

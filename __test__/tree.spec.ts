@@ -186,3 +186,14 @@ test('a number leaf in a read-only property is refused when the optimizer is mad
   opt.step({ b: leaf([1, 1]) })
   t.notDeepEqual(Array.from(p.b.data), [1, 2])
 })
+
+test("unflatten keeps a key '__proto__' (as JSON.parse makes it) as an own key: a functional update answers such a tree whole", (t) => {
+  const params = JSON.parse('{"__proto__": {"data": [0], "shape": [1]}, "b": 1}') as Record<string, unknown>
+  params.__proto__ = { data: Float32Array.of(0.5), shape: [1] }
+  t.true(Object.prototype.hasOwnProperty.call(params, '__proto__'))
+  const { leaves, treedef } = flatten(params)
+  const back = unflatten<Record<string, unknown>>(treedef, leaves)
+  t.true(Object.prototype.hasOwnProperty.call(back, '__proto__'))
+  t.is(Object.getPrototypeOf(back), Object.prototype)
+  t.deepEqual(Object.keys(back).sort(), ['__proto__', 'b'])
+})

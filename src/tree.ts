@@ -238,7 +238,8 @@ export function unflatten<T = PyTree>(treedef: TreeDef, leaves: readonly unknown
         return d.children.map(build)
       case 'object': {
         const out: Record<string, unknown> = {}
-        d.keys.forEach((k, j) => (out[k] = build(d.children[j])))
+        // defined, not assigned: a key '__proto__' (as JSON.parse makes it) stays an own key
+        d.keys.forEach((k, j) => Object.defineProperty(out, k, { value: build(d.children[j]), enumerable: true, writable: true, configurable: true }))
         return out
       }
     }
