@@ -75,6 +75,11 @@ for (const kind of ['esm', 'cjs'] as const) {
       blocks.forEach((b, i) => fs.writeFileSync(path.join(dir, `block${i + 1}.ts`), b))
       const check = spawnSync(process.execPath, [tsc, '-p', '.'], { cwd: dir, encoding: 'utf8', timeout: 120_000 })
       t.is(check.status, 0, `tsc -p . in the ${kind} project:\n${check.stdout}${check.stderr}`)
+      // the package's own declarations type-check too, for a project that does not skip lib
+      // checks (TensorFlow.js's own declarations do not: only errors in psgd's count)
+      const libs = spawnSync(process.execPath, [tsc, '-p', '.', '--noEmit', '--skipLibCheck', 'false'], { cwd: dir, encoding: 'utf8', timeout: 120_000 })
+      const ours = `${libs.stdout}${libs.stderr}`.split('\n').filter((l) => l.includes('node_modules/psgd/'))
+      t.deepEqual(ours, [], `psgd's declarations in the ${kind} project`)
       const outputs = blocks.map((_, i) => {
         const r = spawnSync(process.execPath, [`block${i + 1}.js`], {
           cwd: dir,

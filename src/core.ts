@@ -445,7 +445,7 @@ function undoOnThrow(state: OptimizerState, before: NativeState, write: () => vo
   }
 }
 
-/** Builds the optax-style pair for a variant. */
+/** @internal Builds the optax-style pair for a variant (the factories and classes call it). */
 export function makeTransformation(spec: VariantSpec, options: object | undefined): Transformation {
   const o = resolveOptions(spec, options)
 
