@@ -2,7 +2,7 @@
 //! `Q0.5EQ1.5` (PRO) and `QUAD`, as a user runs them: whitening a gradient of known
 //! covariance, state bytes, every leaf kind, training.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use psgd::{
     Kron, KronOptions, LeafSpec, RandomSource, Schedule, SeededRandom, Transform, UpdateRule,
 };
@@ -17,47 +17,29 @@ fn options(rule: UpdateRule) -> KronOptions {
     }
 }
 
-type M = Vec<Vec<f64>>;
-
-fn mm(a: &M, b: &M) -> M {
-    (0..a.len())
-        .map(|i| {
-            (0..b[0].len())
-                .map(|j| (0..b.len()).map(|k| a[i][k] * b[k][j]).sum())
-                .collect()
-        })
-        .collect()
-}
-
-fn tr(a: &M) -> M {
-    (0..a[0].len())
-        .map(|j| (0..a.len()).map(|i| a[i][j]).collect())
-        .collect()
-}
-
-fn matrix(t: &Tensor) -> M {
-    t.to_vec2::<f32>()
-        .unwrap()
-        .iter()
-        .map(|r| r.iter().map(|&x| x as f64).collect())
-        .collect()
+/// A float64 matrix from a function of its indices.
+fn matrix(n: usize, f: impl Fn(usize, usize) -> f64) -> Tensor {
+    let v: Vec<f64> = (0..n * n).map(|k| f(k / n, k % n)).collect();
+    Tensor::from_vec(v, (n, n), &Device::Cpu).unwrap()
 }
 
 /// `‖(P₁C₁P₁) ⊗ (P₂C₂P₂) − I‖_F / √n`: how far `P·C·P` is from the identity for a
-/// Kronecker covariance `C = C₁ ⊗ C₂` and preconditioner `P = P₁ ⊗ P₂`.
-fn whitening_distance(ps: &[M], cs: &[M]) -> f64 {
-    let ms: Vec<M> = ps.iter().zip(cs).map(|(p, c)| mm(&mm(p, c), p)).collect();
-    let fro2 = |m: &M| m.iter().flatten().map(|x| x * x).sum::<f64>();
-    let trace = |m: &M| (0..m.len()).map(|i| m[i][i]).sum::<f64>();
-    let n = (ms[0].len() * ms[1].len()) as f64;
+/// Kronecker covariance `C = C₁ ⊗ C₂` and preconditioner `P = P₁ ⊗ P₂` (float64).
+fn whitening_distance(ps: &[Tensor], cs: &[Tensor]) -> f64 {
+    let ms: Vec<Tensor> = ps
+        .iter()
+        .zip(cs)
+        .map(|(p, c)| p.matmul(c).unwrap().matmul(p).unwrap())
+        .collect();
+    let scalar = |t: Tensor| t.to_scalar::<f64>().unwrap();
+    let fro2 = |m: &Tensor| scalar(m.sqr().unwrap().sum_all().unwrap());
+    let trace = |m: &Tensor| {
+        let eye = matrix(m.dim(0).unwrap(), |i, j| f64::from(i == j));
+        scalar((m * eye).unwrap().sum_all().unwrap())
+    };
+    let n = (ms[0].dim(0).unwrap() * ms[1].dim(0).unwrap()) as f64;
     let d2 = fro2(&ms[0]) * fro2(&ms[1]) - 2.0 * trace(&ms[0]) * trace(&ms[1]) + n;
     (d2.max(0.0) / n).sqrt()
-}
-
-fn identity(n: usize) -> M {
-    (0..n)
-        .map(|i| (0..n).map(|j| f64::from(i == j)).collect())
-        .collect()
 }
 
 /// Gradients `G = A₁ Z A₂ᵀ` (Z standard normal) of an 8×4 leaf have the covariance
@@ -66,34 +48,23 @@ fn identity(n: usize) -> M {
 #[test]
 fn every_rule_whitens_a_kronecker_covariance() {
     let dev = Device::Cpu;
-    let a1: M = (0..8)
-        .map(|i| {
-            (0..8)
-                .map(|j| {
-                    if i == j {
-                        1.0 + 0.25 * i as f64
-                    } else {
-                        0.3 * ((i * 3 + j * 5) % 7) as f64 / 7.0
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let a2: M = (0..4)
-        .map(|i| {
-            (0..4)
-                .map(|j| {
-                    if i == j {
-                        2.0 - 0.3 * i as f64
-                    } else {
-                        0.2 * ((i + 2 * j) % 3) as f64
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let cs = vec![mm(&a1, &tr(&a1)), mm(&a2, &tr(&a2))];
-    let start = whitening_distance(&[identity(8), identity(4)], &cs);
+    let a1 = matrix(8, |i, j| {
+        if i == j {
+            1.0 + 0.25 * i as f64
+        } else {
+            0.3 * ((i * 3 + j * 5) % 7) as f64 / 7.0
+        }
+    });
+    let a2 = matrix(4, |i, j| {
+        if i == j {
+            2.0 - 0.3 * i as f64
+        } else {
+            0.2 * ((i + 2 * j) % 3) as f64
+        }
+    });
+    let cs = [&a1, &a2].map(|a| a.matmul(&a.t().unwrap()).unwrap());
+    let eyes = [8, 4].map(|n| matrix(n, |i, j| f64::from(i == j)));
+    let start = whitening_distance(&eyes, &cs);
     let steps = 3000;
     for rule in RULES {
         let o = KronOptions {
@@ -103,22 +74,22 @@ fn every_rule_whitens_a_kronecker_covariance() {
             ..options(rule)
         };
         let kron = Kron::new(vec![LeafSpec::new("w", &[8, 4])], o).unwrap();
-        let params = vec![Tensor::zeros((8, 4), candle_core::DType::F32, &dev).unwrap()];
+        let params = vec![Tensor::zeros((8, 4), DType::F32, &dev).unwrap()];
         let mut state = kron.init(&params).unwrap();
         let mut dists = vec![];
         for step in 1..=steps {
             let z = SeededRandom::for_step(7, step as u64)
                 .normal(&[8, 4], &dev)
                 .unwrap();
-            let g = mm(&mm(&a1, &matrix(&z)), &tr(&a2));
-            let g: Vec<f32> = g.iter().flatten().map(|&x| x as f32).collect();
-            let g = Tensor::from_vec(g, (8, 4), &dev).unwrap();
+            let z = z.to_dtype(DType::F64).unwrap();
+            let g = a1.matmul(&z).unwrap().matmul(&a2.t().unwrap()).unwrap();
+            let g = g.to_dtype(DType::F32).unwrap();
             state = kron.update(&[g], &state, Some(&params)).unwrap().1;
-            let ps: Vec<M> = state.precond.qs[0]
+            let ps: Vec<Tensor> = state.precond.qs[0]
                 .iter()
                 .map(|q| {
-                    let q = matrix(q);
-                    mm(&tr(&q), &q)
+                    let q = q.to_dtype(DType::F64).unwrap();
+                    q.t().unwrap().matmul(&q).unwrap()
                 })
                 .collect();
             dists.push(whitening_distance(&ps, &cs));
@@ -236,7 +207,7 @@ fn every_leaf_kind_runs_and_the_state_round_trips_under_every_rule() {
 fn a_state_of_another_rule_is_refused() {
     let dev = Device::Cpu;
     let leaves = vec![LeafSpec::new("w", &[3, 4])];
-    let params = vec![Tensor::ones((3, 4), candle_core::DType::F32, &dev).unwrap()];
+    let params = vec![Tensor::ones((3, 4), DType::F32, &dev).unwrap()];
     let eq = Kron::new(leaves.clone(), options(UpdateRule::Eq)).unwrap();
     let pro = Kron::new(leaves, options(UpdateRule::Pro)).unwrap();
     let eq_bytes = eq.state_to_bytes(&eq.init(&params).unwrap()).unwrap();
