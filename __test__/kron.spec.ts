@@ -354,3 +354,51 @@ test('a refused non-finite step says where float32 overflowed, not "an extreme o
   t.notRegex(err.message, /extreme option/)
   t.is(st.count, 0)
 })
+
+test("updateRule: every rule solves the seed's toy problem and trains a 2-D leaf with finite updates", (t) => {
+  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD'] as const) {
+    let params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
+    const opt = kron({ learningRate: 0.1, b1: 0, preconditionerUpdateProbability: 1, updateRule })
+    let state = opt.init(params)
+    let steps = 0
+    for (; steps < 500; steps++) {
+      if (params.data.reduce((s, x) => s + x * x, 0) < 1e-4) break
+      let updates
+      ;[updates, state] = opt.update({ data: params.data.map((x) => 2 * x), shape: [3] }, state)
+      params = applyUpdates(params, updates)
+    }
+    t.true(steps < 500, `${updateRule}: ${steps} steps`)
+    // a 2-D leaf (two dense factors) on a badly scaled quadratic, class style
+    const w = {
+      w: Tensor.fromArray(
+        Float32Array.from({ length: 24 }, (_, i) => Math.sin(i + 1)),
+        [6, 4],
+      ),
+    }
+    const cls = new Kron(w, { learningRate: 0.02, updateRule, preconditionerUpdateProbability: 1 })
+    const loss = () => w.w.toArray().reduce((s, x, i) => s + (1 + (i % 4)) * x * x, 0)
+    const start = loss()
+    for (let i = 0; i < 100; i++) {
+      const g = w.w.toArray().map((x, i) => 2 * (1 + (i % 4)) * x)
+      cls.step({ w: Tensor.fromArray(g, [6, 4]) })
+      t.true(w.w.toArray().every(Number.isFinite))
+    }
+    t.true(loss() < 0.1 * start, `${updateRule}: ${start} -> ${loss()}`)
+    // the rule's state (the Lipschitz bounds under the inverse-free rules) round-trips
+    const bytes = cls.stateDict()
+    cls.loadStateDict(bytes)
+    t.deepEqual(cls.stateDict(), bytes)
+  }
+})
+
+test('updateRule: an unknown rule is a TypeError naming the option and the valid rules; lipschitzBeta out of [0, 1) a RangeError', (t) => {
+  const params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
+  for (const make of [() => kron({ updateRule: 'pro' as never }).init(params), () => new Kron(params, { updateRule: 'Q0p5EQ1p5' as never })]) {
+    const err = t.throws(make)
+    t.true(err instanceof TypeError || err instanceof RangeError, String(err))
+    t.regex(err.message, /updateRule/)
+    t.regex(err.message, /'Q0\.5EQ1\.5'/)
+    t.regex(err.message, /'QUAD'/)
+  }
+  t.throws(() => kron({ updateRule: 'QUAD', lipschitzBeta: 1 }).init(params), { instanceOf: RangeError, message: /lipschitzBeta/ })
+})

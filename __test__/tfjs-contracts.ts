@@ -26,7 +26,8 @@ const variants: [string, Ctor, (options?: object) => GradientTransformation][] =
 /**
  * A config of every option kind each optimizer's config can hold: numbers, booleans,
  * strings (the enums, snake_case ones included, which tfjs-layers rewrites on load), nulls
- * and masks given as booleans. Kron gets two, to cover both memory-save modes.
+ * and masks given as booleans. Kron gets several, to cover both memory-save modes and every
+ * update rule.
  */
 const everyKind: Record<string, object[]> = {
   KronOptimizer: [
@@ -54,6 +55,11 @@ const everyKind: Record<string, object[]> = {
       scannedLayers: false,
     },
     { memorySaveMode: 'all_diag', muDtype: null, precondDtype: null, precondUpdatePrecision: 'bfloat16', precondGradsPrecision: 'float32', gradClip: null },
+    // every update rule; 'Q0.5EQ1.5' holds a dot and capitals that tfjs-layers' key and case rewriting must leave alone
+    { updateRule: 'Q0.5EQ1.5', lipschitzBeta: 0.8 },
+    { updateRule: 'PRO', lipschitzBeta: 0 },
+    { updateRule: 'QUAD', memorySaveMode: 'one_diag' },
+    { updateRule: 'EQ' },
   ],
   XMatOptimizer: [
     {

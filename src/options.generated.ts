@@ -130,6 +130,26 @@ export interface KronNativeOptions {
    */
   preconditionerLr?: number
   /**
+   * How the factors are fitted. `'EQ'` (default): psgd-jax 0.2.9's rule, with
+   * triangular factors and a triangular solve per fit. `'Q0.5EQ1.5'` (alias
+   * `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
+   * positive definite by a Procrustes rotation and no triangular solve (matrix
+   * products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
+   * factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+   * `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
+   * (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
+   * (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
+   * Not in psgd-jax.
+   */
+  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'
+  /**
+   * Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+   * `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
+   * latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
+   * Not in psgd-jax.
+   */
+  lipschitzBeta?: number
+  /**
    * Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
    * Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
    * `g` of each leaf (of each layer with `scannedLayers`), `(mean(|g|⁴) + δ⁴)^(-1/8)`
@@ -236,6 +256,8 @@ export const VARIANTS = {
       memorySaveMode: 'value',
       momentumIntoPrecondUpdate: 'value',
       preconditionerLr: 'value',
+      updateRule: 'value',
+      lipschitzBeta: 'value',
       preconditionerInitScale: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',

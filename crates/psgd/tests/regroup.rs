@@ -2,7 +2,9 @@
 
 use candle_core::{Device, Tensor};
 use psgd::state_io::{regroup, LeafSource};
-use psgd::{Affine, Kron, LeafSpec, Lra, Preconditioner, Psgd, Transform, XMat};
+use psgd::{
+    Affine, Kron, KronOptions, LeafSpec, Lra, Preconditioner, Psgd, Transform, UpdateRule, XMat,
+};
 use std::collections::HashMap;
 
 fn tensors(bytes: &[u8]) -> HashMap<String, Vec<u8>> {
@@ -113,6 +115,14 @@ fn check<P: Preconditioner>(make: impl Fn(Vec<LeafSpec>) -> Psgd<P>, per_leaf_fa
 #[test]
 fn regroup_moves_each_leafs_state_for_every_variant() {
     check(|l| Kron::new(l, Default::default()).unwrap(), true);
+    // the inverse-free rules also move each leaf's Lipschitz bounds (`L.<leaf>.<axis>`)
+    for update_rule in [UpdateRule::Pro, UpdateRule::Quad] {
+        let o = KronOptions {
+            update_rule,
+            ..Default::default()
+        };
+        check(|l| Kron::new(l, o.clone()).unwrap(), true);
+    }
     check(|l| Affine::new(l, Default::default()).unwrap(), true);
     check(|l| XMat::new(l, Default::default()).unwrap(), false);
     check(|l| Lra::new(l, Default::default()).unwrap(), false);

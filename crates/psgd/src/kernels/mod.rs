@@ -17,11 +17,14 @@
 //!   triangular solve.
 //! - [`linalg`]: Gram products, the norm lower bound, the small dense solve.
 //! - [`precision`]: matmul precision (a product at bfloat16/float32).
+//! - [`subspace`]: the randomised norm bounds and the Procrustes step of the
+//!   inverse-free Kron rules.
 
 pub mod elementwise;
 pub mod fused;
 pub mod linalg;
 pub mod precision;
+pub mod subspace;
 pub mod triangular;
 
 use elementwise::Flat;

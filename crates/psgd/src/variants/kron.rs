@@ -40,6 +40,41 @@ impl crate::options::Choice for MemorySaveMode {
 }
 crate::options::choice_option!(MemorySaveMode, "'one_diag' | 'all_diag'");
 
+/// How Kron's factors are fitted (`updateRule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateRule {
+    /// psgd-jax 0.2.9's rule: triangular factors, `dQ = E·Q`, each step normalised by a
+    /// deterministic norm bound.
+    Eq,
+    /// psgd_torch's `Q0.5EQ1.5` (PRO): full factors, `dQ = Q^0.5·E·Q^1.5` with a
+    /// Procrustes step toward symmetric positive definite; no triangular solve.
+    Pro,
+    /// psgd_torch's `QUAD`: full symmetric factors, a quadratic form of the fit.
+    Quad,
+}
+
+impl UpdateRule {
+    /// Whether the rule keeps full factors and a Lipschitz bound (PRO, QUAD).
+    pub fn inverse_free(self) -> bool {
+        self != UpdateRule::Eq
+    }
+}
+
+impl crate::options::Choice for UpdateRule {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("EQ", UpdateRule::Eq),
+        ("Q0.5EQ1.5", UpdateRule::Pro),
+        ("PRO", UpdateRule::Pro),
+        ("QUAD", UpdateRule::Quad),
+    ];
+}
+crate::options::choice_option!(UpdateRule, "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'");
+
+mod whiten;
+
+/// Tensors per leaf and factor.
+type PerLeaf = Vec<Vec<Tensor>>;
+
 /// The damping `δ` of the automatic initial scale `(mean(|g|⁴) + δ⁴)^(-1/8)`, as
 /// psgd_torch's Kron: it bounds the scale by `δ^(-1/2)` ≈ 3.2e4, so a first gradient that
 /// is tiny (1e-33, a subnormal, a single tiny entry) cannot make a preconditioner so large
@@ -78,6 +113,22 @@ crate::declare_options! {
         momentum_into_precond_update: bool = true;
         /// Step size of the preconditioner fit (≥ 0). Default 0.1.
         preconditioner_lr: f64 = 0.1, check |v: &f64| check::precond_lr(*v);
+        /// How the factors are fitted. `'EQ'` (default): psgd-jax 0.2.9's rule, with
+        /// triangular factors and a triangular solve per fit. `'Q0.5EQ1.5'` (alias
+        /// `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
+        /// positive definite by a Procrustes rotation and no triangular solve (matrix
+        /// products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
+        /// factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+        /// `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
+        /// (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
+        /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
+        /// Not in psgd-jax.
+        update_rule: UpdateRule = UpdateRule::Eq;
+        /// Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+        /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
+        /// latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
+        /// Not in psgd-jax.
+        lipschitz_beta: f64 = 0.9, check check::momentum;
         /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
         /// Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
         /// `g` of each leaf (of each layer with `scannedLayers`), `(mean(|g|⁴) + δ⁴)^(-1/8)`
@@ -438,7 +489,10 @@ fn precondition(g: &Tensor, f: Factors, plan: &LeafPlan, p: Precision) -> Result
                     Gram::Dense(m) => p.matmul(&xt, m),
                 }
             })?;
-            return Ok(y.reshape(plan.batched_shape())?);
+            // `g` may be a slice of the layers (`laxMapScannedLayers`)
+            let mut shape = vec![g.dim(0)?];
+            shape.extend(&plan.dims);
+            return Ok(y.reshape(shape)?);
         }
         Factors::Qs(qs) => qs,
     };
@@ -511,7 +565,15 @@ fn merge_small_axes(plan: &LeafPlan, ps: &[Tensor]) -> Result<(Vec<usize>, Vec<G
 /// state keeps them and an apply-only step is one product per axis. They are formed at
 /// the first step that does not fit the factors, not at the fit itself: while every step
 /// fits (psgd-jax's default schedule does for the first 500), they would go unused.
-fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Vec<Tensor>> {
+fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, full: bool) -> Result<Vec<Tensor>> {
+    if full {
+        let batched = qs
+            .iter()
+            .enumerate()
+            .map(|(i, q)| plan.batched_q(i, q))
+            .collect::<Result<Vec<_>>>()?;
+        return whiten::full_grams(&batched, plan, p);
+    }
     qs.iter()
         .enumerate()
         .map(|(i, q)| factor_gram(&plan.batched_q(i, q)?, !plan.diag[i], p))
@@ -558,6 +620,22 @@ fn update_factors(
         .collect()
 }
 
+/// Takes the Lipschitz bound `name` from a loaded state: float32, finite and ≥ 0.
+fn load_bound(f: &mut LoadedState, name: &str) -> Result<Tensor> {
+    let t = f.take(name)?;
+    let bad = t.dtype() != DType::F32
+        || t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .any(|v| !(v.is_finite() && *v >= 0.0));
+    if bad {
+        return Err(PsgdError::State(format!(
+            "tensor '{name}' (a Lipschitz bound) must be finite float32 values ≥ 0"
+        )));
+    }
+    Ok(t)
+}
+
 /// Rescales a leaf's factors so each has the same largest entry (their geometric mean);
 /// the preconditioner they form is unchanged.
 fn balance(qs: &[Tensor], plan: &LeafPlan) -> Result<Vec<Tensor>> {
@@ -596,8 +674,12 @@ pub type KronState = PsgdState<KronFactors>;
 /// Kron's preconditioner state.
 #[derive(Debug, Clone)]
 pub struct KronFactors {
-    /// Factors per leaf, in psgd-jax's shapes.
+    /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
+    /// inverse-free rules).
     pub qs: Vec<Vec<Tensor>>,
+    /// Under the inverse-free rules (PRO, QUAD): per leaf and factor the running Lipschitz
+    /// bound of the fit, float32 `(B,)` (0 before the first fit). Empty under EQ.
+    pub ls: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
     /// float32, batched `(B, d, d)` / `(B, d)`. `None` until a step that does not fit the
     /// factors needs them; set it to `None` after editing `qs` by hand.
@@ -620,7 +702,26 @@ impl KronPreconditioner {
         self.plans
             .iter()
             .zip(qs)
-            .map(|(plan, q)| grams(q, plan, self.options.grads_precision()))
+            .map(|(plan, q)| {
+                grams(
+                    q,
+                    plan,
+                    self.options.grads_precision(),
+                    self.options.update_rule.inverse_free(),
+                )
+            })
+            .collect()
+    }
+
+    /// A leaf's Lipschitz bounds before the first fit: zeros per factor under the
+    /// inverse-free rules, none under EQ.
+    fn init_bounds(&self, plan: &LeafPlan, device: &Device) -> Result<Vec<Tensor>> {
+        if !self.options.update_rule.inverse_free() {
+            return Ok(vec![]);
+        }
+        plan.dims
+            .iter()
+            .map(|_| Ok(Tensor::zeros(plan.batch, DType::F32, device)?))
             .collect()
     }
 
@@ -670,6 +771,7 @@ impl KronPreconditioner {
         lr: f64,
         rng: &mut dyn RandomSource,
     ) -> Result<Vec<Vec<Tensor>>> {
+        // the EQ fit (psgd-jax's): one balance draw, then the probes of every leaf
         let do_balance = rng.uniform()? < 0.01;
         let probes = self
             .leaves
@@ -705,18 +807,108 @@ impl KronPreconditioner {
         })
     }
 
+    /// The inverse-free fit (PRO, QUAD) of every leaf: the draws leaf by leaf in
+    /// psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; returns the new
+    /// factors and Lipschitz bounds.
+    fn fit_inverse_free(
+        &self,
+        qs: &[Vec<Tensor>],
+        ls: &[Vec<Tensor>],
+        inputs: &[Tensor],
+        lr: f64,
+        rng: &mut dyn RandomSource,
+    ) -> Result<(PerLeaf, PerLeaf)> {
+        let draws = self
+            .leaves
+            .iter()
+            .zip(&self.plans)
+            .zip(inputs)
+            .map(|((spec, plan), x)| {
+                whiten::draw(plan, &spec.shape, self.options.update_rule, rng, x.device())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fit = whiten::Fit {
+            rule: self.options.update_rule,
+            lr,
+            beta: self.options.lipschitz_beta,
+            precision: self.options.update_precision(),
+        };
+        let out = stages::map_leaves(&self.leaves, |l| {
+            let (plan, d) = (&self.plans[l], &draws[l]);
+            let shape = plan.batched_shape();
+            let gn = whiten::damp(&inputs[l], &d.nu)?.reshape(shape.as_slice())?;
+            let bq = qs[l]
+                .iter()
+                .enumerate()
+                .map(|(i, q)| plan.batched_q(i, q))
+                .collect::<Result<Vec<_>>>()?;
+            let n = bq.len();
+            // every input of the fit, batched along axis 0: factors, bounds, the damped
+            // input, then each dense factor's subspaces
+            let mut ins: Vec<&Tensor> = bq.iter().chain(&ls[l]).collect();
+            ins.push(&gn);
+            for (spd, skh) in d.subspaces.iter().flatten() {
+                ins.push(spd);
+                ins.extend(skh);
+            }
+            let rule = self.options.update_rule;
+            let new = self.map_batches(plan, &ins, |t| {
+                let mut at = 2 * n + 1;
+                let subspaces = d
+                    .subspaces
+                    .iter()
+                    .map(|s| {
+                        s.as_ref().map(|_| {
+                            let spd = t[at].clone();
+                            at += 1;
+                            let skh = (rule == UpdateRule::Pro).then(|| {
+                                at += 1;
+                                t[at - 1].clone()
+                            });
+                            (spd, skh)
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                let (q, l) =
+                    whiten::fit_leaf(&t[..n], &t[n..2 * n], &t[2 * n], &subspaces, plan, fit)?;
+                Ok(q.into_iter().chain(l).collect())
+            })?;
+            let (q, l) = new.split_at(n);
+            let q = if d.balance {
+                balance(q, plan)?
+            } else {
+                q.to_vec()
+            };
+            let q = q
+                .iter()
+                .zip(&plan.stored)
+                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((q, l.to_vec()))
+        })?;
+        Ok(out.into_iter().unzip())
+    }
+
     /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
     /// `f` holds the kept grams (already batched) or the factors in their stored shapes.
     fn apply_leaf(&self, plan: &LeafPlan, f: Factors, m: &Tensor) -> Result<Tensor> {
         let shape = m.dims().to_vec();
         let x = m.reshape(plan.batched_shape().as_slice())?;
-        let batched = match f {
-            Factors::Grams(ps) => ps.to_vec(),
-            Factors::Qs(qs) => qs
-                .iter()
-                .enumerate()
-                .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?,
+        let (batched, f) = match f {
+            Factors::Grams(ps) => (ps.to_vec(), f),
+            // full factors (the inverse-free rules) are applied through their grams: the
+            // products with `Qᵢ` and `Qᵢᵀ` in turn are for triangular ones
+            Factors::Qs(qs) if self.options.update_rule.inverse_free() => {
+                let ps = grams(qs, plan, self.options.grads_precision(), true)?;
+                (ps, Factors::Grams(&[]))
+            }
+            Factors::Qs(qs) => (
+                qs.iter()
+                    .enumerate()
+                    .map(|(i, q)| plan.batched_q(i, q))
+                    .collect::<Result<Vec<_>>>()?,
+                f,
+            ),
         };
         let n = batched.len();
         let mut ins: Vec<&Tensor> = batched.iter().collect();
@@ -769,8 +961,14 @@ impl Preconditioner for KronPreconditioner {
                         leaf.path
                     ),
                     option: (!diag).then_some("maxSizeTriangular"),
-                    // a dense factor keeps its QᵀQ next to it
-                    elems: if diag { elems } else { 2 * elems },
+                    // a dense factor keeps its QᵀQ next to it; the inverse-free rules keep
+                    // a Lipschitz bound per layer
+                    elems: if diag { elems } else { 2 * elems }
+                        + if self.options.update_rule.inverse_free() {
+                            plan.batch as u128
+                        } else {
+                            0
+                        },
                 });
             }
         }
@@ -783,7 +981,12 @@ impl Preconditioner for KronPreconditioner {
             .iter()
             .map(|plan| plan.init_factors(self.precond_dtype(), device))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KronFactors { qs, ps: None })
+        let ls = self
+            .plans
+            .iter()
+            .map(|plan| self.init_bounds(plan, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KronFactors { qs, ls, ps: None })
     }
 
     fn first_step(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Option<KronFactors>> {
@@ -793,7 +996,11 @@ impl Preconditioner for KronPreconditioner {
         let qs = stages::map_leaves(&self.leaves, |l| {
             self.plans[l].auto_scaled(&st.qs[l], &grads[l])
         })?;
-        Ok(Some(KronFactors { qs, ps: None }))
+        Ok(Some(KronFactors {
+            qs,
+            ls: st.ls.clone(),
+            ps: None,
+        }))
     }
 
     fn update(
@@ -802,8 +1009,17 @@ impl Preconditioner for KronPreconditioner {
         inputs: &FitInputs,
         rng: &mut dyn RandomSource,
     ) -> Result<KronFactors> {
+        if self.options.update_rule.inverse_free() {
+            let (qs, ls) =
+                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, inputs.precond_lr, rng)?;
+            return Ok(KronFactors { qs, ls, ps: None });
+        }
         let qs = self.update_preconditioners(&st.qs, inputs.hvps, inputs.precond_lr, rng)?;
-        Ok(KronFactors { qs, ps: None })
+        Ok(KronFactors {
+            qs,
+            ls: st.ls.clone(),
+            ps: None,
+        })
     }
 
     fn prepare_apply(&self, st: KronFactors, fitted: bool) -> Result<KronFactors> {
@@ -812,16 +1028,19 @@ impl Preconditioner for KronPreconditioner {
         Ok(match (st.ps, fitted) {
             (_, true) => KronFactors {
                 qs: st.qs,
+                ls: st.ls,
                 ps: None,
             },
             (Some(ps), false) => KronFactors {
                 qs: st.qs,
+                ls: st.ls,
                 ps: Some(ps),
             },
             (None, false) => {
                 let ps = self.grams_of(&st.qs)?;
                 KronFactors {
                     qs: st.qs,
+                    ls: st.ls,
                     ps: Some(ps),
                 }
             }
@@ -845,6 +1064,11 @@ impl Preconditioner for KronPreconditioner {
                 f.tensor(format!("Q.{l}.{i}"), q);
             }
         }
+        for (l, ls) in st.ls.iter().enumerate() {
+            for (i, b) in ls.iter().enumerate() {
+                f.tensor(format!("L.{l}.{i}"), b);
+            }
+        }
     }
 
     fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
@@ -858,7 +1082,20 @@ impl Preconditioner for KronPreconditioner {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KronFactors { qs, ps: None })
+        let ls = self
+            .plans
+            .iter()
+            .enumerate()
+            .map(|(l, plan)| {
+                if !self.options.update_rule.inverse_free() {
+                    return Ok(vec![]);
+                }
+                (0..plan.stored.len())
+                    .map(|i| load_bound(f, &format!("L.{l}.{i}")))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KronFactors { qs, ls, ps: None })
     }
 
     fn check(&self, s: &KronFactors) -> Result<()> {
@@ -883,6 +1120,35 @@ impl Preconditioner for KronPreconditioner {
                     plan.stored
                 )));
             }
+        }
+        let bounds = if self.options.update_rule.inverse_free() {
+            |plan: &LeafPlan| plan.dims.len()
+        } else {
+            |_: &LeafPlan| 0
+        };
+        for ((spec, plan), ls) in self.leaves.iter().zip(&self.plans).zip(&s.ls) {
+            if ls.len() != bounds(plan)
+                || ls
+                    .iter()
+                    .any(|b| b.dims() != [plan.batch] || b.dtype() != DType::F32)
+            {
+                return Err(PsgdError::State(format!(
+                    "Lipschitz bounds of '{}' are {:?}, expected {} float32 of shape [{}] \
+                     (updateRule {})",
+                    spec.path,
+                    ls.iter().map(|b| b.dims().to_vec()).collect::<Vec<_>>(),
+                    bounds(plan),
+                    plan.batch,
+                    crate::options::choice_name(self.options.update_rule)
+                )));
+            }
+        }
+        if s.ls.len() != self.leaves.len() {
+            return Err(PsgdError::State(format!(
+                "has Lipschitz bounds for {} leaves, the optimizer has {}",
+                s.ls.len(),
+                self.leaves.len()
+            )));
         }
         let ps_ok = s.ps.as_ref().is_none_or(|all| {
             all.len() == s.qs.len()

@@ -1,0 +1,298 @@
+//! Kron's update rules (`updateRule`): psgd-jax's EQ and psgd_torch's inverse-free
+//! `Q0.5EQ1.5` (PRO) and `QUAD`, as a user runs them: whitening a gradient of known
+//! covariance, state bytes, every leaf kind, training.
+
+use candle_core::{DType, Device, Tensor};
+use psgd::{
+    Kron, KronOptions, LeafSpec, RandomSource, Schedule, SeededRandom, Transform, UpdateRule,
+};
+
+const RULES: [UpdateRule; 3] = [UpdateRule::Eq, UpdateRule::Pro, UpdateRule::Quad];
+
+fn options(rule: UpdateRule) -> KronOptions {
+    KronOptions {
+        update_rule: rule,
+        preconditioner_update_probability: Some(Schedule::Constant(1.0)),
+        ..Default::default()
+    }
+}
+
+/// A float64 matrix from a function of its indices.
+fn matrix(n: usize, f: impl Fn(usize, usize) -> f64) -> Tensor {
+    let v: Vec<f64> = (0..n * n).map(|k| f(k / n, k % n)).collect();
+    Tensor::from_vec(v, (n, n), &Device::Cpu).unwrap()
+}
+
+/// `‖(P₁C₁P₁) ⊗ (P₂C₂P₂) − I‖_F / √n`: how far `P·C·P` is from the identity for a
+/// Kronecker covariance `C = C₁ ⊗ C₂` and preconditioner `P = P₁ ⊗ P₂` (float64).
+fn whitening_distance(ps: &[Tensor], cs: &[Tensor]) -> f64 {
+    let ms: Vec<Tensor> = ps
+        .iter()
+        .zip(cs)
+        .map(|(p, c)| p.matmul(c).unwrap().matmul(p).unwrap())
+        .collect();
+    let scalar = |t: Tensor| t.to_scalar::<f64>().unwrap();
+    let fro2 = |m: &Tensor| scalar(m.sqr().unwrap().sum_all().unwrap());
+    let trace = |m: &Tensor| {
+        let eye = matrix(m.dim(0).unwrap(), |i, j| f64::from(i == j));
+        scalar((m * eye).unwrap().sum_all().unwrap())
+    };
+    let n = (ms[0].dim(0).unwrap() * ms[1].dim(0).unwrap()) as f64;
+    let d2 = fro2(&ms[0]) * fro2(&ms[1]) - 2.0 * trace(&ms[0]) * trace(&ms[1]) + n;
+    (d2.max(0.0) / n).sqrt()
+}
+
+/// Gradients `G = A₁ Z A₂ᵀ` (Z standard normal) of an 8×4 leaf have the covariance
+/// `C₁ ⊗ C₂` with `Cᵢ = AᵢAᵢᵀ`; fitting on them, every rule whitens: `P·C·P` gets close
+/// to `I`, at two fit step sizes; the inverse-free rules end closer to `I` than EQ. The
+/// distances per rule and step count are printed (`--nocapture`).
+#[test]
+fn every_rule_whitens_a_kronecker_covariance() {
+    let dev = Device::Cpu;
+    let a1 = matrix(8, |i, j| {
+        if i == j {
+            1.0 + 0.25 * i as f64
+        } else {
+            0.3 * ((i * 3 + j * 5) % 7) as f64 / 7.0
+        }
+    });
+    let a2 = matrix(4, |i, j| {
+        if i == j {
+            2.0 - 0.3 * i as f64
+        } else {
+            0.2 * ((i + 2 * j) % 3) as f64
+        }
+    });
+    let cs = [&a1, &a2].map(|a| a.matmul(&a.t().unwrap()).unwrap());
+    let eyes = [8, 4].map(|n| matrix(n, |i, j| f64::from(i == j)));
+    let start = whitening_distance(&eyes, &cs);
+    let steps = 3000;
+    for lr in [0.1, 0.3] {
+        let mut late_by_rule = vec![];
+        for rule in RULES {
+            let o = KronOptions {
+                b1: 0.0,
+                momentum_into_precond_update: false,
+                learning_rate: Schedule::Constant(0.0),
+                preconditioner_lr: lr,
+                ..options(rule)
+            };
+            let kron = Kron::new(vec![LeafSpec::new("w", &[8, 4])], o).unwrap();
+            let params = vec![Tensor::zeros((8, 4), DType::F32, &dev).unwrap()];
+            let mut state = kron.init(&params).unwrap();
+            let mut dists = vec![];
+            for step in 1..=steps {
+                let z = SeededRandom::for_step(7, step as u64)
+                    .normal(&[8, 4], &dev)
+                    .unwrap();
+                let z = z.to_dtype(DType::F64).unwrap();
+                let g = a1.matmul(&z).unwrap().matmul(&a2.t().unwrap()).unwrap();
+                let g = g.to_dtype(DType::F32).unwrap();
+                state = kron.update(&[g], &state, Some(&params)).unwrap().1;
+                let ps: Vec<Tensor> = state.precond.qs[0]
+                    .iter()
+                    .map(|q| {
+                        let q = q.to_dtype(DType::F64).unwrap();
+                        q.t().unwrap().matmul(&q).unwrap()
+                    })
+                    .collect();
+                dists.push(whitening_distance(&ps, &cs));
+            }
+            let first_below = |x: f64| dists.iter().position(|&d| d < x).map(|i| i + 1);
+            let mean =
+                |r: std::ops::Range<usize>| dists[r.clone()].iter().sum::<f64>() / r.len() as f64;
+            let (reach, late) = (first_below(0.5), mean(1000..steps));
+            eprintln!(
+                "whitening {rule:?} (preconditionerLr {lr}, from {start:.2}): after \
+                 10/20/50/100 fits {:.3}/{:.3}/{:.3}/{:.3}; first below 0.5 at fit {reach:?}; \
+                 mean over fits 1001-3000 {late:.3}",
+                dists[9], dists[19], dists[49], dists[99]
+            );
+            assert!(start > 10.0);
+            assert!(
+                reach.is_some_and(|n| n <= 100),
+                "{rule:?}, lr {lr}: first below 0.5 at {reach:?}"
+            );
+            assert!(late < 1.0, "{rule:?}, lr {lr}: mean distance {late}");
+            late_by_rule.push(late);
+        }
+        // the inverse-free rules settle closer to white than EQ at the same step size
+        assert!(
+            late_by_rule[1] < late_by_rule[0] && late_by_rule[2] < late_by_rule[0],
+            "lr {lr}: {late_by_rule:?}"
+        );
+    }
+}
+
+/// A scanned 2-D leaf (3 layers), a 3-D leaf with one diagonal axis, a 1-D leaf and a
+/// scalar, under each rule: finite updates, the Lipschitz bounds (under PRO and QUAD)
+/// positive, and the state bytes round-trip bit for bit and continue identically.
+#[test]
+fn every_leaf_kind_runs_and_the_state_round_trips_under_every_rule() {
+    let dev = Device::Cpu;
+    let mut scanned = LeafSpec::new("layers", &[3, 4, 5]);
+    scanned.scanned = true;
+    let leaves = vec![
+        scanned,
+        LeafSpec::new("conv", &[2, 3, 40]),
+        LeafSpec::new("bias", &[6]),
+        LeafSpec::new("scale", &[]),
+    ];
+    let params: Vec<Tensor> = leaves
+        .iter()
+        .enumerate()
+        .map(|(k, l)| {
+            SeededRandom::for_step(11, k as u64)
+                .normal(&l.shape, &dev)
+                .unwrap()
+        })
+        .collect();
+    for rule in RULES {
+        let o = KronOptions {
+            max_size_triangular: 32,
+            lax_map_scanned_layers: true,
+            lax_map_batch_size: 2,
+            ..options(rule)
+        };
+        let kron = Kron::new(leaves.clone(), o).unwrap();
+        let grads = |k: u64| -> Vec<Tensor> {
+            params
+                .iter()
+                .map(|p| {
+                    let n = SeededRandom::for_step(k, 5).normal(p.dims(), &dev).unwrap();
+                    (p + (n * 0.1).unwrap()).unwrap()
+                })
+                .collect()
+        };
+        let mut state = kron.init(&params).unwrap();
+        for k in 0..4 {
+            let (u, s) = kron
+                .update(&grads(k), &state, Some(&params))
+                .unwrap_or_else(|e| panic!("{rule:?}: {e}"));
+            for t in &u {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(v.iter().all(|x| x.is_finite()), "{rule:?}: {v:?}");
+            }
+            state = s;
+        }
+        let ls = &state.precond.ls;
+        if rule == UpdateRule::Eq {
+            assert!(ls.iter().all(|l| l.is_empty()));
+        } else {
+            assert_eq!(ls.iter().map(|l| l.len()).collect::<Vec<_>>(), [2, 3, 1, 1]);
+            for (l, b) in ls.iter().zip([3usize, 1, 1, 1]) {
+                for t in l {
+                    let v = t.to_vec1::<f32>().unwrap();
+                    assert_eq!(v.len(), b);
+                    assert!(v.iter().all(|x| *x > 0.0), "{rule:?}: {v:?}");
+                }
+            }
+            // the dense factors are full, not triangular
+            let q = state.precond.qs[1][2].to_vec2::<f32>().unwrap_or_default();
+            let q0 = state.precond.qs[1][1].to_vec2::<f32>().unwrap();
+            assert!(q.is_empty(), "axis 2 of 40 > 32 is diagonal");
+            assert!(q0[1][0] != 0.0, "{rule:?}: {q0:?}");
+        }
+        let bytes = kron.state_to_bytes(&state).unwrap();
+        let loaded = kron.state_from_bytes(&bytes, &dev).unwrap();
+        assert_eq!(kron.state_to_bytes(&loaded).unwrap(), bytes, "{rule:?}");
+        let values = |u: &[Tensor]| -> Vec<Vec<f32>> {
+            u.iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        let (u1, s1) = kron.update(&grads(9), &state, Some(&params)).unwrap();
+        let (u2, s2) = kron.update(&grads(9), &loaded, Some(&params)).unwrap();
+        assert_eq!(values(&u1), values(&u2), "{rule:?}");
+        assert_eq!(
+            kron.state_to_bytes(&s1).unwrap(),
+            kron.state_to_bytes(&s2).unwrap(),
+            "{rule:?}"
+        );
+    }
+}
+
+/// A state saved under one rule does not load into an optimizer with another: the
+/// Lipschitz bounds are missing or left over, and the error names them.
+#[test]
+fn a_state_of_another_rule_is_refused() {
+    let dev = Device::Cpu;
+    let leaves = vec![LeafSpec::new("w", &[3, 4])];
+    let params = vec![Tensor::ones((3, 4), DType::F32, &dev).unwrap()];
+    let eq = Kron::new(leaves.clone(), options(UpdateRule::Eq)).unwrap();
+    let pro = Kron::new(leaves, options(UpdateRule::Pro)).unwrap();
+    let eq_bytes = eq.state_to_bytes(&eq.init(&params).unwrap()).unwrap();
+    let err = pro
+        .state_from_bytes(&eq_bytes, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("L.0.0"), "{err}");
+    let pro_bytes = pro.state_to_bytes(&pro.init(&params).unwrap()).unwrap();
+    assert!(eq.state_from_bytes(&pro_bytes, &dev).is_err());
+}
+
+/// The rule's spellings: `'PRO'` is `'Q0.5EQ1.5'`; an unknown one is a TypeError naming
+/// `updateRule` and listing the valid names; `lipschitzBeta` outside [0, 1) is refused.
+#[test]
+fn update_rule_names_and_lipschitz_beta_are_checked() {
+    use psgd::Options;
+    let read = |v: serde_json::Value| {
+        KronOptions::from_json(v.as_object().unwrap()).map(|o| (o.update_rule, o.lipschitz_beta))
+    };
+    assert_eq!(read(serde_json::json!({})).unwrap(), (UpdateRule::Eq, 0.9));
+    for (name, rule) in [
+        ("EQ", UpdateRule::Eq),
+        ("Q0.5EQ1.5", UpdateRule::Pro),
+        ("PRO", UpdateRule::Pro),
+        ("QUAD", UpdateRule::Quad),
+    ] {
+        assert_eq!(
+            read(serde_json::json!({ "updateRule": name })).unwrap().0,
+            rule
+        );
+    }
+    let err = read(serde_json::json!({ "updateRule": "pro" }))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("updateRule") && err.contains("'Q0.5EQ1.5'"),
+        "{err}"
+    );
+    for bad in [1.0, -0.1] {
+        let err = read(serde_json::json!({ "lipschitzBeta": bad }))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lipschitzBeta"), "{err}");
+    }
+}
+
+/// With `laxMapScannedLayers`, a step that does not fit the factors applies the kept
+/// grams to each slice of layers, whatever the rule (a slice is fewer layers than the
+/// leaf has).
+#[test]
+fn apply_only_steps_run_on_slices_of_scanned_layers() {
+    let dev = Device::Cpu;
+    let mut scanned = LeafSpec::new("layers", &[3, 4, 5]);
+    scanned.scanned = true;
+    let params = vec![SeededRandom::for_step(1, 1)
+        .normal(&[3, 4, 5], &dev)
+        .unwrap()];
+    for rule in RULES {
+        let o = KronOptions {
+            lax_map_scanned_layers: true,
+            lax_map_batch_size: 2,
+            preconditioner_update_probability: Some(Schedule::Constant(0.0)),
+            ..options(rule)
+        };
+        let kron = Kron::new(vec![scanned.clone()], o).unwrap();
+        let mut state = kron.init(&params).unwrap();
+        for _ in 0..2 {
+            let (u, s) = kron
+                .update(&params, &state, Some(&params))
+                .unwrap_or_else(|e| panic!("{rule:?}: {e}"));
+            let v = u[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()));
+            state = s;
+        }
+    }
+}
