@@ -31,6 +31,28 @@ for (const [variant, min] of [
   })
 }
 
+test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO and QUAD) within 1e-5', (t) => {
+  const r = conformance(path.join(root, 'fixtures', 'kron-torch'))
+  t.is(r.status, 0, r.stdout + r.stderr)
+  const lines = r.stdout.trim().split('\n')
+  const cases = lines.slice(0, -1)
+  t.true(cases.length >= 9, `${cases.length} cases`)
+  for (const line of cases) {
+    const m = /^PASS {2}torch_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
+    t.truthy(m, line)
+    t.true(Number(m?.[2]) <= 1e-5, line)
+  }
+  t.is(lines[lines.length - 1], `${cases.length} passed, 0 failed`)
+})
+
+test.serial('npm run conformance -- fixtures runs the psgd-jax and the psgd_torch cases together', (t) => {
+  const r = conformance(path.join(root, 'fixtures'))
+  t.is(r.status, 0, r.stdout + r.stderr)
+  t.regex(r.stdout, /^PASS {2}torch_pro_ranks /m)
+  t.regex(r.stdout, /^PASS {2}kron_basic /m)
+  t.regex(r.stdout.trim().split('\n').pop() ?? '', /^\d+ passed, 0 failed$/)
+})
+
 test.serial('npm run conformance prints one line per case and "N passed, 0 failed"', (t) => {
   const out = execFileSync(process.execPath, [script, fixtures], { cwd: root, encoding: 'utf8' })
   const lines = out.trim().split('\n')

@@ -402,3 +402,41 @@ test('updateRule: an unknown rule is a TypeError naming the option and the valid
   }
   t.throws(() => kron({ updateRule: 'QUAD', lipschitzBeta: 1 }).init(params), { instanceOf: RangeError, message: /lipschitzBeta/ })
 })
+
+test("updateDecision: 'draw' fits on a random subset of steps, 'counter' on every 1/p-th; a bad value is a TypeError", (t) => {
+  // with b1 0 and a fixed gradient, a step's update changes from the last one exactly when
+  // the preconditioner was fitted
+  const fitted = (updateDecision: 'counter' | 'draw', p: number, steps = 21) => {
+    const opt = kron({ learningRate: 0.01, b1: 0, updateRule: 'PRO', preconditionerUpdateProbability: p, updateDecision, seed: 3 })
+    const params = { data: new Float32Array(12), shape: [3, 4] }
+    const grad = { data: Float32Array.from({ length: 12 }, (_, i) => Math.sin(i + 1)), shape: [3, 4] }
+    let state = opt.init(params)
+    let last: Float32Array | undefined
+    const out: boolean[] = []
+    for (let i = 0; i < steps; i++) {
+      let u
+      ;[u, state] = opt.update(grad, state)
+      const d = (u as ArrayLeaf).data as Float32Array
+      if (last) {
+        const prev = last
+        const diff = Math.max(...d.map((x, k) => Math.abs(x - prev[k])))
+        out.push(diff > 1e-4 * Math.max(...d.map(Math.abs)))
+      }
+      last = Float32Array.from(d)
+    }
+    return out
+  }
+  const counter = fitted('counter', 0.5)
+  t.deepEqual(
+    counter,
+    counter.map((_, i) => i % 2 === 0),
+    'the counter fits every second step',
+  )
+  const draw = fitted('draw', 0.5)
+  const n = draw.filter(Boolean).length
+  t.true(n > 3 && n < 17, `${n} of 20 steps fitted`)
+  t.notDeepEqual(draw, counter)
+  t.true(fitted('draw', 1, 8).every(Boolean), "'draw' at probability 1 fits every step")
+  const params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
+  t.throws(() => kron({ updateDecision: 'random' as never }).init(params), { instanceOf: TypeError, message: /updateDecision.*'draw'/ })
+})

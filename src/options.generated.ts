@@ -107,6 +107,15 @@ export interface KronNativeOptions {
    */
   preconditionerUpdateProbability?: number | Schedule | null
   /**
+   * How a step decides to fit the preconditioner with probability `p`
+   * (`preconditionerUpdateProbability`). `'counter'` (default, psgd-jax's): a
+   * deterministic counter fits once `1/p` steps have passed since the last fit, with
+   * no random draw. `'draw'` (psgd_torch's): one uniform draw `u` at the start of
+   * every step, even when `p` is 1, and the step fits when `u < p`. Not in
+   * psgd-jax.
+   */
+  updateDecision?: 'counter' | 'draw'
+  /**
    * Axes longer than this get a diagonal factor instead of a triangular one.
    * Default 8192.
    */
@@ -251,6 +260,7 @@ export const VARIANTS = {
       b1: 'value',
       weightDecay: 'value',
       preconditionerUpdateProbability: 'schedule',
+      updateDecision: 'value',
       maxSizeTriangular: 'value',
       minNdimTriangular: 'value',
       memorySaveMode: 'value',

@@ -1,25 +1,43 @@
 #!/usr/bin/env python3
-"""Golden-fixture generator: runs the Python reference psgd-jax 0.2.9 and records
-what it did, in the case format of shared/spec/conformance.md.
+"""Golden-fixture generator: runs a Python reference (psgd-jax 0.2.9, or psgd_torch's
+psgd.py for "reference": "psgd-torch" cases) and records what it did, in the case format
+of shared/spec/conformance.md.
 
-Environment (CPU only; this script installs nothing). The exact command it was run with:
+Environment (CPU only; this script installs nothing). The exact commands it was run with:
 
     python3 -m venv .venv-ref
     .venv-ref/bin/pip install "psgd-jax==0.2.9" "jax==0.4.38" "jaxlib==0.4.38" \
         "optax==0.2.4" "flax==0.10.2" "chex==0.1.88" "numpy<2.2" safetensors
 
-(resolved there to numpy 2.1.3 and safetensors 0.8.0, with Python 3.11.)
+(resolved there to numpy 2.1.3 and safetensors 0.8.0, with Python 3.11), and for the
+psgd-torch cases (a separate venv; jax is not needed there):
+
+    python3 -m venv /tmp/venv-torch
+    /tmp/venv-torch/bin/pip install torch opt_einsum numpy safetensors
+
+(resolved to torch 2.15.0, opt_einsum 3.4.0, numpy 2.4.6, safetensors 0.8.0, Python
+3.11.7; torch runs on the CPU). psgd_torch's psgd.py is fetched, never committed (it has
+no licence): `git show a8616f1:psgd.py` in a clone of github.com/lixilinx/psgd_torch,
+sha256 23fd61872406cc917779d674aeb3c12eba77af6c127c7473e500df27091f38f9.
 
 Usage:
 
     .venv-ref/bin/python scripts/reference/generate_fixtures.py \
         --cases scripts/reference/cases/kron.json --out fixtures/kron
+    /tmp/venv-torch/bin/python scripts/reference/generate_fixtures.py \
+        --cases scripts/reference/cases/kron_torch.json --out fixtures/kron-torch \
+        --psgd-torch /tmp/psgd.py
+
+Each reference is imported only when a case needs it.
 
 CASES.json is a list of {name, variant, options, params, steps, hessian, seed}:
   - params: {path: shape}; a FLAT dict, so JAX's leaf order is the sorted path order.
   - options: psgd-jax keyword arguments (snake_case), passed unchanged. Pytree options
     (weight_decay_mask, scanned_layers) are given as flat {path: bool} dicts.
   - seed: drives numpy's default_rng for the problem (initial params, gradients).
+  - reference (optional): "psgd-torch" runs psgd_torch's KronWhiten instead (variant
+    "kron", whitening form only); its options are KronWhiten's own keyword arguments,
+    and the seed also seeds torch (torch.manual_seed) before the run.
 
 The problem, per leaf (leaves in sorted path order, each drawing h, target, p0 in turn):
 a fixed ill-conditioned diagonal quadratic with curvature h = exp(U(-2, 2)), target
@@ -37,6 +55,19 @@ jax.random.uniform and running everything eagerly under jax.disable_jit(), so th
 lax.cond only runs (and draws in) the branch actually taken. Each case is then re-run
 without the wrappers and without disable_jit (plain eager, and jitted) on the same
 gradients, and the updates must agree within 1e-5 of the update RMS.
+
+psgd-torch cases: KronWhiten.step is given a closure whose loss is sum(p * g_t), so its
+autograd gradient is exactly the problem's g_t, and the parameters move by psgd_torch's
+own step (p -= lr_params * u). The draws are recorded by a tape over torch.randn,
+torch.randn_like and torch.rand, in call order (uniform draws are 0-d). The update of a
+step is recorded where psgd_torch subtracts it from a parameter (-lr_params * u, float32).
+psgd_torch clips each preconditioned gradient (RMS above grad_clip_max_amps[0] is scaled
+down to it, then elements are clamped to +-grad_clip_max_amps[1]); whether that acted,
+and the largest RMS and element of the preconditioned gradients before it, are recorded
+in case.json under "update_clip" (this package's Kron caps the RMS at 1.1 instead, so
+the checker refuses a case where either clip acted). Each case is then replayed under
+another torch seed with the tape handing back the recorded draws, and the updates must
+agree bitwise: the tape holds every random number the run used.
 """
 
 import argparse
@@ -47,20 +78,18 @@ import os
 import shutil
 import sys
 
-import numpy as np
+import hashlib
+import importlib.util
 
-import jax
-import jax.numpy as jnp
-import optax
+import numpy as np
 from safetensors.numpy import save_file
 
-import psgd_jax
-import psgd_jax.kron
-import psgd_jax.xmat
-import psgd_jax.low_rank_approximation
-import psgd_jax.affine
+# imported by import_jax() when a psgd-jax case needs them
+jax = jnp = optax = psgd_jax = None
 
 REFERENCE_VERSION = "0.2.9"
+PSGD_TORCH_SHA256 = "23fd61872406cc917779d674aeb3c12eba77af6c127c7473e500df27091f38f9"
+PSGD_TORCH_COMMIT = "a8616f1"
 SANITY_TOL = 1e-5
 
 # variant name -> optimizer factory (called with the case's options as keyword
@@ -75,6 +104,27 @@ VARIANTS = {
     },
     "affine": {"factory": lambda: psgd_jax.affine.affine, "hessian": True},
 }
+
+
+def import_jax():
+    """Imports jax, optax and psgd-jax (once), checking psgd-jax's version."""
+    global jax, jnp, optax, psgd_jax
+    if psgd_jax is not None:
+        return
+    import jax as _jax
+    import jax.numpy as _jnp
+    import optax as _optax
+    import psgd_jax as _psgd_jax
+    import psgd_jax.kron  # noqa: F401
+    import psgd_jax.xmat  # noqa: F401
+    import psgd_jax.low_rank_approximation  # noqa: F401
+    import psgd_jax.affine  # noqa: F401
+
+    jax, jnp, optax, psgd_jax = _jax, _jnp, _optax, _psgd_jax
+    jax.config.update("jax_platforms", "cpu")
+    installed = importlib.metadata.version("psgd-jax")
+    if installed != REFERENCE_VERSION:
+        sys.exit(f"psgd-jax {installed} installed, need {REFERENCE_VERSION}")
 
 
 # ----------------------------------------------------------------------------------
@@ -267,6 +317,189 @@ def check_kron_draws(case, rec):
     return updated
 
 
+
+# ----------------------------------------------------------------------------------
+# psgd_torch (KronWhiten), for "reference": "psgd-torch" cases
+
+# KronWhiten's keyword arguments (psgd.py at PSGD_TORCH_COMMIT) a case may set
+TORCH_KRON_OPTIONS = {
+    "dQ", "lr_params", "lr_preconditioner", "betaL", "damping", "momentum",
+    "grad_clip_max_amps", "preconditioner_max_size", "preconditioner_max_skew",
+    "preconditioner_init_scale", "preconditioner_update_probability", "whiten_grad",
+    "update_preconditioner_first",
+}
+
+
+def load_psgd_torch(path):
+    """psgd_torch's psgd.py from `path`, checked against its sha256; imports torch."""
+    if path is None:
+        sys.exit("psgd-torch cases need --psgd-torch PATH (psgd_torch's psgd.py)")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != PSGD_TORCH_SHA256:
+        sys.exit(f"{path}: sha256 {digest}, need {PSGD_TORCH_SHA256} "
+                 f"(psgd.py at commit {PSGD_TORCH_COMMIT})")
+    spec = importlib.util.spec_from_file_location("psgd_torch_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TorchTape:
+    """Wraps torch.randn, torch.randn_like and torch.rand. Recording, it appends every
+    result to the list of the current phase; replaying, it hands back the recorded
+    arrays in order instead (failing on another kind or shape)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.phase = None
+        self.draws = {}  # phase -> list of (kind, np.ndarray)
+        self.replay = None  # phase -> list, when replaying
+
+    def set_phase(self, phase):
+        self.check_used()
+        self.phase = phase
+        self.draws.setdefault(phase, [])
+        self.cursor = 0
+
+    def check_used(self):
+        """Replaying: every recorded draw of the current phase was handed back."""
+        if self.replay is not None and self.phase is not None:
+            if self.cursor != len(self.replay[self.phase]):
+                raise RuntimeError(f"phase {self.phase}: {len(self.replay[self.phase])} "
+                                   f"draws recorded, {self.cursor} used")
+
+    def _wrap(self, kind, fn):
+        torch = self.torch
+
+        def wrapper(*args, **kwargs):
+            if self.phase is None:
+                raise RuntimeError(f"torch draw ({kind}) outside a recorded phase")
+            out = fn(*args, **kwargs)
+            if self.replay is not None:
+                recorded = self.replay[self.phase]
+                if self.cursor >= len(recorded):
+                    raise RuntimeError(f"phase {self.phase}: more draws than recorded")
+                rkind, arr = recorded[self.cursor]
+                self.cursor += 1
+                if rkind != kind or tuple(arr.shape) != tuple(out.shape):
+                    raise RuntimeError(f"phase {self.phase}: drew {kind} {tuple(out.shape)}, "
+                                       f"recorded {rkind} {arr.shape}")
+                return torch.from_numpy(arr.copy()).to(out.dtype)
+            if out.dtype != torch.float32:
+                raise RuntimeError(f"torch draw of dtype {out.dtype}; cases are float32")
+            self.draws[self.phase].append((kind, out.detach().numpy().copy()))
+            return out
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def patched(self, replay=None):
+        torch = self.torch
+        self.replay = replay
+        orig = torch.randn, torch.randn_like, torch.rand
+        torch.randn = self._wrap("normal", orig[0])
+        torch.randn_like = self._wrap("normal", orig[1])
+        torch.rand = self._wrap("uniform", orig[2])
+        try:
+            yield self
+        finally:
+            torch.randn, torch.randn_like, torch.rand = orig
+            self.phase = None
+
+
+def torch_kron_options(case):
+    options = dict(case.get("options", {}))
+    unknown = set(options) - TORCH_KRON_OPTIONS
+    if unknown:
+        raise ValueError(f"{case['name']}: not KronWhiten options: {sorted(unknown)}")
+    if case.get("hessian"):
+        raise ValueError(f"{case['name']}: only KronWhiten (the whitening form) is generated")
+    if case["variant"] != "kron":
+        raise ValueError(f"{case['name']}: psgd-torch cases are kron cases")
+    if "grad_clip_max_amps" in options:
+        options["grad_clip_max_amps"] = tuple(options["grad_clip_max_amps"])
+    return options
+
+
+def run_torch_case(case, ref, tape, grads=None, replay=None):
+    """Runs KronWhiten over the case's steps. With `grads` (a list per step) those are fed,
+    else the problem's gradients at the current params. Returns (problem, grads, updates,
+    clip), clip = per step the largest RMS and element of the preconditioned gradients
+    before psgd_torch's clip."""
+    torch = tape.torch
+    problem = Problem(case["params"], case["seed"])
+    options = torch_kron_options(case)
+    max_amps = options.get("grad_clip_max_amps", (2.0, 10.0))
+    params = [torch.nn.Parameter(torch.from_numpy(np.array(problem.p0[p], dtype=np.float32)))
+              for p in problem.paths]
+    seen = {"pre": [], "updates": {}}
+    orig_precond = ref.precond_grad_kron
+
+    def precond_recorder(*args, **kwargs):
+        out = orig_precond(*args, **kwargs)
+        seen["pre"].append(out.detach().clone())  # before the in-place clip
+        return out
+
+    orig_subtract = torch.Tensor.subtract_
+
+    def subtract_recorder(self, other, alpha=1):
+        for i, p in enumerate(params):
+            if self is p:
+                u = (other.detach().reshape(p.shape) * (-alpha)).numpy().copy()
+                seen["updates"][problem.paths[i]] = u.astype(np.float32)
+        return orig_subtract(self, other, alpha=alpha)
+
+    out_grads, updates, clip = [], [], []
+    ref.precond_grad_kron = precond_recorder
+    torch.Tensor.subtract_ = subtract_recorder
+    try:
+        torch.manual_seed(case["seed"] + (1 if replay is not None else 0))
+        with tape.patched(replay), contextlib.redirect_stdout(open(os.devnull, "w")):
+            tape.set_phase("init")
+            opt = ref.KronWhiten(params, **options)
+            for t in range(case["steps"]):
+                tape.set_phase(t)
+                if grads is None:
+                    g = problem.grad({p: x.detach().numpy() for p, x in zip(problem.paths, params)})
+                else:
+                    g = grads[t]
+                gt = [torch.from_numpy(np.array(g[p], dtype=np.float32)) for p in problem.paths]
+
+                def closure():
+                    return sum((x * gx).sum() for x, gx in zip(params, gt))
+
+                seen["pre"], seen["updates"] = [], {}
+                opt.step(closure)
+                if sorted(seen["updates"]) != problem.paths:
+                    raise RuntimeError(f"step {t}: updates of {sorted(seen['updates'])}")
+                out_grads.append(g)
+                updates.append(dict(seen["updates"]))
+                rms = max(float(torch.sqrt(torch.mean(x * x))) for x in seen["pre"])
+                amax = max(float(x.abs().max()) for x in seen["pre"])
+                clip.append({"max_rms": rms, "max_abs": amax,
+                             "acted": rms > max_amps[0] or amax > max_amps[1]})
+            tape.check_used()
+    finally:
+        ref.precond_grad_kron = orig_precond
+        torch.Tensor.subtract_ = orig_subtract
+    return problem, out_grads, updates, clip
+
+
+def record_torch_case(case, ref):
+    import torch
+
+    torch.set_default_dtype(torch.float32)
+    tape = TorchTape(torch)
+    problem, grads, updates, clip = run_torch_case(case, ref, tape)
+    draws = tape.draws
+    replayed = TorchTape(torch)
+    _, _, again, _ = run_torch_case(case, ref, replayed, grads=grads, replay=draws)
+    bitwise = all(np.array_equal(a[p], b[p]) for a, b in zip(updates, again) for p in a)
+    return dict(problem=problem, grads=grads, updates=updates, extras=[], draws=draws,
+                clip=clip, replay_bitwise=bitwise, torch_version=torch.__version__)
+
+
 # ----------------------------------------------------------------------------------
 # output
 
@@ -313,13 +546,31 @@ def write_case(case, rec, out_dir):
         "seed": case["seed"],
         "init_draws": draw_list(rec["draws"]["init"]),
         "draws": [draw_list(rec["draws"][t]) for t in range(case["steps"])],
-        "reference": {
+    }
+    if case.get("reference") == "psgd-torch":
+        meta["reference"] = "psgd-torch"
+        meta["reference_version"] = {
+            "package": "psgd_torch psgd.py",
+            "commit": PSGD_TORCH_COMMIT,
+            "sha256": PSGD_TORCH_SHA256,
+            "torch": rec["torch_version"],
+        }
+        clip = rec["clip"]
+        meta["update_clip"] = {
+            "acted": any(c["acted"] for c in clip),
+            "max_rms": max(c["max_rms"] for c in clip),
+            "max_abs": max(c["max_abs"] for c in clip),
+            "note": "the largest RMS and element of psgd_torch's preconditioned gradients "
+                    "before its clip (grad_clip_max_amps), over steps and leaves; "
+                    "acted: whether that clip changed any of them",
+        }
+    else:
+        meta["reference"] = {
             "package": "psgd-jax",
             "version": REFERENCE_VERSION,
             "jax": jax.__version__,
             "optax": optax.__version__,
-        },
-    }
+        }
     with open(os.path.join(d, "case.json"), "w") as f:
         f.write(dump_json(meta))
 
@@ -341,23 +592,39 @@ def main():
     ap.add_argument("--cases", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", nargs="*", help="generate only these case names")
+    ap.add_argument("--psgd-torch", help="path of psgd_torch's psgd.py (psgd-torch cases)")
     args = ap.parse_args()
-
-    jax.config.update("jax_platforms", "cpu")
-    installed = importlib.metadata.version("psgd-jax")
-    if installed != REFERENCE_VERSION:
-        sys.exit(f"psgd-jax {installed} installed, need {REFERENCE_VERSION}")
 
     with open(args.cases) as f:
         cases = json.load(f)
     names = [c["name"] for c in cases]
     if len(set(names)) != len(names):
         sys.exit("duplicate case names")
+    cases = [c for c in cases if not args.only or c["name"] in args.only]
+    torch_ref = None
+    if any(c.get("reference") == "psgd-torch" for c in cases):
+        torch_ref = load_psgd_torch(args.psgd_torch)
+    if any(c.get("reference", "psgd-jax") == "psgd-jax" for c in cases):
+        import_jax()
     os.makedirs(args.out, exist_ok=True)
 
     failed = 0
     for case in cases:
-        if args.only and case["name"] not in args.only:
+        if case.get("reference") == "psgd-torch":
+            rec = record_torch_case(case, torch_ref)
+            clip = rec["clip"]
+            n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
+            ok = rec["replay_bitwise"]
+            failed += not ok
+            acted = [str(t) for t, c in enumerate(clip) if c["acted"]]
+            balanced = [str(t) for t in range(case["steps"])
+                        if any(k == "uniform" and arr < 0.01 for k, arr in rec["draws"][t][1:])]
+            print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
+                  f" replay {'bitwise' if ok else 'MISMATCH'}"
+                  f" max-rms={max(c['max_rms'] for c in clip):.3f}"
+                  f" clip-acted={','.join(acted) or 'never'}"
+                  f" balanced-steps={','.join(balanced) or 'none'}", flush=True)
+            write_case(case, rec, args.out)
             continue
         # psgd-jax prints its preconditioner sizes on init; keep our output readable
         with contextlib.redirect_stdout(open(os.devnull, "w")):

@@ -1,11 +1,12 @@
-//! Replays golden fixture cases made by psgd-jax 0.2.9 (see `scripts/reference`) through
-//! our optimizers with the reference's own random draws, and measures the difference. A
-//! test and development tool: not part of the published crate or the Node addon.
+//! Replays golden fixture cases made by psgd-jax 0.2.9 or psgd_torch's `psgd.py` (see
+//! `scripts/reference`) through our optimizers with the reference's own random draws, and
+//! measures the difference. A test and development tool: not part of the published crate
+//! or the Node addon.
 
 use candle_core::{DType, Device, Tensor};
 use psgd::random::{Draw, ReplayRandom};
 use psgd::{AnyTransform, Curvature, LeafSpec, PsgdError, Result};
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -108,6 +109,187 @@ fn max_rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
     })
 }
 
+/// The reference a case names: `"psgd-jax"` when it names none (or, as the psgd-jax
+/// fixtures do, an object with its package and version).
+fn reference_of(case: &Value) -> Result<&str> {
+    match case.get("reference") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => Ok("psgd-jax"),
+        Some(Value::String(r)) if r == "psgd-jax" || r == "psgd-torch" => Ok(r.as_str()),
+        Some(other) => Err(bad(format!(
+            "reference {other} is not one the checker replays ('psgd-jax', 'psgd-torch')"
+        ))),
+    }
+}
+
+/// This package's Kron caps each leaf's preconditioned gradient at RMS 1.1 (psgd-jax's
+/// clip); psgd_torch scales an RMS above `grad_clip_max_amps[0]` down to it and then
+/// clamps elements to `±grad_clip_max_amps[1]`. A psgd-torch case is replayed only where
+/// neither acts.
+pub const KRON_RMS_CLIP: f64 = 1.1;
+
+/// Our Kron options for a psgd-torch case: psgd_torch `KronWhiten`'s keyword arguments
+/// (`options`) mapped to this package's, for the case's leaves, with the case's record of
+/// psgd_torch's update clip (`update_clip`). Refuses, naming the option, what cannot be
+/// mapped yet.
+pub fn psgd_torch_options(
+    options: &Map<String, Value>,
+    leaves: &[LeafSpec],
+    update_clip: Option<&Value>,
+) -> Result<Map<String, Value>> {
+    let refuse = |msg: String| -> Result<Map<String, Value>> {
+        Err(bad(format!("psgd-torch case not replayable: {msg}")))
+    };
+    let num = |key: &str, default: f64| -> Result<f64> {
+        match options.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad(format!("psgd-torch option {key} is not a number: {v}"))),
+        }
+    };
+    let flag = |key: &str| options.get(key).and_then(Value::as_bool).unwrap_or(true);
+    const KNOWN: [&str; 13] = [
+        "dQ",
+        "lr_params",
+        "lr_preconditioner",
+        "betaL",
+        "damping",
+        "momentum",
+        "grad_clip_max_amps",
+        "preconditioner_max_size",
+        "preconditioner_max_skew",
+        "preconditioner_init_scale",
+        "preconditioner_update_probability",
+        "whiten_grad",
+        "update_preconditioner_first",
+    ];
+    if let Some(k) = options.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return refuse(format!("'{k}' is not a KronWhiten option"));
+    }
+    let rule = match options
+        .get("dQ")
+        .and_then(Value::as_str)
+        .unwrap_or("Q0.5EQ1.5")
+    {
+        "Q0.5EQ1.5" | "Q0p5EQ1p5" => "Q0.5EQ1.5",
+        "QUAD" => "QUAD",
+        other => {
+            return refuse(format!(
+                "dQ '{other}' has no counterpart here (updateRule 'EQ' is psgd-jax's rule)"
+            ))
+        }
+    };
+    let momentum = num("momentum", 0.0)?;
+    if momentum > 0.0 && momentum < 1.0 {
+        return refuse(format!(
+            "momentum {momentum}: psgd_torch's momentum warm-up min(t/(t+1), momentum) is not \
+             an option here yet"
+        ));
+    }
+    if !flag("whiten_grad") {
+        return refuse("whiten_grad false (whitening the momentum) is not mapped yet".into());
+    }
+    if !flag("update_preconditioner_first") {
+        return refuse(
+            "update_preconditioner_first false (fit after preconditioning) is not an option \
+             here yet"
+                .into(),
+        );
+    }
+    let damping = num("damping", 1e-9)?;
+    if damping != 1e-9 {
+        return refuse(format!(
+            "damping {damping}: the inverse-free rules here damp with 1e-9 + eps·|g|"
+        ));
+    }
+    // the update clip: replayable only where neither psgd_torch's nor ours acted
+    let Some(clip) = update_clip else {
+        return refuse("case.json does not record whether psgd_torch's update clip acted".into());
+    };
+    if clip.get("acted").and_then(Value::as_bool) != Some(false) {
+        return refuse(format!(
+            "psgd_torch's update clip (grad_clip_max_amps) acted in this run: {clip}"
+        ));
+    }
+    let max_rms = clip
+        .get("max_rms")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| bad("update_clip has no max_rms"))?;
+    if max_rms > KRON_RMS_CLIP {
+        return refuse(format!(
+            "a preconditioned gradient reached RMS {max_rms}, above this package's cap \
+             {KRON_RMS_CLIP} (psgd_torch's is grad_clip_max_amps)"
+        ));
+    }
+    // which axes are dense: psgd_torch's rule against ours
+    let largest = leaves
+        .iter()
+        .flat_map(|l| l.shape.iter().copied())
+        .max()
+        .unwrap_or(1);
+    let max_size = match options.get("preconditioner_max_size") {
+        None | Some(Value::Null) => largest,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| bad("preconditioner_max_size is not a number"))?
+            .floor()
+            .clamp(0.0, largest as f64) as usize,
+    };
+    let skew = num("preconditioner_max_skew", 1.0)?;
+    for l in leaves {
+        if l.shape.contains(&1) {
+            return refuse(format!(
+                "leaf '{}' has shape {:?}: psgd_torch squeezes its size-1 axes",
+                l.path, l.shape
+            ));
+        }
+        let numel = l.shape.iter().product::<usize>() as f64;
+        for (axis, &d) in l.shape.iter().enumerate() {
+            let theirs = d <= 1 || d > max_size || (d * d) as f64 > skew * numel;
+            let ours = d == 1 || d > max_size || l.shape.len() < 2;
+            if theirs != ours {
+                return refuse(format!(
+                    "preconditioner_max_skew {skew} makes axis {axis} of leaf '{}' (shape \
+                     {:?}) {} in psgd_torch, {} here",
+                    l.path,
+                    l.shape,
+                    if theirs { "diagonal" } else { "dense" },
+                    if ours { "diagonal" } else { "dense" }
+                ));
+            }
+        }
+    }
+    let init_scale = match options.get("preconditioner_init_scale") {
+        None | Some(Value::Null) if leaves.len() == 1 => Value::Null,
+        None | Some(Value::Null) => {
+            return refuse(
+                "preconditioner_init_scale null with several leaves: psgd_torch takes one \
+                 scale for all of them, this package one per leaf"
+                    .into(),
+            )
+        }
+        Some(v) => v.clone(),
+    };
+    let mut out = Map::new();
+    out.insert("updateRule".into(), json!(rule));
+    out.insert("learningRate".into(), json!(num("lr_params", 0.001)?));
+    out.insert(
+        "preconditionerLr".into(),
+        json!(num("lr_preconditioner", 0.1)?),
+    );
+    out.insert("lipschitzBeta".into(), json!(num("betaL", 0.9)?));
+    out.insert("b1".into(), json!(0.0));
+    out.insert("momentumIntoPrecondUpdate".into(), json!(false));
+    out.insert("maxSizeTriangular".into(), json!(max_size));
+    out.insert("preconditionerInitScale".into(), init_scale);
+    out.insert(
+        "preconditionerUpdateProbability".into(),
+        json!(num("preconditioner_update_probability", 1.0)?),
+    );
+    out.insert("updateDecision".into(), json!("draw"));
+    Ok(out)
+}
+
 /// Runs the case in `dir`.
 pub fn run_case(dir: &Path) -> Result<CaseResult> {
     let name = dir
@@ -141,11 +323,16 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let opt = AnyTransform::new(
-        variant,
-        leaves.clone(),
-        &psgd::options::from_psgd_jax_names(&options),
-    )?;
+    let ours = match reference_of(&case)? {
+        "psgd-torch" => {
+            if variant != "kron" || hessian {
+                return Err(bad("psgd-torch cases are Kron whitening cases"));
+            }
+            psgd_torch_options(&options, &leaves, case.get("update_clip"))?
+        }
+        _ => psgd::options::from_psgd_jax_names(&options),
+    };
+    let opt = AnyTransform::new(variant, leaves.clone(), &ours)?;
     let mut params = leaves
         .iter()
         .map(|l| get_shaped(&ts, &format!("param.{}", l.path), &l.shape))

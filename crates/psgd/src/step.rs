@@ -41,10 +41,16 @@ crate::options::choice_option!(StepNormalizer, "'1st' | '2nd'");
 /// How a step decides whether to fit the preconditioner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpdateDecision {
-    /// Kron: a counter that fires once it reaches `1/p` (no random draw).
+    /// Kron's default (psgd-jax's): a counter that fires once it reaches `1/p` (no random
+    /// draw).
     Counter,
-    /// XMat, LRA, Affine: a uniform draw `u < p`, and always on the first two steps.
-    Draw,
+    /// One uniform draw `u` at the start of every step, fitting when `u < p`, and on the
+    /// first `always` steps whatever `u` is: 2 for XMat, LRA and Affine (psgd-jax's), 0
+    /// for Kron's `updateDecision: 'draw'` (psgd_torch's).
+    Draw {
+        /// Steps (from the first) that fit whatever the draw.
+        always: u64,
+    },
 }
 
 /// What a whitening fit is given.
@@ -260,9 +266,12 @@ impl<P: Preconditioner> Psgd<P> {
             UpdateDecision::Counter => {
                 stages::update_counter(state.update_counter, hyper.update_probability)
             }
-            UpdateDecision::Draw => {
+            UpdateDecision::Draw { always } => {
                 let u = rng.uniform()?;
-                (u < hyper.update_probability as f32 || state.count < 2, 0)
+                (
+                    u < hyper.update_probability as f32 || state.count < always,
+                    0,
+                )
             }
         };
         if !P::WHITENING_VECTOR {
@@ -345,7 +354,7 @@ impl<P: Preconditioner> Psgd<P> {
         let count = f.meta_u64("count")?;
         let update_counter = match self.step.decision {
             UpdateDecision::Counter => f.meta_u64("update_counter")?,
-            UpdateDecision::Draw => 0,
+            UpdateDecision::Draw { .. } => 0,
         };
         if update_counter > count {
             return Err(PsgdError::State(format!(

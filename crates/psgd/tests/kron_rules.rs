@@ -296,3 +296,124 @@ fn apply_only_steps_run_on_slices_of_scanned_layers() {
         }
     }
 }
+
+/// The recorded draws of one PRO fit of a `[3, 4]` leaf (both factors dense), as
+/// psgd_torch makes them: ν, then per factor the norm-bound and Procrustes subspaces,
+/// then the balance decision.
+fn pro_fit_draws() -> Vec<psgd::random::Draw> {
+    use psgd::random::Draw;
+    let normal = |shape: &[usize]| Draw::Normal {
+        shape: shape.to_vec(),
+        data: (0..shape.iter().product::<usize>())
+            .map(|k| ((k * 7 % 11) as f32 - 5.0) / 5.0)
+            .collect(),
+    };
+    vec![
+        normal(&[3, 4]),
+        normal(&[32, 3]),
+        normal(&[32, 3]),
+        normal(&[32, 4]),
+        normal(&[32, 4]),
+        Draw::Uniform(0.5),
+    ]
+}
+
+/// `updateDecision: 'draw'` takes one uniform at the start of every step, even at
+/// probability 1, and fits when it is below the probability (not on the first steps
+/// regardless, as XMat's draw does); `'counter'` (the default) draws nothing for the
+/// decision. A replayed source refuses any draw of another kind or order, and every
+/// recorded draw must be used.
+#[test]
+fn update_decision_draw_takes_one_uniform_every_step() {
+    use psgd::random::{Draw, ReplayRandom};
+    use psgd::{KronUpdateDecision, Options};
+    let dev = Device::Cpu;
+    let leaves = vec![LeafSpec::new("w", &[3, 4])];
+    let params = vec![Tensor::ones((3, 4), DType::F32, &dev).unwrap()];
+    let grads = vec![Tensor::arange(0f32, 12., &dev)
+        .unwrap()
+        .reshape((3, 4))
+        .unwrap()];
+    let make = |decision: KronUpdateDecision, p: f64| {
+        Kron::new(
+            leaves.clone(),
+            KronOptions {
+                update_decision: decision,
+                preconditioner_update_probability: Some(Schedule::Constant(p)),
+                ..options(UpdateRule::Pro)
+            },
+        )
+        .unwrap()
+    };
+    let step = |kron: &Kron, state: &psgd::KronState, draws: Vec<Draw>| {
+        let mut rng = ReplayRandom::new("test", draws);
+        let out = kron
+            .update_with(
+                &grads,
+                state,
+                Some(&params),
+                kron.hyper(state),
+                None,
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!(rng.remaining(), 0, "a recorded draw was not used");
+        out
+    };
+    let factors = |s: &psgd::KronState| -> Vec<Vec<f32>> {
+        s.precond.qs[0]
+            .iter()
+            .map(|q| q.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+
+    // probability 0.5: a draw of 0.7 skips the fit on the very first step (and draws
+    // nothing else); 0.2 fits
+    let kron = make(KronUpdateDecision::Draw, 0.5);
+    let s0 = kron.init(&params).unwrap();
+    let (_, s1) = step(&kron, &s0, vec![Draw::Uniform(0.7)]);
+    assert_eq!(factors(&s1), factors(&s0), "a step above p must not fit");
+    let mut fit = vec![Draw::Uniform(0.2)];
+    fit.extend(pro_fit_draws());
+    let (_, s2) = step(&kron, &s1, fit.clone());
+    assert_ne!(factors(&s2), factors(&s1), "a step below p must fit");
+
+    // probability 1: the uniform is still drawn (0.999 < 1 fits)
+    let kron = make(KronUpdateDecision::Draw, 1.0);
+    let mut fit1 = vec![Draw::Uniform(0.999)];
+    fit1.extend(pro_fit_draws());
+    let s0 = kron.init(&params).unwrap();
+    let (u_draw, _) = step(&kron, &s0, fit1);
+
+    // the counter draws no decision uniform: the fit's own draws alone, same numbers
+    let counter = make(KronUpdateDecision::Counter, 1.0);
+    let (u_counter, _) = step(&counter, &counter.init(&params).unwrap(), pro_fit_draws());
+    assert_eq!(
+        u_draw[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        u_counter[0]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+
+    // the option's names
+    let read = |v: serde_json::Value| {
+        KronOptions::from_json(v.as_object().unwrap()).map(|o| o.update_decision)
+    };
+    assert_eq!(
+        read(serde_json::json!({})).unwrap(),
+        KronUpdateDecision::Counter
+    );
+    assert_eq!(
+        read(serde_json::json!({ "updateDecision": "draw" })).unwrap(),
+        KronUpdateDecision::Draw
+    );
+    let err = read(serde_json::json!({ "updateDecision": "random" }))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("updateDecision") && err.contains("'draw'"),
+        "{err}"
+    );
+}

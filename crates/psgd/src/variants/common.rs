@@ -90,7 +90,7 @@ macro_rules! psgd_options {
                     init_scale: self.precond_init_scale,
                     normalizer: self.step_normalizer_order,
                     precision: self.precision,
-                    decision: $crate::step::UpdateDecision::Draw,
+                    decision: $crate::step::UpdateDecision::Draw { always: 2 },
                     fit_source: $crate::step::FitSource::Gradient,
                     // psgd-jax's XMat tests the option's truth value (0 disables the
                     // clip); LRA and Affine test for None

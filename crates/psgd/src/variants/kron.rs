@@ -70,6 +70,25 @@ impl crate::options::Choice for UpdateRule {
 }
 crate::options::choice_option!(UpdateRule, "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'");
 
+/// How Kron decides whether a step fits the preconditioner (`updateDecision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KronUpdateDecision {
+    /// psgd-jax's deterministic counter: fit once `1/p` steps have passed since the last
+    /// fit. No random draw.
+    Counter,
+    /// psgd_torch's: one uniform draw `u` at the start of every step (even when `p` is 1),
+    /// fitting when `u < p`.
+    Draw,
+}
+
+impl crate::options::Choice for KronUpdateDecision {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("counter", KronUpdateDecision::Counter),
+        ("draw", KronUpdateDecision::Draw),
+    ];
+}
+crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw'");
+
 mod whiten;
 
 /// Tensors per leaf and factor.
@@ -100,6 +119,13 @@ crate::declare_options! {
         /// steps, then annealed to 0.03.
         preconditioner_update_probability: Option<Schedule> = None,
             check |s: &Option<Schedule>| s.as_ref().map_or(Ok(()), check::probability_schedule);
+        /// How a step decides to fit the preconditioner with probability `p`
+        /// (`preconditionerUpdateProbability`). `'counter'` (default, psgd-jax's): a
+        /// deterministic counter fits once `1/p` steps have passed since the last fit, with
+        /// no random draw. `'draw'` (psgd_torch's): one uniform draw `u` at the start of
+        /// every step, even when `p` is 1, and the step fits when `u < p`. Not in
+        /// psgd-jax.
+        update_decision: KronUpdateDecision = KronUpdateDecision::Counter;
         /// Axes longer than this get a diagonal factor instead of a triangular one.
         /// Default 8192.
         max_size_triangular: usize = 8192;
@@ -192,7 +218,10 @@ impl VariantOptions for KronOptions {
             init_scale: self.preconditioner_init_scale,
             normalizer: StepNormalizer::Second,
             precision: self.update_precision(),
-            decision: UpdateDecision::Counter,
+            decision: match self.update_decision {
+                KronUpdateDecision::Counter => UpdateDecision::Counter,
+                KronUpdateDecision::Draw => UpdateDecision::Draw { always: 0 },
+            },
             fit_source: if self.momentum_into_precond_update {
                 FitSource::Momentum
             } else {
