@@ -178,6 +178,7 @@ macro_rules! variants {
                     $(AnyState::$variant(s) => {
                         s.count = count;
                         s.update_counter = s.update_counter.min(count);
+                        s.update_cumulative = s.update_cumulative.min(count as f64);
                     })*
                 }
             }
