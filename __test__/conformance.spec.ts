@@ -36,9 +36,11 @@ test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, 
   t.is(r.status, 0, r.stdout + r.stderr)
   const lines = r.stdout.trim().split('\n')
   const cases = lines.slice(0, -1)
-  t.true(cases.length >= 9, `${cases.length} cases`)
+  t.true(cases.length >= 13, `${cases.length} cases`)
+  // torch_step_*: the step options (momentum, the fit last, the update clip acting)
+  t.true(cases.filter((l) => /^PASS {2}torch_step_/.test(l)).length >= 4)
   for (const line of cases) {
-    const m = /^PASS {2}torch_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
+    const m = /^PASS {2}torch_(?:step_)?(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
     t.truthy(m, line)
     t.true(Number(m?.[2]) <= 1e-5, line)
   }
