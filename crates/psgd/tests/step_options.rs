@@ -452,3 +452,39 @@ fn max_skew_makes_long_axes_diagonal() {
     let err = KronOptions::from_json(&obj).unwrap_err().to_string();
     assert!(err.contains("maxSkew"), "{err}");
 }
+
+/// `regroup` keeps the cumulative sum as it keeps the counter: the sources' largest, at
+/// most the new count; the result loads under `'cumulative'`.
+#[test]
+fn regroup_keeps_the_cumulative_sum() {
+    use psgd::state_io::{regroup, LeafSource};
+    let leaves = leaves();
+    let kron = Kron::new(
+        leaves.clone(),
+        KronOptions {
+            update_decision: KronUpdateDecision::Cumulative,
+            preconditioner_update_probability: Some(Schedule::Constant(0.3)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let fresh = kron.init(&params(&leaves)).unwrap();
+    let mut state = fresh.clone();
+    for t in 1..=5 {
+        state = step(&kron, &state, &grads(&leaves, t, 1.0), t).1;
+    }
+    let picks: Vec<LeafSource> = (0..leaves.len())
+        .map(|l| LeafSource {
+            leaf: l,
+            source: 0,
+            source_leaf: l,
+        })
+        .collect();
+    let saved = kron.state_to_bytes(&state).unwrap();
+    let fresh = kron.state_to_bytes(&fresh).unwrap();
+    for (count, want) in [(5, state.update_cumulative), (1, 1.0)] {
+        let bytes = regroup(&fresh, &[&saved], &picks, None, count).unwrap();
+        let back = kron.state_from_bytes(&bytes, &Device::Cpu).unwrap();
+        assert_eq!(back.update_cumulative, want, "count {count}");
+    }
+}
