@@ -157,7 +157,7 @@ pub enum Clip {
     /// Per leaf: `u / max(1, rms(u)/rms)` (no cap with `rms: None`), then each element
     /// clamped to `±element` (none with `None`). Kron's default is `rms: Some(1.1)`.
     Update {
-        /// The RMS cap ([`clip_rms`]).
+        /// The RMS cap.
         rms: Option<f64>,
         /// The element clamp after it.
         element: Option<f64>,
