@@ -204,3 +204,80 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
     let skew = json!({"preconditioner_init_scale": 1.0, "preconditioner_max_skew": 1.5});
     assert!(map(skew, &[LeafSpec::new("w", &[6, 4])], Some(&clip)).is_ok());
 }
+
+/// distributed-kron 2.0.0's `pro` (PRO and QUAD styles) on merged and blocked shapes
+/// (`[2, 3, 4]` → `[6, 4]`, `[4, 3]` with blocks of 4 and 256, `[10, 7]` and `[9, 5]` in
+/// several blocks of 4, scanned layers in blocks, 1-D leaves, momentum), its runs replayed
+/// with its own draws: every case within 1e-5 of the update's RMS.
+#[test]
+fn kron_dk_fixtures_match_distributed_kron() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron-dk");
+    let results = psgd_conformance::run_dir(&dir).expect("fixture directory");
+    assert!(results.len() >= 11, "only {} kron-dk cases", results.len());
+    let mut rules = std::collections::BTreeSet::new();
+    for r in &results {
+        println!(
+            "{:<32} max rel err {:.3e}  {}",
+            r.name, r.max_rel_err, r.detail
+        );
+        rules.insert(r.name.split('_').nth(1).unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        rules.into_iter().collect::<Vec<_>>(),
+        ["pro", "quad"],
+        "cases of both styles"
+    );
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| !r.passed || r.max_rel_err > 1e-5)
+        .map(|r| format!("{}: {:.3e} {}", r.name, r.max_rel_err, r.detail))
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// A distributed-kron case's options map to ours (`mergeDims: 'twoD'`, `blockSize`, the
+/// Lipschitz smoothing 0.95); what has no counterpart here yet is refused by name.
+#[test]
+fn distributed_kron_options_map_or_are_refused_by_name() {
+    use serde_json::json;
+    let map = |o: serde_json::Value| {
+        psgd_conformance::distributed_kron_options(o.as_object().unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let ok = map(
+        json!({"lr_style": null, "weight_decay": 0.0, "block_size": 4,
+                        "preconditioner_update_style": "QUAD"}),
+    )
+    .unwrap();
+    assert_eq!(ok["mergeDims"], json!("twoD"));
+    assert_eq!(ok["blockSize"], json!(4));
+    assert_eq!(ok["updateRule"], json!("QUAD"));
+    assert_eq!(ok["lipschitzBeta"], json!(0.95));
+    assert_eq!(ok["preconditionerLr"], json!(0.5));
+    assert_eq!(ok["b1"], json!(0.95));
+    let base = json!({"lr_style": null, "weight_decay": 0.0});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut o = base.clone();
+        o[k] = v;
+        o
+    };
+    for (options, expect) in [
+        (json!({"weight_decay": 0.0}), "lr_style absent"),
+        (with("lr_style", json!("adam")), "lr_style \"adam\""),
+        (with("weight_decay", json!(0.1)), "weight_decay 0.1"),
+        (
+            with("preconditioner_init_scale", json!(0.5)),
+            "preconditioner_init_scale 0.5",
+        ),
+        (with("noise_scale", json!(1e-6)), "noise_scale"),
+        (with("normalize_grads", json!(true)), "'normalize_grads'"),
+        (with("pipeline_axis_size", json!(2)), "'pipeline_axis_size'"),
+        (with("preconditioner_update_style", json!("EQ")), "'EQ'"),
+    ] {
+        let err = map(options.clone()).unwrap_err();
+        assert!(
+            err.contains("distributed-kron case not replayable") && err.contains(expect),
+            "{options}: {err}"
+        );
+    }
+}
