@@ -73,7 +73,7 @@ export interface KronStateSize {
  * before making one.
  *
  * ```ts
- * kronStateSize({ w: new Tensor(new Float32Array(6 * 4), [2, 3, 4]) }, { mergeDims: 'twoD' })
+ * kronStateSize({ w: { data: new Float32Array(24), shape: [2, 3, 4] } }, { mergeDims: 'twoD' })
  * // { leaves: [{ path: 'w', factors: [[6, 6], [4, 4]], bytes: 208 }], bytes: 208 }
  * ```
  * @throws TypeError or RangeError for bad options, as {@link kron}.
