@@ -492,7 +492,7 @@ test('mergeDims and blockSize: every rule trains merged and blocked (and scanned
 test('blockSize above every axis changes nothing: blocks of 4 and 256 give the same run on a [4, 3] leaf', (t) => {
   const run = (blockSize: number | null) => {
     const opt = kron({ blockSize, updateRule: 'PRO', preconditionerUpdateProbability: 1 })
-    let state = opt.init(leaf(new Float32Array(12), [4, 3]))
+    let state = opt.init(leaf(new Array<number>(12).fill(0), [4, 3]))
     const out: number[][] = []
     for (let k = 0; k < 3; k++) {
       let u
