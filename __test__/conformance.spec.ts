@@ -1,4 +1,4 @@
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 import { execFileSync, spawnSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
@@ -31,34 +31,30 @@ for (const [variant, min] of [
   })
 }
 
-test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO and QUAD) within 1e-5', (t) => {
-  const r = conformance(path.join(root, 'fixtures', 'kron-torch'))
+/** The cases of `fixtures/<dir>` (at least `min`, named `<prefix>_pro_…` or `<prefix>_quad_…`) all pass within 1e-5. */
+function checkProQuad(t: ExecutionContext, dir: string, prefix: string, min: number): string {
+  const r = conformance(path.join(root, 'fixtures', dir))
   t.is(r.status, 0, r.stdout + r.stderr)
   const lines = r.stdout.trim().split('\n')
   const cases = lines.slice(0, -1)
-  t.true(cases.length >= 9, `${cases.length} cases`)
+  t.true(cases.length >= min, `${cases.length} cases`)
   for (const line of cases) {
-    const m = /^PASS {2}torch_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
+    const m = new RegExp(`^PASS {2}${prefix}_(pro|quad)_\\S+ +max rel err (\\S+) \\(tol 0\\.001\\)`).exec(line)
     t.truthy(m, line)
     t.true(Number(m?.[2]) <= 1e-5, line)
   }
   t.is(lines[lines.length - 1], `${cases.length} passed, 0 failed`)
+  return r.stdout
+}
+
+test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO and QUAD) within 1e-5', (t) => {
+  checkProQuad(t, 'kron-torch', 'torch', 9)
 })
 
 test.serial("every committed kron-dk fixture matches distributed-kron's pro (PRO and QUAD, merged and blocked shapes) within 1e-5", (t) => {
-  const r = conformance(path.join(root, 'fixtures', 'kron-dk'))
-  t.is(r.status, 0, r.stdout + r.stderr)
-  const lines = r.stdout.trim().split('\n')
-  const cases = lines.slice(0, -1)
-  t.true(cases.length >= 11, `${cases.length} cases`)
-  for (const line of cases) {
-    const m = /^PASS {2}dk_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
-    t.truthy(m, line)
-    t.true(Number(m?.[2]) <= 1e-5, line)
-  }
-  t.regex(r.stdout, /^PASS {2}dk_pro_blocks /m)
-  t.regex(r.stdout, /^PASS {2}dk_pro_scanned_blocks /m)
-  t.is(lines[lines.length - 1], `${cases.length} passed, 0 failed`)
+  const out = checkProQuad(t, 'kron-dk', 'dk', 11)
+  t.regex(out, /^PASS {2}dk_pro_blocks /m)
+  t.regex(out, /^PASS {2}dk_pro_scanned_blocks /m)
 })
 
 test.serial('a distributed-kron case with a pro option the checker cannot map yet fails, naming it', (t) => {

@@ -296,19 +296,7 @@ impl LeafPlan {
                 got: spec.shape.clone(),
             });
         }
-        let (batch, slice): (usize, &[usize]) = if spec.scanned {
-            match spec.shape.split_first() {
-                Some((&b, rest)) => (b, rest),
-                None => {
-                    return Err(PsgdError::option_range(
-                        "scanned_layers",
-                        format!("leaf '{}' is 0-d and has no layer axis to scan", spec.path),
-                    ))
-                }
-            }
-        } else {
-            (1, spec.shape.as_slice())
-        };
+        let (batch, slice) = layout::layers(spec)?;
         let lead: Vec<usize> = if spec.scanned { vec![batch] } else { vec![] };
         if slice.is_empty() {
             return Ok(LeafPlan {

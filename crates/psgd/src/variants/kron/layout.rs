@@ -230,6 +230,20 @@ pub(super) struct Layout {
     tag: Option<String>,
 }
 
+/// A leaf's layers (the leading axis of a scanned leaf, else 1) and the shape of one.
+pub(super) fn layers(spec: &LeafSpec) -> Result<(usize, &[usize])> {
+    if !spec.scanned {
+        return Ok((1, spec.shape.as_slice()));
+    }
+    match spec.shape.split_first() {
+        Some((&b, rest)) => Ok((b, rest)),
+        None => Err(PsgdError::option_range(
+            "scanned_layers",
+            format!("leaf '{}' is 0-d and has no layer axis to scan", spec.path),
+        )),
+    }
+}
+
 /// The grid coordinates of block `k` of a grid with `counts` blocks per axis, row-major.
 fn grid_index(mut k: usize, counts: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; counts.len()];
@@ -245,19 +259,7 @@ impl Layout {
         let mut parts: Vec<Part> = vec![];
         let mut out = Vec::with_capacity(leaves.len());
         for spec in leaves {
-            let (batch, slice) = if spec.scanned {
-                match spec.shape.split_first() {
-                    Some((&b, rest)) => (b, rest),
-                    None => {
-                        return Err(PsgdError::option_range(
-                            "scanned_layers",
-                            format!("leaf '{}' is 0-d and has no layer axis to scan", spec.path),
-                        ))
-                    }
-                }
-            } else {
-                (1, spec.shape.as_slice())
-            };
+            let (batch, slice) = layers(spec)?;
             let merged = merged_shape(slice, o.merge_dims, o.target_merged_dim_size);
             let diag = factor_kinds(&merged, o);
             let blocks: Vec<Vec<usize>> = merged
