@@ -719,7 +719,10 @@ pub type Kron = Psgd<KronPreconditioner>;
 /// The state of [`Kron`]: plain data, saved and loaded as safetensors.
 pub type KronState = PsgdState<KronFactors>;
 
-/// Kron's preconditioner state.
+/// Kron's preconditioner state. Its lists run over the tensors Kron preconditions: the
+/// leaves, or with `mergeDims` / `blockSize` each leaf's parts in turn (a part is the
+/// merged leaf, or its blocks of one shape stacked along the leading axis, as scanned
+/// layers are; see [`kron_state_size`] for their shapes).
 #[derive(Debug, Clone)]
 pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
