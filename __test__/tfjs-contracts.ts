@@ -74,6 +74,9 @@ const everyKind: Record<string, object[]> = {
       maxSkew: 1,
     },
     { updateClipRms: null, updateDecision: 'draw', momentumWarmup: 'debias', initScaleScope: 'leaf' },
+    // merging and blocks; 'twoD' holds a capital that the rewriting must leave alone
+    { mergeDims: 'twoD', blockSize: 3, updateRule: 'PRO' },
+    { mergeDims: 'small', targetMergedDimSize: 16, blockSize: null },
   ],
   XMatOptimizer: [
     {

@@ -59,36 +59,49 @@ fn affine_fixtures_match_psgd_jax() {
 /// (momentum, the fit last, the update clip acting) under both rules.
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron-torch");
-    let results = psgd_conformance::run_dir(&dir).expect("fixture directory");
-    assert!(
-        results.len() >= 13,
-        "only {} kron-torch cases",
-        results.len()
+    let results = check_pro_quad("kron-torch", 13);
+    let step_rules: std::collections::BTreeSet<&str> = results
+        .iter()
+        .filter_map(|r| r.name.strip_prefix("torch_step_"))
+        .map(|rest| rest.split('_').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        step_rules.into_iter().collect::<Vec<_>>(),
+        ["pro", "quad"],
+        "torch_step_* cases of both rules"
     );
+}
+
+/// The cases under `fixtures/<dir>` (at least `min`), of both the PRO and QUAD rules
+/// (named `<reference>_<rule>_…` or `<reference>_step_<rule>_…`), each within 1e-5 of the
+/// update's RMS.
+fn check_pro_quad(dir: &str, min: usize) -> Vec<psgd_conformance::CaseResult> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(dir);
+    let results = psgd_conformance::run_dir(&path).expect("fixture directory");
+    assert!(results.len() >= min, "only {} {dir} cases", results.len());
     let mut rules = std::collections::BTreeSet::new();
-    let mut step_rules = std::collections::BTreeSet::new();
     for r in &results {
         println!(
             "{:<32} max rel err {:.3e}  {}",
             r.name, r.max_rel_err, r.detail
         );
-        let words: Vec<&str> = r.name.split('_').collect();
-        match words.get(1) {
-            Some(&"step") => step_rules.insert(words.get(2).copied().unwrap_or_default()),
-            other => rules.insert(other.copied().unwrap_or_default()),
-        };
+        let words: Vec<&str> = r.name.split('_').filter(|w| *w != "step").collect();
+        rules.insert(words.get(1).copied().unwrap_or_default().to_string());
     }
-    for set in [rules, step_rules] {
-        let set: Vec<_> = set.into_iter().collect();
-        assert_eq!(set, ["pro", "quad"], "cases of both rules");
-    }
+    assert_eq!(
+        rules.into_iter().collect::<Vec<_>>(),
+        ["pro", "quad"],
+        "cases of both rules"
+    );
     let bad: Vec<String> = results
         .iter()
         .filter(|r| !r.passed || r.max_rel_err > 1e-5)
         .map(|r| format!("{}: {:.3e} {}", r.name, r.max_rel_err, r.detail))
         .collect();
     assert!(bad.is_empty(), "{bad:#?}");
+    results
 }
 
 /// A psgd-torch case's options map to ours (`dQ` → `updateRule`, the draw decision, the
@@ -197,4 +210,60 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         map(skew, &[LeafSpec::new("w", &[6, 4])]).unwrap()["maxSkew"],
         json!(1.0)
     );
+}
+
+/// distributed-kron 2.0.0's `pro` (PRO and QUAD styles) on merged and blocked shapes
+/// (`[2, 3, 4]` → `[6, 4]`, `[4, 3]` with blocks of 4 and 256, `[10, 7]` and `[9, 5]` in
+/// several blocks of 4, scanned layers in blocks, 1-D leaves, momentum), its runs replayed
+/// with its own draws: every case within 1e-5 of the update's RMS.
+#[test]
+fn kron_dk_fixtures_match_distributed_kron() {
+    check_pro_quad("kron-dk", 11);
+}
+
+/// A distributed-kron case's options map to ours (`mergeDims: 'twoD'`, `blockSize`, the
+/// Lipschitz smoothing 0.95); what has no counterpart here yet is refused by name.
+#[test]
+fn distributed_kron_options_map_or_are_refused_by_name() {
+    use serde_json::json;
+    let map = |o: serde_json::Value| {
+        psgd_conformance::distributed_kron_options(o.as_object().unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let ok = map(
+        json!({"lr_style": null, "weight_decay": 0.0, "block_size": 4,
+                        "preconditioner_update_style": "QUAD"}),
+    )
+    .unwrap();
+    assert_eq!(ok["mergeDims"], json!("twoD"));
+    assert_eq!(ok["blockSize"], json!(4));
+    assert_eq!(ok["updateRule"], json!("QUAD"));
+    assert_eq!(ok["lipschitzBeta"], json!(0.95));
+    assert_eq!(ok["preconditionerLr"], json!(0.5));
+    assert_eq!(ok["b1"], json!(0.95));
+    let base = json!({"lr_style": null, "weight_decay": 0.0});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut o = base.clone();
+        o[k] = v;
+        o
+    };
+    for (options, expect) in [
+        (json!({"weight_decay": 0.0}), "lr_style absent"),
+        (with("lr_style", json!("adam")), "lr_style \"adam\""),
+        (with("weight_decay", json!(0.1)), "weight_decay 0.1"),
+        (
+            with("preconditioner_init_scale", json!(0.5)),
+            "preconditioner_init_scale 0.5",
+        ),
+        (with("noise_scale", json!(1e-6)), "noise_scale"),
+        (with("normalize_grads", json!(true)), "'normalize_grads'"),
+        (with("pipeline_axis_size", json!(2)), "'pipeline_axis_size'"),
+        (with("preconditioner_update_style", json!("EQ")), "'EQ'"),
+    ] {
+        let err = map(options.clone()).unwrap_err();
+        assert!(
+            err.contains("distributed-kron case not replayable") && err.contains(expect),
+            "{options}: {err}"
+        );
+    }
 }
