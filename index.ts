@@ -3,6 +3,7 @@
  * @packageDocumentation
  */
 export { kron, Kron, kronStateSize, type KronOptions, type KronStateSize, type KronLeafStateSize } from './src/kron'
+export { kronPresets, type KronPresets } from './src/presets.generated'
 export { xmat, XMat, type XMatOptions } from './src/xmat'
 export { lra, LRA, type LRAOptions } from './src/lra'
 export { affine, Affine, type AffineOptions } from './src/affine'

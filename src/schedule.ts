@@ -29,6 +29,37 @@ export function precondUpdateProbSchedule(options: PrecondUpdateProbScheduleOpti
       throw new TypeError(`precondUpdateProbSchedule: option '${k}' must be a finite number, got ${String(v)}`)
     }
   }
-  const params = { ...options }
-  return (n: number) => native.precondUpdateProb(params, n)
+  const params = Object.freeze({ ...options })
+  const schedule = (n: number): number => native.precondUpdateProb(params, n)
+  annealParams.set(schedule, params)
+  return schedule
+}
+
+/**
+ * The options each {@link precondUpdateProbSchedule} result was made with, so that a
+ * config (a TensorFlow.js optimizer's `getConfig`) can hold the schedule as data.
+ */
+const annealParams = new WeakMap<Schedule, Readonly<PrecondUpdateProbScheduleOptions>>()
+
+/**
+ * A schedule as plain data where it was made by {@link precondUpdateProbSchedule}:
+ * `{ precondUpdateProbSchedule: options }`; `undefined` for any other function.
+ * @internal
+ */
+export function scheduleAsData(f: Schedule): { precondUpdateProbSchedule: PrecondUpdateProbScheduleOptions } | undefined {
+  const params = annealParams.get(f)
+  return params === undefined ? undefined : { precondUpdateProbSchedule: { ...params } }
+}
+
+/**
+ * The schedule a {@link scheduleAsData} result stands for; `undefined` for any other value.
+ * @internal
+ */
+export function scheduleFromData(v: unknown): Schedule | undefined {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return undefined
+  const keys = Object.keys(v)
+  if (keys.length !== 1 || keys[0] !== 'precondUpdateProbSchedule') return undefined
+  const params = (v as { precondUpdateProbSchedule: unknown }).precondUpdateProbSchedule
+  if (typeof params !== 'object' || params === null || Array.isArray(params)) return undefined
+  return precondUpdateProbSchedule(params as PrecondUpdateProbScheduleOptions)
 }

@@ -25,7 +25,7 @@ import {
 } from '@tensorflow/tfjs-core'
 import type { GradientTransformation, OptimizerState, Transformation } from './core'
 import { call, native } from './native'
-import type { Schedule } from './schedule'
+import { scheduleAsData, scheduleFromData, type Schedule } from './schedule'
 import { affine, type AffineOptions } from './affine'
 import { kron, type KronOptions } from './kron'
 import { lra, type LRAOptions } from './lra'
@@ -603,13 +603,21 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
   /**
    * The options, for `tf.serialization` (and `model.save`), with the current
    * {@link PsgdTfjsOptimizer.learningRate}.
-   * @throws TypeError when an option is a function (a schedule or mask), which no config can hold.
+   * A schedule made by `precondUpdateProbSchedule` is written as its options, and
+   * {@link PsgdTfjsOptimizer.fromConfig} makes it again.
+   * @throws TypeError when an option is any other function (a schedule or mask), which no config can hold.
    */
   getConfig(): serialization.ConfigDict {
     const config: serialization.ConfigDict = {}
     for (const [k, v] of Object.entries({ learningRate: this.rate, ...this.options })) {
       if (v === undefined) continue
-      if (typeof v === 'function') throw new TypeError(`${this.variant}.getConfig: option '${k}' is a function, which a config cannot hold`)
+      if (typeof v === 'function') {
+        // a schedule made by precondUpdateProbSchedule is data (its options)
+        const data = scheduleAsData(v as Schedule)
+        if (data === undefined) throw new TypeError(`${this.variant}.getConfig: option '${k}' is a function, which a config cannot hold`)
+        config[k] = data as unknown as serialization.ConfigDictValue
+        continue
+      }
       config[k] = v as serialization.ConfigDictValue
     }
     return config
@@ -635,6 +643,11 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     for (const [k, v] of Object.entries(config)) {
       // tfjs-layers adds its deserialization context to the config; it is no PSGD option
       if (k === 'customObjects') continue
+      const schedule = scheduleFromData(v)
+      if (schedule !== undefined) {
+        options[k] = schedule
+        continue
+      }
       const snake = typeof v === 'string' ? snakeCase(v) : v
       options[k] = snake !== v && !accepts({ [k]: v }) && accepts({ [k]: snake }) ? snake : v
     }

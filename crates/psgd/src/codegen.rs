@@ -182,6 +182,106 @@ pub fn options_reference() -> String {
     out
 }
 
+/// A JSON value as TypeScript source (JSON is TypeScript; integers stay integers).
+fn ts_value(v: &serde_json::Value) -> String {
+    v.to_string()
+}
+
+/// The generated `src/presets.generated.ts`: Kron's presets ([`crate::kron::kron_presets`])
+/// as frozen option objects, with the anneal of a preset's fit probability written as the
+/// `precondUpdateProbSchedule` call that makes it.
+pub fn presets_typescript() -> String {
+    let presets = crate::kron::kron_presets();
+    let mut out = String::from(
+        "// Generated from Kron's presets (crates/psgd/src/variants/kron/presets.rs) by\n\
+         // `cargo test -p psgd generated_presets`; do not edit. A test fails when this file and\n\
+         // the presets differ; rerun with PSGD_WRITE_GENERATED=1 to rewrite it.\n\
+         import type { KronOptions } from './kron'\n\
+         import { precondUpdateProbSchedule } from './schedule'\n\n\
+         /**\n * Kron's presets: option sets under which Kron behaves like another PSGD library.\n * Every preset sets the same options, so a spread of one replaces an earlier one whole;\n * put your own values after it: `kron({ ...kronPresets.psgdTorch, learningRate: 3e-4 })`.\n * What each still does differently is listed in the options reference (docs/options.md).\n */\nexport interface KronPresets {\n",
+    );
+    for p in &presets {
+        out.push_str("  /**\n");
+        for line in wrap(p.doc, 88) {
+            out.push_str(&format!("   * {line}\n"));
+        }
+        out.push_str(&format!("   */\n  readonly {}: Readonly<KronOptions>\n", p.name));
+    }
+    out.push_str("}\n\n/** See {@link KronPresets}. */\nexport const kronPresets: KronPresets = Object.freeze({\n");
+    for p in &presets {
+        out.push_str(&format!("  {}: Object.freeze({{\n", p.name));
+        for (k, v) in &p.options {
+            let value = match (k.as_str(), p.anneal) {
+                ("preconditionerUpdateProbability", Some(a)) => format!(
+                    "precondUpdateProbSchedule({{ maxProb: {}, minProb: {}, decay: {}, flatStart: {} }})",
+                    a.max_prob, a.min_prob, a.decay, a.flat_start
+                ),
+                _ => ts_value(v),
+            };
+            out.push_str(&format!("    {k}: {value},\n"));
+        }
+        out.push_str("  }),\n");
+    }
+    out.push_str("})\n");
+    out
+}
+
+/// The presets' reference in docs/options.md: per preset what it reproduces, the options
+/// it sets beyond psgd-jax's defaults, and what still differs.
+pub fn presets_reference() -> String {
+    let presets = crate::kron::kron_presets();
+    let base = &presets[0].options;
+    let mut out = String::from(
+        "<!-- generated from Kron's presets by `cargo test -p psgd generated_presets`; do not edit between these markers -->\n",
+    );
+    for p in &presets {
+        out.push_str(&format!("\n### `kronPresets.{}`\n\n{}\n", p.name, cell(p.doc)));
+        let changed: Vec<String> = p
+            .options
+            .iter()
+            .filter(|(k, v)| {
+                base.get(k.as_str()) != Some(v)
+                    || (k.as_str() == "preconditionerUpdateProbability" && p.anneal.is_some())
+            })
+            .map(|(k, v)| match (k.as_str(), p.anneal) {
+                ("preconditionerUpdateProbability", Some(a)) => format!(
+                    "`{k}: precondUpdateProbSchedule({{ flatStart: {}, decay: {:.7}, minProb: {} }})`",
+                    a.flat_start, a.decay, a.min_prob
+                ),
+                _ => format!("`{k}: {}`", ts_value(v)),
+            })
+            .collect();
+        if !changed.is_empty() {
+            out.push_str(&format!("\nSets, beyond the defaults: {}.\n", changed.join(", ")));
+        }
+        if !p.differs.is_empty() {
+            out.push_str("\nStill different:\n\n");
+            for d in p.differs {
+                out.push_str(&format!("- {}\n", cell(d)));
+            }
+        }
+    }
+    out.push_str("<!-- end of generated presets -->\n");
+    out
+}
+
+/// `text` (one paragraph) in lines of at most `width` characters.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let last = lines.last_mut().expect("one line");
+        if !last.is_empty() && last.chars().count() + 1 + word.chars().count() > width {
+            lines.push(word.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +328,24 @@ mod tests {
             Some((
                 "<!-- generated from the Rust",
                 "<!-- end of generated options -->",
+            )),
+        );
+    }
+    /// The checked-in TypeScript presets are the ones the Rust presets give.
+    #[test]
+    fn generated_presets_typescript_is_current() {
+        check_generated("src/presets.generated.ts", &presets_typescript(), None);
+    }
+
+    /// The presets' reference in the docs is the one the Rust presets give.
+    #[test]
+    fn generated_presets_reference_is_current() {
+        check_generated(
+            "docs/options.md",
+            &presets_reference(),
+            Some((
+                "<!-- generated from Kron's presets",
+                "<!-- end of generated presets -->",
             )),
         );
     }

@@ -117,9 +117,11 @@ impl crate::options::Choice for InitScaleScope {
 crate::options::choice_option!(InitScaleScope, "'leaf' | 'global'");
 
 mod layout;
+mod presets;
 mod whiten;
 
 pub use layout::MergeDims;
+pub use presets::{kron_presets, KronPreset};
 
 /// Tensors per leaf and factor.
 type PerLeaf = Vec<Vec<Tensor>>;
