@@ -445,6 +445,11 @@ impl LoadedState {
             .map(Some)
     }
 
+    /// A metadata entry, if the file has it.
+    pub fn meta_str(&self, k: &str) -> Option<&str> {
+        self.meta.get(k).map(String::as_str)
+    }
+
     /// Reads a counter from the metadata (at most 2^53 − 1, a JavaScript integer).
     pub fn meta_u64(&self, k: &str) -> Result<u64> {
         self.meta
