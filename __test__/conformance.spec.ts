@@ -31,17 +31,20 @@ for (const [variant, min] of [
   })
 }
 
-test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO and QUAD) within 1e-5', (t) => {
+test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten and KronNewton, every rule) within 1e-5', (t) => {
   const r = conformance(path.join(root, 'fixtures', 'kron-torch'))
   t.is(r.status, 0, r.stdout + r.stderr)
   const lines = r.stdout.trim().split('\n')
   const cases = lines.slice(0, -1)
-  t.true(cases.length >= 9, `${cases.length} cases`)
+  t.true(cases.length >= 21, `${cases.length} cases`)
+  const newton = new Set<string>()
   for (const line of cases) {
-    const m = /^PASS {2}torch_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
+    const m = /^PASS {2}torch_(pro|quad|qeq|qep|pro4p|quad4p)_(newton_)?\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
     t.truthy(m, line)
-    t.true(Number(m?.[2]) <= 1e-5, line)
+    t.true(Number(m?.[3]) <= 1e-5, line)
+    if (m?.[2]) newton.add(m[1])
   }
+  t.is(newton.size, 6, `Newton cases of ${[...newton].join(', ')}`)
   t.is(lines[lines.length - 1], `${cases.length} passed, 0 failed`)
 })
 

@@ -53,15 +53,16 @@ fn affine_fixtures_match_psgd_jax() {
     check("affine", 6);
 }
 
-/// psgd_torch's `KronWhiten` (`psgd.py` at a8616f1, `Q0.5EQ1.5` and `QUAD`), its recorded
-/// runs replayed: every case within 1e-5 of the update's RMS (float32 round-off; the
+/// psgd_torch's `KronWhiten` and `KronNewton` (`psgd.py` at a8616f1; `Q0.5EQ1.5`, `QUAD`,
+/// `QEQ`, `QEP`, `PRO4P`, `QUAD4P`), their recorded runs replayed (the Newton cases feed
+/// the recorded probes and Hessian-vector products): every case within 1e-5 of the update's RMS (float32 round-off; the
 /// checker's tolerance is 1e-3).
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron-torch");
     let results = psgd_conformance::run_dir(&dir).expect("fixture directory");
     assert!(
-        results.len() >= 9,
+        results.len() >= 21,
         "only {} kron-torch cases",
         results.len()
     );
@@ -75,9 +76,16 @@ fn kron_torch_fixtures_match_psgd_torch() {
     }
     assert_eq!(
         rules.into_iter().collect::<Vec<_>>(),
-        ["pro", "quad"],
-        "cases of both rules"
+        ["pro", "pro4p", "qep", "qeq", "quad", "quad4p"],
+        "cases of every rule"
     );
+    // the Newton form (KronNewton) of every rule
+    let newton: std::collections::BTreeSet<&str> = results
+        .iter()
+        .filter(|r| r.name.contains("_newton_"))
+        .filter_map(|r| r.name.split('_').nth(1))
+        .collect();
+    assert_eq!(newton.len(), 6, "Newton cases of {newton:?}");
     let bad: Vec<String> = results
         .iter()
         .filter(|r| !r.passed || r.max_rel_err > 1e-5)
@@ -124,6 +132,20 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         Some(&clip),
     );
     assert_eq!(pro.unwrap()["updateRule"], json!("Q0.5EQ1.5"));
+    for rule in ["QEQ", "QEP", "PRO4P", "QUAD4P"] {
+        let o = json!({"dQ": rule, "preconditioner_init_scale": 1.0});
+        assert_eq!(
+            map(o, &leaves, Some(&clip)).unwrap()["updateRule"],
+            json!(rule)
+        );
+    }
+    // KronNewton's global-norm clip has no counterpart; its default (none) maps
+    let o = json!({"preconditioner_init_scale": 1.0, "grad_clip_max_norm": null});
+    assert!(map(o, &leaves, Some(&clip)).is_ok());
+    let o = json!({"preconditioner_init_scale": 1.0, "grad_clip_max_norm": 1.0});
+    assert!(map(o, &leaves, Some(&clip))
+        .unwrap_err()
+        .contains("grad_clip_max_norm"));
     // one leaf: psgd_torch's automatic scale (the default) is ours
     let one = map(json!({}), &leaves[1..], Some(&clip)).unwrap();
     assert_eq!(one["preconditionerInitScale"], json!(null));
