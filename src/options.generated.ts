@@ -150,7 +150,7 @@ export interface KronNativeOptions {
    * (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
    * Not in psgd-jax.
    */
-  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'
+  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'
   /**
    * Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
    * `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
@@ -254,7 +254,7 @@ export interface AffineNativeOptions extends PsgdNativeOptions {
  */
 export const VARIANTS = {
   kron: {
-    hessian: false,
+    hessian: true,
     options: {
       learningRate: 'schedule',
       b1: 'value',

@@ -569,7 +569,8 @@ mod tests {
                 beta,
                 precision: Precision::Float32,
             };
-            let (nq, nl) = fit_leaf(&qs, &ls, &gn, &draws.subspaces, &plan, fit).unwrap();
+            let subspaces = Draws::Drawn(draws.subspaces);
+            let (nq, nl) = fit_leaf(&qs, &ls, &gn, None, subspaces, &plan, fit).unwrap();
 
             // the reference, in float64
             let eps = f32::EPSILON as f64;
@@ -653,5 +654,62 @@ mod tests {
             // the case exercises the EMA on one factor and the first-fit bound on the other
             assert!(lb > ell1 && (la - ell0).abs() < 1e-12 * la);
         }
+    }
+
+    /// `procrustes_step3` against psgd_torch's formulas in float64 on a 4×4 factor whose
+    /// skew part is 0.05 and 3 times a random one (the root below and at its 1/3 cap), with a
+    /// replayed subspace; a symmetric factor is left exactly as it is.
+    #[test]
+    fn procrustes_step3_matches_the_formulas_in_float64() {
+        use crate::kernels::subspace::procrustes_step3;
+        let n = 4usize;
+        let eye: M = (0..n)
+            .map(|i| (0..n).map(|j| f64::from(i == j)).collect())
+            .collect();
+        let x = rows(&pseudo(n * n, 41), n, n);
+        let sym = lin(&lin(&x, 0.3, &tr(&x), 0.3), 1.0, &eye, 2.0);
+        let k = rows(&pseudo(n * n, 42), n, n);
+        let skew = lin(&k, 1.0, &tr(&k), -1.0);
+        let v = rows(&pseudo(SUBSPACE_DIM * n, 43), SUBSPACE_DIM, n);
+        let vt = Tensor::from_vec(t32(&v), (1, SUBSPACE_DIM, n), &Device::Cpu).unwrap();
+        let mut caps = vec![];
+        for amount in [0.05, 3.0] {
+            let q = lin(&sym, 1.0, &skew, amount);
+            let qt = Tensor::from_vec(t32(&q), (1, n, n), &Device::Cpu).unwrap();
+            let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // the reference
+            let r = lin(&tr(&q), 1.0, &q, -1.0);
+            let s = r.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+            let nr = bound(&r, &v, s) + f32::MIN_POSITIVE as f64;
+            let r: M = r
+                .iter()
+                .map(|x| x.iter().map(|y| y / nr).collect())
+                .collect();
+            let rq = mm(&r, &q);
+            let rrq = mm(&r, &rq);
+            let rrrq = mm(&r, &rrq);
+            let trace = |m: &M| (0..n).map(|i| m[i][i]).sum::<f64>();
+            let (c1, c2, c3) = (trace(&rq), trace(&rrq), trace(&rrrq));
+            assert!(c1 > 0.0 && c3 < 0.0, "the factor moves: {c1} {c3}");
+            let root = (-c2 - (c2 * c2 - 1.5 * c1 * c3).sqrt()) / (0.75 * c3);
+            let a = root.min(1.0 / 3.0);
+            caps.push(root > 1.0 / 3.0);
+            let inner = lin(&rrq, 1.0, &rrrq, 0.25 * a);
+            let outer = lin(&rq, 1.0, &inner, 0.5 * a);
+            let want = lin(&q, 1.0, &outer, a);
+            for (g, w) in got.iter().zip(want.iter().flatten()) {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-5 * w.abs().max(1.0),
+                    "skew {amount}: {got:?} vs {want:?}"
+                );
+            }
+        }
+        assert_eq!(caps, [false, true], "one case below the cap, one at it");
+        // a symmetric factor does not move
+        let qt = Tensor::from_vec(t32(&sym), (1, n, n), &Device::Cpu).unwrap();
+        let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
+        let diff = (got - &qt).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
