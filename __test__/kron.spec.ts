@@ -356,7 +356,7 @@ test('a refused non-finite step says where float32 overflowed, not "an extreme o
 })
 
 test("updateRule: every rule solves the seed's toy problem and trains a 2-D leaf with finite updates", (t) => {
-  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD'] as const) {
+  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD', 'QEQ', 'QEP', 'PRO4P', 'QUAD4P'] as const) {
     let params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
     const opt = kron({ learningRate: 0.1, b1: 0, preconditionerUpdateProbability: 1, updateRule })
     let state = opt.init(params)

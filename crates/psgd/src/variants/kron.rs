@@ -1,5 +1,6 @@
 //! PSGD Kron: one preconditioner factor per tensor axis (triangular or diagonal), fitted by
-//! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
+//! gradient whitening as psgd-jax 0.2.9's `kron` / `scale_by_kron`, or to Hessian-vector
+//! products (the Newton form); `updateRule` picks psgd_torch's other fits.
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
@@ -167,13 +168,17 @@ crate::declare_options! {
         /// `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
         /// positive definite by a Procrustes rotation and no triangular solve (matrix
         /// products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
-        /// factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+        /// factors. `'QEQ'`, `'QEP'`: psgd_torch's `dQ = Q·E·Q` and `dQ = Q·E·P` (QEP
+        /// balances the factors before every fit). `'PRO4P'`, `'QUAD4P'`: PRO's and QUAD's
+        /// forms on the factors of `P` itself (each applied once, starting at
+        /// `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
         /// `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
         /// (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
         /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-        /// Not in psgd-jax.
+        /// With Hessian-vector products each rule fits in its Newton form. Not in
+        /// psgd-jax.
         update_rule: UpdateRule = UpdateRule::Eq;
-        /// Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+        /// Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
         /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
         /// latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
         /// Not in psgd-jax.
@@ -765,7 +770,7 @@ pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
     /// inverse-free rules).
     pub qs: Vec<Vec<Tensor>>,
-    /// Under the inverse-free rules (PRO, QUAD): per leaf and factor the running Lipschitz
+    /// Under the inverse-free rules (every rule but EQ): per leaf and factor the running Lipschitz
     /// bound of the fit, float32 `(B,)` (0 before the first fit). Empty under EQ.
     pub ls: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
