@@ -318,7 +318,7 @@ fn scanned_layers_equal_separate_leaves_under_every_rule_and_form() {
     let mut spec = LeafSpec::new("layers", &[b, shape[0], shape[1]]);
     spec.scanned = true;
     let separate: Vec<LeafSpec> = (0..b)
-        .map(|i| LeafSpec::new(&format!("l{i}"), &shape))
+        .map(|i| LeafSpec::new(format!("l{i}"), &shape))
         .collect();
     let stacked = SeededRandom::for_step(4, 4)
         .normal(&[b, shape[0], shape[1]], &dev)
@@ -360,7 +360,7 @@ fn scanned_layers_equal_separate_leaves_under_every_rule_and_form() {
                 // package caps the RMS of a whole leaf, all its layers together) the
                 // updates
                 let mut pairs = vec![];
-                for i in 0..b {
+                for (i, u) in u2.iter().enumerate() {
                     let (fa, fb) = (&n1.precond, &n2.precond);
                     for (qa, qb) in fa.qs[0].iter().zip(&fb.qs[i]) {
                         pairs.push(("factor", flat(&qa.get(i).unwrap()), flat(qb)));
@@ -369,7 +369,7 @@ fn scanned_layers_equal_separate_leaves_under_every_rule_and_form() {
                         pairs.push(("bound", flat(&la.get(i).unwrap()), flat(lb)));
                     }
                     if k == 0 {
-                        pairs.push(("update", flat(&u1[0].get(i).unwrap()), flat(&u2[i])));
+                        pairs.push(("update", flat(&u1[0].get(i).unwrap()), flat(u)));
                     }
                 }
                 for (what, a, c) in pairs {

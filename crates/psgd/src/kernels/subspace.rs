@@ -75,6 +75,15 @@ pub fn norm_lower_bound_skh(a: &Tensor, v: &Tensor, p: Precision) -> Result<Tens
     subspace_bound(a, &max_abs_per_batch(a)?, v, p)
 }
 
+/// The generator of the Procrustes rotations, `R = Qᵀ − Q` divided by its
+/// [`norm_lower_bound_skh`] (from the draws `v` `(B, k, n)`) plus the smallest normal.
+fn procrustes_generator(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+    let b = q.dim(0)?;
+    let r = (q.transpose(1, 2)? - q)?;
+    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
+    Ok(r.broadcast_div(&norm.reshape((b, 1, 1))?)?)
+}
+
 /// One step of psgd_torch's online orthogonal Procrustes solver on each factor of the
 /// batch `q` `(B, n, n)`: the rotation `exp(aR)`, truncated after its second-order term,
 /// with the generator `R = Qᵀ − Q` normalised by [`norm_lower_bound_skh`] (from the draws
@@ -83,9 +92,7 @@ pub fn norm_lower_bound_skh(a: &Tensor, v: &Tensor, p: Precision) -> Result<Tens
 /// truncation; a symmetric `Q` is left as it is.
 pub fn procrustes_step2(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
     let b = q.dim(0)?;
-    let r = (q.transpose(1, 2)? - q)?;
-    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
-    let r = r.broadcast_div(&norm.reshape((b, 1, 1))?)?;
+    let r = procrustes_generator(q, v, p)?;
     let rq = p.matmul(&r, q)?;
     let rrq = p.matmul(&r, &rq)?;
     let (c1, c2) = (trace(&rq)?, trace(&rrq)?);
@@ -110,9 +117,7 @@ const PROCRUSTES3_MAX_STEP: f64 = 1.0 / 3.0;
 /// is.
 pub fn procrustes_step3(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
     let b = q.dim(0)?;
-    let r = (q.transpose(1, 2)? - q)?;
-    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
-    let r = r.broadcast_div(&norm.reshape((b, 1, 1))?)?;
+    let r = procrustes_generator(q, v, p)?;
     let rq = p.matmul(&r, q)?;
     let rrq = p.matmul(&r, &rq)?;
     let rrrq = p.matmul(&r, &rrq)?;

@@ -484,6 +484,16 @@ mod tests {
         s * v.iter().map(|r| norm(r)).fold(0.0, f64::max)
     }
 
+    /// The Procrustes generator `R = Qᵀ − Q` over its subspace bound (from `v`), float64.
+    fn generator(q: &M, v: &M) -> M {
+        let r = lin(&tr(q), 1.0, q, -1.0);
+        let s = r.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+        let nr = bound(&r, v, s) + f32::MIN_POSITIVE as f64;
+        r.iter()
+            .map(|x| x.iter().map(|y| y / nr).collect())
+            .collect()
+    }
+
     fn pseudo(n: usize, seed: u64) -> Vec<f64> {
         let mut s = seed;
         (0..n)
@@ -603,13 +613,7 @@ mod tests {
             let (want0, want1): (M, Vec<f64>) = if rule == UpdateRule::Pro {
                 let q = lin(&q0, 1.0, &mm(&t1_minus, &q0), -lr / la);
                 // procrustes_step2
-                let r = lin(&tr(&q), 1.0, &q, -1.0);
-                let s = r.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
-                let nr = bound(&r, &v_skh, s) + f32::MIN_POSITIVE as f64;
-                let r: M = r
-                    .iter()
-                    .map(|x| x.iter().map(|y| y / nr).collect())
-                    .collect();
+                let r = generator(&q, &v_skh);
                 let rq = mm(&r, &q);
                 let rrq = mm(&r, &rq);
                 let c1: f64 = (0..3).map(|i| rq[i][i]).sum();
@@ -679,13 +683,7 @@ mod tests {
             let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // the reference
-            let r = lin(&tr(&q), 1.0, &q, -1.0);
-            let s = r.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
-            let nr = bound(&r, &v, s) + f32::MIN_POSITIVE as f64;
-            let r: M = r
-                .iter()
-                .map(|x| x.iter().map(|y| y / nr).collect())
-                .collect();
+            let r = generator(&q, &v);
             let rq = mm(&r, &q);
             let rrq = mm(&r, &rq);
             let rrrq = mm(&r, &rrq);
