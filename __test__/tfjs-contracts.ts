@@ -60,6 +60,9 @@ const everyKind: Record<string, object[]> = {
     { updateRule: 'PRO', lipschitzBeta: 0 },
     { updateRule: 'QUAD', memorySaveMode: 'one_diag' },
     { updateRule: 'EQ' },
+    // merging and blocks; 'twoD' holds a capital that the rewriting must leave alone
+    { mergeDims: 'twoD', blockSize: 3, updateRule: 'PRO' },
+    { mergeDims: 'small', targetMergedDimSize: 16, blockSize: null },
   ],
   XMatOptimizer: [
     {

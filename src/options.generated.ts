@@ -130,6 +130,31 @@ export interface KronNativeOptions {
    */
   memorySaveMode?: 'one_diag' | 'all_diag' | null
   /**
+   * Merge a leaf's axes before preconditioning it. `null` (default): no merging.
+   * `'small'` (distributed-kron `kron`'s `merge_small_dims`): adjacent axes are
+   * grouped so that each merged size comes closest to `targetMergedDimSize`, by
+   * distributed-kron's loss (sizes below `target/8` or above `8·target` cost most).
+   * `'twoD'` (distributed-kron `pro`'s `_merge_dims`): every leaf becomes 1-D (when
+   * one axis holds all its elements, e.g. `[1, 8, 1]` → `[8]`) or 2-D, split at the
+   * most balanced position (e.g. `[2, 3, 4]` → `[6, 4]`). Factor kinds (dense or
+   * diagonal) are decided on the merged shape. Not in psgd-jax.
+   */
+  mergeDims?: 'small' | 'twoD' | null
+  /**
+   * The merged size `mergeDims: 'small'` aims at (≥ 1). Default 4096
+   * (distributed-kron's `target_merged_dim_size`).
+   */
+  targetMergedDimSize?: number
+  /**
+   * Cut every dense axis (after `mergeDims`) longer than this into blocks of this
+   * length, the last one shorter; each block gets factors of its own (a
+   * block-diagonal Kron, as distributed-kron's `block_size`), so a factor is at most
+   * `blockSize × blockSize`. Blocks are not padded: a block's fit is that of a leaf of
+   * its shape. With `preconditionerInitScale: null` each block takes its own scale.
+   * Default null (no blocks). Not in psgd-jax.
+   */
+  blockSize?: number | null
+  /**
    * Fit the preconditioner to the momentum rather than the raw gradient. Default
    * true.
    */
@@ -268,6 +293,9 @@ export const VARIANTS = {
       maxSizeTriangular: 'value',
       minNdimTriangular: 'value',
       memorySaveMode: 'value',
+      mergeDims: 'value',
+      targetMergedDimSize: 'value',
+      blockSize: 'value',
       momentumIntoPrecondUpdate: 'value',
       preconditionerLr: 'value',
       updateRule: 'value',

@@ -114,9 +114,14 @@ fn max_rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
 fn reference_of(case: &Value) -> Result<&str> {
     match case.get("reference") {
         None | Some(Value::Null) | Some(Value::Object(_)) => Ok("psgd-jax"),
-        Some(Value::String(r)) if r == "psgd-jax" || r == "psgd-torch" => Ok(r.as_str()),
+        Some(Value::String(r))
+            if r == "psgd-jax" || r == "psgd-torch" || r == "distributed-kron" =>
+        {
+            Ok(r.as_str())
+        }
         Some(other) => Err(bad(format!(
-            "reference {other} is not one the checker replays ('psgd-jax', 'psgd-torch')"
+            "reference {other} is not one the checker replays ('psgd-jax', 'psgd-torch', \
+             'distributed-kron')"
         ))),
     }
 }
@@ -303,6 +308,104 @@ pub fn psgd_torch_options(
     Ok(out)
 }
 
+/// Our Kron options for a distributed-kron case: the keyword arguments of its `pro`
+/// (`options`) mapped to this package's: every leaf merged to 1-D or 2-D (`mergeDims:
+/// 'twoD'`), blocks of `block_size`, the fit at `preconditioner_lr` with its fixed
+/// Lipschitz smoothing 0.95, fitted on every step. Refuses, naming the option, what has no
+/// counterpart here yet.
+pub fn distributed_kron_options(options: &Map<String, Value>) -> Result<Map<String, Value>> {
+    let refuse = |msg: String| -> Result<Map<String, Value>> {
+        Err(bad(format!("distributed-kron case not replayable: {msg}")))
+    };
+    let num = |key: &str, default: f64| -> Result<f64> {
+        match options.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                bad(format!(
+                    "distributed-kron option {key} is not a number: {v}"
+                ))
+            }),
+        }
+    };
+    const KNOWN: [&str; 11] = [
+        "learning_rate",
+        "lr_style",
+        "b1",
+        "weight_decay",
+        "max_size_dense",
+        "preconditioner_lr",
+        "preconditioner_init_scale",
+        "preconditioner_update_style",
+        "scanned_layers",
+        "block_size",
+        "noise_scale",
+    ];
+    if let Some(k) = options.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return refuse(format!("'{k}' is not a pro option the checker maps"));
+    }
+    let rule = match options
+        .get("preconditioner_update_style")
+        .and_then(Value::as_str)
+        .unwrap_or("PRO")
+    {
+        "PRO" => "Q0.5EQ1.5",
+        "QUAD" => "QUAD",
+        other => return refuse(format!("preconditioner_update_style '{other}'")),
+    };
+    match options.get("lr_style") {
+        Some(Value::Null) => {}
+        other => {
+            return refuse(format!(
+                "lr_style {} (pro's default 'adam' divides the update by 5): only null maps",
+                other.map_or("absent".to_string(), Value::to_string)
+            ))
+        }
+    }
+    let wd = num("weight_decay", 0.1)?;
+    if wd != 0.0 {
+        return refuse(format!(
+            "weight_decay {wd}: pro adds its decay to the update before the learning rate \
+             (optax add_decayed_weights), not decoupled as here"
+        ));
+    }
+    let scale = num("preconditioner_init_scale", 1.0)?;
+    if scale != 1.0 {
+        return refuse(format!(
+            "preconditioner_init_scale {scale}: pro scales every factor by it, this package \
+             each by its k-th root (an init-scale mode is not an option here yet)"
+        ));
+    }
+    let noise = num("noise_scale", 1e-9)?;
+    if noise != 1e-9 {
+        return refuse(format!(
+            "noise_scale {noise}: the inverse-free rules here damp with 1e-9 + eps·|g|"
+        ));
+    }
+    let mut out = Map::new();
+    out.insert("updateRule".into(), json!(rule));
+    out.insert("learningRate".into(), json!(num("learning_rate", 0.001)?));
+    out.insert("b1".into(), json!(num("b1", 0.95)?));
+    out.insert("weightDecay".into(), json!(0.0));
+    out.insert(
+        "maxSizeTriangular".into(),
+        json!(num("max_size_dense", 16384.0)? as usize),
+    );
+    out.insert(
+        "preconditionerLr".into(),
+        json!(num("preconditioner_lr", 0.5)?),
+    );
+    out.insert("lipschitzBeta".into(), json!(0.95));
+    out.insert("preconditionerInitScale".into(), json!(1.0));
+    out.insert("preconditionerUpdateProbability".into(), json!(1.0));
+    out.insert("momentumIntoPrecondUpdate".into(), json!(true));
+    out.insert("mergeDims".into(), json!("twoD"));
+    out.insert(
+        "blockSize".into(),
+        json!(num("block_size", 256.0)? as usize),
+    );
+    Ok(out)
+}
+
 /// Runs the case in `dir`.
 pub fn run_case(dir: &Path) -> Result<CaseResult> {
     let name = dir
@@ -342,6 +445,12 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
                 return Err(bad("psgd-torch cases are Kron cases"));
             }
             psgd_torch_options(&options, &leaves, case.get("update_clip"))?
+        }
+        "distributed-kron" => {
+            if variant != "kron" || hessian {
+                return Err(bad("distributed-kron cases are Kron whitening cases"));
+            }
+            distributed_kron_options(&options)?
         }
         _ => psgd::options::from_psgd_jax_names(&options),
     };

@@ -55,43 +55,53 @@ fn affine_fixtures_match_psgd_jax() {
 
 /// psgd_torch's `KronWhiten` and `KronNewton` (`psgd.py` at a8616f1; `Q0.5EQ1.5`, `QUAD`,
 /// `QEQ`, `QEP`, `PRO4P`, `QUAD4P`), their recorded runs replayed (the Newton cases feed
-/// the recorded probes and Hessian-vector products): every case within 1e-5 of the update's RMS (float32 round-off; the
-/// checker's tolerance is 1e-3).
+/// the recorded probes and Hessian-vector products): every case within 1e-5 of the
+/// update's RMS (float32 round-off; the checker's tolerance is 1e-3), the Newton form of
+/// every rule among them.
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron-torch");
-    let results = psgd_conformance::run_dir(&dir).expect("fixture directory");
-    assert!(
-        results.len() >= 21,
-        "only {} kron-torch cases",
-        results.len()
-    );
-    let mut rules = std::collections::BTreeSet::new();
-    for r in &results {
-        println!(
-            "{:<32} max rel err {:.3e}  {}",
-            r.name, r.max_rel_err, r.detail
-        );
-        rules.insert(r.name.split('_').nth(1).unwrap_or_default().to_string());
-    }
-    assert_eq!(
-        rules.into_iter().collect::<Vec<_>>(),
-        ["pro", "pro4p", "qep", "qeq", "quad", "quad4p"],
-        "cases of every rule"
-    );
-    // the Newton form (KronNewton) of every rule
+    let rules = ["pro", "pro4p", "qep", "qeq", "quad", "quad4p"];
+    let results = check_rules("kron-torch", 21, &rules);
     let newton: std::collections::BTreeSet<&str> = results
         .iter()
         .filter(|r| r.name.contains("_newton_"))
         .filter_map(|r| r.name.split('_').nth(1))
         .collect();
-    assert_eq!(newton.len(), 6, "Newton cases of {newton:?}");
+    assert_eq!(
+        newton.into_iter().collect::<Vec<_>>(),
+        rules,
+        "Newton cases"
+    );
+}
+
+/// The cases under `fixtures/<dir>` (at least `min`), of exactly the rules `rules` (named
+/// `<reference>_<rule>_…`), each within 1e-5 of the update's RMS.
+fn check_rules(dir: &str, min: usize, rules: &[&str]) -> Vec<psgd_conformance::CaseResult> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(dir);
+    let results = psgd_conformance::run_dir(&path).expect("fixture directory");
+    assert!(results.len() >= min, "only {} {dir} cases", results.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &results {
+        println!(
+            "{:<32} max rel err {:.3e}  {}",
+            r.name, r.max_rel_err, r.detail
+        );
+        seen.insert(r.name.split('_').nth(1).unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        rules,
+        "cases of every rule"
+    );
     let bad: Vec<String> = results
         .iter()
         .filter(|r| !r.passed || r.max_rel_err > 1e-5)
         .map(|r| format!("{}: {:.3e} {}", r.name, r.max_rel_err, r.detail))
         .collect();
     assert!(bad.is_empty(), "{bad:#?}");
+    results
 }
 
 /// A psgd-torch case's options map to ours (`dQ` → `updateRule`, the draw decision, …);
@@ -225,4 +235,60 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
     // a larger skew makes [6, 4] dense in psgd_torch too
     let skew = json!({"preconditioner_init_scale": 1.0, "preconditioner_max_skew": 1.5});
     assert!(map(skew, &[LeafSpec::new("w", &[6, 4])], Some(&clip)).is_ok());
+}
+
+/// distributed-kron 2.0.0's `pro` (PRO and QUAD styles) on merged and blocked shapes
+/// (`[2, 3, 4]` → `[6, 4]`, `[4, 3]` with blocks of 4 and 256, `[10, 7]` and `[9, 5]` in
+/// several blocks of 4, scanned layers in blocks, 1-D leaves, momentum), its runs replayed
+/// with its own draws: every case within 1e-5 of the update's RMS.
+#[test]
+fn kron_dk_fixtures_match_distributed_kron() {
+    check_rules("kron-dk", 11, &["pro", "quad"]);
+}
+
+/// A distributed-kron case's options map to ours (`mergeDims: 'twoD'`, `blockSize`, the
+/// Lipschitz smoothing 0.95); what has no counterpart here yet is refused by name.
+#[test]
+fn distributed_kron_options_map_or_are_refused_by_name() {
+    use serde_json::json;
+    let map = |o: serde_json::Value| {
+        psgd_conformance::distributed_kron_options(o.as_object().unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let ok = map(
+        json!({"lr_style": null, "weight_decay": 0.0, "block_size": 4,
+                        "preconditioner_update_style": "QUAD"}),
+    )
+    .unwrap();
+    assert_eq!(ok["mergeDims"], json!("twoD"));
+    assert_eq!(ok["blockSize"], json!(4));
+    assert_eq!(ok["updateRule"], json!("QUAD"));
+    assert_eq!(ok["lipschitzBeta"], json!(0.95));
+    assert_eq!(ok["preconditionerLr"], json!(0.5));
+    assert_eq!(ok["b1"], json!(0.95));
+    let base = json!({"lr_style": null, "weight_decay": 0.0});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut o = base.clone();
+        o[k] = v;
+        o
+    };
+    for (options, expect) in [
+        (json!({"weight_decay": 0.0}), "lr_style absent"),
+        (with("lr_style", json!("adam")), "lr_style \"adam\""),
+        (with("weight_decay", json!(0.1)), "weight_decay 0.1"),
+        (
+            with("preconditioner_init_scale", json!(0.5)),
+            "preconditioner_init_scale 0.5",
+        ),
+        (with("noise_scale", json!(1e-6)), "noise_scale"),
+        (with("normalize_grads", json!(true)), "'normalize_grads'"),
+        (with("pipeline_axis_size", json!(2)), "'pipeline_axis_size'"),
+        (with("preconditioner_update_style", json!("EQ")), "'EQ'"),
+    ] {
+        let err = map(options.clone()).unwrap_err();
+        assert!(
+            err.contains("distributed-kron case not replayable") && err.contains(expect),
+            "{options}: {err}"
+        );
+    }
 }

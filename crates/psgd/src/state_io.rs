@@ -445,7 +445,7 @@ impl LoadedState {
             .map(Some)
     }
 
-    /// A metadata entry, if the file has it.
+    /// A metadata entry, if present.
     pub fn meta_str(&self, k: &str) -> Option<&str> {
         self.meta.get(k).map(String::as_str)
     }

@@ -113,7 +113,10 @@ impl crate::options::Choice for KronUpdateDecision {
 }
 crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw'");
 
+mod layout;
 mod whiten;
+
+pub use layout::MergeDims;
 
 /// Tensors per leaf and factor.
 type PerLeaf = Vec<Vec<Tensor>>;
@@ -158,6 +161,26 @@ crate::declare_options! {
         /// `null` (default): every axis may be triangular; `'one_diag'`: the largest axis
         /// of each leaf is diagonal; `'all_diag'`: every axis is diagonal.
         memory_save_mode: Option<MemorySaveMode> = None;
+        /// Merge a leaf's axes before preconditioning it. `null` (default): no merging.
+        /// `'small'` (distributed-kron `kron`'s `merge_small_dims`): adjacent axes are
+        /// grouped so that each merged size comes closest to `targetMergedDimSize`, by
+        /// distributed-kron's loss (sizes below `target/8` or above `8·target` cost most).
+        /// `'twoD'` (distributed-kron `pro`'s `_merge_dims`): every leaf becomes 1-D (when
+        /// one axis holds all its elements, e.g. `[1, 8, 1]` → `[8]`) or 2-D, split at the
+        /// most balanced position (e.g. `[2, 3, 4]` → `[6, 4]`). Factor kinds (dense or
+        /// diagonal) are decided on the merged shape. Not in psgd-jax.
+        merge_dims: Option<MergeDims> = None;
+        /// The merged size `mergeDims: 'small'` aims at (≥ 1). Default 4096
+        /// (distributed-kron's `target_merged_dim_size`).
+        target_merged_dim_size: usize = 4096, check |v: &usize| layout::at_least_one(*v);
+        /// Cut every dense axis (after `mergeDims`) longer than this into blocks of this
+        /// length, the last one shorter; each block gets factors of its own (a
+        /// block-diagonal Kron, as distributed-kron's `block_size`), so a factor is at most
+        /// `blockSize × blockSize`. Blocks are not padded: a block's fit is that of a leaf of
+        /// its shape. With `preconditionerInitScale: null` each block takes its own scale.
+        /// Default null (no blocks). Not in psgd-jax.
+        block_size: Option<usize> = None,
+            check |v: &Option<usize>| v.map_or(Ok(()), layout::at_least_one);
         /// Fit the preconditioner to the momentum rather than the raw gradient. Default
         /// true.
         momentum_into_precond_update: bool = true;
@@ -293,7 +316,9 @@ struct LeafPlan {
 }
 
 impl LeafPlan {
-    fn new(spec: &LeafSpec, o: &KronOptions) -> Result<Self> {
+    /// The plan of `spec` with factor kinds `diag` (one per axis after the layer axis; see
+    /// [`factor_kinds`]).
+    fn new(spec: &LeafSpec, diag: &[bool], o: &KronOptions) -> Result<Self> {
         if spec.shape.contains(&0) {
             return Err(PsgdError::Shape {
                 what: "params",
@@ -302,19 +327,7 @@ impl LeafPlan {
                 got: spec.shape.clone(),
             });
         }
-        let (batch, slice): (usize, &[usize]) = if spec.scanned {
-            match spec.shape.split_first() {
-                Some((&b, rest)) => (b, rest),
-                None => {
-                    return Err(PsgdError::option_range(
-                        "scanned_layers",
-                        format!("leaf '{}' is 0-d and has no layer axis to scan", spec.path),
-                    ))
-                }
-            }
-        } else {
-            (1, spec.shape.as_slice())
-        };
+        let (batch, slice) = layout::layers(spec)?;
         let lead: Vec<usize> = if spec.scanned { vec![batch] } else { vec![] };
         // the factors of P itself (PRO4P, QUAD4P) start at the square of Q's
         let p_power = if o.update_rule.fits_p() { 2.0 } else { 1.0 };
@@ -329,24 +342,9 @@ impl LeafPlan {
                 p_power,
             });
         }
-        let largest = slice
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
-        let diag: Vec<bool> = slice
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                d == 1
-                    || d > o.max_size_triangular
-                    || slice.len() < o.min_ndim_triangular
-                    || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
-                    || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
-            })
-            .collect();
         let stored = slice
             .iter()
-            .zip(&diag)
+            .zip(diag)
             .map(|(&d, &dg)| {
                 let mut s = lead.clone();
                 s.push(d);
@@ -359,7 +357,7 @@ impl LeafPlan {
         Ok(LeafPlan {
             batch,
             dims: slice.to_vec(),
-            diag,
+            diag: diag.to_vec(),
             stored,
             scanned: spec.scanned,
             scale: o
@@ -447,6 +445,27 @@ impl LeafPlan {
             })
             .collect()
     }
+}
+
+/// Which axes of a leaf's `slice` (its shape without the layer axis) get diagonal factors:
+/// those of length 1 or above `maxSizeTriangular`, every one of a leaf with fewer than
+/// `minNdimTriangular` axes, and those `memorySaveMode` picks.
+fn factor_kinds(slice: &[usize], o: &KronOptions) -> Vec<bool> {
+    let largest = slice
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
+    slice
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            d == 1
+                || d > o.max_size_triangular
+                || slice.len() < o.min_ndim_triangular
+                || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
+                || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
+        })
+        .collect()
 }
 
 /// Applies `f` to each axis in turn. `x` is `(B, d₀, …, dₖ₋₁)`; `f(i, X)` gets the tensor
@@ -764,7 +783,10 @@ pub type Kron = Psgd<KronPreconditioner>;
 /// The state of [`Kron`]: plain data, saved and loaded as safetensors.
 pub type KronState = PsgdState<KronFactors>;
 
-/// Kron's preconditioner state.
+/// Kron's preconditioner state. Its lists run over the tensors Kron preconditions: the
+/// leaves, or with `mergeDims` / `blockSize` each leaf's parts in turn (a part is the
+/// merged leaf, or its blocks of one shape stacked along the leading axis, as scanned
+/// layers are; see [`kron_state_size`] for their shapes).
 #[derive(Debug, Clone)]
 pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
@@ -785,11 +807,80 @@ pub struct KronPreconditioner {
     options: KronOptions,
     /// `preconditionerInitScale: null`: the factors are scaled on the first step.
     auto_scale: bool,
+    /// The tensors preconditioned: the leaves, or their parts under `mergeDims` /
+    /// `blockSize` (see [`layout`]).
     leaves: Vec<LeafSpec>,
+    /// How the optimizer's leaves map to `leaves`.
+    layout: Box<layout::Layout>,
     plans: Vec<LeafPlan>,
 }
 
+/// What Kron's state holds for one leaf, from [`kron_state_size`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KronLeafSize {
+    /// The leaf's path.
+    pub path: String,
+    /// The shapes of its factors, in the saved state's order (`Q.<leaf>.<k>`): per part
+    /// (the leaf, or its blocks of one shape under `blockSize`), a factor per merged axis;
+    /// a leading axis stacks the layers of a scanned leaf and the blocks.
+    pub factors: Vec<Vec<usize>>,
+    /// Bytes of those factors (in `precondDtype`) and, under the inverse-free rules, of
+    /// their Lipschitz bounds (float32): the preconditioner's share of the saved state.
+    pub bytes: u128,
+}
+
+/// The factor shapes and bytes Kron's state would hold for each of `leaves` under `o`,
+/// without allocating anything: how `mergeDims`, `blockSize`, `maxSizeTriangular` and
+/// `memorySaveMode` change the state's size. Fails as the optimizer would on bad options
+/// or leaves.
+pub fn kron_state_size(leaves: &[LeafSpec], o: &KronOptions) -> Result<Vec<KronLeafSize>> {
+    use crate::options::Options;
+    o.validate()?;
+    crate::limits::check_leaf_sizes(leaves)?;
+    let p = KronPreconditioner::new(leaves, o)?;
+    let factor_bytes = p.precond_dtype().size_in_bytes() as u128;
+    let bound_bytes = if o.update_rule.inverse_free() { 4 } else { 0 };
+    Ok(leaves
+        .iter()
+        .enumerate()
+        .map(|(l, spec)| {
+            let plans = p.layout.parts_of(l).iter().map(|&i| &p.plans[i]);
+            let mut out = KronLeafSize {
+                path: spec.path.clone(),
+                factors: vec![],
+                bytes: 0,
+            };
+            for plan in plans {
+                for st in &plan.stored {
+                    let n: u128 = st.iter().map(|&d| d as u128).product();
+                    out.bytes += n * factor_bytes + plan.batch as u128 * bound_bytes;
+                    out.factors.push(st.clone());
+                }
+            }
+            out
+        })
+        .collect())
+}
+
+/// The metadata entry of a saved state that records a layout other than the default
+/// (`mergeDims`, `targetMergedDimSize`, `blockSize`).
+const LAYOUT_META: &str = "kron_layout";
+
 impl KronPreconditioner {
+    /// The state file's names of every factor (or bound: `kind` `"L"`), in the order of the
+    /// parts and their factors: `<kind>.<leaf>.<k>`, `k` counting the factors of the leaf's
+    /// parts.
+    fn factor_names<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = String> + 'a {
+        (0..self.layout.leaf_count()).flat_map(move |l| {
+            let per_part = self
+                .layout
+                .parts_of(l)
+                .iter()
+                .map(|&p| self.plans[p].dims.len());
+            (0..per_part.sum::<usize>()).map(move |k| format!("{kind}.{l}.{k}"))
+        })
+    }
+
     /// [`grams`] of every leaf, at the apply step's precision.
     fn grams_of(&self, qs: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>> {
         self.plans
@@ -1114,14 +1205,17 @@ impl Preconditioner for KronPreconditioner {
     type State = KronFactors;
 
     fn new(leaves: &[LeafSpec], o: &KronOptions) -> Result<Self> {
-        let plans = leaves
+        let layout = layout::Layout::new(leaves, o)?;
+        let plans = layout
+            .parts()
             .iter()
-            .map(|s| LeafPlan::new(s, o))
+            .map(|p| LeafPlan::new(&p.spec, &p.diag, o))
             .collect::<Result<Vec<_>>>()?;
         Ok(KronPreconditioner {
             auto_scale: o.preconditioner_init_scale.is_none(),
             options: o.clone(),
-            leaves: leaves.to_vec(),
+            leaves: layout.parts().iter().map(|p| p.spec.clone()).collect(),
+            layout: Box::new(layout),
             plans,
         })
     }
@@ -1173,6 +1267,7 @@ impl Preconditioner for KronPreconditioner {
         if !self.auto_scale {
             return Ok(None);
         }
+        let grads = self.layout.split(grads)?;
         let qs = stages::map_leaves(&self.leaves, |l| {
             self.plans[l].auto_scaled(&st.qs[l], &grads[l])
         })?;
@@ -1189,6 +1284,15 @@ impl Preconditioner for KronPreconditioner {
         inputs: &FitInputs,
         rng: &mut dyn RandomSource,
     ) -> Result<KronFactors> {
+        let (hvps, vectors) = (
+            self.layout.split(inputs.hvps)?,
+            inputs.vectors.map(|v| self.layout.split(v)).transpose()?,
+        );
+        let inputs = &FitInputs {
+            hvps: &hvps,
+            vectors: vectors.as_deref(),
+            ..*inputs
+        };
         // the Newton form: the caller's probes with their Hessian-vector products
         let probes = if inputs.hessian {
             let v = inputs.vectors.ok_or_else(|| {
@@ -1238,14 +1342,17 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn apply(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.plans
+        let grads = self.layout.split(grads)?;
+        let out = self
+            .plans
             .iter()
             .enumerate()
             .map(|(l, plan)| match &st.ps {
                 Some(ps) => self.apply_leaf(plan, Factors::Grams(&ps[l]), &grads[l]),
                 None => self.apply_leaf(plan, Factors::Qs(&st.qs[l]), &grads[l]),
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.layout.join(out)
     }
 
     fn save(&self, st: &KronFactors, f: &mut StateFile) {
@@ -1253,40 +1360,46 @@ impl Preconditioner for KronPreconditioner {
         if rule.inverse_free() {
             f.meta(RULE_META, crate::options::choice_name(rule).to_string());
         }
-        for (l, qs) in st.qs.iter().enumerate() {
-            for (i, q) in qs.iter().enumerate() {
-                f.tensor(format!("Q.{l}.{i}"), q);
+        // named per leaf (`Q.<leaf>.<k>`, k counting the factors of the leaf's parts), so
+        // a leaf's tensors move with it when a state is regrouped
+        for (kind, per_part) in [("Q", &st.qs), ("L", &st.ls)] {
+            for (name, t) in self.factor_names(kind).zip(per_part.iter().flatten()) {
+                f.tensor(name, t);
             }
         }
-        for (l, ls) in st.ls.iter().enumerate() {
-            for (i, b) in ls.iter().enumerate() {
-                f.tensor(format!("L.{l}.{i}"), b);
-            }
+        if let Some(tag) = self.layout.tag() {
+            f.meta(LAYOUT_META, tag.to_string());
         }
     }
 
     fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
         check_saved_rule(f.meta_str(RULE_META), self.options.update_rule)?;
+        let saved = f.meta_str(LAYOUT_META).map(str::to_string);
+        if saved.as_deref() != self.layout.tag() {
+            return Err(layout::mismatch(saved.as_deref(), self.layout.tag()));
+        }
+        let mut names = self.factor_names("Q");
         let qs = self
             .plans
             .iter()
-            .enumerate()
-            .map(|(l, plan)| {
-                (0..plan.stored.len())
-                    .map(|i| f.take_factor(&format!("Q.{l}.{i}")))
+            .map(|plan| {
+                plan.stored
+                    .iter()
+                    .map(|_| f.take_factor(&names.next().expect("a name per factor")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut names = self.factor_names("L");
         let ls = self
             .plans
             .iter()
-            .enumerate()
-            .map(|(l, plan)| {
+            .map(|plan| {
                 if !self.options.update_rule.inverse_free() {
                     return Ok(vec![]);
                 }
-                (0..plan.stored.len())
-                    .map(|i| load_bound(f, &format!("L.{l}.{i}")))
+                plan.stored
+                    .iter()
+                    .map(|_| load_bound(f, &names.next().expect("a name per factor")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
