@@ -85,8 +85,8 @@ step is recorded where psgd_torch subtracts it from a parameter (-lr_params * u,
 psgd_torch clips each preconditioned gradient (RMS above grad_clip_max_amps[0] is scaled
 down to it, then elements are clamped to +-grad_clip_max_amps[1]); whether that acted,
 and the largest RMS and element of the preconditioned gradients before it, are recorded
-in case.json under "update_clip" (this package's Kron caps the RMS at 1.1 instead, so
-the checker refuses a case where either clip acted). Each case is then replayed under
+in case.json under "update_clip" (the checker maps grad_clip_max_amps to Kron's
+updateClipRms and updateClipElement). Each case is then replayed under
 another torch seed with the tape handing back the recorded draws, and the updates must
 agree bitwise: the tape holds every random number the run used.
 

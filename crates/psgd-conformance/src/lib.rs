@@ -126,20 +126,14 @@ fn reference_of(case: &Value) -> Result<&str> {
     }
 }
 
-/// This package's Kron caps each leaf's preconditioned gradient at RMS 1.1 (psgd-jax's
-/// clip); psgd_torch scales an RMS above `grad_clip_max_amps[0]` down to it and then
-/// clamps elements to `±grad_clip_max_amps[1]`. A psgd-torch case is replayed only where
-/// neither acts.
-pub const KRON_RMS_CLIP: f64 = 1.1;
-
 /// Our Kron options for a psgd-torch case: psgd_torch `KronWhiten`'s keyword arguments
-/// (`options`) mapped to this package's, for the case's leaves, with the case's record of
-/// psgd_torch's update clip (`update_clip`). Refuses, naming the option, what cannot be
-/// mapped yet.
+/// (`options`) mapped to this package's, for the case's leaves (its update clip
+/// `grad_clip_max_amps` to `updateClipRms` and `updateClipElement`, its momentum to `b1`
+/// with `momentumWarmup: 'psgdTorch'`, its automatic initial scale to the global scope).
+/// Refuses, naming the option, what cannot be mapped yet.
 pub fn psgd_torch_options(
     options: &Map<String, Value>,
     leaves: &[LeafSpec],
-    update_clip: Option<&Value>,
 ) -> Result<Map<String, Value>> {
     let refuse = |msg: String| -> Result<Map<String, Value>> {
         Err(bad(format!("psgd-torch case not replayable: {msg}")))
@@ -197,21 +191,17 @@ pub fn psgd_torch_options(
             ))
         }
     };
+    // psgd_torch keeps no momentum outside (0, 1); whiten_grad false whitens it
     let momentum = num("momentum", 0.0)?;
-    if momentum > 0.0 && momentum < 1.0 {
-        return refuse(format!(
-            "momentum {momentum}: psgd_torch's momentum warm-up min(t/(t+1), momentum) is not \
-             an option here yet"
-        ));
-    }
-    if !flag("whiten_grad") {
-        return refuse("whiten_grad false (whitening the momentum) is not mapped yet".into());
-    }
-    if !flag("update_preconditioner_first") {
+    let momentum = if momentum > 0.0 && momentum < 1.0 {
+        momentum
+    } else {
+        0.0
+    };
+    let whiten_momentum = !flag("whiten_grad");
+    if whiten_momentum && momentum == 0.0 {
         return refuse(
-            "update_preconditioner_first false (fit after preconditioning) is not an option \
-             here yet"
-                .into(),
+            "whiten_grad false needs a momentum in (0, 1) (psgd_torch asserts it)".into(),
         );
     }
     let damping = num("damping", 1e-9)?;
@@ -220,25 +210,19 @@ pub fn psgd_torch_options(
             "damping {damping}: the inverse-free rules here damp with 1e-9 + eps·|g|"
         ));
     }
-    // the update clip: replayable only where neither psgd_torch's nor ours acted
-    let Some(clip) = update_clip else {
-        return refuse("case.json does not record whether psgd_torch's update clip acted".into());
+    // the update clip: (max RMS, max element), psgd_torch's default (2, 10)
+    let (clip_rms, clip_element) = match options.get("grad_clip_max_amps") {
+        None => (2.0, 10.0),
+        Some(v) => match v
+            .as_array()
+            .map(|a| a.iter().map(Value::as_f64).collect::<Vec<_>>())
+        {
+            Some(a) if a.len() == 2 && a.iter().all(Option::is_some) => {
+                (a[0].unwrap_or(2.0), a[1].unwrap_or(10.0))
+            }
+            _ => return refuse(format!("grad_clip_max_amps {v} is not two numbers")),
+        },
     };
-    if clip.get("acted").and_then(Value::as_bool) != Some(false) {
-        return refuse(format!(
-            "psgd_torch's update clip (grad_clip_max_amps) acted in this run: {clip}"
-        ));
-    }
-    let max_rms = clip
-        .get("max_rms")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| bad("update_clip has no max_rms"))?;
-    if max_rms > KRON_RMS_CLIP {
-        return refuse(format!(
-            "a preconditioned gradient reached RMS {max_rms}, above this package's cap \
-             {KRON_RMS_CLIP} (psgd_torch's is grad_clip_max_amps)"
-        ));
-    }
     // which axes are dense: psgd_torch's rule against ours
     let largest = leaves
         .iter()
@@ -263,8 +247,10 @@ pub fn psgd_torch_options(
         }
         let numel = l.shape.iter().product::<usize>() as f64;
         for (axis, &d) in l.shape.iter().enumerate() {
-            let theirs = d <= 1 || d > max_size || (d * d) as f64 > skew * numel;
-            let ours = d == 1 || d > max_size || l.shape.len() < 2;
+            let skewed = (d as f64) * (d as f64) > skew * numel;
+            let theirs = d <= 1 || d > max_size || skewed;
+            // the mapped options: maxSkew, maxSizeTriangular, minNdimTriangular 1
+            let ours = d == 1 || d > max_size || skewed;
             if theirs != ours {
                 return refuse(format!(
                     "preconditioner_max_skew {skew} makes axis {axis} of leaf '{}' (shape \
@@ -277,17 +263,11 @@ pub fn psgd_torch_options(
             }
         }
     }
-    let init_scale = match options.get("preconditioner_init_scale") {
-        None | Some(Value::Null) if leaves.len() == 1 => Value::Null,
-        None | Some(Value::Null) => {
-            return refuse(
-                "preconditioner_init_scale null with several leaves: psgd_torch takes one \
-                 scale for all of them, this package one per leaf"
-                    .into(),
-            )
-        }
-        Some(v) => v.clone(),
-    };
+    // null: one scale from the first gradients of every leaf
+    let init_scale = options
+        .get("preconditioner_init_scale")
+        .cloned()
+        .unwrap_or(Value::Null);
     let mut out = Map::new();
     out.insert("updateRule".into(), json!(rule));
     out.insert("learningRate".into(), json!(num("lr_params", 0.001)?));
@@ -296,10 +276,20 @@ pub fn psgd_torch_options(
         json!(num("lr_preconditioner", 0.1)?),
     );
     out.insert("lipschitzBeta".into(), json!(num("betaL", 0.9)?));
-    out.insert("b1".into(), json!(0.0));
-    out.insert("momentumIntoPrecondUpdate".into(), json!(false));
+    out.insert("b1".into(), json!(momentum));
+    out.insert("momentumWarmup".into(), json!("psgdTorch"));
+    out.insert("momentumIntoPrecondUpdate".into(), json!(whiten_momentum));
+    out.insert(
+        "updatePreconditionerFirst".into(),
+        json!(flag("update_preconditioner_first")),
+    );
+    out.insert("updateClipRms".into(), json!(clip_rms));
+    out.insert("updateClipElement".into(), json!(clip_element));
     out.insert("maxSizeTriangular".into(), json!(max_size));
+    out.insert("maxSkew".into(), json!(skew));
+    out.insert("minNdimTriangular".into(), json!(1));
     out.insert("preconditionerInitScale".into(), init_scale);
+    out.insert("initScaleScope".into(), json!("global"));
     out.insert(
         "preconditionerUpdateProbability".into(),
         json!(num("preconditioner_update_probability", 1.0)?),
@@ -444,7 +434,13 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
             if variant != "kron" {
                 return Err(bad("psgd-torch cases are Kron cases"));
             }
-            psgd_torch_options(&options, &leaves, case.get("update_clip"))?
+            let mut ours = psgd_torch_options(&options, &leaves)?;
+            if hessian {
+                // KronNewton clips nothing (its grad_clip_max_norm is refused)
+                ours.insert("updateClipRms".into(), Value::Null);
+                ours.insert("updateClipElement".into(), Value::Null);
+            }
+            ours
         }
         "distributed-kron" => {
             if variant != "kron" || hessian {

@@ -4,7 +4,7 @@
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
-use crate::kernels::fused::{self, Clip};
+use crate::kernels::fused::{self, Clip, Warmup};
 use crate::kernels::linalg::{
     factor_gram, max_abs_per_batch, norm_lower_bound_sym_sum, solve_triangular_right,
     triu_difference, TINY_F32,
@@ -103,15 +103,42 @@ pub enum KronUpdateDecision {
     /// psgd_torch's: one uniform draw `u` at the start of every step (even when `p` is 1),
     /// fitting when `u < p`.
     Draw,
+    /// heavyball's: deterministic, fitting iff `floor(c + p) > floor(c)` with `c` the sum
+    /// of the probabilities of the steps before (kept in the state).
+    Cumulative,
 }
 
 impl crate::options::Choice for KronUpdateDecision {
     const CHOICES: &'static [(&'static str, Self)] = &[
         ("counter", KronUpdateDecision::Counter),
         ("draw", KronUpdateDecision::Draw),
+        ("cumulative", KronUpdateDecision::Cumulative),
     ];
 }
-crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw'");
+crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw' | 'cumulative'");
+
+impl crate::options::Choice for Warmup {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("debias", Warmup::Debias), ("psgdTorch", Warmup::PsgdTorch)];
+}
+crate::options::choice_option!(Warmup, "'debias' | 'psgdTorch'");
+
+/// Over what the automatic initial scale is taken (`initScaleScope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitScaleScope {
+    /// One scale per leaf (per layer with `scannedLayers`).
+    Leaf,
+    /// One scale for every leaf, from the largest `mean(|g|⁴)` (psgd_torch's).
+    Global,
+}
+
+impl crate::options::Choice for InitScaleScope {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("leaf", InitScaleScope::Leaf),
+        ("global", InitScaleScope::Global),
+    ];
+}
+crate::options::choice_option!(InitScaleScope, "'leaf' | 'global'");
 
 mod layout;
 mod whiten;
@@ -150,12 +177,43 @@ crate::declare_options! {
         /// (`preconditionerUpdateProbability`). `'counter'` (default, psgd-jax's): a
         /// deterministic counter fits once `1/p` steps have passed since the last fit, with
         /// no random draw. `'draw'` (psgd_torch's): one uniform draw `u` at the start of
-        /// every step, even when `p` is 1, and the step fits when `u < p`. Not in
-        /// psgd-jax.
+        /// every step, even when `p` is 1, and the step fits when `u < p`.
+        /// `'cumulative'` (heavyball's): deterministic, the step fits iff
+        /// `floor(c + p) > floor(c)` with `c` the sum of the earlier steps' `p` (kept in
+        /// the state), so over any run the fits number `floor(Σp)`. A state loads only into
+        /// an optimizer with the same `updateDecision`. Not in psgd-jax.
         update_decision: KronUpdateDecision = KronUpdateDecision::Counter;
+        /// Fit the preconditioner before preconditioning the step (default true,
+        /// psgd-jax's and psgd_torch's default order). false: precondition (and finish)
+        /// the step with the preconditioner as it was, then fit it on this step's input
+        /// (psgd_torch's `update_preconditioner_first=False`). The random draws come in
+        /// the same order either way, and the automatic initial scale
+        /// (`preconditionerInitScale: null`) is still taken first. Not in psgd-jax.
+        update_preconditioner_first: bool = true;
+        /// How momentum (`b1`) warms up. `'debias'` (default, psgd-jax's): an EMA with
+        /// coefficient `b1`, divided by `1 − b1^t`. `'psgdTorch'` (psgd_torch's): the
+        /// coefficient at 1-based step `t` is `β = min((t−1)/t, b1)`,
+        /// `m ← β·m + (1−β)·g`, with no bias correction (the first step's momentum is
+        /// the gradient). Not in psgd-jax.
+        momentum_warmup: Warmup = Warmup::Debias;
+        /// Cap on the RMS of each leaf's preconditioned update: `u / max(1, rms(u)/cap)`.
+        /// Default 1.1 (psgd-jax's); psgd_torch's is 2 (`grad_clip_max_amps[0]`); null:
+        /// no cap (heavyball's `PSGDPRO`).
+        update_clip_rms: Option<f64> = Some(1.1), check check::positive_or_none;
+        /// Clamp each element of the preconditioned update to `±v` after the RMS cap.
+        /// Default null (no clamp, psgd-jax's); psgd_torch's is 10
+        /// (`grad_clip_max_amps[1]`). Not in psgd-jax.
+        update_clip_element: Option<f64> = None, check check::positive_or_none;
         /// Axes longer than this get a diagonal factor instead of a triangular one.
         /// Default 8192.
         max_size_triangular: usize = 8192;
+        /// An axis of length `d` in a leaf (a layer with `scannedLayers`) of `N` elements
+        /// gets a diagonal factor when `d² > maxSkew·N`, besides the other rules: 1
+        /// makes the longer axis of a non-square matrix diagonal (psgd_torch's
+        /// `preconditioner_max_skew`, whose default is 1). Size-1 axes, which psgd_torch
+        /// squeezes away, change neither `N` nor any other axis' factor. Default null (no
+        /// such rule, psgd-jax's).
+        max_skew: Option<f64> = None, check check::positive_or_none;
         /// Leaves with fewer axes than this get only diagonal factors. Default 2.
         min_ndim_triangular: usize = 2;
         /// `null` (default): every axis may be triangular; `'one_diag'`: the largest axis
@@ -212,8 +270,19 @@ crate::declare_options! {
         /// with `δ = 1e-9` as psgd_torch's newer Kron does, so that the first
         /// preconditioned gradient has an RMS near 1 whatever the gradient's scale, and
         /// at most `δ^(-1/2)` ≈ 3.2e4 for a tiny gradient; 1 for a gradient of all zeros.
-        /// Not in psgd-jax.
+        /// See `initScaleScope` and `initScalePower`. Not in psgd-jax.
         preconditioner_init_scale: Option<f64> = Some(1.0), check check::positive_or_none;
+        /// With `preconditionerInitScale: null`, over what the automatic scale is taken:
+        /// `'leaf'` (default) one per leaf (per layer with `scannedLayers`); `'global'`
+        /// one for every leaf, from the largest `mean(|g|⁴)` over all of them (psgd_torch's
+        /// `preconditioner_init_scale=None`). Not in psgd-jax.
+        init_scale_scope: InitScaleScope = InitScaleScope::Leaf;
+        /// With `preconditionerInitScale: null`, the power `k` the automatic scale is
+        /// raised to: `((mean(|g|⁴) + δ⁴)^(-1/8))^k`, so the initial preconditioner is
+        /// that to the `2k` (> 0). Default 1 (psgd_torch's); heavyball's
+        /// `precond_init_scale_power` is 0.5 by default (heavyball clamps `|g| ≥ 1e-12`
+        /// instead of adding `δ⁴`). Not in psgd-jax.
+        init_scale_power: f64 = 1.0, check check::positive;
         /// Clip the incoming gradients to this global L2 norm before anything else
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
         /// psgd-jax. Default null (no clip).
@@ -272,15 +341,21 @@ impl VariantOptions for KronOptions {
             decision: match self.update_decision {
                 KronUpdateDecision::Counter => UpdateDecision::Counter,
                 KronUpdateDecision::Draw => UpdateDecision::Draw { always: 0 },
+                KronUpdateDecision::Cumulative => UpdateDecision::Cumulative,
             },
             fit_source: if self.momentum_into_precond_update {
                 FitSource::Momentum
             } else {
                 FitSource::Gradient
             },
-            clip: Clip::Rms,
+            clip: match (self.update_clip_rms, self.update_clip_element) {
+                (None, None) => Clip::None,
+                (rms, element) => Clip::Update { rms, element },
+            },
             grad_clip: self.grad_clip,
             check_finite: !self.allow_non_finite,
+            momentum_warmup: self.momentum_warmup,
+            update_first: self.update_preconditioner_first,
         }
     }
 
@@ -392,8 +467,17 @@ impl LeafPlan {
     /// The factors times the automatic initial scale taken from the gradient `g`: per
     /// slice of the batch `s = (mean(|g|⁴) + δ⁴)^(-1/8)` with psgd_torch's damping
     /// `δ` = [`AUTO_SCALE_DAMPING`] (so `s ≤ δ^(-1/2)` ≈ 3.2e4 however tiny the gradient),
-    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)`.
+    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)` (the leaf scope at
+    /// power 1, for the tests).
+    #[cfg(test)]
     fn auto_scaled(&self, qs: &[Tensor], g: &Tensor) -> Result<Vec<Tensor>> {
+        self.scaled_by(qs, &auto_scale(&self.fourth_root_mean(g)?)?, 1.0)
+    }
+
+    /// Per slice of the batch, `a = mean(|g|⁴)^¼`, float32 `(B, 1)`: 0 for an all-zero
+    /// slice only (a tiny one that underflows is kept at the smallest normal float, which
+    /// [`auto_scale`] treats as it treats any `a ≪ δ`).
+    fn fourth_root_mean(&self, g: &Tensor) -> Result<Tensor> {
         let g = g
             .to_dtype(DType::F32)?
             .reshape((self.batch, self.numel()))?;
@@ -403,16 +487,14 @@ impl LeafPlan {
         let zero = m.eq(0f32)?;
         let m = zero.where_cond(&m.ones_like()?, &m)?;
         let r = g.broadcast_div(&m)?.sqr()?.sqr()?.mean_keepdim(1)?;
-        let a = (m * r.sqrt()?.sqrt()?)?;
-        // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
-        // of a tiny or huge number is formed
-        let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
-        let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
-        let t = (lo / &hi)?.sqr()?.sqr()?;
-        let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
-        let s = norm.sqrt()?.recip()?;
-        let s = finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)?;
-        let per_factor = s.powf(self.p_power / self.dims.len() as f64)?;
+        let a = (m * r.sqrt()?.sqrt()?)?.maximum(f32::MIN_POSITIVE)?;
+        Ok(zero.where_cond(&a.zeros_like()?, &a)?)
+    }
+
+    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`; the square
+    /// of that for the factors of `P` under PRO4P and QUAD4P).
+    fn scaled_by(&self, qs: &[Tensor], s: &Tensor, power: f64) -> Result<Vec<Tensor>> {
+        let per_factor = s.powf(self.p_power * power / self.dims.len() as f64)?;
         qs.iter()
             .enumerate()
             .map(|(i, q)| {
@@ -447,19 +529,37 @@ impl LeafPlan {
     }
 }
 
+/// The automatic initial scale `(a⁴ + δ⁴)^(-1/8)` of `a = mean(|g|⁴)^¼` (see
+/// [`LeafPlan::auto_scaled`]), 1 where `a` is 0, elementwise.
+fn auto_scale(a: &Tensor) -> Result<Tensor> {
+    let zero = a.eq(0f32)?;
+    // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
+    // of a tiny or huge number is formed
+    let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
+    let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
+    let t = (lo / &hi)?.sqr()?.sqr()?;
+    let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
+    let s = norm.sqrt()?.recip()?;
+    finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)
+}
+
 /// Which axes of a leaf's `slice` (its shape without the layer axis) get diagonal factors:
 /// those of length 1 or above `maxSizeTriangular`, every one of a leaf with fewer than
-/// `minNdimTriangular` axes, and those `memorySaveMode` picks.
+/// `minNdimTriangular` axes, those `memorySaveMode` picks, and with `maxSkew` those of
+/// length `d` with `d² > maxSkew·N` (`N` the slice's elements).
 fn factor_kinds(slice: &[usize], o: &KronOptions) -> Vec<bool> {
     let largest = slice
         .iter()
         .enumerate()
         .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
+    let numel = slice.iter().product::<usize>() as f64;
     slice
         .iter()
         .enumerate()
         .map(|(i, &d)| {
             d == 1
+                || o.max_skew
+                    .is_some_and(|k| (d as f64) * (d as f64) > k * numel)
                 || d > o.max_size_triangular
                 || slice.len() < o.min_ndim_triangular
                 || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
@@ -1268,8 +1368,24 @@ impl Preconditioner for KronPreconditioner {
             return Ok(None);
         }
         let grads = self.layout.split(grads)?;
+        let a = stages::map_leaves(&self.leaves, |l| self.plans[l].fourth_root_mean(&grads[l]))?;
+        let scales = match self.options.init_scale_scope {
+            InitScaleScope::Leaf => a.iter().map(auto_scale).collect::<Result<Vec<_>>>()?,
+            InitScaleScope::Global => {
+                // one scale from the largest mean(|g|⁴) of every leaf and layer
+                let maxes = a
+                    .iter()
+                    .map(|a| a.max_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let s = auto_scale(&Tensor::stack(&maxes, 0)?.max_all()?)?;
+                a.iter()
+                    .map(|a| Ok(s.broadcast_as(a.shape())?))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let power = self.options.init_scale_power;
         let qs = stages::map_leaves(&self.leaves, |l| {
-            self.plans[l].auto_scaled(&st.qs[l], &grads[l])
+            self.plans[l].scaled_by(&st.qs[l], &scales[l], power)
         })?;
         Ok(Some(KronFactors {
             qs,
