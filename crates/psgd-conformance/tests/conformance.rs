@@ -62,7 +62,7 @@ fn affine_fixtures_match_psgd_jax() {
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
     let rules = ["pro", "pro4p", "qep", "qeq", "quad", "quad4p"];
-    let results = check_rules("kron-torch", 25, &rules);
+    let results = check_rules("kron-torch", 36, &rules);
     let newton: std::collections::BTreeSet<&str> = results
         .iter()
         .filter(|r| r.name.contains("_newton_"))
