@@ -473,6 +473,18 @@ test('Hessian mode: kron({ updateRule }) with a hessianHelper loop trains a badl
     }
     const end = scaledQuadratic(params).loss
     t.true(Number.isFinite(end) && end < 0.01 * start, `${updateRule}: ${start} -> ${end}`)
+    // the class: step(grads, extra) with the helper's result passed whole, same numbers
+    const cls = new Kron({ w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 } as PyTree, { learningRate: 0.1, b1: 0, updateRule })
+    let fn: PyTree = { w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 }
+    let fnState = opt.init(fn)
+    for (let step = 0; step < 3; step++) {
+      const r = await hessianHelper(scaledQuadratic, cls.params, { step, seed: 5 })
+      cls.step(r.grads, r)
+      let u
+      ;[u, fnState] = opt.update(r.grads, fnState, fn, r)
+      fn = applyUpdates(fn, u)
+    }
+    t.deepEqual(snapshot(cls.params), snapshot(fn), updateRule)
     // the fitted state round-trips
     const bytes = state.toBytes()
     state.loadBytes(bytes)
