@@ -218,15 +218,19 @@ export interface KronNativeOptions {
    * `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
    * positive definite by a Procrustes rotation and no triangular solve (matrix
    * products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
-   * factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+   * factors. `'QEQ'`, `'QEP'`: psgd_torch's `dQ = Q·E·Q` and `dQ = Q·E·P` (QEP
+   * balances the factors before every fit). `'PRO4P'`, `'QUAD4P'`: PRO's and QUAD's
+   * forms on the factors of `P` itself (each applied once, starting at
+   * `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
    * `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
    * (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
    * (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-   * Not in psgd-jax.
+   * With Hessian-vector products each rule fits in its Newton form. Not in
+   * psgd-jax.
    */
-  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'
+  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'
   /**
-   * Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+   * Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
    * `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
    * latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
    * Not in psgd-jax.
@@ -343,7 +347,7 @@ export interface AffineNativeOptions extends PsgdNativeOptions {
  */
 export const VARIANTS = {
   kron: {
-    hessian: false,
+    hessian: true,
     options: {
       learningRate: 'schedule',
       b1: 'value',

@@ -1,5 +1,6 @@
 //! PSGD Kron: one preconditioner factor per tensor axis (triangular or diagonal), fitted by
-//! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
+//! gradient whitening as psgd-jax 0.2.9's `kron` / `scale_by_kron`, or to Hessian-vector
+//! products (the Newton form); `updateRule` picks psgd_torch's other fits.
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
@@ -51,12 +52,28 @@ pub enum UpdateRule {
     Pro,
     /// psgd_torch's `QUAD`: full symmetric factors, a quadratic form of the fit.
     Quad,
+    /// psgd_torch's `QEQ`: full factors, `dQ = Q·E·Q`.
+    Qeq,
+    /// psgd_torch's `QEP`: full factors, `dQ = Q·E·P`, the factors balanced before every
+    /// fit.
+    Qep,
+    /// psgd_torch's `PRO4P`: the factors are those of `P` itself (`dP = P^0.5·E·P`), kept
+    /// near symmetric by up to ten third-order Procrustes steps per fit.
+    Pro4p,
+    /// psgd_torch's `QUAD4P`: `QUAD`'s quadratic form on the factors of `P` itself.
+    Quad4p,
 }
 
 impl UpdateRule {
-    /// Whether the rule keeps full factors and a Lipschitz bound (PRO, QUAD).
+    /// Whether the rule keeps full factors and a Lipschitz bound (every rule but EQ).
     pub fn inverse_free(self) -> bool {
         self != UpdateRule::Eq
+    }
+
+    /// Whether the factors are those of `P` itself (PRO4P, QUAD4P): each is applied once
+    /// (`P·G = P₁ ×₁ … Pₖ ×ₖ G`) and starts at `scale^(2/k)`.
+    pub fn fits_p(self) -> bool {
+        matches!(self, UpdateRule::Pro4p | UpdateRule::Quad4p)
     }
 }
 
@@ -66,9 +83,16 @@ impl crate::options::Choice for UpdateRule {
         ("Q0.5EQ1.5", UpdateRule::Pro),
         ("PRO", UpdateRule::Pro),
         ("QUAD", UpdateRule::Quad),
+        ("QEQ", UpdateRule::Qeq),
+        ("QEP", UpdateRule::Qep),
+        ("PRO4P", UpdateRule::Pro4p),
+        ("QUAD4P", UpdateRule::Quad4p),
     ];
 }
-crate::options::choice_option!(UpdateRule, "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'");
+crate::options::choice_option!(
+    UpdateRule,
+    "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'"
+);
 
 /// How Kron decides whether a step fits the preconditioner (`updateDecision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,13 +251,17 @@ crate::declare_options! {
         /// `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
         /// positive definite by a Procrustes rotation and no triangular solve (matrix
         /// products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
-        /// factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+        /// factors. `'QEQ'`, `'QEP'`: psgd_torch's `dQ = Q·E·Q` and `dQ = Q·E·P` (QEP
+        /// balances the factors before every fit). `'PRO4P'`, `'QUAD4P'`: PRO's and QUAD's
+        /// forms on the factors of `P` itself (each applied once, starting at
+        /// `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
         /// `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
         /// (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
         /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-        /// Not in psgd-jax.
+        /// With Hessian-vector products each rule fits in its Newton form. Not in
+        /// psgd-jax.
         update_rule: UpdateRule = UpdateRule::Eq;
-        /// Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+        /// Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
         /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
         /// latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
         /// Not in psgd-jax.
@@ -359,6 +387,9 @@ struct LeafPlan {
     stored: Vec<Vec<usize>>,
     scanned: bool,
     scale: f64,
+    /// 2 where the factors are those of `P` (PRO4P, QUAD4P; see [`UpdateRule::fits_p`]),
+    /// so an initial scale `s` gives factors `s^(2/k)`; else 1.
+    p_power: f64,
 }
 
 impl LeafPlan {
@@ -375,6 +406,8 @@ impl LeafPlan {
         }
         let (batch, slice) = layout::layers(spec)?;
         let lead: Vec<usize> = if spec.scanned { vec![batch] } else { vec![] };
+        // the factors of P itself (PRO4P, QUAD4P) start at the square of Q's
+        let p_power = if o.update_rule.fits_p() { 2.0 } else { 1.0 };
         if slice.is_empty() {
             return Ok(LeafPlan {
                 batch,
@@ -382,7 +415,8 @@ impl LeafPlan {
                 diag: vec![true],
                 stored: vec![lead],
                 scanned: spec.scanned,
-                scale: o.preconditioner_init_scale.unwrap_or(1.0),
+                scale: o.preconditioner_init_scale.unwrap_or(1.0).powf(p_power),
+                p_power,
             });
         }
         let stored = slice
@@ -406,7 +440,8 @@ impl LeafPlan {
             scale: o
                 .preconditioner_init_scale
                 .unwrap_or(1.0)
-                .powf(1.0 / slice.len() as f64),
+                .powf(p_power / slice.len() as f64),
+            p_power,
         })
     }
 
@@ -458,9 +493,10 @@ impl LeafPlan {
         Ok(zero.where_cond(&a.zeros_like()?, &a)?)
     }
 
-    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`).
+    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`; the square
+    /// of that for the factors of `P` under PRO4P and QUAD4P).
     fn scaled_by(&self, qs: &[Tensor], s: &Tensor, power: f64) -> Result<Vec<Tensor>> {
-        let per_factor = s.powf(power / self.dims.len() as f64)?;
+        let per_factor = s.powf(self.p_power * power / self.dims.len() as f64)?;
         qs.iter()
             .enumerate()
             .map(|(i, q)| {
@@ -714,14 +750,14 @@ fn merge_small_axes(plan: &LeafPlan, ps: &[Tensor]) -> Result<(Vec<usize>, Vec<G
 /// state keeps them and an apply-only step is one product per axis. They are formed at
 /// the first step that does not fit the factors, not at the fit itself: while every step
 /// fits (psgd-jax's default schedule does for the first 500), they would go unused.
-fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, full: bool) -> Result<Vec<Tensor>> {
-    if full {
+fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, rule: UpdateRule) -> Result<Vec<Tensor>> {
+    if rule.inverse_free() {
         let batched = qs
             .iter()
             .enumerate()
             .map(|(i, q)| plan.batched_q(i, q))
             .collect::<Result<Vec<_>>>()?;
-        return whiten::full_grams(&batched, plan, p);
+        return whiten::axis_operators(&batched, plan, rule, p);
     }
     qs.iter()
         .enumerate()
@@ -767,6 +803,35 @@ fn update_factors(
             }
         })
         .collect()
+}
+
+/// The state file's metadata entry naming the inverse-free rule that wrote it.
+const RULE_META: &str = "update_rule";
+
+/// Refuses a state written under another rule than `rule`: `saved` is the rule the file
+/// names (`None`: EQ, or a state of `'Q0.5EQ1.5'` or `'QUAD'` written before the name
+/// was kept). The factors mean different things under different rules (`Q` or `P`, full
+/// or triangular), so they are not converted.
+fn check_saved_rule(saved: Option<&str>, rule: UpdateRule) -> Result<()> {
+    use crate::options::Choice;
+    let ours = crate::options::choice_name(rule);
+    let same = match saved {
+        Some(name) => {
+            let theirs = UpdateRule::CHOICES.iter().find(|(n, _)| *n == name);
+            theirs.is_some_and(|(_, r)| *r == rule)
+        }
+        None => matches!(rule, UpdateRule::Eq | UpdateRule::Pro | UpdateRule::Quad),
+    };
+    if same {
+        return Ok(());
+    }
+    Err(PsgdError::State(format!(
+        "was written with updateRule {}, this optimizer has updateRule '{ours}'; a state \
+         loads only under the rule that wrote it",
+        saved.map_or("'EQ', 'Q0.5EQ1.5' or 'QUAD'".to_string(), |s| format!(
+            "'{s}'"
+        ))
+    )))
 }
 
 /// Takes the Lipschitz bound `name` from a loaded state: float32, finite and ≥ 0.
@@ -829,7 +894,7 @@ pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
     /// inverse-free rules).
     pub qs: Vec<Vec<Tensor>>,
-    /// Under the inverse-free rules (PRO, QUAD): per leaf and factor the running Lipschitz
+    /// Under the inverse-free rules (every rule but EQ): per leaf and factor the running Lipschitz
     /// bound of the fit, float32 `(B,)` (0 before the first fit). Empty under EQ.
     pub ls: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
@@ -928,7 +993,7 @@ impl KronPreconditioner {
                     q,
                     plan,
                     self.options.grads_precision(),
-                    self.options.update_rule.inverse_free(),
+                    self.options.update_rule,
                 )
             })
             .collect()
@@ -984,22 +1049,31 @@ impl KronPreconditioner {
             .collect()
     }
 
-    /// Fits every leaf's factors once: maybe balance, draw probes, damp, step.
+    /// Fits every leaf's factors once under EQ: maybe balance, draw probes (whitening;
+    /// the Newton form takes the caller's `vectors` with their products `inputs`), damp,
+    /// step.
     fn update_preconditioners(
         &self,
         qs: &[Vec<Tensor>],
         inputs: &[Tensor],
+        vectors: Option<&[Tensor]>,
         lr: f64,
         rng: &mut dyn RandomSource,
     ) -> Result<Vec<Vec<Tensor>>> {
         // the EQ fit (psgd-jax's): one balance draw, then the probes of every leaf
         let do_balance = rng.uniform()? < 0.01;
-        let probes = self
-            .leaves
-            .iter()
-            .zip(inputs)
-            .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
-            .collect::<Result<Vec<_>>>()?;
+        let probes = match vectors {
+            Some(v) => v
+                .iter()
+                .map(|v| Ok(v.to_dtype(DType::F32)?))
+                .collect::<Result<Vec<_>>>()?,
+            None => self
+                .leaves
+                .iter()
+                .zip(inputs)
+                .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let precision = self.options.update_precision();
         stages::map_leaves(&self.leaves, |l| {
             let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
@@ -1028,86 +1102,160 @@ impl KronPreconditioner {
         })
     }
 
-    /// The inverse-free fit (PRO, QUAD) of every leaf: the draws leaf by leaf in
-    /// psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; returns the new
-    /// factors and Lipschitz bounds.
+    /// The inverse-free fit of every leaf (every rule but EQ), from the inputs `inputs`
+    /// (gradients, or Hessian-vector products with their probes `probes`): the draws leaf
+    /// by leaf in psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; under
+    /// PRO4P, whose count of draws depends on the data, leaf after leaf with the draws
+    /// taken as the fit goes. Returns the new factors and Lipschitz bounds.
     fn fit_inverse_free(
         &self,
         qs: &[Vec<Tensor>],
         ls: &[Vec<Tensor>],
         inputs: &[Tensor],
+        probes: Option<&[Tensor]>,
         lr: f64,
         rng: &mut dyn RandomSource,
     ) -> Result<(PerLeaf, PerLeaf)> {
+        let rule = self.options.update_rule;
+        let fit = whiten::Fit {
+            rule,
+            lr,
+            beta: self.options.lipschitz_beta,
+            precision: self.options.update_precision(),
+        };
+        if rule == UpdateRule::Pro4p {
+            let mut out = Vec::with_capacity(self.leaves.len());
+            for (l, (spec, plan)) in self.leaves.iter().zip(&self.plans).enumerate() {
+                let nu = rng.normal(&spec.shape, inputs[l].device())?;
+                let (q, b) = {
+                    let live = std::sync::Mutex::new(&mut *rng);
+                    self.fit_leaf_inverse_free(
+                        l,
+                        &qs[l],
+                        &ls[l],
+                        &inputs[l],
+                        probes,
+                        &nu,
+                        &[],
+                        |_| whiten::Draws::Live(&live),
+                        fit,
+                    )?
+                };
+                let balanced = whiten::balances_after(rule, rng)?;
+                out.push((self.finish_leaf(plan, q, balanced)?, b));
+            }
+            return Ok(out.into_iter().unzip());
+        }
         let draws = self
             .leaves
             .iter()
             .zip(&self.plans)
             .zip(inputs)
-            .map(|((spec, plan), x)| {
-                whiten::draw(plan, &spec.shape, self.options.update_rule, rng, x.device())
-            })
+            .map(|((spec, plan), x)| whiten::draw(plan, &spec.shape, rule, rng, x.device()))
             .collect::<Result<Vec<_>>>()?;
-        let fit = whiten::Fit {
-            rule: self.options.update_rule,
-            lr,
-            beta: self.options.lipschitz_beta,
-            precision: self.options.update_precision(),
-        };
         let out = stages::map_leaves(&self.leaves, |l| {
-            let (plan, d) = (&self.plans[l], &draws[l]);
-            let shape = plan.batched_shape();
-            let gn = whiten::damp(&inputs[l], &d.nu)?.reshape(shape.as_slice())?;
-            let bq = qs[l]
-                .iter()
-                .enumerate()
-                .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?;
-            let n = bq.len();
-            // every input of the fit, batched along axis 0: factors, bounds, the damped
-            // input, then each dense factor's subspaces
-            let mut ins: Vec<&Tensor> = bq.iter().chain(&ls[l]).collect();
-            ins.push(&gn);
-            for (spd, skh) in d.subspaces.iter().flatten() {
-                ins.push(spd);
-                ins.extend(skh);
+            let d = &draws[l];
+            // every dense factor's subspaces, batched along axis 0
+            let mut subs: Vec<&Tensor> = vec![];
+            for s in d.subspaces.iter().flatten() {
+                subs.push(&s.spd);
+                subs.extend(&s.skh);
             }
-            let rule = self.options.update_rule;
-            let new = self.map_batches(plan, &ins, |t| {
-                let mut at = 2 * n + 1;
-                let subspaces = d
-                    .subspaces
-                    .iter()
-                    .map(|s| {
-                        s.as_ref().map(|_| {
-                            let spd = t[at].clone();
-                            at += 1;
-                            let skh = (rule == UpdateRule::Pro).then(|| {
+            let (q, b) = self.fit_leaf_inverse_free(
+                l,
+                &qs[l],
+                &ls[l],
+                &inputs[l],
+                probes,
+                &d.nu,
+                &subs,
+                |t: &[Tensor]| {
+                    let mut at = 0;
+                    let sliced = d
+                        .subspaces
+                        .iter()
+                        .map(|s| {
+                            s.as_ref().map(|s| {
+                                let spd = t[at].clone();
                                 at += 1;
-                                t[at - 1].clone()
-                            });
-                            (spd, skh)
+                                let skh = s.skh.as_ref().map(|_| {
+                                    at += 1;
+                                    t[at - 1].clone()
+                                });
+                                whiten::Subspaces { spd, skh }
+                            })
                         })
-                    })
-                    .collect::<Vec<_>>();
-                let (q, l) =
-                    whiten::fit_leaf(&t[..n], &t[n..2 * n], &t[2 * n], &subspaces, plan, fit)?;
-                Ok(q.into_iter().chain(l).collect())
-            })?;
-            let (q, l) = new.split_at(n);
-            let q = if d.balance {
-                balance(q, plan)?
-            } else {
-                q.to_vec()
-            };
-            let q = q
-                .iter()
-                .zip(&plan.stored)
-                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((q, l.to_vec()))
+                        .collect();
+                    whiten::Draws::Drawn(sliced)
+                },
+                fit,
+            )?;
+            Ok((self.finish_leaf(&self.plans[l], q, d.balance)?, b))
         })?;
         Ok(out.into_iter().unzip())
+    }
+
+    /// One leaf's inverse-free fit over its layers (in slices under
+    /// `laxMapScannedLayers`): damps the input `x` with the noise `nu`, balances first
+    /// under QEP, and fits with the draws `draws` makes from a slice of the batched
+    /// subspaces `subs`. Returns the batched factors and the bounds.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_leaf_inverse_free<'a>(
+        &self,
+        l: usize,
+        qs: &[Tensor],
+        ls: &[Tensor],
+        x: &Tensor,
+        probes: Option<&[Tensor]>,
+        nu: &Tensor,
+        subs: &[&Tensor],
+        draws: impl Fn(&[Tensor]) -> whiten::Draws<'a>,
+        fit: whiten::Fit,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let plan = &self.plans[l];
+        let shape = plan.batched_shape();
+        let gn = whiten::damp(x, nu)?.reshape(shape.as_slice())?;
+        let probe = probes
+            .map(|v| Ok::<_, PsgdError>(v[l].to_dtype(DType::F32)?.reshape(shape.as_slice())?))
+            .transpose()?;
+        let bq = qs
+            .iter()
+            .enumerate()
+            .map(|(i, q)| plan.batched_q(i, q))
+            .collect::<Result<Vec<_>>>()?;
+        let bq = whiten::balance_before(fit.rule, bq, plan)?;
+        let n = bq.len();
+        // every input of the fit, batched along axis 0: factors, bounds, the damped input,
+        // the probe, then the subspaces
+        let mut ins: Vec<&Tensor> = bq.iter().chain(ls).collect();
+        ins.push(&gn);
+        ins.extend(&probe);
+        let first_sub = ins.len();
+        ins.extend(subs);
+        let new = self.map_batches(plan, &ins, |t| {
+            let probe = probe.as_ref().map(|_| &t[2 * n + 1]);
+            let (q, l) = whiten::fit_leaf(
+                &t[..n],
+                &t[n..2 * n],
+                &t[2 * n],
+                probe,
+                draws(&t[first_sub..]),
+                plan,
+                fit,
+            )?;
+            Ok(q.into_iter().chain(l).collect())
+        })?;
+        let (q, l) = new.split_at(n);
+        Ok((q.to_vec(), l.to_vec()))
+    }
+
+    /// A leaf's fitted factors, balanced when `balanced`, in their stored shapes and dtype.
+    fn finish_leaf(&self, plan: &LeafPlan, q: Vec<Tensor>, balanced: bool) -> Result<Vec<Tensor>> {
+        let q = if balanced { balance(&q, plan)? } else { q };
+        q.iter()
+            .zip(&plan.stored)
+            .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
+            .collect()
     }
 
     /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
@@ -1120,7 +1268,12 @@ impl KronPreconditioner {
             // full factors (the inverse-free rules) are applied through their grams: the
             // products with `Qᵢ` and `Qᵢᵀ` in turn are for triangular ones
             Factors::Qs(qs) if self.options.update_rule.inverse_free() => {
-                let ps = grams(qs, plan, self.options.grads_precision(), true)?;
+                let ps = grams(
+                    qs,
+                    plan,
+                    self.options.grads_precision(),
+                    self.options.update_rule,
+                )?;
                 (ps, Factors::Grams(&[]))
             }
             Factors::Qs(qs) => (
@@ -1149,7 +1302,6 @@ impl KronPreconditioner {
 impl Preconditioner for KronPreconditioner {
     const NAME: &'static str = "kron";
     const WHITENING_VECTOR: bool = false;
-    const HESSIAN: bool = false;
     const FIT_ON_POOL: bool = true;
     type Options = KronOptions;
     type State = KronFactors;
@@ -1259,12 +1411,22 @@ impl Preconditioner for KronPreconditioner {
             vectors: vectors.as_deref(),
             ..*inputs
         };
+        // the Newton form: the caller's probes with their Hessian-vector products
+        let probes = if inputs.hessian {
+            let v = inputs.vectors.ok_or_else(|| {
+                PsgdError::option_type("vector", "is needed with the Hessian-vector products")
+            })?;
+            Some(v)
+        } else {
+            None
+        };
         if self.options.update_rule.inverse_free() {
             let (qs, ls) =
-                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, inputs.precond_lr, rng)?;
+                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, inputs.precond_lr, rng)?;
             return Ok(KronFactors { qs, ls, ps: None });
         }
-        let qs = self.update_preconditioners(&st.qs, inputs.hvps, inputs.precond_lr, rng)?;
+        let qs =
+            self.update_preconditioners(&st.qs, inputs.hvps, probes, inputs.precond_lr, rng)?;
         Ok(KronFactors {
             qs,
             ls: st.ls.clone(),
@@ -1312,6 +1474,10 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn save(&self, st: &KronFactors, f: &mut StateFile) {
+        let rule = self.options.update_rule;
+        if rule.inverse_free() {
+            f.meta(RULE_META, crate::options::choice_name(rule).to_string());
+        }
         // named per leaf (`Q.<leaf>.<k>`, k counting the factors of the leaf's parts), so
         // a leaf's tensors move with it when a state is regrouped
         for (kind, per_part) in [("Q", &st.qs), ("L", &st.ls)] {
@@ -1325,6 +1491,7 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
+        check_saved_rule(f.meta_str(RULE_META), self.options.update_rule)?;
         let saved = f.meta_str(LAYOUT_META).map(str::to_string);
         if saved.as_deref() != self.layout.tag() {
             return Err(layout::mismatch(saved.as_deref(), self.layout.tag()));
@@ -1445,6 +1612,7 @@ mod tests {
             stored: vec![],
             scanned: true,
             scale: 1.0,
+            p_power: 1.0,
         }
     }
 
