@@ -173,11 +173,9 @@ pub fn psgd_torch_options(
     {
         "Q0.5EQ1.5" | "Q0p5EQ1p5" => "Q0.5EQ1.5",
         "QUAD" => "QUAD",
-        other => {
-            return refuse(format!(
-                "dQ '{other}' has no counterpart here (updateRule 'EQ' is psgd-jax's rule)"
-            ))
-        }
+        // psgd_torch's EQ: psgd-jax's rule with its own numerics (set below)
+        "EQ" => "EQ",
+        other => return refuse(format!("dQ '{other}' has no counterpart here")),
     };
     let momentum = num("momentum", 0.0)?;
     if momentum > 0.0 && momentum < 1.0 {
@@ -197,10 +195,8 @@ pub fn psgd_torch_options(
         );
     }
     let damping = num("damping", 1e-9)?;
-    if damping != 1e-9 {
-        return refuse(format!(
-            "damping {damping}: the inverse-free rules here damp with 1e-9 + eps·|g|"
-        ));
+    if !(damping.is_finite() && damping >= 0.0) {
+        return refuse(format!("damping {damping} is not a finite number >= 0"));
     }
     // the update clip: replayable only where neither psgd_torch's nor ours acted
     let Some(clip) = update_clip else {
@@ -278,6 +274,12 @@ pub fn psgd_torch_options(
         json!(num("lr_preconditioner", 0.1)?),
     );
     out.insert("lipschitzBeta".into(), json!(num("betaL", 0.9)?));
+    out.insert("damping".into(), json!(damping));
+    if rule == "EQ" {
+        // psgd_torch's numerics, which are the inverse-free rules' own
+        out.insert("normEstimator".into(), json!("subspace"));
+        out.insert("balanceWhen".into(), json!("afterFit"));
+    }
     out.insert("b1".into(), json!(0.0));
     out.insert("momentumIntoPrecondUpdate".into(), json!(false));
     out.insert("maxSizeTriangular".into(), json!(max_size));

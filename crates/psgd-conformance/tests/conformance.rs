@@ -124,6 +124,24 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         Some(&clip),
     );
     assert_eq!(pro.unwrap()["updateRule"], json!("Q0.5EQ1.5"));
+    // psgd_torch's EQ: the EQ rule with psgd_torch's numerics; its damping is mapped
+    let eq = map(
+        json!({"dQ": "EQ", "damping": 1e-6, "betaL": 0.8, "preconditioner_init_scale": 1.0}),
+        &leaves,
+        Some(&clip),
+    )
+    .unwrap();
+    for (k, v) in [
+        ("updateRule", json!("EQ")),
+        ("lipschitzBeta", json!(0.8)),
+        ("damping", json!(1e-6)),
+        ("normEstimator", json!("subspace")),
+        ("balanceWhen", json!("afterFit")),
+    ] {
+        assert_eq!(eq.get(k), Some(&v), "{k}");
+    }
+    assert_eq!(ok["damping"], json!(1e-9));
+    assert_eq!(ok.get("normEstimator"), None);
     // one leaf: psgd_torch's automatic scale (the default) is ours
     let one = map(json!({}), &leaves[1..], Some(&clip)).unwrap();
     assert_eq!(one["preconditionerInitScale"], json!(null));
@@ -136,7 +154,12 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
             Some(&clip),
             "momentum 0.9",
         ),
-        (json!({"dQ": "EQ"}), &leaves[..], Some(&clip), "dQ 'EQ'"),
+        (
+            json!({"dQ": "Q1EQ1"}),
+            &leaves[..],
+            Some(&clip),
+            "dQ 'Q1EQ1'",
+        ),
         (
             json!({"whiten_grad": false}),
             &leaves[..],
@@ -150,10 +173,10 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
             "update_preconditioner_first false",
         ),
         (
-            json!({"damping": 1e-6}),
+            json!({"damping": -1.0}),
             &leaves[..],
             Some(&clip),
-            "damping",
+            "damping -1",
         ),
         (
             json!({"lr": 0.1}),

@@ -17,6 +17,7 @@ pub const SUBSPACE_DIM: usize = 32;
 const HALF_ITERS: usize = 2;
 
 /// The largest step of [`procrustes_step2`]'s rotation (psgd_torch's `max_step_size`).
+#[cfg(test)]
 const PROCRUSTES_MAX_STEP: f64 = 1.0 / 8.0;
 
 /// The diagonal of each matrix of a batch `(B, n, n)`, as `(B, n)`.
@@ -81,15 +82,29 @@ pub fn norm_lower_bound_skh(a: &Tensor, v: &Tensor, p: Precision) -> Result<Tens
 /// `v` `(B, k, n)`), and `a` from a line search on `tr(RQ)`, `tr(R²Q)` capped at 1/8.
 /// It moves `Q` toward symmetric positive definite without changing `QᵀQ` beyond the
 /// truncation; a symmetric `Q` is left as it is.
+#[cfg(test)]
 pub fn procrustes_step2(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+    procrustes_step(q, |r| norm_lower_bound_skh(r, v, p), PROCRUSTES_MAX_STEP, p)
+}
+
+/// One step of psgd_torch's online orthogonal Procrustes solver (as `procrustes_step2`,
+/// its form with psgd_torch's normaliser and cap), with the generator's normaliser
+/// `bound(R)` (a `(B,)` lower bound of its spectral norm) and the cap `max_step` of `a`
+/// given.
+pub fn procrustes_step(
+    q: &Tensor,
+    bound: impl FnOnce(&Tensor) -> Result<Tensor>,
+    max_step: f64,
+    p: Precision,
+) -> Result<Tensor> {
     let b = q.dim(0)?;
     let r = (q.transpose(1, 2)? - q)?;
-    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
+    let norm = (bound(&r)? + TINY_F32)?;
     let r = r.broadcast_div(&norm.reshape((b, 1, 1))?)?;
     let rq = p.matmul(&r, q)?;
     let rrq = p.matmul(&r, &rq)?;
     let (c1, c2) = (trace(&rq)?, trace(&rrq)?);
-    let cap = (c2.ones_like()? * PROCRUSTES_MAX_STEP)?;
+    let cap = (c2.ones_like()? * max_step)?;
     let negative = c2.lt(0.0)?;
     // where c2 ≥ 0 the ratio is not used (and may be ±∞ or NaN)
     let safe_c2 = negative.where_cond(&c2, &c2.ones_like()?.neg()?)?;

@@ -13,32 +13,35 @@
 //! Dense factors are full matrices: nothing here is triangular, every product is a
 //! dense one.
 
+use super::numerics::{running_bound, FitNumerics};
 use super::{precondition, unfold, Factors, LeafPlan, UpdateRule};
-use crate::error::{PsgdError, Result};
+use crate::error::Result;
 use crate::kernels::precision::Precision;
-use crate::kernels::subspace::{norm_lower_bound_spd, procrustes_step2, SUBSPACE_DIM};
+use crate::kernels::subspace::SUBSPACE_DIM;
 use crate::random::RandomSource;
-use candle_core::{DType, Device, Tensor};
-
-/// psgd_torch's damping of the noise, `(DAMPING + eps·|g|)·ν`.
-const DAMPING: f64 = 1e-9;
+use candle_core::{Device, Tensor};
 
 /// The random draws of one leaf's fit, in psgd_torch's order: the noise `ν` (the leaf's
-/// shape), then per dense factor the subspace of its norm bound and, under PRO, that of
-/// its Procrustes step (`(B, 32, d)`; drawn as `(32, d)` for an unscanned leaf), then the
-/// uniform that decides whether the factors are balanced afterwards.
+/// shape; EQ's probe too), then per dense factor the subspace of its norm bound (with
+/// `normEstimator: 'subspace'`) and, under PRO, that of its Procrustes step (unless the
+/// estimator is `'power'`) (`(B, 32, d)`; drawn as `(32, d)` for an unscanned leaf), then
+/// the uniform that decides whether the factors are balanced afterwards (with a random
+/// balance after the fit).
 pub(super) struct LeafDraws {
     pub nu: Tensor,
     /// Per factor: `(spd, skh)` for a dense one, `None` for a diagonal one.
-    pub subspaces: Vec<Option<(Tensor, Option<Tensor>)>>,
+    pub subspaces: Vec<Option<(Option<Tensor>, Option<Tensor>)>>,
     pub balance: bool,
 }
 
-/// Takes one leaf's draws from `rng` (see [`LeafDraws`]).
+/// Takes one leaf's draws from `rng` (see [`LeafDraws`]) for the fit of the step with
+/// 0-based `count`.
 pub(super) fn draw(
     plan: &LeafPlan,
     shape: &[usize],
     rule: UpdateRule,
+    numerics: &FitNumerics,
+    count: u64,
     rng: &mut dyn RandomSource,
     device: &Device,
 ) -> Result<LeafDraws> {
@@ -59,27 +62,16 @@ pub(super) fn draw(
                 .normal(&drawn, device)?
                 .reshape((plan.batch, SUBSPACE_DIM, d))?)
         };
-        let spd = one()?;
-        let skh = if rule == UpdateRule::Pro {
-            Some(one()?)
-        } else {
-            None
-        };
+        let spd = numerics.draws_subspace().then(&mut one).transpose()?;
+        let skh = numerics.draws_rotation(rule).then(&mut one).transpose()?;
         subspaces.push(Some((spd, skh)));
     }
-    let balance = rng.uniform()? < 0.01;
+    let balance = numerics.balance_after(count, rng)?;
     Ok(LeafDraws {
         nu,
         subspaces,
         balance,
     })
-}
-
-/// psgd_torch's damped input `g + (1e-9 + eps·|g|)·ν` (eps the float32 machine epsilon).
-pub(super) fn damp(g: &Tensor, nu: &Tensor) -> Result<Tensor> {
-    let g = g.to_dtype(DType::F32)?;
-    let scale = ((g.abs()? * f32::EPSILON as f64)? + DAMPING)?;
-    Ok((&g + (scale * nu)?)?)
 }
 
 /// `QᵀQ` of each full factor (`q²` for a diagonal one), batched float32.
@@ -101,14 +93,16 @@ pub(super) fn full_grams(qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result
 pub(super) struct Fit {
     pub rule: UpdateRule,
     pub lr: f64,
-    pub beta: f64,
+    pub numerics: FitNumerics,
     pub precision: Precision,
 }
 
-/// The running bound `max(β·L + (1−β)·ℓ, ℓ)`; `l` and `ell` are `(B,)`.
-fn lipschitz(l: &Tensor, ell: &Tensor, beta: f64) -> Result<Tensor> {
-    let ema = ((l * beta)? + (ell * (1.0 - beta))?)?;
-    Ok(ema.maximum(ell)?)
+impl Fit {
+    /// The running bound from `l` and the estimate `ell`.
+    fn lipschitz(&self, l: &Tensor, ell: &Tensor) -> Result<Tensor> {
+        let beta = self.numerics.lipschitz_beta.unwrap_or(0.0);
+        running_bound(l, ell, beta)
+    }
 }
 
 /// One fit of a leaf's batched factors `qs` (`(B, d, d)` full or `(B, d)`) and bounds `ls`
@@ -118,7 +112,7 @@ pub(super) fn fit_leaf(
     qs: &[Tensor],
     ls: &[Tensor],
     gn: &Tensor,
-    subspaces: &[Option<(Tensor, Option<Tensor>)>],
+    subspaces: &[Option<(Option<Tensor>, Option<Tensor>)>],
     plan: &LeafPlan,
     fit: Fit,
 ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
@@ -137,7 +131,7 @@ pub(super) fn fit_leaf(
             None => {
                 let t1 = u.sqr()?.sum(2)?;
                 let ell = (t1.max(1)? + t2)?;
-                let l = lipschitz(l, &ell, fit.beta)?;
+                let l = fit.lipschitz(l, &ell)?;
                 let step = (l.recip()? * fit.lr)?.reshape((b, 1))?;
                 let err = (t1 - t2)?.broadcast_mul(&step)?;
                 let gain = match fit.rule {
@@ -149,11 +143,11 @@ pub(super) fn fit_leaf(
             }
             Some((spd, skh)) => {
                 let t1 = p.matmul(&u, &u.transpose(1, 2)?)?;
-                let ell = (norm_lower_bound_spd(&t1, spd, p)? + t2)?;
-                let l = lipschitz(l, &ell, fit.beta)?;
+                let ell = (fit.numerics.spd_bound(&t1, spd.as_ref(), p)? + t2)?;
+                let l = fit.lipschitz(l, &ell)?;
                 let step = (l.recip()? * fit.lr)?.reshape((b, 1, 1))?;
-                let q = match (fit.rule, skh) {
-                    (UpdateRule::Quad, _) => {
+                let q = match fit.rule {
+                    UpdateRule::Quad => {
                         let half = (step * 0.5)?;
                         let left = (p.matmul(&t1, q)? - (q * t2)?)?;
                         let p1 = (q - left.broadcast_mul(&half)?)?;
@@ -161,15 +155,10 @@ pub(super) fn fit_leaf(
                         let p2 = (&p1 - right.broadcast_mul(&half)?)?;
                         ((&p2 + p2.transpose(1, 2)?)? * 0.5)?
                     }
-                    (_, Some(skh)) => {
+                    _ => {
                         let delta = (p.matmul(&t1, q)? - (q * t2)?)?;
                         let q = (q - delta.broadcast_mul(&step)?)?;
-                        procrustes_step2(&q, skh, p)?
-                    }
-                    (_, None) => {
-                        return Err(PsgdError::Draw(format!(
-                            "no Procrustes subspace was drawn for axis {i}"
-                        )))
+                        fit.numerics.procrustes(&q, skh.as_ref(), p)?
                     }
                 };
                 new_qs.push(q);
@@ -317,10 +306,19 @@ mod tests {
             }
             tape.push(Draw::Uniform(0.5));
             let mut rng = ReplayRandom::new("fit", tape);
-            let draws = draw(&plan, &[3, 4], rule, &mut rng, &Device::Cpu).unwrap();
+            let numerics = FitNumerics::new(&super::super::KronOptions {
+                update_rule: rule,
+                ..Default::default()
+            })
+            .unwrap();
+            let draws = draw(&plan, &[3, 4], rule, &numerics, 0, &mut rng, &Device::Cpu).unwrap();
             assert!(!draws.balance);
             let gt = Tensor::from_vec(t32(&g), (3, 4), &Device::Cpu).unwrap();
-            let gn = damp(&gt, &draws.nu).unwrap().reshape((1, 3, 4)).unwrap();
+            let gn = numerics
+                .damp(&gt, &draws.nu)
+                .unwrap()
+                .reshape((1, 3, 4))
+                .unwrap();
             let qs = vec![
                 Tensor::from_vec(t32(&q0), (1, 3, 3), &Device::Cpu).unwrap(),
                 Tensor::from_vec(t32(&vec![q1.clone()]), (1, 4), &Device::Cpu).unwrap(),
@@ -332,7 +330,7 @@ mod tests {
             let fit = Fit {
                 rule,
                 lr,
-                beta,
+                numerics,
                 precision: Precision::Float32,
             };
             let (nq, nl) = fit_leaf(&qs, &ls, &gn, &draws.subspaces, &plan, fit).unwrap();
