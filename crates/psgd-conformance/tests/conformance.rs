@@ -53,7 +53,7 @@ fn affine_fixtures_match_psgd_jax() {
     check("affine", 6);
 }
 
-/// psgd_torch's `KronWhiten` (`psgd.py` at a8616f1, `Q0.5EQ1.5` and `QUAD`), its recorded
+/// psgd_torch's `KronWhiten` (`psgd.py` at a8616f1, `Q0.5EQ1.5`, `QUAD` and `EQ`), its recorded
 /// runs replayed: every case within 1e-5 of the update's RMS (float32 round-off; the
 /// checker's tolerance is 1e-3).
 #[test]
@@ -61,7 +61,7 @@ fn kron_torch_fixtures_match_psgd_torch() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron-torch");
     let results = psgd_conformance::run_dir(&dir).expect("fixture directory");
     assert!(
-        results.len() >= 9,
+        results.len() >= 18,
         "only {} kron-torch cases",
         results.len()
     );
@@ -75,8 +75,8 @@ fn kron_torch_fixtures_match_psgd_torch() {
     }
     assert_eq!(
         rules.into_iter().collect::<Vec<_>>(),
-        ["pro", "quad"],
-        "cases of both rules"
+        ["eq", "pro", "quad"],
+        "cases of every rule"
     );
     let bad: Vec<String> = results
         .iter()

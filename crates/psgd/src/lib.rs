@@ -38,7 +38,10 @@ pub use any::{AnyState, AnyTransform};
 pub use error::{ErrorKind, PsgdError, Result};
 pub use kernels::fused::Clip;
 pub use kernels::precision::Precision;
-pub use kron::{Kron, KronOptions, KronState, KronUpdateDecision, MemorySaveMode, UpdateRule};
+pub use kron::{
+    BalanceWhen, Kron, KronOptions, KronState, KronUpdateDecision, MemorySaveMode, NormEstimator,
+    UpdateRule,
+};
 pub use lra::{Lra, LraOptions, LraState};
 pub use optimizer::PsgdOptimizer;
 pub use options::Options;

@@ -239,7 +239,12 @@ fn update_rule_names_and_lipschitz_beta_are_checked() {
     let read = |v: serde_json::Value| {
         KronOptions::from_json(v.as_object().unwrap()).map(|o| (o.update_rule, o.lipschitz_beta))
     };
-    assert_eq!(read(serde_json::json!({})).unwrap(), (UpdateRule::Eq, 0.9));
+    // null: the rule's own (0.9 under the inverse-free rules, none under EQ)
+    assert_eq!(read(serde_json::json!({})).unwrap(), (UpdateRule::Eq, None));
+    assert_eq!(
+        read(serde_json::json!({ "lipschitzBeta": 0.9 })).unwrap().1,
+        Some(0.9)
+    );
     for (name, rule) in [
         ("EQ", UpdateRule::Eq),
         ("Q0.5EQ1.5", UpdateRule::Pro),

@@ -99,7 +99,7 @@ impl FitNumerics {
         let balance = match (o.balance_probability, o.balance_every) {
             (Some(_), Some(_)) => {
                 return Err(PsgdError::option_range(
-                    "balance_every",
+                    "balanceEvery",
                     "cannot be set together with balanceProbability (one decides when the \
                      factors are balanced)",
                 ))
@@ -295,4 +295,343 @@ pub fn power_bound(a: &Tensor, spd: bool, iters: usize, p: Precision) -> Result<
     }
     let rq = (&x * m(&x)?)?.sum(2)?.flatten_all()?;
     Ok((rq.maximum(0.0)?.sqrt()? * r)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{whiten, KronFactors, KronPreconditioner, LeafPlan};
+    use super::*;
+    use crate::kernels::subspace::SUBSPACE_DIM;
+    use crate::random::{Draw, ReplayRandom, SeededRandom};
+    use crate::step::Preconditioner;
+    use crate::transform::LeafSpec;
+    use candle_core::Device;
+
+    fn numerics(f: impl FnOnce(&mut KronOptions)) -> FitNumerics {
+        let mut o = KronOptions::default();
+        f(&mut o);
+        FitNumerics::new(&o).unwrap()
+    }
+
+    /// `H·diag(λ)·H` with `H` a Householder reflection: a symmetric matrix whose
+    /// eigenvalues are exactly `λ`, as `(1, n, n)`.
+    fn known_spectrum(lams: &[f64], seed: u64) -> Tensor {
+        let n = lams.len();
+        let v: Vec<f64> = (0..n)
+            .map(|i| ((i as f64 + 1.0) * (seed as f64 + 0.7)).sin())
+            .collect();
+        let vv: f64 = v.iter().map(|x| x * x).sum();
+        let h = |i: usize, j: usize| f64::from(i == j) - 2.0 * v[i] * v[j] / vv;
+        let a: Vec<f32> = (0..n * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                (0..n).map(|m| h(i, m) * lams[m] * h(m, j)).sum::<f64>() as f32
+            })
+            .collect();
+        Tensor::from_vec(a, (1, n, n), &Device::Cpu).unwrap()
+    }
+
+    /// Each estimator gives a lower bound of the largest eigenvalue (up to float32
+    /// round-off) that is close to it, on spectra that are spread, clustered near the top
+    /// and of rank one.
+    #[test]
+    fn every_estimator_is_a_close_lower_bound_of_the_largest_eigenvalue() {
+        let spectra: Vec<Vec<f64>> = vec![
+            vec![3.0, 1.0, 0.5],
+            (0..8).map(|i| 10.0 / (1.0 + i as f64)).collect(),
+            (0..20).map(|i| 2.0 - 0.01 * i as f64).collect(),
+            vec![5.0, 0.0, 0.0, 0.0, 0.0],
+            (0..12).map(|i| 1e-6 * (12 - i) as f64).collect(),
+        ];
+        for (k, lams) in spectra.iter().enumerate() {
+            let a = known_spectrum(lams, k as u64);
+            let top = lams.iter().cloned().fold(0.0, f64::max);
+            let n = lams.len();
+            let v = SeededRandom::for_step(k as u64, 1)
+                .normal(&[1, SUBSPACE_DIM, n], &Device::Cpu)
+                .unwrap();
+            for est in [
+                NormEstimator::RowNorm,
+                NormEstimator::Subspace,
+                NormEstimator::Power,
+            ] {
+                let nm = numerics(|o| o.norm_estimator = Some(est));
+                let b = nm.spd_bound(&a, Some(&v), Precision::Float32).unwrap();
+                let b = b.to_vec1::<f32>().unwrap()[0] as f64;
+                // the same bound from the upper triangles of a split sum (EQ's terms)
+                let half = (&a * 0.5).unwrap();
+                let upper = symmetric_from_upper(&half).unwrap().triu2_of();
+                let b2 = nm
+                    .spd_bound_upper_sum(&upper, &upper, Some(&v), Precision::Float32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()[0] as f64;
+                assert!(
+                    b <= top * (1.0 + 1e-5) && b >= 0.9 * top,
+                    "spectrum {k}, {est:?}: bound {b}, largest eigenvalue {top}"
+                );
+                assert!(
+                    (b2 - b).abs() <= 1e-5 * top,
+                    "spectrum {k}, {est:?}: {b2} from the upper triangles, {b} from the matrix"
+                );
+            }
+        }
+    }
+
+    trait Triu {
+        fn triu2_of(&self) -> Tensor;
+    }
+
+    impl Triu for Tensor {
+        /// The upper triangle (the strict lower one set to garbage, which must be unread).
+        fn triu2_of(&self) -> Tensor {
+            let n = self.dim(2).unwrap();
+            let up = Tensor::triu2(n, DType::F32, &Device::Cpu).unwrap();
+            let low = (up.ones_like().unwrap() - &up).unwrap();
+            (self.broadcast_mul(&up).unwrap() + (low * 1e3).unwrap().unsqueeze(0).unwrap()).unwrap()
+        }
+    }
+
+    /// psgd-jax's damping (null) is the fused probe form; a number `δ` is psgd_torch's
+    /// `g + (δ + eps·|g|)·ν`; the inverse-free rules damp with `δ = 1e-9` by default.
+    #[test]
+    fn each_damping_form() {
+        let g = Tensor::new(&[[1.5f32, -0.25], [0.0, 4.0]], &Device::Cpu).unwrap();
+        let nu = Tensor::new(&[[0.3f32, -1.2], [2.0, 0.7]], &Device::Cpu).unwrap();
+        let eq = numerics(|_| {});
+        assert_eq!(eq.damping, None);
+        let got = eq.damp(&g, &nu).unwrap();
+        let want = fused::damp(&g, &nu).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let pro = numerics(|o| o.update_rule = UpdateRule::Pro);
+        assert_eq!(pro.damping, Some(TORCH_DAMPING));
+        let eps = f32::EPSILON as f64;
+        for (nm, delta) in [
+            (pro, TORCH_DAMPING),
+            (numerics(|o| o.damping = Some(0.5)), 0.5),
+        ] {
+            let got = nm.damp(&g, &nu).unwrap().flatten_all().unwrap();
+            let got = got.to_vec1::<f32>().unwrap();
+            let (gs, ns) = (
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                nu.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            for ((o, g), n) in got.iter().zip(&gs).zip(&ns) {
+                let (g, n) = (*g as f64, *n as f64);
+                let want = g + (delta + eps * g.abs()) * n;
+                assert!(
+                    (*o as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{o} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The Procrustes rotation of `Q = [[1, s], [−s, 1]]` (skew part `s`, optimum `a* = s`)
+    /// is capped at `procrustesMaxStep`, whichever estimator normalises its generator:
+    /// `Q + a·RQ + (a²/2)·R²Q` with `R = [[0, −1], [1, 0]]`, `a = min(s, cap)`.
+    #[test]
+    fn procrustes_step_is_capped() {
+        let s = 0.6f64;
+        let q = Tensor::new(&[[[1.0f32, s as f32], [-s as f32, 1.0]]], &Device::Cpu).unwrap();
+        let v = SeededRandom::for_step(3, 1)
+            .normal(&[1, SUBSPACE_DIM, 2], &Device::Cpu)
+            .unwrap();
+        for est in [NormEstimator::Subspace, NormEstimator::Power] {
+            for cap in [0.125, 0.5, 1.0] {
+                let nm = numerics(|o| {
+                    o.update_rule = UpdateRule::Pro;
+                    o.norm_estimator = Some(est);
+                    o.procrustes_max_step = cap;
+                });
+                let got = nm.procrustes(&q, Some(&v), Precision::Float32).unwrap();
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let a = s.min(cap);
+                // RQ = [[s, −1], [1, s]], R²Q = [[−1, −s], [s, −1]]
+                let diag = 1.0 + a * s - a * a / 2.0;
+                let off = s - a - a * a / 2.0 * s;
+                let want = [diag, off, -off, diag];
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5,
+                        "{est:?} cap {cap}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn tape(draws: Vec<Draw>) -> ReplayRandom {
+        ReplayRandom::new("balance", draws)
+    }
+
+    /// Each balancing rule consumes its reference's draws: psgd-jax's one uniform before
+    /// the fit, psgd_torch's one per leaf after it, none for a deterministic one.
+    #[test]
+    fn each_balance_rule_consumes_its_draws() {
+        let u = |x: f32| vec![Draw::Uniform(x)];
+        // psgd-jax (EQ's own): before, 1%
+        let eq = numerics(|_| {});
+        let mut r = tape(u(0.005));
+        assert!(eq.balance_before(0, &mut r).unwrap());
+        assert!(!eq.balance_after(0, &mut r).unwrap());
+        assert_eq!(r.remaining(), 0);
+        let mut r = tape(u(0.02));
+        assert!(!eq.balance_before(0, &mut r).unwrap());
+        // psgd_torch (the inverse-free rules' own): after, 1%
+        let pro = numerics(|o| o.update_rule = UpdateRule::Quad);
+        let mut r = tape(u(0.009));
+        assert!(!pro.balance_before(0, &mut r).unwrap());
+        assert!(pro.balance_after(0, &mut r).unwrap());
+        assert_eq!(r.remaining(), 0);
+        // a probability of one's own, after the fit under EQ
+        let half = numerics(|o| {
+            o.balance_probability = Some(0.5);
+            o.balance_when = Some(BalanceWhen::AfterFit);
+        });
+        let mut r = tape(u(0.3));
+        assert!(!half.balance_before(0, &mut r).unwrap());
+        assert!(half.balance_after(0, &mut r).unwrap());
+        assert_eq!(r.remaining(), 0);
+        // heavyball (every fit, before) and distributed-kron (every 100 steps): no draw
+        for (every, when, first_hits) in [
+            (1, BalanceWhen::BeforeFit, [0u64, 1, 2]),
+            (100, BalanceWhen::BeforeFit, [99, 199, 299]),
+            (3, BalanceWhen::AfterFit, [2, 5, 8]),
+        ] {
+            let nm = numerics(|o| {
+                o.update_rule = UpdateRule::Pro;
+                o.balance_every = Some(every);
+                o.balance_when = Some(when);
+            });
+            let mut r = tape(vec![]);
+            let mut hits = vec![];
+            for count in 0..300u64 {
+                let (b, a) = (
+                    nm.balance_before(count, &mut r).unwrap(),
+                    nm.balance_after(count, &mut r).unwrap(),
+                );
+                // one place per fit: before or after, as `balanceWhen` says
+                assert!(!(b && a));
+                assert_eq!(b, (b || a) && when == BalanceWhen::BeforeFit);
+                if b || a {
+                    hits.push(count);
+                }
+            }
+            assert_eq!(hits[..3], first_hits, "every {every}");
+            assert_eq!(hits.len(), 300 / every, "every {every}");
+        }
+    }
+
+    /// One leaf's draws under each numerics, in psgd_torch's order: the noise (EQ's probe
+    /// too), a subspace per dense factor with `'subspace'` (and a second under PRO unless
+    /// `'power'`), then the balance uniform with a random balance after the fit.
+    #[test]
+    fn leaf_draws_follow_the_numerics() {
+        let plan = LeafPlan {
+            batch: 1,
+            dims: vec![3, 4],
+            diag: vec![false, true],
+            stored: vec![vec![3, 3], vec![4]],
+            scanned: false,
+            scale: 1.0,
+        };
+        let n = |shape: &[usize]| Draw::Normal {
+            shape: shape.to_vec(),
+            data: vec![0.5; shape.iter().product()],
+        };
+        let k = SUBSPACE_DIM;
+        let modern_eq = |o: &mut KronOptions| {
+            o.norm_estimator = Some(NormEstimator::Subspace);
+            o.balance_when = Some(BalanceWhen::AfterFit);
+        };
+        let cases: Vec<(UpdateRule, FitNumerics, Vec<Draw>, (bool, bool))> = vec![
+            (
+                UpdateRule::Eq,
+                numerics(|_| {}),
+                vec![n(&[3, 4])],
+                (false, false),
+            ),
+            (
+                UpdateRule::Eq,
+                numerics(modern_eq),
+                vec![n(&[3, 4]), n(&[k, 3]), Draw::Uniform(0.5)],
+                (true, false),
+            ),
+            (
+                UpdateRule::Pro,
+                numerics(|o| o.update_rule = UpdateRule::Pro),
+                vec![n(&[3, 4]), n(&[k, 3]), n(&[k, 3]), Draw::Uniform(0.5)],
+                (true, true),
+            ),
+            (
+                UpdateRule::Pro,
+                numerics(|o| {
+                    o.update_rule = UpdateRule::Pro;
+                    o.norm_estimator = Some(NormEstimator::Power);
+                    o.balance_every = Some(1);
+                    o.balance_when = Some(BalanceWhen::BeforeFit);
+                }),
+                vec![n(&[3, 4])],
+                (false, false),
+            ),
+            (
+                UpdateRule::Quad,
+                numerics(|o| {
+                    o.update_rule = UpdateRule::Quad;
+                    o.norm_estimator = Some(NormEstimator::RowNorm);
+                }),
+                vec![n(&[3, 4]), Draw::Uniform(0.5)],
+                (false, false),
+            ),
+        ];
+        for (c, (rule, nm, draws, (spd, skh))) in cases.into_iter().enumerate() {
+            let mut r = ReplayRandom::new("leaf", draws);
+            let d = whiten::draw(&plan, &[3, 4], rule, &nm, 0, &mut r, &Device::Cpu).unwrap();
+            assert_eq!(r.remaining(), 0, "case {c}");
+            let (a, b) = d.subspaces[0].as_ref().unwrap();
+            assert_eq!((a.is_some(), b.is_some()), (spd, skh), "case {c}");
+            assert!(d.subspaces[1].is_none() && !d.balance);
+        }
+    }
+
+    /// A state with running bounds is refused by an optimizer that keeps none, and the
+    /// other way round, naming `lipschitzBeta`; both balancing triggers at once are
+    /// refused.
+    #[test]
+    fn bounds_in_the_state_follow_lipschitz_beta() {
+        let leaves = vec![LeafSpec::new("w", &[3, 4])];
+        let make = |beta: Option<f64>| {
+            let o = KronOptions {
+                lipschitz_beta: beta,
+                ..Default::default()
+            };
+            KronPreconditioner::new(&leaves, &o).unwrap()
+        };
+        let (with, without) = (make(Some(0.9)), make(None));
+        let mut rng = SeededRandom::for_step(0, 0);
+        let s_with: KronFactors = with.init(&Device::Cpu, &mut rng).unwrap();
+        let s_without: KronFactors = without.init(&Device::Cpu, &mut rng).unwrap();
+        assert_eq!(s_with.ls[0].len(), 2);
+        assert!(s_without.ls[0].is_empty());
+        with.check(&s_with).unwrap();
+        without.check(&s_without).unwrap();
+        for (p, s) in [(&with, &s_without), (&without, &s_with)] {
+            let e = p.check(s).unwrap_err().to_string();
+            assert!(
+                e.contains("Lipschitz bounds") && e.contains("lipschitzBeta"),
+                "{e}"
+            );
+        }
+        let both = KronOptions {
+            balance_every: Some(2),
+            balance_probability: Some(0.5),
+            ..Default::default()
+        };
+        let e = KronPreconditioner::new(&leaves, &both).unwrap_err();
+        assert!(e.to_string().contains("balanceProbability"), "{e}");
+    }
 }
