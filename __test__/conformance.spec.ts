@@ -31,14 +31,14 @@ for (const [variant, min] of [
   })
 }
 
-test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO and QUAD) within 1e-5', (t) => {
+test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO, QUAD and EQ) within 1e-5', (t) => {
   const r = conformance(path.join(root, 'fixtures', 'kron-torch'))
   t.is(r.status, 0, r.stdout + r.stderr)
   const lines = r.stdout.trim().split('\n')
   const cases = lines.slice(0, -1)
-  t.true(cases.length >= 9, `${cases.length} cases`)
+  t.true(cases.length >= 18, `${cases.length} cases`)
   for (const line of cases) {
-    const m = /^PASS {2}torch_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
+    const m = /^PASS {2}torch_(pro|quad|eq)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
     t.truthy(m, line)
     t.true(Number(m?.[2]) <= 1e-5, line)
   }

@@ -60,6 +60,9 @@ const everyKind: Record<string, object[]> = {
     { updateRule: 'PRO', lipschitzBeta: 0 },
     { updateRule: 'QUAD', memorySaveMode: 'one_diag' },
     { updateRule: 'EQ' },
+    // the fit's numerics: psgd_torch's EQ, heavyball's PRO
+    { updateRule: 'EQ', lipschitzBeta: 0.9, normEstimator: 'subspace', damping: 1e-9, balanceWhen: 'afterFit', balanceProbability: 0.5 },
+    { updateRule: 'PRO', normEstimator: 'power', procrustesMaxStep: 0.5, balanceEvery: 1, balanceWhen: 'beforeFit', damping: null },
   ],
   XMatOptimizer: [
     {

@@ -508,7 +508,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 hvps: &hvps,
                 hessian: curvature.is_some(),
                 first: state.count == 0,
-                count: state.count as u64,
+                count: state.count,
                 precond_lr,
                 init_scale: o.init_scale,
                 normalizer: o.normalizer,

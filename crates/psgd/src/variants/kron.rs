@@ -781,7 +781,8 @@ pub struct KronFactors {
 /// Kron's preconditioner for a fixed list of leaves.
 #[derive(Debug, Clone)]
 pub struct KronPreconditioner {
-    options: KronOptions,
+    // boxed: the options are large, and `AnyTransform` holds every variant inline
+    options: Box<KronOptions>,
     /// `preconditionerInitScale: null`: the factors are scaled on the first step.
     auto_scale: bool,
     /// The fit's numerics, resolved from the options.
@@ -1095,7 +1096,7 @@ impl Preconditioner for KronPreconditioner {
         Ok(KronPreconditioner {
             auto_scale: o.preconditioner_init_scale.is_none(),
             numerics: numerics::FitNumerics::new(o)?,
-            options: o.clone(),
+            options: Box::new(o.clone()),
             leaves: leaves.to_vec(),
             plans,
         })

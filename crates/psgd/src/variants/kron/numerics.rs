@@ -160,7 +160,7 @@ impl FitNumerics {
         }
         Ok(match self.balance {
             BalanceTrigger::Draw(p) => rng.uniform()? < p as f32,
-            BalanceTrigger::Every(n) => (count + 1) % n == 0,
+            BalanceTrigger::Every(n) => (count + 1).is_multiple_of(n),
         })
     }
 
@@ -548,7 +548,9 @@ mod tests {
             o.norm_estimator = Some(NormEstimator::Subspace);
             o.balance_when = Some(BalanceWhen::AfterFit);
         };
-        let cases: Vec<(UpdateRule, FitNumerics, Vec<Draw>, (bool, bool))> = vec![
+        // rule, numerics, the draws they take, whether the dense factor has (spd, skh)
+        type Case = (UpdateRule, FitNumerics, Vec<Draw>, (bool, bool));
+        let cases: Vec<Case> = vec![
             (
                 UpdateRule::Eq,
                 numerics(|_| {}),
