@@ -8,12 +8,17 @@ use psgd::{
     SeededRandom, Transform, UpdateRule,
 };
 
+/// A scalar, a vector, a matrix, a 3-D leaf and 3 scanned layers of 4×5 (fitted 2 layers
+/// at a time).
 fn leaves() -> Vec<LeafSpec> {
+    let mut layers = LeafSpec::new("layers", &[3, 4, 5]);
+    layers.scanned = true;
     vec![
         LeafSpec::new("s", &[]),
         LeafSpec::new("v", &[5]),
         LeafSpec::new("m", &[4, 3]),
         LeafSpec::new("t", &[2, 3, 4]),
+        layers,
     ]
 }
 
@@ -21,6 +26,8 @@ fn base(rule: UpdateRule) -> KronOptions {
     KronOptions {
         update_rule: rule,
         preconditioner_update_probability: Some(Schedule::Constant(1.0)),
+        lax_map_scanned_layers: true,
+        lax_map_batch_size: 2,
         ..Default::default()
     }
 }
@@ -81,7 +88,7 @@ fn null_options_are_the_rules_own_numerics() {
 
 /// Each option changes the run where it should (so none is silently ignored), and every
 /// combination of rule, estimator, damping, bound and balancing trains with finite
-/// updates on a scalar, a vector, a matrix and a 3-D leaf.
+/// updates on every leaf kind, scanned layers included.
 #[test]
 fn every_combination_trains_and_each_option_acts() {
     let estimators = [
