@@ -3,7 +3,7 @@
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
-use crate::kernels::fused::Clip;
+use crate::kernels::fused::{Clip, Warmup};
 use crate::kernels::linalg::{
     factor_gram, max_abs_per_batch, solve_triangular_right, triu_difference,
 };
@@ -78,19 +78,49 @@ pub enum KronUpdateDecision {
     /// psgd_torch's: one uniform draw `u` at the start of every step (even when `p` is 1),
     /// fitting when `u < p`.
     Draw,
+    /// heavyball's: deterministic, fitting iff `floor(c + p) > floor(c)` with `c` the sum
+    /// of the probabilities of the steps before (kept in the state).
+    Cumulative,
 }
 
 impl crate::options::Choice for KronUpdateDecision {
     const CHOICES: &'static [(&'static str, Self)] = &[
         ("counter", KronUpdateDecision::Counter),
         ("draw", KronUpdateDecision::Draw),
+        ("cumulative", KronUpdateDecision::Cumulative),
     ];
 }
-crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw'");
+crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw' | 'cumulative'");
 
+impl crate::options::Choice for Warmup {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("debias", Warmup::Debias), ("psgdTorch", Warmup::PsgdTorch)];
+}
+crate::options::choice_option!(Warmup, "'debias' | 'psgdTorch'");
+
+/// Over what the automatic initial scale is taken (`initScaleScope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitScaleScope {
+    /// One scale per leaf (per layer with `scannedLayers`).
+    Leaf,
+    /// One scale for every leaf, from the largest `mean(|g|⁴)` (psgd_torch's).
+    Global,
+}
+
+impl crate::options::Choice for InitScaleScope {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("leaf", InitScaleScope::Leaf),
+        ("global", InitScaleScope::Global),
+    ];
+}
+crate::options::choice_option!(InitScaleScope, "'leaf' | 'global'");
+
+mod layout;
 mod numerics;
 mod whiten;
 pub use numerics::{BalanceWhen, NormEstimator};
+
+pub use layout::MergeDims;
 
 /// Tensors per leaf and factor.
 type PerLeaf = Vec<Vec<Tensor>>;
@@ -124,17 +154,68 @@ crate::declare_options! {
         /// (`preconditionerUpdateProbability`). `'counter'` (default, psgd-jax's): a
         /// deterministic counter fits once `1/p` steps have passed since the last fit, with
         /// no random draw. `'draw'` (psgd_torch's): one uniform draw `u` at the start of
-        /// every step, even when `p` is 1, and the step fits when `u < p`. Not in
-        /// psgd-jax.
+        /// every step, even when `p` is 1, and the step fits when `u < p`.
+        /// `'cumulative'` (heavyball's): deterministic, the step fits iff
+        /// `floor(c + p) > floor(c)` with `c` the sum of the earlier steps' `p` (kept in
+        /// the state), so over any run the fits number `floor(Σp)`. A state loads only into
+        /// an optimizer with the same `updateDecision`. Not in psgd-jax.
         update_decision: KronUpdateDecision = KronUpdateDecision::Counter;
+        /// Fit the preconditioner before preconditioning the step (default true,
+        /// psgd-jax's and psgd_torch's default order). false: precondition (and finish)
+        /// the step with the preconditioner as it was, then fit it on this step's input
+        /// (psgd_torch's `update_preconditioner_first=False`). The random draws come in
+        /// the same order either way, and the automatic initial scale
+        /// (`preconditionerInitScale: null`) is still taken first. Not in psgd-jax.
+        update_preconditioner_first: bool = true;
+        /// How momentum (`b1`) warms up. `'debias'` (default, psgd-jax's): an EMA with
+        /// coefficient `b1`, divided by `1 − b1^t`. `'psgdTorch'` (psgd_torch's): the
+        /// coefficient at 1-based step `t` is `β = min((t−1)/t, b1)`,
+        /// `m ← β·m + (1−β)·g`, with no bias correction (the first step's momentum is
+        /// the gradient). Not in psgd-jax.
+        momentum_warmup: Warmup = Warmup::Debias;
+        /// Cap on the RMS of each leaf's preconditioned update: `u / max(1, rms(u)/cap)`.
+        /// Default 1.1 (psgd-jax's); psgd_torch's is 2 (`grad_clip_max_amps[0]`); null:
+        /// no cap (heavyball's `PSGDPRO`).
+        update_clip_rms: Option<f64> = Some(1.1), check check::positive_or_none;
+        /// Clamp each element of the preconditioned update to `±v` after the RMS cap.
+        /// Default null (no clamp, psgd-jax's); psgd_torch's is 10
+        /// (`grad_clip_max_amps[1]`). Not in psgd-jax.
+        update_clip_element: Option<f64> = None, check check::positive_or_none;
         /// Axes longer than this get a diagonal factor instead of a triangular one.
         /// Default 8192.
         max_size_triangular: usize = 8192;
+        /// An axis of length `d` in a leaf (a layer with `scannedLayers`) of `N` elements
+        /// gets a diagonal factor when `d² > maxSkew·N`, besides the other rules: 1
+        /// makes the longer axis of a non-square matrix diagonal (psgd_torch's
+        /// `preconditioner_max_skew`, whose default is 1). Size-1 axes, which psgd_torch
+        /// squeezes away, change neither `N` nor any other axis' factor. Default null (no
+        /// such rule, psgd-jax's).
+        max_skew: Option<f64> = None, check check::positive_or_none;
         /// Leaves with fewer axes than this get only diagonal factors. Default 2.
         min_ndim_triangular: usize = 2;
         /// `null` (default): every axis may be triangular; `'one_diag'`: the largest axis
         /// of each leaf is diagonal; `'all_diag'`: every axis is diagonal.
         memory_save_mode: Option<MemorySaveMode> = None;
+        /// Merge a leaf's axes before preconditioning it. `null` (default): no merging.
+        /// `'small'` (distributed-kron `kron`'s `merge_small_dims`): adjacent axes are
+        /// grouped so that each merged size comes closest to `targetMergedDimSize`, by
+        /// distributed-kron's loss (sizes below `target/8` or above `8·target` cost most).
+        /// `'twoD'` (distributed-kron `pro`'s `_merge_dims`): every leaf becomes 1-D (when
+        /// one axis holds all its elements, e.g. `[1, 8, 1]` → `[8]`) or 2-D, split at the
+        /// most balanced position (e.g. `[2, 3, 4]` → `[6, 4]`). Factor kinds (dense or
+        /// diagonal) are decided on the merged shape. Not in psgd-jax.
+        merge_dims: Option<MergeDims> = None;
+        /// The merged size `mergeDims: 'small'` aims at (≥ 1). Default 4096
+        /// (distributed-kron's `target_merged_dim_size`).
+        target_merged_dim_size: usize = 4096, check |v: &usize| layout::at_least_one(*v);
+        /// Cut every dense axis (after `mergeDims`) longer than this into blocks of this
+        /// length, the last one shorter; each block gets factors of its own (a
+        /// block-diagonal Kron, as distributed-kron's `block_size`), so a factor is at most
+        /// `blockSize × blockSize`. Blocks are not padded: a block's fit is that of a leaf of
+        /// its shape. With `preconditionerInitScale: null` each block takes its own scale.
+        /// Default null (no blocks). Not in psgd-jax.
+        block_size: Option<usize> = None,
+            check |v: &Option<usize>| v.map_or(Ok(()), layout::at_least_one);
         /// Fit the preconditioner to the momentum rather than the raw gradient. Default
         /// true.
         momentum_into_precond_update: bool = true;
@@ -214,8 +295,19 @@ crate::declare_options! {
         /// with `δ = 1e-9` as psgd_torch's newer Kron does, so that the first
         /// preconditioned gradient has an RMS near 1 whatever the gradient's scale, and
         /// at most `δ^(-1/2)` ≈ 3.2e4 for a tiny gradient; 1 for a gradient of all zeros.
-        /// Not in psgd-jax.
+        /// See `initScaleScope` and `initScalePower`. Not in psgd-jax.
         preconditioner_init_scale: Option<f64> = Some(1.0), check check::positive_or_none;
+        /// With `preconditionerInitScale: null`, over what the automatic scale is taken:
+        /// `'leaf'` (default) one per leaf (per layer with `scannedLayers`); `'global'`
+        /// one for every leaf, from the largest `mean(|g|⁴)` over all of them (psgd_torch's
+        /// `preconditioner_init_scale=None`). Not in psgd-jax.
+        init_scale_scope: InitScaleScope = InitScaleScope::Leaf;
+        /// With `preconditionerInitScale: null`, the power `k` the automatic scale is
+        /// raised to: `((mean(|g|⁴) + δ⁴)^(-1/8))^k`, so the initial preconditioner is
+        /// that to the `2k` (> 0). Default 1 (psgd_torch's); heavyball's
+        /// `precond_init_scale_power` is 0.5 by default (heavyball clamps `|g| ≥ 1e-12`
+        /// instead of adding `δ⁴`). Not in psgd-jax.
+        init_scale_power: f64 = 1.0, check check::positive;
         /// Clip the incoming gradients to this global L2 norm before anything else
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
         /// psgd-jax. Default null (no clip).
@@ -274,15 +366,21 @@ impl VariantOptions for KronOptions {
             decision: match self.update_decision {
                 KronUpdateDecision::Counter => UpdateDecision::Counter,
                 KronUpdateDecision::Draw => UpdateDecision::Draw { always: 0 },
+                KronUpdateDecision::Cumulative => UpdateDecision::Cumulative,
             },
             fit_source: if self.momentum_into_precond_update {
                 FitSource::Momentum
             } else {
                 FitSource::Gradient
             },
-            clip: Clip::Rms,
+            clip: match (self.update_clip_rms, self.update_clip_element) {
+                (None, None) => Clip::None,
+                (rms, element) => Clip::Update { rms, element },
+            },
             grad_clip: self.grad_clip,
             check_finite: !self.allow_non_finite,
+            momentum_warmup: self.momentum_warmup,
+            update_first: self.update_preconditioner_first,
         }
     }
 
@@ -315,7 +413,9 @@ struct LeafPlan {
 }
 
 impl LeafPlan {
-    fn new(spec: &LeafSpec, o: &KronOptions) -> Result<Self> {
+    /// The plan of `spec` with factor kinds `diag` (one per axis after the layer axis; see
+    /// [`factor_kinds`]).
+    fn new(spec: &LeafSpec, diag: &[bool], o: &KronOptions) -> Result<Self> {
         if spec.shape.contains(&0) {
             return Err(PsgdError::Shape {
                 what: "params",
@@ -324,19 +424,7 @@ impl LeafPlan {
                 got: spec.shape.clone(),
             });
         }
-        let (batch, slice): (usize, &[usize]) = if spec.scanned {
-            match spec.shape.split_first() {
-                Some((&b, rest)) => (b, rest),
-                None => {
-                    return Err(PsgdError::option_range(
-                        "scanned_layers",
-                        format!("leaf '{}' is 0-d and has no layer axis to scan", spec.path),
-                    ))
-                }
-            }
-        } else {
-            (1, spec.shape.as_slice())
-        };
+        let (batch, slice) = layout::layers(spec)?;
         let lead: Vec<usize> = if spec.scanned { vec![batch] } else { vec![] };
         if slice.is_empty() {
             return Ok(LeafPlan {
@@ -348,24 +436,9 @@ impl LeafPlan {
                 scale: o.preconditioner_init_scale.unwrap_or(1.0),
             });
         }
-        let largest = slice
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
-        let diag: Vec<bool> = slice
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                d == 1
-                    || d > o.max_size_triangular
-                    || slice.len() < o.min_ndim_triangular
-                    || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
-                    || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
-            })
-            .collect();
         let stored = slice
             .iter()
-            .zip(&diag)
+            .zip(diag)
             .map(|(&d, &dg)| {
                 let mut s = lead.clone();
                 s.push(d);
@@ -378,7 +451,7 @@ impl LeafPlan {
         Ok(LeafPlan {
             batch,
             dims: slice.to_vec(),
-            diag,
+            diag: diag.to_vec(),
             stored,
             scanned: spec.scanned,
             scale: o
@@ -412,8 +485,17 @@ impl LeafPlan {
     /// The factors times the automatic initial scale taken from the gradient `g`: per
     /// slice of the batch `s = (mean(|g|⁴) + δ⁴)^(-1/8)` with psgd_torch's damping
     /// `δ` = [`AUTO_SCALE_DAMPING`] (so `s ≤ δ^(-1/2)` ≈ 3.2e4 however tiny the gradient),
-    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)`.
+    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)` (the leaf scope at
+    /// power 1, for the tests).
+    #[cfg(test)]
     fn auto_scaled(&self, qs: &[Tensor], g: &Tensor) -> Result<Vec<Tensor>> {
+        self.scaled_by(qs, &auto_scale(&self.fourth_root_mean(g)?)?, 1.0)
+    }
+
+    /// Per slice of the batch, `a = mean(|g|⁴)^¼`, float32 `(B, 1)`: 0 for an all-zero
+    /// slice only (a tiny one that underflows is kept at the smallest normal float, which
+    /// [`auto_scale`] treats as it treats any `a ≪ δ`).
+    fn fourth_root_mean(&self, g: &Tensor) -> Result<Tensor> {
         let g = g
             .to_dtype(DType::F32)?
             .reshape((self.batch, self.numel()))?;
@@ -423,16 +505,13 @@ impl LeafPlan {
         let zero = m.eq(0f32)?;
         let m = zero.where_cond(&m.ones_like()?, &m)?;
         let r = g.broadcast_div(&m)?.sqr()?.sqr()?.mean_keepdim(1)?;
-        let a = (m * r.sqrt()?.sqrt()?)?;
-        // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
-        // of a tiny or huge number is formed
-        let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
-        let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
-        let t = (lo / &hi)?.sqr()?.sqr()?;
-        let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
-        let s = norm.sqrt()?.recip()?;
-        let s = finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)?;
-        let per_factor = s.powf(1.0 / self.dims.len() as f64)?;
+        let a = (m * r.sqrt()?.sqrt()?)?.maximum(f32::MIN_POSITIVE)?;
+        Ok(zero.where_cond(&a.zeros_like()?, &a)?)
+    }
+
+    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`).
+    fn scaled_by(&self, qs: &[Tensor], s: &Tensor, power: f64) -> Result<Vec<Tensor>> {
+        let per_factor = s.powf(power / self.dims.len() as f64)?;
         qs.iter()
             .enumerate()
             .map(|(i, q)| {
@@ -465,6 +544,45 @@ impl LeafPlan {
             })
             .collect()
     }
+}
+
+/// The automatic initial scale `(a⁴ + δ⁴)^(-1/8)` of `a = mean(|g|⁴)^¼` (see
+/// [`LeafPlan::auto_scaled`]), 1 where `a` is 0, elementwise.
+fn auto_scale(a: &Tensor) -> Result<Tensor> {
+    let zero = a.eq(0f32)?;
+    // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
+    // of a tiny or huge number is formed
+    let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
+    let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
+    let t = (lo / &hi)?.sqr()?.sqr()?;
+    let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
+    let s = norm.sqrt()?.recip()?;
+    finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)
+}
+
+/// Which axes of a leaf's `slice` (its shape without the layer axis) get diagonal factors:
+/// those of length 1 or above `maxSizeTriangular`, every one of a leaf with fewer than
+/// `minNdimTriangular` axes, those `memorySaveMode` picks, and with `maxSkew` those of
+/// length `d` with `d² > maxSkew·N` (`N` the slice's elements).
+fn factor_kinds(slice: &[usize], o: &KronOptions) -> Vec<bool> {
+    let largest = slice
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
+    let numel = slice.iter().product::<usize>() as f64;
+    slice
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            d == 1
+                || o.max_skew
+                    .is_some_and(|k| (d as f64) * (d as f64) > k * numel)
+                || d > o.max_size_triangular
+                || slice.len() < o.min_ndim_triangular
+                || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
+                || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
+        })
+        .collect()
 }
 
 /// Applies `f` to each axis in turn. `x` is `(B, d₀, …, dₖ₋₁)`; `f(i, X)` gets the tensor
@@ -763,7 +881,10 @@ pub type Kron = Psgd<KronPreconditioner>;
 /// The state of [`Kron`]: plain data, saved and loaded as safetensors.
 pub type KronState = PsgdState<KronFactors>;
 
-/// Kron's preconditioner state.
+/// Kron's preconditioner state. Its lists run over the tensors Kron preconditions: the
+/// leaves, or with `mergeDims` / `blockSize` each leaf's parts in turn (a part is the
+/// merged leaf, or its blocks of one shape stacked along the leading axis, as scanned
+/// layers are; see [`kron_state_size`] for their shapes).
 #[derive(Debug, Clone)]
 pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
@@ -781,17 +902,85 @@ pub struct KronFactors {
 /// Kron's preconditioner for a fixed list of leaves.
 #[derive(Debug, Clone)]
 pub struct KronPreconditioner {
-    // boxed: the options are large, and `AnyTransform` holds every variant inline
-    options: Box<KronOptions>,
+    options: KronOptions,
     /// `preconditionerInitScale: null`: the factors are scaled on the first step.
     auto_scale: bool,
     /// The fit's numerics, resolved from the options.
     numerics: numerics::FitNumerics,
+    /// The tensors preconditioned: the leaves, or their parts under `mergeDims` /
+    /// `blockSize` (see [`layout`]).
     leaves: Vec<LeafSpec>,
+    /// How the optimizer's leaves map to `leaves`.
+    layout: Box<layout::Layout>,
     plans: Vec<LeafPlan>,
 }
 
+/// What Kron's state holds for one leaf, from [`kron_state_size`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KronLeafSize {
+    /// The leaf's path.
+    pub path: String,
+    /// The shapes of its factors, in the saved state's order (`Q.<leaf>.<k>`): per part
+    /// (the leaf, or its blocks of one shape under `blockSize`), a factor per merged axis;
+    /// a leading axis stacks the layers of a scanned leaf and the blocks.
+    pub factors: Vec<Vec<usize>>,
+    /// Bytes of those factors (in `precondDtype`) and, under the inverse-free rules, of
+    /// their Lipschitz bounds (float32): the preconditioner's share of the saved state.
+    pub bytes: u128,
+}
+
+/// The factor shapes and bytes Kron's state would hold for each of `leaves` under `o`,
+/// without allocating anything: how `mergeDims`, `blockSize`, `maxSizeTriangular` and
+/// `memorySaveMode` change the state's size. Fails as the optimizer would on bad options
+/// or leaves.
+pub fn kron_state_size(leaves: &[LeafSpec], o: &KronOptions) -> Result<Vec<KronLeafSize>> {
+    use crate::options::Options;
+    o.validate()?;
+    crate::limits::check_leaf_sizes(leaves)?;
+    let p = KronPreconditioner::new(leaves, o)?;
+    let factor_bytes = p.precond_dtype().size_in_bytes() as u128;
+    let bound_bytes = if o.update_rule.inverse_free() { 4 } else { 0 };
+    Ok(leaves
+        .iter()
+        .enumerate()
+        .map(|(l, spec)| {
+            let plans = p.layout.parts_of(l).iter().map(|&i| &p.plans[i]);
+            let mut out = KronLeafSize {
+                path: spec.path.clone(),
+                factors: vec![],
+                bytes: 0,
+            };
+            for plan in plans {
+                for st in &plan.stored {
+                    let n: u128 = st.iter().map(|&d| d as u128).product();
+                    out.bytes += n * factor_bytes + plan.batch as u128 * bound_bytes;
+                    out.factors.push(st.clone());
+                }
+            }
+            out
+        })
+        .collect())
+}
+
+/// The metadata entry of a saved state that records a layout other than the default
+/// (`mergeDims`, `targetMergedDimSize`, `blockSize`).
+const LAYOUT_META: &str = "kron_layout";
+
 impl KronPreconditioner {
+    /// The state file's names of every factor (or bound: `kind` `"L"`), in the order of the
+    /// parts and their factors: `<kind>.<leaf>.<k>`, `k` counting the factors of the leaf's
+    /// parts.
+    fn factor_names<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = String> + 'a {
+        (0..self.layout.leaf_count()).flat_map(move |l| {
+            let per_part = self
+                .layout
+                .parts_of(l)
+                .iter()
+                .map(|&p| self.plans[p].dims.len());
+            (0..per_part.sum::<usize>()).map(move |k| format!("{kind}.{l}.{k}"))
+        })
+    }
+
     /// [`grams`] of every leaf, at the apply step's precision.
     fn grams_of(&self, qs: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>> {
         self.plans
@@ -1089,15 +1278,18 @@ impl Preconditioner for KronPreconditioner {
     type State = KronFactors;
 
     fn new(leaves: &[LeafSpec], o: &KronOptions) -> Result<Self> {
-        let plans = leaves
+        let layout = layout::Layout::new(leaves, o)?;
+        let plans = layout
+            .parts()
             .iter()
-            .map(|s| LeafPlan::new(s, o))
+            .map(|p| LeafPlan::new(&p.spec, &p.diag, o))
             .collect::<Result<Vec<_>>>()?;
         Ok(KronPreconditioner {
             auto_scale: o.preconditioner_init_scale.is_none(),
             numerics: numerics::FitNumerics::new(o)?,
-            options: Box::new(o.clone()),
-            leaves: leaves.to_vec(),
+            options: o.clone(),
+            leaves: layout.parts().iter().map(|p| p.spec.clone()).collect(),
+            layout: Box::new(layout),
             plans,
         })
     }
@@ -1149,8 +1341,25 @@ impl Preconditioner for KronPreconditioner {
         if !self.auto_scale {
             return Ok(None);
         }
+        let grads = self.layout.split(grads)?;
+        let a = stages::map_leaves(&self.leaves, |l| self.plans[l].fourth_root_mean(&grads[l]))?;
+        let scales = match self.options.init_scale_scope {
+            InitScaleScope::Leaf => a.iter().map(auto_scale).collect::<Result<Vec<_>>>()?,
+            InitScaleScope::Global => {
+                // one scale from the largest mean(|g|⁴) of every leaf and layer
+                let maxes = a
+                    .iter()
+                    .map(|a| a.max_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let s = auto_scale(&Tensor::stack(&maxes, 0)?.max_all()?)?;
+                a.iter()
+                    .map(|a| Ok(s.broadcast_as(a.shape())?))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let power = self.options.init_scale_power;
         let qs = stages::map_leaves(&self.leaves, |l| {
-            self.plans[l].auto_scaled(&st.qs[l], &grads[l])
+            self.plans[l].scaled_by(&st.qs[l], &scales[l], power)
         })?;
         Ok(Some(KronFactors {
             qs,
@@ -1165,6 +1374,15 @@ impl Preconditioner for KronPreconditioner {
         inputs: &FitInputs,
         rng: &mut dyn RandomSource,
     ) -> Result<KronFactors> {
+        let (hvps, vectors) = (
+            self.layout.split(inputs.hvps)?,
+            inputs.vectors.map(|v| self.layout.split(v)).transpose()?,
+        );
+        let inputs = &FitInputs {
+            hvps: &hvps,
+            vectors: vectors.as_deref(),
+            ..*inputs
+        };
         let (lr, count) = (inputs.precond_lr, inputs.count);
         let (qs, ls) = if self.options.update_rule.inverse_free() {
             self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, lr, count, rng)?
@@ -1200,50 +1418,59 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn apply(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.plans
+        let grads = self.layout.split(grads)?;
+        let out = self
+            .plans
             .iter()
             .enumerate()
             .map(|(l, plan)| match &st.ps {
                 Some(ps) => self.apply_leaf(plan, Factors::Grams(&ps[l]), &grads[l]),
                 None => self.apply_leaf(plan, Factors::Qs(&st.qs[l]), &grads[l]),
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.layout.join(out)
     }
 
     fn save(&self, st: &KronFactors, f: &mut StateFile) {
-        for (l, qs) in st.qs.iter().enumerate() {
-            for (i, q) in qs.iter().enumerate() {
-                f.tensor(format!("Q.{l}.{i}"), q);
+        // named per leaf (`Q.<leaf>.<k>`, k counting the factors of the leaf's parts), so
+        // a leaf's tensors move with it when a state is regrouped
+        for (kind, per_part) in [("Q", &st.qs), ("L", &st.ls)] {
+            for (name, t) in self.factor_names(kind).zip(per_part.iter().flatten()) {
+                f.tensor(name, t);
             }
         }
-        for (l, ls) in st.ls.iter().enumerate() {
-            for (i, b) in ls.iter().enumerate() {
-                f.tensor(format!("L.{l}.{i}"), b);
-            }
+        if let Some(tag) = self.layout.tag() {
+            f.meta(LAYOUT_META, tag.to_string());
         }
     }
 
     fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
+        let saved = f.meta_str(LAYOUT_META).map(str::to_string);
+        if saved.as_deref() != self.layout.tag() {
+            return Err(layout::mismatch(saved.as_deref(), self.layout.tag()));
+        }
+        let mut names = self.factor_names("Q");
         let qs = self
             .plans
             .iter()
-            .enumerate()
-            .map(|(l, plan)| {
-                (0..plan.stored.len())
-                    .map(|i| f.take_factor(&format!("Q.{l}.{i}")))
+            .map(|plan| {
+                plan.stored
+                    .iter()
+                    .map(|_| f.take_factor(&names.next().expect("a name per factor")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut names = self.factor_names("L");
         let ls = self
             .plans
             .iter()
-            .enumerate()
-            .map(|(l, plan)| {
+            .map(|plan| {
                 if !self.numerics.keeps_bounds() {
                     return Ok(vec![]);
                 }
-                (0..plan.stored.len())
-                    .map(|i| load_bound(f, &format!("L.{l}.{i}")))
+                plan.stored
+                    .iter()
+                    .map(|_| load_bound(f, &names.next().expect("a name per factor")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
