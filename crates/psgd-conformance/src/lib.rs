@@ -221,15 +221,22 @@ pub fn psgd_torch_options(
             .clamp(0.0, largest as f64) as usize,
     };
     let skew = num("preconditioner_max_skew", 1.0)?;
+    // psgd_torch squeezes size-1 axes away; `mergeDims: 'twoD'` does the same to a leaf
+    // that squeezes to at most 2 axes, and keeps a leaf of at most 2 axes without them
+    let squeezed =
+        |l: &LeafSpec| -> Vec<usize> { l.shape.iter().copied().filter(|&d| d != 1).collect() };
+    let squeeze = leaves.iter().any(|l| l.shape.contains(&1));
     for l in leaves {
-        if l.shape.contains(&1) {
+        let shape = squeezed(l);
+        if squeeze && (shape.len() > 2 || l.shape.len() > 2 && !l.shape.contains(&1)) {
             return refuse(format!(
-                "leaf '{}' has shape {:?}: psgd_torch squeezes its size-1 axes",
+                "leaf '{}' has shape {:?}: psgd_torch squeezes its size-1 axes, which \
+                 mergeDims 'twoD' matches only for leaves of at most 2 axes once squeezed",
                 l.path, l.shape
             ));
         }
-        let numel = l.shape.iter().product::<usize>() as f64;
-        for (axis, &d) in l.shape.iter().enumerate() {
+        let numel = shape.iter().product::<usize>() as f64;
+        for (axis, &d) in shape.iter().enumerate() {
             let skewed = (d as f64) * (d as f64) > skew * numel;
             let theirs = d <= 1 || d > max_size || skewed;
             // the mapped options: maxSkew, maxSizeTriangular, minNdimTriangular 1
@@ -284,6 +291,9 @@ pub fn psgd_torch_options(
         json!(num("preconditioner_update_probability", 1.0)?),
     );
     out.insert("updateDecision".into(), json!("draw"));
+    if squeeze {
+        out.insert("mergeDims".into(), json!("twoD"));
+    }
     Ok(out)
 }
 

@@ -189,6 +189,14 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         assert_eq!(eq.get(k), Some(&v), "{k}");
     }
     assert_eq!(ok["damping"], json!(1e-9));
+    // size-1 axes: psgd_torch squeezes them, mergeDims 'twoD' does the same here
+    let squeezed = map(
+        json!({"preconditioner_init_scale": 1.0}),
+        &[LeafSpec::new("w", &[1, 4, 1]), LeafSpec::new("m", &[4, 3])],
+    )
+    .unwrap();
+    assert_eq!(squeezed["mergeDims"], json!("twoD"));
+    assert_eq!(ok.get("mergeDims"), None);
     assert_eq!(ok.get("normEstimator"), None);
 
     let scaled = json!({"preconditioner_init_scale": 1.0});
@@ -212,7 +220,7 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         ),
         (
             scaled.clone(),
-            &[LeafSpec::new("w", &[1, 4])][..],
+            &[LeafSpec::new("w", &[1, 2, 3, 4])][..],
             "squeezes its size-1 axes",
         ),
     ] {
