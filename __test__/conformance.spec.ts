@@ -31,32 +31,40 @@ for (const [variant, min] of [
   })
 }
 
-/** The cases of `fixtures/<dir>` (at least `min`, named `<prefix>_<rule>_…` or `<prefix>_step_<rule>_…` for a rule of `rules`) all pass within 1e-5. */
-function checkRules(t: ExecutionContext, dir: string, prefix: string, min: number, rules = 'pro|quad'): string {
+/**
+ * The cases of `fixtures/<dir>` (at least `min`, named `<prefix>_<rule>_…`,
+ * `<prefix>_<rule>_newton_…` or `<prefix>_step_<rule>_…` with `rule` one of `rules`) all
+ * pass within 1e-5; returns the output and the rules that have Newton cases.
+ */
+function checkRules(t: ExecutionContext, dir: string, prefix: string, min: number, rules: string[]) {
   const r = conformance(path.join(root, 'fixtures', dir))
   t.is(r.status, 0, r.stdout + r.stderr)
   const lines = r.stdout.trim().split('\n')
   const cases = lines.slice(0, -1)
   t.true(cases.length >= min, `${cases.length} cases`)
+  const newton = new Set<string>()
   for (const line of cases) {
-    const m = new RegExp(`^PASS {2}${prefix}_(?:step_)?(${rules})_\\S+ +max rel err (\\S+) \\(tol 0\\.001\\)`).exec(line)
+    const m = new RegExp(`^PASS {2}${prefix}_(?:step_)?(${rules.join('|')})_(newton_)?\\S+ +max rel err (\\S+) \\(tol 0\\.001\\)`).exec(line)
     t.truthy(m, line)
-    t.true(Number(m?.[2]) <= 1e-5, line)
+    t.true(Number(m?.[3]) <= 1e-5, line)
+    if (m?.[2]) newton.add(m[1])
   }
   t.is(lines[lines.length - 1], `${cases.length} passed, 0 failed`)
-  return r.stdout
+  return { out: r.stdout, newton }
 }
 
-test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO, QUAD and EQ) within 1e-5', (t) => {
-  const out = checkRules(t, 'kron-torch', 'torch', 22, 'pro|quad|eq')
+test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten and KronNewton, every rule, and EQ) within 1e-5', (t) => {
+  const rules = ['pro', 'quad', 'qeq', 'qep', 'pro4p', 'quad4p']
+  const { out, newton } = checkRules(t, 'kron-torch', 'torch', 46, [...rules, 'eq'])
+  t.deepEqual([...newton].sort(), [...rules].sort(), 'a Newton case of every inverse-free rule')
   // torch_eq_*: psgd_torch's EQ through the fit's numerics
-  t.true((out.match(/^PASS {2}torch_eq_/gm) ?? []).length >= 9)
+  t.true((out.match(/^PASS {2}torch_eq_/gm) ?? []).length >= 10)
   // torch_step_*: the step options (momentum, the fit last, the update clip acting)
   t.true((out.match(/^PASS {2}torch_step_/gm) ?? []).length >= 4)
 })
 
 test.serial("every committed kron-dk fixture matches distributed-kron's pro (PRO and QUAD, merged and blocked shapes) within 1e-5", (t) => {
-  const out = checkRules(t, 'kron-dk', 'dk', 11)
+  const { out } = checkRules(t, 'kron-dk', 'dk', 11, ['pro', 'quad'])
   t.regex(out, /^PASS {2}dk_pro_blocks /m)
   t.regex(out, /^PASS {2}dk_pro_scanned_blocks /m)
 })

@@ -1,5 +1,5 @@
 import test from 'ava'
-import { applyUpdates, kron, Kron, kronStateSize, precondUpdateProbSchedule, Tensor, type ArrayLeaf, type PyTree } from '../index'
+import { applyUpdates, hessianHelper, kron, Kron, kronStateSize, precondUpdateProbSchedule, Tensor, type ArrayLeaf, type PyTree } from '../index'
 import { leaf, snapshot, sumSquares, twice, values } from './helpers'
 
 test("the seed's quadratic toy problem converges below 1e-4 (the README's code)", (t) => {
@@ -356,7 +356,7 @@ test('a refused non-finite step says where float32 overflowed, not "an extreme o
 })
 
 test("updateRule: every rule solves the seed's toy problem and trains a 2-D leaf with finite updates", (t) => {
-  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD'] as const) {
+  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD', 'QEQ', 'QEP', 'PRO4P', 'QUAD4P'] as const) {
     let params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
     const opt = kron({ learningRate: 0.1, b1: 0, preconditionerUpdateProbability: 1, updateRule })
     let state = opt.init(params)
@@ -471,6 +471,76 @@ test("updateDecision: 'draw' fits on a random subset of steps, 'counter' on ever
   t.true(fitted('draw', 1, 8).every(Boolean), "'draw' at probability 1 fits every step")
   const params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
   t.throws(() => kron({ updateDecision: 'random' as never }).init(params), { instanceOf: TypeError, message: /updateDecision.*'draw'/ })
+})
+
+const RULES = ['EQ', 'Q0.5EQ1.5', 'QUAD', 'QEQ', 'QEP', 'PRO4P', 'QUAD4P'] as const
+
+/** A badly scaled quadratic `Σ hᵢ xᵢ²` over a 2-D leaf, a 1-D leaf and a scalar. */
+function scaledQuadratic(p: PyTree) {
+  const t = p as { w: ArrayLeaf; b: ArrayLeaf; s: number }
+  const hw = (i: number) => 1 + 3 * (i % 4) + (i >> 2)
+  const hb = (i: number) => 0.5 + i
+  const loss = t.w.data.reduce((a, x, i) => a + hw(i) * x * x, 0) + t.b.data.reduce((a, x, i) => a + hb(i) * x * x, 0) + 4 * t.s * t.s
+  return {
+    loss,
+    grads: {
+      w: { data: t.w.data.map((x, i) => 2 * hw(i) * x), shape: t.w.shape },
+      b: { data: t.b.data.map((x, i) => 2 * hb(i) * x), shape: t.b.shape },
+      s: 8 * t.s,
+    },
+  }
+}
+
+test('Hessian mode: kron({ updateRule }) with a hessianHelper loop trains a badly scaled quadratic under every rule', async (t) => {
+  for (const updateRule of RULES) {
+    let params: PyTree = { w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 }
+    const opt = kron({ learningRate: 0.1, b1: 0, updateRule })
+    let state = opt.init(params)
+    const start = scaledQuadratic(params).loss
+    for (let step = 0; step < 60; step++) {
+      const r = await hessianHelper(scaledQuadratic, params, { step, seed: 5 })
+      let updates
+      ;[updates, state] = opt.update(r.grads, state, params, r)
+      params = applyUpdates(params, updates)
+    }
+    const end = scaledQuadratic(params).loss
+    t.true(Number.isFinite(end) && end < 0.01 * start, `${updateRule}: ${start} -> ${end}`)
+    // the class: step(grads, extra) with the helper's result passed whole, same numbers
+    const cls = new Kron({ w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 } as PyTree, { learningRate: 0.1, b1: 0, updateRule })
+    let fn: PyTree = { w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 }
+    let fnState = opt.init(fn)
+    for (let step = 0; step < 3; step++) {
+      const r = await hessianHelper(scaledQuadratic, cls.params, { step, seed: 5 })
+      cls.step(r.grads, r)
+      let u
+      ;[u, fnState] = opt.update(r.grads, fnState, fn, r)
+      fn = applyUpdates(fn, u)
+    }
+    t.deepEqual(snapshot(cls.params), snapshot(fn), updateRule)
+    // the fitted state round-trips
+    const bytes = state.toBytes()
+    state.loadBytes(bytes)
+    t.deepEqual(state.toBytes(), bytes)
+  }
+})
+
+test('Hessian mode: a Kron hvp of the wrong shape is a RangeError naming the leaf; the state is untouched', (t) => {
+  const params = { w: leaf(values(12, 1), [3, 4]), b: leaf(values(3, 2)) }
+  for (const updateRule of ['EQ', 'PRO4P'] as const) {
+    const opt = kron({ updateRule })
+    const st = opt.init(params)
+    const before = st.toBytes()
+    const bad = { w: leaf(values(12, 1), [4, 3]), b: leaf(values(3, 2)) }
+    t.throws(() => opt.update(params, st, params, { hvp: bad, vector: params, updatePreconditioner: true }), {
+      instanceOf: RangeError,
+      message: /hvp.*'w'.*\[4,3\]|hvp.*'w'.*shape/,
+    })
+    t.throws(() => opt.update(params, st, params, { hvp: params, vector: { w: params.w }, updatePreconditioner: true }), {
+      message: /vector.*'b'/,
+    })
+    t.is(st.count, 0)
+    t.deepEqual(st.toBytes(), before)
+  }
 })
 
 test('mergeDims and blockSize: every rule trains merged and blocked (and scanned) leaves; the state round-trips and refuses another layout', (t) => {

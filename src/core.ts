@@ -366,8 +366,8 @@ export class OptimizerState {
 }
 
 /**
- * Extra inputs of `update` for the Hessian-based mode of XMat, LRA and Affine (all three
- * together). A {@link hessianHelper} result can be passed as it is.
+ * Extra inputs of `update` for the Hessian-based mode of every variant (Kron, XMat, LRA and
+ * Affine; all three together). A {@link hessianHelper} result can be passed as it is.
  */
 export interface UpdateExtra {
   /** Hessian-vector product `H·vector` (a tree like the params). */

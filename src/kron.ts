@@ -14,7 +14,9 @@ export const KRON: VariantSpec = { name: 'kron' }
 
 /**
  * PSGD Kron (optax style): Kronecker-factored preconditioners, one factor per axis of each
- * leaf, triangular or diagonal. Matches psgd-jax 0.2.9's `kron`.
+ * leaf, triangular or diagonal. Matches psgd-jax 0.2.9's `kron`; `updateRule` picks
+ * psgd_torch's other fits. Fitted by gradient whitening, or from Hessian-vector products
+ * passed to `update` (the Newton form of the rule; `hessianHelper` makes them).
  *
  * ```ts
  * const optimizer = kron({ learningRate: 3e-4 })

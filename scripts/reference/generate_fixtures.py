@@ -57,8 +57,8 @@ CASES.json is a list of {name, variant, options, params, steps, hessian, seed}:
     (weight_decay_mask, scanned_layers) are given as flat {path: bool} dicts.
   - seed: drives numpy's default_rng for the problem (initial params, gradients).
   - reference (optional): "psgd-torch" runs psgd_torch's KronWhiten instead (variant
-    "kron", whitening form only); its options are KronWhiten's own keyword arguments,
-    and the seed also seeds torch (torch.manual_seed) before the run.
+    "kron"), or with "hessian": true its KronNewton; the options are that class's own
+    keyword arguments, and the seed also seeds torch (torch.manual_seed) before the run.
 
 The problem, per leaf (leaves in sorted path order, each drawing h, target, p0 in turn):
 a fixed ill-conditioned diagonal quadratic with curvature h = exp(U(-2, 2)), target
@@ -89,6 +89,17 @@ in case.json under "update_clip" (the checker maps grad_clip_max_amps to Kron's
 updateClipRms and updateClipElement). Each case is then replayed under
 another torch seed with the tape handing back the recorded draws, and the updates must
 agree bitwise: the tape holds every random number the run used.
+
+psgd-torch Newton cases ("hessian": true, KronNewton): the closure's loss is
+sum(p * g_t) + sum(0.5 * h * (p - p_t)^2), so the gradient at p_t is exactly g_t and the
+Hessian-vector product of KronNewton's probe V is h * V (h the problem's curvature).
+KronNewton draws its update decision and its probes itself; those draws are not on the
+case's tape: the probe and the Hessian-vector product each fit used are recorded as
+vector.t.path and hvp.t.path, and the decision as update_precond.t (zeros and 0 on a
+step that did not fit), which is what this package's Hessian mode takes from its caller.
+The tape keeps the fit's own draws (the damping noise, the subspaces, the balance
+uniform) in order. KronNewton has no update clip (grad_clip_max_norm is infinite);
+"update_clip" records the largest RMS and element of its preconditioned gradients.
 """
 
 import argparse
@@ -401,7 +412,7 @@ class TorchTape:
                 recorded = self.replay[self.phase]
                 if self.cursor >= len(recorded):
                     raise RuntimeError(f"phase {self.phase}: more draws than recorded")
-                rkind, arr = recorded[self.cursor]
+                rkind, arr, _ = recorded[self.cursor]
                 self.cursor += 1
                 if rkind != kind or tuple(arr.shape) != tuple(out.shape):
                     raise RuntimeError(f"phase {self.phase}: drew {kind} {tuple(out.shape)}, "
@@ -409,7 +420,12 @@ class TorchTape:
                 return torch.from_numpy(arr.copy()).to(out.dtype)
             if out.dtype != torch.float32:
                 raise RuntimeError(f"torch draw of dtype {out.dtype}; cases are float32")
-            self.draws[self.phase].append((kind, out.detach().numpy().copy()))
+            # the function that drew (a comprehension's frame stands for its function)
+            frame = sys._getframe(1)
+            while frame.f_code.co_name.startswith("<") and frame.f_back is not None:
+                frame = frame.f_back
+            caller = frame.f_code.co_name
+            self.draws[self.phase].append((kind, out.detach().numpy().copy(), caller))
             return out
 
         return wrapper
@@ -429,13 +445,25 @@ class TorchTape:
             self.phase = None
 
 
+# KronNewton's keyword arguments, for "hessian": true psgd-torch cases
+TORCH_KRON_NEWTON_OPTIONS = {
+    "dQ", "lr_params", "lr_preconditioner", "betaL", "damping", "momentum",
+    "grad_clip_max_norm", "preconditioner_max_size", "preconditioner_max_skew",
+    "preconditioner_init_scale", "preconditioner_update_probability",
+}
+
+
 def torch_kron_options(case):
     options = dict(case.get("options", {}))
-    unknown = set(options) - TORCH_KRON_OPTIONS
+    newton = bool(case.get("hessian"))
+    known = TORCH_KRON_NEWTON_OPTIONS if newton else TORCH_KRON_OPTIONS
+    unknown = set(options) - known
     if unknown:
-        raise ValueError(f"{case['name']}: not KronWhiten options: {sorted(unknown)}")
-    if case.get("hessian"):
-        raise ValueError(f"{case['name']}: only KronWhiten (the whitening form) is generated")
+        cls = "KronNewton" if newton else "KronWhiten"
+        raise ValueError(f"{case['name']}: not {cls} options: {sorted(unknown)}")
+    if newton and options.get("preconditioner_init_scale") is None:
+        raise ValueError(f"{case['name']}: KronNewton's automatic initial scale reads the "
+                         "probes; give preconditioner_init_scale")
     if case["variant"] != "kron":
         raise ValueError(f"{case['name']}: psgd-torch cases are kron cases")
     if "grad_clip_max_amps" in options:
@@ -454,13 +482,23 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
     max_amps = options.get("grad_clip_max_amps", (2.0, 10.0))
     params = [torch.nn.Parameter(torch.from_numpy(np.array(problem.p0[p], dtype=np.float32)))
               for p in problem.paths]
-    seen = {"pre": [], "updates": {}}
-    orig_precond = ref.precond_grad_kron
+    newton = bool(case.get("hessian"))
+    seen = {"pre": [], "updates": {}, "pairs": []}
+    h = [torch.from_numpy(np.array(problem.h[p], dtype=np.float32)) for p in problem.paths]
 
-    def precond_recorder(*args, **kwargs):
-        out = orig_precond(*args, **kwargs)
-        seen["pre"].append(out.detach().clone())  # before the in-place clip
-        return out
+    def precond_recorder(orig):
+        def wrapper(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            seen["pre"].append(out.detach().clone())  # before the in-place clip
+            return out
+        return wrapper
+
+    def pair_recorder(orig):
+        # KronNewton's fit: the probe V and the Hessian-vector product it was given
+        def wrapper(QL, exprs, v, hvp, **kwargs):
+            seen["pairs"].append((v.detach().numpy().copy(), hvp.detach().numpy().copy()))
+            return orig(QL, exprs, v, hvp, **kwargs)
+        return wrapper
 
     orig_subtract = torch.Tensor.subtract_
 
@@ -471,14 +509,16 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
                 seen["updates"][problem.paths[i]] = u.astype(np.float32)
         return orig_subtract(self, other, alpha=alpha)
 
-    out_grads, updates, clip = [], [], []
-    ref.precond_grad_kron = precond_recorder
+    out_grads, updates, clip, extras = [], [], [], []
     torch.Tensor.subtract_ = subtract_recorder
     try:
         torch.manual_seed(case["seed"] + (1 if replay is not None else 0))
         with tape.patched(replay), contextlib.redirect_stdout(open(os.devnull, "w")):
             tape.set_phase("init")
-            opt = ref.KronWhiten(params, **options)
+            opt = (ref.KronNewton if newton else ref.KronWhiten)(params, **options)
+            opt._precond_grad = precond_recorder(opt._precond_grad)
+            if newton:
+                opt._update_precond = pair_recorder(opt._update_precond)
             for t in range(case["steps"]):
                 tape.set_phase(t)
                 if grads is None:
@@ -488,23 +528,43 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
                 gt = [torch.from_numpy(np.array(g[p], dtype=np.float32)) for p in problem.paths]
 
                 def closure():
-                    return sum((x * gx).sum() for x, gx in zip(params, gt))
+                    # gradient exactly g_t at p_t; Hessian h (diagonal): HVP = h * v
+                    loss = sum((x * gx).sum() for x, gx in zip(params, gt))
+                    if newton:
+                        loss = loss + sum((0.5 * hx * (x - x.detach()) ** 2).sum()
+                                          for x, hx in zip(params, h))
+                    return loss
 
-                seen["pre"], seen["updates"] = [], {}
+                seen["pre"], seen["updates"], seen["pairs"] = [], {}, []
                 opt.step(closure)
                 if sorted(seen["updates"]) != problem.paths:
                     raise RuntimeError(f"step {t}: updates of {sorted(seen['updates'])}")
                 out_grads.append(g)
                 updates.append(dict(seen["updates"]))
+                if newton:
+                    extras.append(newton_extras(problem, seen["pairs"]))
                 rms = max(float(torch.sqrt(torch.mean(x * x))) for x in seen["pre"])
                 amax = max(float(x.abs().max()) for x in seen["pre"])
                 clip.append({"max_rms": rms, "max_abs": amax,
-                             "acted": rms > max_amps[0] or amax > max_amps[1]})
+                             "acted": not newton and (rms > max_amps[0] or amax > max_amps[1])})
             tape.check_used()
     finally:
-        ref.precond_grad_kron = orig_precond
         torch.Tensor.subtract_ = orig_subtract
-    return problem, out_grads, updates, clip
+    return problem, out_grads, updates, clip, extras
+
+
+def newton_extras(problem, pairs):
+    """One step's (hvp, vector, updated) as the case format has them: the pairs KronNewton
+    fitted on (in leaf order, shaped like the params), or zeros and False on a step that
+    did not fit."""
+    if not pairs:
+        zeros = {p: np.zeros(problem.shapes[p], np.float32) for p in problem.paths}
+        return zeros, dict(zeros), False
+    if len(pairs) != len(problem.paths):
+        raise RuntimeError(f"{len(pairs)} fitted pairs for {len(problem.paths)} leaves")
+    vector = {p: v.reshape(problem.shapes[p]) for p, (v, _) in zip(problem.paths, pairs)}
+    hvp = {p: hv.reshape(problem.shapes[p]) for p, (_, hv) in zip(problem.paths, pairs)}
+    return hvp, vector, True
 
 
 def record_torch_case(case, ref):
@@ -512,12 +572,20 @@ def record_torch_case(case, ref):
 
     torch.set_default_dtype(torch.float32)
     tape = TorchTape(torch)
-    problem, grads, updates, clip = run_torch_case(case, ref, tape)
+    problem, grads, updates, clip, extras = run_torch_case(case, ref, tape)
     draws = tape.draws
     replayed = TorchTape(torch)
-    _, _, again, _ = run_torch_case(case, ref, replayed, grads=grads, replay=draws)
+    _, _, again, _, _ = run_torch_case(case, ref, replayed, grads=grads, replay=draws)
     bitwise = all(np.array_equal(a[p], b[p]) for a, b in zip(updates, again) for p in a)
-    return dict(problem=problem, grads=grads, updates=updates, extras=[], draws=draws,
+    if case.get("hessian"):
+        # KronNewton's own draws (the update decision, the probes) are the caller's side
+        # of this package's Hessian mode: the case hands them over as update_precond and
+        # vector, and only the fit's draws stay on the tape
+        draws = {k: [(kind, arr) for kind, arr, caller in v if caller != "step"]
+                 for k, v in draws.items()}
+    else:
+        draws = {k: [(kind, arr) for kind, arr, _ in v] for k, v in draws.items()}
+    return dict(problem=problem, grads=grads, updates=updates, extras=extras, draws=draws,
                 clip=clip, replay_bitwise=bitwise, torch_version=torch.__version__)
 
 
@@ -820,7 +888,8 @@ def main():
             failed += not ok
             acted = [str(t) for t, c in enumerate(clip) if c["acted"]]
             balanced = [str(t) for t in range(case["steps"])
-                        if any(k == "uniform" and arr < 0.01 for k, arr in rec["draws"][t][1:])]
+                        if any(k == "uniform" and arr < 0.01
+                               for k, arr in rec["draws"][t][0 if case.get("hessian") else 1:])]
             print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
                   f" replay {'bitwise' if ok else 'MISMATCH'}"
                   f" max-rms={max(c['max_rms'] for c in clip):.3f}"

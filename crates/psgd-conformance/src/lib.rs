@@ -147,7 +147,8 @@ pub fn psgd_torch_options(
         }
     };
     let flag = |key: &str| options.get(key).and_then(Value::as_bool).unwrap_or(true);
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 14] = [
+        "grad_clip_max_norm",
         "dQ",
         "lr_params",
         "lr_preconditioner",
@@ -163,7 +164,19 @@ pub fn psgd_torch_options(
         "update_preconditioner_first",
     ];
     if let Some(k) = options.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return refuse(format!("'{k}' is not a KronWhiten option"));
+        return refuse(format!(
+            "'{k}' is not a KronWhiten option (nor a KronNewton one)"
+        ));
+    }
+    if options
+        .get("grad_clip_max_norm")
+        .is_some_and(|v| !v.is_null())
+    {
+        return refuse(
+            "grad_clip_max_norm (KronNewton's clip of the global norm, applied to the \
+             learning rate) has no counterpart here"
+                .into(),
+        );
     }
     let rule = match options
         .get("dQ")
@@ -171,7 +184,7 @@ pub fn psgd_torch_options(
         .unwrap_or("Q0.5EQ1.5")
     {
         "Q0.5EQ1.5" | "Q0p5EQ1p5" => "Q0.5EQ1.5",
-        "QUAD" => "QUAD",
+        rule @ ("QUAD" | "QEQ" | "QEP" | "PRO4P" | "QUAD4P") => rule,
         // psgd_torch's EQ: psgd-jax's rule with its own numerics (set below)
         "EQ" => "EQ",
         other => return refuse(format!("dQ '{other}' has no counterpart here")),
@@ -430,10 +443,16 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
         .collect::<Result<Vec<_>>>()?;
     let ours = match reference_of(&case)? {
         "psgd-torch" => {
-            if variant != "kron" || hessian {
-                return Err(bad("psgd-torch cases are Kron whitening cases"));
+            if variant != "kron" {
+                return Err(bad("psgd-torch cases are Kron cases"));
             }
-            psgd_torch_options(&options, &leaves)?
+            let mut ours = psgd_torch_options(&options, &leaves)?;
+            if hessian {
+                // KronNewton clips nothing (its grad_clip_max_norm is refused)
+                ours.insert("updateClipRms".into(), Value::Null);
+                ours.insert("updateClipElement".into(), Value::Null);
+            }
+            ours
         }
         "distributed-kron" => {
             if variant != "kron" || hessian {

@@ -53,13 +53,32 @@ fn affine_fixtures_match_psgd_jax() {
     check("affine", 6);
 }
 
-/// psgd_torch's `KronWhiten` (`psgd.py` at a8616f1, `Q0.5EQ1.5`, `QUAD` and `EQ`), its recorded
-/// runs replayed: every case within 1e-5 of the update's RMS (float32 round-off; the
-/// checker's tolerance is 1e-3), among them the `torch_step_*` runs of the step options
-/// (momentum, the fit last, the update clip acting) under both rules.
+/// psgd_torch's `KronWhiten` and `KronNewton` (`psgd.py` at a8616f1; `Q0.5EQ1.5`, `QUAD`,
+/// `QEQ`, `QEP`, `PRO4P`, `QUAD4P`, and `EQ` through the fit's numerics), their recorded
+/// runs replayed (the Newton cases feed the recorded probes and Hessian-vector products):
+/// every case within 1e-5 of the update's RMS (float32 round-off; the checker's tolerance
+/// is 1e-3), the Newton form of every inverse-free rule among them, and the `torch_step_*`
+/// runs of the step options (momentum, the fit last, the update clip acting) under PRO and
+/// QUAD.
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
-    let results = check_rules("kron-torch", 22, &["eq", "pro", "quad"]);
+    let rules = ["eq", "pro", "pro4p", "qep", "qeq", "quad", "quad4p"];
+    let results = check_rules("kron-torch", 46, &rules);
+    let newton: std::collections::BTreeSet<&str> = results
+        .iter()
+        .filter(|r| r.name.contains("_newton_"))
+        .filter_map(|r| r.name.split('_').nth(1))
+        .collect();
+    assert_eq!(
+        newton.into_iter().collect::<Vec<_>>(),
+        rules[1..],
+        "Newton cases"
+    );
+    let eq = results
+        .iter()
+        .filter(|r| r.name.starts_with("torch_eq_"))
+        .count();
+    assert!(eq >= 10, "only {eq} torch_eq_* cases");
     let step_rules: std::collections::BTreeSet<&str> = results
         .iter()
         .filter_map(|r| r.name.strip_prefix("torch_step_"))
@@ -72,27 +91,27 @@ fn kron_torch_fixtures_match_psgd_torch() {
     );
 }
 
-/// The cases under `fixtures/<dir>` (at least `min`), of exactly the rules `expected`
-/// (named `<reference>_<rule>_…` or `<reference>_step_<rule>_…`), each within 1e-5 of the
+/// The cases under `fixtures/<dir>` (at least `min`), of exactly the rules `rules` (named
+/// `<reference>_<rule>_…` or `<reference>_step_<rule>_…`), each within 1e-5 of the
 /// update's RMS.
-fn check_rules(dir: &str, min: usize, expected: &[&str]) -> Vec<psgd_conformance::CaseResult> {
+fn check_rules(dir: &str, min: usize, rules: &[&str]) -> Vec<psgd_conformance::CaseResult> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures")
         .join(dir);
     let results = psgd_conformance::run_dir(&path).expect("fixture directory");
     assert!(results.len() >= min, "only {} {dir} cases", results.len());
-    let mut rules = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
     for r in &results {
         println!(
             "{:<32} max rel err {:.3e}  {}",
             r.name, r.max_rel_err, r.detail
         );
         let words: Vec<&str> = r.name.split('_').filter(|w| *w != "step").collect();
-        rules.insert(words.get(1).copied().unwrap_or_default().to_string());
+        seen.insert(words.get(1).copied().unwrap_or_default().to_string());
     }
     assert_eq!(
-        rules.into_iter().collect::<Vec<_>>(),
-        expected,
+        seen.into_iter().collect::<Vec<_>>(),
+        rules,
         "cases of every rule"
     );
     let bad: Vec<String> = results
@@ -146,6 +165,15 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         &leaves,
     );
     assert_eq!(pro.unwrap()["updateRule"], json!("Q0.5EQ1.5"));
+    for rule in ["QEQ", "QEP", "PRO4P", "QUAD4P"] {
+        let o = json!({"dQ": rule, "preconditioner_init_scale": 1.0});
+        assert_eq!(map(o, &leaves).unwrap()["updateRule"], json!(rule));
+    }
+    // KronNewton's global-norm clip has no counterpart; its default (none) maps
+    let o = json!({"preconditioner_init_scale": 1.0, "grad_clip_max_norm": null});
+    assert!(map(o, &leaves).is_ok());
+    let o = json!({"preconditioner_init_scale": 1.0, "grad_clip_max_norm": 1.0});
+    assert!(map(o, &leaves).unwrap_err().contains("grad_clip_max_norm"));
     // psgd_torch's automatic scale (the default) is one scale over every leaf
     let auto = map(json!({}), &leaves).unwrap();
     assert_eq!(auto["preconditionerInitScale"], json!(null));

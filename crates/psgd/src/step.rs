@@ -176,7 +176,7 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     /// Whether the whitening fit needs a probe vector per leaf drawn by the step, after the
     /// update decision (XMat and LRA; Kron and Affine draw their own).
     const WHITENING_VECTOR: bool;
-    /// Whether `update` accepts Hessian-vector products (all but Kron).
+    /// Whether `update` accepts Hessian-vector products (every variant does).
     const HESSIAN: bool = true;
     /// Whether the fit runs on a worker of rayon's pool (`stages::on_pool`): worth it
     /// when it forks many small parallel jobs (Kron's and Affine's per-leaf products), not

@@ -2,11 +2,15 @@
 //! `balanceProbability`, `balanceEvery`, `balanceWhen`) as a user sets them: defaults that
 //! are the rule's own, every combination training, the state's bounds, the checks.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use psgd::{
     BalanceWhen, Kron, KronOptions, LeafSpec, NormEstimator, Options, RandomSource, Schedule,
     SeededRandom, Transform, UpdateRule,
 };
+
+use common::RULES;
 
 /// A scalar, a vector, a matrix, a 3-D leaf and 3 scanned layers of 4×5 (fitted 2 layers
 /// at a time).
@@ -32,9 +36,10 @@ fn base(rule: UpdateRule) -> KronOptions {
     }
 }
 
-/// `steps` steps on fixed pseudo-random gradients; returns every update and the state's
-/// bytes.
-fn run(o: KronOptions, steps: u64) -> (Vec<Vec<f32>>, Vec<u8>) {
+/// `steps` steps on fixed pseudo-random gradients, in the Newton form when `newton` (each
+/// step also fits to a probe `v` and `0.5·v + 0.1·v²` in place of its Hessian-vector
+/// product); returns every update and the state's bytes.
+fn run_form(o: KronOptions, steps: u64, newton: bool) -> (Vec<Vec<f32>>, Vec<u8>) {
     let dev = Device::Cpu;
     let leaves = leaves();
     let params: Vec<Tensor> = leaves
@@ -49,7 +54,14 @@ fn run(o: KronOptions, steps: u64) -> (Vec<Vec<f32>>, Vec<u8>) {
             .iter()
             .map(|p| SeededRandom::for_step(k, 7).normal(p.dims(), &dev).unwrap())
             .collect();
-        let (u, s) = kron.update(&grads, &state, Some(&params)).unwrap();
+        let (u, s) = if newton {
+            common::newton_step(&kron, &grads, &state, &params, k, |v| {
+                ((v * 0.5).unwrap() + (v.sqr().unwrap() * 0.1).unwrap()).unwrap()
+            })
+            .unwrap()
+        } else {
+            kron.update(&grads, &state, Some(&params)).unwrap()
+        };
         for t in &u {
             let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
@@ -62,33 +74,50 @@ fn run(o: KronOptions, steps: u64) -> (Vec<Vec<f32>>, Vec<u8>) {
 }
 
 /// Every option left null is the rule's own: spelled out, psgd-jax's EQ numerics and
-/// psgd_torch's PRO and QUAD numerics give the same bits as the defaults.
+/// psgd_torch's numerics of every other rule (QEP's balance before every fit) give the
+/// same bits as the defaults, in the whitening and the Newton form.
 #[test]
 fn null_options_are_the_rules_own_numerics() {
-    let jax = KronOptions {
-        norm_estimator: Some(NormEstimator::RowNorm),
-        balance_probability: Some(0.01),
-        balance_when: Some(BalanceWhen::BeforeFit),
-        procrustes_max_step: 0.125,
-        ..base(UpdateRule::Eq)
-    };
-    assert_eq!(run(jax, 6), run(base(UpdateRule::Eq), 6));
-    for rule in [UpdateRule::Pro, UpdateRule::Quad] {
-        let torch = KronOptions {
-            norm_estimator: Some(NormEstimator::Subspace),
-            damping: Some(1e-9),
-            lipschitz_beta: Some(0.9),
+    for newton in [false, true] {
+        let jax = KronOptions {
+            norm_estimator: Some(NormEstimator::RowNorm),
             balance_probability: Some(0.01),
-            balance_when: Some(BalanceWhen::AfterFit),
-            ..base(rule)
+            balance_when: Some(BalanceWhen::BeforeFit),
+            procrustes_max_step: 0.125,
+            ..base(UpdateRule::Eq)
         };
-        assert_eq!(run(torch, 6), run(base(rule), 6), "{rule:?}");
+        assert_eq!(
+            run_form(jax, 6, newton),
+            run_form(base(UpdateRule::Eq), 6, newton)
+        );
+        for rule in RULES.into_iter().skip(1) {
+            let qep = rule == UpdateRule::Qep;
+            let torch = KronOptions {
+                norm_estimator: Some(NormEstimator::Subspace),
+                damping: Some(1e-9),
+                lipschitz_beta: Some(0.9),
+                balance_probability: (!qep).then_some(0.01),
+                balance_every: qep.then_some(1),
+                balance_when: Some(if qep {
+                    BalanceWhen::BeforeFit
+                } else {
+                    BalanceWhen::AfterFit
+                }),
+                ..base(rule)
+            };
+            assert_eq!(
+                run_form(torch, 6, newton),
+                run_form(base(rule), 6, newton),
+                "{rule:?} newton {newton}"
+            );
+        }
     }
 }
 
 /// Each option changes the run where it should (so none is silently ignored), and every
 /// combination of rule, estimator, damping, bound and balancing trains with finite
-/// updates on every leaf kind, scanned layers included.
+/// updates on every leaf kind, scanned layers included, under every rule in the whitening
+/// form (each option's effect also in the Newton form).
 #[test]
 fn every_combination_trains_and_each_option_acts() {
     let estimators = [
@@ -96,7 +125,8 @@ fn every_combination_trains_and_each_option_acts() {
         NormEstimator::Subspace,
         NormEstimator::Power,
     ];
-    for rule in [UpdateRule::Eq, UpdateRule::Pro, UpdateRule::Quad] {
+    for (rule, newton) in RULES.into_iter().flat_map(|r| [(r, false), (r, true)]) {
+        let run = |o: KronOptions, steps: u64| run_form(o, steps, newton);
         let (reference, _) = run(base(rule), 4);
         for est in estimators {
             for (damping, beta) in [(None, None), (Some(1e-3), Some(0.5))] {
@@ -105,6 +135,9 @@ fn every_combination_trains_and_each_option_acts() {
                     (Some(1), BalanceWhen::BeforeFit),
                     (Some(2), BalanceWhen::AfterFit),
                 ] {
+                    if newton {
+                        continue;
+                    }
                     let o = KronOptions {
                         norm_estimator: Some(est),
                         damping,
@@ -119,8 +152,22 @@ fn every_combination_trains_and_each_option_acts() {
             }
         }
         let differs = |o: KronOptions, what: &str| {
-            assert_ne!(run(o, 4).0, reference, "{rule:?}: {what} changed nothing");
+            assert_ne!(
+                run(o, 4).0,
+                reference,
+                "{rule:?} newton {newton}: {what} changed nothing"
+            );
         };
+        if rule == UpdateRule::Qep {
+            // QEP's fit depends on its factors' balance: never balancing is not its own
+            differs(
+                KronOptions {
+                    balance_probability: Some(0.0),
+                    ..base(rule)
+                },
+                "balanceProbability",
+            );
+        }
         let own = if rule == UpdateRule::Eq {
             NormEstimator::RowNorm
         } else {

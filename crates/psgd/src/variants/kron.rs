@@ -1,5 +1,6 @@
 //! PSGD Kron: one preconditioner factor per tensor axis (triangular or diagonal), fitted by
-//! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
+//! gradient whitening as psgd-jax 0.2.9's `kron` / `scale_by_kron`, or to Hessian-vector
+//! products (the Newton form); `updateRule` picks psgd_torch's other fits.
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
@@ -50,12 +51,28 @@ pub enum UpdateRule {
     Pro,
     /// psgd_torch's `QUAD`: full symmetric factors, a quadratic form of the fit.
     Quad,
+    /// psgd_torch's `QEQ`: full factors, `dQ = Q·E·Q`.
+    Qeq,
+    /// psgd_torch's `QEP`: full factors, `dQ = Q·E·P`, the factors balanced before every
+    /// fit.
+    Qep,
+    /// psgd_torch's `PRO4P`: the factors are those of `P` itself (`dP = P^0.5·E·P`), kept
+    /// near symmetric by up to ten third-order Procrustes steps per fit.
+    Pro4p,
+    /// psgd_torch's `QUAD4P`: `QUAD`'s quadratic form on the factors of `P` itself.
+    Quad4p,
 }
 
 impl UpdateRule {
-    /// Whether the rule keeps full factors and a Lipschitz bound (PRO, QUAD).
+    /// Whether the rule keeps full factors and a Lipschitz bound (every rule but EQ).
     pub fn inverse_free(self) -> bool {
         self != UpdateRule::Eq
+    }
+
+    /// Whether the factors are those of `P` itself (PRO4P, QUAD4P): each is applied once
+    /// (`P·G = P₁ ×₁ … Pₖ ×ₖ G`) and starts at `scale^(2/k)`.
+    pub fn fits_p(self) -> bool {
+        matches!(self, UpdateRule::Pro4p | UpdateRule::Quad4p)
     }
 }
 
@@ -65,9 +82,16 @@ impl crate::options::Choice for UpdateRule {
         ("Q0.5EQ1.5", UpdateRule::Pro),
         ("PRO", UpdateRule::Pro),
         ("QUAD", UpdateRule::Quad),
+        ("QEQ", UpdateRule::Qeq),
+        ("QEP", UpdateRule::Qep),
+        ("PRO4P", UpdateRule::Pro4p),
+        ("QUAD4P", UpdateRule::Quad4p),
     ];
 }
-crate::options::choice_option!(UpdateRule, "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'");
+crate::options::choice_option!(
+    UpdateRule,
+    "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'"
+);
 
 /// How Kron decides whether a step fits the preconditioner (`updateDecision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,19 +250,23 @@ crate::declare_options! {
         /// `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
         /// positive definite by a Procrustes rotation and no triangular solve (matrix
         /// products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
-        /// factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+        /// factors. `'QEQ'`, `'QEP'`: psgd_torch's `dQ = Q·E·Q` and `dQ = Q·E·P` (QEP
+        /// balances the factors before every fit). `'PRO4P'`, `'QUAD4P'`: PRO's and QUAD's
+        /// forms on the factors of `P` itself (each applied once, starting at
+        /// `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
         /// `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
         /// (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
         /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits
-        /// (see "The fit's numerics" in the docs for the options that change these).
-        /// Not in psgd-jax.
+        /// (QEP: before every fit; see "The fit's numerics" in the docs for the options
+        /// that change these). With Hessian-vector products each rule fits in its Newton
+        /// form. Not in psgd-jax.
         update_rule: UpdateRule = UpdateRule::Eq;
         /// Smoothing `β` of the running Lipschitz bound that normalises the fit's step,
         /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest norm estimate and the step
         /// `preconditionerLr / L`, in [0, 1) (0: the latest estimate alone). Default null:
-        /// the rule's own, 0.9 (psgd_torch's `betaL`) under `'Q0.5EQ1.5'` and `'QUAD'`,
-        /// none under `'EQ'` (psgd-jax's memoryless step `preconditionerLr / (ℓ + tiny)`).
-        /// A number under `'EQ'` keeps the bound in the state, as psgd_torch's `EQ` does.
+        /// the rule's own, 0.9 (psgd_torch's `betaL`) under every rule but `'EQ'`, none
+        /// under `'EQ'` (psgd-jax's memoryless step `preconditionerLr / (ℓ + tiny)`). A
+        /// number under `'EQ'` keeps the bound in the state, as psgd_torch's `EQ` does.
         /// Not in psgd-jax.
         lipschitz_beta: Option<f64> = None,
             check |v: &Option<f64>| v.as_ref().map_or(Ok(()), check::momentum);
@@ -247,10 +275,10 @@ crate::declare_options! {
         /// it). `'subspace'`: psgd_torch's random subspace iteration (32 standard normal
         /// rows per dense factor and fit, drawn after the fit's noise, two
         /// half-iterations). `'power'`: heavyball's deterministic power iteration from the
-        /// row of largest norm (two iterations), which under `'Q0.5EQ1.5'` also normalises
-        /// the Procrustes rotation in place of its random subspace (in float32; heavyball
-        /// rounds that one to bfloat16 stochastically). Default null: the rule's own,
-        /// `'rowNorm'` under `'EQ'`, `'subspace'` under `'Q0.5EQ1.5'` and `'QUAD'`. Not in
+        /// row of largest norm (two iterations), which under `'Q0.5EQ1.5'` and `'PRO4P'`
+        /// also normalises the Procrustes rotations in place of their random subspaces (in
+        /// float32; heavyball rounds that one to bfloat16 stochastically). Default null: the
+        /// rule's own, `'rowNorm'` under `'EQ'`, `'subspace'` under every other rule. Not in
         /// psgd-jax.
         norm_estimator: Option<NormEstimator> = None;
         /// How the fit's input is damped by its random draw `ν`. Null (default under
@@ -260,7 +288,8 @@ crate::declare_options! {
         /// fit's probe, as in both references. Not in psgd-jax.
         damping: Option<f64> = None, check check::non_negative_or_none;
         /// Largest step `a` of `'Q0.5EQ1.5'`'s Procrustes rotation `exp(aR)`, in (0, 1].
-        /// Default 1/8 (psgd_torch's); heavyball's is 0.5. Not in psgd-jax.
+        /// Default 1/8 (psgd_torch's); heavyball's is 0.5. `'PRO4P'`'s third-order
+        /// rotations keep psgd_torch's cap of 1/3. Not in psgd-jax.
         procrustes_max_step: f64 = 0.125, check |v: &f64| {
             if v.is_finite() && *v > 0.0 && *v <= 1.0 {
                 Ok(())
@@ -271,13 +300,14 @@ crate::declare_options! {
         /// Probability in [0, 1] that a fit balances each leaf's factors (rescales them to
         /// the same largest entry; the preconditioner is unchanged up to round-off), by a
         /// uniform draw per fit. Default null: 0.01 (psgd-jax's and psgd_torch's), unless
-        /// `balanceEvery` is set. Not in psgd-jax.
+        /// `balanceEvery` is set; under `'QEP'` null with `balanceEvery` null is the rule's
+        /// own balance before every fit, with no draw. Not in psgd-jax.
         balance_probability: Option<f64> = None,
             check |v: &Option<f64>| v.map_or(Ok(()), check::probability);
         /// Balance deterministically, with no draw, at the fits of the steps whose 1-based
         /// count is a multiple of this (≥ 1): 1 is heavyball's (every fit), 100
         /// distributed-kron's. Cannot be set with `balanceProbability`. Default null (a
-        /// random decision). Not in psgd-jax.
+        /// random decision; `'QEP'`'s own is every fit). Not in psgd-jax.
         balance_every: Option<usize> = None, check |v: &Option<usize>| match v {
             Some(0) => Err("must be >= 1 (a number of steps), got 0".to_string()),
             _ => Ok(()),
@@ -286,8 +316,8 @@ crate::declare_options! {
         /// decision one uniform draw before every other draw of the fit (psgd-jax,
         /// heavyball, distributed-kron). `'afterFit'`: after each leaf's fit, the random
         /// decision one uniform draw per leaf after the leaf's other draws (psgd_torch).
-        /// Default null: the rule's own, `'beforeFit'` under `'EQ'`, `'afterFit'` under
-        /// `'Q0.5EQ1.5'` and `'QUAD'`. Not in psgd-jax.
+        /// Default null: the rule's own, `'beforeFit'` under `'EQ'` and `'QEP'`,
+        /// `'afterFit'` under the other rules. Not in psgd-jax.
         balance_when: Option<BalanceWhen> = None;
         /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
         /// Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
@@ -410,6 +440,9 @@ struct LeafPlan {
     stored: Vec<Vec<usize>>,
     scanned: bool,
     scale: f64,
+    /// 2 where the factors are those of `P` (PRO4P, QUAD4P; see [`UpdateRule::fits_p`]),
+    /// so an initial scale `s` gives factors `s^(2/k)`; else 1.
+    p_power: f64,
 }
 
 impl LeafPlan {
@@ -426,6 +459,8 @@ impl LeafPlan {
         }
         let (batch, slice) = layout::layers(spec)?;
         let lead: Vec<usize> = if spec.scanned { vec![batch] } else { vec![] };
+        // the factors of P itself (PRO4P, QUAD4P) start at the square of Q's
+        let p_power = if o.update_rule.fits_p() { 2.0 } else { 1.0 };
         if slice.is_empty() {
             return Ok(LeafPlan {
                 batch,
@@ -433,7 +468,8 @@ impl LeafPlan {
                 diag: vec![true],
                 stored: vec![lead],
                 scanned: spec.scanned,
-                scale: o.preconditioner_init_scale.unwrap_or(1.0),
+                scale: o.preconditioner_init_scale.unwrap_or(1.0).powf(p_power),
+                p_power,
             });
         }
         let stored = slice
@@ -457,7 +493,8 @@ impl LeafPlan {
             scale: o
                 .preconditioner_init_scale
                 .unwrap_or(1.0)
-                .powf(1.0 / slice.len() as f64),
+                .powf(p_power / slice.len() as f64),
+            p_power,
         })
     }
 
@@ -509,9 +546,10 @@ impl LeafPlan {
         Ok(zero.where_cond(&a.zeros_like()?, &a)?)
     }
 
-    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`).
+    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`; the square
+    /// of that for the factors of `P` under PRO4P and QUAD4P).
     fn scaled_by(&self, qs: &[Tensor], s: &Tensor, power: f64) -> Result<Vec<Tensor>> {
-        let per_factor = s.powf(power / self.dims.len() as f64)?;
+        let per_factor = s.powf(self.p_power * power / self.dims.len() as f64)?;
         qs.iter()
             .enumerate()
             .map(|(i, q)| {
@@ -765,14 +803,14 @@ fn merge_small_axes(plan: &LeafPlan, ps: &[Tensor]) -> Result<(Vec<usize>, Vec<G
 /// state keeps them and an apply-only step is one product per axis. They are formed at
 /// the first step that does not fit the factors, not at the fit itself: while every step
 /// fits (psgd-jax's default schedule does for the first 500), they would go unused.
-fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, full: bool) -> Result<Vec<Tensor>> {
-    if full {
+fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, rule: UpdateRule) -> Result<Vec<Tensor>> {
+    if rule.inverse_free() {
         let batched = qs
             .iter()
             .enumerate()
             .map(|(i, q)| plan.batched_q(i, q))
             .collect::<Result<Vec<_>>>()?;
-        return whiten::full_grams(&batched, plan, p);
+        return whiten::axis_operators(&batched, plan, rule, p);
     }
     qs.iter()
         .enumerate()
@@ -828,6 +866,35 @@ fn update_factors(
         }
     }
     Ok((new_qs, new_ls))
+}
+
+/// The state file's metadata entry naming the inverse-free rule that wrote it.
+const RULE_META: &str = "update_rule";
+
+/// Refuses a state written under another rule than `rule`: `saved` is the rule the file
+/// names (`None`: EQ, or a state of `'Q0.5EQ1.5'` or `'QUAD'` written before the name
+/// was kept). The factors mean different things under different rules (`Q` or `P`, full
+/// or triangular), so they are not converted.
+fn check_saved_rule(saved: Option<&str>, rule: UpdateRule) -> Result<()> {
+    use crate::options::Choice;
+    let ours = crate::options::choice_name(rule);
+    let same = match saved {
+        Some(name) => {
+            let theirs = UpdateRule::CHOICES.iter().find(|(n, _)| *n == name);
+            theirs.is_some_and(|(_, r)| *r == rule)
+        }
+        None => matches!(rule, UpdateRule::Eq | UpdateRule::Pro | UpdateRule::Quad),
+    };
+    if same {
+        return Ok(());
+    }
+    Err(PsgdError::State(format!(
+        "was written with updateRule {}, this optimizer has updateRule '{ours}'; a state \
+         loads only under the rule that wrote it",
+        saved.map_or("'EQ', 'Q0.5EQ1.5' or 'QUAD'".to_string(), |s| format!(
+            "'{s}'"
+        ))
+    )))
 }
 
 /// Takes the Lipschitz bound `name` from a loaded state: float32, finite and ≥ 0.
@@ -890,7 +957,7 @@ pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
     /// inverse-free rules).
     pub qs: Vec<Vec<Tensor>>,
-    /// Under the inverse-free rules (PRO, QUAD): per leaf and factor the running Lipschitz
+    /// Under the inverse-free rules (every rule but EQ): per leaf and factor the running Lipschitz
     /// bound of the fit, float32 `(B,)` (0 before the first fit). Empty under EQ.
     pub ls: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
@@ -991,7 +1058,7 @@ impl KronPreconditioner {
                     q,
                     plan,
                     self.options.grads_precision(),
-                    self.options.update_rule.inverse_free(),
+                    self.options.update_rule,
                 )
             })
             .collect()
@@ -1047,22 +1114,27 @@ impl KronPreconditioner {
             .collect()
     }
 
-    /// The EQ fit of every leaf's factors: maybe balance, draw probes, damp, step; returns
-    /// the new factors and running bounds (none for psgd-jax's memoryless step).
+    /// The EQ fit of every leaf's factors: maybe balance, draw probes (whitening; the
+    /// Newton form takes the caller's `vectors` with their products `inputs`), damp,
+    /// step; returns the new factors and running bounds (none for psgd-jax's memoryless
+    /// step).
+    #[allow(clippy::too_many_arguments)]
     fn update_preconditioners(
         &self,
         qs: &[Vec<Tensor>],
         ls: &[Vec<Tensor>],
         inputs: &[Tensor],
+        vectors: Option<&[Tensor]>,
         lr: f64,
         count: u64,
         rng: &mut dyn RandomSource,
     ) -> Result<(PerLeaf, PerLeaf)> {
-        // psgd-jax's draws by default: one balance draw, then the probes of every leaf;
-        // the other numerics draw as psgd_torch's EQ (see `whiten::draw`)
+        // psgd-jax's draws by default: one balance draw, then the probes of every leaf
+        // (the caller's vectors in the Newton form); the other numerics draw as
+        // psgd_torch's EQ (see `whiten::draw`)
         let nm = &self.numerics;
         let before = nm.balance_before(count, rng)?;
-        let draws = self.draws(UpdateRule::Eq, inputs, count, rng)?;
+        let draws = self.draws(UpdateRule::Eq, inputs, vectors, count, rng)?;
         let precision = self.options.update_precision();
         let out = stages::map_leaves(&self.leaves, |l| {
             let (plan, q, x, d) = (&self.plans[l], &qs[l], &inputs[l], &draws[l]);
@@ -1080,8 +1152,8 @@ impl KronPreconditioner {
             let mut ins: Vec<&Tensor> = bq.iter().chain(&ls[l]).collect();
             ins.push(&x);
             ins.push(&v);
-            for (spd, _) in d.subspaces.iter().flatten() {
-                ins.extend(spd);
+            for s in d.subspaces.iter().flatten() {
+                ins.extend(&s.spd);
             }
             let new = self.map_batches(plan, &ins, |t| {
                 let mut at = n + m + 2;
@@ -1089,7 +1161,7 @@ impl KronPreconditioner {
                     .subspaces
                     .iter()
                     .map(|s| {
-                        s.as_ref().and_then(|(spd, _)| spd.as_ref()).map(|_| {
+                        s.as_ref().and_then(|s| s.spd.as_ref()).map(|_| {
                             at += 1;
                             t[at - 1].clone()
                         })
@@ -1109,30 +1181,42 @@ impl KronPreconditioner {
                 )?;
                 Ok(q.into_iter().chain(l).collect())
             })?;
-            self.finish_leaf(plan, &new, n, d.balance)
+            let (q, l) = new.split_at(n);
+            self.finish_leaf(plan, q, l, d.balance)
         })?;
         Ok(out.into_iter().unzip())
     }
 
-    /// Every leaf's draws of a fit under `rule`, leaf by leaf (see [`whiten::draw`]).
+    /// Every leaf's draws of a fit under `rule`, leaf by leaf (see [`whiten::draw`]);
+    /// `given` are the noises when the caller has them (EQ's Newton form).
     fn draws(
         &self,
         rule: UpdateRule,
         inputs: &[Tensor],
+        given: Option<&[Tensor]>,
         count: u64,
         rng: &mut dyn RandomSource,
     ) -> Result<Vec<whiten::LeafDraws>> {
+        let given = given
+            .map(|v| {
+                v.iter()
+                    .map(|v| Ok(v.to_dtype(DType::F32)?))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
         self.leaves
             .iter()
             .zip(&self.plans)
             .zip(inputs)
-            .map(|((spec, plan), x)| {
+            .enumerate()
+            .map(|(l, ((spec, plan), x))| {
                 whiten::draw(
                     plan,
                     &spec.shape,
                     rule,
                     &self.numerics,
                     count,
+                    given.as_ref().map(|g| &g[l]),
                     rng,
                     x.device(),
                 )
@@ -1148,16 +1232,15 @@ impl KronPreconditioner {
             .collect()
     }
 
-    /// A leaf's fitted factors `new[..n]` (balanced when `balance`) in their stored shapes
-    /// and dtype, and its bounds `new[n..]`.
+    /// A leaf's fitted factors `q` (balanced when `balance_after`) in their stored shapes
+    /// and dtype, and its bounds `l`.
     fn finish_leaf(
         &self,
         plan: &LeafPlan,
-        new: &[Tensor],
-        n: usize,
+        q: &[Tensor],
+        l: &[Tensor],
         balance_after: bool,
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-        let (q, l) = new.split_at(n);
         let q = if balance_after {
             balance(q, plan)?
         } else {
@@ -1171,66 +1254,148 @@ impl KronPreconditioner {
         Ok((q, l.to_vec()))
     }
 
-    /// The inverse-free fit (PRO, QUAD) of every leaf: the draws leaf by leaf in
-    /// psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; returns the new
-    /// factors and Lipschitz bounds.
+    /// The inverse-free fit of every leaf (every rule but EQ), from the inputs `inputs`
+    /// (gradients, or Hessian-vector products with their probes `probes`): the draws leaf
+    /// by leaf in psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; under
+    /// PRO4P, whose count of draws depends on the data, leaf after leaf with the draws
+    /// taken as the fit goes. Returns the new factors and Lipschitz bounds.
+    #[allow(clippy::too_many_arguments)]
     fn fit_inverse_free(
         &self,
         qs: &[Vec<Tensor>],
         ls: &[Vec<Tensor>],
         inputs: &[Tensor],
+        probes: Option<&[Tensor]>,
         lr: f64,
         count: u64,
         rng: &mut dyn RandomSource,
     ) -> Result<(PerLeaf, PerLeaf)> {
-        let before = self.numerics.balance_before(count, rng)?;
-        let draws = self.draws(self.options.update_rule, inputs, count, rng)?;
+        let rule = self.options.update_rule;
         let fit = whiten::Fit {
-            rule: self.options.update_rule,
+            rule,
             lr,
             numerics: self.numerics,
             precision: self.options.update_precision(),
         };
-        let out = stages::map_leaves(&self.leaves, |l| {
-            let (plan, d) = (&self.plans[l], &draws[l]);
-            let shape = plan.batched_shape();
-            let gn = self
-                .numerics
-                .damp(&inputs[l], &d.nu)?
-                .reshape(shape.as_slice())?;
-            let mut bq = self.batched(plan, &qs[l])?;
-            if before {
-                bq = balance(&bq, plan)?;
-            }
-            let n = bq.len();
-            // every input of the fit, batched along axis 0: factors, bounds, the damped
-            // input, then each dense factor's subspaces
-            let mut ins: Vec<&Tensor> = bq.iter().chain(&ls[l]).collect();
-            ins.push(&gn);
-            for (spd, skh) in d.subspaces.iter().flatten() {
-                ins.extend(spd);
-                ins.extend(skh);
-            }
-            let new = self.map_batches(plan, &ins, |t| {
-                let mut at = 2 * n + 1;
-                let mut next = |drawn: &Option<Tensor>| {
-                    drawn.as_ref().map(|_| {
-                        at += 1;
-                        t[at - 1].clone()
-                    })
+        let before = self.numerics.balance_before(count, rng)?;
+        if rule == UpdateRule::Pro4p {
+            let mut out = Vec::with_capacity(self.leaves.len());
+            for (l, (spec, plan)) in self.leaves.iter().zip(&self.plans).enumerate() {
+                let nu = rng.normal(&spec.shape, inputs[l].device())?;
+                let (q, b) = {
+                    let live = std::sync::Mutex::new(&mut *rng);
+                    self.fit_leaf_inverse_free(
+                        l,
+                        (&qs[l], &ls[l]),
+                        &inputs[l],
+                        probes,
+                        &nu,
+                        before,
+                        &[],
+                        |_| whiten::Draws::Live(&live),
+                        fit,
+                    )?
                 };
-                let subspaces = d
-                    .subspaces
-                    .iter()
-                    .map(|s| s.as_ref().map(|(spd, skh)| (next(spd), next(skh))))
-                    .collect::<Vec<_>>();
-                let (q, l) =
-                    whiten::fit_leaf(&t[..n], &t[n..2 * n], &t[2 * n], &subspaces, plan, fit)?;
-                Ok(q.into_iter().chain(l).collect())
-            })?;
-            self.finish_leaf(plan, &new, n, d.balance)
+                let balanced = self.numerics.balance_after(count, rng)?;
+                out.push(self.finish_leaf(plan, &q, &b, balanced)?);
+            }
+            return Ok(out.into_iter().unzip());
+        }
+        let draws = self.draws(rule, inputs, None, count, rng)?;
+        let out = stages::map_leaves(&self.leaves, |l| {
+            let d = &draws[l];
+            // every dense factor's subspaces, batched along axis 0
+            let mut subs: Vec<&Tensor> = vec![];
+            for s in d.subspaces.iter().flatten() {
+                subs.extend(&s.spd);
+                subs.extend(&s.skh);
+            }
+            let (q, b) = self.fit_leaf_inverse_free(
+                l,
+                (&qs[l], &ls[l]),
+                &inputs[l],
+                probes,
+                &d.nu,
+                before,
+                &subs,
+                |t: &[Tensor]| {
+                    let mut at = 0;
+                    let mut next = |drawn: &Option<Tensor>| {
+                        drawn.as_ref().map(|_| {
+                            at += 1;
+                            t[at - 1].clone()
+                        })
+                    };
+                    let sliced = d
+                        .subspaces
+                        .iter()
+                        .map(|s| {
+                            s.as_ref().map(|s| whiten::Subspaces {
+                                spd: next(&s.spd),
+                                skh: next(&s.skh),
+                            })
+                        })
+                        .collect();
+                    whiten::Draws::Drawn(sliced)
+                },
+                fit,
+            )?;
+            self.finish_leaf(&self.plans[l], &q, &b, d.balance)
         })?;
         Ok(out.into_iter().unzip())
+    }
+
+    /// One leaf's inverse-free fit over its layers (in slices under
+    /// `laxMapScannedLayers`) from its factors and bounds `(qs, ls)`: damps the input `x`
+    /// with the noise `nu`, balances first when `before`, and fits with the draws `draws`
+    /// makes from a slice of the batched subspaces `subs`. Returns the batched factors and
+    /// the bounds.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_leaf_inverse_free<'a>(
+        &self,
+        l: usize,
+        (qs, ls): (&[Tensor], &[Tensor]),
+        x: &Tensor,
+        probes: Option<&[Tensor]>,
+        nu: &Tensor,
+        before: bool,
+        subs: &[&Tensor],
+        draws: impl Fn(&[Tensor]) -> whiten::Draws<'a>,
+        fit: whiten::Fit,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let plan = &self.plans[l];
+        let shape = plan.batched_shape();
+        let gn = self.numerics.damp(x, nu)?.reshape(shape.as_slice())?;
+        let probe = probes
+            .map(|v| Ok::<_, PsgdError>(v[l].to_dtype(DType::F32)?.reshape(shape.as_slice())?))
+            .transpose()?;
+        let mut bq = self.batched(plan, qs)?;
+        if before {
+            bq = balance(&bq, plan)?;
+        }
+        let n = bq.len();
+        // every input of the fit, batched along axis 0: factors, bounds, the damped input,
+        // the probe, then the subspaces
+        let mut ins: Vec<&Tensor> = bq.iter().chain(ls).collect();
+        ins.push(&gn);
+        ins.extend(&probe);
+        let first_sub = ins.len();
+        ins.extend(subs);
+        let new = self.map_batches(plan, &ins, |t| {
+            let probe = probe.as_ref().map(|_| &t[2 * n + 1]);
+            let (q, l) = whiten::fit_leaf(
+                &t[..n],
+                &t[n..2 * n],
+                &t[2 * n],
+                probe,
+                draws(&t[first_sub..]),
+                plan,
+                fit,
+            )?;
+            Ok(q.into_iter().chain(l).collect())
+        })?;
+        let (q, l) = new.split_at(n);
+        Ok((q.to_vec(), l.to_vec()))
     }
 
     /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
@@ -1243,7 +1408,12 @@ impl KronPreconditioner {
             // full factors (the inverse-free rules) are applied through their grams: the
             // products with `Qᵢ` and `Qᵢᵀ` in turn are for triangular ones
             Factors::Qs(qs) if self.options.update_rule.inverse_free() => {
-                let ps = grams(qs, plan, self.options.grads_precision(), true)?;
+                let ps = grams(
+                    qs,
+                    plan,
+                    self.options.grads_precision(),
+                    self.options.update_rule,
+                )?;
                 (ps, Factors::Grams(&[]))
             }
             Factors::Qs(qs) => (
@@ -1272,7 +1442,6 @@ impl KronPreconditioner {
 impl Preconditioner for KronPreconditioner {
     const NAME: &'static str = "kron";
     const WHITENING_VECTOR: bool = false;
-    const HESSIAN: bool = false;
     const FIT_ON_POOL: bool = true;
     type Options = KronOptions;
     type State = KronFactors;
@@ -1383,11 +1552,20 @@ impl Preconditioner for KronPreconditioner {
             vectors: vectors.as_deref(),
             ..*inputs
         };
+        // the Newton form: the caller's probes with their Hessian-vector products
+        let probes = if inputs.hessian {
+            let v = inputs.vectors.ok_or_else(|| {
+                PsgdError::option_type("vector", "is needed with the Hessian-vector products")
+            })?;
+            Some(v)
+        } else {
+            None
+        };
         let (lr, count) = (inputs.precond_lr, inputs.count);
         let (qs, ls) = if self.options.update_rule.inverse_free() {
-            self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, lr, count, rng)?
+            self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?
         } else {
-            self.update_preconditioners(&st.qs, &st.ls, inputs.hvps, lr, count, rng)?
+            self.update_preconditioners(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?
         };
         Ok(KronFactors { qs, ls, ps: None })
     }
@@ -1432,6 +1610,10 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn save(&self, st: &KronFactors, f: &mut StateFile) {
+        let rule = self.options.update_rule;
+        if rule.inverse_free() {
+            f.meta(RULE_META, crate::options::choice_name(rule).to_string());
+        }
         // named per leaf (`Q.<leaf>.<k>`, k counting the factors of the leaf's parts), so
         // a leaf's tensors move with it when a state is regrouped
         for (kind, per_part) in [("Q", &st.qs), ("L", &st.ls)] {
@@ -1445,6 +1627,7 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
+        check_saved_rule(f.meta_str(RULE_META), self.options.update_rule)?;
         let saved = f.meta_str(LAYOUT_META).map(str::to_string);
         if saved.as_deref() != self.layout.tag() {
             return Err(layout::mismatch(saved.as_deref(), self.layout.tag()));
@@ -1568,6 +1751,7 @@ mod tests {
             stored: vec![],
             scanned: true,
             scale: 1.0,
+            p_power: 1.0,
         }
     }
 

@@ -11,7 +11,9 @@ use crate::error::{PsgdError, Result};
 use crate::kernels::fused;
 use crate::kernels::linalg::{norm_lower_bound, norm_lower_bound_sym_sum, symmetric_from_upper};
 use crate::kernels::precision::Precision;
-use crate::kernels::subspace::{norm_lower_bound_skh, norm_lower_bound_spd, procrustes_step};
+use crate::kernels::subspace::{
+    norm_lower_bound_skh, norm_lower_bound_spd, procrustes_step, procrustes_step3,
+};
 use crate::random::RandomSource;
 use candle_core::{DType, Tensor};
 
@@ -92,10 +94,13 @@ pub struct FitNumerics {
 
 impl FitNumerics {
     /// The options' numerics; `null` ones are the rule's own (psgd-jax's under `'EQ'`,
-    /// psgd_torch's under the inverse-free rules). Refuses both `balanceProbability` and
+    /// psgd_torch's under the inverse-free rules, whose QEP balances before every fit with
+    /// no draw). Refuses both `balanceProbability` and
     /// `balanceEvery`.
     pub fn new(o: &KronOptions) -> Result<Self> {
         let eq = !o.update_rule.inverse_free();
+        // QEP's own balance is before every fit, with no draw
+        let qep = o.update_rule == UpdateRule::Qep;
         let balance = match (o.balance_probability, o.balance_every) {
             (Some(_), Some(_)) => {
                 return Err(PsgdError::option_range(
@@ -105,6 +110,7 @@ impl FitNumerics {
                 ))
             }
             (_, Some(n)) => BalanceTrigger::Every(n as u64),
+            (None, None) if qep => BalanceTrigger::Every(1),
             (p, None) => BalanceTrigger::Draw(p.unwrap_or(BALANCE_PROBABILITY)),
         };
         Ok(FitNumerics {
@@ -125,7 +131,7 @@ impl FitNumerics {
             },
             procrustes_max_step: o.procrustes_max_step,
             balance,
-            balance_when: o.balance_when.unwrap_or(if eq {
+            balance_when: o.balance_when.unwrap_or(if eq || qep {
                 BalanceWhen::BeforeFit
             } else {
                 BalanceWhen::AfterFit
@@ -143,10 +149,11 @@ impl FitNumerics {
         self.estimator == NormEstimator::Subspace
     }
 
-    /// Whether the Procrustes step of `rule` takes a random subspace: under PRO, unless
-    /// the estimator is the power iteration (which also normalises the rotation).
+    /// Whether the Procrustes steps of `rule` take a random subspace: under PRO and PRO4P,
+    /// unless the estimator is the power iteration (which also normalises the rotation).
     pub fn draws_rotation(&self, rule: UpdateRule) -> bool {
-        rule == UpdateRule::Pro && self.estimator != NormEstimator::Power
+        matches!(rule, UpdateRule::Pro | UpdateRule::Pro4p)
+            && self.estimator != NormEstimator::Power
     }
 
     fn balances_at(
@@ -235,22 +242,35 @@ impl FitNumerics {
     /// definite, its generator normalised by the subspace bound (from `v`) or the power
     /// iteration, its step capped at `procrustesMaxStep`.
     pub fn procrustes(&self, q: &Tensor, v: Option<&Tensor>, p: Precision) -> Result<Tensor> {
-        let cap = self.procrustes_max_step;
-        match self.estimator {
-            NormEstimator::Power => {
-                procrustes_step(q, |r| power_bound(r, false, POWER_ITERS, p), cap, p)
-            }
+        procrustes_step(q, self.rotation_bound(v, p)?, self.procrustes_max_step, p)
+    }
+
+    /// One third-order Procrustes rotation of the factors `q` `(B, n, n)` (PRO4P's), its
+    /// generator normalised as in [`Self::procrustes`]; its step keeps its own cap of 1/3
+    /// (`procrustesMaxStep` caps the second-order step of `'Q0.5EQ1.5'`).
+    pub fn procrustes3(&self, q: &Tensor, v: Option<&Tensor>, p: Precision) -> Result<Tensor> {
+        procrustes_step3(q, self.rotation_bound(v, p)?, p)
+    }
+
+    /// The normaliser of the Procrustes generator: the power iteration with `'power'`,
+    /// else the subspace bound from `v`.
+    fn rotation_bound<'a>(&self, v: Option<&'a Tensor>, p: Precision) -> Result<Bound<'a>> {
+        Ok(match self.estimator {
+            NormEstimator::Power => Box::new(move |r| power_bound(r, false, POWER_ITERS, p)),
             _ => {
                 let v = subspace(v)?;
-                procrustes_step(q, |r| norm_lower_bound_skh(r, v, p), cap, p)
+                Box::new(move |r| norm_lower_bound_skh(r, v, p))
             }
-        }
+        })
     }
 }
 
 fn subspace(v: Option<&Tensor>) -> Result<&Tensor> {
     v.ok_or_else(|| PsgdError::Draw("no subspace was drawn for a norm bound".into()))
 }
+
+/// A `(B,)` lower bound of the spectral norm of each matrix of a batch.
+type Bound<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
 
 /// The running bound `max(β·L + (1−β)·ℓ, ℓ)`; `l` and `ell` are `(B,)`.
 pub fn running_bound(l: &Tensor, ell: &Tensor, beta: f64) -> Result<Tensor> {
@@ -487,6 +507,20 @@ mod tests {
         assert!(!pro.balance_before(0, &mut r).unwrap());
         assert!(pro.balance_after(0, &mut r).unwrap());
         assert_eq!(r.remaining(), 0);
+        // QEP's own: before every fit, no draw; a probability of one's own replaces it
+        let qep = numerics(|o| o.update_rule = UpdateRule::Qep);
+        let mut r = tape(vec![]);
+        for count in 0..3 {
+            assert!(qep.balance_before(count, &mut r).unwrap());
+            assert!(!qep.balance_after(count, &mut r).unwrap());
+        }
+        let qep_drawn = numerics(|o| {
+            o.update_rule = UpdateRule::Qep;
+            o.balance_probability = Some(0.01);
+        });
+        let mut r = tape(u(0.5));
+        assert!(!qep_drawn.balance_before(0, &mut r).unwrap());
+        assert_eq!(r.remaining(), 0);
         // a probability of one's own, after the fit under EQ
         let half = numerics(|o| {
             o.balance_probability = Some(0.5);
@@ -538,6 +572,7 @@ mod tests {
             stored: vec![vec![3, 3], vec![4]],
             scanned: false,
             scale: 1.0,
+            p_power: 1.0,
         };
         let n = |shape: &[usize]| Draw::Normal {
             shape: shape.to_vec(),
@@ -589,15 +624,45 @@ mod tests {
                 vec![n(&[3, 4]), Draw::Uniform(0.5)],
                 (false, false),
             ),
+            // QEP balances before the fit by default: no balance draw
+            (
+                UpdateRule::Qep,
+                numerics(|o| o.update_rule = UpdateRule::Qep),
+                vec![n(&[3, 4]), n(&[k, 3])],
+                (true, false),
+            ),
         ];
         for (c, (rule, nm, draws, (spd, skh))) in cases.into_iter().enumerate() {
             let mut r = ReplayRandom::new("leaf", draws);
-            let d = whiten::draw(&plan, &[3, 4], rule, &nm, 0, &mut r, &Device::Cpu).unwrap();
+            let d = whiten::draw(&plan, &[3, 4], rule, &nm, 0, None, &mut r, &Device::Cpu).unwrap();
             assert_eq!(r.remaining(), 0, "case {c}");
-            let (a, b) = d.subspaces[0].as_ref().unwrap();
-            assert_eq!((a.is_some(), b.is_some()), (spd, skh), "case {c}");
+            let s = d.subspaces[0].as_ref().unwrap();
+            assert_eq!((s.spd.is_some(), s.skh.is_some()), (spd, skh), "case {c}");
             assert!(d.subspaces[1].is_none() && !d.balance);
         }
+        // PRO4P draws its subspaces as the fit goes: here only the noise; the Procrustes
+        // steps take subspaces unless the estimator is the power iteration
+        let pro4p = numerics(|o| o.update_rule = UpdateRule::Pro4p);
+        let mut r = ReplayRandom::new("leaf", vec![n(&[3, 4])]);
+        let d = whiten::draw(
+            &plan,
+            &[3, 4],
+            UpdateRule::Pro4p,
+            &pro4p,
+            0,
+            None,
+            &mut r,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(r.remaining(), 0);
+        assert!(d.subspaces.iter().all(Option::is_none) && !d.balance);
+        assert!(pro4p.draws_subspace() && pro4p.draws_rotation(UpdateRule::Pro4p));
+        let power = numerics(|o| {
+            o.update_rule = UpdateRule::Pro4p;
+            o.norm_estimator = Some(NormEstimator::Power);
+        });
+        assert!(!power.draws_subspace() && !power.draws_rotation(UpdateRule::Pro4p));
     }
 
     /// A state with running bounds is refused by an optimizer that keeps none, and the
