@@ -403,6 +403,38 @@ test('updateRule: an unknown rule is a TypeError naming the option and the valid
   t.throws(() => kron({ updateRule: 'QUAD', lipschitzBeta: 1 }).init(params), { instanceOf: RangeError, message: /lipschitzBeta/ })
 })
 
+test("the fit's numerics: psgd_torch's EQ and heavyball's PRO train, a state with bounds refuses an optimizer without; bad values are typed errors naming the option", (t) => {
+  const params = { data: new Float32Array(12), shape: [3, 4] }
+  const grad = { data: Float32Array.from({ length: 12 }, (_, i) => Math.sin(i + 1)), shape: [3, 4] }
+  const torchEq = { updateRule: 'EQ', lipschitzBeta: 0.9, normEstimator: 'subspace', damping: 1e-9, balanceWhen: 'afterFit' } as const
+  const heavyballPro = { updateRule: 'PRO', normEstimator: 'power', procrustesMaxStep: 0.5, balanceEvery: 1, balanceWhen: 'beforeFit' } as const
+  for (const numerics of [torchEq, heavyballPro]) {
+    const opt = kron({ learningRate: 0.01, b1: 0, preconditionerUpdateProbability: 1, ...numerics })
+    let state = opt.init(params)
+    for (let i = 0; i < 5; i++) {
+      let u
+      ;[u, state] = opt.update(grad, state)
+      t.true(((u as ArrayLeaf).data as Float32Array).every(Number.isFinite), numerics.updateRule)
+    }
+  }
+  const withBounds = new Kron(params, { ...torchEq, preconditionerUpdateProbability: 1 })
+  withBounds.step(grad)
+  const bytes = withBounds.stateDict()
+  t.throws(() => new Kron(params, { updateRule: 'EQ' }).loadStateDict(bytes), { instanceOf: RangeError, message: /L\.0\.0/ })
+  const bad: [object, typeof TypeError | typeof RangeError, RegExp][] = [
+    [{ normEstimator: 'exact' }, TypeError, /normEstimator/],
+    [{ balanceWhen: 'always' }, TypeError, /balanceWhen/],
+    [{ procrustesMaxStep: 0 }, RangeError, /procrustesMaxStep/],
+    [{ balanceEvery: 0 }, RangeError, /balanceEvery/],
+    [{ balanceProbability: 2 }, RangeError, /balanceProbability/],
+    [{ damping: -1 }, RangeError, /damping/],
+    [{ balanceEvery: 2, balanceProbability: 0.5 }, RangeError, /balanceEvery.*balanceProbability/],
+  ]
+  for (const [options, instanceOf, message] of bad) {
+    t.throws(() => kron(options as never).init(params), { instanceOf, message }, JSON.stringify(options))
+  }
+})
+
 test("updateDecision: 'draw' fits on a random subset of steps, 'counter' on every 1/p-th; a bad value is a TypeError", (t) => {
   // with b1 0 and a fixed gradient, a step's update changes from the last one exactly when
   // the preconditioner was fitted

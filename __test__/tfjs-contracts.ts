@@ -77,6 +77,9 @@ const everyKind: Record<string, object[]> = {
     // merging and blocks; 'twoD' holds a capital that the rewriting must leave alone
     { mergeDims: 'twoD', blockSize: 3, updateRule: 'PRO' },
     { mergeDims: 'small', targetMergedDimSize: 16, blockSize: null },
+    // the fit's numerics: psgd_torch's EQ, heavyball's PRO
+    { updateRule: 'EQ', lipschitzBeta: 0.9, normEstimator: 'subspace', damping: 1e-9, balanceWhen: 'afterFit', balanceProbability: 0.5 },
+    { updateRule: 'PRO', normEstimator: 'power', procrustesMaxStep: 0.5, balanceEvery: 1, balanceWhen: 'beforeFit', damping: null },
   ],
   XMatOptimizer: [
     {

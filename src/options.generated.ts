@@ -224,18 +224,73 @@ export interface KronNativeOptions {
    * `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
    * `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
    * (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
-   * (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-   * With Hessian-vector products each rule fits in its Newton form. Not in
-   * psgd-jax.
+   * (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits
+   * (QEP: before every fit; see "The fit's numerics" in the docs for the options
+   * that change these). With Hessian-vector products each rule fits in its Newton
+   * form. Not in psgd-jax.
    */
   updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'
   /**
-   * Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
-   * `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
-   * latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
+   * Smoothing `β` of the running Lipschitz bound that normalises the fit's step,
+   * `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest norm estimate and the step
+   * `preconditionerLr / L`, in [0, 1) (0: the latest estimate alone). Default null:
+   * the rule's own, 0.9 (psgd_torch's `betaL`) under every rule but `'EQ'`, none
+   * under `'EQ'` (psgd-jax's memoryless step `preconditionerLr / (ℓ + tiny)`). A
+   * number under `'EQ'` keeps the bound in the state, as psgd_torch's `EQ` does.
    * Not in psgd-jax.
    */
-  lipschitzBeta?: number
+  lipschitzBeta?: number | null
+  /**
+   * How the fit bounds the spectral norm of a dense factor's terms. `'rowNorm'`:
+   * psgd-jax's deterministic bound (the row of largest norm and one product with
+   * it). `'subspace'`: psgd_torch's random subspace iteration (32 standard normal
+   * rows per dense factor and fit, drawn after the fit's noise, two
+   * half-iterations). `'power'`: heavyball's deterministic power iteration from the
+   * row of largest norm (two iterations), which under `'Q0.5EQ1.5'` and `'PRO4P'`
+   * also normalises the Procrustes rotations in place of their random subspaces (in
+   * float32; heavyball rounds that one to bfloat16 stochastically). Default null: the
+   * rule's own, `'rowNorm'` under `'EQ'`, `'subspace'` under every other rule. Not in
+   * psgd-jax.
+   */
+  normEstimator?: 'rowNorm' | 'subspace' | 'power' | null
+  /**
+   * How the fit's input is damped by its random draw `ν`. Null (default under
+   * `'EQ'`): psgd-jax's `g + sqrt(eps)·mean(|g|)·ν`. A number `δ ≥ 0`: psgd_torch's
+   * `g + (δ + eps·|g|)·ν` (eps the float32 machine epsilon); the inverse-free rules
+   * always damp this way, with `δ = 1e-9` when null. Under `'EQ'` `ν` is also the
+   * fit's probe, as in both references. Not in psgd-jax.
+   */
+  damping?: number | null
+  /**
+   * Largest step `a` of `'Q0.5EQ1.5'`'s Procrustes rotation `exp(aR)`, in (0, 1].
+   * Default 1/8 (psgd_torch's); heavyball's is 0.5. `'PRO4P'`'s third-order
+   * rotations keep psgd_torch's cap of 1/3. Not in psgd-jax.
+   */
+  procrustesMaxStep?: number
+  /**
+   * Probability in [0, 1] that a fit balances each leaf's factors (rescales them to
+   * the same largest entry; the preconditioner is unchanged up to round-off), by a
+   * uniform draw per fit. Default null: 0.01 (psgd-jax's and psgd_torch's), unless
+   * `balanceEvery` is set; under `'QEP'` null with `balanceEvery` null is the rule's
+   * own balance before every fit, with no draw. Not in psgd-jax.
+   */
+  balanceProbability?: number | null
+  /**
+   * Balance deterministically, with no draw, at the fits of the steps whose 1-based
+   * count is a multiple of this (≥ 1): 1 is heavyball's (every fit), 100
+   * distributed-kron's. Cannot be set with `balanceProbability`. Default null (a
+   * random decision; `'QEP'`'s own is every fit). Not in psgd-jax.
+   */
+  balanceEvery?: number | null
+  /**
+   * When the factors are balanced. `'beforeFit'`: before the fit, the random
+   * decision one uniform draw before every other draw of the fit (psgd-jax,
+   * heavyball, distributed-kron). `'afterFit'`: after each leaf's fit, the random
+   * decision one uniform draw per leaf after the leaf's other draws (psgd_torch).
+   * Default null: the rule's own, `'beforeFit'` under `'EQ'` and `'QEP'`,
+   * `'afterFit'` under the other rules. Not in psgd-jax.
+   */
+  balanceWhen?: 'beforeFit' | 'afterFit' | null
   /**
    * Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
    * Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
@@ -369,6 +424,12 @@ export const VARIANTS = {
       preconditionerLr: 'value',
       updateRule: 'value',
       lipschitzBeta: 'value',
+      normEstimator: 'value',
+      damping: 'value',
+      procrustesMaxStep: 'value',
+      balanceProbability: 'value',
+      balanceEvery: 'value',
+      balanceWhen: 'value',
       preconditionerInitScale: 'value',
       initScaleScope: 'value',
       initScalePower: 'value',

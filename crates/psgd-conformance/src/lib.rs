@@ -185,11 +185,9 @@ pub fn psgd_torch_options(
     {
         "Q0.5EQ1.5" | "Q0p5EQ1p5" => "Q0.5EQ1.5",
         rule @ ("QUAD" | "QEQ" | "QEP" | "PRO4P" | "QUAD4P") => rule,
-        other => {
-            return refuse(format!(
-                "dQ '{other}' has no counterpart here (updateRule 'EQ' is psgd-jax's rule)"
-            ))
-        }
+        // psgd_torch's EQ: psgd-jax's rule with its own numerics (set below)
+        "EQ" => "EQ",
+        other => return refuse(format!("dQ '{other}' has no counterpart here")),
     };
     // psgd_torch keeps no momentum outside (0, 1); whiten_grad false whitens it
     let momentum = num("momentum", 0.0)?;
@@ -205,10 +203,8 @@ pub fn psgd_torch_options(
         );
     }
     let damping = num("damping", 1e-9)?;
-    if damping != 1e-9 {
-        return refuse(format!(
-            "damping {damping}: the inverse-free rules here damp with 1e-9 + eps·|g|"
-        ));
+    if !(damping.is_finite() && damping >= 0.0) {
+        return refuse(format!("damping {damping} is not a finite number >= 0"));
     }
     // the update clip: (max RMS, max element), psgd_torch's default (2, 10)
     let (clip_rms, clip_element) = match options.get("grad_clip_max_amps") {
@@ -238,15 +234,22 @@ pub fn psgd_torch_options(
             .clamp(0.0, largest as f64) as usize,
     };
     let skew = num("preconditioner_max_skew", 1.0)?;
+    // psgd_torch squeezes size-1 axes away; `mergeDims: 'twoD'` does the same to a leaf
+    // that squeezes to at most 2 axes, and keeps a leaf of at most 2 axes without them
+    let squeezed =
+        |l: &LeafSpec| -> Vec<usize> { l.shape.iter().copied().filter(|&d| d != 1).collect() };
+    let squeeze = leaves.iter().any(|l| l.shape.contains(&1));
     for l in leaves {
-        if l.shape.contains(&1) {
+        let shape = squeezed(l);
+        if squeeze && (shape.len() > 2 || l.shape.len() > 2 && !l.shape.contains(&1)) {
             return refuse(format!(
-                "leaf '{}' has shape {:?}: psgd_torch squeezes its size-1 axes",
+                "leaf '{}' has shape {:?}: psgd_torch squeezes its size-1 axes, which \
+                 mergeDims 'twoD' matches only for leaves of at most 2 axes once squeezed",
                 l.path, l.shape
             ));
         }
-        let numel = l.shape.iter().product::<usize>() as f64;
-        for (axis, &d) in l.shape.iter().enumerate() {
+        let numel = shape.iter().product::<usize>() as f64;
+        for (axis, &d) in shape.iter().enumerate() {
             let skewed = (d as f64) * (d as f64) > skew * numel;
             let theirs = d <= 1 || d > max_size || skewed;
             // the mapped options: maxSkew, maxSizeTriangular, minNdimTriangular 1
@@ -276,6 +279,12 @@ pub fn psgd_torch_options(
         json!(num("lr_preconditioner", 0.1)?),
     );
     out.insert("lipschitzBeta".into(), json!(num("betaL", 0.9)?));
+    out.insert("damping".into(), json!(damping));
+    if rule == "EQ" {
+        // psgd_torch's numerics, which are the inverse-free rules' own
+        out.insert("normEstimator".into(), json!("subspace"));
+        out.insert("balanceWhen".into(), json!("afterFit"));
+    }
     out.insert("b1".into(), json!(momentum));
     out.insert("momentumWarmup".into(), json!("psgdTorch"));
     out.insert("momentumIntoPrecondUpdate".into(), json!(whiten_momentum));
@@ -295,6 +304,9 @@ pub fn psgd_torch_options(
         json!(num("preconditioner_update_probability", 1.0)?),
     );
     out.insert("updateDecision".into(), json!("draw"));
+    if squeeze {
+        out.insert("mergeDims".into(), json!("twoD"));
+    }
     Ok(out)
 }
 

@@ -54,15 +54,16 @@ fn affine_fixtures_match_psgd_jax() {
 }
 
 /// psgd_torch's `KronWhiten` and `KronNewton` (`psgd.py` at a8616f1; `Q0.5EQ1.5`, `QUAD`,
-/// `QEQ`, `QEP`, `PRO4P`, `QUAD4P`), their recorded runs replayed (the Newton cases feed
-/// the recorded probes and Hessian-vector products): every case within 1e-5 of the
-/// update's RMS (float32 round-off; the checker's tolerance is 1e-3), the Newton form of
-/// every rule among them, and the `torch_step_*` runs of the step options (momentum, the
-/// fit last, the update clip acting) under PRO and QUAD.
+/// `QEQ`, `QEP`, `PRO4P`, `QUAD4P`, and `EQ` through the fit's numerics), their recorded
+/// runs replayed (the Newton cases feed the recorded probes and Hessian-vector products):
+/// every case within 1e-5 of the update's RMS (float32 round-off; the checker's tolerance
+/// is 1e-3), the Newton form of every inverse-free rule among them, and the `torch_step_*`
+/// runs of the step options (momentum, the fit last, the update clip acting) under PRO and
+/// QUAD.
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
-    let rules = ["pro", "pro4p", "qep", "qeq", "quad", "quad4p"];
-    let results = check_rules("kron-torch", 36, &rules);
+    let rules = ["eq", "pro", "pro4p", "qep", "qeq", "quad", "quad4p"];
+    let results = check_rules("kron-torch", 46, &rules);
     let newton: std::collections::BTreeSet<&str> = results
         .iter()
         .filter(|r| r.name.contains("_newton_"))
@@ -70,9 +71,14 @@ fn kron_torch_fixtures_match_psgd_torch() {
         .collect();
     assert_eq!(
         newton.into_iter().collect::<Vec<_>>(),
-        rules,
+        rules[1..],
         "Newton cases"
     );
+    let eq = results
+        .iter()
+        .filter(|r| r.name.starts_with("torch_eq_"))
+        .count();
+    assert!(eq >= 10, "only {eq} torch_eq_* cases");
     let step_rules: std::collections::BTreeSet<&str> = results
         .iter()
         .filter_map(|r| r.name.strip_prefix("torch_step_"))
@@ -195,15 +201,41 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
     assert_eq!(grad["momentumIntoPrecondUpdate"], json!(false));
     assert_eq!(grad["b1"], json!(0.5));
 
+    // psgd_torch's EQ: the EQ rule with psgd_torch's numerics; its damping is mapped
+    let eq = map(
+        json!({"dQ": "EQ", "damping": 1e-6, "betaL": 0.8, "preconditioner_init_scale": 1.0}),
+        &leaves,
+    )
+    .unwrap();
+    for (k, v) in [
+        ("updateRule", json!("EQ")),
+        ("lipschitzBeta", json!(0.8)),
+        ("damping", json!(1e-6)),
+        ("normEstimator", json!("subspace")),
+        ("balanceWhen", json!("afterFit")),
+    ] {
+        assert_eq!(eq.get(k), Some(&v), "{k}");
+    }
+    assert_eq!(ok["damping"], json!(1e-9));
+    // size-1 axes: psgd_torch squeezes them, mergeDims 'twoD' does the same here
+    let squeezed = map(
+        json!({"preconditioner_init_scale": 1.0}),
+        &[LeafSpec::new("w", &[1, 4, 1]), LeafSpec::new("m", &[4, 3])],
+    )
+    .unwrap();
+    assert_eq!(squeezed["mergeDims"], json!("twoD"));
+    assert_eq!(ok.get("mergeDims"), None);
+    assert_eq!(ok.get("normEstimator"), None);
+
     let scaled = json!({"preconditioner_init_scale": 1.0});
     for (options, leaves, expect) in [
-        (json!({"dQ": "EQ"}), &leaves[..], "dQ 'EQ'"),
+        (json!({"dQ": "Q1EQ1"}), &leaves[..], "dQ 'Q1EQ1'"),
         (
             json!({"whiten_grad": false}),
             &leaves[..],
             "whiten_grad false needs a momentum",
         ),
-        (json!({"damping": 1e-6}), &leaves[..], "damping"),
+        (json!({"damping": -1.0}), &leaves[..], "damping -1"),
         (
             json!({"lr": 0.1}),
             &leaves[..],
@@ -216,7 +248,7 @@ fn psgd_torch_options_map_or_are_refused_by_name() {
         ),
         (
             scaled.clone(),
-            &[LeafSpec::new("w", &[1, 4])][..],
+            &[LeafSpec::new("w", &[1, 2, 3, 4])][..],
             "squeezes its size-1 axes",
         ),
     ] {

@@ -205,7 +205,10 @@ pub fn presets_typescript() -> String {
         for line in wrap(p.doc, 88) {
             out.push_str(&format!("   * {line}\n"));
         }
-        out.push_str(&format!("   */\n  readonly {}: Readonly<KronOptions>\n", p.name));
+        out.push_str(&format!(
+            "   */\n  readonly {}: Readonly<KronOptions>\n",
+            p.name
+        ));
     }
     out.push_str("}\n\n/** See {@link KronPresets}. */\nexport const kronPresets: KronPresets = Object.freeze({\n");
     for p in &presets {
@@ -235,7 +238,11 @@ pub fn presets_reference() -> String {
         "<!-- generated from Kron's presets by `cargo test -p psgd generated_presets`; do not edit between these markers -->\n",
     );
     for p in &presets {
-        out.push_str(&format!("\n### `kronPresets.{}`\n\n{}\n", p.name, cell(p.doc)));
+        out.push_str(&format!(
+            "\n### `kronPresets.{}`\n\n{}\n",
+            p.name,
+            cell(p.doc)
+        ));
         let changed: Vec<String> = p
             .options
             .iter()
@@ -252,7 +259,10 @@ pub fn presets_reference() -> String {
             })
             .collect();
         if !changed.is_empty() {
-            out.push_str(&format!("\nSets, beyond the defaults: {}.\n", changed.join(", ")));
+            out.push_str(&format!(
+                "\nSets, beyond the defaults: {}.\n",
+                changed.join(", ")
+            ));
         }
         if !p.differs.is_empty() {
             out.push_str("\nStill different:\n\n");

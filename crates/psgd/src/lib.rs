@@ -39,7 +39,8 @@ pub use error::{ErrorKind, PsgdError, Result};
 pub use kernels::fused::{Clip, Warmup as MomentumWarmup};
 pub use kernels::precision::Precision;
 pub use kron::{
-    kron_presets, InitScaleScope, Kron, KronOptions, KronPreset, KronState, KronUpdateDecision, MemorySaveMode, UpdateRule,
+    kron_presets, BalanceWhen, InitScaleScope, Kron, KronOptions, KronPreset, KronState,
+    KronUpdateDecision, MemorySaveMode, NormEstimator, UpdateRule,
 };
 pub use lra::{Lra, LraOptions, LraState};
 pub use optimizer::PsgdOptimizer;

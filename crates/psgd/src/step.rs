@@ -157,6 +157,8 @@ pub struct FitInputs<'a> {
     pub hessian: bool,
     /// Whether this is the first step (the initial scale is applied first).
     pub first: bool,
+    /// The step's 0-based count (0 on the first step).
+    pub count: u64,
     /// The fit's step size this step.
     pub precond_lr: f64,
     /// See [`StepOptions::init_scale`].
@@ -621,6 +623,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             hvps: &hvps,
             hessian: curvature.is_some(),
             first: state.count == 0,
+            count: state.count,
             precond_lr,
             init_scale: o.init_scale,
             normalizer: o.normalizer,

@@ -3,21 +3,15 @@
 //! whitening a gradient of known covariance, fitting a known Hessian (the Newton form),
 //! state bytes, every leaf kind, scanned layers, training.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use psgd::{
     Curvature, Kron, KronOptions, LeafSpec, RandomSource, Schedule, SeededRandom, Transform,
     UpdateRule,
 };
 
-const RULES: [UpdateRule; 7] = [
-    UpdateRule::Eq,
-    UpdateRule::Pro,
-    UpdateRule::Quad,
-    UpdateRule::Qeq,
-    UpdateRule::Qep,
-    UpdateRule::Pro4p,
-    UpdateRule::Quad4p,
-];
+use common::RULES;
 
 /// A factor's contribution to `P`: `QᵀQ`, or the factor itself under the 4P rules
 /// (float64).
@@ -155,41 +149,15 @@ fn step_form(
     if !newton {
         return kron.update(grads, state, Some(params));
     }
-    let dev = Device::Cpu;
-    let vector: Vec<Tensor> = params
-        .iter()
-        .map(|p| {
-            SeededRandom::for_step(k, 17)
-                .normal(p.dims(), &dev)
-                .unwrap()
-        })
-        .collect();
-    let hvp = vector
-        .iter()
-        .map(|v| {
-            let n = v.elem_count();
-            let h = Tensor::arange(0f32, n as f32, &dev).unwrap();
-            let h = ((h * 0.1).unwrap() + 0.5)
-                .unwrap()
-                .reshape(v.dims())
-                .unwrap();
-            (v * h).unwrap()
-        })
-        .collect();
-    let c = Curvature {
-        hvp,
-        vector,
-        update_preconditioner: true,
-    };
-    let mut rng = SeededRandom::for_step(99, k);
-    kron.update_with(
-        grads,
-        state,
-        Some(params),
-        kron.hyper(state),
-        Some(&c),
-        &mut rng,
-    )
+    common::newton_step(kron, grads, state, params, k, |v| {
+        let n = v.elem_count();
+        let h = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        let h = ((h * 0.1).unwrap() + 0.5)
+            .unwrap()
+            .reshape(v.dims())
+            .unwrap();
+        (v * h).unwrap()
+    })
 }
 
 /// A scanned 2-D leaf (3 layers), a 3-D leaf with one diagonal axis, a 1-D leaf and a
@@ -503,7 +471,12 @@ fn update_rule_names_and_lipschitz_beta_are_checked() {
     let read = |v: serde_json::Value| {
         KronOptions::from_json(v.as_object().unwrap()).map(|o| (o.update_rule, o.lipschitz_beta))
     };
-    assert_eq!(read(serde_json::json!({})).unwrap(), (UpdateRule::Eq, 0.9));
+    // null: the rule's own (0.9 under the inverse-free rules, none under EQ)
+    assert_eq!(read(serde_json::json!({})).unwrap(), (UpdateRule::Eq, None));
+    assert_eq!(
+        read(serde_json::json!({ "lipschitzBeta": 0.9 })).unwrap().1,
+        Some(0.9)
+    );
     for (name, rule) in [
         ("EQ", UpdateRule::Eq),
         ("Q0.5EQ1.5", UpdateRule::Pro),

@@ -164,14 +164,19 @@ pub fn norm_lower_bound_sym_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         None => {
             let s = (a + b)?;
             let s = if s.rank() == 2 { s.unsqueeze(0)? } else { s };
-            let n = s.dim(2)?;
-            let up = s.broadcast_mul(&Tensor::triu2(n, DType::F32, s.device())?)?;
-            let strict = (Tensor::triu2(n, DType::F32, s.device())?
-                - Tensor::eye(n, DType::F32, s.device())?)?;
-            let full = (&up + s.broadcast_mul(&strict)?.transpose(1, 2)?)?;
-            norm_lower_bound(&full)
+            norm_lower_bound(&symmetric_from_upper(&s)?)
         }
     }
+}
+
+/// The symmetric matrices `(B, n, n)` whose upper triangles are those of `s` (its strict
+/// lower triangles are not read).
+pub fn symmetric_from_upper(s: &Tensor) -> Result<Tensor> {
+    let n = s.dim(2)?;
+    let up = s.broadcast_mul(&Tensor::triu2(n, DType::F32, s.device())?)?;
+    let strict =
+        (Tensor::triu2(n, DType::F32, s.device())? - Tensor::eye(n, DType::F32, s.device())?)?;
+    Ok((&up + s.broadcast_mul(&strict)?.transpose(1, 2)?)?)
 }
 
 /// The bound of one symmetric matrix `U + W`, given by the upper triangles of `u` and `w`.

@@ -17,6 +17,7 @@ pub const SUBSPACE_DIM: usize = 32;
 const HALF_ITERS: usize = 2;
 
 /// The largest step of [`procrustes_step2`]'s rotation (psgd_torch's `max_step_size`).
+#[cfg(test)]
 const PROCRUSTES_MAX_STEP: f64 = 1.0 / 8.0;
 
 /// The diagonal of each matrix of a batch `(B, n, n)`, as `(B, n)`.
@@ -75,12 +76,16 @@ pub fn norm_lower_bound_skh(a: &Tensor, v: &Tensor, p: Precision) -> Result<Tens
     subspace_bound(a, &max_abs_per_batch(a)?, v, p)
 }
 
-/// The generator of the Procrustes rotations, `R = Qᵀ − Q` divided by its
-/// [`norm_lower_bound_skh`] (from the draws `v` `(B, k, n)`) plus the smallest normal.
-fn procrustes_generator(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+/// The generator of the Procrustes rotations, `R = Qᵀ − Q` divided by `bound(R)` (a `(B,)`
+/// lower bound of its spectral norm, e.g. [`norm_lower_bound_skh`]) plus the smallest
+/// normal.
+fn procrustes_generator(
+    q: &Tensor,
+    bound: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let b = q.dim(0)?;
     let r = (q.transpose(1, 2)? - q)?;
-    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
+    let norm = (bound(&r)? + TINY_F32)?;
     Ok(r.broadcast_div(&norm.reshape((b, 1, 1))?)?)
 }
 
@@ -90,13 +95,27 @@ fn procrustes_generator(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> 
 /// `v` `(B, k, n)`), and `a` from a line search on `tr(RQ)`, `tr(R²Q)` capped at 1/8.
 /// It moves `Q` toward symmetric positive definite without changing `QᵀQ` beyond the
 /// truncation; a symmetric `Q` is left as it is.
+#[cfg(test)]
 pub fn procrustes_step2(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+    procrustes_step(q, |r| norm_lower_bound_skh(r, v, p), PROCRUSTES_MAX_STEP, p)
+}
+
+/// One step of psgd_torch's online orthogonal Procrustes solver (as `procrustes_step2`,
+/// its form with psgd_torch's normaliser and cap), with the generator's normaliser
+/// `bound(R)` (a `(B,)` lower bound of its spectral norm) and the cap `max_step` of `a`
+/// given.
+pub fn procrustes_step(
+    q: &Tensor,
+    bound: impl FnOnce(&Tensor) -> Result<Tensor>,
+    max_step: f64,
+    p: Precision,
+) -> Result<Tensor> {
     let b = q.dim(0)?;
-    let r = procrustes_generator(q, v, p)?;
+    let r = procrustes_generator(q, bound)?;
     let rq = p.matmul(&r, q)?;
     let rrq = p.matmul(&r, &rq)?;
     let (c1, c2) = (trace(&rq)?, trace(&rrq)?);
-    let cap = (c2.ones_like()? * PROCRUSTES_MAX_STEP)?;
+    let cap = (c2.ones_like()? * max_step)?;
     let negative = c2.lt(0.0)?;
     // where c2 ≥ 0 the ratio is not used (and may be ±∞ or NaN)
     let safe_c2 = negative.where_cond(&c2, &c2.ones_like()?.neg()?)?;
@@ -111,13 +130,17 @@ const PROCRUSTES3_MAX_STEP: f64 = 1.0 / 3.0;
 
 /// One step of psgd_torch's third-order online Procrustes solver on each matrix of the
 /// batch `q` `(B, n, n)`: the rotation `I + aR + (aR)²/2 + (aR)³/8` with the generator
-/// `R = Qᵀ − Q` normalised by [`norm_lower_bound_skh`] (from the draws `v` `(B, k, n)`)
-/// and `a` the larger root of `tr(RQ) + a·tr(R²Q) + (3/8)a²·tr(R³Q) = 0`, capped at 1/3.
-/// A matrix with `tr(RQ) ≤ 0` or `tr(R³Q) ≥ 0` (symmetric up to round-off) is left as it
-/// is.
-pub fn procrustes_step3(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+/// `R = Qᵀ − Q` normalised by `bound(R)` (a `(B,)` lower bound of its spectral norm;
+/// psgd_torch's is [`norm_lower_bound_skh`] from the draws `(B, k, n)`) and `a` the larger
+/// root of `tr(RQ) + a·tr(R²Q) + (3/8)a²·tr(R³Q) = 0`, capped at 1/3. A matrix with
+/// `tr(RQ) ≤ 0` or `tr(R³Q) ≥ 0` (symmetric up to round-off) is left as it is.
+pub fn procrustes_step3(
+    q: &Tensor,
+    bound: impl FnOnce(&Tensor) -> Result<Tensor>,
+    p: Precision,
+) -> Result<Tensor> {
     let b = q.dim(0)?;
-    let r = procrustes_generator(q, v, p)?;
+    let r = procrustes_generator(q, bound)?;
     let rq = p.matmul(&r, q)?;
     let rrq = p.matmul(&r, &rq)?;
     let rrrq = p.matmul(&r, &rrq)?;

@@ -227,6 +227,7 @@ mod tests {
             hvps: &[],
             hessian,
             first: true,
+            count: 0,
             precond_lr: 0.1,
             init_scale: None,
             normalizer: StepNormalizer::Second,

@@ -4,10 +4,9 @@
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
-use crate::kernels::fused::{self, Clip, Warmup};
+use crate::kernels::fused::{Clip, Warmup};
 use crate::kernels::linalg::{
-    factor_gram, max_abs_per_batch, norm_lower_bound_sym_sum, solve_triangular_right,
-    triu_difference, TINY_F32,
+    factor_gram, max_abs_per_batch, solve_triangular_right, triu_difference,
 };
 pub use crate::kernels::precision::Precision;
 use crate::kernels::triangular::{matmul_tri, saves_work, Tri};
@@ -141,8 +140,10 @@ impl crate::options::Choice for InitScaleScope {
 crate::options::choice_option!(InitScaleScope, "'leaf' | 'global'");
 
 mod layout;
+mod numerics;
 mod presets;
 mod whiten;
+pub use numerics::{BalanceWhen, NormEstimator};
 
 pub use layout::MergeDims;
 pub use presets::{kron_presets, KronPreset};
@@ -257,15 +258,69 @@ crate::declare_options! {
         /// `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
         /// `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
         /// (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
-        /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-        /// With Hessian-vector products each rule fits in its Newton form. Not in
-        /// psgd-jax.
+        /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits
+        /// (QEP: before every fit; see "The fit's numerics" in the docs for the options
+        /// that change these). With Hessian-vector products each rule fits in its Newton
+        /// form. Not in psgd-jax.
         update_rule: UpdateRule = UpdateRule::Eq;
-        /// Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
-        /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
-        /// latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
+        /// Smoothing `β` of the running Lipschitz bound that normalises the fit's step,
+        /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest norm estimate and the step
+        /// `preconditionerLr / L`, in [0, 1) (0: the latest estimate alone). Default null:
+        /// the rule's own, 0.9 (psgd_torch's `betaL`) under every rule but `'EQ'`, none
+        /// under `'EQ'` (psgd-jax's memoryless step `preconditionerLr / (ℓ + tiny)`). A
+        /// number under `'EQ'` keeps the bound in the state, as psgd_torch's `EQ` does.
         /// Not in psgd-jax.
-        lipschitz_beta: f64 = 0.9, check check::momentum;
+        lipschitz_beta: Option<f64> = None,
+            check |v: &Option<f64>| v.as_ref().map_or(Ok(()), check::momentum);
+        /// How the fit bounds the spectral norm of a dense factor's terms. `'rowNorm'`:
+        /// psgd-jax's deterministic bound (the row of largest norm and one product with
+        /// it). `'subspace'`: psgd_torch's random subspace iteration (32 standard normal
+        /// rows per dense factor and fit, drawn after the fit's noise, two
+        /// half-iterations). `'power'`: heavyball's deterministic power iteration from the
+        /// row of largest norm (two iterations), which under `'Q0.5EQ1.5'` and `'PRO4P'`
+        /// also normalises the Procrustes rotations in place of their random subspaces (in
+        /// float32; heavyball rounds that one to bfloat16 stochastically). Default null: the
+        /// rule's own, `'rowNorm'` under `'EQ'`, `'subspace'` under every other rule. Not in
+        /// psgd-jax.
+        norm_estimator: Option<NormEstimator> = None;
+        /// How the fit's input is damped by its random draw `ν`. Null (default under
+        /// `'EQ'`): psgd-jax's `g + sqrt(eps)·mean(|g|)·ν`. A number `δ ≥ 0`: psgd_torch's
+        /// `g + (δ + eps·|g|)·ν` (eps the float32 machine epsilon); the inverse-free rules
+        /// always damp this way, with `δ = 1e-9` when null. Under `'EQ'` `ν` is also the
+        /// fit's probe, as in both references. Not in psgd-jax.
+        damping: Option<f64> = None, check check::non_negative_or_none;
+        /// Largest step `a` of `'Q0.5EQ1.5'`'s Procrustes rotation `exp(aR)`, in (0, 1].
+        /// Default 1/8 (psgd_torch's); heavyball's is 0.5. `'PRO4P'`'s third-order
+        /// rotations keep psgd_torch's cap of 1/3. Not in psgd-jax.
+        procrustes_max_step: f64 = 0.125, check |v: &f64| {
+            if v.is_finite() && *v > 0.0 && *v <= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("must be in (0, 1], got {v}"))
+            }
+        };
+        /// Probability in [0, 1] that a fit balances each leaf's factors (rescales them to
+        /// the same largest entry; the preconditioner is unchanged up to round-off), by a
+        /// uniform draw per fit. Default null: 0.01 (psgd-jax's and psgd_torch's), unless
+        /// `balanceEvery` is set; under `'QEP'` null with `balanceEvery` null is the rule's
+        /// own balance before every fit, with no draw. Not in psgd-jax.
+        balance_probability: Option<f64> = None,
+            check |v: &Option<f64>| v.map_or(Ok(()), check::probability);
+        /// Balance deterministically, with no draw, at the fits of the steps whose 1-based
+        /// count is a multiple of this (≥ 1): 1 is heavyball's (every fit), 100
+        /// distributed-kron's. Cannot be set with `balanceProbability`. Default null (a
+        /// random decision; `'QEP'`'s own is every fit). Not in psgd-jax.
+        balance_every: Option<usize> = None, check |v: &Option<usize>| match v {
+            Some(0) => Err("must be >= 1 (a number of steps), got 0".to_string()),
+            _ => Ok(()),
+        };
+        /// When the factors are balanced. `'beforeFit'`: before the fit, the random
+        /// decision one uniform draw before every other draw of the fit (psgd-jax,
+        /// heavyball, distributed-kron). `'afterFit'`: after each leaf's fit, the random
+        /// decision one uniform draw per leaf after the leaf's other draws (psgd_torch).
+        /// Default null: the rule's own, `'beforeFit'` under `'EQ'` and `'QEP'`,
+        /// `'afterFit'` under the other rules. Not in psgd-jax.
+        balance_when: Option<BalanceWhen> = None;
         /// Initial scale of the preconditioner (each factor gets `scale^(1/ndim)`).
         /// Default 1 (psgd-jax's). `null`: automatic, from the first step's gradient
         /// `g` of each leaf (of each layer with `scannedLayers`), `(mean(|g|⁴) + δ⁴)^(-1/8)`
@@ -766,43 +821,53 @@ fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, rule: UpdateRule) -> Resu
 }
 
 /// One fitting step of every factor of a leaf from the (damped) input `g` and probe `v`,
-/// all factors moving from the same `A` and `conjB`.
+/// all factors moving from the same `A` and `conjB`; `ls` are the running Lipschitz
+/// bounds (empty for psgd-jax's memoryless step) and `subspaces` the dense factors'
+/// draws of the subspace norm bound. Returns the new factors and bounds.
+#[allow(clippy::too_many_arguments)]
 fn update_factors(
     qs: &[Tensor],
+    ls: &[Tensor],
     g: &Tensor,
     v: &Tensor,
+    subspaces: &[Option<Tensor>],
     plan: &LeafPlan,
     lr: f64,
     p: Precision,
-) -> Result<Vec<Tensor>> {
+    nm: &numerics::FitNumerics,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let a = apply_factors(g, qs, plan, p)?;
     let conj_b = solve_factors(v, qs, plan)?;
     let b = a.dim(0)?;
-    qs.iter()
-        .enumerate()
-        .map(|(i, q)| {
-            let ua = unfold(&a, plan, i)?;
-            let ub = unfold(&conj_b, plan, i)?;
-            if plan.diag[i] {
-                let t1 = ua.sqr()?.sum(2)?;
-                let t2 = ub.sqr()?.sum(2)?;
-                let denom = ((&t1 + &t2)?.abs()?.max_keepdim(1)? + TINY_F32)?;
-                let step = (((t1 - t2)? * lr)? * q)?.broadcast_div(&denom)?;
-                Ok((q - step)?)
-            } else {
-                // both terms are symmetric and only their upper triangles are used
-                let gram = |u: &Tensor| {
-                    matmul_tri(u, Tri::Full, &u.transpose(1, 2)?, Tri::Full, Tri::Upper, p)
-                };
-                let (t1, t2) = (gram(&ua)?, gram(&ub)?);
-                let denom = (norm_lower_bound_sym_sum(&t1, &t2)? + TINY_F32)?;
-                let scale = (denom.recip()? * lr)?.reshape((b, 1, 1))?;
-                let step = triu_difference(&t1, &t2)?;
-                let delta = matmul_tri(&step, Tri::Upper, q, Tri::Upper, Tri::Upper, p)?;
-                Ok((q - delta.broadcast_mul(&scale)?)?)
-            }
-        })
-        .collect()
+    let mut new_qs = Vec::with_capacity(qs.len());
+    let mut new_ls = Vec::with_capacity(ls.len());
+    for (i, q) in qs.iter().enumerate() {
+        let ua = unfold(&a, plan, i)?;
+        let ub = unfold(&conj_b, plan, i)?;
+        if plan.diag[i] {
+            let t1 = ua.sqr()?.sum(2)?;
+            let t2 = ub.sqr()?.sum(2)?;
+            let ell = (&t1 + &t2)?.abs()?.max(1)?;
+            let (denom, l) = nm.normaliser(&ell, ls.get(i))?;
+            new_ls.extend(l);
+            let step = (((t1 - t2)? * lr)? * q)?.broadcast_div(&denom.unsqueeze(1)?)?;
+            new_qs.push((q - step)?);
+        } else {
+            // both terms are symmetric and only their upper triangles are used
+            let gram = |u: &Tensor| {
+                matmul_tri(u, Tri::Full, &u.transpose(1, 2)?, Tri::Full, Tri::Upper, p)
+            };
+            let (t1, t2) = (gram(&ua)?, gram(&ub)?);
+            let ell = nm.spd_bound_upper_sum(&t1, &t2, subspaces[i].as_ref(), p)?;
+            let (denom, l) = nm.normaliser(&ell, ls.get(i))?;
+            new_ls.extend(l);
+            let scale = (denom.recip()? * lr)?.reshape((b, 1, 1))?;
+            let step = triu_difference(&t1, &t2)?;
+            let delta = matmul_tri(&step, Tri::Upper, q, Tri::Upper, Tri::Upper, p)?;
+            new_qs.push((q - delta.broadcast_mul(&scale)?)?);
+        }
+    }
+    Ok((new_qs, new_ls))
 }
 
 /// The state file's metadata entry naming the inverse-free rule that wrote it.
@@ -909,6 +974,8 @@ pub struct KronPreconditioner {
     options: KronOptions,
     /// `preconditionerInitScale: null`: the factors are scaled on the first step.
     auto_scale: bool,
+    /// The fit's numerics, resolved from the options.
+    numerics: numerics::FitNumerics,
     /// The tensors preconditioned: the leaves, or their parts under `mergeDims` /
     /// `blockSize` (see [`layout`]).
     leaves: Vec<LeafSpec>,
@@ -999,10 +1066,10 @@ impl KronPreconditioner {
             .collect()
     }
 
-    /// A leaf's Lipschitz bounds before the first fit: zeros per factor under the
-    /// inverse-free rules, none under EQ.
+    /// A leaf's Lipschitz bounds before the first fit: zeros per factor when the fit keeps
+    /// a running bound, none otherwise (psgd-jax's EQ).
     fn init_bounds(&self, plan: &LeafPlan, device: &Device) -> Result<Vec<Tensor>> {
-        if !self.options.update_rule.inverse_free() {
+        if !self.numerics.keeps_bounds() {
             return Ok(vec![]);
         }
         plan.dims
@@ -1049,57 +1116,144 @@ impl KronPreconditioner {
             .collect()
     }
 
-    /// Fits every leaf's factors once under EQ: maybe balance, draw probes (whitening;
-    /// the Newton form takes the caller's `vectors` with their products `inputs`), damp,
-    /// step.
+    /// The EQ fit of every leaf's factors: maybe balance, draw probes (whitening; the
+    /// Newton form takes the caller's `vectors` with their products `inputs`), damp,
+    /// step; returns the new factors and running bounds (none for psgd-jax's memoryless
+    /// step).
+    #[allow(clippy::too_many_arguments)]
     fn update_preconditioners(
         &self,
         qs: &[Vec<Tensor>],
+        ls: &[Vec<Tensor>],
         inputs: &[Tensor],
         vectors: Option<&[Tensor]>,
         lr: f64,
+        count: u64,
         rng: &mut dyn RandomSource,
-    ) -> Result<Vec<Vec<Tensor>>> {
-        // the EQ fit (psgd-jax's): one balance draw, then the probes of every leaf
-        let do_balance = rng.uniform()? < 0.01;
-        let probes = match vectors {
-            Some(v) => v
-                .iter()
-                .map(|v| Ok(v.to_dtype(DType::F32)?))
-                .collect::<Result<Vec<_>>>()?,
-            None => self
-                .leaves
-                .iter()
-                .zip(inputs)
-                .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
-                .collect::<Result<Vec<_>>>()?,
-        };
+    ) -> Result<(PerLeaf, PerLeaf)> {
+        // psgd-jax's draws by default: one balance draw, then the probes of every leaf
+        // (the caller's vectors in the Newton form); the other numerics draw as
+        // psgd_torch's EQ (see `whiten::draw`)
+        let nm = &self.numerics;
+        let before = nm.balance_before(count, rng)?;
+        let draws = self.draws(UpdateRule::Eq, inputs, vectors, count, rng)?;
         let precision = self.options.update_precision();
-        stages::map_leaves(&self.leaves, |l| {
-            let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
-            let x = fused::damp(x, v)?;
+        let out = stages::map_leaves(&self.leaves, |l| {
+            let (plan, q, x, d) = (&self.plans[l], &qs[l], &inputs[l], &draws[l]);
+            let x = nm.damp(x, &d.nu)?;
             let shape = plan.batched_shape();
-            let (x, v) = (x.reshape(shape.as_slice())?, v.reshape(shape.as_slice())?);
-            let mut bq = q
-                .iter()
-                .enumerate()
-                .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?;
-            if do_balance {
+            let (x, v) = (
+                x.reshape(shape.as_slice())?,
+                d.nu.reshape(shape.as_slice())?,
+            );
+            let mut bq = self.batched(plan, q)?;
+            if before {
                 bq = balance(&bq, plan)?;
             }
-            let n = bq.len();
-            let mut ins: Vec<&Tensor> = bq.iter().collect();
+            let (n, m) = (bq.len(), ls[l].len());
+            let mut ins: Vec<&Tensor> = bq.iter().chain(&ls[l]).collect();
             ins.push(&x);
             ins.push(&v);
+            for s in d.subspaces.iter().flatten() {
+                ins.extend(&s.spd);
+            }
             let new = self.map_batches(plan, &ins, |t| {
-                update_factors(&t[..n], &t[n], &t[n + 1], plan, lr, precision)
+                let mut at = n + m + 2;
+                let subspaces: Vec<Option<Tensor>> = d
+                    .subspaces
+                    .iter()
+                    .map(|s| {
+                        s.as_ref().and_then(|s| s.spd.as_ref()).map(|_| {
+                            at += 1;
+                            t[at - 1].clone()
+                        })
+                    })
+                    .collect();
+                let (x, v) = (&t[n + m], &t[n + m + 1]);
+                let (q, l) = update_factors(
+                    &t[..n],
+                    &t[n..n + m],
+                    x,
+                    v,
+                    &subspaces,
+                    plan,
+                    lr,
+                    precision,
+                    nm,
+                )?;
+                Ok(q.into_iter().chain(l).collect())
             })?;
-            new.iter()
-                .zip(&plan.stored)
-                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
-                .collect()
-        })
+            let (q, l) = new.split_at(n);
+            self.finish_leaf(plan, q, l, d.balance)
+        })?;
+        Ok(out.into_iter().unzip())
+    }
+
+    /// Every leaf's draws of a fit under `rule`, leaf by leaf (see [`whiten::draw`]);
+    /// `given` are the noises when the caller has them (EQ's Newton form).
+    fn draws(
+        &self,
+        rule: UpdateRule,
+        inputs: &[Tensor],
+        given: Option<&[Tensor]>,
+        count: u64,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Vec<whiten::LeafDraws>> {
+        let given = given
+            .map(|v| {
+                v.iter()
+                    .map(|v| Ok(v.to_dtype(DType::F32)?))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        self.leaves
+            .iter()
+            .zip(&self.plans)
+            .zip(inputs)
+            .enumerate()
+            .map(|(l, ((spec, plan), x))| {
+                whiten::draw(
+                    plan,
+                    &spec.shape,
+                    rule,
+                    &self.numerics,
+                    count,
+                    given.as_ref().map(|g| &g[l]),
+                    rng,
+                    x.device(),
+                )
+            })
+            .collect()
+    }
+
+    /// A leaf's factors in the batched float32 layout.
+    fn batched(&self, plan: &LeafPlan, qs: &[Tensor]) -> Result<Vec<Tensor>> {
+        qs.iter()
+            .enumerate()
+            .map(|(i, q)| plan.batched_q(i, q))
+            .collect()
+    }
+
+    /// A leaf's fitted factors `q` (balanced when `balance_after`) in their stored shapes
+    /// and dtype, and its bounds `l`.
+    fn finish_leaf(
+        &self,
+        plan: &LeafPlan,
+        q: &[Tensor],
+        l: &[Tensor],
+        balance_after: bool,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let q = if balance_after {
+            balance(q, plan)?
+        } else {
+            q.to_vec()
+        };
+        let q = q
+            .iter()
+            .zip(&plan.stored)
+            .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((q, l.to_vec()))
     }
 
     /// The inverse-free fit of every leaf (every rule but EQ), from the inputs `inputs`
@@ -1107,6 +1261,7 @@ impl KronPreconditioner {
     /// by leaf in psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; under
     /// PRO4P, whose count of draws depends on the data, leaf after leaf with the draws
     /// taken as the fit goes. Returns the new factors and Lipschitz bounds.
+    #[allow(clippy::too_many_arguments)]
     fn fit_inverse_free(
         &self,
         qs: &[Vec<Tensor>],
@@ -1114,15 +1269,17 @@ impl KronPreconditioner {
         inputs: &[Tensor],
         probes: Option<&[Tensor]>,
         lr: f64,
+        count: u64,
         rng: &mut dyn RandomSource,
     ) -> Result<(PerLeaf, PerLeaf)> {
         let rule = self.options.update_rule;
         let fit = whiten::Fit {
             rule,
             lr,
-            beta: self.options.lipschitz_beta,
+            numerics: self.numerics,
             precision: self.options.update_precision(),
         };
+        let before = self.numerics.balance_before(count, rng)?;
         if rule == UpdateRule::Pro4p {
             let mut out = Vec::with_capacity(self.leaves.len());
             for (l, (spec, plan)) in self.leaves.iter().zip(&self.plans).enumerate() {
@@ -1131,58 +1288,53 @@ impl KronPreconditioner {
                     let live = std::sync::Mutex::new(&mut *rng);
                     self.fit_leaf_inverse_free(
                         l,
-                        &qs[l],
-                        &ls[l],
+                        (&qs[l], &ls[l]),
                         &inputs[l],
                         probes,
                         &nu,
+                        before,
                         &[],
                         |_| whiten::Draws::Live(&live),
                         fit,
                     )?
                 };
-                let balanced = whiten::balances_after(rule, rng)?;
-                out.push((self.finish_leaf(plan, q, balanced)?, b));
+                let balanced = self.numerics.balance_after(count, rng)?;
+                out.push(self.finish_leaf(plan, &q, &b, balanced)?);
             }
             return Ok(out.into_iter().unzip());
         }
-        let draws = self
-            .leaves
-            .iter()
-            .zip(&self.plans)
-            .zip(inputs)
-            .map(|((spec, plan), x)| whiten::draw(plan, &spec.shape, rule, rng, x.device()))
-            .collect::<Result<Vec<_>>>()?;
+        let draws = self.draws(rule, inputs, None, count, rng)?;
         let out = stages::map_leaves(&self.leaves, |l| {
             let d = &draws[l];
             // every dense factor's subspaces, batched along axis 0
             let mut subs: Vec<&Tensor> = vec![];
             for s in d.subspaces.iter().flatten() {
-                subs.push(&s.spd);
+                subs.extend(&s.spd);
                 subs.extend(&s.skh);
             }
             let (q, b) = self.fit_leaf_inverse_free(
                 l,
-                &qs[l],
-                &ls[l],
+                (&qs[l], &ls[l]),
                 &inputs[l],
                 probes,
                 &d.nu,
+                before,
                 &subs,
                 |t: &[Tensor]| {
                     let mut at = 0;
+                    let mut next = |drawn: &Option<Tensor>| {
+                        drawn.as_ref().map(|_| {
+                            at += 1;
+                            t[at - 1].clone()
+                        })
+                    };
                     let sliced = d
                         .subspaces
                         .iter()
                         .map(|s| {
-                            s.as_ref().map(|s| {
-                                let spd = t[at].clone();
-                                at += 1;
-                                let skh = s.skh.as_ref().map(|_| {
-                                    at += 1;
-                                    t[at - 1].clone()
-                                });
-                                whiten::Subspaces { spd, skh }
+                            s.as_ref().map(|s| whiten::Subspaces {
+                                spd: next(&s.spd),
+                                skh: next(&s.skh),
                             })
                         })
                         .collect();
@@ -1190,40 +1342,39 @@ impl KronPreconditioner {
                 },
                 fit,
             )?;
-            Ok((self.finish_leaf(&self.plans[l], q, d.balance)?, b))
+            self.finish_leaf(&self.plans[l], &q, &b, d.balance)
         })?;
         Ok(out.into_iter().unzip())
     }
 
     /// One leaf's inverse-free fit over its layers (in slices under
-    /// `laxMapScannedLayers`): damps the input `x` with the noise `nu`, balances first
-    /// under QEP, and fits with the draws `draws` makes from a slice of the batched
-    /// subspaces `subs`. Returns the batched factors and the bounds.
+    /// `laxMapScannedLayers`) from its factors and bounds `(qs, ls)`: damps the input `x`
+    /// with the noise `nu`, balances first when `before`, and fits with the draws `draws`
+    /// makes from a slice of the batched subspaces `subs`. Returns the batched factors and
+    /// the bounds.
     #[allow(clippy::too_many_arguments)]
     fn fit_leaf_inverse_free<'a>(
         &self,
         l: usize,
-        qs: &[Tensor],
-        ls: &[Tensor],
+        (qs, ls): (&[Tensor], &[Tensor]),
         x: &Tensor,
         probes: Option<&[Tensor]>,
         nu: &Tensor,
+        before: bool,
         subs: &[&Tensor],
         draws: impl Fn(&[Tensor]) -> whiten::Draws<'a>,
         fit: whiten::Fit,
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let plan = &self.plans[l];
         let shape = plan.batched_shape();
-        let gn = whiten::damp(x, nu)?.reshape(shape.as_slice())?;
+        let gn = self.numerics.damp(x, nu)?.reshape(shape.as_slice())?;
         let probe = probes
             .map(|v| Ok::<_, PsgdError>(v[l].to_dtype(DType::F32)?.reshape(shape.as_slice())?))
             .transpose()?;
-        let bq = qs
-            .iter()
-            .enumerate()
-            .map(|(i, q)| plan.batched_q(i, q))
-            .collect::<Result<Vec<_>>>()?;
-        let bq = whiten::balance_before(fit.rule, bq, plan)?;
+        let mut bq = self.batched(plan, qs)?;
+        if before {
+            bq = balance(&bq, plan)?;
+        }
         let n = bq.len();
         // every input of the fit, batched along axis 0: factors, bounds, the damped input,
         // the probe, then the subspaces
@@ -1247,15 +1398,6 @@ impl KronPreconditioner {
         })?;
         let (q, l) = new.split_at(n);
         Ok((q.to_vec(), l.to_vec()))
-    }
-
-    /// A leaf's fitted factors, balanced when `balanced`, in their stored shapes and dtype.
-    fn finish_leaf(&self, plan: &LeafPlan, q: Vec<Tensor>, balanced: bool) -> Result<Vec<Tensor>> {
-        let q = if balanced { balance(&q, plan)? } else { q };
-        q.iter()
-            .zip(&plan.stored)
-            .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
-            .collect()
     }
 
     /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
@@ -1315,6 +1457,7 @@ impl Preconditioner for KronPreconditioner {
             .collect::<Result<Vec<_>>>()?;
         Ok(KronPreconditioner {
             auto_scale: o.preconditioner_init_scale.is_none(),
+            numerics: numerics::FitNumerics::new(o)?,
             options: o.clone(),
             leaves: layout.parts().iter().map(|p| p.spec.clone()).collect(),
             layout: Box::new(layout),
@@ -1337,10 +1480,10 @@ impl Preconditioner for KronPreconditioner {
                         leaf.path
                     ),
                     option: (!diag).then_some("maxSizeTriangular"),
-                    // a dense factor keeps its QᵀQ next to it; the inverse-free rules keep
-                    // a Lipschitz bound per layer
+                    // a dense factor keeps its QᵀQ next to it; a running Lipschitz bound is
+                    // one number per layer
                     elems: if diag { elems } else { 2 * elems }
-                        + if self.options.update_rule.inverse_free() {
+                        + if self.numerics.keeps_bounds() {
                             plan.batch as u128
                         } else {
                             0
@@ -1420,18 +1563,13 @@ impl Preconditioner for KronPreconditioner {
         } else {
             None
         };
-        if self.options.update_rule.inverse_free() {
-            let (qs, ls) =
-                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, inputs.precond_lr, rng)?;
-            return Ok(KronFactors { qs, ls, ps: None });
-        }
-        let qs =
-            self.update_preconditioners(&st.qs, inputs.hvps, probes, inputs.precond_lr, rng)?;
-        Ok(KronFactors {
-            qs,
-            ls: st.ls.clone(),
-            ps: None,
-        })
+        let (lr, count) = (inputs.precond_lr, inputs.count);
+        let (qs, ls) = if self.options.update_rule.inverse_free() {
+            self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?
+        } else {
+            self.update_preconditioners(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?
+        };
+        Ok(KronFactors { qs, ls, ps: None })
     }
 
     fn prepare_apply(&self, st: KronFactors, fitted: bool) -> Result<KronFactors> {
@@ -1512,7 +1650,7 @@ impl Preconditioner for KronPreconditioner {
             .plans
             .iter()
             .map(|plan| {
-                if !self.options.update_rule.inverse_free() {
+                if !self.numerics.keeps_bounds() {
                     return Ok(vec![]);
                 }
                 plan.stored
@@ -1547,7 +1685,7 @@ impl Preconditioner for KronPreconditioner {
                 )));
             }
         }
-        let bounds = if self.options.update_rule.inverse_free() {
+        let bounds = if self.numerics.keeps_bounds() {
             |plan: &LeafPlan| plan.dims.len()
         } else {
             |_: &LeafPlan| 0
@@ -1560,12 +1698,15 @@ impl Preconditioner for KronPreconditioner {
             {
                 return Err(PsgdError::State(format!(
                     "Lipschitz bounds of '{}' are {:?}, expected {} float32 of shape [{}] \
-                     (updateRule {})",
+                     (updateRule {}, lipschitzBeta {})",
                     spec.path,
                     ls.iter().map(|b| b.dims().to_vec()).collect::<Vec<_>>(),
                     bounds(plan),
                     plan.batch,
-                    crate::options::choice_name(self.options.update_rule)
+                    crate::options::choice_name(self.options.update_rule),
+                    self.numerics
+                        .lipschitz_beta
+                        .map_or("null (none kept)".to_string(), |b| b.to_string())
                 )));
             }
         }

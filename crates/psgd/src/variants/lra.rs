@@ -728,6 +728,7 @@ mod tests {
                         hvps: &h,
                         hessian: k == 0,
                         first: branch < 0.5,
+                        count: 0,
                         precond_lr: 0.1,
                         init_scale: None,
                         normalizer,

@@ -328,6 +328,7 @@ mod tests {
                     hvps: &h,
                     hessian,
                     first,
+                    count: 0,
                     precond_lr: 0.1,
                     init_scale: None,
                     normalizer,

@@ -259,7 +259,9 @@ mod tests {
             let mut want = keys.clone();
             want.sort();
             assert_eq!(got, want, "preset {}", p.name);
-            let o = p.kron_options().unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            let o = p
+                .kron_options()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.name));
             o.validate().unwrap_or_else(|e| panic!("{}: {e}", p.name));
         }
         let jax = KronOptions::preset("psgdJax").unwrap();

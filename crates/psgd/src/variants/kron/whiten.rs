@@ -8,9 +8,11 @@
 //! probe `V` in the Newton form; under QEP both are taken after `Qᵢ` is applied along the
 //! axis, and whitening's `t2` is `(N/dᵢ)·QᵢQᵢᵀ`), the error is `E = t1 − t2` and the step
 //! is `preconditionerLr / Lᵢ`, where `Lᵢ` is a running lower bound of the fit's Lipschitz
-//! constant: `ℓ = ‖t1‖ + t2` whitening (`‖t1 + t2‖` in the Newton form and under QEP; a
-//! random subspace bound for a dense factor, the largest entry for a diagonal one),
-//! `Lᵢ ← max(β·Lᵢ + (1−β)·ℓ, ℓ)`. With `h = lr/L`:
+//! constant: `ℓ = ‖t1‖ + t2` whitening (`‖t1 + t2‖` in the Newton form and under QEP; for
+//! a dense factor the bound `normEstimator` chooses, a random subspace bound by default,
+//! the largest entry for a diagonal one), `Lᵢ ← max(β·Lᵢ + (1−β)·ℓ, ℓ)`. The damping, the
+//! estimator, `β`, the Procrustes normaliser and cap and the balancing are the
+//! [`FitNumerics`]'. With `h = lr/L`:
 //! - PRO: `Q ← Q − h·E·Q`, then a Procrustes rotation toward symmetric positive definite;
 //!   PRO4P the same with up to ten third-order rotations, until `Q` is symmetric to 1e-3.
 //! - QEQ: `Q ← Q − h·Q·E`. QEP: `Q ← Q − h·E·Q`.
@@ -22,19 +24,15 @@
 //! Dense factors are full matrices: nothing here is triangular, every product is a
 //! dense one.
 
-use super::{balance, unfold, Factors, LeafPlan, UpdateRule};
+use super::numerics::{running_bound, FitNumerics};
+use super::{unfold, Factors, LeafPlan, UpdateRule};
 use crate::error::{PsgdError, Result};
 use crate::kernels::linalg::max_abs_per_batch;
 use crate::kernels::precision::Precision;
-use crate::kernels::subspace::{
-    norm_lower_bound_spd, procrustes_step2, procrustes_step3, SUBSPACE_DIM,
-};
+use crate::kernels::subspace::SUBSPACE_DIM;
 use crate::random::RandomSource;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::sync::Mutex;
-
-/// psgd_torch's damping of the noise, `(DAMPING + eps·|g|)·ν`.
-const DAMPING: f64 = 1e-9;
 
 /// The most third-order Procrustes steps PRO4P takes per factor and fit.
 const PRO4P_MAX_ROTATIONS: usize = 10;
@@ -42,20 +40,22 @@ const PRO4P_MAX_ROTATIONS: usize = 10;
 /// PRO4P stops rotating a factor once `max|Pᵀ − P| < PRO4P_SYMMETRIC·max|P|`.
 const PRO4P_SYMMETRIC: f64 = 1e-3;
 
-/// The subspace draws of a dense factor: its norm bound's and, under PRO, its Procrustes
-/// step's (`(B, 32, d)`).
+/// The subspace draws of a dense factor (`(B, 32, d)`): its norm bound's (with
+/// `normEstimator: 'subspace'`) and, under PRO, its Procrustes step's (unless the
+/// estimator is `'power'`).
 #[derive(Clone)]
 pub(super) struct Subspaces {
-    pub spd: Tensor,
+    pub spd: Option<Tensor>,
     pub skh: Option<Tensor>,
 }
 
 /// The random draws of one leaf's fit that precede it, in psgd_torch's order: the noise
-/// `ν` (the leaf's shape), then per dense factor its [`Subspaces`] (drawn as `(32, d)` for
-/// an unscanned leaf), then the uniform that decides whether the factors are balanced
-/// afterwards (none under QEP, which balances before every fit). Under PRO4P, whose count
-/// of draws depends on the data, only `ν` is drawn here: the fit draws the rest as it
-/// goes (see [`Draws::Live`]).
+/// `ν` (the leaf's shape; EQ's probe too; the caller's vector in EQ's Newton form), then
+/// per dense factor its [`Subspaces`] (drawn as `(32, d)` for an unscanned leaf), then the
+/// uniform that decides whether the factors are balanced afterwards (with a random
+/// balance after the fit; QEP's own balance is before every fit and draws none). Under
+/// PRO4P, whose count of draws depends on the data, only `ν` is drawn here: the fit draws
+/// the rest as it goes (see [`Draws::Live`]) and the caller the balance decision after it.
 pub(super) struct LeafDraws {
     pub nu: Tensor,
     /// Per factor: `Some` for a dense one, `None` for a diagonal one (and under PRO4P).
@@ -85,47 +85,44 @@ fn draw_subspace(
         .reshape((batch, SUBSPACE_DIM, d))?)
 }
 
-/// Takes the draws of one leaf's fit that precede it from `rng` (see [`LeafDraws`]).
+/// Takes the draws of one leaf's fit that precede it from `rng` (see [`LeafDraws`]) for
+/// the fit of the step with 0-based `count`; `given` is the noise when the caller has it
+/// (EQ's Newton form), else it is drawn.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn draw(
     plan: &LeafPlan,
     shape: &[usize],
     rule: UpdateRule,
+    numerics: &FitNumerics,
+    count: u64,
+    given: Option<&Tensor>,
     rng: &mut dyn RandomSource,
     device: &Device,
 ) -> Result<LeafDraws> {
-    let nu = rng.normal(shape, device)?;
+    let nu = match given {
+        Some(v) => v.clone(),
+        None => rng.normal(shape, device)?,
+    };
     let mut subspaces = Vec::with_capacity(plan.dims.len());
     for (&d, &diag) in plan.dims.iter().zip(&plan.diag) {
         if diag || rule == UpdateRule::Pro4p {
             subspaces.push(None);
             continue;
         }
-        let spd = draw_subspace(plan, plan.batch, d, rng, device)?;
-        let skh = if rule == UpdateRule::Pro {
-            Some(draw_subspace(plan, plan.batch, d, rng, device)?)
-        } else {
-            None
-        };
+        let mut one = || draw_subspace(plan, plan.batch, d, rng, device);
+        let spd = numerics.draws_subspace().then(&mut one).transpose()?;
+        let skh = numerics.draws_rotation(rule).then(&mut one).transpose()?;
         subspaces.push(Some(Subspaces { spd, skh }));
     }
     let balance = match rule {
         UpdateRule::Pro4p => false,
-        _ => balances_after(rule, rng)?,
+        _ => numerics.balance_after(count, rng)?,
     };
     Ok(LeafDraws {
         nu,
         subspaces,
         balance,
     })
-}
-
-/// The balance decision that follows a leaf's fit: a uniform `u`, balancing when
-/// `u < 0.01`; QEP draws none (it balances before every fit).
-pub(super) fn balances_after(rule: UpdateRule, rng: &mut dyn RandomSource) -> Result<bool> {
-    if rule == UpdateRule::Qep {
-        return Ok(false);
-    }
-    Ok(rng.uniform()? < 0.01)
 }
 
 /// Where a fit's subspace draws come from.
@@ -153,25 +150,34 @@ impl<'y> LiveSource for Mutex<&mut (dyn RandomSource + 'y)> {
 }
 
 impl Draws<'_> {
-    fn spd(&mut self, i: usize, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> {
-        match self {
-            Draws::Drawn(s) => s[i]
-                .as_ref()
-                .map(|s| s.spd.clone())
-                .ok_or_else(|| PsgdError::Draw(format!("no subspace was drawn for axis {i}"))),
-            Draws::Live(rng) => live(*rng, plan, like),
-        }
+    /// Axis `i`'s norm bound subspace, when the numerics take one (`wanted`).
+    fn spd(&mut self, i: usize, plan: &LeafPlan, like: &Tensor, wanted: bool) -> Drawn {
+        self.take(i, plan, like, wanted, |s| &s.spd)
     }
 
-    fn skh(&mut self, i: usize, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> {
+    /// Axis `i`'s Procrustes subspace, when the numerics take one (`wanted`).
+    fn skh(&mut self, i: usize, plan: &LeafPlan, like: &Tensor, wanted: bool) -> Drawn {
+        self.take(i, plan, like, wanted, |s| &s.skh)
+    }
+
+    /// Axis `i`'s subspace `which` of those drawn beforehand, or one drawn now.
+    fn take(
+        &mut self,
+        i: usize,
+        plan: &LeafPlan,
+        like: &Tensor,
+        wanted: bool,
+        which: fn(&Subspaces) -> &Option<Tensor>,
+    ) -> Drawn {
         match self {
-            Draws::Drawn(s) => s[i].as_ref().and_then(|s| s.skh.clone()).ok_or_else(|| {
-                PsgdError::Draw(format!("no Procrustes subspace was drawn for axis {i}"))
-            }),
-            Draws::Live(rng) => live(*rng, plan, like),
+            Draws::Drawn(s) => Ok(s[i].as_ref().and_then(|s| which(s).clone())),
+            Draws::Live(rng) => wanted.then(|| live(*rng, plan, like)).transpose(),
         }
     }
 }
+
+/// A subspace when one is taken.
+type Drawn = Result<Option<Tensor>>;
 
 /// A subspace drawn now for the factor `like` `(B, d, d)`.
 fn live(rng: &dyn LiveSource, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> {
@@ -179,13 +185,6 @@ fn live(rng: &dyn LiveSource, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> 
     Ok(rng
         .normal(&subspace_shape(plan, b, d), like.device())?
         .reshape((b, SUBSPACE_DIM, d))?)
-}
-
-/// psgd_torch's damped input `g + (1e-9 + eps·|g|)·ν` (eps the float32 machine epsilon).
-pub(super) fn damp(g: &Tensor, nu: &Tensor) -> Result<Tensor> {
-    let g = g.to_dtype(DType::F32)?;
-    let scale = ((g.abs()? * f32::EPSILON as f64)? + DAMPING)?;
-    Ok((&g + (scale * nu)?)?)
 }
 
 /// What each factor multiplies its axis by when the preconditioner is applied, batched
@@ -214,14 +213,16 @@ pub(super) fn axis_operators(
 pub(super) struct Fit {
     pub rule: UpdateRule,
     pub lr: f64,
-    pub beta: f64,
+    pub numerics: FitNumerics,
     pub precision: Precision,
 }
 
-/// The running bound `max(β·L + (1−β)·ℓ, ℓ)`; `l` and `ell` are `(B,)`.
-fn lipschitz(l: &Tensor, ell: &Tensor, beta: f64) -> Result<Tensor> {
-    let ema = ((l * beta)? + (ell * (1.0 - beta))?)?;
-    Ok(ema.maximum(ell)?)
+impl Fit {
+    /// The running bound from `l` and the estimate `ell`.
+    fn lipschitz(&self, l: &Tensor, ell: &Tensor) -> Result<Tensor> {
+        let beta = self.numerics.lipschitz_beta.unwrap_or(0.0);
+        running_bound(l, ell, beta)
+    }
 }
 
 /// `Qᵢ ×ᵢ X` unfolded along axis `i`: `(B, dᵢ, rest)` (QEP's terms).
@@ -272,6 +273,7 @@ pub(super) fn fit_leaf(
 ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let p = fit.precision;
     let rule = fit.rule;
+    let nm = &fit.numerics;
     let ops = axis_operators(qs, plan, rule, p)?;
     let pg = super::precondition(gn, Factors::Grams(&ops), plan, p)?;
     // a slice of the layers under `laxMapScannedLayers`
@@ -303,16 +305,16 @@ pub(super) fn fit_leaf(
             (Second::Scalar(t2), true) => ((t1.max(1)? + *t2)?, (&t1 - *t2)?),
             (Second::Tensor(t2), true) => ((&t1 + t2)?.max(1)?, (&t1 - t2)?),
             (Second::Scalar(t2), false) => {
-                let spd = draws.spd(i, plan, q)?;
-                ((norm_lower_bound_spd(&t1, &spd, p)? + *t2)?, t1.clone())
+                let spd = draws.spd(i, plan, q, nm.draws_subspace())?;
+                ((nm.spd_bound(&t1, spd.as_ref(), p)? + *t2)?, t1.clone())
             }
             (Second::Tensor(t2), false) => {
-                let spd = draws.spd(i, plan, q)?;
+                let spd = draws.spd(i, plan, q, nm.draws_subspace())?;
                 let sum = (&t1 + t2)?;
-                (norm_lower_bound_spd(&sum, &spd, p)?, (&t1 - t2)?)
+                (nm.spd_bound(&sum, spd.as_ref(), p)?, (&t1 - t2)?)
             }
         };
-        let l = lipschitz(l, &ell, fit.beta)?;
+        let l = fit.lipschitz(l, &ell)?;
         let step = (l.recip()? * fit.lr)?;
         if diag {
             let step = step.reshape((b, 1))?;
@@ -356,12 +358,12 @@ pub(super) fn fit_leaf(
             UpdateRule::Qeq => (q - right(q)?.broadcast_mul(&step)?)?,
             UpdateRule::Pro => {
                 let q = (q - left(q)?.broadcast_mul(&step)?)?;
-                let skh = draws.skh(i, plan, &q)?;
-                procrustes_step2(&q, &skh, p)?
+                let skh = draws.skh(i, plan, &q, nm.draws_rotation(rule))?;
+                nm.procrustes(&q, skh.as_ref(), p)?
             }
             UpdateRule::Pro4p => {
                 let q = (q - left(q)?.broadcast_mul(&step)?)?;
-                symmetrize_p(q, i, plan, &mut draws, p)?
+                symmetrize_p(q, i, plan, &mut draws, nm, p)?
             }
             UpdateRule::Qep | UpdateRule::Eq => (q - left(q)?.broadcast_mul(&step)?)?,
         };
@@ -372,20 +374,22 @@ pub(super) fn fit_leaf(
 }
 
 /// PRO4P's rotations of a fitted factor `q` `(B, d, d)`: up to ten third-order Procrustes
-/// steps, each with its own subspace draw, stopping once every layer is symmetric to
-/// `PRO4P_SYMMETRIC` (a layer that is already stays as it is while the others rotate).
+/// steps, each with its own subspace draw (none with `normEstimator: 'power'`), stopping
+/// once every layer is symmetric to `PRO4P_SYMMETRIC` (a layer that is already stays as it
+/// is while the others rotate).
 fn symmetrize_p(
     mut q: Tensor,
     i: usize,
     plan: &LeafPlan,
     draws: &mut Draws,
+    nm: &FitNumerics,
     p: Precision,
 ) -> Result<Tensor> {
     let b = q.dim(0)?;
     let mut done = q.zeros_like()?.sum((1, 2))?.gt(1.0)?;
     for _ in 0..PRO4P_MAX_ROTATIONS {
-        let skh = draws.skh(i, plan, &q)?;
-        let rotated = procrustes_step3(&q, &skh, p)?;
+        let skh = draws.skh(i, plan, &q, nm.draws_rotation(UpdateRule::Pro4p))?;
+        let rotated = nm.procrustes3(&q, skh.as_ref(), p)?;
         q = done
             .reshape((b, 1, 1))?
             .broadcast_as(q.shape())?
@@ -398,19 +402,6 @@ fn symmetrize_p(
         }
     }
     Ok(q)
-}
-
-/// QEP's balance before every fit (see [`balance`]).
-pub(super) fn balance_before(
-    rule: UpdateRule,
-    qs: Vec<Tensor>,
-    plan: &LeafPlan,
-) -> Result<Vec<Tensor>> {
-    if rule == UpdateRule::Qep {
-        balance(&qs, plan)
-    } else {
-        Ok(qs)
-    }
 }
 
 #[cfg(test)]
@@ -561,10 +552,29 @@ mod tests {
             }
             tape.push(Draw::Uniform(0.5));
             let mut rng = ReplayRandom::new("fit", tape);
-            let draws = draw(&plan, &[3, 4], rule, &mut rng, &Device::Cpu).unwrap();
+            let numerics = FitNumerics::new(&super::super::KronOptions {
+                update_rule: rule,
+                ..Default::default()
+            })
+            .unwrap();
+            let draws = draw(
+                &plan,
+                &[3, 4],
+                rule,
+                &numerics,
+                0,
+                None,
+                &mut rng,
+                &Device::Cpu,
+            )
+            .unwrap();
             assert!(!draws.balance);
             let gt = Tensor::from_vec(t32(&g), (3, 4), &Device::Cpu).unwrap();
-            let gn = damp(&gt, &draws.nu).unwrap().reshape((1, 3, 4)).unwrap();
+            let gn = numerics
+                .damp(&gt, &draws.nu)
+                .unwrap()
+                .reshape((1, 3, 4))
+                .unwrap();
             let qs = vec![
                 Tensor::from_vec(t32(&q0), (1, 3, 3), &Device::Cpu).unwrap(),
                 Tensor::from_vec(t32(&vec![q1.clone()]), (1, 4), &Device::Cpu).unwrap(),
@@ -576,7 +586,7 @@ mod tests {
             let fit = Fit {
                 rule,
                 lr,
-                beta,
+                numerics,
                 precision: Precision::Float32,
             };
             let subspaces = Draws::Drawn(draws.subspaces);
@@ -665,7 +675,8 @@ mod tests {
     /// replayed subspace; a symmetric factor is left exactly as it is.
     #[test]
     fn procrustes_step3_matches_the_formulas_in_float64() {
-        use crate::kernels::subspace::procrustes_step3;
+        use crate::kernels::subspace::{norm_lower_bound_skh, procrustes_step3};
+        let p = Precision::Float32;
         let n = 4usize;
         let eye: M = (0..n)
             .map(|i| (0..n).map(|j| f64::from(i == j)).collect())
@@ -680,7 +691,7 @@ mod tests {
         for amount in [0.05, 3.0] {
             let q = lin(&sym, 1.0, &skew, amount);
             let qt = Tensor::from_vec(t32(&q), (1, n, n), &Device::Cpu).unwrap();
-            let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
+            let got = procrustes_step3(&qt, |r| norm_lower_bound_skh(r, &vt, p), p).unwrap();
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // the reference
             let r = generator(&q, &v);
@@ -706,7 +717,7 @@ mod tests {
         assert_eq!(caps, [false, true], "one case below the cap, one at it");
         // a symmetric factor does not move
         let qt = Tensor::from_vec(t32(&sym), (1, n, n), &Device::Cpu).unwrap();
-        let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
+        let got = procrustes_step3(&qt, |r| norm_lower_bound_skh(r, &vt, p), p).unwrap();
         let diff = (got - &qt).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
