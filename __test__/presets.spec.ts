@@ -1,8 +1,11 @@
 import test from 'ava'
 import * as tf from '@tensorflow/tfjs-core'
 import '@tensorflow/tfjs-backend-cpu'
+import '@tensorflow/tfjs-core/dist/register_all_gradients'
 import { kron, kronPresets, Kron, type ArrayLeaf, type KronOptions } from '../index'
+import * as tfl from '@tensorflow/tfjs-layers'
 import { KronOptimizer } from '../tfjs'
+import { saveAndLoad } from './tfjs-contracts'
 
 // Kron's presets: plain frozen option objects that set the same options, usable by the
 // functional API, the class and the TensorFlow.js optimizer (whose config keeps them).
@@ -77,22 +80,45 @@ test('a preset spread over another replaces it whole: the same steps as the late
 
 test('the TensorFlow.js optimizer takes a preset, and its config (with the annealed fit probability) round-trips', (t) => {
   const opt = new KronOptimizer({ ...kronPresets.heavyballPro, learningRate: 0.01 })
-  const config = JSON.parse(JSON.stringify(opt.getConfig())) as Record<string, unknown>
+  const config = JSON.parse(JSON.stringify(opt.getConfig())) as tf.serialization.ConfigDict
   t.deepEqual(config.preconditionerUpdateProbability, {
     precondUpdateProbSchedule: { maxProb: 1, minProb: 0.03, decay: -Math.log(0.999), flatStart: 1000 },
   })
-  const back = KronOptimizer.fromConfig(KronOptimizer, config)
-  const again = JSON.parse(JSON.stringify(back.getConfig())) as Record<string, unknown>
+  const back = KronOptimizer.fromConfig(KronOptimizer, config) as unknown as KronOptimizer
+  const again = JSON.parse(JSON.stringify(back.getConfig())) as tf.serialization.ConfigDict
   t.deepEqual(again, config)
   // both train a variable the same way
-  const train = (o: KronOptimizer): Float32Array => {
-    const v = tf.variable(tf.tensor2d(Array.from({ length: 24 }, (_, i) => Math.cos(i)), [6, 4]), true, 'w')
+  const train = (o: KronOptimizer): number[] => {
+    const v = tf.variable(
+      tf.tensor2d(
+        Array.from({ length: 24 }, (_, i) => Math.cos(i)),
+        [6, 4],
+      ),
+      true,
+      'w',
+    )
     for (let i = 0; i < 3; i++) o.minimize(() => tf.sum(tf.square(v)) as tf.Scalar)
-    const out = v.dataSync().slice()
+    const out = Array.from(v.dataSync())
     v.dispose()
     return out
   }
   t.deepEqual(train(opt), train(back))
   opt.dispose()
   back.dispose()
+})
+
+test('a tfjs model compiled with each preset saves with its optimizer and loads with the same options', async (t) => {
+  for (const n of names) {
+    const model = tfl.sequential()
+    model.add(tfl.layers.dense({ units: 2, inputShape: [3], kernelInitializer: tfl.initializers.glorotUniform({ seed: 1 }) }))
+    model.compile({ optimizer: new KronOptimizer({ ...kronPresets[n], learningRate: 0.01 }), loss: 'meanSquaredError' })
+    const config = (model.optimizer as unknown as KronOptimizer).getConfig()
+    const loaded = await saveAndLoad(model)
+    t.true(loaded.optimizer instanceof KronOptimizer, n)
+    t.deepEqual((loaded.optimizer as unknown as KronOptimizer).getConfig(), config, n)
+    for (const m of [model, loaded]) {
+      m.optimizer.dispose()
+      m.dispose()
+    }
+  }
 })

@@ -49,7 +49,8 @@ recomputed from that schedule with jax.random and laid out as this package's Kro
 them (dk_draws): leaves merged by pro's own _merge_dims, cut into unpadded blocks
 grouped by shape, per part the noise, then per dense factor the norm-bound subspace and
 (PRO) the Procrustes one, each cut from pro's padded (block_size) draws to the block's
-valid size, then a balance uniform of 1.0 (pro balances every 100th step only).
+valid size. pro balances deterministically every 100th step, which draws nothing
+(the checker maps it to balanceEvery: 100).
 
 CASES.json is a list of {name, variant, options, params, steps, hessian, seed}:
   - params: {path: shape}; a FLAT dict, so JAX's leaf order is the sorted path order.
@@ -656,8 +657,8 @@ def dk_draws(case, problem, step):
     key schedule with jax.random and laid out in the order and shapes this package's Kron
     consumes them: per leaf (sorted paths) and part, the noise (the part's shape), per
     dense factor the subspace of its norm bound and, under PRO, of its Procrustes step
-    ((B, 32, d), or (32, d) for a part of one unscanned block), then the balance uniform
-    (1.0: pro balances every 100th step only)."""
+    ((B, 32, d), or (32, d) for a part of one unscanned block). pro balances
+    deterministically every 100th step (`balanceEvery: 100` here), which draws nothing."""
     o = case["options"]
     style = o.get("preconditioner_update_style", "PRO")
     bs = o.get("block_size", 256)
@@ -679,7 +680,6 @@ def dk_draws(case, problem, step):
             # the part's shape: the merged axes, after the layer axis of a scanned leaf
             shape = ((B,) if scanned.get(p, False) else ()) + tuple(merged)
             out.append(("normal", nu.reshape(shape).astype(np.float32)))
-            out.append(("uniform", np.asarray(1.0, np.float32)))
             continue
         nr, nc = (len(x) for x in lengths_of(merged, bs))
         stacked = len(parts) > 1 or len(parts[0][1]) > 1 or scanned.get(p, False)
@@ -704,7 +704,6 @@ def dk_draws(case, problem, step):
                 out.append(("normal", fix(spd).astype(np.float32)))
                 if style == "PRO":
                     out.append(("normal", fix(skh).astype(np.float32)))
-            out.append(("uniform", np.asarray(1.0, np.float32)))
         offset += B * nr * nc
     return out
 

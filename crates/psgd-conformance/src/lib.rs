@@ -397,6 +397,9 @@ pub fn distributed_kron_options(options: &Map<String, Value>) -> Result<Map<Stri
         json!(num("preconditioner_lr", 0.5)?),
     );
     out.insert("lipschitzBeta".into(), json!(0.95));
+    // pro balances deterministically before the fit of every 100th step
+    out.insert("balanceEvery".into(), json!(100));
+    out.insert("balanceWhen".into(), json!("beforeFit"));
     out.insert("preconditionerInitScale".into(), json!(1.0));
     out.insert("preconditionerUpdateProbability".into(), json!(1.0));
     out.insert("momentumIntoPrecondUpdate".into(), json!(true));

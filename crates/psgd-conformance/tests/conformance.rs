@@ -321,3 +321,91 @@ fn distributed_kron_options_map_or_are_refused_by_name() {
         );
     }
 }
+
+/// Kron's presets run exactly as the checkers' mappings of their libraries' defaults, the
+/// mappings the recorded fixtures verify: `psgdTorch` as psgd_torch's `KronWhiten()` and
+/// `distributedKronPro` as distributed-kron's `pro()` (with `lr_style` and weight decay off:
+/// the preset folds them into its learning rate and weight decay, which this compares
+/// apart). Bit for bit over steps that fit and balance, with the same seed.
+#[test]
+fn presets_run_as_the_checkers_mappings_of_their_libraries_defaults() {
+    use candle_core::{Device, Tensor};
+    use psgd::{AnyTransform, KronOptions, LeafSpec};
+    use serde_json::{json, Map, Value};
+    let leaves = vec![
+        LeafSpec::new("w", &[4, 6]),
+        LeafSpec::new("b", &[5]),
+        LeafSpec::new("t", &[3, 4, 2]),
+    ];
+    let run = |options: &Map<String, Value>| -> Vec<u8> {
+        let opt = AnyTransform::new("kron", leaves.clone(), options).unwrap();
+        let params: Vec<Tensor> = leaves
+            .iter()
+            .map(|l| Tensor::zeros(l.shape.as_slice(), candle_core::DType::F32, &Device::Cpu))
+            .collect::<candle_core::Result<_>>()
+            .unwrap();
+        let mut state = opt.init(&params).unwrap();
+        for step in 0..6 {
+            let grads: Vec<Tensor> = leaves
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let n = l.numel();
+                    let v: Vec<f32> = (0..n)
+                        .map(|k| ((k * 7 + i * 3 + step * 5) as f32 * 0.37).sin())
+                        .collect();
+                    Tensor::from_vec(v, l.shape.as_slice(), &Device::Cpu)
+                })
+                .collect::<candle_core::Result<_>>()
+                .unwrap();
+            let hyper = opt.hyper(&state).unwrap();
+            state = opt
+                .update_seeded(&grads, &state, Some(&params), hyper, None)
+                .unwrap()
+                .1;
+        }
+        opt.state_to_bytes(&state).unwrap()
+    };
+    let preset = |name: &str| -> Map<String, Value> {
+        psgd::kron_presets()
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap()
+            .options
+    };
+    // every key the preset sets, with the mapping's values where it has them; `seed` and
+    // the keys a mapping leaves to the defaults come from the preset
+    let over = |mut p: Map<String, Value>, m: Map<String, Value>| {
+        p.extend(m);
+        p
+    };
+    let torch = psgd_conformance::psgd_torch_options(&Map::new(), &leaves).unwrap();
+    // psgd_torch's infinite preconditioner_max_size maps to the largest axis here
+    let mut torch_preset = preset("psgdTorch");
+    torch_preset.insert(
+        "maxSizeTriangular".into(),
+        torch["maxSizeTriangular"].clone(),
+    );
+    assert_eq!(
+        run(&torch_preset),
+        run(&over(preset("psgdJax"), torch)),
+        "psgdTorch"
+    );
+    let dk = psgd_conformance::distributed_kron_options(
+        json!({"lr_style": null, "weight_decay": 0.0})
+            .as_object()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut dk_preset = preset("distributedKronPro");
+    dk_preset.insert("learningRate".into(), json!(0.001));
+    dk_preset.insert("weightDecay".into(), json!(0.0));
+    assert_eq!(
+        run(&dk_preset),
+        run(&over(preset("psgdJax"), dk)),
+        "distributedKronPro"
+    );
+    // and the presets differ from each other where their libraries do
+    assert_ne!(run(&preset("psgdTorch")), run(&preset("psgdJax")));
+    let _ = KronOptions::preset("heavyballPro").unwrap();
+}

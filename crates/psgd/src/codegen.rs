@@ -133,12 +133,14 @@ pub fn typescript() -> String {
     out
 }
 
+/// A paragraph on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// A markdown table cell: one line, `|` escaped.
 fn cell(s: &str) -> String {
-    s.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .replace('|', "\\|")
+    one_line(s).replace('|', "\\|")
 }
 
 /// One options table: TypeScript name, psgd-jax / Rust name, type, what it does.
@@ -241,7 +243,7 @@ pub fn presets_reference() -> String {
         out.push_str(&format!(
             "\n### `kronPresets.{}`\n\n{}\n",
             p.name,
-            cell(p.doc)
+            one_line(p.doc)
         ));
         let changed: Vec<String> = p
             .options
@@ -267,7 +269,7 @@ pub fn presets_reference() -> String {
         if !p.differs.is_empty() {
             out.push_str("\nStill different:\n\n");
             for d in p.differs {
-                out.push_str(&format!("- {}\n", cell(d)));
+                out.push_str(&format!("- {}\n", one_line(d)));
             }
         }
     }
@@ -299,6 +301,10 @@ mod tests {
     /// Checks (or, with `PSGD_WRITE_GENERATED` set, rewrites) the part of `path` (relative
     /// to the repository root) from `start` to `end` inclusive, or the whole file.
     fn check_generated(path: &str, want: &str, markers: Option<(&str, &str)>) {
+        // two tests rewrite parts of docs/options.md: one at a time, or one reads the
+        // other's half-written file
+        static FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = FILES.lock().unwrap_or_else(|e| e.into_inner());
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../..")
             .join(path);
