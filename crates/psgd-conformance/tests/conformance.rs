@@ -63,16 +63,28 @@ fn affine_fixtures_match_psgd_jax() {
 #[test]
 fn kron_torch_fixtures_match_psgd_torch() {
     let rules = ["eq", "pro", "pro4p", "qep", "qeq", "quad", "quad4p"];
-    let results = check_rules("kron-torch", 46, &rules);
-    let newton: std::collections::BTreeSet<&str> = results
+    let results = check_rules("kron-torch", 60, &rules);
+    // every rule in its Newton form, and with size-1 axes (psgd_torch squeezes them) in
+    // both forms
+    let of = |pattern: &str| -> Vec<&str> {
+        let set: std::collections::BTreeSet<&str> = results
+            .iter()
+            .filter(|r| r.name.contains(pattern))
+            .filter_map(|r| r.name.split('_').nth(1))
+            .collect();
+        set.into_iter().collect()
+    };
+    assert_eq!(of("_newton_"), rules, "Newton cases");
+    assert_eq!(of("_newton_squeeze"), rules, "squeezed Newton cases");
+    let whitening_squeeze: std::collections::BTreeSet<&str> = results
         .iter()
-        .filter(|r| r.name.contains("_newton_"))
+        .filter(|r| r.name.ends_with("_squeeze") && !r.name.contains("_newton_"))
         .filter_map(|r| r.name.split('_').nth(1))
         .collect();
     assert_eq!(
-        newton.into_iter().collect::<Vec<_>>(),
-        rules[1..],
-        "Newton cases"
+        whitening_squeeze.into_iter().collect::<Vec<_>>(),
+        rules,
+        "squeezed whitening cases"
     );
     let eq = results
         .iter()

@@ -1136,15 +1136,29 @@ impl KronPreconditioner {
         // psgd_torch's EQ (see `whiten::draw`)
         let nm = &self.numerics;
         let before = nm.balance_before(count, rng)?;
-        let draws = self.draws(UpdateRule::Eq, inputs, vectors, count, rng)?;
+        // the Newton form's probes are the caller's vectors; psgd-jax's damping reuses
+        // them as the noise (as its whitening does), psgd_torch's draws a noise of its own
+        // (`randn_like(Hvp)`, in the noise's place among the fit's draws)
+        let own_noise = vectors.is_some() && nm.damping.is_some();
+        let given = if own_noise { None } else { vectors };
+        let draws = self.draws(UpdateRule::Eq, inputs, given, count, rng)?;
+        let probes = match (own_noise, vectors) {
+            (true, Some(v)) => Some(
+                v.iter()
+                    .map(|v| Ok(v.to_dtype(DType::F32)?))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            _ => None,
+        };
         let precision = self.options.update_precision();
         let out = stages::map_leaves(&self.leaves, |l| {
             let (plan, q, x, d) = (&self.plans[l], &qs[l], &inputs[l], &draws[l]);
             let x = nm.damp(x, &d.nu)?;
             let shape = plan.batched_shape();
+            let probe = probes.as_ref().map_or(&d.nu, |p| &p[l]);
             let (x, v) = (
                 x.reshape(shape.as_slice())?,
-                d.nu.reshape(shape.as_slice())?,
+                probe.reshape(shape.as_slice())?,
             );
             let mut bq = self.batched(plan, q)?;
             if before {
@@ -1190,7 +1204,8 @@ impl KronPreconditioner {
     }
 
     /// Every leaf's draws of a fit under `rule`, leaf by leaf (see [`whiten::draw`]);
-    /// `given` are the noises when the caller has them (EQ's Newton form).
+    /// `given` are the noises when the caller's vectors are also the noise (EQ's Newton
+    /// form under psgd-jax's damping).
     fn draws(
         &self,
         rule: UpdateRule,
