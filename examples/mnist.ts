@@ -117,6 +117,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     'lr-adam',
     'lr-kron',
     'lr-kron-auto',
+    'lr-kron-pro',
+    'lr-kron-quad',
     'lr-affine',
   ])
   await useCpuBackend()
@@ -129,6 +131,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     adam: num(flags, 'lr-adam', 1e-2),
     kron: num(flags, 'lr-kron', 3e-3),
     'kron-auto': num(flags, 'lr-kron-auto', 3e-3),
+    'kron-pro': num(flags, 'lr-kron-pro', 3e-3),
+    'kron-quad': num(flags, 'lr-kron-quad', 3e-3),
     affine: num(flags, 'lr-affine', 1e-2),
   }
   const steps = epochs * Math.ceil(train.n / batchSize)

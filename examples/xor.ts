@@ -132,7 +132,18 @@ export function trainXor(
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/xor.svg', ['length', 'seeds', 'steps', 'optimizers', 'lr-adam', 'lr-kron', 'lr-kron-auto', 'lr-affine'])
+  const flags = parseFlags(argv, 'examples/out/xor.svg', [
+    'length',
+    'seeds',
+    'steps',
+    'optimizers',
+    'lr-adam',
+    'lr-kron',
+    'lr-kron-auto',
+    'lr-kron-pro',
+    'lr-kron-quad',
+    'lr-affine',
+  ])
   await useCpuBackend()
   const length = num(flags, 'length', flags.smoke ? 8 : 20)
   const seeds = num(flags, 'seeds', flags.smoke ? 1 : 3)
