@@ -40,8 +40,6 @@ dense L×L factor on it (and heavyball a dense factor on a stacked 1-D leaf). Th
 lists every axis where the structure differs from ours.
 """
 import argparse
-import hashlib
-import importlib.util
 import json
 import statistics
 import sys
@@ -50,8 +48,6 @@ from pathlib import Path
 
 import torch
 
-PSGD_TORCH_SHA256 = "23fd61872406cc917779d674aeb3c12eba77af6c127c7473e500df27091f38f9"
-PSGD_TORCH_COMMIT = "a8616f1"
 RULES = {"EQ": "EQ", "PRO": "Q0.5EQ1.5", "QUAD": "QUAD"}
 DEFAULT_WORKLOADS = Path(__file__).resolve().parent / "workloads.json"
 
@@ -61,21 +57,16 @@ def log(*args):
 
 
 def load_psgd_torch(path):
-    """psgd_torch's psgd.py from `path`, checked against its sha256."""
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != PSGD_TORCH_SHA256:
-        sys.exit(f"{path}: sha256 {digest}, need {PSGD_TORCH_SHA256} "
-                 f"(psgd.py at commit {PSGD_TORCH_COMMIT}; see benches/setup-torch.sh)")
-    spec = importlib.util.spec_from_file_location("psgd_torch_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    # psgd.py prints notes on stdout; keep stdout for the JSON line
+    """psgd_torch's psgd.py from `path`, checked against its sha256 by the fixture
+    generator's loader; psgd.py's notes go to stderr."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "reference"))
+    from generate_fixtures import load_psgd_torch as load
+
     out, sys.stdout = sys.stdout, sys.stderr
     try:
-        spec.loader.exec_module(module)
+        return load(path)
     finally:
         sys.stdout = out
-    return module
 
 
 def our_dense(leaf, max_size):

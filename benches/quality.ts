@@ -68,6 +68,9 @@ const RULES = ['EQ', 'PRO', 'QUAD'] as const
 
 const entries = (g: Grid): [OptimizerName, number[]][] => Object.entries(g) as [OptimizerName, number[]][]
 
+/** The same learning rates for each Kron setting (default, auto-scale, PRO, QUAD). */
+const kronGrid = (lrs: number[]): Grid => ({ kron: lrs, 'kron-auto': lrs, 'kron-pro': lrs, 'kron-quad': lrs })
+
 const WHITENING: Whitening = {
   shapes: [
     [8, 4],
@@ -86,40 +89,20 @@ const FULL: Plan = {
   regression: {
     steps: 2000,
     cond: 1e4,
-    lrs: {
-      adam: [0.3, 1, 3],
-      kron: [0.003, 0.01, 0.03],
-      'kron-auto': [0.003, 0.01, 0.03],
-      'kron-pro': [0.003, 0.01, 0.03],
-      'kron-quad': [0.003, 0.01, 0.03],
-      affine: [0.01, 0.03, 0.1],
-    },
+    lrs: { adam: [0.3, 1, 3], ...kronGrid([0.003, 0.01, 0.03]), affine: [0.01, 0.03, 0.1] },
   },
   xor: {
     lengths: [20, 30],
     steps: 2000,
     seeds: [1, 2, 3],
-    lrs: {
-      adam: [3e-4, 1e-3, 3e-3],
-      kron: [3e-4, 1e-3, 3e-3],
-      'kron-auto': [3e-4, 1e-3, 3e-3],
-      'kron-pro': [3e-4, 1e-3, 3e-3],
-      'kron-quad': [3e-4, 1e-3, 3e-3],
-    },
+    lrs: { adam: [3e-4, 1e-3, 3e-3], ...kronGrid([3e-4, 1e-3, 3e-3]) },
   },
   mnist: {
     epochs: 2,
     train: 6000,
     test: 2000,
     batch: 64,
-    lrs: {
-      adam: [3e-3, 1e-2, 3e-2],
-      kron: [1e-3, 3e-3, 1e-2],
-      'kron-auto': [1e-3, 3e-3, 1e-2],
-      'kron-pro': [1e-3, 3e-3, 1e-2],
-      'kron-quad': [1e-3, 3e-3, 1e-2],
-      affine: [3e-3, 1e-2, 3e-2],
-    },
+    lrs: { adam: [3e-3, 1e-2, 3e-2], ...kronGrid([1e-3, 3e-3, 1e-2]), affine: [3e-3, 1e-2, 3e-2] },
   },
   whitening: WHITENING,
 }

@@ -16,8 +16,9 @@
  *
  * and prints every figure as a ratio of two timings taken in this run.
  *
- * Flags: --jax, --no-jax, --torch, --psgd-torch PATH, --workload NAME, --variant NAME,
- * --repeats N, --warmup N, --json FILE (write every record).
+ * Flags: --jax, --no-jax, --torch, --psgd-torch PATH, --no-node (skip the Node API case:
+ * its Node / Rust columns read —), --workload NAME, --variant NAME, --repeats N,
+ * --warmup N, --json FILE (write every record).
  */
 import { execFileSync, spawnSync } from 'node:child_process'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
@@ -62,6 +63,7 @@ function parseArgs(argv: string[]) {
   const a = {
     jax: 'auto' as 'auto' | 'yes' | 'no',
     torch: false,
+    node: true,
     psgdTorch: process.env.PSGD_TORCH_PY ?? '',
     workload: '',
     variant: '',
@@ -84,6 +86,9 @@ function parseArgs(argv: string[]) {
         break
       case '--torch':
         a.torch = true
+        break
+      case '--no-node':
+        a.node = false
         break
       case '--psgd-torch':
         a.psgdTorch = next()
@@ -348,7 +353,7 @@ function main() {
     const problem = timed('node', () => problemOf(w))
     for (const v of variants) {
       const rust = timed('rust', () => runJson(bin, [...common, '--variant', v, '--json'])[0])
-      const node = timed('node', () => nodeCase(w, problem, v, spec.variants[v] ?? {}, warmup, repeats))
+      const node = args.node ? timed('node', () => nodeCase(w, problem, v, spec.variants[v] ?? {}, warmup, repeats)) : null
       // one process per case, so that its peak resident memory is its own
       // psgd-jax has only its own variants (not kron-pro, kron-quad)
       const jax =
@@ -399,8 +404,8 @@ function main() {
           `${fmtMs(ours)} / ${fmtMs(rust.kinds[kind].min)}`,
           jax ? `${fmtMs(jax.kinds[kind].median)} / ${fmtMs(jax.kinds[kind].min)}` : '—',
           jax ? `**${ratio(ours, jax.kinds[kind].median)}**` : '—',
-          ratio(node[kind].median, node.inProcessRust[kind].median),
-          kind === 'apply' ? ratio(node.classStep.apply.median, node.inProcessRustAdd.apply.median) : '—',
+          node ? ratio(node[kind].median, node.inProcessRust[kind].median) : '—',
+          node && kind === 'apply' ? ratio(node.classStep.apply.median, node.inProcessRustAdd.apply.median) : '—',
           lim[kind] ? `${((100 * lim[kind].seconds) / ours).toFixed(0)}%` : 'n/a',
           ratio(ours, adam, 1),
         ]

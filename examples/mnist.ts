@@ -13,7 +13,7 @@ import { parseFlags, num } from './lib/cli'
 import { ema, mean, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
 import { split, type Digits } from './lib/mnist-data'
-import { LABELS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
+import { LABELS, LR_FLAGS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
 import { Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Series } from './lib/svg-plot'
@@ -108,19 +108,7 @@ export async function trainMnist(c: MnistConfig): Promise<MnistRun> {
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/mnist.svg', [
-    'epochs',
-    'train',
-    'test',
-    'batch',
-    'optimizers',
-    'lr-adam',
-    'lr-kron',
-    'lr-kron-auto',
-    'lr-kron-pro',
-    'lr-kron-quad',
-    'lr-affine',
-  ])
+  const flags = parseFlags(argv, 'examples/out/mnist.svg', ['epochs', 'train', 'test', 'batch', 'optimizers', ...LR_FLAGS])
   await useCpuBackend()
   const epochs = num(flags, 'epochs', flags.smoke ? 2 : 3)
   const batchSize = num(flags, 'batch', 64)

@@ -19,6 +19,9 @@ export const LABELS: Record<OptimizerName, string> = {
   affine: 'Affine',
 }
 
+/** The examples' learning-rate flags, one per optimizer (`--lr-kron-pro`). */
+export const LR_FLAGS = Object.keys(LABELS).map((n) => `lr-${n}`)
+
 /** A learning rate, or a schedule of the number of steps already taken (0 at the first). */
 export type LearningRate = number | ((step: number) => number)
 
