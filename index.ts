@@ -2,7 +2,7 @@
  * psgd: PSGD optimizers for Node.js on a Rust/candle core.
  * @packageDocumentation
  */
-export { kron, Kron, type KronOptions } from './src/kron'
+export { kron, Kron, kronStateSize, type KronOptions, type KronStateSize, type KronLeafStateSize } from './src/kron'
 export { xmat, XMat, type XMatOptions } from './src/xmat'
 export { lra, LRA, type LRAOptions } from './src/lra'
 export { affine, Affine, type AffineOptions } from './src/affine'

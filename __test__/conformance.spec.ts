@@ -1,4 +1,4 @@
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 import { execFileSync, spawnSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
@@ -31,25 +31,66 @@ for (const [variant, min] of [
   })
 }
 
-test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten, PRO and QUAD) within 1e-5', (t) => {
-  const r = conformance(path.join(root, 'fixtures', 'kron-torch'))
+/**
+ * The cases of `fixtures/<dir>` (at least `min`, named `<prefix>_<rule>_…`,
+ * `<prefix>_<rule>_newton_…` or `<prefix>_step_<rule>_…` with `rule` one of `rules`) all
+ * pass within 1e-5; returns the output and the rules that have Newton cases.
+ */
+function checkRules(t: ExecutionContext, dir: string, prefix: string, min: number, rules: string[]) {
+  const r = conformance(path.join(root, 'fixtures', dir))
   t.is(r.status, 0, r.stdout + r.stderr)
   const lines = r.stdout.trim().split('\n')
   const cases = lines.slice(0, -1)
-  t.true(cases.length >= 9, `${cases.length} cases`)
+  t.true(cases.length >= min, `${cases.length} cases`)
+  const newton = new Set<string>()
   for (const line of cases) {
-    const m = /^PASS {2}torch_(pro|quad)_\S+ +max rel err (\S+) \(tol 0\.001\)/.exec(line)
+    const m = new RegExp(`^PASS {2}${prefix}_(?:step_)?(${rules.join('|')})_(newton_)?\\S+ +max rel err (\\S+) \\(tol 0\\.001\\)`).exec(line)
     t.truthy(m, line)
-    t.true(Number(m?.[2]) <= 1e-5, line)
+    t.true(Number(m?.[3]) <= 1e-5, line)
+    if (m?.[2]) newton.add(m[1])
   }
   t.is(lines[lines.length - 1], `${cases.length} passed, 0 failed`)
+  return { out: r.stdout, newton }
+}
+
+test.serial('every committed kron-torch fixture matches psgd_torch (KronWhiten and KronNewton, every rule) within 1e-5', (t) => {
+  const rules = ['pro', 'quad', 'qeq', 'qep', 'pro4p', 'quad4p']
+  const { out, newton } = checkRules(t, 'kron-torch', 'torch', 36, rules)
+  t.deepEqual([...newton].sort(), [...rules].sort(), 'a Newton case of every rule')
+  // torch_step_*: the step options (momentum, the fit last, the update clip acting)
+  t.true((out.match(/^PASS {2}torch_step_/gm) ?? []).length >= 4)
 })
 
-test.serial('npm run conformance -- fixtures runs the psgd-jax and the psgd_torch cases together', (t) => {
+test.serial("every committed kron-dk fixture matches distributed-kron's pro (PRO and QUAD, merged and blocked shapes) within 1e-5", (t) => {
+  const { out } = checkRules(t, 'kron-dk', 'dk', 11, ['pro', 'quad'])
+  t.regex(out, /^PASS {2}dk_pro_blocks /m)
+  t.regex(out, /^PASS {2}dk_pro_scanned_blocks /m)
+})
+
+test.serial('a distributed-kron case with a pro option the checker cannot map yet fails, naming it', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-dk-'))
+  try {
+    const src = path.join(root, 'fixtures', 'kron-dk', 'dk_pro_small_bs4')
+    const dst = path.join(dir, 'dk_pro_adam')
+    fs.mkdirSync(dst)
+    fs.copyFileSync(path.join(src, 'tensors.safetensors'), path.join(dst, 'tensors.safetensors'))
+    const meta = JSON.parse(fs.readFileSync(path.join(src, 'case.json'), 'utf8'))
+    meta.options.lr_style = 'adam'
+    fs.writeFileSync(path.join(dst, 'case.json'), JSON.stringify(meta))
+    const r = conformance(dir)
+    t.not(r.status, 0)
+    t.regex(r.stdout, /FAIL {2}dk_pro_adam .*distributed-kron case not replayable: lr_style "adam"/)
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test.serial('npm run conformance -- fixtures runs the psgd-jax, psgd_torch and distributed-kron cases together', (t) => {
   const r = conformance(path.join(root, 'fixtures'))
   t.is(r.status, 0, r.stdout + r.stderr)
   t.regex(r.stdout, /^PASS {2}torch_pro_ranks /m)
   t.regex(r.stdout, /^PASS {2}kron_basic /m)
+  t.regex(r.stdout, /^PASS {2}dk_quad_blocks /m)
   t.regex(r.stdout.trim().split('\n').pop() ?? '', /^\d+ passed, 0 failed$/)
 })
 
@@ -97,15 +138,16 @@ test.serial('a replayed draw of the wrong shape fails loudly with step, index an
 test.serial('a psgd_torch case with an argument the checker cannot map yet fails, naming it', (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-conf-'))
   const src = path.join(root, 'fixtures', 'kron-torch', 'torch_pro_ranks')
-  const dst = path.join(dir, 'torch_pro_momentum')
+  const dst = path.join(dir, 'torch_pro_whiten_momentum')
   fs.mkdirSync(dst)
   for (const f of fs.readdirSync(src)) fs.copyFileSync(path.join(src, f), path.join(dst, f))
   const casePath = path.join(dst, 'case.json')
   const c = JSON.parse(fs.readFileSync(casePath, 'utf8'))
-  c.options.momentum = 0.9
+  // whitening the momentum without one: psgd_torch refuses it, so no run can have it
+  c.options.whiten_grad = false
   fs.writeFileSync(casePath, JSON.stringify(c))
   const r = conformance(dir)
   t.is(r.status, 1)
-  t.regex(r.stdout, /FAIL {2}torch_pro_momentum .*psgd-torch case not replayable: momentum 0\.9: psgd_torch's momentum warm-up/)
+  t.regex(r.stdout, /FAIL {2}torch_pro_whiten_momentum .*psgd-torch case not replayable: whiten_grad false needs a momentum/)
   fs.rmSync(dir, { recursive: true, force: true })
 })

@@ -1,5 +1,5 @@
 import test from 'ava'
-import { applyUpdates, kron, Kron, precondUpdateProbSchedule, Tensor, type ArrayLeaf, type PyTree } from '../index'
+import { applyUpdates, hessianHelper, kron, Kron, kronStateSize, precondUpdateProbSchedule, Tensor, type ArrayLeaf, type PyTree } from '../index'
 import { leaf, snapshot, sumSquares, twice, values } from './helpers'
 
 test("the seed's quadratic toy problem converges below 1e-4 (the README's code)", (t) => {
@@ -356,7 +356,7 @@ test('a refused non-finite step says where float32 overflowed, not "an extreme o
 })
 
 test("updateRule: every rule solves the seed's toy problem and trains a 2-D leaf with finite updates", (t) => {
-  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD'] as const) {
+  for (const updateRule of ['EQ', 'Q0.5EQ1.5', 'PRO', 'QUAD', 'QEQ', 'QEP', 'PRO4P', 'QUAD4P'] as const) {
     let params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
     const opt = kron({ learningRate: 0.1, b1: 0, preconditionerUpdateProbability: 1, updateRule })
     let state = opt.init(params)
@@ -439,4 +439,209 @@ test("updateDecision: 'draw' fits on a random subset of steps, 'counter' on ever
   t.true(fitted('draw', 1, 8).every(Boolean), "'draw' at probability 1 fits every step")
   const params = { data: Float32Array.from([1, 2, 3]), shape: [3] }
   t.throws(() => kron({ updateDecision: 'random' as never }).init(params), { instanceOf: TypeError, message: /updateDecision.*'draw'/ })
+})
+
+const RULES = ['EQ', 'Q0.5EQ1.5', 'QUAD', 'QEQ', 'QEP', 'PRO4P', 'QUAD4P'] as const
+
+/** A badly scaled quadratic `Σ hᵢ xᵢ²` over a 2-D leaf, a 1-D leaf and a scalar. */
+function scaledQuadratic(p: PyTree) {
+  const t = p as { w: ArrayLeaf; b: ArrayLeaf; s: number }
+  const hw = (i: number) => 1 + 3 * (i % 4) + (i >> 2)
+  const hb = (i: number) => 0.5 + i
+  const loss = t.w.data.reduce((a, x, i) => a + hw(i) * x * x, 0) + t.b.data.reduce((a, x, i) => a + hb(i) * x * x, 0) + 4 * t.s * t.s
+  return {
+    loss,
+    grads: {
+      w: { data: t.w.data.map((x, i) => 2 * hw(i) * x), shape: t.w.shape },
+      b: { data: t.b.data.map((x, i) => 2 * hb(i) * x), shape: t.b.shape },
+      s: 8 * t.s,
+    },
+  }
+}
+
+test('Hessian mode: kron({ updateRule }) with a hessianHelper loop trains a badly scaled quadratic under every rule', async (t) => {
+  for (const updateRule of RULES) {
+    let params: PyTree = { w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 }
+    const opt = kron({ learningRate: 0.1, b1: 0, updateRule })
+    let state = opt.init(params)
+    const start = scaledQuadratic(params).loss
+    for (let step = 0; step < 60; step++) {
+      const r = await hessianHelper(scaledQuadratic, params, { step, seed: 5 })
+      let updates
+      ;[updates, state] = opt.update(r.grads, state, params, r)
+      params = applyUpdates(params, updates)
+    }
+    const end = scaledQuadratic(params).loss
+    t.true(Number.isFinite(end) && end < 0.01 * start, `${updateRule}: ${start} -> ${end}`)
+    // the class: step(grads, extra) with the helper's result passed whole, same numbers
+    const cls = new Kron({ w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 } as PyTree, { learningRate: 0.1, b1: 0, updateRule })
+    let fn: PyTree = { w: leaf(values(12, 3), [3, 4]), b: leaf(values(3, 4)), s: 0.7 }
+    let fnState = opt.init(fn)
+    for (let step = 0; step < 3; step++) {
+      const r = await hessianHelper(scaledQuadratic, cls.params, { step, seed: 5 })
+      cls.step(r.grads, r)
+      let u
+      ;[u, fnState] = opt.update(r.grads, fnState, fn, r)
+      fn = applyUpdates(fn, u)
+    }
+    t.deepEqual(snapshot(cls.params), snapshot(fn), updateRule)
+    // the fitted state round-trips
+    const bytes = state.toBytes()
+    state.loadBytes(bytes)
+    t.deepEqual(state.toBytes(), bytes)
+  }
+})
+
+test('Hessian mode: a Kron hvp of the wrong shape is a RangeError naming the leaf; the state is untouched', (t) => {
+  const params = { w: leaf(values(12, 1), [3, 4]), b: leaf(values(3, 2)) }
+  for (const updateRule of ['EQ', 'PRO4P'] as const) {
+    const opt = kron({ updateRule })
+    const st = opt.init(params)
+    const before = st.toBytes()
+    const bad = { w: leaf(values(12, 1), [4, 3]), b: leaf(values(3, 2)) }
+    t.throws(() => opt.update(params, st, params, { hvp: bad, vector: params, updatePreconditioner: true }), {
+      instanceOf: RangeError,
+      message: /hvp.*'w'.*\[4,3\]|hvp.*'w'.*shape/,
+    })
+    t.throws(() => opt.update(params, st, params, { hvp: params, vector: { w: params.w }, updatePreconditioner: true }), {
+      message: /vector.*'b'/,
+    })
+    t.is(st.count, 0)
+    t.deepEqual(st.toBytes(), before)
+  }
+})
+
+test('mergeDims and blockSize: every rule trains merged and blocked (and scanned) leaves; the state round-trips and refuses another layout', (t) => {
+  const shapes: Record<string, number[]> = { conv: [2, 3, 4, 5], w: [11, 7], layers: [2, 6, 5], b: [9] }
+  const grad = (k: number) =>
+    Object.fromEntries(
+      Object.entries(shapes).map(([p, s], i) => [
+        p,
+        leaf(
+          values(
+            s.reduce((a, b) => a * b, 1),
+            10 * k + i,
+          ),
+          s,
+        ),
+      ]),
+    )
+  for (const updateRule of ['EQ', 'PRO', 'QUAD'] as const) {
+    for (const layout of [{ mergeDims: 'twoD', blockSize: 4 }, { mergeDims: 'small', targetMergedDimSize: 16, blockSize: 3 }, { blockSize: 5 }] as const) {
+      const opt = kron({ ...layout, updateRule, preconditionerUpdateProbability: 1, scannedLayers: { conv: false, w: false, layers: true, b: false } })
+      let state = opt.init(grad(0))
+      for (let k = 0; k < 3; k++) {
+        let u
+        ;[u, state] = opt.update(grad(k), state)
+        for (const [p, s] of Object.entries(shapes)) {
+          const l = (u as Record<string, ArrayLeaf>)[p]
+          t.deepEqual([...l.shape], s)
+          t.true([...(l.data as Float32Array)].every(Number.isFinite), `${updateRule} ${JSON.stringify(layout)} ${p}`)
+        }
+      }
+    }
+  }
+  // class style: stateDict round-trips; a state of another layout is refused naming the options
+  const params = { w: Tensor.fromArray(new Float32Array(24).fill(0.5), [2, 3, 4]) }
+  const merged = new Kron(params, { mergeDims: 'twoD' })
+  merged.step({
+    w: Tensor.fromArray(
+      Float32Array.from({ length: 24 }, (_, i) => Math.cos(i)),
+      [2, 3, 4],
+    ),
+  })
+  const bytes = merged.stateDict()
+  merged.loadStateDict(bytes)
+  t.deepEqual(merged.stateDict(), bytes)
+  const plain = new Kron(params)
+  const before = plain.stateDict()
+  t.throws(() => plain.loadStateDict(bytes), { message: /mergeDims.*blockSize/ })
+  t.deepEqual(plain.stateDict(), before)
+})
+
+test('blockSize above every axis changes nothing: blocks of 4 and 256 give the same run on a [4, 3] leaf', (t) => {
+  const run = (blockSize: number | null) => {
+    const opt = kron({ blockSize, updateRule: 'PRO', preconditionerUpdateProbability: 1 })
+    let state = opt.init(leaf(new Array<number>(12).fill(0), [4, 3]))
+    const out: number[][] = []
+    for (let k = 0; k < 3; k++) {
+      let u
+      ;[u, state] = opt.update(leaf(values(12, k), [4, 3]), state)
+      out.push([...((u as ArrayLeaf).data as Float32Array)])
+    }
+    return out
+  }
+  t.deepEqual(run(4), run(256))
+  t.deepEqual(run(4), run(null))
+})
+
+test('kronStateSize reports the factor shapes and bytes per leaf before anything is made', (t) => {
+  const params = {
+    w: { data: new Float32Array(4096 * 64), shape: [4096, 64] },
+    layers: { data: new Float32Array(3 * 60), shape: [3, 10, 6] },
+    b: { data: new Float32Array(5), shape: [5] },
+  }
+  const plain = kronStateSize(params, { scannedLayers: { w: false, layers: true, b: false } })
+  t.deepEqual(
+    plain.leaves.map((l) => [l.path, l.factors]),
+    [
+      ['b', [[5]]],
+      [
+        'layers',
+        [
+          [3, 10, 10],
+          [3, 6, 6],
+        ],
+      ],
+      [
+        'w',
+        [
+          [4096, 4096],
+          [64, 64],
+        ],
+      ],
+    ],
+  )
+  t.is(plain.leaves[2].bytes, 4 * (4096 * 4096 + 64 * 64))
+  t.is(
+    plain.bytes,
+    plain.leaves.reduce((a, l) => a + l.bytes, 0),
+  )
+  const blocked = kronStateSize(params, { blockSize: 256, mergeDims: 'twoD' })
+  t.deepEqual(blocked.leaves[2].factors, [
+    [16, 256, 256],
+    [16, 64, 64],
+  ])
+  t.is(blocked.leaves[2].bytes, 4 * 16 * (256 * 256 + 64 * 64))
+  // 'twoD' merges the unscanned [3, 10, 6] into [30, 6], its most balanced split
+  t.deepEqual(blocked.leaves[1].factors, [
+    [30, 30],
+    [6, 6],
+  ])
+  t.true(blocked.bytes < plain.bytes)
+  // bfloat16 factors halve the bytes
+  t.is(kronStateSize(params, { precondDtype: 'bfloat16' }).leaves[2].bytes, 2 * (4096 * 4096 + 64 * 64))
+  // the same sizes as a real state holds
+  const small = { w: { data: new Float32Array(60), shape: [10, 6] } }
+  const opt = new Kron(small, { blockSize: 4, updateRule: 'PRO' })
+  t.is(kronStateSize(small, { blockSize: 4, updateRule: 'PRO' }).leaves[0].factors.length, 8)
+  t.true(opt.stateDict().byteLength > kronStateSize(small, { blockSize: 4, updateRule: 'PRO' }).bytes)
+})
+
+test('mergeDims, targetMergedDimSize and blockSize are checked: typed errors naming the option, from kron, Kron and kronStateSize', (t) => {
+  const params = { data: new Float32Array(12), shape: [4, 3] }
+  const cases: [object, typeof TypeError | typeof RangeError, RegExp][] = [
+    [{ blockSize: 0 }, RangeError, /blockSize.*>= 1/],
+    [{ blockSize: -3 }, RangeError, /blockSize/],
+    [{ blockSize: 2.5 }, RangeError, /blockSize/],
+    [{ blockSize: '4' }, TypeError, /blockSize/],
+    [{ targetMergedDimSize: 0 }, RangeError, /targetMergedDimSize/],
+    [{ mergeDims: 'two_d' }, TypeError, /mergeDims.*'small'.*'twoD'/],
+    [{ mergeDims: true }, TypeError, /mergeDims/],
+  ]
+  for (const [o, Cls, message] of cases) {
+    t.throws(() => kron(o as never), { instanceOf: Cls, message }, JSON.stringify(o))
+    t.throws(() => new Kron({ p: params }, o as never), { instanceOf: Cls, message }, JSON.stringify(o))
+    t.throws(() => kronStateSize({ p: params }, o as never), { instanceOf: Cls, message }, JSON.stringify(o))
+  }
 })

@@ -60,6 +60,23 @@ const everyKind: Record<string, object[]> = {
     { updateRule: 'PRO', lipschitzBeta: 0 },
     { updateRule: 'QUAD', memorySaveMode: 'one_diag' },
     { updateRule: 'EQ' },
+    // the step options
+    {
+      updateRule: 'PRO',
+      updateDecision: 'cumulative',
+      updatePreconditionerFirst: false,
+      momentumWarmup: 'psgdTorch',
+      updateClipRms: 2,
+      updateClipElement: 10,
+      preconditionerInitScale: null,
+      initScaleScope: 'global',
+      initScalePower: 0.5,
+      maxSkew: 1,
+    },
+    { updateClipRms: null, updateDecision: 'draw', momentumWarmup: 'debias', initScaleScope: 'leaf' },
+    // merging and blocks; 'twoD' holds a capital that the rewriting must leave alone
+    { mergeDims: 'twoD', blockSize: 3, updateRule: 'PRO' },
+    { mergeDims: 'small', targetMergedDimSize: 16, blockSize: null },
   ],
   XMatOptimizer: [
     {
@@ -74,6 +91,7 @@ const everyKind: Record<string, object[]> = {
       gradClip: null,
       allowNonFinite: false,
       stepNormalizerOrder: '1st',
+      updatePreconditionerFirst: false,
       muDtype: null,
       precision: 'float32',
       seed: 2,
@@ -91,6 +109,7 @@ const everyKind: Record<string, object[]> = {
       gradClip: 2,
       allowNonFinite: true,
       stepNormalizerOrder: '2nd',
+      updatePreconditionerFirst: false,
       muDtype: 'float32',
       precision: 'bfloat16',
       seed: 3,
@@ -112,6 +131,7 @@ const everyKind: Record<string, object[]> = {
       maxSkewTriangular: 4,
       mask: true,
     },
+    { updatePreconditionerFirst: false },
   ],
 }
 

@@ -201,17 +201,6 @@ test('LRA rank and Affine size limits shape the state', (t) => {
   t.true(size(diag) < size(dense))
 })
 
-test('kron takes no Hessian inputs', (t) => {
-  const params = leaf([1, 2])
-  const opt = kron()
-  const st = opt.init(params)
-  t.throws(() => opt.update(twice(params), st, params, { hvp: params, vector: params, updatePreconditioner: true }), {
-    instanceOf: TypeError,
-    message: /kron fits its preconditioner by gradient whitening only/,
-  })
-  t.is(st.count, 0)
-})
-
 test('hessianHelper: the first two steps always update; the probability decides after; draws follow (seed, step)', async (t) => {
   const params = { w: leaf([1, 2, 3]) }
   const flags = []

@@ -366,8 +366,8 @@ export class OptimizerState {
 }
 
 /**
- * Extra inputs of `update` for the Hessian-based mode of XMat, LRA and Affine (all three
- * together). A {@link hessianHelper} result can be passed as it is.
+ * Extra inputs of `update` for the Hessian-based mode of every variant (Kron, XMat, LRA and
+ * Affine; all three together). A {@link hessianHelper} result can be passed as it is.
  */
 export interface UpdateExtra {
   /** Hessian-vector product `H·vector` (a tree like the params). */
@@ -443,6 +443,27 @@ function undoOnThrow(state: OptimizerState, before: NativeState, write: () => vo
     state.optimizer.copyState(before, state.handle)
     throw e
   }
+}
+
+/** The leaves as the core sees them: paths, shapes and the masks resolved. */
+function leafInfos(o: Resolved, flat: Flat<Leaf>): LeafInfo[] {
+  const wd = resolveMask(o.weightDecayMask, 'weightDecayMask', flat.paths, flat.leaves, true)
+  const scanned = resolveMask(o.scannedLayers, 'scannedLayers', flat.paths, flat.leaves, false)
+  return flat.paths.map((path, i) => ({
+    path,
+    shape: [...shapeOf(flat.leaves[i])],
+    scanned: scanned[i],
+    weightDecay: wd[i],
+  }))
+}
+
+/**
+ * @internal The leaves `init` would give the core for `params` under `options`, and the
+ * options as the core reads them (checked), without making anything.
+ */
+export function describeLeaves(spec: VariantSpec, params: PyTree, options: object | undefined): { leaves: LeafInfo[]; json: string } {
+  const o = resolveOptions(spec, options)
+  return { leaves: leafInfos(o, flatten<Leaf>(params, isLeaf, 'params')), json: o.json }
 }
 
 /** @internal Builds the optax-style pair for a variant (the factories and classes call it). */
@@ -531,17 +552,10 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
   const tensorInputs = (prep: Prepared): Tensor[] => prep.inputs.flatMap(([, f]) => (f ? f.leaves.filter((l): l is Tensor => l instanceof Tensor) : []))
 
   const initFlat = (flat: Flat<Leaf>): OptimizerState => {
-    const wd = resolveMask(o.weightDecayMask, 'weightDecayMask', flat.paths, flat.leaves, true)
-    const scanned = resolveMask(o.scannedLayers, 'scannedLayers', flat.paths, flat.leaves, false)
+    const leaves = leafInfos(o, flat)
     checkLiveAll([['params', flat]])
     const devices = flat.leaves.map((l) => (l instanceof Tensor ? l.device : 'cpu'))
-    const layout: Layout = { paths: flat.paths, shapes: flat.leaves.map((l) => [...shapeOf(l)]), devices, treedef: flat.treedef }
-    const leaves: LeafInfo[] = flat.paths.map((path, i) => ({
-      path,
-      shape: layout.shapes[i],
-      scanned: scanned[i],
-      weightDecay: wd[i],
-    }))
+    const layout: Layout = { paths: flat.paths, shapes: leaves.map((l) => l.shape), devices, treedef: flat.treedef }
     const temps: NativeTensor[] = []
     try {
       const nativeParams = flat.leaves.map((l, i) => toNative(l, flat.paths[i], 'params', devices[i], temps))

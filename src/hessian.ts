@@ -1,6 +1,6 @@
 /**
- * `hessianHelper`: everything the Hessian-based mode of XMat, LRA and Affine needs for one
- * step, from a loss-and-gradient function (psgd-jax's `hessian_helper`).
+ * `hessianHelper`: everything the Hessian-based mode of Kron, XMat, LRA and Affine needs
+ * for one step, from a loss-and-gradient function (psgd-jax's `hessian_helper`).
  */
 import { call, native, type NativeTensor } from './native'
 import { preview, showPath, showShape } from './describe'

@@ -129,6 +129,21 @@ export declare function checkOptions(variant: string, optionsJson: string): void
 /** Draws step `step`'s decision and probe for `params` (see [`psgd::hessian::probe`]). */
 export declare function hessianProbe(params: Array<NativeTensor>, seed: number, step: number, updateProbability: number): NativeProbe
 
+/** What Kron's state holds for one leaf (see [`kron_state_size`]). */
+export interface KronLeafSize {
+  path: string
+  /** The factors' shapes, in the saved state's order. */
+  factors: Array<Array<number>>
+  /** Bytes of the factors and their Lipschitz bounds. */
+  bytes: number
+}
+
+/**
+ * The factor shapes and bytes of Kron's state for `leaves` under the options (camelCase
+ * JSON), without allocating (see [`psgd::kron::kron_state_size`]).
+ */
+export declare function kronStateSize(leaves: Array<LeafInfo>, optionsJson: string): Array<KronLeafSize>
+
 /** One leaf as the TypeScript layer describes it. */
 export interface LeafInfo {
   path: string

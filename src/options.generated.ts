@@ -64,6 +64,14 @@ export interface PsgdNativeOptions {
    */
   stepNormalizerOrder?: '1st' | '2nd'
   /**
+   * Fit the preconditioner before preconditioning the step (default true,
+   * psgd-jax's order). false: precondition the step with the preconditioner
+   * as it was, then fit it on this step's input (psgd_torch's
+   * `update_preconditioner_first=False`); the random draws come in the same
+   * order either way. Not in psgd-jax.
+   */
+  updatePreconditionerFirst?: boolean
+  /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
   muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
@@ -111,15 +119,56 @@ export interface KronNativeOptions {
    * (`preconditionerUpdateProbability`). `'counter'` (default, psgd-jax's): a
    * deterministic counter fits once `1/p` steps have passed since the last fit, with
    * no random draw. `'draw'` (psgd_torch's): one uniform draw `u` at the start of
-   * every step, even when `p` is 1, and the step fits when `u < p`. Not in
-   * psgd-jax.
+   * every step, even when `p` is 1, and the step fits when `u < p`.
+   * `'cumulative'` (heavyball's): deterministic, the step fits iff
+   * `floor(c + p) > floor(c)` with `c` the sum of the earlier steps' `p` (kept in
+   * the state), so over any run the fits number `floor(Σp)`. A state loads only into
+   * an optimizer with the same `updateDecision`. Not in psgd-jax.
    */
-  updateDecision?: 'counter' | 'draw'
+  updateDecision?: 'counter' | 'draw' | 'cumulative'
+  /**
+   * Fit the preconditioner before preconditioning the step (default true,
+   * psgd-jax's and psgd_torch's default order). false: precondition (and finish)
+   * the step with the preconditioner as it was, then fit it on this step's input
+   * (psgd_torch's `update_preconditioner_first=False`). The random draws come in
+   * the same order either way, and the automatic initial scale
+   * (`preconditionerInitScale: null`) is still taken first. Not in psgd-jax.
+   */
+  updatePreconditionerFirst?: boolean
+  /**
+   * How momentum (`b1`) warms up. `'debias'` (default, psgd-jax's): an EMA with
+   * coefficient `b1`, divided by `1 − b1^t`. `'psgdTorch'` (psgd_torch's): the
+   * coefficient at 1-based step `t` is `β = min((t−1)/t, b1)`,
+   * `m ← β·m + (1−β)·g`, with no bias correction (the first step's momentum is
+   * the gradient). Not in psgd-jax.
+   */
+  momentumWarmup?: 'debias' | 'psgdTorch'
+  /**
+   * Cap on the RMS of each leaf's preconditioned update: `u / max(1, rms(u)/cap)`.
+   * Default 1.1 (psgd-jax's); psgd_torch's is 2 (`grad_clip_max_amps[0]`); null:
+   * no cap (heavyball's `PSGDPRO`).
+   */
+  updateClipRms?: number | null
+  /**
+   * Clamp each element of the preconditioned update to `±v` after the RMS cap.
+   * Default null (no clamp, psgd-jax's); psgd_torch's is 10
+   * (`grad_clip_max_amps[1]`). Not in psgd-jax.
+   */
+  updateClipElement?: number | null
   /**
    * Axes longer than this get a diagonal factor instead of a triangular one.
    * Default 8192.
    */
   maxSizeTriangular?: number
+  /**
+   * An axis of length `d` in a leaf (a layer with `scannedLayers`) of `N` elements
+   * gets a diagonal factor when `d² > maxSkew·N`, besides the other rules: 1
+   * makes the longer axis of a non-square matrix diagonal (psgd_torch's
+   * `preconditioner_max_skew`, whose default is 1). Size-1 axes, which psgd_torch
+   * squeezes away, change neither `N` nor any other axis' factor. Default null (no
+   * such rule, psgd-jax's).
+   */
+  maxSkew?: number | null
   /**
    * Leaves with fewer axes than this get only diagonal factors. Default 2.
    */
@@ -129,6 +178,31 @@ export interface KronNativeOptions {
    * of each leaf is diagonal; `'all_diag'`: every axis is diagonal.
    */
   memorySaveMode?: 'one_diag' | 'all_diag' | null
+  /**
+   * Merge a leaf's axes before preconditioning it. `null` (default): no merging.
+   * `'small'` (distributed-kron `kron`'s `merge_small_dims`): adjacent axes are
+   * grouped so that each merged size comes closest to `targetMergedDimSize`, by
+   * distributed-kron's loss (sizes below `target/8` or above `8·target` cost most).
+   * `'twoD'` (distributed-kron `pro`'s `_merge_dims`): every leaf becomes 1-D (when
+   * one axis holds all its elements, e.g. `[1, 8, 1]` → `[8]`) or 2-D, split at the
+   * most balanced position (e.g. `[2, 3, 4]` → `[6, 4]`). Factor kinds (dense or
+   * diagonal) are decided on the merged shape. Not in psgd-jax.
+   */
+  mergeDims?: 'small' | 'twoD' | null
+  /**
+   * The merged size `mergeDims: 'small'` aims at (≥ 1). Default 4096
+   * (distributed-kron's `target_merged_dim_size`).
+   */
+  targetMergedDimSize?: number
+  /**
+   * Cut every dense axis (after `mergeDims`) longer than this into blocks of this
+   * length, the last one shorter; each block gets factors of its own (a
+   * block-diagonal Kron, as distributed-kron's `block_size`), so a factor is at most
+   * `blockSize × blockSize`. Blocks are not padded: a block's fit is that of a leaf of
+   * its shape. With `preconditionerInitScale: null` each block takes its own scale.
+   * Default null (no blocks). Not in psgd-jax.
+   */
+  blockSize?: number | null
   /**
    * Fit the preconditioner to the momentum rather than the raw gradient. Default
    * true.
@@ -144,15 +218,19 @@ export interface KronNativeOptions {
    * `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
    * positive definite by a Procrustes rotation and no triangular solve (matrix
    * products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
-   * factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+   * factors. `'QEQ'`, `'QEP'`: psgd_torch's `dQ = Q·E·Q` and `dQ = Q·E·P` (QEP
+   * balances the factors before every fit). `'PRO4P'`, `'QUAD4P'`: PRO's and QUAD's
+   * forms on the factors of `P` itself (each applied once, starting at
+   * `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
    * `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
    * (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
    * (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-   * Not in psgd-jax.
+   * With Hessian-vector products each rule fits in its Newton form. Not in
+   * psgd-jax.
    */
-  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'
+  updateRule?: 'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'
   /**
-   * Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+   * Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
    * `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
    * latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
    * Not in psgd-jax.
@@ -165,9 +243,24 @@ export interface KronNativeOptions {
    * with `δ = 1e-9` as psgd_torch's newer Kron does, so that the first
    * preconditioned gradient has an RMS near 1 whatever the gradient's scale, and
    * at most `δ^(-1/2)` ≈ 3.2e4 for a tiny gradient; 1 for a gradient of all zeros.
-   * Not in psgd-jax.
+   * See `initScaleScope` and `initScalePower`. Not in psgd-jax.
    */
   preconditionerInitScale?: number | null
+  /**
+   * With `preconditionerInitScale: null`, over what the automatic scale is taken:
+   * `'leaf'` (default) one per leaf (per layer with `scannedLayers`); `'global'`
+   * one for every leaf, from the largest `mean(|g|⁴)` over all of them (psgd_torch's
+   * `preconditioner_init_scale=None`). Not in psgd-jax.
+   */
+  initScaleScope?: 'leaf' | 'global'
+  /**
+   * With `preconditionerInitScale: null`, the power `k` the automatic scale is
+   * raised to: `((mean(|g|⁴) + δ⁴)^(-1/8))^k`, so the initial preconditioner is
+   * that to the `2k` (> 0). Default 1 (psgd_torch's); heavyball's
+   * `precond_init_scale_power` is 0.5 by default (heavyball clamps `|g| ≥ 1e-12`
+   * instead of adding `δ⁴`). Not in psgd-jax.
+   */
+  initScalePower?: number
   /**
    * Clip the incoming gradients to this global L2 norm before anything else
    * (momentum and the preconditioner fit see the clipped gradients). Not in
@@ -254,21 +347,31 @@ export interface AffineNativeOptions extends PsgdNativeOptions {
  */
 export const VARIANTS = {
   kron: {
-    hessian: false,
+    hessian: true,
     options: {
       learningRate: 'schedule',
       b1: 'value',
       weightDecay: 'value',
       preconditionerUpdateProbability: 'schedule',
       updateDecision: 'value',
+      updatePreconditionerFirst: 'value',
+      momentumWarmup: 'value',
+      updateClipRms: 'value',
+      updateClipElement: 'value',
       maxSizeTriangular: 'value',
+      maxSkew: 'value',
       minNdimTriangular: 'value',
       memorySaveMode: 'value',
+      mergeDims: 'value',
+      targetMergedDimSize: 'value',
+      blockSize: 'value',
       momentumIntoPrecondUpdate: 'value',
       preconditionerLr: 'value',
       updateRule: 'value',
       lipschitzBeta: 'value',
       preconditionerInitScale: 'value',
+      initScaleScope: 'value',
+      initScalePower: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
       muDtype: 'value',
@@ -296,6 +399,7 @@ export const VARIANTS = {
       gradClip: 'value',
       allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
+      updatePreconditionerFirst: 'value',
       muDtype: 'value',
       precision: 'value',
       seed: 'value',
@@ -316,6 +420,7 @@ export const VARIANTS = {
       gradClip: 'value',
       allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
+      updatePreconditionerFirst: 'value',
       muDtype: 'value',
       precision: 'value',
       seed: 'value',
@@ -337,6 +442,7 @@ export const VARIANTS = {
       gradClip: 'value',
       allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
+      updatePreconditionerFirst: 'value',
       muDtype: 'value',
       precision: 'value',
       seed: 'value',

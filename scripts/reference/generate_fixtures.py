@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Golden-fixture generator: runs a Python reference (psgd-jax 0.2.9, or psgd_torch's
-psgd.py for "reference": "psgd-torch" cases) and records what it did, in the case format
-of shared/spec/conformance.md.
+"""Golden-fixture generator: runs a Python reference (psgd-jax 0.2.9, psgd_torch's
+psgd.py for "reference": "psgd-torch" cases, distributed-kron 2.0.0's `pro` for
+"reference": "distributed-kron" cases) and records what it did, in the case format of
+shared/spec/conformance.md.
 
 Environment (CPU only; this script installs nothing). The exact commands it was run with:
 
@@ -20,6 +21,13 @@ psgd-torch cases (a separate venv; jax is not needed there):
 no licence): `git show a8616f1:psgd.py` in a clone of github.com/lixilinx/psgd_torch,
 sha256 23fd61872406cc917779d674aeb3c12eba77af6c127c7473e500df27091f38f9.
 
+and for the distributed-kron cases (another venv: distributed-kron 2.0.0 imports only on
+jax < 0.6, and imports flax without declaring it):
+
+    python3 -m venv /tmp/venv-dk
+    /tmp/venv-dk/bin/pip install distributed-kron==2.0.0 jax==0.5.3 jaxlib==0.5.3 \
+        flax==0.10.4 chex==0.1.89 optax==0.2.6 safetensors numpy
+
 Usage:
 
     .venv-ref/bin/python scripts/reference/generate_fixtures.py \
@@ -27,8 +35,21 @@ Usage:
     /tmp/venv-torch/bin/python scripts/reference/generate_fixtures.py \
         --cases scripts/reference/cases/kron_torch.json --out fixtures/kron-torch \
         --psgd-torch /tmp/psgd.py
+    /tmp/venv-dk/bin/python scripts/reference/generate_fixtures.py \
+        --cases scripts/reference/cases/kron_dk.json --out fixtures/kron-dk
 
 Each reference is imported only when a case needs it.
+
+distributed-kron cases: its `pro` (options: its own keyword arguments) runs jitted on the
+problem below. It has no sequential generator: every draw is a pure function of the
+1-based step and a block index (dense 2-D blocks: keys split from
+fold_in(PRNGKey(42), step), one per block of every dense leaf in tree order, each layer's
+blocks row-major; 1-D leaves: fold_in(PRNGKey(46), step) split per layer). The draws are
+recomputed from that schedule with jax.random and laid out as this package's Kron takes
+them (dk_draws): leaves merged by pro's own _merge_dims, cut into unpadded blocks
+grouped by shape, per part the noise, then per dense factor the norm-bound subspace and
+(PRO) the Procrustes one, each cut from pro's padded (block_size) draws to the block's
+valid size, then a balance uniform of 1.0 (pro balances every 100th step only).
 
 CASES.json is a list of {name, variant, options, params, steps, hessian, seed}:
   - params: {path: shape}; a FLAT dict, so JAX's leaf order is the sorted path order.
@@ -36,8 +57,8 @@ CASES.json is a list of {name, variant, options, params, steps, hessian, seed}:
     (weight_decay_mask, scanned_layers) are given as flat {path: bool} dicts.
   - seed: drives numpy's default_rng for the problem (initial params, gradients).
   - reference (optional): "psgd-torch" runs psgd_torch's KronWhiten instead (variant
-    "kron", whitening form only); its options are KronWhiten's own keyword arguments,
-    and the seed also seeds torch (torch.manual_seed) before the run.
+    "kron"), or with "hessian": true its KronNewton; the options are that class's own
+    keyword arguments, and the seed also seeds torch (torch.manual_seed) before the run.
 
 The problem, per leaf (leaves in sorted path order, each drawing h, target, p0 in turn):
 a fixed ill-conditioned diagonal quadratic with curvature h = exp(U(-2, 2)), target
@@ -64,10 +85,21 @@ step is recorded where psgd_torch subtracts it from a parameter (-lr_params * u,
 psgd_torch clips each preconditioned gradient (RMS above grad_clip_max_amps[0] is scaled
 down to it, then elements are clamped to +-grad_clip_max_amps[1]); whether that acted,
 and the largest RMS and element of the preconditioned gradients before it, are recorded
-in case.json under "update_clip" (this package's Kron caps the RMS at 1.1 instead, so
-the checker refuses a case where either clip acted). Each case is then replayed under
+in case.json under "update_clip" (the checker maps grad_clip_max_amps to Kron's
+updateClipRms and updateClipElement). Each case is then replayed under
 another torch seed with the tape handing back the recorded draws, and the updates must
 agree bitwise: the tape holds every random number the run used.
+
+psgd-torch Newton cases ("hessian": true, KronNewton): the closure's loss is
+sum(p * g_t) + sum(0.5 * h * (p - p_t)^2), so the gradient at p_t is exactly g_t and the
+Hessian-vector product of KronNewton's probe V is h * V (h the problem's curvature).
+KronNewton draws its update decision and its probes itself; those draws are not on the
+case's tape: the probe and the Hessian-vector product each fit used are recorded as
+vector.t.path and hvp.t.path, and the decision as update_precond.t (zeros and 0 on a
+step that did not fit), which is what this package's Hessian mode takes from its caller.
+The tape keeps the fit's own draws (the damping noise, the subspaces, the balance
+uniform) in order. KronNewton has no update clip (grad_clip_max_norm is infinite);
+"update_clip" records the largest RMS and element of its preconditioned gradients.
 """
 
 import argparse
@@ -380,7 +412,7 @@ class TorchTape:
                 recorded = self.replay[self.phase]
                 if self.cursor >= len(recorded):
                     raise RuntimeError(f"phase {self.phase}: more draws than recorded")
-                rkind, arr = recorded[self.cursor]
+                rkind, arr, _ = recorded[self.cursor]
                 self.cursor += 1
                 if rkind != kind or tuple(arr.shape) != tuple(out.shape):
                     raise RuntimeError(f"phase {self.phase}: drew {kind} {tuple(out.shape)}, "
@@ -388,7 +420,12 @@ class TorchTape:
                 return torch.from_numpy(arr.copy()).to(out.dtype)
             if out.dtype != torch.float32:
                 raise RuntimeError(f"torch draw of dtype {out.dtype}; cases are float32")
-            self.draws[self.phase].append((kind, out.detach().numpy().copy()))
+            # the function that drew (a comprehension's frame stands for its function)
+            frame = sys._getframe(1)
+            while frame.f_code.co_name.startswith("<") and frame.f_back is not None:
+                frame = frame.f_back
+            caller = frame.f_code.co_name
+            self.draws[self.phase].append((kind, out.detach().numpy().copy(), caller))
             return out
 
         return wrapper
@@ -408,13 +445,25 @@ class TorchTape:
             self.phase = None
 
 
+# KronNewton's keyword arguments, for "hessian": true psgd-torch cases
+TORCH_KRON_NEWTON_OPTIONS = {
+    "dQ", "lr_params", "lr_preconditioner", "betaL", "damping", "momentum",
+    "grad_clip_max_norm", "preconditioner_max_size", "preconditioner_max_skew",
+    "preconditioner_init_scale", "preconditioner_update_probability",
+}
+
+
 def torch_kron_options(case):
     options = dict(case.get("options", {}))
-    unknown = set(options) - TORCH_KRON_OPTIONS
+    newton = bool(case.get("hessian"))
+    known = TORCH_KRON_NEWTON_OPTIONS if newton else TORCH_KRON_OPTIONS
+    unknown = set(options) - known
     if unknown:
-        raise ValueError(f"{case['name']}: not KronWhiten options: {sorted(unknown)}")
-    if case.get("hessian"):
-        raise ValueError(f"{case['name']}: only KronWhiten (the whitening form) is generated")
+        cls = "KronNewton" if newton else "KronWhiten"
+        raise ValueError(f"{case['name']}: not {cls} options: {sorted(unknown)}")
+    if newton and options.get("preconditioner_init_scale") is None:
+        raise ValueError(f"{case['name']}: KronNewton's automatic initial scale reads the "
+                         "probes; give preconditioner_init_scale")
     if case["variant"] != "kron":
         raise ValueError(f"{case['name']}: psgd-torch cases are kron cases")
     if "grad_clip_max_amps" in options:
@@ -433,13 +482,23 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
     max_amps = options.get("grad_clip_max_amps", (2.0, 10.0))
     params = [torch.nn.Parameter(torch.from_numpy(np.array(problem.p0[p], dtype=np.float32)))
               for p in problem.paths]
-    seen = {"pre": [], "updates": {}}
-    orig_precond = ref.precond_grad_kron
+    newton = bool(case.get("hessian"))
+    seen = {"pre": [], "updates": {}, "pairs": []}
+    h = [torch.from_numpy(np.array(problem.h[p], dtype=np.float32)) for p in problem.paths]
 
-    def precond_recorder(*args, **kwargs):
-        out = orig_precond(*args, **kwargs)
-        seen["pre"].append(out.detach().clone())  # before the in-place clip
-        return out
+    def precond_recorder(orig):
+        def wrapper(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            seen["pre"].append(out.detach().clone())  # before the in-place clip
+            return out
+        return wrapper
+
+    def pair_recorder(orig):
+        # KronNewton's fit: the probe V and the Hessian-vector product it was given
+        def wrapper(QL, exprs, v, hvp, **kwargs):
+            seen["pairs"].append((v.detach().numpy().copy(), hvp.detach().numpy().copy()))
+            return orig(QL, exprs, v, hvp, **kwargs)
+        return wrapper
 
     orig_subtract = torch.Tensor.subtract_
 
@@ -450,14 +509,16 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
                 seen["updates"][problem.paths[i]] = u.astype(np.float32)
         return orig_subtract(self, other, alpha=alpha)
 
-    out_grads, updates, clip = [], [], []
-    ref.precond_grad_kron = precond_recorder
+    out_grads, updates, clip, extras = [], [], [], []
     torch.Tensor.subtract_ = subtract_recorder
     try:
         torch.manual_seed(case["seed"] + (1 if replay is not None else 0))
         with tape.patched(replay), contextlib.redirect_stdout(open(os.devnull, "w")):
             tape.set_phase("init")
-            opt = ref.KronWhiten(params, **options)
+            opt = (ref.KronNewton if newton else ref.KronWhiten)(params, **options)
+            opt._precond_grad = precond_recorder(opt._precond_grad)
+            if newton:
+                opt._update_precond = pair_recorder(opt._update_precond)
             for t in range(case["steps"]):
                 tape.set_phase(t)
                 if grads is None:
@@ -467,23 +528,43 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
                 gt = [torch.from_numpy(np.array(g[p], dtype=np.float32)) for p in problem.paths]
 
                 def closure():
-                    return sum((x * gx).sum() for x, gx in zip(params, gt))
+                    # gradient exactly g_t at p_t; Hessian h (diagonal): HVP = h * v
+                    loss = sum((x * gx).sum() for x, gx in zip(params, gt))
+                    if newton:
+                        loss = loss + sum((0.5 * hx * (x - x.detach()) ** 2).sum()
+                                          for x, hx in zip(params, h))
+                    return loss
 
-                seen["pre"], seen["updates"] = [], {}
+                seen["pre"], seen["updates"], seen["pairs"] = [], {}, []
                 opt.step(closure)
                 if sorted(seen["updates"]) != problem.paths:
                     raise RuntimeError(f"step {t}: updates of {sorted(seen['updates'])}")
                 out_grads.append(g)
                 updates.append(dict(seen["updates"]))
+                if newton:
+                    extras.append(newton_extras(problem, seen["pairs"]))
                 rms = max(float(torch.sqrt(torch.mean(x * x))) for x in seen["pre"])
                 amax = max(float(x.abs().max()) for x in seen["pre"])
                 clip.append({"max_rms": rms, "max_abs": amax,
-                             "acted": rms > max_amps[0] or amax > max_amps[1]})
+                             "acted": not newton and (rms > max_amps[0] or amax > max_amps[1])})
             tape.check_used()
     finally:
-        ref.precond_grad_kron = orig_precond
         torch.Tensor.subtract_ = orig_subtract
-    return problem, out_grads, updates, clip
+    return problem, out_grads, updates, clip, extras
+
+
+def newton_extras(problem, pairs):
+    """One step's (hvp, vector, updated) as the case format has them: the pairs KronNewton
+    fitted on (in leaf order, shaped like the params), or zeros and False on a step that
+    did not fit."""
+    if not pairs:
+        zeros = {p: np.zeros(problem.shapes[p], np.float32) for p in problem.paths}
+        return zeros, dict(zeros), False
+    if len(pairs) != len(problem.paths):
+        raise RuntimeError(f"{len(pairs)} fitted pairs for {len(problem.paths)} leaves")
+    vector = {p: v.reshape(problem.shapes[p]) for p, (v, _) in zip(problem.paths, pairs)}
+    hvp = {p: hv.reshape(problem.shapes[p]) for p, (_, hv) in zip(problem.paths, pairs)}
+    return hvp, vector, True
 
 
 def record_torch_case(case, ref):
@@ -491,13 +572,185 @@ def record_torch_case(case, ref):
 
     torch.set_default_dtype(torch.float32)
     tape = TorchTape(torch)
-    problem, grads, updates, clip = run_torch_case(case, ref, tape)
+    problem, grads, updates, clip, extras = run_torch_case(case, ref, tape)
     draws = tape.draws
     replayed = TorchTape(torch)
-    _, _, again, _ = run_torch_case(case, ref, replayed, grads=grads, replay=draws)
+    _, _, again, _, _ = run_torch_case(case, ref, replayed, grads=grads, replay=draws)
     bitwise = all(np.array_equal(a[p], b[p]) for a, b in zip(updates, again) for p in a)
-    return dict(problem=problem, grads=grads, updates=updates, extras=[], draws=draws,
+    if case.get("hessian"):
+        # KronNewton's own draws (the update decision, the probes) are the caller's side
+        # of this package's Hessian mode: the case hands them over as update_precond and
+        # vector, and only the fit's draws stay on the tape
+        draws = {k: [(kind, arr) for kind, arr, caller in v if caller != "step"]
+                 for k, v in draws.items()}
+    else:
+        draws = {k: [(kind, arr) for kind, arr, _ in v] for k, v in draws.items()}
+    return dict(problem=problem, grads=grads, updates=updates, extras=extras, draws=draws,
                 clip=clip, replay_bitwise=bitwise, torch_version=torch.__version__)
+
+
+# ----------------------------------------------------------------------------------
+# distributed-kron 2.0.0 (`pro`), for "reference": "distributed-kron" cases
+
+DK_VERSION = "2.0.0"
+# pro's keyword arguments a case may set
+DK_PRO_OPTIONS = {
+    "learning_rate", "lr_style", "b1", "weight_decay", "max_size_dense", "preconditioner_lr",
+    "preconditioner_init_scale", "preconditioner_update_style", "scanned_layers", "block_size",
+    "noise_scale",
+}
+DK_SUBSPACE = 32
+
+
+def import_dk():
+    """Imports jax, optax and distributed-kron's `pro` module (shadowed in the package by
+    the function of the same name), checking distributed-kron's version."""
+    global jax, jnp, optax
+    import jax as _jax
+    import jax.numpy as _jnp
+    import optax as _optax
+    import distributed_kron  # noqa: F401
+
+    jax, jnp, optax = _jax, _jnp, _optax
+    jax.config.update("jax_platforms", "cpu")
+    installed = importlib.metadata.version("distributed-kron")
+    if installed != DK_VERSION:
+        sys.exit(f"distributed-kron {installed} installed, need {DK_VERSION}")
+    return sys.modules["distributed_kron.pro"]
+
+
+def dk_merge_dims(shape):
+    """distributed-kron pro's `_merge_dims` (the package's own function is used; this
+    wrapper only turns its numpy ints into ints)."""
+    merged = sys.modules["distributed_kron.pro"]._merge_dims(tuple(shape))
+    return tuple(int(d) for d in merged)
+
+
+def our_parts(shape, scanned, block_size):
+    """This package's layout of a leaf under mergeDims 'twoD' and blockSize (see
+    crates/psgd/src/variants/kron/layout.rs): per part (blocks of one shape, in the order
+    their first block appears in the row-major block grid) the block shape and its blocks'
+    grid coordinates; the part stacks its blocks block-major, then the layers."""
+    B = shape[0] if scanned else 1
+    merged = dk_merge_dims(shape[1:] if scanned else shape)
+    if len(merged) <= 1:
+        return B, merged, [(merged, [()])]
+    lengths = []
+    for d in merged:
+        nb = -(-d // block_size)
+        lengths.append([block_size] * (nb - 1) + [d - block_size * (nb - 1)])
+    parts = []
+    for r, h in enumerate(lengths[0]):
+        for c, w in enumerate(lengths[1]):
+            for shp, blocks in parts:
+                if shp == (h, w):
+                    blocks.append((r, c))
+                    break
+            else:
+                parts.append(((h, w), [(r, c)]))
+    return B, merged, parts
+
+
+def dk_draws(case, problem, step):
+    """The draws distributed-kron pro makes at 1-based step `step`, recomputed from its
+    key schedule with jax.random and laid out in the order and shapes this package's Kron
+    consumes them: per leaf (sorted paths) and part, the noise (the part's shape), per
+    dense factor the subspace of its norm bound and, under PRO, of its Procrustes step
+    ((B, 32, d), or (32, d) for a part of one unscanned block), then the balance uniform
+    (1.0: pro balances every 100th step only)."""
+    o = case["options"]
+    style = o.get("preconditioner_update_style", "PRO")
+    bs = o.get("block_size", 256)
+    scanned = o.get("scanned_layers") or {}
+    layouts = {p: our_parts(problem.shapes[p], scanned.get(p, False), bs) for p in problem.paths}
+    # dense blocks of every 2-D leaf in tree order, each layer's blocks row-major
+    n_dense = sum(B * len(lengths_of(merged, bs)[0]) * len(lengths_of(merged, bs)[1])
+                  for B, merged, _ in layouts.values() if len(merged) == 2)
+    dense_keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(42), step), max(n_dense, 1))
+    one_d_key = jax.random.fold_in(jax.random.PRNGKey(46), step)
+    out = []
+    offset = 0
+    for p in problem.paths:
+        B, merged, parts = layouts[p]
+        if len(merged) <= 1:
+            m = int(np.prod(merged)) if merged else 1
+            keys = jax.random.split(one_d_key, B)
+            nu = np.stack([np.asarray(jax.random.normal(keys[b], (m,))) for b in range(B)])
+            # the part's shape: the merged axes, after the layer axis of a scanned leaf
+            shape = ((B,) if scanned.get(p, False) else ()) + tuple(merged)
+            out.append(("normal", nu.reshape(shape).astype(np.float32)))
+            out.append(("uniform", np.asarray(1.0, np.float32)))
+            continue
+        nr, nc = (len(x) for x in lengths_of(merged, bs))
+        stacked = len(parts) > 1 or len(parts[0][1]) > 1 or scanned.get(p, False)
+        for (h, w), blocks in parts:
+            nus, spd_l, skh_l, spd_r, skh_r = [], [], [], [], []
+            for (r, c) in blocks:
+                for b in range(B):
+                    key = dense_keys[offset + b * nr * nc + r * nc + c]
+                    k1, k2 = jax.random.split(key)
+                    nus.append(np.asarray(jax.random.normal(k2, (bs, bs)))[:h, :w])
+                    k3, k4 = jax.random.split(k1)
+                    for k, d, spd, skh in ((k3, h, spd_l, skh_l), (k4, w, spd_r, skh_r)):
+                        if style == "PRO":
+                            a, b_ = jax.random.split(k)
+                            spd.append(np.asarray(jax.random.normal(a, (DK_SUBSPACE, bs)))[:, :d])
+                            skh.append(np.asarray(jax.random.normal(b_, (DK_SUBSPACE, bs)))[:, :d])
+                        else:
+                            spd.append(np.asarray(jax.random.normal(k, (DK_SUBSPACE, bs)))[:, :d])
+            fix = (lambda x: np.stack(x)) if stacked else (lambda x: x[0])
+            out.append(("normal", fix(nus).astype(np.float32)))
+            for spd, skh in ((spd_l, skh_l), (spd_r, skh_r)):
+                out.append(("normal", fix(spd).astype(np.float32)))
+                if style == "PRO":
+                    out.append(("normal", fix(skh).astype(np.float32)))
+            out.append(("uniform", np.asarray(1.0, np.float32)))
+        offset += B * nr * nc
+    return out
+
+
+def lengths_of(merged, bs):
+    """Block lengths per axis of a merged 2-D shape (distributed-kron's rows and columns)."""
+    out = []
+    for d in merged:
+        nb = -(-d // bs)
+        out.append([bs] * (nb - 1) + [d - bs * (nb - 1)])
+    return out
+
+
+def record_dk_case(case, dk):
+    """Runs distributed-kron's `pro` on the problem; the draws are recomputed from its key
+    schedule (dk_draws). Leaves must be dense (every merged side at most max_size_dense)
+    or 1-D."""
+    unknown = set(case.get("options", {})) - DK_PRO_OPTIONS
+    if unknown:
+        raise ValueError(f"{case['name']}: not pro options: {sorted(unknown)}")
+    if case["variant"] != "kron" or case.get("hessian"):
+        raise ValueError(f"{case['name']}: distributed-kron cases are kron whitening cases")
+    problem = Problem(case["params"], case["seed"])
+    o = dict(case["options"])
+    for p in problem.paths:
+        scanned = (o.get("scanned_layers") or {}).get(p, False)
+        merged = dk_merge_dims(problem.shapes[p][1:] if scanned else problem.shapes[p])
+        if any(d > o.get("max_size_dense", 16384) for d in merged) and len(merged) == 2:
+            raise ValueError(f"{case['name']}: leaf {p} takes pro's LARGE path")
+    if "scanned_layers" in o:
+        o["scanned_layers"] = {p: bool(o["scanned_layers"].get(p, False)) for p in problem.paths}
+    opt = dk.pro(**o)
+    params = to_jax(problem.p0)
+    grads, updates, draws = [], [], {"init": []}
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        state = opt.init(params)
+    update = jax.jit(opt.update)
+    for t in range(case["steps"]):
+        g = problem.grad(params)
+        u, state = update(to_jax(g), state, params)
+        grads.append(g)
+        updates.append(to_np(u))
+        draws[t] = dk_draws(case, problem, t + 1)
+        params = optax.apply_updates(params, u)
+        params = {k: v.astype(jnp.float32) for k, v in params.items()}
+    return dict(problem=problem, grads=grads, updates=updates, extras=[], draws=draws)
 
 
 # ----------------------------------------------------------------------------------
@@ -564,6 +817,14 @@ def write_case(case, rec, out_dir):
                     "before its clip (grad_clip_max_amps), over steps and leaves; "
                     "acted: whether that clip changed any of them",
         }
+    elif case.get("reference") == "distributed-kron":
+        meta["reference"] = "distributed-kron"
+        meta["reference_version"] = {
+            "package": "distributed-kron",
+            "version": DK_VERSION,
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+        }
     else:
         meta["reference"] = {
             "package": "psgd-jax",
@@ -604,12 +865,21 @@ def main():
     torch_ref = None
     if any(c.get("reference") == "psgd-torch" for c in cases):
         torch_ref = load_psgd_torch(args.psgd_torch)
+    dk = None
+    if any(c.get("reference") == "distributed-kron" for c in cases):
+        dk = import_dk()
     if any(c.get("reference", "psgd-jax") == "psgd-jax" for c in cases):
         import_jax()
     os.makedirs(args.out, exist_ok=True)
 
     failed = 0
     for case in cases:
+        if case.get("reference") == "distributed-kron":
+            rec = record_dk_case(case, dk)
+            n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
+            print(f"{case['name']}: steps={case['steps']} draws={n_draws}", flush=True)
+            write_case(case, rec, args.out)
+            continue
         if case.get("reference") == "psgd-torch":
             rec = record_torch_case(case, torch_ref)
             clip = rec["clip"]
@@ -618,7 +888,8 @@ def main():
             failed += not ok
             acted = [str(t) for t, c in enumerate(clip) if c["acted"]]
             balanced = [str(t) for t in range(case["steps"])
-                        if any(k == "uniform" and arr < 0.01 for k, arr in rec["draws"][t][1:])]
+                        if any(k == "uniform" and arr < 0.01
+                               for k, arr in rec["draws"][t][0 if case.get("hessian") else 1:])]
             print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
                   f" replay {'bitwise' if ok else 'MISMATCH'}"
                   f" max-rms={max(c['max_rms'] for c in clip):.3f}"

@@ -114,27 +114,26 @@ fn max_rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
 fn reference_of(case: &Value) -> Result<&str> {
     match case.get("reference") {
         None | Some(Value::Null) | Some(Value::Object(_)) => Ok("psgd-jax"),
-        Some(Value::String(r)) if r == "psgd-jax" || r == "psgd-torch" => Ok(r.as_str()),
+        Some(Value::String(r))
+            if r == "psgd-jax" || r == "psgd-torch" || r == "distributed-kron" =>
+        {
+            Ok(r.as_str())
+        }
         Some(other) => Err(bad(format!(
-            "reference {other} is not one the checker replays ('psgd-jax', 'psgd-torch')"
+            "reference {other} is not one the checker replays ('psgd-jax', 'psgd-torch', \
+             'distributed-kron')"
         ))),
     }
 }
 
-/// This package's Kron caps each leaf's preconditioned gradient at RMS 1.1 (psgd-jax's
-/// clip); psgd_torch scales an RMS above `grad_clip_max_amps[0]` down to it and then
-/// clamps elements to `±grad_clip_max_amps[1]`. A psgd-torch case is replayed only where
-/// neither acts.
-pub const KRON_RMS_CLIP: f64 = 1.1;
-
 /// Our Kron options for a psgd-torch case: psgd_torch `KronWhiten`'s keyword arguments
-/// (`options`) mapped to this package's, for the case's leaves, with the case's record of
-/// psgd_torch's update clip (`update_clip`). Refuses, naming the option, what cannot be
-/// mapped yet.
+/// (`options`) mapped to this package's, for the case's leaves (its update clip
+/// `grad_clip_max_amps` to `updateClipRms` and `updateClipElement`, its momentum to `b1`
+/// with `momentumWarmup: 'psgdTorch'`, its automatic initial scale to the global scope).
+/// Refuses, naming the option, what cannot be mapped yet.
 pub fn psgd_torch_options(
     options: &Map<String, Value>,
     leaves: &[LeafSpec],
-    update_clip: Option<&Value>,
 ) -> Result<Map<String, Value>> {
     let refuse = |msg: String| -> Result<Map<String, Value>> {
         Err(bad(format!("psgd-torch case not replayable: {msg}")))
@@ -148,7 +147,8 @@ pub fn psgd_torch_options(
         }
     };
     let flag = |key: &str| options.get(key).and_then(Value::as_bool).unwrap_or(true);
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 14] = [
+        "grad_clip_max_norm",
         "dQ",
         "lr_params",
         "lr_preconditioner",
@@ -164,7 +164,19 @@ pub fn psgd_torch_options(
         "update_preconditioner_first",
     ];
     if let Some(k) = options.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return refuse(format!("'{k}' is not a KronWhiten option"));
+        return refuse(format!(
+            "'{k}' is not a KronWhiten option (nor a KronNewton one)"
+        ));
+    }
+    if options
+        .get("grad_clip_max_norm")
+        .is_some_and(|v| !v.is_null())
+    {
+        return refuse(
+            "grad_clip_max_norm (KronNewton's clip of the global norm, applied to the \
+             learning rate) has no counterpart here"
+                .into(),
+        );
     }
     let rule = match options
         .get("dQ")
@@ -172,28 +184,24 @@ pub fn psgd_torch_options(
         .unwrap_or("Q0.5EQ1.5")
     {
         "Q0.5EQ1.5" | "Q0p5EQ1p5" => "Q0.5EQ1.5",
-        "QUAD" => "QUAD",
+        rule @ ("QUAD" | "QEQ" | "QEP" | "PRO4P" | "QUAD4P") => rule,
         other => {
             return refuse(format!(
                 "dQ '{other}' has no counterpart here (updateRule 'EQ' is psgd-jax's rule)"
             ))
         }
     };
+    // psgd_torch keeps no momentum outside (0, 1); whiten_grad false whitens it
     let momentum = num("momentum", 0.0)?;
-    if momentum > 0.0 && momentum < 1.0 {
-        return refuse(format!(
-            "momentum {momentum}: psgd_torch's momentum warm-up min(t/(t+1), momentum) is not \
-             an option here yet"
-        ));
-    }
-    if !flag("whiten_grad") {
-        return refuse("whiten_grad false (whitening the momentum) is not mapped yet".into());
-    }
-    if !flag("update_preconditioner_first") {
+    let momentum = if momentum > 0.0 && momentum < 1.0 {
+        momentum
+    } else {
+        0.0
+    };
+    let whiten_momentum = !flag("whiten_grad");
+    if whiten_momentum && momentum == 0.0 {
         return refuse(
-            "update_preconditioner_first false (fit after preconditioning) is not an option \
-             here yet"
-                .into(),
+            "whiten_grad false needs a momentum in (0, 1) (psgd_torch asserts it)".into(),
         );
     }
     let damping = num("damping", 1e-9)?;
@@ -202,25 +210,19 @@ pub fn psgd_torch_options(
             "damping {damping}: the inverse-free rules here damp with 1e-9 + eps·|g|"
         ));
     }
-    // the update clip: replayable only where neither psgd_torch's nor ours acted
-    let Some(clip) = update_clip else {
-        return refuse("case.json does not record whether psgd_torch's update clip acted".into());
+    // the update clip: (max RMS, max element), psgd_torch's default (2, 10)
+    let (clip_rms, clip_element) = match options.get("grad_clip_max_amps") {
+        None => (2.0, 10.0),
+        Some(v) => match v
+            .as_array()
+            .map(|a| a.iter().map(Value::as_f64).collect::<Vec<_>>())
+        {
+            Some(a) if a.len() == 2 && a.iter().all(Option::is_some) => {
+                (a[0].unwrap_or(2.0), a[1].unwrap_or(10.0))
+            }
+            _ => return refuse(format!("grad_clip_max_amps {v} is not two numbers")),
+        },
     };
-    if clip.get("acted").and_then(Value::as_bool) != Some(false) {
-        return refuse(format!(
-            "psgd_torch's update clip (grad_clip_max_amps) acted in this run: {clip}"
-        ));
-    }
-    let max_rms = clip
-        .get("max_rms")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| bad("update_clip has no max_rms"))?;
-    if max_rms > KRON_RMS_CLIP {
-        return refuse(format!(
-            "a preconditioned gradient reached RMS {max_rms}, above this package's cap \
-             {KRON_RMS_CLIP} (psgd_torch's is grad_clip_max_amps)"
-        ));
-    }
     // which axes are dense: psgd_torch's rule against ours
     let largest = leaves
         .iter()
@@ -245,8 +247,10 @@ pub fn psgd_torch_options(
         }
         let numel = l.shape.iter().product::<usize>() as f64;
         for (axis, &d) in l.shape.iter().enumerate() {
-            let theirs = d <= 1 || d > max_size || (d * d) as f64 > skew * numel;
-            let ours = d == 1 || d > max_size || l.shape.len() < 2;
+            let skewed = (d as f64) * (d as f64) > skew * numel;
+            let theirs = d <= 1 || d > max_size || skewed;
+            // the mapped options: maxSkew, maxSizeTriangular, minNdimTriangular 1
+            let ours = d == 1 || d > max_size || skewed;
             if theirs != ours {
                 return refuse(format!(
                     "preconditioner_max_skew {skew} makes axis {axis} of leaf '{}' (shape \
@@ -259,17 +263,11 @@ pub fn psgd_torch_options(
             }
         }
     }
-    let init_scale = match options.get("preconditioner_init_scale") {
-        None | Some(Value::Null) if leaves.len() == 1 => Value::Null,
-        None | Some(Value::Null) => {
-            return refuse(
-                "preconditioner_init_scale null with several leaves: psgd_torch takes one \
-                 scale for all of them, this package one per leaf"
-                    .into(),
-            )
-        }
-        Some(v) => v.clone(),
-    };
+    // null: one scale from the first gradients of every leaf
+    let init_scale = options
+        .get("preconditioner_init_scale")
+        .cloned()
+        .unwrap_or(Value::Null);
     let mut out = Map::new();
     out.insert("updateRule".into(), json!(rule));
     out.insert("learningRate".into(), json!(num("lr_params", 0.001)?));
@@ -278,15 +276,123 @@ pub fn psgd_torch_options(
         json!(num("lr_preconditioner", 0.1)?),
     );
     out.insert("lipschitzBeta".into(), json!(num("betaL", 0.9)?));
-    out.insert("b1".into(), json!(0.0));
-    out.insert("momentumIntoPrecondUpdate".into(), json!(false));
+    out.insert("b1".into(), json!(momentum));
+    out.insert("momentumWarmup".into(), json!("psgdTorch"));
+    out.insert("momentumIntoPrecondUpdate".into(), json!(whiten_momentum));
+    out.insert(
+        "updatePreconditionerFirst".into(),
+        json!(flag("update_preconditioner_first")),
+    );
+    out.insert("updateClipRms".into(), json!(clip_rms));
+    out.insert("updateClipElement".into(), json!(clip_element));
     out.insert("maxSizeTriangular".into(), json!(max_size));
+    out.insert("maxSkew".into(), json!(skew));
+    out.insert("minNdimTriangular".into(), json!(1));
     out.insert("preconditionerInitScale".into(), init_scale);
+    out.insert("initScaleScope".into(), json!("global"));
     out.insert(
         "preconditionerUpdateProbability".into(),
         json!(num("preconditioner_update_probability", 1.0)?),
     );
     out.insert("updateDecision".into(), json!("draw"));
+    Ok(out)
+}
+
+/// Our Kron options for a distributed-kron case: the keyword arguments of its `pro`
+/// (`options`) mapped to this package's: every leaf merged to 1-D or 2-D (`mergeDims:
+/// 'twoD'`), blocks of `block_size`, the fit at `preconditioner_lr` with its fixed
+/// Lipschitz smoothing 0.95, fitted on every step. Refuses, naming the option, what has no
+/// counterpart here yet.
+pub fn distributed_kron_options(options: &Map<String, Value>) -> Result<Map<String, Value>> {
+    let refuse = |msg: String| -> Result<Map<String, Value>> {
+        Err(bad(format!("distributed-kron case not replayable: {msg}")))
+    };
+    let num = |key: &str, default: f64| -> Result<f64> {
+        match options.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                bad(format!(
+                    "distributed-kron option {key} is not a number: {v}"
+                ))
+            }),
+        }
+    };
+    const KNOWN: [&str; 11] = [
+        "learning_rate",
+        "lr_style",
+        "b1",
+        "weight_decay",
+        "max_size_dense",
+        "preconditioner_lr",
+        "preconditioner_init_scale",
+        "preconditioner_update_style",
+        "scanned_layers",
+        "block_size",
+        "noise_scale",
+    ];
+    if let Some(k) = options.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return refuse(format!("'{k}' is not a pro option the checker maps"));
+    }
+    let rule = match options
+        .get("preconditioner_update_style")
+        .and_then(Value::as_str)
+        .unwrap_or("PRO")
+    {
+        "PRO" => "Q0.5EQ1.5",
+        "QUAD" => "QUAD",
+        other => return refuse(format!("preconditioner_update_style '{other}'")),
+    };
+    match options.get("lr_style") {
+        Some(Value::Null) => {}
+        other => {
+            return refuse(format!(
+                "lr_style {} (pro's default 'adam' divides the update by 5): only null maps",
+                other.map_or("absent".to_string(), Value::to_string)
+            ))
+        }
+    }
+    let wd = num("weight_decay", 0.1)?;
+    if wd != 0.0 {
+        return refuse(format!(
+            "weight_decay {wd}: pro adds its decay to the update before the learning rate \
+             (optax add_decayed_weights), not decoupled as here"
+        ));
+    }
+    let scale = num("preconditioner_init_scale", 1.0)?;
+    if scale != 1.0 {
+        return refuse(format!(
+            "preconditioner_init_scale {scale}: pro scales every factor by it, this package \
+             each by its k-th root (an init-scale mode is not an option here yet)"
+        ));
+    }
+    let noise = num("noise_scale", 1e-9)?;
+    if noise != 1e-9 {
+        return refuse(format!(
+            "noise_scale {noise}: the inverse-free rules here damp with 1e-9 + eps·|g|"
+        ));
+    }
+    let mut out = Map::new();
+    out.insert("updateRule".into(), json!(rule));
+    out.insert("learningRate".into(), json!(num("learning_rate", 0.001)?));
+    out.insert("b1".into(), json!(num("b1", 0.95)?));
+    out.insert("weightDecay".into(), json!(0.0));
+    out.insert(
+        "maxSizeTriangular".into(),
+        json!(num("max_size_dense", 16384.0)? as usize),
+    );
+    out.insert(
+        "preconditionerLr".into(),
+        json!(num("preconditioner_lr", 0.5)?),
+    );
+    out.insert("lipschitzBeta".into(), json!(0.95));
+    out.insert("preconditionerInitScale".into(), json!(1.0));
+    out.insert("preconditionerUpdateProbability".into(), json!(1.0));
+    out.insert("momentumIntoPrecondUpdate".into(), json!(true));
+    out.insert("mergeDims".into(), json!("twoD"));
+    out.insert(
+        "blockSize".into(),
+        json!(num("block_size", 256.0)? as usize),
+    );
     Ok(out)
 }
 
@@ -325,10 +431,22 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
         .collect::<Result<Vec<_>>>()?;
     let ours = match reference_of(&case)? {
         "psgd-torch" => {
-            if variant != "kron" || hessian {
-                return Err(bad("psgd-torch cases are Kron whitening cases"));
+            if variant != "kron" {
+                return Err(bad("psgd-torch cases are Kron cases"));
             }
-            psgd_torch_options(&options, &leaves, case.get("update_clip"))?
+            let mut ours = psgd_torch_options(&options, &leaves)?;
+            if hessian {
+                // KronNewton clips nothing (its grad_clip_max_norm is refused)
+                ours.insert("updateClipRms".into(), Value::Null);
+                ours.insert("updateClipElement".into(), Value::Null);
+            }
+            ours
+        }
+        "distributed-kron" => {
+            if variant != "kron" || hessian {
+                return Err(bad("distributed-kron cases are Kron whitening cases"));
+            }
+            distributed_kron_options(&options)?
         }
         _ => psgd::options::from_psgd_jax_names(&options),
     };

@@ -616,15 +616,7 @@ impl NativeOptimizer {
         options_json: String,
     ) -> Result<Self> {
         let options = options_object(&env, &options_json)?;
-        let leaves = leaves
-            .into_iter()
-            .map(|l| LeafSpec {
-                path: l.path,
-                shape: l.shape.into_iter().map(|d| d as usize).collect(),
-                scanned: l.scanned,
-                weight_decay: l.weight_decay,
-            })
-            .collect();
+        let leaves = leaf_specs(leaves);
         let inner = no_panic(|| AnyTransform::new(&variant, leaves, &options))
             .map_err(|e| js_err(&env, e))?;
         Ok(NativeOptimizer {
@@ -826,6 +818,58 @@ fn options_object(env: &Env, json: &str) -> Result<serde_json::Map<String, serde
 pub fn check_options(env: Env, variant: String, options_json: String) -> Result<()> {
     let options = options_object(&env, &options_json)?;
     AnyTransform::check_options(&variant, &options).map_err(|e| js_err(&env, e))
+}
+
+/// The core's leaves for the TypeScript layer's descriptions.
+fn leaf_specs(leaves: Vec<LeafInfo>) -> Vec<LeafSpec> {
+    leaves
+        .into_iter()
+        .map(|l| LeafSpec {
+            path: l.path,
+            shape: l.shape.into_iter().map(|d| d as usize).collect(),
+            scanned: l.scanned,
+            weight_decay: l.weight_decay,
+        })
+        .collect()
+}
+
+/// What Kron's state holds for one leaf (see [`kron_state_size`]).
+#[napi(object)]
+pub struct KronLeafSize {
+    pub path: String,
+    /// The factors' shapes, in the saved state's order.
+    pub factors: Vec<Vec<u32>>,
+    /// Bytes of the factors and their Lipschitz bounds.
+    pub bytes: f64,
+}
+
+/// The factor shapes and bytes of Kron's state for `leaves` under the options (camelCase
+/// JSON), without allocating (see [`psgd::kron::kron_state_size`]).
+#[napi]
+pub fn kron_state_size(
+    env: Env,
+    leaves: Vec<LeafInfo>,
+    options_json: String,
+) -> Result<Vec<KronLeafSize>> {
+    let options = options_object(&env, &options_json)?;
+    let leaves = leaf_specs(leaves);
+    let sizes = no_panic(|| {
+        let o = <psgd::KronOptions as psgd::Options>::from_json(&options)?;
+        psgd::kron::kron_state_size(&leaves, &o)
+    })
+    .map_err(|e| js_err(&env, e))?;
+    Ok(sizes
+        .into_iter()
+        .map(|s| KronLeafSize {
+            path: s.path,
+            factors: s
+                .factors
+                .into_iter()
+                .map(|f| f.into_iter().map(|d| d as u32).collect())
+                .collect(),
+            bytes: s.bytes as f64,
+        })
+        .collect())
 }
 
 /// The parameters of `precondUpdateProbSchedule`; absent ones take psgd-jax's defaults.

@@ -11,6 +11,9 @@ use candle_core::{Device, Tensor};
 macro_rules! variants {
     ($($variant:ident($ty:ty) = $name:literal),* $(,)?) => {
         /// One of the PSGD variants.
+        // one per optimizer, made once and stepped by reference: the variants' sizes (Kron
+        // keeps its options twice) do not matter
+        #[allow(clippy::large_enum_variant)]
         #[derive(Debug, Clone)]
         pub enum AnyTransform {
             $(
@@ -178,6 +181,7 @@ macro_rules! variants {
                     $(AnyState::$variant(s) => {
                         s.count = count;
                         s.update_counter = s.update_counter.min(count);
+                        s.update_cumulative = s.update_cumulative.min(count as f64);
                     })*
                 }
             }

@@ -36,9 +36,11 @@ pub use variants::{affine, kron, lra, xmat};
 pub use affine::{Affine, AffineOptions, AffineState};
 pub use any::{AnyState, AnyTransform};
 pub use error::{ErrorKind, PsgdError, Result};
-pub use kernels::fused::Clip;
+pub use kernels::fused::{Clip, Warmup as MomentumWarmup};
 pub use kernels::precision::Precision;
-pub use kron::{Kron, KronOptions, KronState, KronUpdateDecision, MemorySaveMode, UpdateRule};
+pub use kron::{
+    InitScaleScope, Kron, KronOptions, KronState, KronUpdateDecision, MemorySaveMode, UpdateRule,
+};
 pub use lra::{Lra, LraOptions, LraState};
 pub use optimizer::PsgdOptimizer;
 pub use options::Options;

@@ -127,6 +127,7 @@ pub fn init_momentum(
 pub fn momentum_all(
     b1: f64,
     nesterov: bool,
+    warmup: fused::Warmup,
     mu: Option<&Vec<Tensor>>,
     g32: &[Tensor],
     count: u64,
@@ -136,7 +137,7 @@ pub fn momentum_all(
             let pairs = mu
                 .iter()
                 .zip(g32)
-                .map(|(m, g)| fused::momentum(b1, m, g, count, nesterov))
+                .map(|(m, g)| fused::momentum(b1, m, g, count, nesterov, warmup))
                 .collect::<Result<Vec<_>>>()?;
             let (mu, upd): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
             Ok((Some(mu), upd))
@@ -172,6 +173,14 @@ pub fn update_counter(counter: u64, prob: f64) -> (bool, u64) {
     } else {
         (false, next)
     }
+}
+
+/// heavyball's deterministic cumulative decision: with `c` the sum of the update
+/// probabilities so far, fit iff `floor(c + p) > floor(c)`. Returns whether to fit and the
+/// new sum `c + p`.
+pub fn update_cumulative(c: f64, p: f64) -> (bool, f64) {
+    let next = c + p;
+    (next.floor() > c.floor(), next)
 }
 
 /// Whether any masked leaf needs the params for weight decay.
@@ -244,5 +253,22 @@ mod tests {
         // prob 1: every step; prob 0: never
         assert!(update_counter(0, 1.0).0);
         assert!(!update_counter(1000, 0.0).0);
+    }
+
+    #[test]
+    fn cumulative_fits_when_the_sum_crosses_an_integer() {
+        // p = 0.4: sums 0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 2.8, 3.2 fit at steps 3, 5 and 8
+        let mut c = 0.0;
+        let mut got = vec![];
+        for _ in 0..8 {
+            let (u, n) = update_cumulative(c, 0.4);
+            got.push(u);
+            c = n;
+        }
+        let fits: Vec<usize> = (0..8).filter(|&i| got[i]).map(|i| i + 1).collect();
+        assert_eq!(fits, vec![3, 5, 8]);
+        // p = 1 fits every step, p = 0 never
+        assert!(update_cumulative(0.0, 1.0).0 && update_cumulative(7.0, 1.0).0);
+        assert!(!update_cumulative(3.5, 0.0).0);
     }
 }

@@ -234,6 +234,7 @@ pub fn regroup(
     };
     let mut tensors = load(fresh)?;
     let mut counter = 0;
+    let mut cumulative = 0.0f64;
     let mut from = Vec::with_capacity(sources.len());
     for (i, b) in sources.iter().enumerate() {
         let m = checked_meta(b)?;
@@ -242,6 +243,12 @@ pub fn regroup(
         }
         if let Some(c) = m.get("update_counter").and_then(|c| c.parse::<u64>().ok()) {
             counter = counter.max(c);
+        }
+        if let Some(c) = m
+            .get("update_cumulative")
+            .and_then(|c| c.parse::<f64>().ok())
+        {
+            cumulative = cumulative.max(c);
         }
         from.push((leaf_count(&m)?, load(b)?));
     }
@@ -291,6 +298,10 @@ pub fn regroup(
     meta.insert("count".into(), count.to_string());
     if meta.contains_key("update_counter") {
         meta.insert("update_counter".into(), counter.min(count).to_string());
+    }
+    if meta.contains_key("update_cumulative") {
+        let c = cumulative.min(count as f64);
+        meta.insert("update_cumulative".into(), c.to_string());
     }
     let mut tensors: Vec<_> = tensors.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -443,6 +454,11 @@ impl LoadedState {
             .map(|l| take(self, l))
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    /// A metadata entry, if present.
+    pub fn meta_str(&self, k: &str) -> Option<&str> {
+        self.meta.get(k).map(String::as_str)
     }
 
     /// Reads a counter from the metadata (at most 2^53 − 1, a JavaScript integer).

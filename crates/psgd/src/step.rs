@@ -4,8 +4,16 @@
 //! [`Preconditioner`] (how it is initialised, fitted, applied and saved) and its options;
 //! where the variants differ in the step itself, the difference is a policy read from the
 //! options ([`StepOptions`]): the update decision (Kron's deterministic counter or a
-//! random draw), what the whitening fit sees (the momentum or the raw gradient), the clip
-//! (per-leaf RMS, global norm, none) and Nesterov momentum.
+//! random draw or a cumulative count), what the whitening fit sees (the momentum or the raw
+//! gradient), whether the fit comes before or after the preconditioning, the momentum's
+//! warm-up, the clip (per-leaf RMS and element clamp, global norm, none) and Nesterov
+//! momentum.
+//!
+//! The random draws of a step, in order: the update decision's draw (under a random
+//! decision), the whitening probes of XMat and LRA (drawn, or skipped, after the decision),
+//! then the fit's own draws (Kron's and Affine's, inside [`Preconditioner::update`]). The
+//! apply and the finish draw nothing, so the order is the same whether the fit comes
+//! before the preconditioning or after it (`updatePreconditionerFirst`).
 
 use crate::error::{PsgdError, Result};
 use crate::kernels::fused::{self, Clip};
@@ -51,6 +59,29 @@ pub enum UpdateDecision {
         /// Steps (from the first) that fit whatever the draw.
         always: u64,
     },
+    /// heavyball's deterministic cumulative count: the step fits iff
+    /// `floor(c + p) > floor(c)`, then `c ← c + p` (`c` kept in the state, from 0).
+    Cumulative,
+}
+
+impl UpdateDecision {
+    /// The option value that selects it (`updateDecision`), in errors and state files.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateDecision::Counter => "counter",
+            UpdateDecision::Draw { .. } => "draw",
+            UpdateDecision::Cumulative => "cumulative",
+        }
+    }
+}
+
+/// What the update decision of one step gives.
+#[derive(Debug, Clone)]
+struct Decided {
+    fit: bool,
+    update_counter: u64,
+    update_cumulative: f64,
+    vectors: Option<Vec<Tensor>>,
 }
 
 /// What a whitening fit is given.
@@ -93,6 +124,12 @@ pub struct StepOptions {
     pub fit_source: FitSource,
     /// The clip of the preconditioned updates.
     pub clip: Clip,
+    /// How momentum warms up (Kron's `momentumWarmup`; psgd-jax's debiasing elsewhere).
+    pub momentum_warmup: fused::Warmup,
+    /// Fit the preconditioner before preconditioning the step (psgd-jax's order, the
+    /// default); false: precondition with the preconditioner as it was, then fit it
+    /// (`updatePreconditionerFirst: false`, psgd_torch's `update_preconditioner_first`).
+    pub update_first: bool,
     /// Clip the incoming gradients to this global L2 norm first (`gradClip`; none by default).
     pub grad_clip: Option<f64>,
     /// Fail a step whose updates hold NaN or Inf (`allowNonFinite: false`, the default).
@@ -137,7 +174,7 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     /// Whether the whitening fit needs a probe vector per leaf drawn by the step, after the
     /// update decision (XMat and LRA; Kron and Affine draw their own).
     const WHITENING_VECTOR: bool;
-    /// Whether `update` accepts Hessian-vector products (all but Kron).
+    /// Whether `update` accepts Hessian-vector products (every variant does).
     const HESSIAN: bool = true;
     /// Whether the fit runs on a worker of rayon's pool (`stages::on_pool`): worth it
     /// when it forks many small parallel jobs (Kron's and Affine's per-leaf products), not
@@ -197,6 +234,9 @@ pub struct PsgdState<S> {
     /// The deterministic preconditioner-update counter ([`UpdateDecision::Counter`]; 0
     /// otherwise).
     pub update_counter: u64,
+    /// The sum of the update probabilities so far ([`UpdateDecision::Cumulative`]; 0
+    /// otherwise).
+    pub update_cumulative: f64,
     /// Momentum per leaf (none when `b1 == 0`).
     pub mu: Option<Vec<Tensor>>,
     /// The preconditioner.
@@ -258,31 +298,41 @@ impl<P: Preconditioner> Psgd<P> {
         curvature: Option<&Curvature>,
         g32: &[Tensor],
         rng: &mut dyn RandomSource,
-    ) -> Result<(bool, u64, Option<Vec<Tensor>>)> {
+    ) -> Result<Decided> {
+        let mut d = Decided {
+            fit: false,
+            update_counter: 0,
+            update_cumulative: 0.0,
+            vectors: None,
+        };
         if let Some(c) = curvature {
-            return Ok((c.update_preconditioner, 0, Some(f32s(&c.vector)?)));
+            d.fit = c.update_preconditioner;
+            d.vectors = Some(f32s(&c.vector)?);
+            return Ok(d);
         }
-        let (fit, counter) = match self.step.decision {
+        let p = hyper.update_probability;
+        match self.step.decision {
             UpdateDecision::Counter => {
-                stages::update_counter(state.update_counter, hyper.update_probability)
+                (d.fit, d.update_counter) = stages::update_counter(state.update_counter, p);
             }
             UpdateDecision::Draw { always } => {
                 let u = rng.uniform()?;
-                (
-                    u < hyper.update_probability as f32 || state.count < always,
-                    0,
-                )
+                d.fit = u < p as f32 || state.count < always;
             }
-        };
+            UpdateDecision::Cumulative => {
+                (d.fit, d.update_cumulative) =
+                    stages::update_cumulative(state.update_cumulative, p);
+            }
+        }
         if !P::WHITENING_VECTOR {
-            return Ok((fit, counter, None));
+            return Ok(d);
         }
         // the probes only feed the fit: a step without one skips their values
-        if !fit {
+        if !d.fit {
             for l in &self.leaves {
                 rng.skip_normal(&l.shape)?;
             }
-            return Ok((fit, counter, None));
+            return Ok(d);
         }
         let probes = self
             .leaves
@@ -290,7 +340,28 @@ impl<P: Preconditioner> Psgd<P> {
             .zip(g32)
             .map(|(l, g)| rng.normal(&l.shape, g.device()))
             .collect::<Result<Vec<_>>>()?;
-        Ok((fit, counter, Some(probes)))
+        d.vectors = Some(probes);
+        Ok(d)
+    }
+
+    /// The fit stage of a step: the preconditioner `start` fitted once to `job`, drawing
+    /// its own random numbers from `rng` (the last draws of the step). It reads nothing
+    /// else of the step, and under `updatePreconditionerFirst: false` it runs after the
+    /// step's updates are made, so it can run on another thread while the caller computes
+    /// the next gradient and give the same numbers bit for bit: keep it that way (no
+    /// input of the fit may come from the finish, and nothing after it may draw).
+    pub(crate) fn fit_stage(
+        &self,
+        start: &P::State,
+        job: &FitInputs,
+        rng: &mut dyn RandomSource,
+    ) -> Result<P::State> {
+        let mut fit = || self.precond.update(start, job, rng);
+        if P::FIT_ON_POOL {
+            stages::on_pool(&self.leaves, fit)
+        } else {
+            fit()
+        }
     }
 
     fn check_state(&self, s: &PsgdState<P::State>) -> Result<()> {
@@ -337,8 +408,13 @@ impl<P: Preconditioner> Psgd<P> {
     fn state_file(&self, state: &PsgdState<P::State>) -> StateFile {
         let mut f = StateFile::new(P::NAME, &self.leaves);
         f.meta("count", state.count.to_string());
-        if self.step.decision == UpdateDecision::Counter {
-            f.meta("update_counter", state.update_counter.to_string());
+        match self.step.decision {
+            UpdateDecision::Counter => f.meta("update_counter", state.update_counter.to_string()),
+            UpdateDecision::Cumulative => {
+                f.meta("update_decision", "cumulative".into());
+                f.meta("update_cumulative", state.update_cumulative.to_string());
+            }
+            UpdateDecision::Draw { .. } => {}
         }
         f.momentum(state.mu.as_ref());
         self.precond.save(&state.precond, &mut f);
@@ -352,19 +428,48 @@ impl<P: Preconditioner> Psgd<P> {
         let mut f = LoadedState::parse(bytes, device, P::NAME, &self.leaves, allow_non_finite)?;
         f.set_factor_dtype(self.precond.factor_dtype());
         let count = f.meta_u64("count")?;
+        // the decision the state was saved under: named since 'cumulative', else told by
+        // the counter psgd-jax's decision keeps
+        let saved = match (f.meta_str("update_decision"), f.meta_str("update_counter")) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(_)) => "counter".to_string(),
+            (None, None) => "draw".to_string(),
+        };
+        let ours = self.step.decision.name();
+        if saved != ours {
+            return Err(PsgdError::State(format!(
+                "was saved under updateDecision '{saved}', and this optimizer has \
+                 updateDecision '{ours}': load it into an optimizer with the same \
+                 updateDecision"
+            )));
+        }
         let update_counter = match self.step.decision {
             UpdateDecision::Counter => f.meta_u64("update_counter")?,
-            UpdateDecision::Draw { .. } => 0,
+            _ => 0,
         };
         if update_counter > count {
             return Err(PsgdError::State(format!(
                 "its update counter ({update_counter}) exceeds its step count ({count})"
             )));
         }
+        let update_cumulative = match self.step.decision {
+            UpdateDecision::Cumulative => f
+                .meta_str("update_cumulative")
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|&c| (0.0..=count as f64).contains(&c))
+                .ok_or_else(|| {
+                    PsgdError::State(format!(
+                        "missing or bad 'update_cumulative' (the sum of the update \
+                         probabilities, from 0 to its step count {count})"
+                    ))
+                })?,
+            _ => 0.0,
+        };
         let mu = f.take_momentum(self.leaves.len(), self.step.b1 > 0.0, self.step.mu_dtype)?;
         let state = PsgdState {
             count,
             update_counter,
+            update_cumulative,
             mu,
             precond: self.precond.load(&mut f)?,
         };
@@ -421,6 +526,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         Ok(PsgdState {
             count: 0,
             update_counter: 0,
+            update_cumulative: 0.0,
             mu,
             precond: self.precond.init(&device, rng)?,
         })
@@ -486,44 +592,52 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         }
 
         // the update decision and the whitening probes (psgd-jax draws them first)
-        let (fit, update_counter, vectors) = self.decide(state, &hyper, curvature, &g32, rng)?;
-        let (mu, momentum) =
-            stages::momentum_all(o.b1, o.nesterov, state.mu.as_ref(), &g32, count)?;
+        let decided = self.decide(state, &hyper, curvature, &g32, rng)?;
+        let fit = decided.fit;
+        let (mu, momentum) = stages::momentum_all(
+            o.b1,
+            o.nesterov,
+            o.momentum_warmup,
+            state.mu.as_ref(),
+            &g32,
+            count,
+        )?;
 
+        // Kron's automatic initial scale: taken on the first step, before anything else
+        // reads the preconditioner, whichever order the fit and the apply come in
         let scaled = match state.count {
             0 => self.precond.first_step(&state.precond, &g32)?,
             _ => None,
         };
-        let start = scaled.as_ref().unwrap_or(&state.precond);
-        let precond = if fit {
-            let hvps = match (curvature, o.fit_source) {
-                (Some(c), _) => f32s(&c.hvp)?,
-                (None, FitSource::Momentum) => momentum.clone(),
-                (None, FitSource::Gradient) => g32.clone(),
-            };
-            let inputs = FitInputs {
-                vectors: vectors.as_deref(),
-                hvps: &hvps,
-                hessian: curvature.is_some(),
-                first: state.count == 0,
-                precond_lr,
-                init_scale: o.init_scale,
-                normalizer: o.normalizer,
-                precision: o.precision,
-            };
-            let mut fit = || self.precond.update(start, &inputs, rng);
-            if P::FIT_ON_POOL {
-                stages::on_pool(&self.leaves, fit)?
-            } else {
-                fit()?
-            }
-        } else {
-            start.clone()
+        let start = scaled.unwrap_or_else(|| state.precond.clone());
+        let hvps = match (fit, curvature, o.fit_source) {
+            (false, _, _) => vec![],
+            (true, Some(c), _) => f32s(&c.hvp)?,
+            (true, None, FitSource::Momentum) => momentum.clone(),
+            (true, None, FitSource::Gradient) => g32.clone(),
         };
-        let precond = self.precond.prepare_apply(precond, fit)?;
+        let job = FitInputs {
+            vectors: decided.vectors.as_deref(),
+            hvps: &hvps,
+            hessian: curvature.is_some(),
+            first: state.count == 0,
+            precond_lr,
+            init_scale: o.init_scale,
+            normalizer: o.normalizer,
+            precision: o.precision,
+        };
+        // fit, then precondition (psgd-jax's order); or precondition with the
+        // preconditioner as it was, make the updates, and fit it last: the fit is then a
+        // separate stage on inputs that are all known before the updates are made
+        let before = if o.update_first && fit {
+            self.fit_stage(&start, &job, rng)?
+        } else {
+            start
+        };
+        let current = self.precond.prepare_apply(before, o.update_first && fit)?;
 
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
-        let pre = self.precond.apply(&precond, &momentum)?;
+        let pre = self.precond.apply(&current, &momentum)?;
         let (updates, non_finite) = fused::finish_updates(
             &pre,
             params,
@@ -540,13 +654,20 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 cause: overflow_cause(&pre[l], &g32[l], hyper.learning_rate)?,
             });
         }
+        let precond = if !o.update_first && fit {
+            let fitted = self.fit_stage(&current, &job, rng)?;
+            self.precond.prepare_apply(fitted, true)?
+        } else {
+            current
+        };
 
         let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
         Ok((
             updates,
             PsgdState {
                 count,
-                update_counter,
+                update_counter: decided.update_counter,
+                update_cumulative: decided.update_cumulative,
                 mu,
                 precond,
             },

@@ -123,6 +123,17 @@ fn regroup_moves_each_leafs_state_for_every_variant() {
         };
         check(|l| Kron::new(l, o.clone()).unwrap(), true);
     }
+    // merged and blocked leaves: each leaf's factors (`Q.<leaf>.<k>` over its blocks) and
+    // its layout move with it
+    for merge_dims in [None, Some(psgd::kron::MergeDims::TwoD)] {
+        let o = KronOptions {
+            update_rule: UpdateRule::Pro,
+            merge_dims,
+            block_size: Some(2),
+            ..Default::default()
+        };
+        check(|l| Kron::new(l, o.clone()).unwrap(), true);
+    }
     check(|l| Affine::new(l, Default::default()).unwrap(), true);
     check(|l| XMat::new(l, Default::default()).unwrap(), false);
     check(|l| Lra::new(l, Default::default()).unwrap(), false);

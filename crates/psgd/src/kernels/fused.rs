@@ -45,29 +45,77 @@ fn affine(v: f32, m: f32) -> f32 {
     v * m + 0.0
 }
 
+/// How momentum warms up over the first steps (`momentumWarmup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Warmup {
+    /// psgd-jax's (optax's): an EMA with coefficient `b1`, divided by `1 − b1^t`.
+    #[default]
+    Debias,
+    /// psgd_torch's: the coefficient `β_t = min((t−1)/t, b1)` at 1-based step `t`, no
+    /// bias correction (the first step's momentum is the gradient).
+    PsgdTorch,
+}
+
+/// The coefficients of one momentum step: `mu ← b·mu + a·g`, the update `c0·mu` (or with
+/// Nesterov `b·c1·mu + a·c0·g`).
+#[derive(Debug, Clone, Copy)]
+struct Ema {
+    a: f64,
+    b: f64,
+    c0: Option<f64>,
+    c1: Option<f64>,
+}
+
+impl Ema {
+    fn new(b1: f64, count: u64, warmup: Warmup) -> Self {
+        match warmup {
+            Warmup::Debias => Ema {
+                a: 1.0 - b1,
+                b: b1,
+                c0: Some(bias_correction(b1, count)),
+                c1: Some(bias_correction(b1, count + 1)),
+            },
+            Warmup::PsgdTorch => {
+                let t = count.max(1) as f64;
+                let beta = ((t - 1.0) / t).min(b1);
+                Ema {
+                    a: 1.0 - beta,
+                    b: beta,
+                    c0: None,
+                    c1: None,
+                }
+            }
+        }
+    }
+}
+
 /// `mu ← b1·mu + (1−b1)·g` (float32) and the update it gives at 1-based step `count`: the
 /// bias-corrected `mu`, or with `nesterov` psgd-jax's bias-corrected Nesterov blend
-/// `b1·mu/(1−b1^(count+1)) + (1−b1)·g/(1−b1^count)`.
+/// `b1·mu/(1−b1^(count+1)) + (1−b1)·g/(1−b1^count)`. Under [`Warmup::PsgdTorch`] the
+/// coefficient is `β_t` (see there) and nothing is divided.
 pub fn momentum(
     b1: f64,
     mu: &Tensor,
     g: &Tensor,
     count: u64,
     nesterov: bool,
+    warmup: Warmup,
 ) -> Result<(Tensor, Tensor)> {
     let mu = mu.to_dtype(DType::F32)?;
+    let e = Ema::new(b1, count, warmup);
     if mu.dims() == g.dims() {
-        let (a, b) = ((1.0 - b1) as f32, b1 as f32);
-        let c0 = (1.0 / bias_correction(b1, count)) as f32;
-        let c1 = (1.0 / bias_correction(b1, count + 1)) as f32;
+        let (a, b) = (e.a as f32, e.b as f32);
+        let c0 = e.c0.map(|c| (1.0 / c) as f32);
+        let c1 = e.c1.map(|c| (1.0 / c) as f32);
+        let scaled = |v: f32, c: Option<f32>| c.map_or(v, |c| affine(v, c));
         // both outputs in one pass, with the candle path's operations in its order
         let host = with_host(&[from_ref(&mu), from_ref(g)], |x| {
             elementwise::zip_map([&x[0], &x[1]], |[m, g]| {
                 let m = affine(g, a) + affine(m, b);
                 let u = if nesterov {
-                    affine(affine(m, c1), b) + affine(affine(g, c0), a)
+                    affine(scaled(m, c1), b) + affine(scaled(g, c0), a)
                 } else {
-                    affine(m, c0)
+                    scaled(m, c0)
                 };
                 [m, u]
             })
@@ -79,24 +127,24 @@ pub fn momentum(
             ));
         }
     }
-    momentum_ops(b1, &mu, g, count, nesterov)
+    momentum_ops(e, &mu, g, nesterov)
 }
 
 /// [`momentum`] as candle ops, for tensors the host path cannot view (`mu` in float32).
-fn momentum_ops(
-    b1: f64,
-    mu: &Tensor,
-    g: &Tensor,
-    count: u64,
-    nesterov: bool,
-) -> Result<(Tensor, Tensor)> {
-    let mu_new = ((g * (1.0 - b1))? + (mu * b1)?)?;
+fn momentum_ops(e: Ema, mu: &Tensor, g: &Tensor, nesterov: bool) -> Result<(Tensor, Tensor)> {
+    let divided = |t: &Tensor, c: Option<f64>| -> Result<Tensor> {
+        Ok(match c {
+            Some(c) => (t / c)?,
+            None => t.clone(),
+        })
+    };
+    let mu_new = ((g * e.a)? + (mu * e.b)?)?;
     let update = if nesterov {
-        let m = (&mu_new / bias_correction(b1, count + 1))?;
-        let gc = (g / bias_correction(b1, count))?;
-        ((m * b1)? + (gc * (1.0 - b1))?)?
+        let m = divided(&mu_new, e.c1)?;
+        let gc = divided(g, e.c0)?;
+        ((m * e.b)? + (gc * e.a)?)?
     } else {
-        (&mu_new / bias_correction(b1, count))?
+        divided(&mu_new, e.c0)?
     };
     Ok((mu_new, update))
 }
@@ -106,8 +154,14 @@ fn momentum_ops(
 pub enum Clip {
     /// No cap.
     None,
-    /// `clip_rms` on each leaf.
-    Rms,
+    /// Per leaf: `u / max(1, rms(u)/rms)` (no cap with `rms: None`), then each element
+    /// clamped to `±element` (none with `None`). Kron's default is `rms: Some(1.1)`.
+    Update {
+        /// The RMS cap.
+        rms: Option<f64>,
+        /// The element clamp after it.
+        element: Option<f64>,
+    },
     /// `clip_global_norm` over all leaves with this maximum norm.
     GlobalNorm(f64),
 }
@@ -145,7 +199,19 @@ pub fn finish_updates(
     }
     let pre = match clip {
         Clip::None => pre.to_vec(),
-        Clip::Rms => pre.iter().map(clip_rms).collect::<Result<_>>()?,
+        Clip::Update { rms, element } => pre
+            .iter()
+            .map(|u| {
+                let u = match rms {
+                    Some(c) => clip_rms(u, c)?,
+                    None => u.clone(),
+                };
+                Ok(match element {
+                    Some(e) => u.clamp(-e, e)?,
+                    None => u,
+                })
+            })
+            .collect::<Result<_>>()?,
         Clip::GlobalNorm(c) => clip_global_norm(pre.to_vec(), c)?,
     };
     let updates = pre
@@ -163,31 +229,32 @@ pub fn finish_updates(
     Ok((updates, bad))
 }
 
-/// `u / max(1, rms(u)/1.1)`: the preconditioned gradient should have unit RMS, so cap it.
-pub fn clip_rms(u: &Tensor) -> Result<Tensor> {
+/// `u / max(1, rms(u)/cap)`: the preconditioned gradient should have unit RMS, so cap it
+/// (Kron's cap is 1.1 by default).
+pub fn clip_rms(u: &Tensor, cap: f64) -> Result<Tensor> {
     let host = with_host(&[from_ref(u)], |x| {
-        let d = rms_divisor(&x[0]);
+        let d = rms_divisor(&x[0], cap);
         let [out] = elementwise::zip_map([&x[0]], |[v]| [v / d]);
         out
     });
     match host {
         Some(out) => Ok(Tensor::from_vec(out, u.shape(), u.device())?),
-        None => clip_rms_ops(u),
+        None => clip_rms_ops(u, cap),
     }
 }
 
 /// [`clip_rms`] as candle ops.
-fn clip_rms_ops(u: &Tensor) -> Result<Tensor> {
+fn clip_rms_ops(u: &Tensor, cap: f64) -> Result<Tensor> {
     let rms = u.sqr()?.mean_all()?.sqrt()?;
-    let denom = (rms / 1.1)?.maximum(1.0)?;
+    let denom = (rms / cap)?.maximum(1.0)?;
     Ok(u.broadcast_div(&denom)?)
 }
 
-/// The divisor of [`clip_rms`], `max(1, rms/1.1)`, in float32 as the candle ops compute it
+/// The divisor of [`clip_rms`], `max(1, rms/cap)`, in float32 as the candle ops compute it
 /// from the sum of squares (which the host sums in float64).
-fn rms_divisor(x: &Flat<'_>) -> f32 {
+fn rms_divisor(x: &Flat<'_>, cap: f64) -> f32 {
     let mean = (elementwise::sum_sq(x) / x.len() as f64) as f32;
-    affine(mean.sqrt(), (1.0 / 1.1) as f32).max(1.0)
+    affine(mean.sqrt(), (1.0 / cap) as f32).max(1.0)
 }
 
 /// optax's `clip_by_global_norm`: scales every update by `max / ‖u‖` when `‖u‖ ≥ max`.
@@ -305,14 +372,22 @@ impl Finish {
                 .zip(pre)
                 .map(|(&(u, p), t)| {
                     // a divisor of 1 and a multiplier of 1 leave every value as it is
-                    let div = match clip {
-                        Clip::Rms if !u.is_empty() => rms_divisor(u),
-                        _ => 1.0,
+                    let (div, clamp) = match clip {
+                        Clip::Update { rms, element } => (
+                            rms.filter(|_| !u.is_empty())
+                                .map_or(1.0, |c| rms_divisor(u, c)),
+                            element.map(|e| e as f32),
+                        ),
+                        _ => (1.0, None),
                     };
-                    let (out, finite) = match (div, global) {
-                        (1.0, 1.0) => finish_pass(u, p, wd, nlr, check, |v| v),
-                        (1.0, s) => finish_pass(u, p, wd, nlr, check, |v| v * s),
-                        (d, _) => finish_pass(u, p, wd, nlr, check, |v| v / d),
+                    let (out, finite) = match (div, global, clamp) {
+                        (1.0, 1.0, None) => finish_pass(u, p, wd, nlr, check, |v| v),
+                        (1.0, s, None) => finish_pass(u, p, wd, nlr, check, |v| v * s),
+                        (d, _, None) => finish_pass(u, p, wd, nlr, check, |v| v / d),
+                        (1.0, _, Some(e)) => finish_pass(u, p, wd, nlr, check, |v| v.clamp(-e, e)),
+                        (d, _, Some(e)) => {
+                            finish_pass(u, p, wd, nlr, check, |v| (v / d).clamp(-e, e))
+                        }
                     };
                     Ok((Tensor::from_vec(out, t.shape(), t.device())?, finite))
                 })
@@ -419,9 +494,13 @@ pub(crate) mod tests {
         for n in LENS {
             let (mu, g) = (randn(n, 1, 1.0), randn(n, 2, 3.0));
             for nesterov in [false, true] {
-                for count in [1, 2, 50] {
-                    let (m, u) = momentum(0.9, &mu, &g, count, nesterov).unwrap();
-                    let (m0, u0) = momentum_ops(0.9, &mu, &g, count, nesterov).unwrap();
+                for (count, warmup) in [1, 2, 50]
+                    .into_iter()
+                    .flat_map(|c| [(c, Warmup::Debias), (c, Warmup::PsgdTorch)])
+                {
+                    let (m, u) = momentum(0.9, &mu, &g, count, nesterov, warmup).unwrap();
+                    let e = Ema::new(0.9, count, warmup);
+                    let (m0, u0) = momentum_ops(e, &mu, &g, nesterov).unwrap();
                     assert_eq!(vals(&m), vals(&m0), "n {n}");
                     assert_eq!(vals(&u), vals(&u0), "n {n}");
                     assert_eq!(m.dims(), g.dims());
@@ -431,24 +510,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn psgd_torch_warmup_follows_its_formula() {
+        // β_t = min((t−1)/t, b1), m ← β_t·m + (1−β_t)·g, the update is m itself
+        let (mu, g) = (randn(9, 1, 1.0), randn(9, 2, 3.0));
+        for (t, beta) in [(1u64, 0.0f64), (2, 0.5), (3, 2.0 / 3.0), (20, 0.9)] {
+            let (m, u) = momentum(0.9, &mu, &g, t, false, Warmup::PsgdTorch).unwrap();
+            let want: Vec<f32> = vals(&mu)
+                .iter()
+                .zip(vals(&g))
+                .map(|(m, g)| (1.0 - beta as f32) * g + beta as f32 * m)
+                .collect();
+            for (a, b) in vals(&m).iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "t {t}: {a} vs {b}"
+                );
+            }
+            assert_eq!(vals(&u), vals(&m), "t {t}: no bias correction");
+        }
+        // the first step's momentum is the gradient
+        let (m, _) = momentum(0.9, &mu, &g, 1, false, Warmup::PsgdTorch).unwrap();
+        assert_eq!(vals(&m), vals(&g));
+    }
+
+    #[test]
     fn momentum_of_other_layouts_and_dtypes_takes_the_ops() {
         let (mu, g) = (randn(100, 1, 1.0), randn(100, 2, 1.0));
-        let (m0, u0) = momentum(0.9, &mu, &g, 3, true).unwrap();
+        let d = Warmup::Debias;
+        let e = Ema::new(0.9, 3, d);
+        let (m0, u0) = momentum(0.9, &mu, &g, 3, true, d).unwrap();
         // strided: the ops path, same values
-        let (m, u) = momentum(0.9, &strided(&mu), &strided(&g), 3, true).unwrap();
+        let (m, u) = momentum(0.9, &strided(&mu), &strided(&g), 3, true, d).unwrap();
         assert_eq!((vals(&m), vals(&u)), (vals(&m0), vals(&u0)));
         assert_eq!(m.dims(), &[100]);
         // a bfloat16 buffer is cast first, then fused
         let mu16 = mu.to_dtype(DType::BF16).unwrap();
-        let (m, u) = momentum(0.9, &mu16, &g, 3, false).unwrap();
-        let (m1, u1) =
-            momentum_ops(0.9, &mu16.to_dtype(DType::F32).unwrap(), &g, 3, false).unwrap();
+        let (m, u) = momentum(0.9, &mu16, &g, 3, false, d).unwrap();
+        let (m1, u1) = momentum_ops(e, &mu16.to_dtype(DType::F32).unwrap(), &g, false).unwrap();
         assert_eq!((vals(&m), vals(&u)), (vals(&m1), vals(&u1)));
         // float64 gradients cannot be viewed
         let g64 = g.to_dtype(DType::F64).unwrap();
         assert!(
-            momentum(0.9, &mu, &g64, 3, false).is_err()
-                == momentum_ops(0.9, &mu, &g64, 3, false).is_err()
+            momentum(0.9, &mu, &g64, 3, false, d).is_err()
+                == momentum_ops(e, &mu, &g64, false).is_err()
         );
     }
 
@@ -458,14 +562,14 @@ pub(crate) mod tests {
             // below the cap (divisor 1: exact) and above it
             for scale in [0.5, 4.0] {
                 let u = randn(n, 3, scale);
-                let got = clip_rms(&u).unwrap();
-                let want = clip_rms_ops(&u).unwrap();
+                let got = clip_rms(&u, 1.1).unwrap();
+                let want = clip_rms_ops(&u, 1.1).unwrap();
                 if scale < 1.0 {
                     assert_eq!(vals(&got), vals(&u));
                 }
                 assert_close(&got, &want);
                 // the ops path, whose sum over a strided view may round differently
-                assert_close(&clip_rms(&strided(&u)).unwrap(), &want);
+                assert_close(&clip_rms(&strided(&u), 1.1).unwrap(), &want);
             }
         }
     }
@@ -518,7 +622,18 @@ pub(crate) mod tests {
             let pre = leaves(&lens, 20, scale);
             for clip in [
                 Clip::None,
-                Clip::Rms,
+                Clip::Update {
+                    rms: Some(1.1),
+                    element: None,
+                },
+                Clip::Update {
+                    rms: Some(2.0),
+                    element: Some(0.5),
+                },
+                Clip::Update {
+                    rms: None,
+                    element: Some(0.5),
+                },
                 Clip::GlobalNorm(1.0),
                 Clip::GlobalNorm(1e6),
             ] {
@@ -529,7 +644,13 @@ pub(crate) mod tests {
                     assert_eq!(bad, None);
                     let clipped = match clip {
                         Clip::None => pre.clone(),
-                        Clip::Rms => pre.iter().map(|u| clip_rms_ops(u).unwrap()).collect(),
+                        Clip::Update { rms, element } => pre
+                            .iter()
+                            .map(|u| {
+                                let u = rms.map_or(u.clone(), |c| clip_rms_ops(u, c).unwrap());
+                                element.map_or(u.clone(), |e| u.clamp(-e, e).unwrap())
+                            })
+                            .collect(),
                         Clip::GlobalNorm(c) => clip_global_norm(pre.clone(), c).unwrap(),
                     };
                     let fin = Finish::new(wd, 0.01);

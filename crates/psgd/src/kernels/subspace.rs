@@ -75,6 +75,15 @@ pub fn norm_lower_bound_skh(a: &Tensor, v: &Tensor, p: Precision) -> Result<Tens
     subspace_bound(a, &max_abs_per_batch(a)?, v, p)
 }
 
+/// The generator of the Procrustes rotations, `R = Qᵀ − Q` divided by its
+/// [`norm_lower_bound_skh`] (from the draws `v` `(B, k, n)`) plus the smallest normal.
+fn procrustes_generator(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+    let b = q.dim(0)?;
+    let r = (q.transpose(1, 2)? - q)?;
+    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
+    Ok(r.broadcast_div(&norm.reshape((b, 1, 1))?)?)
+}
+
 /// One step of psgd_torch's online orthogonal Procrustes solver on each factor of the
 /// batch `q` `(B, n, n)`: the rotation `exp(aR)`, truncated after its second-order term,
 /// with the generator `R = Qᵀ − Q` normalised by [`norm_lower_bound_skh`] (from the draws
@@ -83,9 +92,7 @@ pub fn norm_lower_bound_skh(a: &Tensor, v: &Tensor, p: Precision) -> Result<Tens
 /// truncation; a symmetric `Q` is left as it is.
 pub fn procrustes_step2(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
     let b = q.dim(0)?;
-    let r = (q.transpose(1, 2)? - q)?;
-    let norm = (norm_lower_bound_skh(&r, v, p)? + TINY_F32)?;
-    let r = r.broadcast_div(&norm.reshape((b, 1, 1))?)?;
+    let r = procrustes_generator(q, v, p)?;
     let rq = p.matmul(&r, q)?;
     let rrq = p.matmul(&r, &rq)?;
     let (c1, c2) = (trace(&rq)?, trace(&rrq)?);
@@ -97,6 +104,38 @@ pub fn procrustes_step2(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> 
     let a = negative.where_cond(&search, &cap)?.reshape((b, 1, 1))?;
     let half_a2 = (a.sqr()? * 0.5)?;
     Ok((q + rq.broadcast_mul(&a)?)?.add(&rrq.broadcast_mul(&half_a2)?)?)
+}
+
+/// The largest step of [`procrustes_step3`]'s rotation (psgd_torch's `max_step_size`).
+const PROCRUSTES3_MAX_STEP: f64 = 1.0 / 3.0;
+
+/// One step of psgd_torch's third-order online Procrustes solver on each matrix of the
+/// batch `q` `(B, n, n)`: the rotation `I + aR + (aR)²/2 + (aR)³/8` with the generator
+/// `R = Qᵀ − Q` normalised by [`norm_lower_bound_skh`] (from the draws `v` `(B, k, n)`)
+/// and `a` the larger root of `tr(RQ) + a·tr(R²Q) + (3/8)a²·tr(R³Q) = 0`, capped at 1/3.
+/// A matrix with `tr(RQ) ≤ 0` or `tr(R³Q) ≥ 0` (symmetric up to round-off) is left as it
+/// is.
+pub fn procrustes_step3(q: &Tensor, v: &Tensor, p: Precision) -> Result<Tensor> {
+    let b = q.dim(0)?;
+    let r = procrustes_generator(q, v, p)?;
+    let rq = p.matmul(&r, q)?;
+    let rrq = p.matmul(&r, &rq)?;
+    let rrrq = p.matmul(&r, &rrq)?;
+    let (c1, c2, c3) = (trace(&rq)?, trace(&rrq)?, trace(&rrrq)?);
+    let moves = c1.gt(0.0)?.mul(&c3.lt(0.0)?)?;
+    // where the matrix does not move, stand-ins keep the root finite (it is not used)
+    let one = c1.ones_like()?;
+    let c1s = moves.where_cond(&c1, &one)?;
+    let c3s = moves.where_cond(&c3, &one.neg()?)?;
+    let disc = ((c2.sqr()? - (c1s.mul(&c3s)? * 1.5)?)?.relu()?).sqrt()?;
+    let root = ((c2.neg()? - disc)? / (c3s * 0.75)?)?;
+    let root = root.minimum(&(&one * PROCRUSTES3_MAX_STEP)?)?;
+    let a = moves
+        .where_cond(&root, &c1.zeros_like()?)?
+        .reshape((b, 1, 1))?;
+    let inner = (&rrq + rrrq.broadcast_mul(&(&a * 0.25)?)?)?;
+    let outer = (&rq + inner.broadcast_mul(&(&a * 0.5)?)?)?;
+    Ok((q + outer.broadcast_mul(&a)?)?)
 }
 
 #[cfg(test)]

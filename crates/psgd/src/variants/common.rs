@@ -53,6 +53,12 @@ macro_rules! psgd_options {
                 allow_non_finite: bool = false;
                 /// How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
                 step_normalizer_order: $crate::step::StepNormalizer = $crate::step::StepNormalizer::Second;
+                /// Fit the preconditioner before preconditioning the step (default true,
+                /// psgd-jax's order). false: precondition the step with the preconditioner
+                /// as it was, then fit it on this step's input (psgd_torch's
+                /// `update_preconditioner_first=False`); the random draws come in the same
+                /// order either way. Not in psgd-jax.
+                update_preconditioner_first: bool = true;
                 /// Dtype of the momentum buffer; null keeps each param's dtype.
                 mu_dtype: Option<$crate::options::StateDType> = None;
                 /// Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
@@ -100,6 +106,8 @@ macro_rules! psgd_options {
                     },
                     grad_clip: self.grad_clip,
                     check_finite: !self.allow_non_finite,
+                    momentum_warmup: $crate::kernels::fused::Warmup::Debias,
+                    update_first: self.update_preconditioner_first,
                 }
             }
 

@@ -1,9 +1,10 @@
 //! PSGD Kron: one preconditioner factor per tensor axis (triangular or diagonal), fitted by
-//! gradient whitening, as psgd-jax 0.2.9's `kron` / `scale_by_kron`.
+//! gradient whitening as psgd-jax 0.2.9's `kron` / `scale_by_kron`, or to Hessian-vector
+//! products (the Newton form); `updateRule` picks psgd_torch's other fits.
 
 use crate::common::finite_or_one;
 use crate::error::{PsgdError, Result};
-use crate::kernels::fused::{self, Clip};
+use crate::kernels::fused::{self, Clip, Warmup};
 use crate::kernels::linalg::{
     factor_gram, max_abs_per_batch, norm_lower_bound_sym_sum, solve_triangular_right,
     triu_difference, TINY_F32,
@@ -51,12 +52,28 @@ pub enum UpdateRule {
     Pro,
     /// psgd_torch's `QUAD`: full symmetric factors, a quadratic form of the fit.
     Quad,
+    /// psgd_torch's `QEQ`: full factors, `dQ = Q·E·Q`.
+    Qeq,
+    /// psgd_torch's `QEP`: full factors, `dQ = Q·E·P`, the factors balanced before every
+    /// fit.
+    Qep,
+    /// psgd_torch's `PRO4P`: the factors are those of `P` itself (`dP = P^0.5·E·P`), kept
+    /// near symmetric by up to ten third-order Procrustes steps per fit.
+    Pro4p,
+    /// psgd_torch's `QUAD4P`: `QUAD`'s quadratic form on the factors of `P` itself.
+    Quad4p,
 }
 
 impl UpdateRule {
-    /// Whether the rule keeps full factors and a Lipschitz bound (PRO, QUAD).
+    /// Whether the rule keeps full factors and a Lipschitz bound (every rule but EQ).
     pub fn inverse_free(self) -> bool {
         self != UpdateRule::Eq
+    }
+
+    /// Whether the factors are those of `P` itself (PRO4P, QUAD4P): each is applied once
+    /// (`P·G = P₁ ×₁ … Pₖ ×ₖ G`) and starts at `scale^(2/k)`.
+    pub fn fits_p(self) -> bool {
+        matches!(self, UpdateRule::Pro4p | UpdateRule::Quad4p)
     }
 }
 
@@ -66,9 +83,16 @@ impl crate::options::Choice for UpdateRule {
         ("Q0.5EQ1.5", UpdateRule::Pro),
         ("PRO", UpdateRule::Pro),
         ("QUAD", UpdateRule::Quad),
+        ("QEQ", UpdateRule::Qeq),
+        ("QEP", UpdateRule::Qep),
+        ("PRO4P", UpdateRule::Pro4p),
+        ("QUAD4P", UpdateRule::Quad4p),
     ];
 }
-crate::options::choice_option!(UpdateRule, "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD'");
+crate::options::choice_option!(
+    UpdateRule,
+    "'EQ' | 'Q0.5EQ1.5' | 'PRO' | 'QUAD' | 'QEQ' | 'QEP' | 'PRO4P' | 'QUAD4P'"
+);
 
 /// How Kron decides whether a step fits the preconditioner (`updateDecision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,17 +103,47 @@ pub enum KronUpdateDecision {
     /// psgd_torch's: one uniform draw `u` at the start of every step (even when `p` is 1),
     /// fitting when `u < p`.
     Draw,
+    /// heavyball's: deterministic, fitting iff `floor(c + p) > floor(c)` with `c` the sum
+    /// of the probabilities of the steps before (kept in the state).
+    Cumulative,
 }
 
 impl crate::options::Choice for KronUpdateDecision {
     const CHOICES: &'static [(&'static str, Self)] = &[
         ("counter", KronUpdateDecision::Counter),
         ("draw", KronUpdateDecision::Draw),
+        ("cumulative", KronUpdateDecision::Cumulative),
     ];
 }
-crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw'");
+crate::options::choice_option!(KronUpdateDecision, "'counter' | 'draw' | 'cumulative'");
 
+impl crate::options::Choice for Warmup {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("debias", Warmup::Debias), ("psgdTorch", Warmup::PsgdTorch)];
+}
+crate::options::choice_option!(Warmup, "'debias' | 'psgdTorch'");
+
+/// Over what the automatic initial scale is taken (`initScaleScope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitScaleScope {
+    /// One scale per leaf (per layer with `scannedLayers`).
+    Leaf,
+    /// One scale for every leaf, from the largest `mean(|g|⁴)` (psgd_torch's).
+    Global,
+}
+
+impl crate::options::Choice for InitScaleScope {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("leaf", InitScaleScope::Leaf),
+        ("global", InitScaleScope::Global),
+    ];
+}
+crate::options::choice_option!(InitScaleScope, "'leaf' | 'global'");
+
+mod layout;
 mod whiten;
+
+pub use layout::MergeDims;
 
 /// Tensors per leaf and factor.
 type PerLeaf = Vec<Vec<Tensor>>;
@@ -123,17 +177,68 @@ crate::declare_options! {
         /// (`preconditionerUpdateProbability`). `'counter'` (default, psgd-jax's): a
         /// deterministic counter fits once `1/p` steps have passed since the last fit, with
         /// no random draw. `'draw'` (psgd_torch's): one uniform draw `u` at the start of
-        /// every step, even when `p` is 1, and the step fits when `u < p`. Not in
-        /// psgd-jax.
+        /// every step, even when `p` is 1, and the step fits when `u < p`.
+        /// `'cumulative'` (heavyball's): deterministic, the step fits iff
+        /// `floor(c + p) > floor(c)` with `c` the sum of the earlier steps' `p` (kept in
+        /// the state), so over any run the fits number `floor(Σp)`. A state loads only into
+        /// an optimizer with the same `updateDecision`. Not in psgd-jax.
         update_decision: KronUpdateDecision = KronUpdateDecision::Counter;
+        /// Fit the preconditioner before preconditioning the step (default true,
+        /// psgd-jax's and psgd_torch's default order). false: precondition (and finish)
+        /// the step with the preconditioner as it was, then fit it on this step's input
+        /// (psgd_torch's `update_preconditioner_first=False`). The random draws come in
+        /// the same order either way, and the automatic initial scale
+        /// (`preconditionerInitScale: null`) is still taken first. Not in psgd-jax.
+        update_preconditioner_first: bool = true;
+        /// How momentum (`b1`) warms up. `'debias'` (default, psgd-jax's): an EMA with
+        /// coefficient `b1`, divided by `1 − b1^t`. `'psgdTorch'` (psgd_torch's): the
+        /// coefficient at 1-based step `t` is `β = min((t−1)/t, b1)`,
+        /// `m ← β·m + (1−β)·g`, with no bias correction (the first step's momentum is
+        /// the gradient). Not in psgd-jax.
+        momentum_warmup: Warmup = Warmup::Debias;
+        /// Cap on the RMS of each leaf's preconditioned update: `u / max(1, rms(u)/cap)`.
+        /// Default 1.1 (psgd-jax's); psgd_torch's is 2 (`grad_clip_max_amps[0]`); null:
+        /// no cap (heavyball's `PSGDPRO`).
+        update_clip_rms: Option<f64> = Some(1.1), check check::positive_or_none;
+        /// Clamp each element of the preconditioned update to `±v` after the RMS cap.
+        /// Default null (no clamp, psgd-jax's); psgd_torch's is 10
+        /// (`grad_clip_max_amps[1]`). Not in psgd-jax.
+        update_clip_element: Option<f64> = None, check check::positive_or_none;
         /// Axes longer than this get a diagonal factor instead of a triangular one.
         /// Default 8192.
         max_size_triangular: usize = 8192;
+        /// An axis of length `d` in a leaf (a layer with `scannedLayers`) of `N` elements
+        /// gets a diagonal factor when `d² > maxSkew·N`, besides the other rules: 1
+        /// makes the longer axis of a non-square matrix diagonal (psgd_torch's
+        /// `preconditioner_max_skew`, whose default is 1). Size-1 axes, which psgd_torch
+        /// squeezes away, change neither `N` nor any other axis' factor. Default null (no
+        /// such rule, psgd-jax's).
+        max_skew: Option<f64> = None, check check::positive_or_none;
         /// Leaves with fewer axes than this get only diagonal factors. Default 2.
         min_ndim_triangular: usize = 2;
         /// `null` (default): every axis may be triangular; `'one_diag'`: the largest axis
         /// of each leaf is diagonal; `'all_diag'`: every axis is diagonal.
         memory_save_mode: Option<MemorySaveMode> = None;
+        /// Merge a leaf's axes before preconditioning it. `null` (default): no merging.
+        /// `'small'` (distributed-kron `kron`'s `merge_small_dims`): adjacent axes are
+        /// grouped so that each merged size comes closest to `targetMergedDimSize`, by
+        /// distributed-kron's loss (sizes below `target/8` or above `8·target` cost most).
+        /// `'twoD'` (distributed-kron `pro`'s `_merge_dims`): every leaf becomes 1-D (when
+        /// one axis holds all its elements, e.g. `[1, 8, 1]` → `[8]`) or 2-D, split at the
+        /// most balanced position (e.g. `[2, 3, 4]` → `[6, 4]`). Factor kinds (dense or
+        /// diagonal) are decided on the merged shape. Not in psgd-jax.
+        merge_dims: Option<MergeDims> = None;
+        /// The merged size `mergeDims: 'small'` aims at (≥ 1). Default 4096
+        /// (distributed-kron's `target_merged_dim_size`).
+        target_merged_dim_size: usize = 4096, check |v: &usize| layout::at_least_one(*v);
+        /// Cut every dense axis (after `mergeDims`) longer than this into blocks of this
+        /// length, the last one shorter; each block gets factors of its own (a
+        /// block-diagonal Kron, as distributed-kron's `block_size`), so a factor is at most
+        /// `blockSize × blockSize`. Blocks are not padded: a block's fit is that of a leaf of
+        /// its shape. With `preconditionerInitScale: null` each block takes its own scale.
+        /// Default null (no blocks). Not in psgd-jax.
+        block_size: Option<usize> = None,
+            check |v: &Option<usize>| v.map_or(Ok(()), layout::at_least_one);
         /// Fit the preconditioner to the momentum rather than the raw gradient. Default
         /// true.
         momentum_into_precond_update: bool = true;
@@ -144,13 +249,17 @@ crate::declare_options! {
         /// `'PRO'`): psgd_torch's default rule, with full factors kept near symmetric
         /// positive definite by a Procrustes rotation and no triangular solve (matrix
         /// products only). `'QUAD'`: psgd_torch's quadratic rule, with full symmetric
-        /// factors. Under `'Q0.5EQ1.5'` and `'QUAD'` the fit steps by
+        /// factors. `'QEQ'`, `'QEP'`: psgd_torch's `dQ = Q·E·Q` and `dQ = Q·E·P` (QEP
+        /// balances the factors before every fit). `'PRO4P'`, `'QUAD4P'`: PRO's and QUAD's
+        /// forms on the factors of `P` itself (each applied once, starting at
+        /// `scale^(2/k)`). Under every rule but `'EQ'` the fit steps by
         /// `preconditionerLr / L`, with `L` a running lower bound of its Lipschitz constant
         /// (see `lipschitzBeta`, kept in the state), damps its input as psgd_torch does
         /// (`g + (1e-9 + eps·|g|)·ν`) and balances the factors after the fit on 1% of fits.
-        /// Not in psgd-jax.
+        /// With Hessian-vector products each rule fits in its Newton form. Not in
+        /// psgd-jax.
         update_rule: UpdateRule = UpdateRule::Eq;
-        /// Smoothing `β` of the running Lipschitz bound of `'Q0.5EQ1.5'` and `'QUAD'`,
+        /// Smoothing `β` of the running Lipschitz bound of every rule but `'EQ'`,
         /// `L ← max(β·L + (1−β)·ℓ, ℓ)` with `ℓ` the latest estimate, in [0, 1) (0: the
         /// latest estimate alone). Default 0.9 (psgd_torch's `betaL`). `'EQ'` ignores it.
         /// Not in psgd-jax.
@@ -161,8 +270,19 @@ crate::declare_options! {
         /// with `δ = 1e-9` as psgd_torch's newer Kron does, so that the first
         /// preconditioned gradient has an RMS near 1 whatever the gradient's scale, and
         /// at most `δ^(-1/2)` ≈ 3.2e4 for a tiny gradient; 1 for a gradient of all zeros.
-        /// Not in psgd-jax.
+        /// See `initScaleScope` and `initScalePower`. Not in psgd-jax.
         preconditioner_init_scale: Option<f64> = Some(1.0), check check::positive_or_none;
+        /// With `preconditionerInitScale: null`, over what the automatic scale is taken:
+        /// `'leaf'` (default) one per leaf (per layer with `scannedLayers`); `'global'`
+        /// one for every leaf, from the largest `mean(|g|⁴)` over all of them (psgd_torch's
+        /// `preconditioner_init_scale=None`). Not in psgd-jax.
+        init_scale_scope: InitScaleScope = InitScaleScope::Leaf;
+        /// With `preconditionerInitScale: null`, the power `k` the automatic scale is
+        /// raised to: `((mean(|g|⁴) + δ⁴)^(-1/8))^k`, so the initial preconditioner is
+        /// that to the `2k` (> 0). Default 1 (psgd_torch's); heavyball's
+        /// `precond_init_scale_power` is 0.5 by default (heavyball clamps `|g| ≥ 1e-12`
+        /// instead of adding `δ⁴`). Not in psgd-jax.
+        init_scale_power: f64 = 1.0, check check::positive;
         /// Clip the incoming gradients to this global L2 norm before anything else
         /// (momentum and the preconditioner fit see the clipped gradients). Not in
         /// psgd-jax. Default null (no clip).
@@ -221,15 +341,21 @@ impl VariantOptions for KronOptions {
             decision: match self.update_decision {
                 KronUpdateDecision::Counter => UpdateDecision::Counter,
                 KronUpdateDecision::Draw => UpdateDecision::Draw { always: 0 },
+                KronUpdateDecision::Cumulative => UpdateDecision::Cumulative,
             },
             fit_source: if self.momentum_into_precond_update {
                 FitSource::Momentum
             } else {
                 FitSource::Gradient
             },
-            clip: Clip::Rms,
+            clip: match (self.update_clip_rms, self.update_clip_element) {
+                (None, None) => Clip::None,
+                (rms, element) => Clip::Update { rms, element },
+            },
             grad_clip: self.grad_clip,
             check_finite: !self.allow_non_finite,
+            momentum_warmup: self.momentum_warmup,
+            update_first: self.update_preconditioner_first,
         }
     }
 
@@ -259,10 +385,15 @@ struct LeafPlan {
     stored: Vec<Vec<usize>>,
     scanned: bool,
     scale: f64,
+    /// 2 where the factors are those of `P` (PRO4P, QUAD4P; see [`UpdateRule::fits_p`]),
+    /// so an initial scale `s` gives factors `s^(2/k)`; else 1.
+    p_power: f64,
 }
 
 impl LeafPlan {
-    fn new(spec: &LeafSpec, o: &KronOptions) -> Result<Self> {
+    /// The plan of `spec` with factor kinds `diag` (one per axis after the layer axis; see
+    /// [`factor_kinds`]).
+    fn new(spec: &LeafSpec, diag: &[bool], o: &KronOptions) -> Result<Self> {
         if spec.shape.contains(&0) {
             return Err(PsgdError::Shape {
                 what: "params",
@@ -271,20 +402,10 @@ impl LeafPlan {
                 got: spec.shape.clone(),
             });
         }
-        let (batch, slice): (usize, &[usize]) = if spec.scanned {
-            match spec.shape.split_first() {
-                Some((&b, rest)) => (b, rest),
-                None => {
-                    return Err(PsgdError::option_range(
-                        "scanned_layers",
-                        format!("leaf '{}' is 0-d and has no layer axis to scan", spec.path),
-                    ))
-                }
-            }
-        } else {
-            (1, spec.shape.as_slice())
-        };
+        let (batch, slice) = layout::layers(spec)?;
         let lead: Vec<usize> = if spec.scanned { vec![batch] } else { vec![] };
+        // the factors of P itself (PRO4P, QUAD4P) start at the square of Q's
+        let p_power = if o.update_rule.fits_p() { 2.0 } else { 1.0 };
         if slice.is_empty() {
             return Ok(LeafPlan {
                 batch,
@@ -292,27 +413,13 @@ impl LeafPlan {
                 diag: vec![true],
                 stored: vec![lead],
                 scanned: spec.scanned,
-                scale: o.preconditioner_init_scale.unwrap_or(1.0),
+                scale: o.preconditioner_init_scale.unwrap_or(1.0).powf(p_power),
+                p_power,
             });
         }
-        let largest = slice
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
-        let diag: Vec<bool> = slice
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                d == 1
-                    || d > o.max_size_triangular
-                    || slice.len() < o.min_ndim_triangular
-                    || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
-                    || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
-            })
-            .collect();
         let stored = slice
             .iter()
-            .zip(&diag)
+            .zip(diag)
             .map(|(&d, &dg)| {
                 let mut s = lead.clone();
                 s.push(d);
@@ -325,13 +432,14 @@ impl LeafPlan {
         Ok(LeafPlan {
             batch,
             dims: slice.to_vec(),
-            diag,
+            diag: diag.to_vec(),
             stored,
             scanned: spec.scanned,
             scale: o
                 .preconditioner_init_scale
                 .unwrap_or(1.0)
-                .powf(1.0 / slice.len() as f64),
+                .powf(p_power / slice.len() as f64),
+            p_power,
         })
     }
 
@@ -359,8 +467,17 @@ impl LeafPlan {
     /// The factors times the automatic initial scale taken from the gradient `g`: per
     /// slice of the batch `s = (mean(|g|⁴) + δ⁴)^(-1/8)` with psgd_torch's damping
     /// `δ` = [`AUTO_SCALE_DAMPING`] (so `s ≤ δ^(-1/2)` ≈ 3.2e4 however tiny the gradient),
-    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)`.
+    /// 1 for an all-zero slice; each of the `k` factors times `s^(1/k)` (the leaf scope at
+    /// power 1, for the tests).
+    #[cfg(test)]
     fn auto_scaled(&self, qs: &[Tensor], g: &Tensor) -> Result<Vec<Tensor>> {
+        self.scaled_by(qs, &auto_scale(&self.fourth_root_mean(g)?)?, 1.0)
+    }
+
+    /// Per slice of the batch, `a = mean(|g|⁴)^¼`, float32 `(B, 1)`: 0 for an all-zero
+    /// slice only (a tiny one that underflows is kept at the smallest normal float, which
+    /// [`auto_scale`] treats as it treats any `a ≪ δ`).
+    fn fourth_root_mean(&self, g: &Tensor) -> Result<Tensor> {
         let g = g
             .to_dtype(DType::F32)?
             .reshape((self.batch, self.numel()))?;
@@ -370,16 +487,14 @@ impl LeafPlan {
         let zero = m.eq(0f32)?;
         let m = zero.where_cond(&m.ones_like()?, &m)?;
         let r = g.broadcast_div(&m)?.sqr()?.sqr()?.mean_keepdim(1)?;
-        let a = (m * r.sqrt()?.sqrt()?)?;
-        // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
-        // of a tiny or huge number is formed
-        let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
-        let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
-        let t = (lo / &hi)?.sqr()?.sqr()?;
-        let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
-        let s = norm.sqrt()?.recip()?;
-        let s = finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)?;
-        let per_factor = s.powf(1.0 / self.dims.len() as f64)?;
+        let a = (m * r.sqrt()?.sqrt()?)?.maximum(f32::MIN_POSITIVE)?;
+        Ok(zero.where_cond(&a.zeros_like()?, &a)?)
+    }
+
+    /// The factors times `s^(power/k)` (`s` per slice of the batch, `(B, 1)`; the square
+    /// of that for the factors of `P` under PRO4P and QUAD4P).
+    fn scaled_by(&self, qs: &[Tensor], s: &Tensor, power: f64) -> Result<Vec<Tensor>> {
+        let per_factor = s.powf(self.p_power * power / self.dims.len() as f64)?;
         qs.iter()
             .enumerate()
             .map(|(i, q)| {
@@ -412,6 +527,45 @@ impl LeafPlan {
             })
             .collect()
     }
+}
+
+/// The automatic initial scale `(a⁴ + δ⁴)^(-1/8)` of `a = mean(|g|⁴)^¼` (see
+/// [`LeafPlan::auto_scaled`]), 1 where `a` is 0, elementwise.
+fn auto_scale(a: &Tensor) -> Result<Tensor> {
+    let zero = a.eq(0f32)?;
+    // (a⁴ + δ⁴)^¼ = hi·(1 + (lo/hi)⁴)^¼ with hi = max(a, δ), lo = min(a, δ): no power
+    // of a tiny or huge number is formed
+    let d = (a.ones_like()? * AUTO_SCALE_DAMPING)?;
+    let (hi, lo) = (a.maximum(&d)?, a.minimum(&d)?);
+    let t = (lo / &hi)?.sqr()?.sqr()?;
+    let norm = (hi * (t + 1.0)?.sqrt()?.sqrt()?)?;
+    let s = norm.sqrt()?.recip()?;
+    finite_or_one(&zero.where_cond(&s.ones_like()?, &s)?)
+}
+
+/// Which axes of a leaf's `slice` (its shape without the layer axis) get diagonal factors:
+/// those of length 1 or above `maxSizeTriangular`, every one of a leaf with fewer than
+/// `minNdimTriangular` axes, those `memorySaveMode` picks, and with `maxSkew` those of
+/// length `d` with `d² > maxSkew·N` (`N` the slice's elements).
+fn factor_kinds(slice: &[usize], o: &KronOptions) -> Vec<bool> {
+    let largest = slice
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, &d)| if d >= slice[best] { i } else { best });
+    let numel = slice.iter().product::<usize>() as f64;
+    slice
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            d == 1
+                || o.max_skew
+                    .is_some_and(|k| (d as f64) * (d as f64) > k * numel)
+                || d > o.max_size_triangular
+                || slice.len() < o.min_ndim_triangular
+                || o.memory_save_mode == Some(MemorySaveMode::AllDiag)
+                || (o.memory_save_mode == Some(MemorySaveMode::OneDiag) && i == largest)
+        })
+        .collect()
 }
 
 /// Applies `f` to each axis in turn. `x` is `(B, d₀, …, dₖ₋₁)`; `f(i, X)` gets the tensor
@@ -594,14 +748,14 @@ fn merge_small_axes(plan: &LeafPlan, ps: &[Tensor]) -> Result<(Vec<usize>, Vec<G
 /// state keeps them and an apply-only step is one product per axis. They are formed at
 /// the first step that does not fit the factors, not at the fit itself: while every step
 /// fits (psgd-jax's default schedule does for the first 500), they would go unused.
-fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, full: bool) -> Result<Vec<Tensor>> {
-    if full {
+fn grams(qs: &[Tensor], plan: &LeafPlan, p: Precision, rule: UpdateRule) -> Result<Vec<Tensor>> {
+    if rule.inverse_free() {
         let batched = qs
             .iter()
             .enumerate()
             .map(|(i, q)| plan.batched_q(i, q))
             .collect::<Result<Vec<_>>>()?;
-        return whiten::full_grams(&batched, plan, p);
+        return whiten::axis_operators(&batched, plan, rule, p);
     }
     qs.iter()
         .enumerate()
@@ -647,6 +801,35 @@ fn update_factors(
             }
         })
         .collect()
+}
+
+/// The state file's metadata entry naming the inverse-free rule that wrote it.
+const RULE_META: &str = "update_rule";
+
+/// Refuses a state written under another rule than `rule`: `saved` is the rule the file
+/// names (`None`: EQ, or a state of `'Q0.5EQ1.5'` or `'QUAD'` written before the name
+/// was kept). The factors mean different things under different rules (`Q` or `P`, full
+/// or triangular), so they are not converted.
+fn check_saved_rule(saved: Option<&str>, rule: UpdateRule) -> Result<()> {
+    use crate::options::Choice;
+    let ours = crate::options::choice_name(rule);
+    let same = match saved {
+        Some(name) => {
+            let theirs = UpdateRule::CHOICES.iter().find(|(n, _)| *n == name);
+            theirs.is_some_and(|(_, r)| *r == rule)
+        }
+        None => matches!(rule, UpdateRule::Eq | UpdateRule::Pro | UpdateRule::Quad),
+    };
+    if same {
+        return Ok(());
+    }
+    Err(PsgdError::State(format!(
+        "was written with updateRule {}, this optimizer has updateRule '{ours}'; a state \
+         loads only under the rule that wrote it",
+        saved.map_or("'EQ', 'Q0.5EQ1.5' or 'QUAD'".to_string(), |s| format!(
+            "'{s}'"
+        ))
+    )))
 }
 
 /// Takes the Lipschitz bound `name` from a loaded state: float32, finite and ≥ 0.
@@ -700,13 +883,16 @@ pub type Kron = Psgd<KronPreconditioner>;
 /// The state of [`Kron`]: plain data, saved and loaded as safetensors.
 pub type KronState = PsgdState<KronFactors>;
 
-/// Kron's preconditioner state.
+/// Kron's preconditioner state. Its lists run over the tensors Kron preconditions: the
+/// leaves, or with `mergeDims` / `blockSize` each leaf's parts in turn (a part is the
+/// merged leaf, or its blocks of one shape stacked along the leading axis, as scanned
+/// layers are; see [`kron_state_size`] for their shapes).
 #[derive(Debug, Clone)]
 pub struct KronFactors {
     /// Factors per leaf, in psgd-jax's shapes (dense ones full, not triangular, under the
     /// inverse-free rules).
     pub qs: Vec<Vec<Tensor>>,
-    /// Under the inverse-free rules (PRO, QUAD): per leaf and factor the running Lipschitz
+    /// Under the inverse-free rules (every rule but EQ): per leaf and factor the running Lipschitz
     /// bound of the fit, float32 `(B,)` (0 before the first fit). Empty under EQ.
     pub ls: Vec<Vec<Tensor>>,
     /// Derived from `qs`, never saved: per leaf and factor `QᵢᵀQᵢ` (`Qᵢ²` when diagonal),
@@ -721,11 +907,80 @@ pub struct KronPreconditioner {
     options: KronOptions,
     /// `preconditionerInitScale: null`: the factors are scaled on the first step.
     auto_scale: bool,
+    /// The tensors preconditioned: the leaves, or their parts under `mergeDims` /
+    /// `blockSize` (see [`layout`]).
     leaves: Vec<LeafSpec>,
+    /// How the optimizer's leaves map to `leaves`.
+    layout: Box<layout::Layout>,
     plans: Vec<LeafPlan>,
 }
 
+/// What Kron's state holds for one leaf, from [`kron_state_size`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KronLeafSize {
+    /// The leaf's path.
+    pub path: String,
+    /// The shapes of its factors, in the saved state's order (`Q.<leaf>.<k>`): per part
+    /// (the leaf, or its blocks of one shape under `blockSize`), a factor per merged axis;
+    /// a leading axis stacks the layers of a scanned leaf and the blocks.
+    pub factors: Vec<Vec<usize>>,
+    /// Bytes of those factors (in `precondDtype`) and, under the inverse-free rules, of
+    /// their Lipschitz bounds (float32): the preconditioner's share of the saved state.
+    pub bytes: u128,
+}
+
+/// The factor shapes and bytes Kron's state would hold for each of `leaves` under `o`,
+/// without allocating anything: how `mergeDims`, `blockSize`, `maxSizeTriangular` and
+/// `memorySaveMode` change the state's size. Fails as the optimizer would on bad options
+/// or leaves.
+pub fn kron_state_size(leaves: &[LeafSpec], o: &KronOptions) -> Result<Vec<KronLeafSize>> {
+    use crate::options::Options;
+    o.validate()?;
+    crate::limits::check_leaf_sizes(leaves)?;
+    let p = KronPreconditioner::new(leaves, o)?;
+    let factor_bytes = p.precond_dtype().size_in_bytes() as u128;
+    let bound_bytes = if o.update_rule.inverse_free() { 4 } else { 0 };
+    Ok(leaves
+        .iter()
+        .enumerate()
+        .map(|(l, spec)| {
+            let plans = p.layout.parts_of(l).iter().map(|&i| &p.plans[i]);
+            let mut out = KronLeafSize {
+                path: spec.path.clone(),
+                factors: vec![],
+                bytes: 0,
+            };
+            for plan in plans {
+                for st in &plan.stored {
+                    let n: u128 = st.iter().map(|&d| d as u128).product();
+                    out.bytes += n * factor_bytes + plan.batch as u128 * bound_bytes;
+                    out.factors.push(st.clone());
+                }
+            }
+            out
+        })
+        .collect())
+}
+
+/// The metadata entry of a saved state that records a layout other than the default
+/// (`mergeDims`, `targetMergedDimSize`, `blockSize`).
+const LAYOUT_META: &str = "kron_layout";
+
 impl KronPreconditioner {
+    /// The state file's names of every factor (or bound: `kind` `"L"`), in the order of the
+    /// parts and their factors: `<kind>.<leaf>.<k>`, `k` counting the factors of the leaf's
+    /// parts.
+    fn factor_names<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = String> + 'a {
+        (0..self.layout.leaf_count()).flat_map(move |l| {
+            let per_part = self
+                .layout
+                .parts_of(l)
+                .iter()
+                .map(|&p| self.plans[p].dims.len());
+            (0..per_part.sum::<usize>()).map(move |k| format!("{kind}.{l}.{k}"))
+        })
+    }
+
     /// [`grams`] of every leaf, at the apply step's precision.
     fn grams_of(&self, qs: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>> {
         self.plans
@@ -736,7 +991,7 @@ impl KronPreconditioner {
                     q,
                     plan,
                     self.options.grads_precision(),
-                    self.options.update_rule.inverse_free(),
+                    self.options.update_rule,
                 )
             })
             .collect()
@@ -792,22 +1047,31 @@ impl KronPreconditioner {
             .collect()
     }
 
-    /// Fits every leaf's factors once: maybe balance, draw probes, damp, step.
+    /// Fits every leaf's factors once under EQ: maybe balance, draw probes (whitening;
+    /// the Newton form takes the caller's `vectors` with their products `inputs`), damp,
+    /// step.
     fn update_preconditioners(
         &self,
         qs: &[Vec<Tensor>],
         inputs: &[Tensor],
+        vectors: Option<&[Tensor]>,
         lr: f64,
         rng: &mut dyn RandomSource,
     ) -> Result<Vec<Vec<Tensor>>> {
         // the EQ fit (psgd-jax's): one balance draw, then the probes of every leaf
         let do_balance = rng.uniform()? < 0.01;
-        let probes = self
-            .leaves
-            .iter()
-            .zip(inputs)
-            .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
-            .collect::<Result<Vec<_>>>()?;
+        let probes = match vectors {
+            Some(v) => v
+                .iter()
+                .map(|v| Ok(v.to_dtype(DType::F32)?))
+                .collect::<Result<Vec<_>>>()?,
+            None => self
+                .leaves
+                .iter()
+                .zip(inputs)
+                .map(|(spec, x)| rng.normal(&spec.shape, x.device()))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let precision = self.options.update_precision();
         stages::map_leaves(&self.leaves, |l| {
             let (plan, q, x, v) = (&self.plans[l], &qs[l], &inputs[l], &probes[l]);
@@ -836,86 +1100,160 @@ impl KronPreconditioner {
         })
     }
 
-    /// The inverse-free fit (PRO, QUAD) of every leaf: the draws leaf by leaf in
-    /// psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; returns the new
-    /// factors and Lipschitz bounds.
+    /// The inverse-free fit of every leaf (every rule but EQ), from the inputs `inputs`
+    /// (gradients, or Hessian-vector products with their probes `probes`): the draws leaf
+    /// by leaf in psgd_torch's order (see [`whiten::draw`]), then the leaves' fits; under
+    /// PRO4P, whose count of draws depends on the data, leaf after leaf with the draws
+    /// taken as the fit goes. Returns the new factors and Lipschitz bounds.
     fn fit_inverse_free(
         &self,
         qs: &[Vec<Tensor>],
         ls: &[Vec<Tensor>],
         inputs: &[Tensor],
+        probes: Option<&[Tensor]>,
         lr: f64,
         rng: &mut dyn RandomSource,
     ) -> Result<(PerLeaf, PerLeaf)> {
+        let rule = self.options.update_rule;
+        let fit = whiten::Fit {
+            rule,
+            lr,
+            beta: self.options.lipschitz_beta,
+            precision: self.options.update_precision(),
+        };
+        if rule == UpdateRule::Pro4p {
+            let mut out = Vec::with_capacity(self.leaves.len());
+            for (l, (spec, plan)) in self.leaves.iter().zip(&self.plans).enumerate() {
+                let nu = rng.normal(&spec.shape, inputs[l].device())?;
+                let (q, b) = {
+                    let live = std::sync::Mutex::new(&mut *rng);
+                    self.fit_leaf_inverse_free(
+                        l,
+                        &qs[l],
+                        &ls[l],
+                        &inputs[l],
+                        probes,
+                        &nu,
+                        &[],
+                        |_| whiten::Draws::Live(&live),
+                        fit,
+                    )?
+                };
+                let balanced = whiten::balances_after(rule, rng)?;
+                out.push((self.finish_leaf(plan, q, balanced)?, b));
+            }
+            return Ok(out.into_iter().unzip());
+        }
         let draws = self
             .leaves
             .iter()
             .zip(&self.plans)
             .zip(inputs)
-            .map(|((spec, plan), x)| {
-                whiten::draw(plan, &spec.shape, self.options.update_rule, rng, x.device())
-            })
+            .map(|((spec, plan), x)| whiten::draw(plan, &spec.shape, rule, rng, x.device()))
             .collect::<Result<Vec<_>>>()?;
-        let fit = whiten::Fit {
-            rule: self.options.update_rule,
-            lr,
-            beta: self.options.lipschitz_beta,
-            precision: self.options.update_precision(),
-        };
         let out = stages::map_leaves(&self.leaves, |l| {
-            let (plan, d) = (&self.plans[l], &draws[l]);
-            let shape = plan.batched_shape();
-            let gn = whiten::damp(&inputs[l], &d.nu)?.reshape(shape.as_slice())?;
-            let bq = qs[l]
-                .iter()
-                .enumerate()
-                .map(|(i, q)| plan.batched_q(i, q))
-                .collect::<Result<Vec<_>>>()?;
-            let n = bq.len();
-            // every input of the fit, batched along axis 0: factors, bounds, the damped
-            // input, then each dense factor's subspaces
-            let mut ins: Vec<&Tensor> = bq.iter().chain(&ls[l]).collect();
-            ins.push(&gn);
-            for (spd, skh) in d.subspaces.iter().flatten() {
-                ins.push(spd);
-                ins.extend(skh);
+            let d = &draws[l];
+            // every dense factor's subspaces, batched along axis 0
+            let mut subs: Vec<&Tensor> = vec![];
+            for s in d.subspaces.iter().flatten() {
+                subs.push(&s.spd);
+                subs.extend(&s.skh);
             }
-            let rule = self.options.update_rule;
-            let new = self.map_batches(plan, &ins, |t| {
-                let mut at = 2 * n + 1;
-                let subspaces = d
-                    .subspaces
-                    .iter()
-                    .map(|s| {
-                        s.as_ref().map(|_| {
-                            let spd = t[at].clone();
-                            at += 1;
-                            let skh = (rule == UpdateRule::Pro).then(|| {
+            let (q, b) = self.fit_leaf_inverse_free(
+                l,
+                &qs[l],
+                &ls[l],
+                &inputs[l],
+                probes,
+                &d.nu,
+                &subs,
+                |t: &[Tensor]| {
+                    let mut at = 0;
+                    let sliced = d
+                        .subspaces
+                        .iter()
+                        .map(|s| {
+                            s.as_ref().map(|s| {
+                                let spd = t[at].clone();
                                 at += 1;
-                                t[at - 1].clone()
-                            });
-                            (spd, skh)
+                                let skh = s.skh.as_ref().map(|_| {
+                                    at += 1;
+                                    t[at - 1].clone()
+                                });
+                                whiten::Subspaces { spd, skh }
+                            })
                         })
-                    })
-                    .collect::<Vec<_>>();
-                let (q, l) =
-                    whiten::fit_leaf(&t[..n], &t[n..2 * n], &t[2 * n], &subspaces, plan, fit)?;
-                Ok(q.into_iter().chain(l).collect())
-            })?;
-            let (q, l) = new.split_at(n);
-            let q = if d.balance {
-                balance(q, plan)?
-            } else {
-                q.to_vec()
-            };
-            let q = q
-                .iter()
-                .zip(&plan.stored)
-                .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((q, l.to_vec()))
+                        .collect();
+                    whiten::Draws::Drawn(sliced)
+                },
+                fit,
+            )?;
+            Ok((self.finish_leaf(&self.plans[l], q, d.balance)?, b))
         })?;
         Ok(out.into_iter().unzip())
+    }
+
+    /// One leaf's inverse-free fit over its layers (in slices under
+    /// `laxMapScannedLayers`): damps the input `x` with the noise `nu`, balances first
+    /// under QEP, and fits with the draws `draws` makes from a slice of the batched
+    /// subspaces `subs`. Returns the batched factors and the bounds.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_leaf_inverse_free<'a>(
+        &self,
+        l: usize,
+        qs: &[Tensor],
+        ls: &[Tensor],
+        x: &Tensor,
+        probes: Option<&[Tensor]>,
+        nu: &Tensor,
+        subs: &[&Tensor],
+        draws: impl Fn(&[Tensor]) -> whiten::Draws<'a>,
+        fit: whiten::Fit,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let plan = &self.plans[l];
+        let shape = plan.batched_shape();
+        let gn = whiten::damp(x, nu)?.reshape(shape.as_slice())?;
+        let probe = probes
+            .map(|v| Ok::<_, PsgdError>(v[l].to_dtype(DType::F32)?.reshape(shape.as_slice())?))
+            .transpose()?;
+        let bq = qs
+            .iter()
+            .enumerate()
+            .map(|(i, q)| plan.batched_q(i, q))
+            .collect::<Result<Vec<_>>>()?;
+        let bq = whiten::balance_before(fit.rule, bq, plan)?;
+        let n = bq.len();
+        // every input of the fit, batched along axis 0: factors, bounds, the damped input,
+        // the probe, then the subspaces
+        let mut ins: Vec<&Tensor> = bq.iter().chain(ls).collect();
+        ins.push(&gn);
+        ins.extend(&probe);
+        let first_sub = ins.len();
+        ins.extend(subs);
+        let new = self.map_batches(plan, &ins, |t| {
+            let probe = probe.as_ref().map(|_| &t[2 * n + 1]);
+            let (q, l) = whiten::fit_leaf(
+                &t[..n],
+                &t[n..2 * n],
+                &t[2 * n],
+                probe,
+                draws(&t[first_sub..]),
+                plan,
+                fit,
+            )?;
+            Ok(q.into_iter().chain(l).collect())
+        })?;
+        let (q, l) = new.split_at(n);
+        Ok((q.to_vec(), l.to_vec()))
+    }
+
+    /// A leaf's fitted factors, balanced when `balanced`, in their stored shapes and dtype.
+    fn finish_leaf(&self, plan: &LeafPlan, q: Vec<Tensor>, balanced: bool) -> Result<Vec<Tensor>> {
+        let q = if balanced { balance(&q, plan)? } else { q };
+        q.iter()
+            .zip(&plan.stored)
+            .map(|(q, st)| Ok(q.reshape(st.as_slice())?.to_dtype(self.precond_dtype())?))
+            .collect()
     }
 
     /// The preconditioned gradient of one leaf (before the clip, weight decay and lr).
@@ -936,9 +1274,15 @@ impl KronPreconditioner {
                 let n = batched.len();
                 let mut ins: Vec<&Tensor> = batched.iter().collect();
                 ins.push(&x);
-                let p = self.options.grads_precision();
+                let (p, rule) = (self.options.grads_precision(), self.options.update_rule);
                 let out = self.map_batches(plan, &ins, |t| {
-                    Ok(vec![whiten::precondition_full(&t[n], &t[..n], plan, p)?])
+                    Ok(vec![whiten::precondition_full(
+                        &t[n],
+                        &t[..n],
+                        plan,
+                        rule,
+                        p,
+                    )?])
                 })?;
                 return Ok(out[0].reshape(shape)?);
             }
@@ -968,20 +1312,22 @@ impl KronPreconditioner {
 impl Preconditioner for KronPreconditioner {
     const NAME: &'static str = "kron";
     const WHITENING_VECTOR: bool = false;
-    const HESSIAN: bool = false;
     const FIT_ON_POOL: bool = true;
     type Options = KronOptions;
     type State = KronFactors;
 
     fn new(leaves: &[LeafSpec], o: &KronOptions) -> Result<Self> {
-        let plans = leaves
+        let layout = layout::Layout::new(leaves, o)?;
+        let plans = layout
+            .parts()
             .iter()
-            .map(|s| LeafPlan::new(s, o))
+            .map(|p| LeafPlan::new(&p.spec, &p.diag, o))
             .collect::<Result<Vec<_>>>()?;
         Ok(KronPreconditioner {
             auto_scale: o.preconditioner_init_scale.is_none(),
             options: o.clone(),
-            leaves: leaves.to_vec(),
+            leaves: layout.parts().iter().map(|p| p.spec.clone()).collect(),
+            layout: Box::new(layout),
             plans,
         })
     }
@@ -1033,8 +1379,25 @@ impl Preconditioner for KronPreconditioner {
         if !self.auto_scale {
             return Ok(None);
         }
+        let grads = self.layout.split(grads)?;
+        let a = stages::map_leaves(&self.leaves, |l| self.plans[l].fourth_root_mean(&grads[l]))?;
+        let scales = match self.options.init_scale_scope {
+            InitScaleScope::Leaf => a.iter().map(auto_scale).collect::<Result<Vec<_>>>()?,
+            InitScaleScope::Global => {
+                // one scale from the largest mean(|g|⁴) of every leaf and layer
+                let maxes = a
+                    .iter()
+                    .map(|a| a.max_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let s = auto_scale(&Tensor::stack(&maxes, 0)?.max_all()?)?;
+                a.iter()
+                    .map(|a| Ok(s.broadcast_as(a.shape())?))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let power = self.options.init_scale_power;
         let qs = stages::map_leaves(&self.leaves, |l| {
-            self.plans[l].auto_scaled(&st.qs[l], &grads[l])
+            self.plans[l].scaled_by(&st.qs[l], &scales[l], power)
         })?;
         Ok(Some(KronFactors {
             qs,
@@ -1049,12 +1412,31 @@ impl Preconditioner for KronPreconditioner {
         inputs: &FitInputs,
         rng: &mut dyn RandomSource,
     ) -> Result<KronFactors> {
+        let (hvps, vectors) = (
+            self.layout.split(inputs.hvps)?,
+            inputs.vectors.map(|v| self.layout.split(v)).transpose()?,
+        );
+        let inputs = &FitInputs {
+            hvps: &hvps,
+            vectors: vectors.as_deref(),
+            ..*inputs
+        };
+        // the Newton form: the caller's probes with their Hessian-vector products
+        let probes = if inputs.hessian {
+            let v = inputs.vectors.ok_or_else(|| {
+                PsgdError::option_type("vector", "is needed with the Hessian-vector products")
+            })?;
+            Some(v)
+        } else {
+            None
+        };
         if self.options.update_rule.inverse_free() {
             let (qs, ls) =
-                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, inputs.precond_lr, rng)?;
+                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, inputs.precond_lr, rng)?;
             return Ok(KronFactors { qs, ls, ps: None });
         }
-        let qs = self.update_preconditioners(&st.qs, inputs.hvps, inputs.precond_lr, rng)?;
+        let qs =
+            self.update_preconditioners(&st.qs, inputs.hvps, probes, inputs.precond_lr, rng)?;
         Ok(KronFactors {
             qs,
             ls: st.ls.clone(),
@@ -1088,50 +1470,64 @@ impl Preconditioner for KronPreconditioner {
     }
 
     fn apply(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.plans
+        let grads = self.layout.split(grads)?;
+        let out = self
+            .plans
             .iter()
             .enumerate()
             .map(|(l, plan)| match &st.ps {
                 Some(ps) => self.apply_leaf(plan, Factors::Grams(&ps[l]), &grads[l]),
                 None => self.apply_leaf(plan, Factors::Qs(&st.qs[l]), &grads[l]),
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.layout.join(out)
     }
 
     fn save(&self, st: &KronFactors, f: &mut StateFile) {
-        for (l, qs) in st.qs.iter().enumerate() {
-            for (i, q) in qs.iter().enumerate() {
-                f.tensor(format!("Q.{l}.{i}"), q);
+        let rule = self.options.update_rule;
+        if rule.inverse_free() {
+            f.meta(RULE_META, crate::options::choice_name(rule).to_string());
+        }
+        // named per leaf (`Q.<leaf>.<k>`, k counting the factors of the leaf's parts), so
+        // a leaf's tensors move with it when a state is regrouped
+        for (kind, per_part) in [("Q", &st.qs), ("L", &st.ls)] {
+            for (name, t) in self.factor_names(kind).zip(per_part.iter().flatten()) {
+                f.tensor(name, t);
             }
         }
-        for (l, ls) in st.ls.iter().enumerate() {
-            for (i, b) in ls.iter().enumerate() {
-                f.tensor(format!("L.{l}.{i}"), b);
-            }
+        if let Some(tag) = self.layout.tag() {
+            f.meta(LAYOUT_META, tag.to_string());
         }
     }
 
     fn load(&self, f: &mut LoadedState) -> Result<KronFactors> {
+        check_saved_rule(f.meta_str(RULE_META), self.options.update_rule)?;
+        let saved = f.meta_str(LAYOUT_META).map(str::to_string);
+        if saved.as_deref() != self.layout.tag() {
+            return Err(layout::mismatch(saved.as_deref(), self.layout.tag()));
+        }
+        let mut names = self.factor_names("Q");
         let qs = self
             .plans
             .iter()
-            .enumerate()
-            .map(|(l, plan)| {
-                (0..plan.stored.len())
-                    .map(|i| f.take_factor(&format!("Q.{l}.{i}")))
+            .map(|plan| {
+                plan.stored
+                    .iter()
+                    .map(|_| f.take_factor(&names.next().expect("a name per factor")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut names = self.factor_names("L");
         let ls = self
             .plans
             .iter()
-            .enumerate()
-            .map(|(l, plan)| {
+            .map(|plan| {
                 if !self.options.update_rule.inverse_free() {
                     return Ok(vec![]);
                 }
-                (0..plan.stored.len())
-                    .map(|i| load_bound(f, &format!("L.{l}.{i}")))
+                plan.stored
+                    .iter()
+                    .map(|_| load_bound(f, &names.next().expect("a name per factor")))
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1226,6 +1622,7 @@ mod tests {
             stored: vec![],
             scanned: true,
             scale: 1.0,
+            p_power: 1.0,
         }
     }
 

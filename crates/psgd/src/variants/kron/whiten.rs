@@ -1,40 +1,91 @@
-//! Kron's inverse-free fits, psgd_torch's whitening rules `Q0.5EQ1.5` (PRO) and `QUAD`.
+//! Kron's inverse-free fits: psgd_torch's rules `Q0.5EQ1.5` (PRO), `QUAD`, `QEQ`, `QEP`,
+//! `PRO4P` and `QUAD4P`, in their whitening and Newton forms.
 //!
-//! Both move every factor from the same preconditioned input `Pg = P·Gn` (`Gn` the damped
-//! input, `P` from the factors before the fit). Per factor `i` with `t1 = gram_i(Pg)` and
-//! `t2 = N/dᵢ`, the step is `preconditionerLr / Lᵢ`, where `Lᵢ` is a running lower bound of
-//! the fit's Lipschitz constant: `ℓ = ‖t1‖ + t2` (a random subspace bound for a dense
-//! factor, the largest entry for a diagonal one), `Lᵢ ← max(β·Lᵢ + (1−β)·ℓ, ℓ)`.
-//! - PRO: `Q ← Q − (lr/L)(t1·Q − t2·Q)`, then a Procrustes rotation toward symmetric
-//!   positive definite; a diagonal `q ← q ⊙ (1 − (lr/L)(t1 − t2))`.
-//! - QUAD: `p = Q − (lr/2L)(t1·Q − t2·Q)`, `p ← p − (lr/2L)(p·t1 − t2·p)`, `Q ← (p + pᵀ)/2`;
-//!   a diagonal `q ← q ⊙ (1 − (lr/2L)(t1 − t2))²`.
+//! Every factor moves from the same preconditioned input `Pg = P·Gn` (`Gn` the damped
+//! input, a gradient or a Hessian-vector product; `P` from the factors before the fit;
+//! under the 4P rules the factors are those of `P`, each applied once). Per factor `i`,
+//! with `t1 = gram_i(Pg)` and the second term `t2` (`N/dᵢ` whitening, `gram_i(V)` of the
+//! probe `V` in the Newton form; under QEP both are taken after `Qᵢ` is applied along the
+//! axis, and whitening's `t2` is `(N/dᵢ)·QᵢQᵢᵀ`), the error is `E = t1 − t2` and the step
+//! is `preconditionerLr / Lᵢ`, where `Lᵢ` is a running lower bound of the fit's Lipschitz
+//! constant: `ℓ = ‖t1‖ + t2` whitening (`‖t1 + t2‖` in the Newton form and under QEP; a
+//! random subspace bound for a dense factor, the largest entry for a diagonal one),
+//! `Lᵢ ← max(β·Lᵢ + (1−β)·ℓ, ℓ)`. With `h = lr/L`:
+//! - PRO: `Q ← Q − h·E·Q`, then a Procrustes rotation toward symmetric positive definite;
+//!   PRO4P the same with up to ten third-order rotations, until `Q` is symmetric to 1e-3.
+//! - QEQ: `Q ← Q − h·Q·E`. QEP: `Q ← Q − h·E·Q`.
+//! - QUAD (QUAD4P with `h` for `h/2`): `p = Q − (h/2)·E·Q`, `p ← p − (h/2)·p·E`,
+//!   `Q ← (p + pᵀ)/2`.
+//! - a diagonal factor: `q ← q ⊙ (1 − h·E)`, squared under QUAD (`1 − (h/2)·E`) and
+//!   QUAD4P.
 //!
 //! Dense factors are full matrices: nothing here is triangular, every product is a
 //! dense one.
 
-use super::{for_each_axis, precondition, unfold, Factors, LeafPlan, UpdateRule};
+use super::{balance, for_each_axis, precondition, unfold, Factors, LeafPlan, UpdateRule};
 use crate::error::{PsgdError, Result};
+use crate::kernels::linalg::max_abs_per_batch;
 use crate::kernels::precision::Precision;
-use crate::kernels::subspace::{norm_lower_bound_spd, procrustes_step2, SUBSPACE_DIM};
+use crate::kernels::subspace::{
+    norm_lower_bound_spd, procrustes_step2, procrustes_step3, SUBSPACE_DIM,
+};
 use crate::random::RandomSource;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Mutex;
 
 /// psgd_torch's damping of the noise, `(DAMPING + eps·|g|)·ν`.
 const DAMPING: f64 = 1e-9;
 
-/// The random draws of one leaf's fit, in psgd_torch's order: the noise `ν` (the leaf's
-/// shape), then per dense factor the subspace of its norm bound and, under PRO, that of
-/// its Procrustes step (`(B, 32, d)`; drawn as `(32, d)` for an unscanned leaf), then the
-/// uniform that decides whether the factors are balanced afterwards.
+/// The most third-order Procrustes steps PRO4P takes per factor and fit.
+const PRO4P_MAX_ROTATIONS: usize = 10;
+
+/// PRO4P stops rotating a factor once `max|Pᵀ − P| < PRO4P_SYMMETRIC·max|P|`.
+const PRO4P_SYMMETRIC: f64 = 1e-3;
+
+/// The subspace draws of a dense factor: its norm bound's and, under PRO, its Procrustes
+/// step's (`(B, 32, d)`).
+#[derive(Clone)]
+pub(super) struct Subspaces {
+    pub spd: Tensor,
+    pub skh: Option<Tensor>,
+}
+
+/// The random draws of one leaf's fit that precede it, in psgd_torch's order: the noise
+/// `ν` (the leaf's shape), then per dense factor its [`Subspaces`] (drawn as `(32, d)` for
+/// an unscanned leaf), then the uniform that decides whether the factors are balanced
+/// afterwards (none under QEP, which balances before every fit). Under PRO4P, whose count
+/// of draws depends on the data, only `ν` is drawn here: the fit draws the rest as it
+/// goes (see [`Draws::Live`]).
 pub(super) struct LeafDraws {
     pub nu: Tensor,
-    /// Per factor: `(spd, skh)` for a dense one, `None` for a diagonal one.
-    pub subspaces: Vec<Option<(Tensor, Option<Tensor>)>>,
+    /// Per factor: `Some` for a dense one, `None` for a diagonal one (and under PRO4P).
+    pub subspaces: Vec<Option<Subspaces>>,
     pub balance: bool,
 }
 
-/// Takes one leaf's draws from `rng` (see [`LeafDraws`]).
+/// The shape a subspace draw has: `(B, 32, d)` for scanned layers, `(32, d)` else.
+fn subspace_shape(plan: &LeafPlan, batch: usize, d: usize) -> Vec<usize> {
+    if plan.scanned {
+        vec![batch, SUBSPACE_DIM, d]
+    } else {
+        vec![SUBSPACE_DIM, d]
+    }
+}
+
+/// One subspace draw of a factor of size `d` for `batch` layers, as `(batch, 32, d)`.
+fn draw_subspace(
+    plan: &LeafPlan,
+    batch: usize,
+    d: usize,
+    rng: &mut dyn RandomSource,
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(rng
+        .normal(&subspace_shape(plan, batch, d), device)?
+        .reshape((batch, SUBSPACE_DIM, d))?)
+}
+
+/// Takes the draws of one leaf's fit that precede it from `rng` (see [`LeafDraws`]).
 pub(super) fn draw(
     plan: &LeafPlan,
     shape: &[usize],
@@ -45,34 +96,89 @@ pub(super) fn draw(
     let nu = rng.normal(shape, device)?;
     let mut subspaces = Vec::with_capacity(plan.dims.len());
     for (&d, &diag) in plan.dims.iter().zip(&plan.diag) {
-        if diag {
+        if diag || rule == UpdateRule::Pro4p {
             subspaces.push(None);
             continue;
         }
-        let drawn: Vec<usize> = if plan.scanned {
-            vec![plan.batch, SUBSPACE_DIM, d]
-        } else {
-            vec![SUBSPACE_DIM, d]
-        };
-        let mut one = || -> Result<Tensor> {
-            Ok(rng
-                .normal(&drawn, device)?
-                .reshape((plan.batch, SUBSPACE_DIM, d))?)
-        };
-        let spd = one()?;
+        let spd = draw_subspace(plan, plan.batch, d, rng, device)?;
         let skh = if rule == UpdateRule::Pro {
-            Some(one()?)
+            Some(draw_subspace(plan, plan.batch, d, rng, device)?)
         } else {
             None
         };
-        subspaces.push(Some((spd, skh)));
+        subspaces.push(Some(Subspaces { spd, skh }));
     }
-    let balance = rng.uniform()? < 0.01;
+    let balance = match rule {
+        UpdateRule::Pro4p => false,
+        _ => balances_after(rule, rng)?,
+    };
     Ok(LeafDraws {
         nu,
         subspaces,
         balance,
     })
+}
+
+/// The balance decision that follows a leaf's fit: a uniform `u`, balancing when
+/// `u < 0.01`; QEP draws none (it balances before every fit).
+pub(super) fn balances_after(rule: UpdateRule, rng: &mut dyn RandomSource) -> Result<bool> {
+    if rule == UpdateRule::Qep {
+        return Ok(false);
+    }
+    Ok(rng.uniform()? < 0.01)
+}
+
+/// Where a fit's subspace draws come from.
+pub(super) enum Draws<'a> {
+    /// Drawn beforehand ([`draw`]), per factor, sliced like the fit's layers.
+    Drawn(Vec<Option<Subspaces>>),
+    /// Drawn from the source as the fit goes, in psgd_torch's order (PRO4P: per dense
+    /// factor the norm bound's subspace, then one per Procrustes step).
+    Live(&'a (dyn LiveSource + 'a)),
+}
+
+/// A random source shared by the slices of a fit that draws as it goes.
+pub(super) trait LiveSource: Sync {
+    /// A normal draw of `shape` on `device`.
+    fn normal(&self, shape: &[usize], device: &Device) -> Result<Tensor>;
+}
+
+impl<'y> LiveSource for Mutex<&mut (dyn RandomSource + 'y)> {
+    fn normal(&self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let mut rng = self
+            .lock()
+            .map_err(|_| PsgdError::Draw("the random source was poisoned".into()))?;
+        rng.normal(shape, device)
+    }
+}
+
+impl Draws<'_> {
+    fn spd(&mut self, i: usize, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> {
+        match self {
+            Draws::Drawn(s) => s[i]
+                .as_ref()
+                .map(|s| s.spd.clone())
+                .ok_or_else(|| PsgdError::Draw(format!("no subspace was drawn for axis {i}"))),
+            Draws::Live(rng) => live(*rng, plan, like),
+        }
+    }
+
+    fn skh(&mut self, i: usize, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> {
+        match self {
+            Draws::Drawn(s) => s[i].as_ref().and_then(|s| s.skh.clone()).ok_or_else(|| {
+                PsgdError::Draw(format!("no Procrustes subspace was drawn for axis {i}"))
+            }),
+            Draws::Live(rng) => live(*rng, plan, like),
+        }
+    }
+}
+
+/// A subspace drawn now for the factor `like` `(B, d, d)`.
+fn live(rng: &dyn LiveSource, plan: &LeafPlan, like: &Tensor) -> Result<Tensor> {
+    let (b, d, _) = like.dims3()?;
+    Ok(rng
+        .normal(&subspace_shape(plan, b, d), like.device())?
+        .reshape((b, SUBSPACE_DIM, d))?)
 }
 
 /// psgd_torch's damped input `g + (1e-9 + eps·|g|)·ν` (eps the float32 machine epsilon).
@@ -82,16 +188,23 @@ pub(super) fn damp(g: &Tensor, nu: &Tensor) -> Result<Tensor> {
     Ok((&g + (scale * nu)?)?)
 }
 
-/// `QᵀQ` of each full factor (`q²` for a diagonal one), batched float32.
-pub(super) fn full_grams(qs: &[Tensor], plan: &LeafPlan, p: Precision) -> Result<Vec<Tensor>> {
+/// What each factor multiplies its axis by when the preconditioner is applied, batched
+/// float32: `QᵀQ` of a full factor (`q²` of a diagonal one), or under the 4P rules the
+/// factor of `P` itself, transposed (the products read the unfolding transposed) and
+/// `p` for a diagonal one.
+pub(super) fn axis_operators(
+    qs: &[Tensor],
+    plan: &LeafPlan,
+    rule: UpdateRule,
+    p: Precision,
+) -> Result<Vec<Tensor>> {
     qs.iter()
         .zip(&plan.diag)
-        .map(|(q, &diag)| {
-            if diag {
-                Ok(q.sqr()?)
-            } else {
-                p.matmul(&q.transpose(1, 2)?, q)
-            }
+        .map(|(q, &diag)| match (diag, rule.fits_p()) {
+            (true, true) => Ok(q.clone()),
+            (true, false) => Ok(q.sqr()?),
+            (false, true) => Ok(q.transpose(1, 2)?.contiguous()?),
+            (false, false) => p.matmul(&q.transpose(1, 2)?, q),
         })
         .collect()
 }
@@ -104,20 +217,22 @@ fn twice_is_cheaper(plan: &LeafPlan, i: usize) -> bool {
     !plan.diag[i] && 2 * (plan.numel() / d) < d
 }
 
-/// `g` preconditioned with the full factors `qs` (batched): `QᵢᵀQᵢ` along each axis, by
-/// the cheaper order per axis. Where no axis is longer than the rest of its leaf, this is
-/// the kept grams' path exactly ([`full_grams`], then one product per axis or merged run);
-/// otherwise such an axis is multiplied by `Qᵢᵀ` and `Qᵢ` in turn and the others by their
-/// grams (the same products in another association: equal to rounding).
+/// `g` preconditioned with the factors `qs` (batched) under `rule`: each axis's
+/// [`axis_operators`], by the cheaper order per axis. Under the 4P rules, or where no axis
+/// is longer than twice the rest of its leaf, this is the kept operators' path exactly
+/// (one product per axis or merged run); otherwise such an axis is multiplied by `Qᵢᵀ`
+/// and `Qᵢ` in turn and the others by their grams (the same products in another
+/// association: equal to rounding).
 pub(super) fn precondition_full(
     g: &Tensor,
     qs: &[Tensor],
     plan: &LeafPlan,
+    rule: UpdateRule,
     p: Precision,
 ) -> Result<Tensor> {
-    if !(0..qs.len()).any(|i| twice_is_cheaper(plan, i)) {
-        let grams = full_grams(qs, plan, p)?;
-        return precondition(g, Factors::Grams(&grams), plan, p);
+    if rule.fits_p() || !(0..qs.len()).any(|i| twice_is_cheaper(plan, i)) {
+        let ops = axis_operators(qs, plan, rule, p)?;
+        return precondition(g, Factors::Grams(&ops), plan, p);
     }
     let y = for_each_axis(g, &plan.dims, |i, x2| {
         let xt = x2.transpose(1, 2)?;
@@ -150,72 +265,192 @@ fn lipschitz(l: &Tensor, ell: &Tensor, beta: f64) -> Result<Tensor> {
     Ok(ema.maximum(ell)?)
 }
 
+/// `Qᵢ ×ᵢ X` unfolded along axis `i`: `(B, dᵢ, rest)` (QEP's terms).
+fn apply_on_axis(
+    q: &Tensor,
+    x: &Tensor,
+    plan: &LeafPlan,
+    i: usize,
+    p: Precision,
+) -> Result<Tensor> {
+    let u = unfold(x, plan, i)?;
+    if plan.diag[i] {
+        Ok(u.broadcast_mul(&q.unsqueeze(2)?)?)
+    } else {
+        p.matmul(q, &u)
+    }
+}
+
+/// `gram_i` of an unfolding `u` `(B, d, rest)`: `u·uᵀ` `(B, d, d)` for a dense factor, the
+/// row sums of squares `(B, d)` for a diagonal one.
+fn gram(u: &Tensor, diag: bool, p: Precision) -> Result<Tensor> {
+    if diag {
+        Ok(u.sqr()?.sum(2)?)
+    } else {
+        p.matmul(u, &u.transpose(1, 2)?)
+    }
+}
+
+/// The second term of a factor's fit.
+enum Second {
+    /// `N/dᵢ` times the identity (whitening, except QEP).
+    Scalar(f64),
+    /// A matrix `(B, d, d)` or, for a diagonal factor, a vector `(B, d)`.
+    Tensor(Tensor),
+}
+
 /// One fit of a leaf's batched factors `qs` (`(B, d, d)` full or `(B, d)`) and bounds `ls`
-/// (`(B,)` each) from the damped input `gn` `(B, d₀, …)`, with the dense factors' subspace
-/// draws `subspaces` (`(B, 32, d)`). Returns the new factors and bounds.
+/// (`(B,)` each) from the damped input `gn` `(B, d₀, …)`, with the probe `probe` (same
+/// shape) in the Newton form (`None`: whitening). Returns the new factors and bounds.
 pub(super) fn fit_leaf(
     qs: &[Tensor],
     ls: &[Tensor],
     gn: &Tensor,
-    subspaces: &[Option<(Tensor, Option<Tensor>)>],
+    probe: Option<&Tensor>,
+    mut draws: Draws,
     plan: &LeafPlan,
     fit: Fit,
 ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let p = fit.precision;
-    let pg = precondition_full(gn, qs, plan, p)?;
+    let rule = fit.rule;
+    let pg = precondition_full(gn, qs, plan, rule, p)?;
     // a slice of the layers under `laxMapScannedLayers`
     let b = gn.dim(0)?;
     let n = plan.numel() as f64;
     let mut new_qs = Vec::with_capacity(qs.len());
     let mut new_ls = Vec::with_capacity(qs.len());
     for (i, (q, l)) in qs.iter().zip(ls).enumerate() {
-        let u = unfold(&pg, plan, i)?;
-        let t2 = n / plan.dims[i] as f64;
-        match &subspaces[i] {
-            None => {
-                let t1 = u.sqr()?.sum(2)?;
-                let ell = (t1.max(1)? + t2)?;
-                let l = lipschitz(l, &ell, fit.beta)?;
-                let step = (l.recip()? * fit.lr)?.reshape((b, 1))?;
-                let err = (t1 - t2)?.broadcast_mul(&step)?;
-                let gain = match fit.rule {
-                    UpdateRule::Quad => ((err * -0.5)? + 1.0)?.sqr()?,
-                    _ => (err.neg()? + 1.0)?,
-                };
-                new_qs.push((q * gain)?);
-                new_ls.push(l);
+        let diag = plan.diag[i];
+        let scale = n / plan.dims[i] as f64;
+        let (t1, t2) = if rule == UpdateRule::Qep {
+            let t1 = gram(&apply_on_axis(q, &pg, plan, i, p)?, diag, p)?;
+            let t2 = match probe {
+                Some(v) => gram(&apply_on_axis(q, v, plan, i, p)?, diag, p)?,
+                None if diag => (q.sqr()? * scale)?,
+                None => (p.matmul(q, &q.transpose(1, 2)?)? * scale)?,
+            };
+            (t1, Second::Tensor(t2))
+        } else {
+            let t1 = gram(&unfold(&pg, plan, i)?, diag, p)?;
+            let t2 = match probe {
+                Some(v) => Second::Tensor(gram(&unfold(v, plan, i)?, diag, p)?),
+                None => Second::Scalar(scale),
+            };
+            (t1, t2)
+        };
+        // ℓ, then E = t1 − t2 as psgd_torch forms it
+        let (ell, err) = match (&t2, diag) {
+            (Second::Scalar(t2), true) => ((t1.max(1)? + *t2)?, (&t1 - *t2)?),
+            (Second::Tensor(t2), true) => ((&t1 + t2)?.max(1)?, (&t1 - t2)?),
+            (Second::Scalar(t2), false) => {
+                let spd = draws.spd(i, plan, q)?;
+                ((norm_lower_bound_spd(&t1, &spd, p)? + *t2)?, t1.clone())
             }
-            Some((spd, skh)) => {
-                let t1 = p.matmul(&u, &u.transpose(1, 2)?)?;
-                let ell = (norm_lower_bound_spd(&t1, spd, p)? + t2)?;
-                let l = lipschitz(l, &ell, fit.beta)?;
-                let step = (l.recip()? * fit.lr)?.reshape((b, 1, 1))?;
-                let q = match (fit.rule, skh) {
-                    (UpdateRule::Quad, _) => {
-                        let half = (step * 0.5)?;
-                        let left = (p.matmul(&t1, q)? - (q * t2)?)?;
-                        let p1 = (q - left.broadcast_mul(&half)?)?;
-                        let right = (p.matmul(&p1, &t1)? - (&p1 * t2)?)?;
-                        let p2 = (&p1 - right.broadcast_mul(&half)?)?;
-                        ((&p2 + p2.transpose(1, 2)?)? * 0.5)?
-                    }
-                    (_, Some(skh)) => {
-                        let delta = (p.matmul(&t1, q)? - (q * t2)?)?;
-                        let q = (q - delta.broadcast_mul(&step)?)?;
-                        procrustes_step2(&q, skh, p)?
-                    }
-                    (_, None) => {
-                        return Err(PsgdError::Draw(format!(
-                            "no Procrustes subspace was drawn for axis {i}"
-                        )))
-                    }
-                };
-                new_qs.push(q);
-                new_ls.push(l);
+            (Second::Tensor(t2), false) => {
+                let spd = draws.spd(i, plan, q)?;
+                let sum = (&t1 + t2)?;
+                (norm_lower_bound_spd(&sum, &spd, p)?, (&t1 - t2)?)
             }
+        };
+        let l = lipschitz(l, &ell, fit.beta)?;
+        let step = (l.recip()? * fit.lr)?;
+        if diag {
+            let step = step.reshape((b, 1))?;
+            let e = err.broadcast_mul(&step)?;
+            let gain = match rule {
+                UpdateRule::Quad => ((e * -0.5)? + 1.0)?.sqr()?,
+                UpdateRule::Quad4p => (e.neg()? + 1.0)?.sqr()?,
+                _ => (e.neg()? + 1.0)?,
+            };
+            new_qs.push((q * gain)?);
+            new_ls.push(l);
+            continue;
         }
+        let step = step.reshape((b, 1, 1))?;
+        // E·Q and Q·E; whitening's `E` is `t1 − t2·I`, formed as psgd_torch does
+        let left = |m: &Tensor| -> Result<Tensor> {
+            let t1m = p.matmul(&err, m)?;
+            Ok(match &t2 {
+                Second::Scalar(t2) => (t1m - (m * *t2)?)?,
+                Second::Tensor(_) => t1m,
+            })
+        };
+        let right = |m: &Tensor| -> Result<Tensor> {
+            let mt1 = p.matmul(m, &err)?;
+            Ok(match &t2 {
+                Second::Scalar(t2) => (mt1 - (m * *t2)?)?,
+                Second::Tensor(_) => mt1,
+            })
+        };
+        let q = match rule {
+            UpdateRule::Quad | UpdateRule::Quad4p => {
+                let half = if rule == UpdateRule::Quad {
+                    (step * 0.5)?
+                } else {
+                    step
+                };
+                let p1 = (q - left(q)?.broadcast_mul(&half)?)?;
+                let p2 = (&p1 - right(&p1)?.broadcast_mul(&half)?)?;
+                ((&p2 + p2.transpose(1, 2)?)? * 0.5)?
+            }
+            UpdateRule::Qeq => (q - right(q)?.broadcast_mul(&step)?)?,
+            UpdateRule::Pro => {
+                let q = (q - left(q)?.broadcast_mul(&step)?)?;
+                let skh = draws.skh(i, plan, &q)?;
+                procrustes_step2(&q, &skh, p)?
+            }
+            UpdateRule::Pro4p => {
+                let q = (q - left(q)?.broadcast_mul(&step)?)?;
+                symmetrize_p(q, i, plan, &mut draws, p)?
+            }
+            UpdateRule::Qep | UpdateRule::Eq => (q - left(q)?.broadcast_mul(&step)?)?,
+        };
+        new_qs.push(q);
+        new_ls.push(l);
     }
     Ok((new_qs, new_ls))
+}
+
+/// PRO4P's rotations of a fitted factor `q` `(B, d, d)`: up to ten third-order Procrustes
+/// steps, each with its own subspace draw, stopping once every layer is symmetric to
+/// `PRO4P_SYMMETRIC` (a layer that is already stays as it is while the others rotate).
+fn symmetrize_p(
+    mut q: Tensor,
+    i: usize,
+    plan: &LeafPlan,
+    draws: &mut Draws,
+    p: Precision,
+) -> Result<Tensor> {
+    let b = q.dim(0)?;
+    let mut done = q.zeros_like()?.sum((1, 2))?.gt(1.0)?;
+    for _ in 0..PRO4P_MAX_ROTATIONS {
+        let skh = draws.skh(i, plan, &q)?;
+        let rotated = procrustes_step3(&q, &skh, p)?;
+        q = done
+            .reshape((b, 1, 1))?
+            .broadcast_as(q.shape())?
+            .where_cond(&q, &rotated)?;
+        let skew = max_abs_per_batch(&(q.transpose(1, 2)? - &q)?)?;
+        let size = (max_abs_per_batch(&q)? * PRO4P_SYMMETRIC)?;
+        done = done.maximum(&skew.lt(&size)?)?;
+        if done.min(0)?.to_scalar::<u8>()? == 1 {
+            break;
+        }
+    }
+    Ok(q)
+}
+
+/// QEP's balance before every fit (see [`balance`]).
+pub(super) fn balance_before(
+    rule: UpdateRule,
+    qs: Vec<Tensor>,
+    plan: &LeafPlan,
+) -> Result<Vec<Tensor>> {
+    if rule == UpdateRule::Qep {
+        balance(&qs, plan)
+    } else {
+        Ok(qs)
+    }
 }
 
 #[cfg(test)]
@@ -289,6 +524,16 @@ mod tests {
         s * v.iter().map(|r| norm(r)).fold(0.0, f64::max)
     }
 
+    /// The Procrustes generator `R = Qᵀ − Q` over its subspace bound (from `v`), float64.
+    fn generator(q: &M, v: &M) -> M {
+        let r = lin(&tr(q), 1.0, q, -1.0);
+        let s = r.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+        let nr = bound(&r, v, s) + f32::MIN_POSITIVE as f64;
+        r.iter()
+            .map(|x| x.iter().map(|y| y / nr).collect())
+            .collect()
+    }
+
     fn pseudo(n: usize, seed: u64) -> Vec<f64> {
         let mut s = seed;
         (0..n)
@@ -311,8 +556,8 @@ mod tests {
 
     /// An axis longer than twice the rest of the leaf is multiplied by `Qᵀ` and `Q` in
     /// turn, the others by their grams: the result is `P·G` to float32 rounding, against
-    /// a float64 evaluation; a leaf with no such axis takes the kept grams' path bit for
-    /// bit.
+    /// a float64 evaluation; a leaf with no such axis takes the kept operators' path bit
+    /// for bit.
     #[test]
     fn precondition_full_orders_each_axis_by_cost() {
         let dev = Device::Cpu;
@@ -324,6 +569,7 @@ mod tests {
             stored: vec![vec![3, 3], vec![16, 16]],
             scanned: false,
             scale: 1.0,
+            p_power: 1.0,
         };
         assert!(!twice_is_cheaper(&plan, 0) && twice_is_cheaper(&plan, 1));
         let q0 = rows(&pseudo(9, 11), 3, 3);
@@ -334,7 +580,7 @@ mod tests {
             Tensor::from_vec(t32(&q1), (1, 16, 16), &dev).unwrap(),
         ];
         let gt = Tensor::from_vec(t32(&g), (1, 3, 16), &dev).unwrap();
-        let got = precondition_full(&gt, &qs, &plan, Precision::Float32).unwrap();
+        let got = precondition_full(&gt, &qs, &plan, UpdateRule::Pro, Precision::Float32).unwrap();
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // P₀·G·P₁ (both grams symmetric)
         let want = mm(&mm(&mm(&tr(&q0), &q0), &g), &mm(&tr(&q1), &q1));
@@ -350,8 +596,8 @@ mod tests {
         };
         let qs = vec![qs[0].clone(), qs[0].clone()];
         let g = Tensor::from_vec(t32(&rows(&pseudo(9, 14), 3, 3)), (1, 3, 3), &dev).unwrap();
-        let full = precondition_full(&g, &qs, &sq, Precision::Float32).unwrap();
-        let grams = full_grams(&qs, &sq, Precision::Float32).unwrap();
+        let full = precondition_full(&g, &qs, &sq, UpdateRule::Pro, Precision::Float32).unwrap();
+        let grams = axis_operators(&qs, &sq, UpdateRule::Pro, Precision::Float32).unwrap();
         let kept = precondition(&g, Factors::Grams(&grams), &sq, Precision::Float32).unwrap();
         let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(bits(&full), bits(&kept));
@@ -371,6 +617,7 @@ mod tests {
             stored: vec![vec![d0, d0], vec![d1]],
             scanned: false,
             scale: 1.0,
+            p_power: 1.0,
         };
         let q0 = lin(
             &rows(&pseudo(9, 1), 3, 3),
@@ -421,7 +668,8 @@ mod tests {
                 beta,
                 precision: Precision::Float32,
             };
-            let (nq, nl) = fit_leaf(&qs, &ls, &gn, &draws.subspaces, &plan, fit).unwrap();
+            let subspaces = Draws::Drawn(draws.subspaces);
+            let (nq, nl) = fit_leaf(&qs, &ls, &gn, None, subspaces, &plan, fit).unwrap();
 
             // the reference, in float64
             let eps = f32::EPSILON as f64;
@@ -454,13 +702,7 @@ mod tests {
             let (want0, want1): (M, Vec<f64>) = if rule == UpdateRule::Pro {
                 let q = lin(&q0, 1.0, &mm(&t1_minus, &q0), -lr / la);
                 // procrustes_step2
-                let r = lin(&tr(&q), 1.0, &q, -1.0);
-                let s = r.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
-                let nr = bound(&r, &v_skh, s) + f32::MIN_POSITIVE as f64;
-                let r: M = r
-                    .iter()
-                    .map(|x| x.iter().map(|y| y / nr).collect())
-                    .collect();
+                let r = generator(&q, &v_skh);
                 let rq = mm(&r, &q);
                 let rrq = mm(&r, &rq);
                 let c1: f64 = (0..3).map(|i| rq[i][i]).sum();
@@ -505,5 +747,56 @@ mod tests {
             // the case exercises the EMA on one factor and the first-fit bound on the other
             assert!(lb > ell1 && (la - ell0).abs() < 1e-12 * la);
         }
+    }
+
+    /// `procrustes_step3` against psgd_torch's formulas in float64 on a 4×4 factor whose
+    /// skew part is 0.05 and 3 times a random one (the root below and at its 1/3 cap), with a
+    /// replayed subspace; a symmetric factor is left exactly as it is.
+    #[test]
+    fn procrustes_step3_matches_the_formulas_in_float64() {
+        use crate::kernels::subspace::procrustes_step3;
+        let n = 4usize;
+        let eye: M = (0..n)
+            .map(|i| (0..n).map(|j| f64::from(i == j)).collect())
+            .collect();
+        let x = rows(&pseudo(n * n, 41), n, n);
+        let sym = lin(&lin(&x, 0.3, &tr(&x), 0.3), 1.0, &eye, 2.0);
+        let k = rows(&pseudo(n * n, 42), n, n);
+        let skew = lin(&k, 1.0, &tr(&k), -1.0);
+        let v = rows(&pseudo(SUBSPACE_DIM * n, 43), SUBSPACE_DIM, n);
+        let vt = Tensor::from_vec(t32(&v), (1, SUBSPACE_DIM, n), &Device::Cpu).unwrap();
+        let mut caps = vec![];
+        for amount in [0.05, 3.0] {
+            let q = lin(&sym, 1.0, &skew, amount);
+            let qt = Tensor::from_vec(t32(&q), (1, n, n), &Device::Cpu).unwrap();
+            let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // the reference
+            let r = generator(&q, &v);
+            let rq = mm(&r, &q);
+            let rrq = mm(&r, &rq);
+            let rrrq = mm(&r, &rrq);
+            let trace = |m: &M| (0..n).map(|i| m[i][i]).sum::<f64>();
+            let (c1, c2, c3) = (trace(&rq), trace(&rrq), trace(&rrrq));
+            assert!(c1 > 0.0 && c3 < 0.0, "the factor moves: {c1} {c3}");
+            let root = (-c2 - (c2 * c2 - 1.5 * c1 * c3).sqrt()) / (0.75 * c3);
+            let a = root.min(1.0 / 3.0);
+            caps.push(root > 1.0 / 3.0);
+            let inner = lin(&rrq, 1.0, &rrrq, 0.25 * a);
+            let outer = lin(&rq, 1.0, &inner, 0.5 * a);
+            let want = lin(&q, 1.0, &outer, a);
+            for (g, w) in got.iter().zip(want.iter().flatten()) {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-5 * w.abs().max(1.0),
+                    "skew {amount}: {got:?} vs {want:?}"
+                );
+            }
+        }
+        assert_eq!(caps, [false, true], "one case below the cap, one at it");
+        // a symmetric factor does not move
+        let qt = Tensor::from_vec(t32(&sym), (1, n, n), &Device::Cpu).unwrap();
+        let got = procrustes_step3(&qt, &vt, Precision::Float32).unwrap();
+        let diff = (got - &qt).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
