@@ -258,7 +258,7 @@ def main(argv):
     if args.workload and args.workload not in workloads:
         sys.exit(f"unknown workload '{args.workload}' (have: {', '.join(workloads)})")
     runs = [(w, v) for w in config["workloads"] if args.workload in (None, w["name"])
-            for v in w["variants"] if args.variant in (None, v)]
+            for v in w["variants"] if args.variant in (None, v) and v in CONSTRUCTORS]
     if not runs:
         sys.exit(f"no workload lists variant '{args.variant}'"
                  + (f" (workload '{args.workload}')" if args.workload else ""))

@@ -15,10 +15,19 @@
  * Criteria: regression, the mean over the run of log10(loss ratio) (the area under the
  * log-loss curve: fast and deep both count); XOR, the most seeds solved, then the smallest
  * median step to solve; MNIST, the lowest mean training loss over the last epoch.
+ *
+ * The whitening table (`whitening`, no tfjs): Kron's preconditioner fitted on gradients of a
+ * known Kronecker covariance `C = C₁ ⊗ C₂` under each update rule (EQ, PRO, QUAD), and how
+ * close `P·C·P` gets to `I` (see {@link whiteningDistance}) after a number of fits, at
+ * psgd-jax's preconditioner lr 0.1 and at each rule's best lr of a small grid.
+ *
+ * Flags: --quick, --out DIR, --only regression,xor,mnist,whitening (default: all four),
+ * --optimizers NAME,… (run only these optimizers of the tasks' grids).
  */
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { parseArgs } from 'node:util'
+import { kron, Tensor } from '../index'
 import { ema, geomeanCurve, mean, median, stepsToReach, thin } from '../examples/lib/curves'
 import { split } from '../examples/lib/mnist-data'
 import { LABELS, type OptimizerName } from '../examples/lib/optimizers'
@@ -39,21 +48,63 @@ interface Plan {
   /** `seeds`: the XOR runs' own seeds (a success rate wants more than two), else the plan's. */
   xor: { lengths: number[]; steps: number; lrs: Grid; seeds?: number[] }
   mnist: { epochs: number; train: number; test: number; batch: number; lrs: Grid }
+  whitening: Whitening
 }
+
+/** The whitening table's plan: leaf shapes, fits per run, checkpoints, the lr grid, seeds. */
+interface Whitening {
+  shapes: [number, number][]
+  /** The condition number of each `Cᵢ` (so `C` has its square). */
+  cond: number
+  fits: number
+  checkpoints: number[]
+  lrs: number[]
+  /** The lr every rule is shown at side by side (psgd-jax's default). */
+  equalLr: number
+  seeds: number[]
+}
+
+const RULES = ['EQ', 'PRO', 'QUAD'] as const
 
 const entries = (g: Grid): [OptimizerName, number[]][] => Object.entries(g) as [OptimizerName, number[]][]
 
+/** The same learning rates for each Kron setting (default, auto-scale, PRO, QUAD). */
+const kronGrid = (lrs: number[]): Grid => ({ kron: lrs, 'kron-auto': lrs, 'kron-pro': lrs, 'kron-quad': lrs })
+
+const WHITENING: Whitening = {
+  shapes: [
+    [8, 4],
+    [32, 16],
+    [64, 64],
+  ],
+  cond: 10,
+  fits: 300,
+  checkpoints: [10, 30, 100, 300],
+  lrs: [0.03, 0.1, 0.3, 1],
+  equalLr: 0.1,
+  seeds: [1, 2, 3],
+}
 const FULL: Plan = {
   seeds: [1, 2],
-  regression: { steps: 2000, cond: 1e4, lrs: { adam: [0.3, 1, 3], kron: [0.003, 0.01, 0.03], 'kron-auto': [0.003, 0.01, 0.03], affine: [0.01, 0.03, 0.1] } },
-  xor: { lengths: [20, 30], steps: 2000, seeds: [1, 2, 3], lrs: { adam: [3e-4, 1e-3, 3e-3], kron: [3e-4, 1e-3, 3e-3], 'kron-auto': [3e-4, 1e-3, 3e-3] } },
+  regression: {
+    steps: 2000,
+    cond: 1e4,
+    lrs: { adam: [0.3, 1, 3], ...kronGrid([0.003, 0.01, 0.03]), affine: [0.01, 0.03, 0.1] },
+  },
+  xor: {
+    lengths: [20, 30],
+    steps: 2000,
+    seeds: [1, 2, 3],
+    lrs: { adam: [3e-4, 1e-3, 3e-3], ...kronGrid([3e-4, 1e-3, 3e-3]) },
+  },
   mnist: {
     epochs: 2,
     train: 6000,
     test: 2000,
     batch: 64,
-    lrs: { adam: [3e-3, 1e-2, 3e-2], kron: [1e-3, 3e-3, 1e-2], 'kron-auto': [1e-3, 3e-3, 1e-2], affine: [3e-3, 1e-2, 3e-2] },
+    lrs: { adam: [3e-3, 1e-2, 3e-2], ...kronGrid([1e-3, 3e-3, 1e-2]), affine: [3e-3, 1e-2, 3e-2] },
   },
+  whitening: WHITENING,
 }
 
 const QUICK: Plan = {
@@ -61,6 +112,7 @@ const QUICK: Plan = {
   regression: { steps: 400, cond: 1e4, lrs: FULL.regression.lrs },
   xor: { lengths: [10], steps: 400, lrs: FULL.xor.lrs },
   mnist: { epochs: 1, train: 2000, test: 1000, batch: 64, lrs: FULL.mnist.lrs },
+  whitening: { ...WHITENING, shapes: [[8, 4]], fits: 100, checkpoints: [10, 30, 100] },
 }
 
 const fmtExp = (v: number): string => v.toExponential(1)
@@ -265,11 +317,195 @@ async function mnist(plan: Plan, out: string[], dir: string): Promise<void> {
   )
 }
 
+/** Row-major float64 square matrices (the whitening table's are at most 64×64). */
+type Mat = Float64Array
+
+function matmul(a: Mat, b: Mat, n: number, transA = false): Mat {
+  const c = new Float64Array(n * n)
+  for (let i = 0; i < n; i++)
+    for (let k = 0; k < n; k++) {
+      const aik = transA ? a[k * n + i] : a[i * n + k]
+      if (aik === 0) continue
+      for (let j = 0; j < n; j++) c[i * n + j] += aik * b[k * n + j]
+    }
+  return c
+}
+
+/** Standard normal draws (Box-Muller on a 32-bit LCG), reproducible from `seed`. */
+function normalStream(seed: number): () => number {
+  let s = (seed * 2654435761) >>> 0
+  const u = () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0
+    return (s + 0.5) / 4294967296
+  }
+  return () => Math.sqrt(-2 * Math.log(u())) * Math.cos(2 * Math.PI * u())
+}
+
+/** `A = U·diag(s)·Uᵀ`: `U` a random rotation (Gram-Schmidt), `s` log-spaced from 1 to √cond, so `C = AAᵀ` has condition number `cond`. */
+function covarianceRoot(n: number, cond: number, draw: () => number): Mat {
+  const u = new Float64Array(n * n)
+  for (let i = 0; i < n; i++) {
+    const row = u.subarray(i * n, (i + 1) * n)
+    for (let j = 0; j < n; j++) row[j] = draw()
+    for (let k = 0; k < i; k++) {
+      const prev = u.subarray(k * n, (k + 1) * n)
+      let dot = 0
+      for (let j = 0; j < n; j++) dot += row[j] * prev[j]
+      for (let j = 0; j < n; j++) row[j] -= dot * prev[j]
+    }
+    let norm = 0
+    for (let j = 0; j < n; j++) norm += row[j] * row[j]
+    for (let j = 0; j < n; j++) row[j] /= Math.sqrt(norm)
+  }
+  const a = new Float64Array(n * n)
+  for (let k = 0; k < n; k++) {
+    const s = n === 1 ? 1 : Math.pow(cond, (0.5 * k) / (n - 1))
+    for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) a[i * n + j] += u[k * n + i] * s * u[k * n + j]
+  }
+  return a
+}
+
+/**
+ * The distance of `P·C·P` from `I` for `C = C₁ ⊗ C₂` and `P = P₁ ⊗ P₂`:
+ * `‖(P₁C₁P₁) ⊗ (P₂C₂P₂) − I‖_F / √n` (n = d₁·d₂; 0 when white, 1 for `P·C·P = 0`), computed
+ * from the two small factors as `√((‖M₁‖²‖M₂‖² − 2·tr M₁·tr M₂ + n)/n)`.
+ */
+function whiteningDistance(ps: Mat[], cs: Mat[], dims: number[]): number {
+  const ms = ps.map((p, i) => matmul(matmul(p, cs[i], dims[i]), p, dims[i]))
+  const fro2 = (m: Mat) => m.reduce((a, x) => a + x * x, 0)
+  const trace = (m: Mat, n: number) => {
+    let t = 0
+    for (let i = 0; i < n; i++) t += m[i * n + i]
+    return t
+  }
+  const n = dims[0] * dims[1]
+  const d2 = fro2(ms[0]) * fro2(ms[1]) - 2 * trace(ms[0], dims[0]) * trace(ms[1], dims[1]) + n
+  return Math.sqrt(Math.max(d2, 0) / n)
+}
+
+/** The factors of a saved Kron state with one leaf (`Q.0.0`, `Q.0.1`, float32) as `Pᵢ = QᵢᵀQᵢ`. */
+function gramsOfState(bytes: Uint8Array, dims: number[]): Mat[] {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+  const headerLen = Number(view.getBigUint64(0, true))
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLen))) as Record<
+    string,
+    { dtype: string; shape: number[]; data_offsets: [number, number] }
+  >
+  return dims.map((d, i) => {
+    const t = header[`Q.0.${i}`]
+    if (!t || t.dtype !== 'F32' || t.shape.join() !== `${d},${d}`) throw new Error(`whitening: the state has no dense float32 Q.0.${i} of ${d}×${d}`)
+    const start = 8 + headerLen + t.data_offsets[0]
+    const q = new Float64Array(d * d)
+    for (let k = 0; k < d * d; k++) q[k] = view.getFloat32(start + 4 * k, true)
+    return matmul(q, q, d, true)
+  })
+}
+
+/** The whitening distance after each fit of one run (`fits` long). */
+function whiteningRun(shape: [number, number], rule: string, lr: number, seed: number, w: Whitening): number[] {
+  const draw = normalStream(1000 * seed + shape[0] + shape[1])
+  const roots = shape.map((d) => covarianceRoot(d, w.cond, draw))
+  // Cᵢ = AᵢAᵢᵀ (Aᵢ is symmetric)
+  const cs = roots.map((a, i) => matmul(a, a, shape[i]))
+  const [m, n] = shape
+  const opt = kron({ updateRule: rule as 'EQ', preconditionerLr: lr, b1: 0, learningRate: 0, preconditionerUpdateProbability: 1, seed })
+  const params = { w: Tensor.fromArray(new Float32Array(m * n), shape) }
+  const state = opt.init(params)
+  const dists: number[] = []
+  for (let t = 0; t < w.fits; t++) {
+    // G = A₁·Z·A₂ᵀ has covariance C₁ ⊗ C₂ (row-major vec)
+    const z = new Float64Array(m * n).map(() => draw())
+    const az = new Float64Array(m * n)
+    for (let i = 0; i < m; i++) for (let k = 0; k < m; k++) for (let j = 0; j < n; j++) az[i * n + j] += roots[0][i * m + k] * z[k * n + j]
+    const g = new Float32Array(m * n)
+    for (let i = 0; i < m; i++)
+      for (let j = 0; j < n; j++) {
+        let v = 0
+        for (let k = 0; k < n; k++) v += az[i * n + k] * roots[1][j * n + k]
+        g[i * n + j] = v
+      }
+    const grads = { w: Tensor.fromArray(g, shape) }
+    const [updates] = opt.update(grads, state, params)
+    for (const u of Object.values(updates as Record<string, Tensor>)) u.dispose()
+    grads.w.dispose()
+    dists.push(whiteningDistance(gramsOfState(state.toBytes(), shape), cs, shape))
+  }
+  state.dispose()
+  params.w.dispose()
+  return dists
+}
+
+function whitening(plan: Plan, out: string[]): void {
+  const w = plan.whitening
+  const equal: string[] = []
+  const bestRows: string[] = []
+  const sweep: string[] = []
+  // the distance moves from fit to fit with the sampled gradients: each figure is the mean
+  // over the seeds and over the last `WINDOW` fits up to that point
+  const WINDOW = 10
+  const smooth = (curves: number[][]) => curves[0].map((_, i) => mean(curves.flatMap((c) => c.slice(Math.max(0, i + 1 - WINDOW), i + 1))))
+  const cells = (curves: number[][]) => {
+    const m = smooth(curves)
+    const firstBelow = (x: number) => {
+      const i = m.findIndex((d) => d < x)
+      return i < 0 ? '—' : String(i + 1)
+    }
+    return `${w.checkpoints.map((k) => m[k - 1].toFixed(3)).join(' | ')} | ${firstBelow(1)} | ${firstBelow(0.5)}`
+  }
+  for (const shape of w.shapes) {
+    for (const rule of RULES) {
+      const byLr = new Map<number, number[][]>()
+      for (const lr of w.lrs) {
+        const bar = new ProgressBar(w.seeds.length, `whitening ${shape.join('×')} ${rule} preconditionerLr ${lr}`)
+        const curves = w.seeds.map((seed) => {
+          const c = whiteningRun(shape, rule, lr, seed, w)
+          bar.tick()
+          return c
+        })
+        bar.finish(`after ${w.fits} fits ${mean(curves.map((c) => c[c.length - 1])).toFixed(3)}`)
+        byLr.set(lr, curves)
+        sweep.push(`| ${shape.join('×')} | ${rule} | ${lr} | ${mean(curves.map((c) => mean(c))).toFixed(3)} | ${cells(curves)} |`)
+      }
+      equal.push(`| ${shape.join('×')} | ${rule} | ${cells(byLr.get(w.equalLr)!)} |`)
+      const [lr, curves] = best(byLr, (c) => mean(c.map((x) => mean(x))))
+      bestRows.push(`| ${shape.join('×')} | ${rule} | ${lr} | ${cells(curves)} |`)
+    }
+  }
+  const head = `${w.checkpoints.map((k) => `after ${k}`).join(' | ')} | first below 1 | first below 0.5`
+  const align = `${w.checkpoints.map(() => '---:').join('|')}|---:|---:`
+  out.push(
+    `### Whitening (gradients of covariance C = C₁ ⊗ C₂, each Cᵢ of condition number ${w.cond}; distance ‖P·C·P − I‖_F/√n, 1 at P = 0 and 0 when white, each figure the mean over seeds ${w.seeds.join(', ')} and the last 10 fits; one fit per step, learningRate 0, b1 0)\n`,
+    `At the same preconditionerLr (${w.equalLr}, the default):\n`,
+    `| leaf | rule | ${head} |`,
+    `|---|---|${align}|`,
+    ...equal,
+    ``,
+    `Each rule at its best preconditionerLr of ${w.lrs.join(', ')} (lowest mean distance over the ${w.fits} fits):\n`,
+    `| leaf | rule | best lr | ${head} |`,
+    `|---|---|---:|${align}|`,
+    ...bestRows,
+    ``,
+    `Sweep (score: mean distance over the run):\n`,
+    `| leaf | rule | lr | score | ${head} |`,
+    `|---|---|---:|---:|${align}|`,
+    ...sweep,
+    ``,
+  )
+}
+
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { quick: { type: 'boolean' }, out: { type: 'string' }, only: { type: 'string' } } })
-  const plan = values.quick ? QUICK : FULL
+  const { values } = parseArgs({ options: { quick: { type: 'boolean' }, out: { type: 'string' }, only: { type: 'string' }, optimizers: { type: 'string' } } })
+  const base = values.quick ? QUICK : FULL
+  const pick = values.optimizers ? new Set(values.optimizers.split(',')) : null
+  const keep = (g: Grid): Grid => (pick ? Object.fromEntries(Object.entries(g).filter(([k]) => pick.has(k))) : g)
+  const plan: Plan = {
+    ...base,
+    regression: { ...base.regression, lrs: keep(base.regression.lrs) },
+    xor: { ...base.xor, lrs: keep(base.xor.lrs) },
+    mnist: { ...base.mnist, lrs: keep(base.mnist.lrs) },
+  }
   const dir = values.out ?? path.join(__dirname, '..', 'docs', 'quality')
-  const only = new Set((values.only ?? 'regression,xor,mnist').split(','))
+  const only = new Set((values.only ?? 'regression,xor,mnist,whitening').split(','))
   await useCpuBackend()
   const t0 = performance.now()
   const out: string[] = []
@@ -278,6 +514,7 @@ async function main(): Promise<void> {
     ['regression', () => regression(plan, out, dir)],
     ['xor', () => xor(plan, out, dir)],
     ['mnist', () => mnist(plan, out, dir)],
+    ['whitening', () => whitening(plan, out)],
   ] as const) {
     if (!only.has(task)) continue
     const s = performance.now()

@@ -7,12 +7,18 @@
  *    state bytes and peak RSS;
  * 2. the same steps through the Node API (this process), for the binding overhead;
  * 3. psgd-jax under jax.jit on the CPU (benches/psgd_jax_bench.py, its own process), when a
- *    reference environment is there or `--jax` asks to make one (benches/setup-reference.sh).
+ *    reference environment is there or `--jax` asks to make one (benches/setup-reference.sh);
+ * 4. with `--torch`: psgd_torch's `KronWhiten` (the same update rule) and heavyball's
+ *    `PSGDPRO` on the same trees, torch on the CPU with our thread count
+ *    (benches/psgd_torch_bench.py in the venv of benches/setup-torch.sh; psgd_torch's
+ *    psgd.py from `--psgd-torch PATH`). `--torch` runs the Kron variants only (kron,
+ *    kron-pro, kron-quad) unless `--variant` names one.
  *
  * and prints every figure as a ratio of two timings taken in this run.
  *
- * Flags: --jax, --no-jax, --workload NAME, --variant NAME, --repeats N, --warmup N,
- * --json FILE (write every record).
+ * Flags: --jax, --no-jax, --torch, --psgd-torch PATH, --no-node (skip the Node API case:
+ * its Node / Rust columns read —), --workload NAME, --variant NAME, --repeats N,
+ * --warmup N, --json FILE (write every record).
  */
 import { execFileSync, spawnSync } from 'node:child_process'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
@@ -54,7 +60,17 @@ interface Record_ {
 }
 
 function parseArgs(argv: string[]) {
-  const a = { jax: 'auto' as 'auto' | 'yes' | 'no', workload: '', variant: '', repeats: 0, warmup: -1, json: '' }
+  const a = {
+    jax: 'auto' as 'auto' | 'yes' | 'no',
+    torch: false,
+    node: true,
+    psgdTorch: process.env.PSGD_TORCH_PY ?? '',
+    workload: '',
+    variant: '',
+    repeats: 0,
+    warmup: -1,
+    json: '',
+  }
   for (let i = 0; i < argv.length; i++) {
     const next = () => {
       const v = argv[++i]
@@ -67,6 +83,15 @@ function parseArgs(argv: string[]) {
         break
       case '--no-jax':
         a.jax = 'no'
+        break
+      case '--torch':
+        a.torch = true
+        break
+      case '--no-node':
+        a.node = false
+        break
+      case '--psgd-torch':
+        a.psgdTorch = next()
         break
       case '--workload':
         a.workload = next()
@@ -125,6 +150,26 @@ function referencePython(mode: 'auto' | 'yes' | 'no'): string | null {
   return out.trim().split('\n').pop() || py
 }
 
+/**
+ * The torch interpreter for `--torch` (the venv of benches/setup-torch.sh, or
+ * PSGD_TORCH_VENV) and psgd_torch's psgd.py, or a thrown error saying what to run.
+ */
+function torchReference(psgdTorch: string): { py: string; psgd: string } {
+  const venv = process.env.PSGD_TORCH_VENV ?? path.join(root, '.venv-torch')
+  const py = path.join(venv, 'bin', 'python')
+  if (!existsSync(py)) throw new Error(`bench: --torch needs a venv with torch and heavyball at ${venv} (run benches/setup-torch.sh, or set PSGD_TORCH_VENV)`)
+  const psgd = psgdTorch || path.join(venv, 'psgd.py')
+  if (!existsSync(psgd)) throw new Error(`bench: --torch needs psgd_torch's psgd.py: --psgd-torch PATH (benches/setup-torch.sh fetches it)`)
+  return { py, psgd }
+}
+
+/** The update rule a Kron workload variant runs ('EQ' for plain kron), or null for the other variants. */
+function kronRule(name: string, entry: Record<string, unknown>): string | null {
+  const { variant, options } = baseOf(name, entry)
+  if (variant !== 'kron') return null
+  return typeof options.update_rule === 'string' ? options.update_rule : 'EQ'
+}
+
 /** Every JSON line a bench process prints on stdout. */
 function runJson(cmd: string, args: string[]): Record_[] {
   const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 26 })
@@ -162,6 +207,15 @@ const classes: Record<string, new (params: Record<string, Tensor>, o: object) =>
   affine: Affine,
 }
 
+/**
+ * A workload variant's constructor name and options: an entry with a `base` (kron-pro) is
+ * that variant with the entry's options (Kron's `update_rule`).
+ */
+function baseOf(name: string, entry: Record<string, unknown>): { variant: string; options: Record<string, unknown> } {
+  const { base, ...options } = entry
+  return { variant: typeof base === 'string' ? base : name, options }
+}
+
 interface Problem {
   params: Record<string, Tensor>
   grads: Record<string, Tensor>
@@ -187,8 +241,9 @@ function problemOf(w: Workload): Problem {
  * the functional `update` (against the Rust step), and, on the apply steps, the in-place
  * class `step` (against the Rust step plus forming `params + updates`, the work it adds).
  */
-function nodeCase(w: Workload, problem: Problem, variant: string, options: Record<string, unknown>, warmup: number, repeats: number) {
+function nodeCase(w: Workload, problem: Problem, name: string, entry: Record<string, unknown>, warmup: number, repeats: number) {
   const { params, grads } = problem
+  const { variant, options } = baseOf(name, entry)
   let prob = 1
   const o: Record<string, unknown> = { preconditionerUpdateProbability: () => prob }
   for (const [k, v] of Object.entries(options)) o[camel(k)] = v
@@ -252,6 +307,9 @@ function nodeCase(w: Workload, problem: Problem, variant: string, options: Recor
 
 const fmtMs = (s: number | undefined) => (s === undefined || !Number.isFinite(s) ? '—' : (s * 1e3).toFixed(s < 0.01 ? 3 : 1))
 const ratio = (a: number | undefined, b: number | undefined, digits = 2) => (a === undefined || b === undefined || !(b > 0) ? '—' : (a / b).toFixed(digits))
+/** A ratio to two significant digits where it is below 0.1 (ours against torch's steps can be 0.003). */
+const ratioSig = (a: number | undefined, b: number | undefined) =>
+  a === undefined || b === undefined || !(b > 0) ? '—' : a / b < 0.1 ? (a / b).toPrecision(2) : (a / b).toFixed(2)
 const mib = (b: unknown) => (typeof b === 'number' ? (b / 1048576).toFixed(1) : '—')
 
 function main() {
@@ -268,14 +326,16 @@ function main() {
   console.log(
     `machine: ${cpu[0]?.model ?? '?'} × ${cpu.length} threads, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${os.platform()} ${os.release()}, node ${process.version}`,
   )
+  const torch = args.torch ? torchReference(args.psgdTorch) : null
   const perWorkload = spec.workloads.map((w) => `${w.name} ${counts(w).warmup}/${counts(w).repeats}`).join(', ')
   console.log(`psgd-jax: ${py ? py : 'not run (pass --jax to set up benches/setup-reference.sh)'}; warmup/repeats: ${perWorkload}`)
 
   const rows: string[] = []
+  const torchRows: string[] = []
   const memRows: string[] = []
   const records: unknown[] = []
   const started = Date.now()
-  const spent = { rust: 0, node: 0, jax: 0 }
+  const spent = { rust: 0, node: 0, jax: 0, torch: 0 }
   const timed = <T>(part: keyof typeof spent, f: () => T): T => {
     const t0 = Date.now()
     try {
@@ -286,17 +346,53 @@ function main() {
   }
   for (const w of spec.workloads) {
     if (args.workload && args.workload !== w.name) continue
-    const variants = w.variants.filter((v) => !args.variant || args.variant === v)
+    const variants = w.variants.filter((v) => (args.variant ? args.variant === v : !args.torch || kronRule(v, spec.variants[v] ?? {}) !== null))
     if (variants.length === 0) continue
     const { warmup, repeats } = counts(w)
     const common = ['--workload', w.name, '--warmup', String(warmup), '--repeats', String(repeats)]
     const problem = timed('node', () => problemOf(w))
     for (const v of variants) {
       const rust = timed('rust', () => runJson(bin, [...common, '--variant', v, '--json'])[0])
-      const node = timed('node', () => nodeCase(w, problem, v, spec.variants[v] ?? {}, warmup, repeats))
+      const node = args.node ? timed('node', () => nodeCase(w, problem, v, spec.variants[v] ?? {}, warmup, repeats)) : null
       // one process per case, so that its peak resident memory is its own
-      const jax = py ? timed('jax', () => runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common, '--variant', v])[0]) : null
-      records.push({ workload: w.name, variant: v, rust, node, jax })
+      // psgd-jax has only its own variants (not kron-pro, kron-quad)
+      const jax =
+        py && baseOf(v, spec.variants[v] ?? {}).variant === v
+          ? timed('jax', () => runJson(py, [path.join(root, 'benches', 'psgd_jax_bench.py'), ...common, '--variant', v])[0])
+          : null
+      const rule = kronRule(v, spec.variants[v] ?? {})
+      const torchArgs = [path.join(root, 'benches', 'psgd_torch_bench.py'), ...common, '--threads', String(rust.threads ?? os.cpus().length)]
+      const psgdTorch =
+        torch && rule ? timed('torch', () => runJson(torch.py, [...torchArgs, '--impl', 'psgd-torch', '--rule', rule, '--psgd-torch', torch.psgd])[0]) : null
+      // heavyball has PSGDPRO only: beside our PRO
+      const heavyball = torch && rule === 'PRO' ? timed('torch', () => runJson(torch.py, [...torchArgs, '--impl', 'heavyball'])[0]) : null
+      records.push({ workload: w.name, variant: v, rust, node, jax, psgdTorch, heavyball })
+      if (psgdTorch) {
+        for (const kind of ['update', 'apply'] as const) {
+          const ours = rust.kinds[kind].median
+          const pt = psgdTorch.kinds[kind].median
+          const hb = heavyball?.kinds[kind].median
+          const row = [
+            w.name,
+            rule,
+            kind,
+            `${fmtMs(ours)} / ${fmtMs(rust.kinds[kind].min)}`,
+            `${fmtMs(pt)} / ${fmtMs(psgdTorch.kinds[kind].min)}`,
+            `**${ratioSig(ours, pt)}**`,
+            heavyball ? `${fmtMs(hb)} / ${fmtMs(heavyball.kinds[kind].min)}` : '—',
+            heavyball ? `**${ratioSig(ours, hb)}**` : '—',
+          ]
+          torchRows.push(`| ${row.join(' | ')} |`)
+          console.log(['torch:', ...row].join('  '))
+        }
+        for (const [name, r] of [
+          ['psgd_torch', psgdTorch],
+          ['heavyball', heavyball],
+        ] as const) {
+          const differs = (r?.structure_differs as string[] | undefined) ?? []
+          if (differs.length) console.log(`  ${w.name} ${rule} ${name}: structure differs from ours on ${differs.length} axes: ${differs.join('; ')}`)
+        }
+      }
       const lim = rust.matmul_limit as Record<string, { seconds: number }>
       const adam = (rust.adamw as Timing).median
       for (const kind of ['update', 'apply'] as const) {
@@ -308,8 +404,8 @@ function main() {
           `${fmtMs(ours)} / ${fmtMs(rust.kinds[kind].min)}`,
           jax ? `${fmtMs(jax.kinds[kind].median)} / ${fmtMs(jax.kinds[kind].min)}` : '—',
           jax ? `**${ratio(ours, jax.kinds[kind].median)}**` : '—',
-          ratio(node[kind].median, node.inProcessRust[kind].median),
-          kind === 'apply' ? ratio(node.classStep.apply.median, node.inProcessRustAdd.apply.median) : '—',
+          node ? ratio(node[kind].median, node.inProcessRust[kind].median) : '—',
+          node && kind === 'apply' ? ratio(node.classStep.apply.median, node.inProcessRustAdd.apply.median) : '—',
           lim[kind] ? `${((100 * lim[kind].seconds) / ours).toFixed(0)}%` : 'n/a',
           ratio(ours, adam, 1),
         ]
@@ -323,7 +419,9 @@ function main() {
     for (const t of [...Object.values(problem.params), ...Object.values(problem.grads)]) t.dispose()
   }
   const secs = (Date.now() - started) / 1000
-  console.log(`\nsuite: ${secs.toFixed(0)} s (Rust ${spent.rust.toFixed(0)} s, Node ${spent.node.toFixed(0)} s, psgd-jax ${spent.jax.toFixed(0)} s)\n`)
+  console.log(
+    `\nsuite: ${secs.toFixed(0)} s (Rust ${spent.rust.toFixed(0)} s, Node ${spent.node.toFixed(0)} s, psgd-jax ${spent.jax.toFixed(0)} s${torch ? `, torch ${spent.torch.toFixed(0)} s` : ''})\n`,
+  )
   console.log(
     '| workload | variant | step | ours ms (median / min) | psgd-jax ms (median / min) | ours / psgd-jax | Node / Rust (update) | Node / Rust (class step) | matmul limit / ours | ours / AdamW |',
   )
@@ -332,6 +430,18 @@ function main() {
   console.log('\n| workload | variant | state MiB (ours) | state MiB (psgd-jax) | peak RSS MiB (ours) | peak RSS MiB (psgd-jax) | RSS growth KiB (ours) |')
   console.log('|---|---|---|---|---|---|---|')
   for (const r of memRows) console.log(r)
+  if (torch) {
+    const r0 = records.find((r) => (r as { psgdTorch?: unknown }).psgdTorch) as
+      { psgdTorch: Record<string, unknown>; rust: Record<string, unknown> } | undefined
+    console.log(
+      `\npsgd_torch ${torch.psgd} (KronWhiten, the same rule), heavyball PSGDPRO (eager); torch ${r0?.psgdTorch.torch ?? '?'} on the CPU, ${r0?.psgdTorch.threads ?? '?'} threads; ours ${r0?.rust.threads ?? '?'} threads`,
+    )
+    console.log(
+      '\n| workload | rule | step | ours ms (median / min) | psgd_torch ms (median / min) | ours / psgd_torch | heavyball PSGDPRO ms (median / min) | ours / heavyball |',
+    )
+    console.log('|---|---|---|---|---|---|---|---|')
+    for (const r of torchRows) console.log(r)
+  }
   if (args.json) writeFileSync(args.json, JSON.stringify(records, null, 1))
 }
 

@@ -13,7 +13,7 @@ import { parseFlags, num } from './lib/cli'
 import { ema, mean, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
 import { split, type Digits } from './lib/mnist-data'
-import { LABELS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
+import { LABELS, LR_FLAGS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
 import { Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Series } from './lib/svg-plot'
@@ -108,17 +108,7 @@ export async function trainMnist(c: MnistConfig): Promise<MnistRun> {
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/mnist.svg', [
-    'epochs',
-    'train',
-    'test',
-    'batch',
-    'optimizers',
-    'lr-adam',
-    'lr-kron',
-    'lr-kron-auto',
-    'lr-affine',
-  ])
+  const flags = parseFlags(argv, 'examples/out/mnist.svg', ['epochs', 'train', 'test', 'batch', 'optimizers', ...LR_FLAGS])
   await useCpuBackend()
   const epochs = num(flags, 'epochs', flags.smoke ? 2 : 3)
   const batchSize = num(flags, 'batch', 64)
@@ -129,6 +119,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     adam: num(flags, 'lr-adam', 1e-2),
     kron: num(flags, 'lr-kron', 3e-3),
     'kron-auto': num(flags, 'lr-kron-auto', 3e-3),
+    'kron-pro': num(flags, 'lr-kron-pro', 3e-3),
+    'kron-quad': num(flags, 'lr-kron-quad', 3e-3),
     affine: num(flags, 'lr-affine', 1e-2),
   }
   const steps = epochs * Math.ceil(train.n / batchSize)

@@ -13,7 +13,7 @@ import * as tf from '@tensorflow/tfjs-core'
 import { parseFlags, num } from './lib/cli'
 import { stepsToReach, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
-import { LABELS, makeOptimizer, type OptimizerName } from './lib/optimizers'
+import { LABELS, LR_FLAGS, makeOptimizer, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
 import { orthonormalColumns, Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Panel } from './lib/svg-plot'
@@ -107,7 +107,7 @@ export function trainRegression(
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/regression.svg', ['steps', 'cond', 'lr-adam', 'lr-kron', 'lr-kron-auto', 'lr-affine'])
+  const flags = parseFlags(argv, 'examples/out/regression.svg', ['steps', 'cond', ...LR_FLAGS])
   await useCpuBackend()
   const steps = num(flags, 'steps', flags.smoke ? 200 : 2000)
   const cond = num(flags, 'cond', 1e4)
@@ -116,6 +116,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     adam: num(flags, 'lr-adam', 1),
     kron: num(flags, 'lr-kron', 0.01),
     'kron-auto': num(flags, 'lr-kron-auto', 0.01),
+    'kron-pro': num(flags, 'lr-kron-pro', 0.01),
+    'kron-quad': num(flags, 'lr-kron-quad', 0.01),
     affine: num(flags, 'lr-affine', 0.03),
   }
   const optimizers: OptimizerName[] = ['adam', 'kron', 'kron-auto', 'affine']

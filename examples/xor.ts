@@ -18,7 +18,7 @@ import * as tf from '@tensorflow/tfjs-core'
 import { parseFlags, num } from './lib/cli'
 import { ema, thin } from './lib/curves'
 import { consoleIO, type ExampleIO, type ExampleResult } from './lib/example'
-import { LABELS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
+import { LABELS, LR_FLAGS, makeOptimizer, parseOptimizerNames, type OptimizerName } from './lib/optimizers'
 import { ProgressBar } from './lib/progress'
 import { orthonormalColumns, Rng } from './lib/rng'
 import { svgFigure, writeSvg, type Series } from './lib/svg-plot'
@@ -132,7 +132,7 @@ export function trainXor(
 }
 
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
-  const flags = parseFlags(argv, 'examples/out/xor.svg', ['length', 'seeds', 'steps', 'optimizers', 'lr-adam', 'lr-kron', 'lr-kron-auto', 'lr-affine'])
+  const flags = parseFlags(argv, 'examples/out/xor.svg', ['length', 'seeds', 'steps', 'optimizers', ...LR_FLAGS])
   await useCpuBackend()
   const length = num(flags, 'length', flags.smoke ? 8 : 20)
   const seeds = num(flags, 'seeds', flags.smoke ? 1 : 3)

@@ -1,20 +1,26 @@
 /**
  * The optimizers the examples compare, by name: PSGD Kron (with psgd-jax's initial
  * preconditioner scale 1, and with `preconditionerInitScale: null`, the scale taken from
- * the first gradient) and Affine through the `psgd/tfjs` adapter, and TensorFlow.js's own
+ * the first gradient), Kron with psgd_torch's inverse-free update rules (`updateRule:
+ * 'PRO'` and `'QUAD'`) and Affine through the `psgd/tfjs` adapter, and TensorFlow.js's own
  * Adam. Every other option is the default.
  */
 import * as tf from '@tensorflow/tfjs-core'
 import { AffineOptimizer, KronOptimizer } from '../../tfjs'
 
-export type OptimizerName = 'adam' | 'kron' | 'kron-auto' | 'affine'
+export type OptimizerName = 'adam' | 'kron' | 'kron-auto' | 'kron-pro' | 'kron-quad' | 'affine'
 
 export const LABELS: Record<OptimizerName, string> = {
   adam: 'Adam (tfjs)',
   kron: 'Kron',
   'kron-auto': 'Kron auto-scale',
+  'kron-pro': 'Kron PRO',
+  'kron-quad': 'Kron QUAD',
   affine: 'Affine',
 }
+
+/** The examples' learning-rate flags, one per optimizer (`--lr-kron-pro`). */
+export const LR_FLAGS = Object.keys(LABELS).map((n) => `lr-${n}`)
 
 /** A learning rate, or a schedule of the number of steps already taken (0 at the first). */
 export type LearningRate = number | ((step: number) => number)
@@ -32,6 +38,10 @@ export function makeOptimizer(name: OptimizerName, learningRate: LearningRate, s
       return new KronOptimizer({ learningRate, seed })
     case 'kron-auto':
       return new KronOptimizer({ learningRate, seed, preconditionerInitScale: null })
+    case 'kron-pro':
+      return new KronOptimizer({ learningRate, seed, updateRule: 'PRO' })
+    case 'kron-quad':
+      return new KronOptimizer({ learningRate, seed, updateRule: 'QUAD' })
     case 'affine':
       return new AffineOptimizer({ learningRate, seed })
   }

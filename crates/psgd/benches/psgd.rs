@@ -61,17 +61,38 @@ fn p(b: usize, m: usize, k: usize, n: usize) -> Product {
 ///   (one more `(r×d)·(d×d)`), leaving `P` to the next apply-only step; Affine always
 ///   forms `P`.
 ///
+/// Under Kron's inverse-free rules (`inverse_free`: PRO, QUAD) the update is instead, per
+/// dense factor: `P = QᵀQ` `(d×d)·(d×d)`, `P·G` `(r×d)·(d×d)`, `t1 = gram(P·G)`
+/// `(d×r)·(r×d)`, `t1·Q` `(d×d)·(d×d)` and one more `(d×d)·(d×d)` (PRO: the Procrustes
+/// rotation's `R·Q` and `R·RQ` count as two; QUAD: `p·t1`), then the new `P` and the apply
+/// product; the subspace bounds (`32×d` blocks) are left out.
+///
 /// Affine is the same on its matrix view, except where psgd-jax integrates the probe out
 /// (one side diagonal): there `B` is replaced by `(QᵀQ)⁻¹`, one triangular inverse `(d×d)·(d×d)`
 /// and one product `(d×d)·(d×d)`. XMat and LRA have no matrix-matrix products (XMat is
 /// elementwise; LRA multiplies by rank-r factors), so they get no limit.
-fn products(t: &AnyTransform, state: &AnyState, update: bool) -> Option<Vec<Product>> {
+fn products(
+    t: &AnyTransform,
+    state: &AnyState,
+    update: bool,
+    inverse_free: Option<&str>,
+) -> Option<Vec<Product>> {
     let mut out = vec![];
     let kron = matches!(t, AnyTransform::Kron(_));
     let mut axis = |b: usize, d: usize, numel: usize, full_b: bool| {
         let r = numel / d;
         out.push(p(b, r, d, d));
-        if update {
+        if let (true, Some(rule)) = (update, inverse_free) {
+            out.push(p(b, d, d, d));
+            out.push(p(b, r, d, d));
+            out.push(p(b, d, r, d));
+            out.push(p(b, d, d, d));
+            out.push(p(b, d, d, d));
+            if rule == "PRO" || rule == "Q0.5EQ1.5" {
+                out.push(p(b, d, d, d));
+            }
+            out.push(p(b, d, d, d));
+        } else if update {
             out.push(p(b, r, d, d));
             if full_b {
                 out.push(p(b, r, d, d));
@@ -338,11 +359,18 @@ fn run_case(
     repeats: usize,
     device: &Device,
 ) -> Res<Value> {
-    let leaves = leaves_of(workload, variant);
+    // a variant entry with a `base` is that variant with other options (kron-pro: Kron
+    // with `update_rule: "PRO"`)
+    let mut options = options.clone();
+    let base = match options.remove("base") {
+        Some(Value::String(b)) => b,
+        _ => variant.to_string(),
+    };
+    let leaves = leaves_of(workload, &base);
     let t = AnyTransform::new(
-        variant,
+        &base,
         leaves.clone(),
-        &psgd::options::from_psgd_jax_names(options),
+        &psgd::options::from_psgd_jax_names(&options),
     )?;
     let params = random_tree(&leaves, 0.02, device)?;
     let grads = random_tree(&leaves, 1.0, device)?;
@@ -364,7 +392,11 @@ fn run_case(
     let adamw = adamw_times(&params, &grads, warmup, repeats, device)?;
     let mut limits = Map::new();
     for (kind, update) in [("update", true), ("apply", false)] {
-        if let Some(ps) = products(&t, &state, update) {
+        let rule = options
+            .get("update_rule")
+            .and_then(Value::as_str)
+            .filter(|r| *r != "EQ");
+        if let Some(ps) = products(&t, &state, update, rule) {
             let (secs, flops) = matmul_limit(&ps, device, repeats.max(3))?;
             limits.insert(
                 kind.into(),

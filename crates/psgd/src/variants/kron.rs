@@ -1422,16 +1422,28 @@ impl KronPreconditioner {
         let x = m.reshape(plan.batched_shape().as_slice())?;
         let (batched, f) = match f {
             Factors::Grams(ps) => (ps.to_vec(), f),
-            // full factors (the inverse-free rules) are applied through their grams: the
-            // products with `Qᵢ` and `Qᵢᵀ` in turn are for triangular ones
+            // full factors (the inverse-free rules): by their grams, or by `Qᵢᵀ` and `Qᵢ`
+            // in turn on an axis longer than the rest of the leaf
             Factors::Qs(qs) if self.options.update_rule.inverse_free() => {
-                let ps = grams(
-                    qs,
-                    plan,
-                    self.options.grads_precision(),
-                    self.options.update_rule,
-                )?;
-                (ps, Factors::Grams(&[]))
+                let batched = qs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| plan.batched_q(i, q))
+                    .collect::<Result<Vec<_>>>()?;
+                let n = batched.len();
+                let mut ins: Vec<&Tensor> = batched.iter().collect();
+                ins.push(&x);
+                let (p, rule) = (self.options.grads_precision(), self.options.update_rule);
+                let out = self.map_batches(plan, &ins, |t| {
+                    Ok(vec![whiten::precondition_full(
+                        &t[n],
+                        &t[..n],
+                        plan,
+                        rule,
+                        p,
+                    )?])
+                })?;
+                return Ok(out[0].reshape(shape)?);
             }
             Factors::Qs(qs) => (
                 qs.iter()

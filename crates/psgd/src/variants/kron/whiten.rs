@@ -25,7 +25,7 @@
 //! dense one.
 
 use super::numerics::{running_bound, FitNumerics};
-use super::{unfold, Factors, LeafPlan, UpdateRule};
+use super::{for_each_axis, precondition, unfold, Factors, LeafPlan, UpdateRule};
 use crate::error::{PsgdError, Result};
 use crate::kernels::linalg::max_abs_per_batch;
 use crate::kernels::precision::Precision;
@@ -208,6 +208,47 @@ pub(super) fn axis_operators(
         .collect()
 }
 
+/// Whether multiplying axis `i` by `Qᵢᵀ` and then `Qᵢ` (two `(r×d)·(d×d)` products, `r`
+/// the rest of the leaf) costs less than forming `Pᵢ = QᵢᵀQᵢ` (`(d×d)·(d×d)`) and
+/// multiplying by it: a dense axis longer than the rest of the leaf.
+fn twice_is_cheaper(plan: &LeafPlan, i: usize) -> bool {
+    let d = plan.dims[i];
+    !plan.diag[i] && 2 * (plan.numel() / d) < d
+}
+
+/// `g` preconditioned with the factors `qs` (batched) under `rule`: each axis's
+/// [`axis_operators`], by the cheaper order per axis. Under the 4P rules, or where no axis
+/// is longer than twice the rest of its leaf, this is the kept operators' path exactly
+/// (one product per axis or merged run); otherwise such an axis is multiplied by `Qᵢᵀ`
+/// and `Qᵢ` in turn and the others by their grams (the same products in another
+/// association: equal to rounding).
+pub(super) fn precondition_full(
+    g: &Tensor,
+    qs: &[Tensor],
+    plan: &LeafPlan,
+    rule: UpdateRule,
+    p: Precision,
+) -> Result<Tensor> {
+    if rule.fits_p() || !(0..qs.len()).any(|i| twice_is_cheaper(plan, i)) {
+        let ops = axis_operators(qs, plan, rule, p)?;
+        return precondition(g, Factors::Grams(&ops), plan, p);
+    }
+    let y = for_each_axis(g, &plan.dims, |i, x2| {
+        let xt = x2.transpose(1, 2)?;
+        let q = &qs[i];
+        if plan.diag[i] {
+            Ok(xt.broadcast_mul(&q.sqr()?.unsqueeze(1)?)?)
+        } else if twice_is_cheaper(plan, i) {
+            p.matmul(&p.matmul(&xt, &q.transpose(1, 2)?)?, q)
+        } else {
+            p.matmul(&xt, &p.matmul(&q.transpose(1, 2)?, q)?)
+        }
+    })?;
+    let mut shape = vec![g.dim(0)?];
+    shape.extend(&plan.dims);
+    Ok(y.reshape(shape)?)
+}
+
 /// The hyper-parameters of one fit.
 #[derive(Clone, Copy)]
 pub(super) struct Fit {
@@ -274,8 +315,7 @@ pub(super) fn fit_leaf(
     let p = fit.precision;
     let rule = fit.rule;
     let nm = &fit.numerics;
-    let ops = axis_operators(qs, plan, rule, p)?;
-    let pg = super::precondition(gn, Factors::Grams(&ops), plan, p)?;
+    let pg = precondition_full(gn, qs, plan, rule, p)?;
     // a slice of the layers under `laxMapScannedLayers`
     let b = gn.dim(0)?;
     let n = plan.numel() as f64;
@@ -503,6 +543,55 @@ mod tests {
 
     fn t32(m: &M) -> Vec<f32> {
         m.iter().flatten().map(|&x| x as f32).collect()
+    }
+
+    /// An axis longer than twice the rest of the leaf is multiplied by `Qᵀ` and `Q` in
+    /// turn, the others by their grams: the result is `P·G` to float32 rounding, against
+    /// a float64 evaluation; a leaf with no such axis takes the kept operators' path bit
+    /// for bit.
+    #[test]
+    fn precondition_full_orders_each_axis_by_cost() {
+        let dev = Device::Cpu;
+        // a (3, 16) leaf: axis 1 (16 > 2·3) goes by Qᵀ then Q, axis 0 by its gram
+        let plan = LeafPlan {
+            batch: 1,
+            dims: vec![3, 16],
+            diag: vec![false, false],
+            stored: vec![vec![3, 3], vec![16, 16]],
+            scanned: false,
+            scale: 1.0,
+            p_power: 1.0,
+        };
+        assert!(!twice_is_cheaper(&plan, 0) && twice_is_cheaper(&plan, 1));
+        let q0 = rows(&pseudo(9, 11), 3, 3);
+        let q1 = rows(&pseudo(256, 12), 16, 16);
+        let g = rows(&pseudo(48, 13), 3, 16);
+        let qs = vec![
+            Tensor::from_vec(t32(&q0), (1, 3, 3), &dev).unwrap(),
+            Tensor::from_vec(t32(&q1), (1, 16, 16), &dev).unwrap(),
+        ];
+        let gt = Tensor::from_vec(t32(&g), (1, 3, 16), &dev).unwrap();
+        let got = precondition_full(&gt, &qs, &plan, UpdateRule::Pro, Precision::Float32).unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // P₀·G·P₁ (both grams symmetric)
+        let want = mm(&mm(&mm(&tr(&q0), &q0), &g), &mm(&tr(&q1), &q1));
+        let scale = want.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+        for (a, b) in got.iter().zip(want.iter().flatten()) {
+            assert!((*a as f64 - b).abs() < 1e-5 * scale, "{got:?} vs {want:?}");
+        }
+        // a square leaf: the grams' path, bit for bit
+        let sq = LeafPlan {
+            dims: vec![3, 3],
+            stored: vec![vec![3, 3], vec![3, 3]],
+            ..plan
+        };
+        let qs = vec![qs[0].clone(), qs[0].clone()];
+        let g = Tensor::from_vec(t32(&rows(&pseudo(9, 14), 3, 3)), (1, 3, 3), &dev).unwrap();
+        let full = precondition_full(&g, &qs, &sq, UpdateRule::Pro, Precision::Float32).unwrap();
+        let grams = axis_operators(&qs, &sq, UpdateRule::Pro, Precision::Float32).unwrap();
+        let kept = precondition(&g, Factors::Grams(&grams), &sq, Precision::Float32).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits(&full), bits(&kept));
     }
 
     /// One PRO and one QUAD fit of a `3 × 4` leaf (a full 3×3 factor, a diagonal one of 4)
