@@ -116,7 +116,8 @@ fn reference_of(case: &Value) -> Result<&str> {
     match case.get("reference") {
         None | Some(Value::Null) | Some(Value::Object(_)) => Ok("psgd-jax"),
         Some(Value::String(r))
-            if ["psgd-jax", "psgd-torch", "distributed-kron", "heavyball"].contains(&r.as_str()) =>
+            if ["psgd-jax", "psgd-torch", "distributed-kron", "heavyball"]
+                .contains(&r.as_str()) =>
         {
             Ok(r.as_str())
         }

@@ -418,24 +418,42 @@ fn heavyball_options_map_or_are_refused_by_name() {
     let p = o.preconditioner_update_probability.unwrap();
     assert_eq!((p.at(1), p.at(5000)), (0.5, 0.5));
     // `beta` wins over `betas`; the automatic scale keeps its power
-    let o = map(json!({"beta": 0.5, "betas": [0.9, 0.99], "precond_init_scale_power": 1.0}))
-        .unwrap();
+    let o =
+        map(json!({"beta": 0.5, "betas": [0.9, 0.99], "precond_init_scale_power": 1.0})).unwrap();
     assert_eq!(o.b1, 0.5);
     assert_eq!(o.preconditioner_init_scale, None);
     assert_eq!(o.init_scale_power, 1.0);
     for (options, expect) in [
-        (json!({"memory_save_mode": "smart_one_diag"}), "memory_save_mode \"smart_one_diag\""),
-        (json!({"memory_save_mode": "one_triu"}), "memory_save_mode \"one_triu\""),
-        (json!({"precond_init_scale_scale": 2.0}), "precond_init_scale_scale 2"),
-        (json!({"precond_update_power_iterations": 4}), "precond_update_power_iterations 4"),
+        (
+            json!({"memory_save_mode": "smart_one_diag"}),
+            "memory_save_mode \"smart_one_diag\"",
+        ),
+        (
+            json!({"memory_save_mode": "one_triu"}),
+            "memory_save_mode \"one_triu\"",
+        ),
+        (
+            json!({"precond_init_scale_scale": 2.0}),
+            "precond_init_scale_scale 2",
+        ),
+        (
+            json!({"precond_update_power_iterations": 4}),
+            "precond_update_power_iterations 4",
+        ),
         (json!({"caution": true}), "caution true"),
         (json!({"mars": true}), "mars true"),
         (json!({"warmup_steps": 10}), "warmup_steps 10"),
         (json!({"merge_dims": true}), "merge_dims true"),
-        (json!({"update_clipping": "l2_clip_"}), "update_clipping \"l2_clip_\""),
+        (
+            json!({"update_clipping": "l2_clip_"}),
+            "update_clipping \"l2_clip_\"",
+        ),
         (json!({"q_dtype": "bfloat16"}), "q_dtype \"bfloat16\""),
         (json!({"exp_avg_input": false}), "exp_avg_input false"),
-        (json!({"preconditioner_max_size": 8}), "'preconditioner_max_size'"),
+        (
+            json!({"preconditioner_max_size": 8}),
+            "'preconditioner_max_size'",
+        ),
     ] {
         let err = map(options.clone()).unwrap_err();
         assert!(
@@ -451,7 +469,7 @@ fn heavyball_options_map_or_are_refused_by_name() {
         let leaves: Vec<LeafSpec> = shapes
             .iter()
             .enumerate()
-            .map(|(i, s)| LeafSpec::new(&format!("p{i}"), s))
+            .map(|(i, s)| LeafSpec::new(format!("p{i}"), s))
             .collect();
         let err = psgd_conformance::heavyball_options(&serde_json::Map::new(), &leaves)
             .unwrap_err()
