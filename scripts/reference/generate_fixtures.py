@@ -543,10 +543,7 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
                 opt._update_precond = pair_recorder(opt._update_precond)
             for t in range(case["steps"]):
                 tape.set_phase(t)
-                if grads is None:
-                    g = problem.grad({p: x.detach().numpy() for p, x in zip(problem.paths, params)})
-                else:
-                    g = grads[t]
+                g = step_grad(problem, params, grads, t)
                 gt = [torch.from_numpy(np.array(g[p], dtype=np.float32)) for p in problem.paths]
 
                 def closure():
@@ -573,6 +570,14 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
     finally:
         torch.Tensor.subtract_ = orig_subtract
     return problem, out_grads, updates, clip, extras
+
+
+def step_grad(problem, params, grads, t):
+    """The gradient of step `t`: `grads[t]` when given, else the problem's gradient at the
+    torch parameters `params`."""
+    if grads is not None:
+        return grads[t]
+    return problem.grad({p: x.detach().numpy() for p, x in zip(problem.paths, params)})
 
 
 def newton_extras(problem, pairs):
@@ -891,10 +896,7 @@ def run_hb_case(case, heavyball, tape, grads=None, replay=None):
             opt = heavyball.PSGDPRO(params, **options)
             for t in range(case["steps"]):
                 tape.set_phase(t)
-                if grads is None:
-                    g = problem.grad({p: x.detach().numpy() for p, x in zip(problem.paths, params)})
-                else:
-                    g = grads[t]
+                g = step_grad(problem, params, grads, t)
                 for p, x in zip(problem.paths, params):
                     x.grad = torch.from_numpy(np.array(g[p], dtype=np.float32))
                 seen.clear()
@@ -1068,6 +1070,16 @@ def dump_json(meta):
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def report_taped(case, rec, out_dir, fields):
+    """Prints one line for a case recorded on a torch tape (whether its replay under
+    another seed matched bitwise, then `fields`, (name, text) pairs) and writes it."""
+    n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
+    print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
+          f" replay {'bitwise' if rec['replay_bitwise'] else 'MISMATCH'}"
+          + "".join(f" {k}={v}" for k, v in fields), flush=True)
+    write_case(case, rec, out_dir)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", required=True)
@@ -1105,34 +1117,28 @@ def main():
             continue
         if case.get("reference") == "heavyball":
             rec = record_hb_case(case, hb)
-            n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
-            ok = rec["replay_bitwise"] and rec["param_drift"] < 1e-6
-            failed += not ok
+            failed += not (rec["replay_bitwise"] and rec["param_drift"] < 1e-6)
             fitted = [str(t) for t in range(case["steps"]) if rec["draws"][t]]
             clamped = [str(t) for t, c in enumerate(rec["clamped"]) if c]
-            print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
-                  f" replay {'bitwise' if rec['replay_bitwise'] else 'MISMATCH'}"
-                  f" param-drift={rec['param_drift']:.1e}"
-                  f" fitted-steps={','.join(fitted) or 'none'}"
-                  f" procrustes-clamped-steps={','.join(clamped) or 'none'}", flush=True)
-            write_case(case, rec, args.out)
+            report_taped(case, rec, args.out, [
+                ("param-drift", f"{rec['param_drift']:.1e}"),
+                ("fitted-steps", ",".join(fitted) or "none"),
+                ("procrustes-clamped-steps", ",".join(clamped) or "none"),
+            ])
             continue
         if case.get("reference") == "psgd-torch":
             rec = record_torch_case(case, torch_ref)
             clip = rec["clip"]
-            n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
-            ok = rec["replay_bitwise"]
-            failed += not ok
+            failed += not rec["replay_bitwise"]
             acted = [str(t) for t, c in enumerate(clip) if c["acted"]]
             balanced = [str(t) for t in range(case["steps"])
                         if any(k == "uniform" and arr < 0.01
                                for k, arr in rec["draws"][t][0 if case.get("hessian") else 1:])]
-            print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
-                  f" replay {'bitwise' if ok else 'MISMATCH'}"
-                  f" max-rms={max(c['max_rms'] for c in clip):.3f}"
-                  f" clip-acted={','.join(acted) or 'never'}"
-                  f" balanced-steps={','.join(balanced) or 'none'}", flush=True)
-            write_case(case, rec, args.out)
+            report_taped(case, rec, args.out, [
+                ("max-rms", f"{max(c['max_rms'] for c in clip):.3f}"),
+                ("clip-acted", ",".join(acted) or "never"),
+                ("balanced-steps", ",".join(balanced) or "none"),
+            ])
             continue
         # psgd-jax prints its preconditioner sizes on init; keep our output readable
         with contextlib.redirect_stdout(open(os.devnull, "w")):
