@@ -74,30 +74,68 @@ test.serial("every committed kron-dk fixture matches distributed-kron's pro (PRO
   t.regex(out, /^PASS {2}dk_pro_scanned_blocks /m)
 })
 
-test.serial('a distributed-kron case with a pro option the checker cannot map yet fails, naming it', (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-dk-'))
+/**
+ * A copy of the committed case `fixtures/<dir>/<src>` named `name`, its options changed by
+ * `change`, fails the checker with a line matching `expect`.
+ */
+function refusedCase(t: ExecutionContext, dir: string, src: string, name: string, change: (options: Record<string, unknown>) => void, expect: RegExp) {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'psgd-refused-'))
   try {
-    const src = path.join(root, 'fixtures', 'kron-dk', 'dk_pro_small_bs4')
-    const dst = path.join(dir, 'dk_pro_adam')
+    const from = path.join(root, 'fixtures', dir, src)
+    const dst = path.join(tmp, name)
     fs.mkdirSync(dst)
-    fs.copyFileSync(path.join(src, 'tensors.safetensors'), path.join(dst, 'tensors.safetensors'))
-    const meta = JSON.parse(fs.readFileSync(path.join(src, 'case.json'), 'utf8'))
-    meta.options.lr_style = 'adam'
+    fs.copyFileSync(path.join(from, 'tensors.safetensors'), path.join(dst, 'tensors.safetensors'))
+    const meta = JSON.parse(fs.readFileSync(path.join(from, 'case.json'), 'utf8'))
+    change(meta.options)
     fs.writeFileSync(path.join(dst, 'case.json'), JSON.stringify(meta))
-    const r = conformance(dir)
+    const r = conformance(tmp)
     t.not(r.status, 0)
-    t.regex(r.stdout, /FAIL {2}dk_pro_adam .*distributed-kron case not replayable: lr_style "adam"/)
+    t.regex(r.stdout, expect)
   } finally {
-    fs.rmSync(dir, { recursive: true, force: true })
+    fs.rmSync(tmp, { recursive: true, force: true })
   }
+}
+
+test.serial('a distributed-kron case with a pro option the checker cannot map yet fails, naming it', (t) => {
+  refusedCase(
+    t,
+    'kron-dk',
+    'dk_pro_small_bs4',
+    'dk_pro_adam',
+    (o) => {
+      o.lr_style = 'adam'
+    },
+    /FAIL {2}dk_pro_adam .*distributed-kron case not replayable: lr_style "adam"/,
+  )
 })
 
-test.serial('npm run conformance -- fixtures runs the psgd-jax, psgd_torch and distributed-kron cases together', (t) => {
+test.serial("every committed kron-hb fixture matches heavyball's PSGDPRO (its whole step, the Procrustes clamp acting in one) within 1e-5", (t) => {
+  const { out } = checkRules(t, 'kron-hb', 'hb', 12, ['pro'])
+  t.regex(out, /^PASS {2}hb_pro_clamped /m)
+  t.regex(out, /^PASS {2}hb_pro_tree_auto /m)
+  t.regex(out, /^PASS {2}hb_pro_prob_half /m)
+})
+
+test.serial('a heavyball case with a PSGDPRO option the checker cannot map fails, naming it', (t) => {
+  refusedCase(
+    t,
+    'kron-hb',
+    'hb_pro_matrix_auto',
+    'hb_pro_caution',
+    (o) => {
+      o.caution = true
+    },
+    /FAIL {2}hb_pro_caution .*heavyball case not replayable: caution true/,
+  )
+})
+
+test.serial('npm run conformance -- fixtures runs the psgd-jax, psgd_torch, distributed-kron and heavyball cases together', (t) => {
   const r = conformance(path.join(root, 'fixtures'))
   t.is(r.status, 0, r.stdout + r.stderr)
   t.regex(r.stdout, /^PASS {2}torch_pro_ranks /m)
   t.regex(r.stdout, /^PASS {2}kron_basic /m)
   t.regex(r.stdout, /^PASS {2}dk_quad_blocks /m)
+  t.regex(r.stdout, /^PASS {2}hb_pro_clamped /m)
   t.regex(r.stdout.trim().split('\n').pop() ?? '', /^\d+ passed, 0 failed$/)
 })
 

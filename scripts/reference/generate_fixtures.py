@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Golden-fixture generator: runs a Python reference (psgd-jax 0.2.9, psgd_torch's
 psgd.py for "reference": "psgd-torch" cases, distributed-kron 2.0.0's `pro` for
-"reference": "distributed-kron" cases) and records what it did, in the case format of
+"reference": "distributed-kron" cases, heavyball 3.2.1's `PSGDPRO` for "reference":
+"heavyball" cases) and records what it did, in the case format of
 shared/spec/conformance.md.
 
 Environment (CPU only; this script installs nothing). The exact commands it was run with:
@@ -37,6 +38,9 @@ Usage:
         --psgd-torch /tmp/psgd.py
     /tmp/venv-dk/bin/python scripts/reference/generate_fixtures.py \
         --cases scripts/reference/cases/kron_dk.json --out fixtures/kron-dk
+    /tmp/venv-torch/bin/pip install heavyball==3.2.1
+    /tmp/venv-torch/bin/python scripts/reference/generate_fixtures.py \
+        --cases scripts/reference/cases/kron_hb.json --out fixtures/kron-hb
 
 Each reference is imported only when a case needs it.
 
@@ -51,6 +55,23 @@ grouped by shape, per part the noise, then per dense factor the norm-bound subsp
 (PRO) the Procrustes one, each cut from pro's padded (block_size) draws to the block's
 valid size. pro balances deterministically every 100th step, which draws nothing
 (the checker maps it to balanceEvery: 100).
+
+heavyball cases: PSGDPRO (options: its own keyword arguments) runs eagerly
+(heavyball.utils.compile_mode = None) with heavyball.utils.stochastic_round_ the identity
+when called with one argument (its bfloat16 rounding of the Procrustes normaliser, which
+draws randint_like; Kron's 'power' estimator is that normaliser in float32). Each step
+sets p.grad = g_t and calls opt.step(). The tape (as for psgd-torch) records its
+randn_like draws, one damping noise per bucket and fit; every case has leaves of distinct
+shapes without size-1 axes (heavyball stacks same-shape params in one bucket and squeezes
+size-1 axes), so each bucket is one leaf and its draw is put in sorted-path order. The
+update of a step is taken where heavyball applies it (utils._compilable_update_,
+p <- p*(1 - wd*lr) - lr*u) as -lr*u - lr*wd*p (float64 from its float32 operands, then
+float32; heavyball's own float32 parameter difference would carry the parameters'
+round-off, ~1e-4 of an update at lr 1e-3). Each case is replayed under another torch
+seed from the tape and must agree bitwise, and heavyball's final parameters must equal
+the initial ones plus the recorded updates within 1e-6. case.json's
+"procrustes_clamped_steps" lists the steps where heavyball's clamp of its Procrustes step
+acted (-c1/c2 outside [0, 0.5]).
 
 CASES.json is a list of {name, variant, options, params, steps, hessian, seed}:
   - params: {path: shape}; a FLAT dict, so JAX's leaf order is the sorted path order.
@@ -522,10 +543,7 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
                 opt._update_precond = pair_recorder(opt._update_precond)
             for t in range(case["steps"]):
                 tape.set_phase(t)
-                if grads is None:
-                    g = problem.grad({p: x.detach().numpy() for p, x in zip(problem.paths, params)})
-                else:
-                    g = grads[t]
+                g = step_grad(problem, params, grads, t)
                 gt = [torch.from_numpy(np.array(g[p], dtype=np.float32)) for p in problem.paths]
 
                 def closure():
@@ -552,6 +570,14 @@ def run_torch_case(case, ref, tape, grads=None, replay=None):
     finally:
         torch.Tensor.subtract_ = orig_subtract
     return problem, out_grads, updates, clip, extras
+
+
+def step_grad(problem, params, grads, t):
+    """The gradient of step `t`: `grads[t]` when given, else the problem's gradient at the
+    torch parameters `params`."""
+    if grads is not None:
+        return grads[t]
+    return problem.grad({p: x.detach().numpy() for p, x in zip(problem.paths, params)})
 
 
 def newton_extras(problem, pairs):
@@ -753,6 +779,192 @@ def record_dk_case(case, dk):
 
 
 # ----------------------------------------------------------------------------------
+# heavyball 3.2.1 (`PSGDPRO`), for "reference": "heavyball" cases
+
+HB_VERSION = "3.2.1"
+# PSGDPRO's keyword arguments a case may set (the checker maps or refuses each by name)
+HB_PRO_OPTIONS = {
+    "lr", "beta", "betas", "weight_decay", "preconditioner_update_probability",
+    "max_size_triangular", "min_ndim_triangular", "memory_save_mode",
+    "momentum_into_precond_update", "lower_bound_beta", "dampening",
+    "precond_update_power_iterations", "precond_init_scale", "precond_init_scale_scale",
+    "precond_init_scale_power", "precond_lr",
+}
+
+
+def import_heavyball():
+    """Imports heavyball (checking its version) set up as the heavyball cases run it:
+    eagerly (`compile_mode = None`; the compiled helpers draw from another generator than
+    the eager ones), with `stochastic_round_` called with one argument (the bfloat16
+    rounding of its Procrustes normaliser, one `randint_like` draw) the identity, so that
+    normaliser is a deterministic float32 power iteration, as Kron's `normEstimator:
+    'power'`. Its two-argument form (a copy into a bfloat16 tensor) is left alone; the
+    cases keep everything in float32, where it is a plain copy."""
+    import torch
+    import heavyball
+    import heavyball.utils as hu
+
+    installed = importlib.metadata.version("heavyball")
+    if installed != HB_VERSION:
+        sys.exit(f"heavyball {installed} installed, need {HB_VERSION}")
+    hu.compile_mode = None
+    orig_round = hu.stochastic_round_
+
+    def round_(ref, source=None):
+        return ref if source is None else orig_round(ref, source)
+
+    hu.stochastic_round_ = round_
+    torch.set_default_dtype(torch.float32)
+    return heavyball
+
+
+def hb_leaf_of_draw(problem, shape):
+    """The leaf whose bucket a `randn_like` draw of `shape` belongs to: heavyball stacks
+    same-shape parameters in a leading bucket axis, so each case has leaves of distinct
+    shapes (a bucket of one, shape `(1, *leaf)`), and none with a size-1 axis (heavyball
+    squeezes those away, which Kron does not)."""
+    if shape[0] != 1:
+        raise RuntimeError(f"a bucket of {shape[0]} parameters (shape {shape})")
+    for p in problem.paths:
+        if tuple(shape[1:]) == problem.shapes[p]:
+            return p
+    raise RuntimeError(f"no leaf of shape {shape[1:]}")
+
+
+def run_hb_case(case, heavyball, tape, grads=None, replay=None):
+    """Runs PSGDPRO over the case's steps (each step: `p.grad = g_t`, `opt.step()`). With
+    `grads` (a list per step) those are fed, else the problem's gradients at the current
+    params. Returns (problem, grads, updates, draws): a step's update is recorded where
+    heavyball applies it (`utils._compilable_update_`: `p ← p·(1 − wd·lr) − lr·u`) as
+    `−lr·u − lr·wd·p` (in float64 from its float32 operands, then float32); its draws (one
+    damping noise per bucket and fit) are put in this package's order (sorted paths)."""
+    import torch
+    import heavyball.utils as hu
+
+    problem = Problem(case["params"], case["seed"])
+    for p in problem.paths:
+        if 1 in problem.shapes[p]:
+            raise ValueError(f"{case['name']}: leaf {p} has a size-1 axis, which heavyball "
+                             "squeezes away")
+    if len(set(problem.shapes.values())) != len(problem.paths):
+        raise ValueError(f"{case['name']}: leaves of one shape share a heavyball bucket")
+    options = dict(case.get("options", {}))
+    unknown = set(options) - HB_PRO_OPTIONS
+    if unknown:
+        raise ValueError(f"{case['name']}: not PSGDPRO options: {sorted(unknown)}")
+    if isinstance(options.get("preconditioner_update_probability"), (int, float)):
+        options["preconditioner_update_probability"] = float(
+            options["preconditioner_update_probability"])
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    params = [torch.nn.Parameter(torch.from_numpy(np.array(problem.p0[p], dtype=np.float32)))
+              for p in problem.paths]
+    seen = {}
+    orig_update = hu._compilable_update_
+
+    def update_recorder(ps, us, decay, lr, *rest):
+        for p_, u_ in zip(ps, us):
+            i = next(i for i, x in enumerate(params) if x.data_ptr() == p_.data_ptr())
+            shape = problem.shapes[problem.paths[i]]
+            lr64 = float(lr)
+            p64 = p_.detach().double().reshape(shape)
+            u64 = u_.detach().double().reshape(shape)
+            upd = -lr64 * u64 - lr64 * float(decay) * p64
+            seen[problem.paths[i]] = upd.float().numpy().copy()
+        return orig_update(ps, us, decay, lr, *rest)
+
+    orig_randint = torch.randint_like
+    orig_clamp = torch.Tensor.clamp
+
+    def clamp_recorder(self, *args, **kwargs):
+        # the Procrustes step a = clamp(−c1/c2, 0, 0.5): whether the cap acted
+        if kwargs.get("max") == 0.5 and sys._getframe(1).f_code.co_name == "psgd_pro_update_precond":
+            clamped[-1] = clamped[-1] or bool(((self > 0.5) | (self < 0)).any())
+        return orig_clamp(self, *args, **kwargs)
+
+    def no_randint(*args, **kwargs):
+        raise RuntimeError("randint_like: stochastic rounding was not patched out")
+
+    out_grads, updates, clamped = [], [], []
+    hu._compilable_update_ = update_recorder
+    torch.randint_like = no_randint
+    torch.Tensor.clamp = clamp_recorder
+    try:
+        torch.manual_seed(case["seed"] + (1 if replay is not None else 0))
+        with tape.patched(replay), warnings_off():
+            tape.set_phase("init")
+            opt = heavyball.PSGDPRO(params, **options)
+            for t in range(case["steps"]):
+                tape.set_phase(t)
+                g = step_grad(problem, params, grads, t)
+                for p, x in zip(problem.paths, params):
+                    x.grad = torch.from_numpy(np.array(g[p], dtype=np.float32))
+                seen.clear()
+                clamped.append(False)
+                opt.step()
+                if sorted(seen) != problem.paths:
+                    raise RuntimeError(f"step {t}: updates of {sorted(seen)}")
+                out_grads.append(g)
+                updates.append(dict(seen))
+            tape.check_used()
+    finally:
+        hu._compilable_update_ = orig_update
+        torch.randint_like = orig_randint
+        torch.Tensor.clamp = orig_clamp
+    draws = {}
+    for phase, lst in tape.draws.items():
+        by_leaf = {}
+        for kind, arr, caller in lst:
+            if kind != "normal" or caller != "psgd_pro_update_precond":
+                raise RuntimeError(f"phase {phase}: unexpected draw {kind} in {caller}")
+            p = hb_leaf_of_draw(problem, arr.shape)
+            if p in by_leaf:
+                raise RuntimeError(f"phase {phase}: two noises for leaf {p}")
+            by_leaf[p] = arr.reshape(problem.shapes[p])
+        if by_leaf and sorted(by_leaf) != problem.paths:
+            raise RuntimeError(f"phase {phase}: noise for {sorted(by_leaf)} only")
+        draws[phase] = [("normal", by_leaf[p]) for p in problem.paths if p in by_leaf]
+    return problem, out_grads, updates, draws, params, clamped
+
+
+@contextlib.contextmanager
+def warnings_off():
+    """heavyball warns once about a fixed precond_init_scale; the cases set it on purpose."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def record_hb_case(case, heavyball):
+    """Runs heavyball's PSGDPRO on the problem (see run_hb_case), then replays it under
+    another torch seed with the tape handing back the recorded draws: the updates must
+    agree bitwise (the tape holds every random number the run used). Also checks that
+    heavyball's parameters moved by the recorded updates (to float32 round-off)."""
+    import torch
+
+    if case["variant"] != "kron" or case.get("hessian"):
+        raise ValueError(f"{case['name']}: heavyball cases are kron whitening cases")
+    tape = TorchTape(torch)
+    problem, grads, updates, draws, params, clamped = run_hb_case(case, heavyball, tape)
+    recorded = tape.draws
+    again_tape = TorchTape(torch)
+    _, _, again, _, _, _ = run_hb_case(case, heavyball, again_tape, grads=grads,
+                                       replay=recorded)
+    bitwise = all(np.array_equal(a[p], b[p]) for a, b in zip(updates, again) for p in a)
+    # the final params: p0 plus every update, within float32 round-off of the params
+    drift = 0.0
+    for p, x in zip(problem.paths, params):
+        ours = problem.p0[p].astype(np.float64) + sum(u[p].astype(np.float64) for u in updates)
+        scale = max(1.0, float(np.max(np.abs(ours))))
+        drift = max(drift, float(np.max(np.abs(ours - x.detach().double().numpy()))) / scale)
+    return dict(problem=problem, grads=grads, updates=updates, extras=[], draws=draws,
+                replay_bitwise=bitwise, param_drift=drift, clamped=clamped,
+                torch_version=torch.__version__)
+
+
+# ----------------------------------------------------------------------------------
 # output
 
 
@@ -816,6 +1028,17 @@ def write_case(case, rec, out_dir):
                     "before its clip (grad_clip_max_amps), over steps and leaves; "
                     "acted: whether that clip changed any of them",
         }
+    elif case.get("reference") == "heavyball":
+        meta["reference"] = "heavyball"
+        meta["reference_version"] = {
+            "package": "heavyball",
+            "version": HB_VERSION,
+            "torch": rec["torch_version"],
+            "compile_mode": None,
+            "stochastic_round_": "the identity when called with one argument",
+        }
+        # the steps where clamp(-c1/c2, 0, 0.5) of the Procrustes step acted
+        meta["procrustes_clamped_steps"] = [t for t, c in enumerate(rec["clamped"]) if c]
     elif case.get("reference") == "distributed-kron":
         meta["reference"] = "distributed-kron"
         meta["reference_version"] = {
@@ -847,6 +1070,16 @@ def dump_json(meta):
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def report_taped(case, rec, out_dir, fields):
+    """Prints one line for a case recorded on a torch tape (whether its replay under
+    another seed matched bitwise, then `fields`, (name, text) pairs) and writes it."""
+    n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
+    print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
+          f" replay {'bitwise' if rec['replay_bitwise'] else 'MISMATCH'}"
+          + "".join(f" {k}={v}" for k, v in fields), flush=True)
+    write_case(case, rec, out_dir)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", required=True)
@@ -864,6 +1097,9 @@ def main():
     torch_ref = None
     if any(c.get("reference") == "psgd-torch" for c in cases):
         torch_ref = load_psgd_torch(args.psgd_torch)
+    hb = None
+    if any(c.get("reference") == "heavyball" for c in cases):
+        hb = import_heavyball()
     dk = None
     if any(c.get("reference") == "distributed-kron" for c in cases):
         dk = import_dk()
@@ -879,22 +1115,30 @@ def main():
             print(f"{case['name']}: steps={case['steps']} draws={n_draws}", flush=True)
             write_case(case, rec, args.out)
             continue
+        if case.get("reference") == "heavyball":
+            rec = record_hb_case(case, hb)
+            failed += not (rec["replay_bitwise"] and rec["param_drift"] < 1e-6)
+            fitted = [str(t) for t in range(case["steps"]) if rec["draws"][t]]
+            clamped = [str(t) for t, c in enumerate(rec["clamped"]) if c]
+            report_taped(case, rec, args.out, [
+                ("param-drift", f"{rec['param_drift']:.1e}"),
+                ("fitted-steps", ",".join(fitted) or "none"),
+                ("procrustes-clamped-steps", ",".join(clamped) or "none"),
+            ])
+            continue
         if case.get("reference") == "psgd-torch":
             rec = record_torch_case(case, torch_ref)
             clip = rec["clip"]
-            n_draws = sum(len(rec["draws"][t]) for t in range(case["steps"]))
-            ok = rec["replay_bitwise"]
-            failed += not ok
+            failed += not rec["replay_bitwise"]
             acted = [str(t) for t, c in enumerate(clip) if c["acted"]]
             balanced = [str(t) for t in range(case["steps"])
                         if any(k == "uniform" and arr < 0.01
                                for k, arr in rec["draws"][t][0 if case.get("hessian") else 1:])]
-            print(f"{case['name']}: steps={case['steps']} draws={n_draws}"
-                  f" replay {'bitwise' if ok else 'MISMATCH'}"
-                  f" max-rms={max(c['max_rms'] for c in clip):.3f}"
-                  f" clip-acted={','.join(acted) or 'never'}"
-                  f" balanced-steps={','.join(balanced) or 'none'}", flush=True)
-            write_case(case, rec, args.out)
+            report_taped(case, rec, args.out, [
+                ("max-rms", f"{max(c['max_rms'] for c in clip):.3f}"),
+                ("clip-acted", ",".join(acted) or "never"),
+                ("balanced-steps", ",".join(balanced) or "none"),
+            ])
             continue
         # psgd-jax prints its preconditioner sizes on init; keep our output readable
         with contextlib.redirect_stdout(open(os.devnull, "w")):

@@ -1,4 +1,5 @@
-//! Replays golden fixture cases made by psgd-jax 0.2.9 or psgd_torch's `psgd.py` (see
+//! Replays golden fixture cases made by psgd-jax 0.2.9, psgd_torch's `psgd.py`,
+//! distributed-kron 2.0.0 or heavyball 3.2.1 (see
 //! `scripts/reference`) through our optimizers with the reference's own random draws, and
 //! measures the difference. A test and development tool: not part of the published crate
 //! or the Node addon.
@@ -115,13 +116,14 @@ fn reference_of(case: &Value) -> Result<&str> {
     match case.get("reference") {
         None | Some(Value::Null) | Some(Value::Object(_)) => Ok("psgd-jax"),
         Some(Value::String(r))
-            if r == "psgd-jax" || r == "psgd-torch" || r == "distributed-kron" =>
+            if ["psgd-jax", "psgd-torch", "distributed-kron", "heavyball"]
+                .contains(&r.as_str()) =>
         {
             Ok(r.as_str())
         }
         Some(other) => Err(bad(format!(
             "reference {other} is not one the checker replays ('psgd-jax', 'psgd-torch', \
-             'distributed-kron')"
+             'distributed-kron', 'heavyball')"
         ))),
     }
 }
@@ -411,6 +413,197 @@ pub fn distributed_kron_options(options: &Map<String, Value>) -> Result<Map<Stri
     Ok(out)
 }
 
+/// PSGDPRO keyword arguments the checker takes only at heavyball's defaults (as JSON; null
+/// stands for heavyball's `C.use_default`), since this package has no counterpart to
+/// another value.
+const HEAVYBALL_DEFAULT_ONLY: [(&str, &[&str]); 18] = [
+    ("cautious_weight_decay", &["false"]),
+    ("warmup_steps", &["0"]),
+    ("merge_dims", &["false"]),
+    ("split", &["false"]),
+    ("multi_tensor", &["true"]),
+    ("q_dtype", &["\"float32\""]),
+    ("storage_dtype", &["\"float32\""]),
+    ("mars", &["false"]),
+    ("caution", &["false"]),
+    ("mars_gamma", &["0.0025"]),
+    ("cached", &["null", "false"]),
+    ("exp_avg_input", &["null", "true"]),
+    ("gradient_clipping", &["null"]),
+    ("update_clipping", &["null"]),
+    ("precond_grad_accum", &["false"]),
+    ("compile_step", &["null"]),
+    ("ecc", &["null"]),
+    ("param_ecc", &["null"]),
+];
+
+/// Whether `v` is the JSON `text` (numbers compared by value).
+fn is_json(v: &Value, text: &str) -> bool {
+    let d: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    match (v.as_f64(), d.as_f64()) {
+        (Some(a), Some(b)) => a == b,
+        _ => *v == d,
+    }
+}
+
+/// Our Kron options for a heavyball case: heavyball 3.2.1 `PSGDPRO`'s keyword arguments
+/// (`options`) mapped onto the `heavyballPro` preset, for the case's leaves (`lr`, `beta`
+/// or `betas[0]`, `weight_decay`, `precond_lr`, `lower_bound_beta`, `dampening`, the
+/// initial scale with its power, the factor kinds, what is whitened, and the fit
+/// probability: null is heavyball's anneal, as the preset's, a number a constant under
+/// its cumulative decision). Refuses, naming the option, what has no counterpart here:
+/// heavyball's other `memory_save_mode`s, `precond_init_scale_scale` other than 1 with
+/// the automatic scale, power iterations other than 2, the options it takes only at their
+/// defaults, and leaves Kron would lay out otherwise (a size-1 axis, which heavyball
+/// squeezes away; two leaves of one shape, which heavyball stacks in one bucket with one
+/// initial scale).
+pub fn heavyball_options(
+    options: &Map<String, Value>,
+    leaves: &[LeafSpec],
+) -> Result<psgd::KronOptions> {
+    let refuse = |msg: String| -> Result<psgd::KronOptions> {
+        Err(bad(format!("heavyball case not replayable: {msg}")))
+    };
+    let num = |key: &str, default: f64| -> Result<f64> {
+        match options.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad(format!("heavyball option {key} is not a number: {v}"))),
+        }
+    };
+    const MAPPED: [&str; 16] = [
+        "lr",
+        "beta",
+        "betas",
+        "weight_decay",
+        "preconditioner_update_probability",
+        "max_size_triangular",
+        "min_ndim_triangular",
+        "memory_save_mode",
+        "momentum_into_precond_update",
+        "lower_bound_beta",
+        "dampening",
+        "precond_update_power_iterations",
+        "precond_init_scale",
+        "precond_init_scale_scale",
+        "precond_init_scale_power",
+        "precond_lr",
+    ];
+    for (k, v) in options {
+        if MAPPED.contains(&k.as_str()) {
+            continue;
+        }
+        match HEAVYBALL_DEFAULT_ONLY.iter().find(|(name, _)| name == k) {
+            Some((_, defaults)) if defaults.iter().any(|d| is_json(v, d)) => {}
+            Some(_) => {
+                return refuse(format!(
+                    "{k} {v}: only heavyball's default maps (this package has no counterpart)"
+                ))
+            }
+            None => return refuse(format!("'{k}' is not a PSGDPRO option the checker maps")),
+        }
+    }
+    let mut shapes = std::collections::HashMap::new();
+    for l in leaves {
+        if l.shape.contains(&1) {
+            return refuse(format!(
+                "leaf '{}' has shape {:?}: heavyball squeezes size-1 axes away, Kron keeps \
+                 a one-entry factor for each",
+                l.path, l.shape
+            ));
+        }
+        if let Some(other) = shapes.insert(l.shape.clone(), l.path.clone()) {
+            return refuse(format!(
+                "leaves '{other}' and '{}' have one shape {:?}: heavyball stacks them in one \
+                 bucket with one automatic initial scale",
+                l.path, l.shape
+            ));
+        }
+    }
+    let b1 = match (options.get("beta"), options.get("betas")) {
+        (Some(v), _) if !v.is_null() => num("beta", 0.9)?,
+        (_, None) | (_, Some(Value::Null)) => 0.9,
+        (_, Some(v)) => match v.as_array().and_then(|a| a.first()).and_then(Value::as_f64) {
+            Some(b) => b,
+            None => return refuse(format!("betas {v} is not a list of numbers")),
+        },
+    };
+    let iterations = num("precond_update_power_iterations", 2.0)?;
+    if iterations != 2.0 {
+        return refuse(format!(
+            "precond_update_power_iterations {iterations}: normEstimator 'power' iterates twice"
+        ));
+    }
+    let memory_save_mode = match options.get("memory_save_mode") {
+        None | Some(Value::Null) => Value::Null,
+        Some(Value::String(m)) if m == "one_diag" || m == "all_diag" => json!(m),
+        Some(other) => {
+            return refuse(format!(
+                "memory_save_mode {other} (only null, 'one_diag' and 'all_diag' have a \
+                 counterpart)"
+            ))
+        }
+    };
+    // null: the automatic scale `(scale_scale·mean(|g|⁴)^(-1/8))^power`; a number is taken
+    // as it is (heavyball then ignores the scale's scale and power, with a warning)
+    let init_scale = match options.get("precond_init_scale") {
+        None | Some(Value::Null) => {
+            let scale_scale = num("precond_init_scale_scale", 1.0)?;
+            if scale_scale != 1.0 {
+                return refuse(format!(
+                    "precond_init_scale_scale {scale_scale}: the automatic initial scale here \
+                     has no factor"
+                ));
+            }
+            Value::Null
+        }
+        Some(_) => json!(num("precond_init_scale", 1.0)?),
+    };
+    let mut ours = psgd::kron_presets()
+        .into_iter()
+        .find(|p| p.name == "heavyballPro")
+        .ok_or_else(|| bad("no heavyballPro preset"))?;
+    let o = &mut ours.options;
+    o.insert("learningRate".into(), json!(num("lr", 0.001)?));
+    o.insert("b1".into(), json!(b1));
+    o.insert("weightDecay".into(), json!(num("weight_decay", 0.0)?));
+    o.insert(
+        "maxSizeTriangular".into(),
+        json!(num("max_size_triangular", 2048.0)?.max(0.0) as usize),
+    );
+    o.insert(
+        "minNdimTriangular".into(),
+        json!(num("min_ndim_triangular", 2.0)?.max(0.0) as usize),
+    );
+    o.insert("memorySaveMode".into(), memory_save_mode);
+    o.insert(
+        "momentumIntoPrecondUpdate".into(),
+        json!(options
+            .get("momentum_into_precond_update")
+            .and_then(Value::as_bool)
+            .unwrap_or(true)),
+    );
+    o.insert("lipschitzBeta".into(), json!(num("lower_bound_beta", 0.9)?));
+    o.insert("damping".into(), json!(num("dampening", 1e-9)?));
+    o.insert("preconditionerLr".into(), json!(num("precond_lr", 0.1)?));
+    o.insert("preconditionerInitScale".into(), init_scale);
+    o.insert(
+        "initScalePower".into(),
+        json!(num("precond_init_scale_power", 0.5)?),
+    );
+    // null: heavyball's anneal (the preset's); a number: that probability every step
+    if options
+        .get("preconditioner_update_probability")
+        .is_some_and(|v| !v.is_null())
+    {
+        let p = num("preconditioner_update_probability", 1.0)?;
+        o.insert("preconditionerUpdateProbability".into(), json!(p));
+        ours.anneal = None;
+    }
+    ours.kron_options()
+}
+
 /// Runs the case in `dir`.
 pub fn run_case(dir: &Path) -> Result<CaseResult> {
     let name = dir
@@ -463,9 +656,20 @@ pub fn run_case(dir: &Path) -> Result<CaseResult> {
             }
             distributed_kron_options(&options)?
         }
+        "heavyball" => Map::new(),
         _ => psgd::options::from_psgd_jax_names(&options),
     };
-    let opt = AnyTransform::new(variant, leaves.clone(), &ours)?;
+    let opt = if reference_of(&case)? == "heavyball" {
+        if variant != "kron" || hessian {
+            return Err(bad("heavyball cases are Kron whitening cases"));
+        }
+        AnyTransform::Kron(<psgd::Kron as psgd::Transform>::new(
+            leaves.clone(),
+            heavyball_options(&options, &leaves)?,
+        )?)
+    } else {
+        AnyTransform::new(variant, leaves.clone(), &ours)?
+    };
     let mut params = leaves
         .iter()
         .map(|l| get_shaped(&ts, &format!("param.{}", l.path), &l.shape))

@@ -334,6 +334,150 @@ fn distributed_kron_options_map_or_are_refused_by_name() {
     }
 }
 
+/// heavyball 3.2.1's `PSGDPRO` (its whole step: momentum, fit, preconditioning, weight
+/// decay, learning rate), run eagerly with its single-argument `stochastic_round_` the
+/// identity, replayed under the `heavyballPro` preset: 2-D, 3-D, 1-D, scalar and
+/// non-square leaves, the automatic initial scale (powers 0.5 and 1) and fixed ones, weight
+/// decay, a constant fit probability under the cumulative decision, momentum options,
+/// diagonal axes, and a run whose Procrustes step heavyball clamps: every case within 1e-5
+/// of the update's RMS.
+#[test]
+fn kron_hb_fixtures_match_heavyball() {
+    let results = check_rules("kron-hb", 12, &["pro"]);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/kron-hb");
+    let meta = |name: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join(name).join("case.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    // the clamp of the Procrustes step (heavyball's 0.5) acted in the clamped case
+    let clamped = meta("hb_pro_clamped")["procrustes_clamped_steps"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(clamped >= 5, "the clamp acted on {clamped} steps");
+    // automatic and fixed initial scales, a scalar leaf, and a step that did not fit
+    let mut auto = 0;
+    let mut scalar = false;
+    for r in &results {
+        let m = meta(&r.name);
+        assert_eq!(m["reference"], "heavyball", "{}", r.name);
+        auto += m["options"].get("precond_init_scale").is_none() as usize;
+        scalar |= m["params"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["shape"].as_array().is_some_and(Vec::is_empty));
+    }
+    assert!(auto >= 3 && auto < results.len(), "{auto} automatic scales");
+    assert!(scalar, "no scalar leaf");
+    let half = meta("hb_pro_prob_half");
+    let draws = half["draws"].as_array().unwrap();
+    assert!(draws.iter().any(|d| d.as_array().unwrap().is_empty()));
+}
+
+/// A heavyball case's options map onto the `heavyballPro` preset (`lr`, `betas`/`beta`,
+/// the fit's step, bounds and damping, the initial scale, the factor kinds, the
+/// probability: null is heavyball's anneal); what has no counterpart is refused by name.
+#[test]
+fn heavyball_options_map_or_are_refused_by_name() {
+    use psgd::kron::{MemorySaveMode, NormEstimator};
+    use psgd::{LeafSpec, UpdateRule};
+    use serde_json::json;
+    let leaves = vec![LeafSpec::new("w", &[4, 3]), LeafSpec::new("b", &[5])];
+    let map = |o: serde_json::Value| {
+        psgd_conformance::heavyball_options(o.as_object().unwrap(), &leaves)
+            .map_err(|e| e.to_string())
+    };
+    // the defaults: the preset itself
+    let defaults = map(json!({})).unwrap();
+    assert_eq!(
+        format!("{defaults:?}"),
+        format!("{:?}", psgd::KronOptions::preset("heavyballPro").unwrap())
+    );
+    let p = defaults.preconditioner_update_probability.clone().unwrap();
+    assert_eq!(p.at(1000), 1.0);
+    assert!((p.at(2000) - 0.999f64.powi(1000)).abs() < 1e-6);
+    let o = map(json!({
+        "lr": 0.01, "betas": [0.95, 0.999], "weight_decay": 0.1, "precond_lr": 0.3,
+        "lower_bound_beta": 0.8, "dampening": 1e-6, "precond_init_scale": 2.0,
+        "precond_init_scale_power": 1.0, "max_size_triangular": 5, "min_ndim_triangular": 3,
+        "memory_save_mode": "one_diag", "momentum_into_precond_update": false,
+        "preconditioner_update_probability": 0.5, "precond_update_power_iterations": 2,
+        "multi_tensor": true, "warmup_steps": 0, "cached": null
+    }))
+    .unwrap();
+    assert_eq!(o.update_rule, UpdateRule::Pro);
+    assert_eq!(o.norm_estimator, Some(NormEstimator::Power));
+    assert_eq!(o.learning_rate.at(0), 0.01);
+    assert_eq!((o.b1, o.weight_decay), (0.95, 0.1));
+    assert_eq!((o.preconditioner_lr, o.lipschitz_beta), (0.3, Some(0.8)));
+    assert_eq!(o.damping, Some(1e-6));
+    assert_eq!(o.preconditioner_init_scale, Some(2.0));
+    assert_eq!((o.max_size_triangular, o.min_ndim_triangular), (5, 3));
+    assert_eq!(o.memory_save_mode, Some(MemorySaveMode::OneDiag));
+    assert!(!o.momentum_into_precond_update);
+    let p = o.preconditioner_update_probability.unwrap();
+    assert_eq!((p.at(1), p.at(5000)), (0.5, 0.5));
+    // `beta` wins over `betas`; the automatic scale keeps its power
+    let o =
+        map(json!({"beta": 0.5, "betas": [0.9, 0.99], "precond_init_scale_power": 1.0})).unwrap();
+    assert_eq!(o.b1, 0.5);
+    assert_eq!(o.preconditioner_init_scale, None);
+    assert_eq!(o.init_scale_power, 1.0);
+    for (options, expect) in [
+        (
+            json!({"memory_save_mode": "smart_one_diag"}),
+            "memory_save_mode \"smart_one_diag\"",
+        ),
+        (
+            json!({"memory_save_mode": "one_triu"}),
+            "memory_save_mode \"one_triu\"",
+        ),
+        (
+            json!({"precond_init_scale_scale": 2.0}),
+            "precond_init_scale_scale 2",
+        ),
+        (
+            json!({"precond_update_power_iterations": 4}),
+            "precond_update_power_iterations 4",
+        ),
+        (json!({"caution": true}), "caution true"),
+        (json!({"mars": true}), "mars true"),
+        (json!({"warmup_steps": 10}), "warmup_steps 10"),
+        (json!({"merge_dims": true}), "merge_dims true"),
+        (
+            json!({"update_clipping": "l2_clip_"}),
+            "update_clipping \"l2_clip_\"",
+        ),
+        (json!({"q_dtype": "bfloat16"}), "q_dtype \"bfloat16\""),
+        (json!({"exp_avg_input": false}), "exp_avg_input false"),
+        (
+            json!({"preconditioner_max_size": 8}),
+            "'preconditioner_max_size'",
+        ),
+    ] {
+        let err = map(options.clone()).unwrap_err();
+        assert!(
+            err.contains("heavyball case not replayable") && err.contains(expect),
+            "{options}: {err}"
+        );
+    }
+    // leaves Kron lays out otherwise than heavyball
+    for (shapes, expect) in [
+        (vec![vec![1, 4, 3]], "size-1 axes"),
+        (vec![vec![4, 3], vec![4, 3]], "one bucket"),
+    ] {
+        let leaves: Vec<LeafSpec> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| LeafSpec::new(format!("p{i}"), s))
+            .collect();
+        let err = psgd_conformance::heavyball_options(&serde_json::Map::new(), &leaves)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expect), "{shapes:?}: {err}");
+    }
+}
+
 /// Kron's presets run exactly as the checkers' mappings of their libraries' defaults, the
 /// mappings the recorded fixtures verify: `psgdTorch` as psgd_torch's `KronWhiten()` and
 /// `distributedKronPro` as distributed-kron's `pro()` (with `lr_style` and weight decay off:

@@ -235,8 +235,13 @@ pub fn kron_presets() -> Vec<KronPreset> {
                  heavyball clamps `|g|` at 1e-12, and heavyball's \
                  `precond_init_scale_scale` is 1 only.",
                 "The fit probability is computed in float32 as `exp(−decay·(n − 1000))`; \
-                 heavyball takes `0.999^(n − 1000)` in float64, so the cumulative schedule \
-                 may fit one step apart from heavyball's.",
+                 heavyball takes `0.999^(n − 1000)` in float64. Both decide every fit of \
+                 the first 10⁶ steps alike; later the cumulative schedule may fit one step \
+                 apart from heavyball's.",
+                "heavyball stacks parameters of one shape in a bucket and takes the \
+                 automatic initial scale over the whole bucket; here each leaf takes its own.",
+                "heavyball drops size-1 axes before it chooses the factors; here a size-1 \
+                 axis keeps a one-entry diagonal factor, which it fits too.",
                 "The Lipschitz bounds are kept in float32 (heavyball: float64), per leaf \
                  rather than per bucket of same-shape parameters (the same maths).",
             ],
