@@ -607,7 +607,10 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
         // tensors are immutable natively, so this copy is handles only
         const before = state.handle.clone()
         try {
-          undoOnThrow(state, before, () => write(run(prep, state)))
+          // only a step that was taken is undone: a step that failed changed nothing (and
+          // under overlapFit, its error may be the previous fit's, which the copy shares)
+          const updates = run(prep, state)
+          undoOnThrow(state, before, () => write(updates))
         } finally {
           before.dispose()
         }

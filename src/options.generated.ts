@@ -72,6 +72,17 @@ export interface PsgdNativeOptions {
    */
   updatePreconditionerFirst?: boolean
   /**
+   * Run the preconditioner fit of a step on a native worker thread after the step
+   * returns, overlapping it with the caller's next gradient computation (the class
+   * API and the TensorFlow.js optimizers). The numbers are exactly those of
+   * `updatePreconditionerFirst: false` run in order (which it implies; with an
+   * explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
+   * a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
+   * raised by the next of them. Helps only when another core is free while the
+   * gradient is computed. Default false. Not in psgd-jax.
+   */
+  overlapFit?: boolean
+  /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
   muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
@@ -135,6 +146,17 @@ export interface KronNativeOptions {
    * (`preconditionerInitScale: null`) is still taken first. Not in psgd-jax.
    */
   updatePreconditionerFirst?: boolean
+  /**
+   * Run the preconditioner fit of a step on a native worker thread after the step
+   * returns, overlapping it with the caller's next gradient computation (the class
+   * API and the TensorFlow.js optimizers). The numbers are exactly those of
+   * `updatePreconditionerFirst: false` run in order (which it implies; with an
+   * explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
+   * a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
+   * raised by the next of them. Helps only when another core is free while the
+   * gradient is computed. Default false. Not in psgd-jax.
+   */
+  overlapFit?: boolean
   /**
    * How momentum (`b1`) warms up. `'debias'` (default, psgd-jax's): an EMA with
    * coefficient `b1`, divided by `1 − b1^t`. `'psgdTorch'` (psgd_torch's): the
@@ -410,6 +432,7 @@ export const VARIANTS = {
       preconditionerUpdateProbability: 'schedule',
       updateDecision: 'value',
       updatePreconditionerFirst: 'value',
+      overlapFit: 'value',
       momentumWarmup: 'value',
       updateClipRms: 'value',
       updateClipElement: 'value',
@@ -461,6 +484,7 @@ export const VARIANTS = {
       allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
+      overlapFit: 'value',
       muDtype: 'value',
       precision: 'value',
       seed: 'value',
@@ -482,6 +506,7 @@ export const VARIANTS = {
       allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
+      overlapFit: 'value',
       muDtype: 'value',
       precision: 'value',
       seed: 'value',
@@ -504,6 +529,7 @@ export const VARIANTS = {
       allowNonFinite: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
+      overlapFit: 'value',
       muDtype: 'value',
       precision: 'value',
       seed: 'value',

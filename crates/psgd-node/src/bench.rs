@@ -32,7 +32,7 @@ impl NativeOptimizer {
                 let t0 = std::time::Instant::now();
                 run_update(
                     &self.inner,
-                    (&state.inner, &state.count),
+                    (&state.inner, &state.count, &state.fit),
                     &grads,
                     params.as_deref(),
                     &step,

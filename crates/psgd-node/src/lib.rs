@@ -5,6 +5,7 @@
 use candle_core::{DType, Device};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use psgd::any::{AnyFitted, AnyPendingFit};
 use psgd::options::StateDType;
 use psgd::{AnyState, AnyTransform, Curvature, ErrorKind, LeafSpec, PsgdError, StepHyper};
 use std::cell::RefCell;
@@ -58,16 +59,19 @@ fn candle_err(env: &Env, e: candle_core::Error) -> Error {
 /// allocates or indexes, so this only catches bugs; the state is untouched either way,
 /// since a step commits only after it succeeded.
 fn no_panic<T>(f: impl FnOnce() -> psgd::Result<T>) -> psgd::Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(PsgdError::from(candle_core::Error::Msg(format!(
-            "internal error (please report it): {what}"
-        ))))
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panicked(p)))
+}
+
+/// A caught panic's payload as the error [`no_panic`] gives.
+fn panicked(p: Box<dyn std::any::Any + Send>) -> PsgdError {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    PsgdError::from(candle_core::Error::Msg(format!(
+        "internal error (please report it): {what}"
+    )))
 }
 
 /// Locks a state. A panic caught by [`no_panic`] while the lock was held poisons it, but
@@ -365,8 +369,114 @@ pub struct NativeState {
     /// The state's step count, or [`DISPOSED`]: set with the state under its lock, read
     /// without it, so that `count` and `disposed` never wait for a step in flight.
     count: Arc<AtomicI64>,
+    /// The fit of the last step when it runs on a worker thread (`overlapFit`): locked
+    /// only while `inner` is, and settled (see [`settle`]) before anything reads or
+    /// replaces the state.
+    fit: FitSlot,
     /// What this wrapper told V8 it holds (see [`NativeState::of`]).
     reported: std::cell::Cell<i64>,
+}
+
+/// A state's fit in flight (`overlapFit`): see [`NativeState::fit`].
+type FitSlot = Arc<FitCell>;
+
+/// Where a state keeps its fit in flight.
+type FitCell = Mutex<Option<Arc<PendingFit>>>;
+
+/// A fit that runs after its step returned, shared by the state and its copies (`clone`,
+/// `copyState`), which then need not wait for it: each puts its result in its own state
+/// when it settles (see [`settle`]).
+struct PendingFit {
+    /// The thread the fit runs on, taken by the first to settle it. A state dropped with
+    /// a fit in flight leaves the thread to finish and free what it owns.
+    thread: Mutex<Option<std::thread::JoinHandle<psgd::Result<AnyFitted>>>>,
+    /// What the fit gave, once settled (or at once, where no thread could be started).
+    result: OnceLock<psgd::Result<AnyFitted>>,
+}
+
+/// Starts `job`, the fit of a step on `opt`, on a thread of its own: neither the JS thread
+/// nor the libuv pool (which tfjs-node and the async steps use) waits for it.
+fn start_fit(opt: &Arc<AnyTransform>, job: AnyPendingFit, count: u64) -> Arc<PendingFit> {
+    // see [`fails_for_tests`]: the job is then dropped unrun
+    let job = (!fails_for_tests(count)).then_some(job);
+    let (worker_opt, slot) = (opt.clone(), Arc::new(Mutex::new(job)));
+    let on_thread = slot.clone();
+    let run = move || fit_in(&worker_opt, &on_thread);
+    let pending = PendingFit {
+        thread: Mutex::new(None),
+        result: OnceLock::new(),
+    };
+    match std::thread::Builder::new()
+        .name("psgd-fit".into())
+        .spawn(run)
+    {
+        Ok(h) => *pending.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+        // no thread (the closure and its slot were dropped unrun): fit here
+        Err(_) => drop(pending.result.set(fit_in(opt, &slot))),
+    }
+    Arc::new(pending)
+}
+
+/// Runs the fit in `slot` (once), a panic turned into an error.
+fn fit_in(opt: &AnyTransform, slot: &Mutex<Option<AnyPendingFit>>) -> psgd::Result<AnyFitted> {
+    let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    no_panic(|| match job {
+        Some(job) => job.run(opt),
+        None => Err(PsgdError::from(candle_core::Error::Msg(
+            "the preconditioner fit failed (PSGD_TEST_FAIL_FIT)".into(),
+        ))),
+    })
+}
+
+/// For the package's own tests: `PSGD_TEST_FAIL_FIT=n` in the environment makes the
+/// overlapped fit of step `n` fail with an `Error`. A fit checks nothing its step has not
+/// checked already, so its error path (raised by the next call, the state as the step left
+/// it) cannot be reached from JS otherwise.
+fn fails_for_tests(count: u64) -> bool {
+    std::env::var("PSGD_TEST_FAIL_FIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        == Some(count)
+}
+
+impl PendingFit {
+    /// Waits for the fit (joining its thread, the first time) and gives its result.
+    fn wait(&self) -> &psgd::Result<AnyFitted> {
+        self.result.get_or_init(|| {
+            let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match thread {
+                Some(h) => h.join().unwrap_or_else(|p| Err(panicked(p))),
+                None => Err(PsgdError::State("the fit was lost".into())),
+            }
+        })
+    }
+}
+
+/// Waits for the fit in flight on a state, if any, and puts the fitted preconditioner in
+/// `state` (the state's slot, whose lock the caller holds). A failed fit leaves the
+/// state as its step left it (the preconditioner before the fit) and is returned, once:
+/// the slot is empty afterwards, so the call after works.
+fn settle(state: &mut Option<AnyState>, fit: &FitCell) -> psgd::Result<()> {
+    let pending = fit.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(pending) = pending else {
+        return Ok(());
+    };
+    let fitted = pending.wait().as_ref().map_err(|e| e.again())?;
+    match state.as_mut() {
+        Some(s) => fitted.clone().install(s),
+        None => Ok(()),
+    }
+}
+
+/// [`settle`] for a state about to be replaced or freed: waits for its fit and drops what
+/// it gave, an error included (the fit's result would be replaced anyway).
+fn discard_fit(fit: &FitCell) {
+    let _ = settle(&mut None, fit);
+}
+
+/// The fit in flight on a state, shared (for a copy of the state).
+fn share_fit(fit: &FitCell) -> Option<Arc<PendingFit>> {
+    fit.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// [`NativeState::count`]'s value once the state was disposed.
@@ -391,6 +501,7 @@ impl NativeState {
         NativeState {
             count: Arc::new(AtomicI64::new(s.count() as i64)),
             inner: Arc::new(Mutex::new(Some(s))),
+            fit: FitSlot::default(),
             reported: std::cell::Cell::new(reported),
         }
     }
@@ -415,10 +526,13 @@ impl ObjectFinalize for NativeState {
 impl NativeState {
     /// An independent copy (tensors are immutable, so this is cheap).
     #[napi(js_name = "clone")]
+    /// A fit in flight (`overlapFit`) is not waited for: the copy shares it.
     pub fn clone_state(&self, env: Env) -> Result<NativeState> {
         let s = lock(&self.inner);
         let copy = held(&s).map_err(|e| js_err(&env, e))?.clone();
-        Ok(NativeState::of(&env, copy, self.reported.get() as usize))
+        let out = NativeState::of(&env, copy, self.reported.get() as usize);
+        *out.fit.lock().unwrap_or_else(|e| e.into_inner()) = share_fit(&self.fit);
+        Ok(out)
     }
 
     /// Steps taken. Does not wait for a step in flight: while `updateAsync` runs, this is
@@ -440,6 +554,7 @@ impl NativeState {
     pub fn set_count(&self, env: Env, count: f64) -> Result<()> {
         let count = whole(&env, "count", count)?;
         let mut s = lock(&self.inner);
+        no_panic(|| settle(&mut s, &self.fit)).map_err(|e| js_err(&env, e))?;
         match s.as_mut() {
             Some(s) => {
                 s.set_count(count);
@@ -454,10 +569,12 @@ impl NativeState {
 
     /// Frees the state's tensors now (the momentum and the preconditioner), instead of
     /// when the collector gets to this object; later use is an error. Idempotent. A
-    /// pending async step keeps its own reference and finishes first (the lock).
+    /// pending async step keeps its own reference and finishes first (the lock); a fit in
+    /// flight (`overlapFit`) is waited for and dropped, its error with it.
     #[napi]
     pub fn dispose(&self, env: Env) -> Result<()> {
         let mut s = lock(&self.inner);
+        discard_fit(&self.fit);
         s.take();
         self.count.store(DISPOSED, Ordering::Release);
         drop(s);
@@ -537,8 +654,8 @@ fn curvature_of(
 /// One step on `state` (a state's slot and its count), then `then` on its updates; the
 /// state advances only when both succeed (a failure leaves it as it was).
 fn run_update<R>(
-    opt: &AnyTransform,
-    (state, count): (&Mutex<Option<AnyState>>, &AtomicI64),
+    opt: &Arc<AnyTransform>,
+    (state, count, fit): (&Mutex<Option<AnyState>>, &AtomicI64, &FitCell),
     grads: &[candle_core::Tensor],
     params: Option<&[candle_core::Tensor]>,
     step: &StepInput,
@@ -546,6 +663,19 @@ fn run_update<R>(
     then: impl FnOnce(Vec<candle_core::Tensor>) -> psgd::Result<R>,
 ) -> psgd::Result<R> {
     let mut guard = lock(state);
+    // the last step's fit first: its error is this call's, and the step is not taken
+    no_panic(|| settle(&mut guard, fit))?;
+    if opt.overlap_fit() {
+        return run_overlapped(
+            opt,
+            (&mut guard, count, fit),
+            grads,
+            params,
+            step,
+            curvature,
+            then,
+        );
+    }
     no_panic(|| {
         let current = held(&guard)?;
         let hyper = hyper_of(opt, current, step)?;
@@ -557,11 +687,38 @@ fn run_update<R>(
     })
 }
 
+/// [`run_update`] under `overlapFit`: commits the state and hands out the updates at once,
+/// with the step's fit started on a thread of its own (see [`start_fit`]), settled by the
+/// next call that reads or replaces the state.
+fn run_overlapped<R>(
+    opt: &Arc<AnyTransform>,
+    (guard, count, fit): (&mut Option<AnyState>, &AtomicI64, &FitCell),
+    grads: &[candle_core::Tensor],
+    params: Option<&[candle_core::Tensor]>,
+    step: &StepInput,
+    curvature: Option<&Curvature>,
+    then: impl FnOnce(Vec<candle_core::Tensor>) -> psgd::Result<R>,
+) -> psgd::Result<R> {
+    no_panic(|| {
+        let current = held(guard)?;
+        let hyper = hyper_of(opt, current, step)?;
+        let (updates, next, job) = opt.update_deferred(grads, current, params, hyper, curvature)?;
+        let out = then(updates)?;
+        let next_count = next.count();
+        commit(guard, count, next);
+        if let Some(job) = job {
+            *fit.lock().unwrap_or_else(|e| e.into_inner()) = Some(start_fit(opt, job, next_count));
+        }
+        Ok(out)
+    })
+}
+
 /// The work of `updateAsync`, run on the libuv thread pool.
 pub struct UpdateTask {
     opt: Arc<AnyTransform>,
     state: Arc<Mutex<Option<AnyState>>>,
     count: Arc<AtomicI64>,
+    fit: FitSlot,
     grads: Vec<candle_core::Tensor>,
     params: Option<Vec<candle_core::Tensor>>,
     step: StepInput,
@@ -577,7 +734,7 @@ impl Task for UpdateTask {
     fn compute(&mut self) -> Result<Self::Output> {
         run_update(
             &self.opt,
-            (&self.state, &self.count),
+            (&self.state, &self.count, &self.fit),
             &self.grads,
             self.params.as_deref(),
             &self.step,
@@ -652,7 +809,7 @@ impl NativeOptimizer {
         let curvature = curvature_of(&env, &step, hvp, vector)?;
         let u = run_update(
             &self.inner,
-            (&state.inner, &state.count),
+            (&state.inner, &state.count, &state.fit),
             &tensors(&env, &grads)?,
             p.as_deref(),
             &step,
@@ -682,7 +839,7 @@ impl NativeOptimizer {
         let curvature = curvature_of(&env, &step, hvp, vector)?;
         let next = run_update(
             &self.inner,
-            (&state.inner, &state.count),
+            (&state.inner, &state.count, &state.fit),
             &tensors(&env, &grads)?,
             Some(&p),
             &step,
@@ -714,6 +871,7 @@ impl NativeOptimizer {
             opt: self.inner.clone(),
             state: state.inner.clone(),
             count: state.count.clone(),
+            fit: state.fit.clone(),
             grads: tensors(&env, &grads)?,
             params: params.as_deref().map(|p| tensors(&env, p)).transpose()?,
             step,
@@ -733,8 +891,12 @@ impl NativeOptimizer {
         state: &NativeState,
     ) -> Result<Uint8ArraySlice<'env>> {
         let bytes = {
-            let s = lock(&state.inner);
-            no_panic(|| self.inner.state_to_bytes(held(&s)?)).map_err(|e| js_err(env, e))?
+            let mut s = lock(&state.inner);
+            no_panic(|| {
+                settle(&mut s, &state.fit)?;
+                self.inner.state_to_bytes(held(&s)?)
+            })
+            .map_err(|e| js_err(env, e))?
         };
         Uint8ArraySlice::copy_from(env, bytes)
     }
@@ -755,13 +917,20 @@ impl NativeOptimizer {
     }
 
     /// Makes `target` hold `source`'s state (both of this optimizer).
+    /// A fit in flight (`overlapFit`) on `source` is shared, not waited for; one on
+    /// `target` is waited for and dropped, as the state it would fit is replaced.
     #[napi]
     pub fn copy_state(&self, env: Env, source: &NativeState, target: &NativeState) -> Result<()> {
-        let s = held(&lock(&source.inner))
-            .map_err(|e| js_err(&env, e))?
-            .clone();
+        let (s, fit) = {
+            let src = lock(&source.inner);
+            let s = held(&src).map_err(|e| js_err(&env, e))?.clone();
+            (s, share_fit(&source.fit))
+        };
         self.inner.check_variant(&s).map_err(|e| js_err(&env, e))?;
-        commit(&mut lock(&target.inner), &target.count, s);
+        let mut t = lock(&target.inner);
+        discard_fit(&target.fit);
+        commit(&mut t, &target.count, s);
+        *target.fit.lock().unwrap_or_else(|e| e.into_inner()) = fit;
         Ok(())
     }
 }

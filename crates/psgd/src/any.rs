@@ -31,6 +31,85 @@ macro_rules! variants {
             )*
         }
 
+        /// A fit of one of the variants, handed back by [`AnyTransform::update_deferred`].
+        enum AnyFitJob {
+            $($variant(crate::step::PendingFit<<$ty as crate::step::Deferred>::Precond>),)*
+        }
+
+        /// A fitted preconditioner of one of the variants (see [`AnyPendingFit::run`]).
+        #[derive(Clone)]
+        pub struct AnyFitted(AnyFittedInner);
+
+        #[derive(Clone)]
+        enum AnyFittedInner {
+            $($variant(<<$ty as crate::step::Deferred>::Precond as crate::step::Preconditioner>::State),)*
+        }
+
+        impl AnyPendingFit {
+            /// Runs the fit with `opt`, the optimizer whose step handed it back.
+            pub fn run(self, opt: &AnyTransform) -> Result<AnyFitted> {
+                let mut rng = self.rng;
+                match (opt, self.job) {
+                    $((AnyTransform::$variant(t), AnyFitJob::$variant(j)) => {
+                        Ok(AnyFitted(AnyFittedInner::$variant(t.run_fit(j, &mut rng)?)))
+                    })*
+                    #[allow(unreachable_patterns)]
+                    _ => Err(mismatch()),
+                }
+            }
+        }
+
+        impl AnyFitted {
+            /// Puts the fitted preconditioner in `state`, the state the step that handed
+            /// the fit back made (or one that continues it: only its preconditioner is
+            /// replaced).
+            pub fn install(self, state: &mut AnyState) -> Result<()> {
+                match (state, self.0) {
+                    $((AnyState::$variant(s), AnyFittedInner::$variant(p)) => {
+                        s.precond = p;
+                        Ok(())
+                    })*
+                    #[allow(unreachable_patterns)]
+                    _ => Err(mismatch()),
+                }
+            }
+        }
+
+        impl AnyTransform {
+            /// [`crate::Psgd::update_deferred`] with the seeded random source of this step:
+            /// the updates and the next state, and the step's fit when it comes after the
+            /// updates, as a job that owns what it needs (the random source included), so
+            /// that it can run on another thread (`overlapFit`).
+            pub fn update_deferred(
+                &self,
+                grads: &[Tensor],
+                state: &AnyState,
+                params: Option<&[Tensor]>,
+                hyper: StepHyper,
+                curvature: Option<&Curvature>,
+            ) -> Result<(Vec<Tensor>, AnyState, Option<AnyPendingFit>)> {
+                let mut rng = crate::random::SeededRandom::for_step(self.seed(), state.count() + 1);
+                match (self, state) {
+                    $((AnyTransform::$variant(t), AnyState::$variant(s)) => {
+                        let (u, s, job) =
+                            t.update_deferred(grads, s, params, hyper, curvature, &mut rng)?;
+                        let job = job.map(|j| AnyPendingFit { job: AnyFitJob::$variant(j), rng });
+                        Ok((u, AnyState::$variant(s), job))
+                    })*
+                    #[allow(unreachable_patterns)]
+                    _ => Err(mismatch()),
+                }
+            }
+
+            /// Whether the options ask for the fit to overlap the caller's next gradient
+            /// (`overlapFit`).
+            pub fn overlap_fit(&self) -> bool {
+                match self {
+                    $(AnyTransform::$variant(t) => t.step_options().overlap_fit,)*
+                }
+            }
+        }
+
         impl AnyTransform {
             /// The variant named `variant` (psgd-jax's module name: `kron`, `xmat`, `lra`,
             /// `affine`) for `leaves`, with options by their camelCase names.
@@ -39,6 +118,7 @@ macro_rules! variants {
                 leaves: Vec<LeafSpec>,
                 options: &serde_json::Map<String, serde_json::Value>,
             ) -> Result<Self> {
+                check_overlap_fit(options)?;
                 match variant {
                     $($name => Ok(AnyTransform::$variant(<$ty as Transform>::new(
                         leaves,
@@ -146,6 +226,7 @@ macro_rules! variants {
                 variant: &str,
                 options: &serde_json::Map<String, serde_json::Value>,
             ) -> Result<()> {
+                check_overlap_fit(options)?;
                 match variant {
                     $($name => <<$ty as Transform>::Options as Options>::from_json(options).map(drop),)*
                     other => Err(PsgdError::option_range(
@@ -194,6 +275,32 @@ variants! {
     XMat(crate::xmat::XMat) = "xmat",
     Lra(crate::lra::Lra) = "lra",
     Affine(crate::affine::Affine) = "affine",
+}
+
+/// A step's fit that runs after its updates were handed out (see
+/// [`AnyTransform::update_deferred`]): it owns its inputs and the step's random source, and
+/// is `Send`, so a binding can run it on a worker thread while the caller computes the
+/// next gradient.
+pub struct AnyPendingFit {
+    job: AnyFitJob,
+    rng: crate::random::SeededRandom,
+}
+
+/// `overlapFit: true` runs the fit after the updates, which is the order of
+/// `updatePreconditionerFirst: false`: asking for the other order as well is an error (an
+/// absent `updatePreconditionerFirst` follows `overlapFit`).
+fn check_overlap_fit(options: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let on = |k: &str| options.get(k) == Some(&serde_json::Value::Bool(true));
+    if on("overlapFit") && on("updatePreconditionerFirst") {
+        return Err(PsgdError::option_range(
+            "overlapFit",
+            "fits the preconditioner after the step's updates, the order of \
+             updatePreconditionerFirst: false, and cannot be combined with \
+             updatePreconditionerFirst: true (leave updatePreconditionerFirst out)"
+                .to_string(),
+        ));
+    }
+    Ok(())
 }
 
 fn mismatch() -> PsgdError {

@@ -68,6 +68,9 @@ pub enum PsgdError {
     /// is set (see [`strip_backtrace`]).
     #[error(transparent)]
     Candle(candle_core::Error),
+    /// An error raised again as it was, its class and message (see [`PsgdError::again`]).
+    #[error("{msg}")]
+    Again { kind: ErrorKind, msg: String },
 }
 
 /// `e` without its `WithBacktrace` layers: a backtrace in an error message tells a
@@ -107,6 +110,16 @@ impl PsgdError {
             | PsgdError::State(_)
             | PsgdError::Size(_) => ErrorKind::Range,
             PsgdError::Draw(_) | PsgdError::Candle(_) => ErrorKind::Other,
+            PsgdError::Again { kind, .. } => *kind,
+        }
+    }
+
+    /// The same error (class and message) once more: for a result two callers share, such
+    /// as a preconditioner fit shared by a state and its copy, each of which raises it.
+    pub fn again(&self) -> PsgdError {
+        PsgdError::Again {
+            kind: self.kind(),
+            msg: self.to_string(),
         }
     }
 

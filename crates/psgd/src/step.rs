@@ -130,6 +130,10 @@ pub struct StepOptions {
     /// default); false: precondition with the preconditioner as it was, then fit it
     /// (`updatePreconditionerFirst: false`, psgd_torch's `update_preconditioner_first`).
     pub update_first: bool,
+    /// Run the fit of a step after its updates, as a separate job the caller may run on
+    /// another thread (`overlapFit`; see [`Psgd::update_deferred`]). It implies
+    /// `update_first: false`, which the variants' options set with it.
+    pub overlap_fit: bool,
     /// Clip the incoming gradients to this global L2 norm first (`gradClip`; none by default).
     pub grad_clip: Option<f64>,
     /// Fail a step whose updates hold NaN or Inf (`allowNonFinite: false`, the default).
@@ -167,6 +171,61 @@ pub struct FitInputs<'a> {
     pub normalizer: StepNormalizer,
     /// Matmul precision of the fit.
     pub precision: Precision,
+}
+
+/// The owned inputs of one fit: what [`FitInputs`] borrows, kept so that the fit can run
+/// after the step that made them returned (see [`PendingFit`]).
+#[derive(Debug, Clone)]
+struct FitData {
+    vectors: Option<Vec<Tensor>>,
+    hvps: Vec<Tensor>,
+    hessian: bool,
+    first: bool,
+    count: u64,
+    precond_lr: f64,
+    init_scale: Option<f64>,
+    normalizer: StepNormalizer,
+    precision: Precision,
+}
+
+impl FitData {
+    fn inputs(&self) -> FitInputs<'_> {
+        FitInputs {
+            vectors: self.vectors.as_deref(),
+            hvps: &self.hvps,
+            hessian: self.hessian,
+            first: self.first,
+            count: self.count,
+            precond_lr: self.precond_lr,
+            init_scale: self.init_scale,
+            normalizer: self.normalizer,
+            precision: self.precision,
+        }
+    }
+}
+
+/// The fit of a step under `updatePreconditionerFirst: false`, handed back by
+/// [`Psgd::update_deferred`] instead of run: the preconditioner it starts from and owned
+/// copies of its inputs (tensors are shared handles, so nothing is copied). Run it with
+/// [`Psgd::run_fit`], with the step's random source as the step left it (the fit's draws
+/// are the step's last), and put the result in the state's `precond`: the state is then
+/// the one [`Transform::update_with`] gives, bit for bit. It is `Send`, so the fit can run
+/// on another thread while the caller computes the next gradient (`overlapFit`).
+#[derive(Debug, Clone)]
+pub struct PendingFit<P: Preconditioner> {
+    start: P::State,
+    data: FitData,
+}
+
+/// Names the preconditioner of an optimizer type (`Kron` = `Psgd<KronPreconditioner>`),
+/// for code that lists the variants by their optimizer types ([`crate::any`]).
+pub trait Deferred {
+    /// The preconditioner.
+    type Precond: Preconditioner;
+}
+
+impl<P: Preconditioner> Deferred for Psgd<P> {
+    type Precond = P;
 }
 
 /// The variant-specific part of a PSGD optimizer: a fifth variant is one of these.
@@ -555,6 +614,41 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         curvature: Option<&Curvature>,
         rng: &mut dyn RandomSource,
     ) -> Result<(Vec<Tensor>, Self::State)> {
+        let (updates, mut next, pending) =
+            self.update_deferred(grads, state, params, hyper, curvature, rng)?;
+        if let Some(job) = pending {
+            next.precond = self.run_fit(job, rng)?;
+        }
+        Ok((updates, next))
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.options.set_learning_rate(lr);
+        self.step.learning_rate = Schedule::Constant(lr);
+    }
+
+    fn learning_rate(&self, state: &Self::State) -> f64 {
+        self.step.learning_rate.at(state.count)
+    }
+}
+
+impl<P: Preconditioner> Psgd<P> {
+    /// One step, as [`Transform::update_with`], with its fit handed back instead of run
+    /// where the fit comes after the updates (`updatePreconditionerFirst: false` and a
+    /// step that fits): the returned state then holds the preconditioner as it was
+    /// (prepared for the apply), and running the [`PendingFit`] with `rng` (as this call
+    /// left it) gives the fitted one. [`Transform::update_with`] is this with the fit run
+    /// at once, so the numbers are the same whichever thread runs the fit and when, as
+    /// long as it runs before the next step reads the state.
+    pub fn update_deferred(
+        &self,
+        grads: &[Tensor],
+        state: &PsgdState<P::State>,
+        params: Option<&[Tensor]>,
+        hyper: StepHyper,
+        curvature: Option<&Curvature>,
+        rng: &mut dyn RandomSource,
+    ) -> Result<(Vec<Tensor>, PsgdState<P::State>, Option<PendingFit<P>>)> {
         let o = &self.step;
         // checks: nothing below runs on input that would fail later
         if curvature.is_some() && !P::HESSIAN {
@@ -618,9 +712,9 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             (true, None, FitSource::Momentum) => momentum.clone(),
             (true, None, FitSource::Gradient) => g32.clone(),
         };
-        let job = FitInputs {
-            vectors: decided.vectors.as_deref(),
-            hvps: &hvps,
+        let job = FitData {
+            vectors: decided.vectors,
+            hvps,
             hessian: curvature.is_some(),
             first: state.count == 0,
             count: state.count,
@@ -633,7 +727,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         // preconditioner as it was, make the updates, and fit it last: the fit is then a
         // separate stage on inputs that are all known before the updates are made
         let before = if o.update_first && fit {
-            self.fit_stage(&start, &job, rng)?
+            self.fit_stage(&start, &job.inputs(), rng)?
         } else {
             start
         };
@@ -657,33 +751,29 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 cause: overflow_cause(&pre[l], &g32[l], hyper.learning_rate)?,
             });
         }
-        let precond = if !o.update_first && fit {
-            let fitted = self.fit_stage(&current, &job, rng)?;
-            self.precond.prepare_apply(fitted, true)?
-        } else {
-            current
-        };
+        let pending = (!o.update_first && fit).then(|| PendingFit {
+            start: current.clone(),
+            data: job,
+        });
 
         let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
-        Ok((
-            updates,
-            PsgdState {
-                count,
-                update_counter: decided.update_counter,
-                update_cumulative: decided.update_cumulative,
-                mu,
-                precond,
-            },
-        ))
+        let next = PsgdState {
+            count,
+            update_counter: decided.update_counter,
+            update_cumulative: decided.update_cumulative,
+            mu,
+            precond: current,
+        };
+        Ok((updates, next, pending))
     }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.options.set_learning_rate(lr);
-        self.step.learning_rate = Schedule::Constant(lr);
-    }
-
-    fn learning_rate(&self, state: &Self::State) -> f64 {
-        self.step.learning_rate.at(state.count)
+    /// Runs a fit [`Psgd::update_deferred`] handed back, with the random source that step
+    /// left: the fitted preconditioner, prepared for the next apply, to put in the state's
+    /// `precond`. An error leaves nothing changed (the state keeps the preconditioner it
+    /// had, and its count, momentum and updates stand).
+    pub fn run_fit(&self, job: PendingFit<P>, rng: &mut dyn RandomSource) -> Result<P::State> {
+        let fitted = self.fit_stage(&job.start, &job.data.inputs(), rng)?;
+        self.precond.prepare_apply(fitted, true)
     }
 }
 

@@ -59,6 +59,15 @@ macro_rules! psgd_options {
                 /// `update_preconditioner_first=False`); the random draws come in the same
                 /// order either way. Not in psgd-jax.
                 update_preconditioner_first: bool = true;
+                /// Run the preconditioner fit of a step on a native worker thread after the step
+                /// returns, overlapping it with the caller's next gradient computation (the class
+                /// API and the TensorFlow.js optimizers). The numbers are exactly those of
+                /// `updatePreconditionerFirst: false` run in order (which it implies; with an
+                /// explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
+                /// a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
+                /// raised by the next of them. Helps only when another core is free while the
+                /// gradient is computed. Default false. Not in psgd-jax.
+                overlap_fit: bool = false;
                 /// Dtype of the momentum buffer; null keeps each param's dtype.
                 mu_dtype: Option<$crate::options::StateDType> = None;
                 /// Matmul precision of the fit: `'bfloat16'`, `'tensorfloat32'` (default;
@@ -107,7 +116,8 @@ macro_rules! psgd_options {
                     grad_clip: self.grad_clip,
                     check_finite: !self.allow_non_finite,
                     momentum_warmup: $crate::kernels::fused::Warmup::Debias,
-                    update_first: self.update_preconditioner_first,
+                    update_first: self.update_preconditioner_first && !self.overlap_fit,
+                    overlap_fit: self.overlap_fit,
                 }
             }
 
