@@ -121,6 +121,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     'kron-auto': num(flags, 'lr-kron-auto', 3e-3),
     'kron-pro': num(flags, 'lr-kron-pro', 3e-3),
     'kron-quad': num(flags, 'lr-kron-quad', 3e-3),
+    'kron-delayed': num(flags, 'lr-kron-delayed', 3e-3),
+    'kron-overlap': num(flags, 'lr-kron-overlap', 3e-3),
     affine: num(flags, 'lr-affine', 1e-2),
   }
   const steps = epochs * Math.ceil(train.n / batchSize)

@@ -118,6 +118,8 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     'kron-auto': num(flags, 'lr-kron-auto', 0.01),
     'kron-pro': num(flags, 'lr-kron-pro', 0.01),
     'kron-quad': num(flags, 'lr-kron-quad', 0.01),
+    'kron-delayed': num(flags, 'lr-kron-delayed', 0.01),
+    'kron-overlap': num(flags, 'lr-kron-overlap', 0.01),
     affine: num(flags, 'lr-affine', 0.03),
   }
   const optimizers: OptimizerName[] = ['adam', 'kron', 'kron-auto', 'affine']

@@ -2,13 +2,15 @@
  * The optimizers the examples compare, by name: PSGD Kron (with psgd-jax's initial
  * preconditioner scale 1, and with `preconditionerInitScale: null`, the scale taken from
  * the first gradient), Kron with psgd_torch's inverse-free update rules (`updateRule:
- * 'PRO'` and `'QUAD'`) and Affine through the `psgd/tfjs` adapter, and TensorFlow.js's own
- * Adam. Every other option is the default.
+ * 'PRO'` and `'QUAD'`), Kron in the delayed order (`updatePreconditionerFirst: false`)
+ * and with that order's fit overlapped with the next gradient (`overlapFit: true`, the same
+ * numbers), Affine through the `psgd/tfjs` adapter, and TensorFlow.js's own Adam. Every
+ * other option is the default.
  */
 import * as tf from '@tensorflow/tfjs-core'
 import { AffineOptimizer, KronOptimizer } from '../../tfjs'
 
-export type OptimizerName = 'adam' | 'kron' | 'kron-auto' | 'kron-pro' | 'kron-quad' | 'affine'
+export type OptimizerName = 'adam' | 'kron' | 'kron-auto' | 'kron-pro' | 'kron-quad' | 'kron-delayed' | 'kron-overlap' | 'affine'
 
 export const LABELS: Record<OptimizerName, string> = {
   adam: 'Adam (tfjs)',
@@ -16,6 +18,8 @@ export const LABELS: Record<OptimizerName, string> = {
   'kron-auto': 'Kron auto-scale',
   'kron-pro': 'Kron PRO',
   'kron-quad': 'Kron QUAD',
+  'kron-delayed': 'Kron delayed',
+  'kron-overlap': 'Kron overlapFit',
   affine: 'Affine',
 }
 
@@ -42,6 +46,10 @@ export function makeOptimizer(name: OptimizerName, learningRate: LearningRate, s
       return new KronOptimizer({ learningRate, seed, updateRule: 'PRO' })
     case 'kron-quad':
       return new KronOptimizer({ learningRate, seed, updateRule: 'QUAD' })
+    case 'kron-delayed':
+      return new KronOptimizer({ learningRate, seed, updatePreconditionerFirst: false })
+    case 'kron-overlap':
+      return new KronOptimizer({ learningRate, seed, overlapFit: true })
     case 'affine':
       return new AffineOptimizer({ learningRate, seed })
   }

@@ -33,7 +33,7 @@ macro_rules! variants {
 
         /// A fit of one of the variants, handed back by [`AnyTransform::update_deferred`].
         enum AnyFitJob {
-            $($variant(crate::step::PendingFit<<$ty as crate::step::Deferred>::Precond>),)*
+            $($variant(crate::step::PendingFit<<$ty as crate::step::PreconditionerOf>::Precond>),)*
         }
 
         /// A fitted preconditioner of one of the variants (see [`AnyPendingFit::run`]).
@@ -42,7 +42,7 @@ macro_rules! variants {
 
         #[derive(Clone)]
         enum AnyFittedInner {
-            $($variant(<<$ty as crate::step::Deferred>::Precond as crate::step::Preconditioner>::State),)*
+            $($variant(<<$ty as crate::step::PreconditionerOf>::Precond as crate::step::Preconditioner>::State),)*
         }
 
         impl AnyPendingFit {

@@ -217,14 +217,23 @@ pub struct PendingFit<P: Preconditioner> {
     data: FitData,
 }
 
+/// What [`Psgd::update_deferred`] gives: the updates, the next state (with the
+/// preconditioner as it was before the fit) and the step's fit, if it comes after the
+/// updates.
+pub type Deferred<P> = (
+    Vec<Tensor>,
+    PsgdState<<P as Preconditioner>::State>,
+    Option<PendingFit<P>>,
+);
+
 /// Names the preconditioner of an optimizer type (`Kron` = `Psgd<KronPreconditioner>`),
 /// for code that lists the variants by their optimizer types ([`crate::any`]).
-pub trait Deferred {
+pub trait PreconditionerOf {
     /// The preconditioner.
     type Precond: Preconditioner;
 }
 
-impl<P: Preconditioner> Deferred for Psgd<P> {
+impl<P: Preconditioner> PreconditionerOf for Psgd<P> {
     type Precond = P;
 }
 
@@ -648,7 +657,7 @@ impl<P: Preconditioner> Psgd<P> {
         hyper: StepHyper,
         curvature: Option<&Curvature>,
         rng: &mut dyn RandomSource,
-    ) -> Result<(Vec<Tensor>, PsgdState<P::State>, Option<PendingFit<P>>)> {
+    ) -> Result<Deferred<P>> {
         let o = &self.step;
         // checks: nothing below runs on input that would fail later
         if curvature.is_some() && !P::HESSIAN {

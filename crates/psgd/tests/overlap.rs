@@ -64,10 +64,7 @@ fn overlapped_equals_sequential(variant: &str, extra: Value, steps: u64) -> usiz
     let leaves = leaves();
     let with = |k: &str| {
         let mut o = options(extra.clone());
-        o.insert(
-            k.into(),
-            json!(if k == "overlapFit" { true } else { false }),
-        );
+        o.insert(k.into(), json!(k == "overlapFit"));
         AnyTransform::new(variant, leaves.clone(), &o).unwrap()
     };
     let (overlap, sequential) = (with("overlapFit"), with("updatePreconditionerFirst"));
