@@ -1,3 +1,5 @@
+import { spawnSync } from 'node:child_process'
+import * as path from 'node:path'
 import { Tensor, type ArrayLeaf, type PyTree } from '../index'
 
 /** A plain leaf. */
@@ -73,4 +75,15 @@ export function safetensors(bytes: Uint8Array): Map<string, Float32Array> {
     out.set(name, new Float32Array(slice.buffer.slice(slice.byteOffset, slice.byteOffset + slice.byteLength)))
   }
   return out
+}
+
+/** Runs `code` (TypeScript, with `psgd` imported as `p`) in a child process; returns its stdout (the child fails the test when it exits non-zero). */
+export function child(code: string, env: Record<string, string> = {}): string {
+  const root = path.join(__dirname, '..')
+  const r = spawnSync(process.execPath, ['--import', 'tsx', '--expose-gc', '-e', `const p = require(${JSON.stringify(root)});\n${code}`], {
+    env: { ...process.env, ...env },
+    encoding: 'utf8',
+  })
+  if (r.status !== 0) throw new Error(`child failed (${r.status}): ${r.stderr}`)
+  return r.stdout
 }

@@ -9,11 +9,9 @@ import '@tensorflow/tfjs-backend-cpu'
 import * as tf from '@tensorflow/tfjs-core'
 import * as tfl from '@tensorflow/tfjs-layers'
 import test from 'ava'
-import { spawnSync } from 'node:child_process'
-import * as path from 'node:path'
 import { affine, Affine, kron, Kron, liveTensorBytes, lra, LRA, Tensor, xmat, XMat, type ArrayLeaf } from '../index'
 import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer } from '../tfjs'
-import { values } from './helpers'
+import { child, values } from './helpers'
 import { parse } from './safetensors'
 
 test.before(async () => {
@@ -168,17 +166,6 @@ test('memory: a loop of overlapped steps holds no more native tensors at its end
   t.is(opt.count, 51)
   opt.dispose()
 })
-
-/** Runs `code` (TypeScript, with `psgd` imported as `p`) in a child process with `env`; returns its stdout. */
-function child(code: string, env: Record<string, string> = {}): string {
-  const root = path.join(__dirname, '..')
-  const r = spawnSync(process.execPath, ['--import', 'tsx', '--expose-gc', '-e', `const p = require(${JSON.stringify(root)});\n${code}`], {
-    env: { ...process.env, ...env },
-    encoding: 'utf8',
-  })
-  if (r.status !== 0) throw new Error(`child failed (${r.status}): ${r.stderr}`)
-  return r.stdout
-}
 
 test('RSS stays flat over 3000 overlapped steps (child process)', (t) => {
   const out = child(`

@@ -5,9 +5,8 @@
  */
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import * as path from 'node:path'
 import { affine, Affine, kron, Kron, liveTensorBytes, lra, Tensor, xmat, type ArrayLeaf } from '../index'
-import { leaf, snapshot, values } from './helpers'
+import { child, leaf, snapshot, values } from './helpers'
 import { parse, write } from './safetensors'
 
 const plain = (shape: number[], seed: number): ArrayLeaf =>
@@ -18,17 +17,6 @@ const plain = (shape: number[], seed: number): ArrayLeaf =>
     ),
     shape,
   )
-
-/** Runs `code` (TypeScript, with `psgd` imported as `p`) in a child process; returns its stdout. */
-function child(code: string, env: Record<string, string> = {}): string {
-  const root = path.join(__dirname, '..')
-  const r = spawnSync(process.execPath, ['--import', 'tsx', '--expose-gc', '-e', `const p = require(${JSON.stringify(root)});\n${code}`], {
-    env: { ...process.env, ...env },
-    encoding: 'utf8',
-  })
-  if (r.status !== 0) throw new Error(`child failed (${r.status}): ${r.stderr}`)
-  return r.stdout
-}
 
 // 1. crashes: sizes are checked before anything is allocated
 

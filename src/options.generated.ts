@@ -72,14 +72,14 @@ export interface PsgdNativeOptions {
    */
   updatePreconditionerFirst?: boolean
   /**
-   * Run the preconditioner fit of a step on a native worker thread after the step
-   * returns, overlapping it with the caller's next gradient computation (the class
-   * API and the TensorFlow.js optimizers). The numbers are exactly those of
-   * `updatePreconditionerFirst: false` run in order (which it implies; with an
-   * explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
-   * a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
-   * raised by the next of them. Helps only when another core is free while the
-   * gradient is computed. Default false. Not in psgd-jax.
+   * Run the preconditioner fit of a step on a native worker thread after the
+   * step returns, overlapping it with the caller's next gradient (the classes,
+   * the TensorFlow.js optimizers and the functional API). The numbers are exactly
+   * those of `updatePreconditionerFirst: false` run in order, which it implies;
+   * with an explicit `updatePreconditionerFirst: true` it is a `RangeError`. The
+   * next step, saving, loading into the state and `dispose` wait for the fit; an
+   * error in the fit is raised by the next of them. It helps only when a core is
+   * free while the gradient is computed. Default false. Not in psgd-jax.
    */
   overlapFit?: boolean
   /**
@@ -147,14 +147,14 @@ export interface KronNativeOptions {
    */
   updatePreconditionerFirst?: boolean
   /**
-   * Run the preconditioner fit of a step on a native worker thread after the step
-   * returns, overlapping it with the caller's next gradient computation (the class
-   * API and the TensorFlow.js optimizers). The numbers are exactly those of
-   * `updatePreconditionerFirst: false` run in order (which it implies; with an
-   * explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
-   * a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
-   * raised by the next of them. Helps only when another core is free while the
-   * gradient is computed. Default false. Not in psgd-jax.
+   * Run the preconditioner fit of a step on a native worker thread after the
+   * step returns, overlapping it with the caller's next gradient (the classes,
+   * the TensorFlow.js optimizers and the functional API). The numbers are exactly
+   * those of `updatePreconditionerFirst: false` run in order, which it implies;
+   * with an explicit `updatePreconditionerFirst: true` it is a `RangeError`. The
+   * next step, saving, loading into the state and `dispose` wait for the fit; an
+   * error in the fit is raised by the next of them. It helps only when a core is
+   * free while the gradient is computed. Default false. Not in psgd-jax.
    */
   overlapFit?: boolean
   /**

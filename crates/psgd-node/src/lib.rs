@@ -5,7 +5,7 @@
 use candle_core::{DType, Device};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use psgd::any::{AnyFitted, AnyPendingFit};
+use psgd::any::{AnyFitted, AnyPendingFit, StepInputs};
 use psgd::options::StateDType;
 use psgd::{AnyState, AnyTransform, Curvature, ErrorKind, LeafSpec, PsgdError, StepHyper};
 use std::cell::RefCell;
@@ -665,47 +665,31 @@ fn run_update<R>(
     let mut guard = lock(state);
     // the last step's fit first: its error is this call's, and the step is not taken
     no_panic(|| settle(&mut guard, fit))?;
-    if opt.overlap_fit() {
-        return run_overlapped(
-            opt,
-            (&mut guard, count, fit),
-            grads,
-            params,
-            step,
-            curvature,
-            then,
-        );
-    }
     no_panic(|| {
         let current = held(&guard)?;
         let hyper = hyper_of(opt, current, step)?;
-        let (updates, next) = opt.update_seeded(grads, current, params, hyper, curvature)?;
-        let out = then(updates)?;
-        // only a step that fully succeeded replaces the state
-        commit(&mut guard, count, next);
-        Ok(out)
-    })
-}
-
-/// [`run_update`] under `overlapFit`: commits the state and hands out the updates at once,
-/// with the step's fit started on a thread of its own (see [`start_fit`]), settled by the
-/// next call that reads or replaces the state.
-fn run_overlapped<R>(
-    opt: &Arc<AnyTransform>,
-    (guard, count, fit): (&mut Option<AnyState>, &AtomicI64, &FitCell),
-    grads: &[candle_core::Tensor],
-    params: Option<&[candle_core::Tensor]>,
-    step: &StepInput,
-    curvature: Option<&Curvature>,
-    then: impl FnOnce(Vec<candle_core::Tensor>) -> psgd::Result<R>,
-) -> psgd::Result<R> {
-    no_panic(|| {
-        let current = held(guard)?;
-        let hyper = hyper_of(opt, current, step)?;
-        let (updates, next, job) = opt.update_deferred(grads, current, params, hyper, curvature)?;
+        // under overlapFit, the fit (if the step has one) comes back as a job, started on
+        // a thread of its own once the step is committed and settled by the next call
+        // that reads or replaces the state
+        let (updates, next, job) = match opt.overlap_fit() {
+            true => {
+                let inputs = StepInputs {
+                    grads,
+                    params,
+                    hyper,
+                    curvature,
+                };
+                opt.update_deferred(current, inputs)?
+            }
+            false => {
+                let (u, next) = opt.update_seeded(grads, current, params, hyper, curvature)?;
+                (u, next, None)
+            }
+        };
         let out = then(updates)?;
         let next_count = next.count();
-        commit(guard, count, next);
+        // only a step that fully succeeded replaces the state
+        commit(&mut guard, count, next);
         if let Some(job) = job {
             *fit.lock().unwrap_or_else(|e| e.into_inner()) = Some(start_fit(opt, job, next_count));
         }

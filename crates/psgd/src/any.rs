@@ -82,13 +82,11 @@ macro_rules! variants {
             /// that it can run on another thread (`overlapFit`).
             pub fn update_deferred(
                 &self,
-                grads: &[Tensor],
                 state: &AnyState,
-                params: Option<&[Tensor]>,
-                hyper: StepHyper,
-                curvature: Option<&Curvature>,
+                step: StepInputs,
             ) -> Result<(Vec<Tensor>, AnyState, Option<AnyPendingFit>)> {
                 let mut rng = crate::random::SeededRandom::for_step(self.seed(), state.count() + 1);
+                let StepInputs { grads, params, hyper, curvature } = step;
                 match (self, state) {
                     $((AnyTransform::$variant(t), AnyState::$variant(s)) => {
                         let (u, s, job) =
@@ -275,6 +273,18 @@ variants! {
     XMat(crate::xmat::XMat) = "xmat",
     Lra(crate::lra::Lra) = "lra",
     Affine(crate::affine::Affine) = "affine",
+}
+
+/// The inputs of one step, as [`AnyTransform::update_seeded`] takes them one by one.
+pub struct StepInputs<'a> {
+    /// The gradients.
+    pub grads: &'a [Tensor],
+    /// The params (for weight decay).
+    pub params: Option<&'a [Tensor]>,
+    /// The step's hyperparameters.
+    pub hyper: StepHyper,
+    /// The Hessian-based inputs, if any.
+    pub curvature: Option<&'a Curvature>,
 }
 
 /// A step's fit that runs after its updates were handed out (see

@@ -4,9 +4,10 @@
 //! state as its step left it; the option refuses the other order.
 
 use candle_core::{DType, Device, Tensor};
+use psgd::any::StepInputs;
 use psgd::{
-    AnyTransform, ErrorKind, Kron, KronOptions, LeafSpec, RandomSource, Schedule, SeededRandom,
-    Transform,
+    AnyTransform, Curvature, ErrorKind, Kron, KronOptions, LeafSpec, RandomSource, Schedule,
+    SeededRandom, Transform,
 };
 use serde_json::{json, Map, Value};
 
@@ -61,6 +62,20 @@ fn options(v: Value) -> Map<String, Value> {
 /// next gradient is made) and with `updatePreconditionerFirst: false` run in order, from
 /// the same start: the params and the saved states agree bit for bit after every step.
 fn overlapped_equals_sequential(variant: &str, extra: Value, steps: u64) -> usize {
+    run_both(variant, extra, steps, false)
+}
+
+/// The Hessian mode's inputs of step `n`: fitting on odd steps.
+fn curvature(leaves: &[LeafSpec], n: u64) -> Curvature {
+    Curvature {
+        hvp: grads(leaves, 500 + n),
+        vector: grads(leaves, 700 + n),
+        update_preconditioner: n % 2 == 1,
+    }
+}
+
+/// [`overlapped_equals_sequential`], in the Hessian mode when `hessian`.
+fn run_both(variant: &str, extra: Value, steps: u64, hessian: bool) -> usize {
     let leaves = leaves();
     let with = |k: &str| {
         let mut o = options(extra.clone());
@@ -76,16 +91,22 @@ fn overlapped_equals_sequential(variant: &str, extra: Value, steps: u64) -> usiz
     let mut fits = 0;
     for n in 1..=steps {
         let g = grads(&leaves, n);
+        let c = hessian.then(|| curvature(&leaves, n));
+        let hyper = sequential.hyper(&s_s).unwrap();
         let (u_s, next) = sequential
-            .update_seeded(&g, &s_s, Some(&p_s), sequential.hyper(&s_s).unwrap(), None)
+            .update_seeded(&g, &s_s, Some(&p_s), hyper, c.as_ref())
             .unwrap();
         s_s = next;
         p_s = psgd::apply_updates(&p_s, &u_s).unwrap();
 
         let hyper = overlap.hyper(&s_o).unwrap();
-        let (u_o, mut next, job) = overlap
-            .update_deferred(&g, &s_o, Some(&p_o), hyper, None)
-            .unwrap();
+        let inputs = StepInputs {
+            grads: &g,
+            params: Some(&p_o),
+            hyper,
+            curvature: c.as_ref(),
+        };
+        let (u_o, mut next, job) = overlap.update_deferred(&s_o, inputs).unwrap();
         p_o = psgd::apply_updates(&p_o, &u_o).unwrap();
         if let Some(job) = job {
             fits += 1;
@@ -153,6 +174,18 @@ fn overlapped_fit_equals_the_sequential_delayed_order_on_every_variant_and_rule(
         let sparse = json!({ "preconditionerUpdateProbability": 0.3, "learningRate": 0.01 });
         let fits = overlapped_equals_sequential(variant, sparse, 12);
         assert!((2..12).contains(&fits), "{variant}: {fits} fits");
+    }
+}
+
+#[test]
+fn overlapped_fit_equals_the_sequential_delayed_order_in_the_hessian_mode() {
+    for rule in ["EQ", "QUAD", "PRO4P"] {
+        let o = json!({ "updateRule": rule });
+        assert_eq!(run_both("kron", o, 10, true), 5, "{rule}");
+    }
+    for variant in ["xmat", "lra", "affine"] {
+        let o = json!({ "learningRate": 0.01 });
+        assert_eq!(run_both(variant, o, 10, true), 5, "{variant}");
     }
 }
 

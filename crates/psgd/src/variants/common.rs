@@ -59,14 +59,14 @@ macro_rules! psgd_options {
                 /// `update_preconditioner_first=False`); the random draws come in the same
                 /// order either way. Not in psgd-jax.
                 update_preconditioner_first: bool = true;
-                /// Run the preconditioner fit of a step on a native worker thread after the step
-                /// returns, overlapping it with the caller's next gradient computation (the class
-                /// API and the TensorFlow.js optimizers). The numbers are exactly those of
-                /// `updatePreconditionerFirst: false` run in order (which it implies; with an
-                /// explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
-                /// a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
-                /// raised by the next of them. Helps only when another core is free while the
-                /// gradient is computed. Default false. Not in psgd-jax.
+                /// Run the preconditioner fit of a step on a native worker thread after the
+                /// step returns, overlapping it with the caller's next gradient (the classes,
+                /// the TensorFlow.js optimizers and the functional API). The numbers are exactly
+                /// those of `updatePreconditionerFirst: false` run in order, which it implies;
+                /// with an explicit `updatePreconditionerFirst: true` it is a `RangeError`. The
+                /// next step, saving, loading into the state and `dispose` wait for the fit; an
+                /// error in the fit is raised by the next of them. It helps only when a core is
+                /// free while the gradient is computed. Default false. Not in psgd-jax.
                 overlap_fit: bool = false;
                 /// Dtype of the momentum buffer; null keeps each param's dtype.
                 mu_dtype: Option<$crate::options::StateDType> = None;

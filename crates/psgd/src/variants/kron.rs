@@ -193,14 +193,14 @@ crate::declare_options! {
         /// the same order either way, and the automatic initial scale
         /// (`preconditionerInitScale: null`) is still taken first. Not in psgd-jax.
         update_preconditioner_first: bool = true;
-        /// Run the preconditioner fit of a step on a native worker thread after the step
-        /// returns, overlapping it with the caller's next gradient computation (the class
-        /// API and the TensorFlow.js optimizers). The numbers are exactly those of
-        /// `updatePreconditionerFirst: false` run in order (which it implies; with an
-        /// explicit `updatePreconditionerFirst: true` it is a `RangeError`). The next step,
-        /// a save, a load, a copy and `dispose` wait for the fit; an error in the fit is
-        /// raised by the next of them. Helps only when another core is free while the
-        /// gradient is computed. Default false. Not in psgd-jax.
+        /// Run the preconditioner fit of a step on a native worker thread after the
+        /// step returns, overlapping it with the caller's next gradient (the classes,
+        /// the TensorFlow.js optimizers and the functional API). The numbers are exactly
+        /// those of `updatePreconditionerFirst: false` run in order, which it implies;
+        /// with an explicit `updatePreconditionerFirst: true` it is a `RangeError`. The
+        /// next step, saving, loading into the state and `dispose` wait for the fit; an
+        /// error in the fit is raised by the next of them. It helps only when a core is
+        /// free while the gradient is computed. Default false. Not in psgd-jax.
         overlap_fit: bool = false;
         /// How momentum (`b1`) warms up. `'debias'` (default, psgd-jax's): an EMA with
         /// coefficient `b1`, divided by `1 − b1^t`. `'psgdTorch'` (psgd_torch's): the
