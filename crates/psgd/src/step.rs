@@ -659,7 +659,11 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         }
         let precond = if !o.update_first && fit {
             let fitted = self.fit_stage(&current, &job, rng)?;
-            self.precond.prepare_apply(fitted, true)?
+            // in this order every apply reads the preconditioner as a step that does not
+            // fit would (Kron: its grams), so it is prepared so now, with the fit, rather
+            // than at the start of the next step: the same values, formed off the next
+            // step's path where the fit runs apart from it
+            self.precond.prepare_apply(fitted, false)?
         } else {
             current
         };
