@@ -1,7 +1,8 @@
 /**
  * `npm run bench:tfjs` in its `--quick` mode, on one backend and one model, as a child
  * process: it runs to the end and reports every row (a time per step and its ratio to
- * Adam's, or why the row did not run). The figures themselves are never asserted.
+ * Adam's, or why the row did not run) and the native step alone. The figures themselves
+ * are never asserted.
  */
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
@@ -24,7 +25,11 @@ test('bench:tfjs --quick runs and reports every row against Adam', (t) => {
     )
     t.is(r.status, 0, r.stderr)
     t.regex(r.stdout, /### mlp, cpu backend/)
-    const rows = JSON.parse(fs.readFileSync(json, 'utf8')) as { label: string; msPerStep: number | null; ratioToAdam: number | null; skipped?: string }[]
+    const out = JSON.parse(fs.readFileSync(json, 'utf8')) as {
+      tfjs: { label: string; msPerStep: number | null; ratioToAdam: number | null; skipped?: string }[]
+      native: { model: string; label: string; msPerStep: number }[]
+    }
+    const rows = out.tfjs
     t.deepEqual(
       rows.map((x) => x.label),
       ['tfjs Adam', 'Kron (default)', 'Kron, updatePreconditionerFirst: false', 'Kron, overlapFit: true', 'Kron, preconditionerUpdateProbability: 0.03'],
@@ -39,6 +44,13 @@ test('bench:tfjs --quick runs and reports every row against Adam', (t) => {
       }
       t.true(Number.isFinite(row.msPerStep) && (row.msPerStep as number) > 0, `${row.label}: ${row.msPerStep} ms/step`)
       t.true(Number.isFinite(row.ratioToAdam) && (row.ratioToAdam as number) > 0, `${row.label}: ratio ${row.ratioToAdam}`)
+      t.true(r.stdout.includes(`| ${row.label} |`), `${row.label} is in the printed table`)
+    }
+    // the native step alone: the fit in either order and the apply
+    t.is(out.native.length, 3)
+    for (const row of out.native) {
+      t.is(row.model, 'mlp')
+      t.true(Number.isFinite(row.msPerStep) && row.msPerStep > 0, `${row.label}: ${row.msPerStep} ms`)
       t.true(r.stdout.includes(`| ${row.label} |`), `${row.label} is in the printed table`)
     }
   } finally {

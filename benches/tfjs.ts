@@ -25,6 +25,12 @@
  * reading the gradients, writing the variables), and the rest of the step (forward,
  * backward, the loss read; the step less `applyGradients`).
  *
+ * Then, per model, the native Kron step alone on plain leaves of the model's weight
+ * shapes (no tfjs): a step that fits first and applies with the factors (the default
+ * order), one that applies with the grams `QᵀQ` and then fits and forms the grams again
+ * (`updatePreconditionerFirst: false`), and one that only applies (probability 0); the
+ * fit's cost is about the first less the last.
+ *
  * Flags: `--quick` (few rounds and steps: a smoke run), `--backend cpu|wasm`,
  * `--model mlp|wide`, `--rounds N`, `--json FILE` (every figure). Measured and printed,
  * never asserted.
@@ -38,7 +44,7 @@ import { writeFileSync } from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import { KronOptimizer } from '../tfjs'
-import type { KronOptions } from '../index'
+import { kron, type KronOptions } from '../index'
 
 const BACKENDS = ['cpu', 'wasm'] as const
 const MODELS = ['mlp', 'wide'] as const
@@ -265,6 +271,43 @@ function table(results: Result[]): string {
   return lines.join('\n')
 }
 
+/** The native Kron step alone (no tfjs), on plain leaves of the model's weight shapes: where its time goes. */
+const NATIVE_ROWS: { label: string; options: KronOptions }[] = [
+  { label: 'fit, then apply with the factors (default order, p = 1)', options: { preconditionerUpdateProbability: 1 } },
+  {
+    label: 'apply with the grams, then fit and form the grams (fit last, p = 1)',
+    options: { preconditionerUpdateProbability: 1, updatePreconditionerFirst: false },
+  },
+  { label: 'apply with the grams only (p = 0)', options: { preconditionerUpdateProbability: 0 } },
+]
+
+interface NativeResult {
+  model: ModelName
+  label: string
+  msPerStep: number
+}
+
+function nativeAlone(model: ModelName, flags: Flags): NativeResult[] {
+  const m = makeModel(model)
+  const shapes = m.trainableWeights.map((w) => [...w.shape] as number[])
+  m.dispose()
+  const leaves = shapes.map((shape, i) => ({ data: tf.randomNormal(shape, 0, 0.01, 'float32', 50 + i).dataSync() as Float32Array, shape }))
+  const steps = flags.quick ? 3 : 15
+  return NATIVE_ROWS.map(({ label, options }) => {
+    const t = kron({ learningRate: 1e-3, seed: 1, ...options })
+    const state = t.init(leaves)
+    for (let i = 0; i < 3; i++) t.update(leaves, state)
+    const ms: number[] = []
+    for (let i = 0; i < steps; i++) {
+      const t0 = performance.now()
+      t.update(leaves, state)
+      ms.push(performance.now() - t0)
+    }
+    state.dispose()
+    return { model, label, msPerStep: median(ms) }
+  })
+}
+
 async function useBackend(backend: Backend): Promise<void> {
   if (backend === 'wasm') setWasmPaths(path.dirname(require.resolve('@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm')) + path.sep)
   if (!(await tf.setBackend(backend))) throw new Error(`bench:tfjs: the tfjs ${backend} backend did not start`)
@@ -278,6 +321,7 @@ async function main(): Promise<void> {
   console.log(
     `bench:tfjs: tfjs-core ${tf.version_core}, ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, load ${os.loadavg()[0].toFixed(1)}, batch ${BATCH}${flags.quick ? ', --quick' : ''}`,
   )
+  const natives: NativeResult[] = []
   for (const backend of flags.backends) {
     await useBackend(backend)
     for (const model of flags.models) {
@@ -288,8 +332,14 @@ async function main(): Promise<void> {
       console.log(table(results))
     }
   }
+  for (const model of flags.models) {
+    const rows = nativeAlone(model, flags)
+    natives.push(...rows)
+    console.log(`\n### ${model}: the native Kron step alone, on plain leaves of its weights' shapes (median ms per step)\n`)
+    console.log(['| step | ms |', '| --- | ---: |', ...rows.map((r) => `| ${r.label} | ${fmt(r.msPerStep)} |`)].join('\n'))
+  }
   console.log(`\nbench:tfjs: ${((performance.now() - started) / 1000).toFixed(0)} s, load ${os.loadavg()[0].toFixed(1)} at the end`)
-  if (flags.json) writeFileSync(flags.json, JSON.stringify(all, null, 2) + '\n')
+  if (flags.json) writeFileSync(flags.json, JSON.stringify({ tfjs: all, native: natives }, null, 2) + '\n')
 }
 
 main().catch((e) => {
