@@ -21,8 +21,10 @@
  * in rounds that take each row in turn (so load on a shared machine falls on every row
  * alike); a row's figure is the median over the rounds of its ms per step. Printed per row:
  * ms/step, the ratio to Adam's ms/step in this run, and the breakdown: `applyGradients`
- * (the optimizer's whole step), the native PSGD step inside it, the glue (their difference:
- * reading the gradients, writing the variables), and the rest of the step (forward,
+ * (the optimizer's whole step), the native PSGD step inside it (the calls into the
+ * binding's optimizer: the Rust step and the N-API call that carries its tensors), the
+ * glue (their difference: reading the gradients, the TypeScript layer's checks and copies
+ * to and from native memory, writing the variables), and the rest of the step (forward,
  * backward, the loss read; the step less `applyGradients`).
  *
  * Then, per model, the native Kron step alone on plain leaves of the model's weight
@@ -45,6 +47,7 @@ import * as os from 'node:os'
 import * as path from 'node:path'
 import { KronOptimizer } from '../tfjs'
 import { kron, type KronOptions } from '../index'
+import { native } from '../src/native'
 
 const BACKENDS = ['cpu', 'wasm'] as const
 const MODELS = ['mlp', 'wide'] as const
@@ -113,26 +116,41 @@ interface Probe {
   native: number
 }
 
-/** Times `opt.applyGradients` and (for PSGD) its native step into `probe`. */
+/** The probe of the `applyGradients` running now (native calls are added to it). */
+let active: Probe | null = null
+
+/**
+ * Times every call into the binding's optimizer (the native step: the Rust step and the
+ * N-API call that carries its tensors) into the running `applyGradients`'s probe, whatever
+ * method a step calls.
+ */
+function timeNativeCalls(): void {
+  const proto = native.NativeOptimizer.prototype as unknown as Record<string, unknown>
+  for (const name of Object.getOwnPropertyNames(proto)) {
+    const f = proto[name]
+    if (name === 'constructor' || typeof f !== 'function') continue
+    proto[name] = function (this: unknown, ...a: unknown[]) {
+      const t0 = performance.now()
+      try {
+        return (f as (...b: unknown[]) => unknown).apply(this, a)
+      } finally {
+        if (active !== null) active.native += performance.now() - t0
+      }
+    }
+  }
+}
+
+/** Times `opt.applyGradients` into `probe`, and the native calls made inside it. */
 function instrument(opt: tf.Optimizer, probe: Probe): void {
   const apply = opt.applyGradients.bind(opt)
   opt.applyGradients = (g) => {
     const t0 = performance.now()
+    active = probe
     try {
       apply(g)
     } finally {
+      active = null
       probe.apply += performance.now() - t0
-    }
-  }
-  const tr = (opt as unknown as { transformation?: { update: (...a: unknown[]) => unknown } }).transformation
-  if (tr === undefined) return
-  const update = tr.update.bind(tr)
-  tr.update = (...a: unknown[]) => {
-    const t0 = performance.now()
-    try {
-      return update(...a)
-    } finally {
-      probe.native += performance.now() - t0
     }
   }
 }
@@ -240,8 +258,7 @@ async function benchModel(backend: Backend, model: ModelName, flags: Flags): Pro
       msPerStep: ms,
       ratioToAdam: ms === null ? null : ms / adam,
       applyGradients: ok ? median(r.apply) : null,
-      // a step that does not go through the transformation's update (Adam; an optimizer
-      // path that calls the binding otherwise) has no native figure here
+      // Adam makes no native call
       native: ok && r.native.some((v) => v > 0) ? median(r.native) : null,
       skipped: r.skipped,
     }
@@ -316,6 +333,7 @@ async function useBackend(backend: Backend): Promise<void> {
 async function main(): Promise<void> {
   const flags = parseArgs(process.argv.slice(2))
   tf.env().set('PROD', true)
+  timeNativeCalls()
   const all: Result[] = []
   const started = performance.now()
   console.log(
