@@ -140,6 +140,17 @@ fn update_preconditioner_first_false_is_apply_then_fit_on_every_variant() {
     });
 }
 
+/// Kron on [`leaves`] with `o`, in the given order (`updatePreconditionerFirst`) and at
+/// a constant update probability `p`.
+fn kron_in_order(first: bool, p: f64, o: KronOptions) -> Kron {
+    let o = KronOptions {
+        update_preconditioner_first: first,
+        preconditioner_update_probability: Some(Schedule::Constant(p)),
+        ..o
+    };
+    Kron::new(leaves(), o).unwrap()
+}
+
 /// In the fit-last order a Kron fit leaves its factors' grams formed (the next apply
 /// reads them and has nothing left to prepare), under every rule, and a step from that
 /// state gives the same updates, bit for bit, as a step from the same factors without
@@ -148,14 +159,14 @@ fn update_preconditioner_first_false_is_apply_then_fit_on_every_variant() {
 fn the_fit_last_order_leaves_the_grams_formed() {
     for rule in [UpdateRule::Eq, UpdateRule::Pro, UpdateRule::Quad] {
         let leaves = leaves();
-        let make = |first: bool, p: f64| KronOptions {
+        let rule_only = KronOptions {
             update_rule: rule,
-            update_preconditioner_first: first,
-            preconditioner_update_probability: Some(Schedule::Constant(p)),
             ..Default::default()
         };
-        let last = Kron::new(leaves.clone(), make(false, 1.0)).unwrap();
-        let first = Kron::new(leaves.clone(), make(true, 1.0)).unwrap();
+        let (last, first) = (
+            kron_in_order(false, 1.0, rule_only.clone()),
+            kron_in_order(true, 1.0, rule_only),
+        );
         let mut state = last.init(&params(&leaves)).unwrap();
         for t in 1..=2 {
             state = step(&last, &state, &grads(&leaves, t, 1.0), t).1;
@@ -183,14 +194,12 @@ fn the_fit_last_order_leaves_the_grams_formed() {
 #[test]
 fn the_automatic_scale_comes_first_in_either_order() {
     let leaves = leaves();
-    let make = |first: bool, p: f64| KronOptions {
+    let base = || KronOptions {
         preconditioner_init_scale: None,
-        update_preconditioner_first: first,
-        preconditioner_update_probability: Some(Schedule::Constant(p)),
         ..Default::default()
     };
-    let last = Kron::new(leaves.clone(), make(false, 1.0)).unwrap();
-    let never = Kron::new(leaves.clone(), make(true, 0.0)).unwrap();
+    let last = kron_in_order(false, 1.0, base());
+    let never = kron_in_order(true, 0.0, base());
     let state = last.init(&params(&leaves)).unwrap();
     let g = grads(&leaves, 1, 30.0);
     let (u_last, _) = step(&last, &state, &g, 1);
