@@ -782,7 +782,11 @@ impl<P: Preconditioner> Psgd<P> {
     /// had, and its count, momentum and updates stand).
     pub fn run_fit(&self, job: PendingFit<P>, rng: &mut dyn RandomSource) -> Result<P::State> {
         let fitted = self.fit_stage(&job.start, &job.data.inputs(), rng)?;
-        self.precond.prepare_apply(fitted, true)
+        // in this order every apply reads the preconditioner as a step that does not fit
+        // would (Kron: its grams), so it is prepared so now, with the fit, rather than at
+        // the start of the next step: the same values, formed off the next step's path
+        // where the fit runs apart from it (the overlap worker)
+        self.precond.prepare_apply(fitted, false)
     }
 }
 

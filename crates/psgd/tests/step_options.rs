@@ -140,19 +140,66 @@ fn update_preconditioner_first_false_is_apply_then_fit_on_every_variant() {
     });
 }
 
+/// Kron on [`leaves`] with `o`, in the given order (`updatePreconditionerFirst`) and at
+/// a constant update probability `p`.
+fn kron_in_order(first: bool, p: f64, o: KronOptions) -> Kron {
+    let o = KronOptions {
+        update_preconditioner_first: first,
+        preconditioner_update_probability: Some(Schedule::Constant(p)),
+        ..o
+    };
+    Kron::new(leaves(), o).unwrap()
+}
+
+/// In the fit-last order a Kron fit leaves its factors' grams formed (the next apply
+/// reads them and has nothing left to prepare), under every rule, and a step from that
+/// state gives the same updates, bit for bit, as a step from the same factors without
+/// them (which forms them first).
+#[test]
+fn the_fit_last_order_leaves_the_grams_formed() {
+    for rule in [UpdateRule::Eq, UpdateRule::Pro, UpdateRule::Quad] {
+        let leaves = leaves();
+        let rule_only = KronOptions {
+            update_rule: rule,
+            ..Default::default()
+        };
+        let (last, first) = (
+            kron_in_order(false, 1.0, rule_only.clone()),
+            kron_in_order(true, 1.0, rule_only),
+        );
+        let mut state = last.init(&params(&leaves)).unwrap();
+        for t in 1..=2 {
+            state = step(&last, &state, &grads(&leaves, t, 1.0), t).1;
+            assert!(
+                state.precond.ps.is_some(),
+                "{rule:?}: step {t} left no grams"
+            );
+        }
+        // the default order's fit leaves none (its next step may fit again)
+        let (_, s_first) = step(&first, &state, &grads(&leaves, 3, 1.0), 3);
+        assert!(s_first.precond.ps.is_none(), "{rule:?}");
+        let mut bare = state.clone();
+        bare.precond.ps = None;
+        let g = grads(&leaves, 3, 1.0);
+        let (u, _) = step(&last, &state, &g, 3);
+        let (u_bare, _) = step(&last, &bare, &g, 3);
+        for (a, b) in u.iter().zip(&u_bare) {
+            assert_eq!(vals(a), vals(b), "{rule:?}");
+        }
+    }
+}
+
 /// With the automatic initial scale, the first step of the fit-last order still takes
 /// the scale first: its updates are those of a step that scales and does not fit.
 #[test]
 fn the_automatic_scale_comes_first_in_either_order() {
     let leaves = leaves();
-    let make = |first: bool, p: f64| KronOptions {
+    let base = || KronOptions {
         preconditioner_init_scale: None,
-        update_preconditioner_first: first,
-        preconditioner_update_probability: Some(Schedule::Constant(p)),
         ..Default::default()
     };
-    let last = Kron::new(leaves.clone(), make(false, 1.0)).unwrap();
-    let never = Kron::new(leaves.clone(), make(true, 0.0)).unwrap();
+    let last = kron_in_order(false, 1.0, base());
+    let never = kron_in_order(true, 0.0, base());
     let state = last.init(&params(&leaves)).unwrap();
     let g = grads(&leaves, 1, 30.0);
     let (u_last, _) = step(&last, &state, &g, 1);
