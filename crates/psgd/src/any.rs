@@ -133,6 +133,15 @@ macro_rules! variants {
                 }
             }
 
+            /// What the last step of `state` did (see [`crate::Psgd::stats`]).
+            pub fn stats(&self, state: &AnyState) -> Result<crate::telemetry::StepStats> {
+                match (self, state) {
+                    $((AnyTransform::$variant(t), AnyState::$variant(s)) => t.stats(s),)*
+                    #[allow(unreachable_patterns)]
+                    _ => Err(mismatch()),
+                }
+            }
+
             /// A state from safetensors bytes, checked against this optimizer.
             pub fn state_from_bytes(&self, bytes: &[u8], device: &Device) -> Result<AnyState> {
                 match self {

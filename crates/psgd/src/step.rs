@@ -24,9 +24,11 @@ use crate::random::RandomSource;
 use crate::schedule::Schedule;
 use crate::stages;
 use crate::state_io::{LoadedState, StateFile};
+use crate::telemetry::{FactorStats, FitTelemetry, Fitted, StepStats, StepTimes, Telemetry};
 use crate::transform::{Curvature, LeafSpec, StepHyper, Transform};
 use candle_core::{DType, Device, Tensor};
 use std::fmt::Debug;
+use std::time::Instant;
 
 /// How the preconditioner step is normalised (`stepNormalizerOrder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -225,6 +227,11 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     fn load(&self, f: &mut LoadedState) -> Result<Self::State>;
     /// Checks that `state` fits this preconditioner (shapes), before a step uses it.
     fn check(&self, state: &Self::State) -> Result<()>;
+    /// Per factor, its condition estimate and the normaliser of its last fit, read from
+    /// `state` (for [`Psgd::stats`]; not on the step's path).
+    fn factor_stats(&self, _state: &Self::State) -> Result<Vec<FactorStats>> {
+        Ok(vec![])
+    }
 }
 
 /// The state of every variant: the step count, the update counter (Kron), the momentum
@@ -243,6 +250,8 @@ pub struct PsgdState<S> {
     pub mu: Option<Vec<Tensor>>,
     /// The preconditioner.
     pub precond: S,
+    /// What the last step measured of itself, read by [`Psgd::stats`] (never saved).
+    pub telemetry: Telemetry,
 }
 
 /// A PSGD optimizer: the shared step around a [`Preconditioner`].
@@ -352,18 +361,36 @@ impl<P: Preconditioner> Psgd<P> {
     /// step's updates are made, so it can run on another thread while the caller computes
     /// the next gradient and give the same numbers bit for bit: keep it that way (no
     /// input of the fit may come from the finish, and nothing after it may draw).
+    /// The fit's telemetry (its time; a variant's values travel in the fitted state)
+    /// comes out with it, so that it is the same wherever the fit runs.
     pub(crate) fn fit_stage(
         &self,
         start: &P::State,
         job: &FitInputs,
         rng: &mut dyn RandomSource,
-    ) -> Result<P::State> {
+    ) -> Result<Fitted<P::State>> {
+        let t0 = Instant::now();
         let mut fit = || self.precond.update(start, job, rng);
-        if P::FIT_ON_POOL {
+        let state = if P::FIT_ON_POOL {
             stages::on_pool(&self.leaves, fit)
         } else {
             fit()
-        }
+        }?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(Fitted {
+            state,
+            telemetry: FitTelemetry { ms },
+        })
+    }
+
+    /// What the last step of `state` did and how its preconditioner stands (see
+    /// [`StepStats`]): the step's own measurements and the factors' values, read here
+    /// (the step itself reads nothing back for them).
+    pub fn stats(&self, state: &PsgdState<P::State>) -> Result<StepStats> {
+        let paths: Vec<String> = self.leaves.iter().map(|l| l.path.clone()).collect();
+        let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
+        let factors = self.precond.factor_stats(&state.precond)?;
+        state.telemetry.read(state.count, &paths, &sizes, factors)
     }
 
     fn check_state(&self, s: &PsgdState<P::State>) -> Result<()> {
@@ -474,6 +501,7 @@ impl<P: Preconditioner> Psgd<P> {
             update_cumulative,
             mu,
             precond: self.precond.load(&mut f)?,
+            telemetry: Telemetry::default(),
         };
         f.finish()?;
         self.check_state(&state)?;
@@ -531,6 +559,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             update_cumulative: 0.0,
             mu,
             precond: self.precond.init(&device, rng)?,
+            telemetry: Telemetry::default(),
         })
     }
 
@@ -556,6 +585,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         rng: &mut dyn RandomSource,
     ) -> Result<(Vec<Tensor>, Self::State)> {
         let o = &self.step;
+        let t0 = Instant::now();
         // checks: nothing below runs on input that would fail later
         if curvature.is_some() && !P::HESSIAN {
             return Err(PsgdError::option_type(
@@ -632,16 +662,20 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         // fit, then precondition (psgd-jax's order); or precondition with the
         // preconditioner as it was, make the updates, and fit it last: the fit is then a
         // separate stage on inputs that are all known before the updates are made
+        let mut times = StepTimes::default();
         let before = if o.update_first && fit {
-            self.fit_stage(&start, &job, rng)?
+            let fitted = self.fit_stage(&start, &job, rng)?;
+            times.fit_ms = fitted.telemetry.ms;
+            fitted.state
         } else {
             start
         };
         let current = self.precond.prepare_apply(before, o.update_first && fit)?;
 
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
+        let t_apply = Instant::now();
         let pre = self.precond.apply(&current, &momentum)?;
-        let (updates, non_finite) = fused::finish_updates(
+        let (updates, non_finite, sums) = fused::finish_updates_measured(
             &pre,
             params,
             &self.leaves,
@@ -657,14 +691,22 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 cause: overflow_cause(&pre[l], &g32[l], hyper.learning_rate)?,
             });
         }
+        times.apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
         let precond = if !o.update_first && fit {
             let fitted = self.fit_stage(&current, &job, rng)?;
-            self.precond.prepare_apply(fitted, true)?
+            times.fit_ms = fitted.telemetry.ms;
+            self.precond.prepare_apply(fitted.state, true)?
         } else {
             current
         };
 
         let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
+        times.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
+        let on_fit_input =
+            curvature.is_none() && (o.fit_source == FitSource::Momentum || state.mu.is_none());
+        let telemetry =
+            Telemetry::next(&state.telemetry, fit, sums, &sizes, o.clip, on_fit_input, times)?;
         Ok((
             updates,
             PsgdState {
@@ -673,6 +715,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 update_cumulative: decided.update_cumulative,
                 mu,
                 precond,
+                telemetry,
             },
         ))
     }

@@ -332,6 +332,66 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
     f: impl Fn([f32; I]) -> [f32; O] + Sync,
     check: bool,
 ) -> ([Vec<f32>; O], bool) {
+    let (outs, finite, _) = zip_map_summed(inputs, f, check, false);
+    (outs, finite)
+}
+
+/// What [`zip_map_summed`] sums over a pass besides its outputs: the sum of squares and
+/// the largest `|value|` of the first input, and the sum of squares of the first output,
+/// each block's in float32 and the blocks' in float64, in row order.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PassSums {
+    /// `Σ x²` over the first input.
+    pub in_sq: f64,
+    /// `max |x|` over the first input (NaN when one is).
+    pub in_max: f32,
+    /// `Σ y²` over the first output.
+    pub out_sq: f64,
+}
+
+impl PassSums {
+    fn add(self, o: PassSums) -> PassSums {
+        PassSums {
+            in_sq: self.in_sq + o.in_sq,
+            in_max: max_nan(self.in_max, o.in_max),
+            out_sq: self.out_sq + o.out_sq,
+        }
+    }
+
+    /// The sums of one block, in independent lanes so that they vectorise.
+    fn of_block(x: &[f32], y: &[f32]) -> PassSums {
+        let mut sq = [[0f32; 8]; 2];
+        let mut mx = [0f32; 8];
+        for (k, (&a, &b)) in x.iter().zip(y).enumerate() {
+            sq[0][k % 8] += a * a;
+            sq[1][k % 8] += b * b;
+            mx[k % 8] = max_nan(mx[k % 8], a.abs());
+        }
+        PassSums {
+            in_sq: sq[0].iter().map(|&v| v as f64).sum(),
+            in_max: mx.iter().fold(0.0, |m, &v| max_nan(m, v)),
+            out_sq: sq[1].iter().map(|&v| v as f64).sum(),
+        }
+    }
+}
+
+/// The larger of two values, NaN when either is.
+fn max_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// [`zip_map_checked`], and with `sums` the [`PassSums`] of the pass, taken on each block
+/// while it is in registers (no second pass over memory); default sums without.
+pub fn zip_map_summed<const I: usize, const O: usize>(
+    inputs: [&Flat<'_>; I],
+    f: impl Fn([f32; I]) -> [f32; O] + Sync,
+    check: bool,
+    sums: bool,
+) -> ([Vec<f32>; O], bool, PassSums) {
     let bad = std::sync::atomic::AtomicBool::new(false);
     /// Elements per block: the block's inputs and outputs live in local arrays, which the
     /// compiler knows alias nothing, so it vectorises `f` across the block (over slices of
@@ -344,10 +404,11 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
     let mut outs: [Vec<f32>; O] = std::array::from_fn(|_| Vec::with_capacity(n));
     let spare = outs.each_mut().map(|v| &mut v.spare_capacity_mut()[..n]);
     let chunks = task_chunks(spare, [1; O], n.div_ceil(TASK_ROWS));
-    chunks
+    let partial: Vec<PassSums> = chunks
         .into_par_iter()
         .enumerate()
-        .for_each(|(t, mut outs)| {
+        .map(|(t, mut outs)| {
+            let mut acc = PassSums::default();
             let r = t * TASK_ROWS..((t + 1) * TASK_ROWS).min(n);
             let len = r.len();
             let mut sc: [Vec<f32>; I] = std::array::from_fn(|_| Vec::new());
@@ -373,6 +434,9 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
                 {
                     bad.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
+                if let (true, Some(xi), Some(yo)) = (sums, x.first(), y.first()) {
+                    acc = acc.add(PassSums::of_block(&xi[..m], &yo[..m]));
+                }
                 for (o, yo) in outs.iter_mut().zip(&y) {
                     for (d, &v) in o[at..at + m].iter_mut().zip(&yo[..m]) {
                         d.write(v);
@@ -380,13 +444,18 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
                 }
                 at += m;
             }
-        });
+            acc
+        })
+        .collect();
     for v in &mut outs {
         // SAFETY: the tasks' chunks cover `0..n` of every output, and each task wrote
         // every element of its chunks (`at` runs over all of `0..len`).
         unsafe { v.set_len(n) };
     }
-    (outs, !bad.into_inner())
+    let total = partial
+        .into_iter()
+        .fold(PassSums::default(), PassSums::add);
+    (outs, !bad.into_inner(), total)
 }
 
 /// The sum of `f(x)` over the elements, each term computed in float32 and accumulated in

@@ -17,6 +17,7 @@ use crate::kernels::triangular::{matmul_tri, Tri};
 use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
+use crate::telemetry::{diagonal_ratio, FactorStats};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
@@ -637,6 +638,21 @@ impl Preconditioner for AffinePreconditioner {
                 )
             })
             .collect()
+    }
+
+    fn factor_stats(&self, st: &Vec<AffineFactors>) -> Result<Vec<FactorStats>> {
+        let mut out = vec![];
+        for (leaf, f) in self.leaves.iter().zip(st) {
+            for (factor, q) in [&f.ql, &f.qr].into_iter().enumerate() {
+                out.push(FactorStats {
+                    path: leaf.path.clone(),
+                    factor,
+                    condition: diagonal_ratio(q, is_dense(q))?,
+                    normaliser: None,
+                });
+            }
+        }
+        Ok(out)
     }
 
     fn check(&self, st: &Vec<AffineFactors>) -> Result<()> {

@@ -14,6 +14,7 @@ use crate::kernels::precision::Precision;
 use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
+use crate::telemetry::{diagonal_ratio, FactorStats};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
@@ -168,6 +169,15 @@ impl Preconditioner for LraPreconditioner {
             v: f.take_typed("V")?,
             d: f.take_factor("d")?,
         })
+    }
+
+    fn factor_stats(&self, st: &LraFactors) -> Result<Vec<FactorStats>> {
+        Ok(vec![FactorStats {
+            path: crate::telemetry::WHOLE_TREE.into(),
+            factor: 0,
+            condition: diagonal_ratio(&st.d.flatten_all()?, false)?,
+            normaliser: None,
+        }])
     }
 
     fn check(&self, st: &LraFactors) -> Result<()> {

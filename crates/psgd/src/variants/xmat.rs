@@ -10,6 +10,7 @@ use crate::kernels::elementwise::{self, Flat};
 use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
+use crate::telemetry::{diagonal_ratio, FactorStats};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
@@ -122,6 +123,15 @@ impl Preconditioner for XMatPreconditioner {
             a: f.take_factor("a")?,
             b: f.take_typed("b")?,
         })
+    }
+
+    fn factor_stats(&self, st: &XMatFactors) -> Result<Vec<FactorStats>> {
+        Ok(vec![FactorStats {
+            path: crate::telemetry::WHOLE_TREE.into(),
+            factor: 0,
+            condition: diagonal_ratio(&st.a.flatten_all()?, false)?,
+            normaliser: None,
+        }])
     }
 
     fn check(&self, st: &XMatFactors) -> Result<()> {
