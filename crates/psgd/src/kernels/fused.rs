@@ -724,6 +724,59 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_finish_sums_agree_on_both_paths_and_leave_the_updates_as_they_were() {
+        let lens = [0, 3, 8192 + 1, 1000];
+        let specs: Vec<LeafSpec> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| LeafSpec::new(format!("l{i}"), &[n]))
+            .collect();
+        let params = leaves(&lens, 10, 1.0);
+        let pre = leaves(&lens, 20, 3.0);
+        let clip = Clip::Update {
+            rms: Some(1.1),
+            element: Some(0.5),
+        };
+        let run = |pre: &[Tensor]| {
+            finish_updates_measured(pre, None, &specs, &params, 0.0, 0.01, clip, true).unwrap()
+        };
+        let (host, _, hs) = run(&pre);
+        assert!(hs.iter().all(|s| matches!(s.pre_sq, Measured::Host(_))));
+        // a float64 leaf sends the whole finish down the candle-op path: 0-d tensors
+        let mut pre64 = pre.clone();
+        pre64[2] = pre64[2].to_dtype(DType::F64).unwrap();
+        let (_, _, os) = run(&pre64);
+        assert!(os[1..].iter().all(|s| matches!(s.pre_sq, Measured::Device(_))));
+        for (l, (h, o)) in hs.iter().zip(&os).enumerate() {
+            let f = |m: &Measured| m.read().unwrap();
+            let sq = vals(&pre[l]).iter().map(|&v| (v * v) as f64).sum::<f64>();
+            let mx = vals(&pre[l]).iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let usq = vals(&host[l]).iter().map(|&v| (v * v) as f64).sum::<f64>();
+            for (got, want) in [
+                (f(&h.pre_sq), sq),
+                (f(&o.pre_sq), sq),
+                (f(&h.pre_max), mx),
+                (f(&o.pre_max), mx),
+                (f(&h.update_sq), usq),
+                (f(&o.update_sq), usq),
+            ] {
+                assert!((got - want).abs() <= 1e-5 * want.max(1e-30), "leaf {l}: {got} vs {want}");
+            }
+        }
+        // the sums ride along: the pass's outputs are those of the pass without them
+        let h = |t: &Tensor| from_ref(t).to_vec();
+        let (a, b) = (h(&pre[2]), h(&params[2]));
+        with_host(&[&a, &b], |x| {
+            let f = |[v, p]: [f32; 2]| [affine(v / 1.7 + affine(p, 0.1), -0.01)];
+            let (plain, ok) = elementwise::zip_map_checked([&x[0], &x[1]], f, true);
+            let (summed, ok2, _) = elementwise::zip_map_summed([&x[0], &x[1]], f, true, true);
+            assert_eq!(plain[0], summed[0]);
+            assert_eq!(ok, ok2);
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn fused_finish_matches_the_ops() {
         let lens = [0, 3, 8192 + 1, 1000];
         let specs: Vec<LeafSpec> = lens
