@@ -7,7 +7,15 @@ import { values } from './helpers'
 const classes = { Kron, XMat, LRA, Affine } as const
 
 const tensor = (shape: number[], seed: number, scale = 1) =>
-  Tensor.fromArray(Float32Array.from(values(shape.reduce((a, b) => a * b, 1), seed)).map((v) => v * scale), shape)
+  Tensor.fromArray(
+    Float32Array.from(
+      values(
+        shape.reduce((a, b) => a * b, 1),
+        seed,
+      ),
+    ).map((v) => v * scale),
+    shape,
+  )
 
 const tree = (seed: number, scale = 1) => ({ w: tensor([6, 5], seed, scale), b: tensor([5], seed + 1, scale) })
 
@@ -161,6 +169,6 @@ test('RSS stays flat over a loop that reads stats() every step (child process)',
   if (r.status !== 0) throw new Error(`child failed (${r.status}): ${r.stderr}`)
   const { growth, live, finite } = JSON.parse(r.stdout) as { growth: number; live: number; finite: boolean }
   t.true(finite)
-  t.is(live, 2 * 64 * 64 * 4, "only the params and the grads are alive")
+  t.is(live, 2 * 64 * 64 * 4, 'only the params and the grads are alive')
   t.true(growth < 32 * 2 ** 20, `RSS grew ${(growth / 2 ** 20).toFixed(1)} MiB over 10 000 steps`)
 })

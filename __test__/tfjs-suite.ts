@@ -345,7 +345,10 @@ export function tfjsSuite(test: TestFn, backend: string): void {
     for (const k of keys) {
       const v = h.history[k] as number[]
       t.is(v.length, 2, k)
-      t.true(v.every((n) => Number.isFinite(n)), `${k}: ${v}`)
+      t.true(
+        v.every((n) => Number.isFinite(n)),
+        `${k}: ${v}`,
+      )
     }
     // the counter fits every second step: the epoch ends (steps 4 and 8) fitted
     t.deepEqual(h.history.psgd_fitted, [1, 1])

@@ -384,7 +384,7 @@ export class OptimizerState {
  * {@link OptimizerState.stats}).
  */
 export function stats(state: OptimizerState): PsgdStats {
-  if (!(state instanceof OptimizerState)) throw new TypeError('stats: state must come from an optimizer\'s init')
+  if (!(state instanceof OptimizerState)) throw new TypeError("stats: state must come from an optimizer's init")
   return state.stats()
 }
 

@@ -202,8 +202,14 @@ export function statsSummary(s: PsgdStats): Record<string, number> {
   const put = (k: string, v: number | null) => {
     if (v !== null) out[k] = v
   }
-  put('psgd_pre_rms', treeRms(s.leaves, (l) => l.preRms))
-  put('psgd_update_rms', treeRms(s.leaves, (l) => l.updateRms))
+  put(
+    'psgd_pre_rms',
+    treeRms(s.leaves, (l) => l.preRms),
+  )
+  put(
+    'psgd_update_rms',
+    treeRms(s.leaves, (l) => l.updateRms),
+  )
   const stepped = s.leaves.filter((l) => l.clipped !== null)
   put('psgd_clipped', stepped.length > 0 ? stepped.filter((l) => l.clipped).length / stepped.length : null)
   put('psgd_whitening', s.whitening)

@@ -705,8 +705,15 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
         let on_fit_input =
             curvature.is_none() && (o.fit_source == FitSource::Momentum || state.mu.is_none());
-        let telemetry =
-            Telemetry::next(&state.telemetry, fit, sums, &sizes, o.clip, on_fit_input, times)?;
+        let telemetry = Telemetry::next(
+            &state.telemetry,
+            fit,
+            sums,
+            &sizes,
+            o.clip,
+            on_fit_input,
+            times,
+        )?;
         Ok((
             updates,
             PsgdState {

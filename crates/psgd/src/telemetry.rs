@@ -111,9 +111,27 @@ impl Telemetry {
     ) -> Result<StepStats> {
         let read_all = |v: &[Measured]| v.iter().map(Measured::read).collect::<Result<Vec<_>>>();
         let whitening = read_all(&self.whitening)?;
-        let pre_sq = read_all(&self.leaves.iter().map(|s| s.pre_sq.clone()).collect::<Vec<_>>())?;
-        let pre_max = read_all(&self.leaves.iter().map(|s| s.pre_max.clone()).collect::<Vec<_>>())?;
-        let upd_sq = read_all(&self.leaves.iter().map(|s| s.update_sq.clone()).collect::<Vec<_>>())?;
+        let pre_sq = read_all(
+            &self
+                .leaves
+                .iter()
+                .map(|s| s.pre_sq.clone())
+                .collect::<Vec<_>>(),
+        )?;
+        let pre_max = read_all(
+            &self
+                .leaves
+                .iter()
+                .map(|s| s.pre_max.clone())
+                .collect::<Vec<_>>(),
+        )?;
+        let upd_sq = read_all(
+            &self
+                .leaves
+                .iter()
+                .map(|s| s.update_sq.clone())
+                .collect::<Vec<_>>(),
+        )?;
         let stepped = !self.leaves.is_empty();
         let global = match self.clip {
             Some(Clip::GlobalNorm(c)) => Some(pre_sq.iter().sum::<f64>().sqrt() > c),
@@ -175,7 +193,8 @@ impl Telemetry {
 /// The configured clip's name in [`StepStats::clip`].
 fn clip_name(c: Clip) -> &'static str {
     match c {
-        Clip::None | Clip::Update {
+        Clip::None
+        | Clip::Update {
             rms: None,
             element: None,
         } => "none",

@@ -38,21 +38,33 @@ fn leaves() -> Vec<LeafSpec> {
 
 fn rms(t: &Tensor) -> f64 {
     let t = t.to_dtype(DType::F64).unwrap();
-    (t.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap()).sqrt()
+    (t.sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap())
+    .sqrt()
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * b.abs().max(1e-12)
 }
 
-fn step(o: &AnyTransform, s: &AnyState, g: &mut Gauss, params: &[Tensor]) -> (Vec<Tensor>, AnyState) {
+fn step(
+    o: &AnyTransform,
+    s: &AnyState,
+    g: &mut Gauss,
+    params: &[Tensor],
+) -> (Vec<Tensor>, AnyState) {
     let grads: Vec<Tensor> = o
         .leaves()
         .iter()
         .map(|l| g.tensor(&l.shape, |_| 1.0))
         .collect();
     let hyper = o.hyper(s).unwrap();
-    o.update_seeded(&grads, s, Some(params), hyper, None).unwrap()
+    o.update_seeded(&grads, s, Some(params), hyper, None)
+        .unwrap()
 }
 
 fn zeros(leaves: &[LeafSpec]) -> Vec<Tensor> {
@@ -79,7 +91,11 @@ fn before_a_step_the_step_values_are_none_and_the_factors_are_read() {
         assert!(st.times.is_none() && st.whitening.is_none());
         // identity-scaled initial factors: every diagonal ratio is 1
         assert!(!st.factors.is_empty(), "{v}");
-        assert!(st.factors.iter().all(|f| f.condition == 1.0), "{v}: {:?}", st.factors);
+        assert!(
+            st.factors.iter().all(|f| f.condition == 1.0),
+            "{v}: {:?}",
+            st.factors
+        );
     }
 }
 
@@ -92,7 +108,11 @@ fn update_rms_is_the_rms_of_the_update_and_pre_rms_its_unclipped_source() {
         // no clip, no weight decay: the update is −lr · P·m
         let o = opt(v, &ls, json!({ "learningRate": 0.5, "b1": 0.0 }));
         let o = match v {
-            "kron" => opt(v, &ls, json!({ "learningRate": 0.5, "b1": 0.0, "updateClipRms": null })),
+            "kron" => opt(
+                v,
+                &ls,
+                json!({ "learningRate": 0.5, "b1": 0.0, "updateClipRms": null }),
+            ),
             _ => o,
         };
         let mut s = o.init(&params).unwrap();
@@ -105,7 +125,10 @@ fn update_rms_is_the_rms_of_the_update_and_pre_rms_its_unclipped_source() {
                 let got = leaf.update_rms.unwrap();
                 assert!(close(got, want, 1e-5), "{v} {}: {got} vs {want}", leaf.path);
                 let pre = leaf.pre_rms.unwrap();
-                assert!(close(pre * 0.5, want, 1e-5), "{v}: pre {pre} vs update {want}");
+                assert!(
+                    close(pre * 0.5, want, 1e-5),
+                    "{v}: pre {pre} vs update {want}"
+                );
                 assert_eq!(leaf.clipped, Some(false));
             }
         }
@@ -117,7 +140,11 @@ fn clipped_tells_when_the_rms_cap_or_the_global_norm_acted() {
     let ls = leaves();
     let params = zeros(&ls);
     // Kron's default RMS cap 1.1 on gradients scaled up: P·m has RMS far above it
-    let o = opt("kron", &ls, json!({ "b1": 0.0, "preconditionerInitScale": 100.0 }));
+    let o = opt(
+        "kron",
+        &ls,
+        json!({ "b1": 0.0, "preconditionerInitScale": 100.0 }),
+    );
     let s = o.init(&params).unwrap();
     let (u, s) = step(&o, &s, &mut Gauss(3), &params);
     let st = o.stats(&s).unwrap();
@@ -131,7 +158,11 @@ fn clipped_tells_when_the_rms_cap_or_the_global_norm_acted() {
     }
     // the global norm: XMat's updateGlobalNormClip caps ‖P·g‖ over the tree
     for (cap, acted) in [(1e-3, true), (1e6, false)] {
-        let o = opt("xmat", &ls, json!({ "updateGlobalNormClip": cap, "b1": 0.0 }));
+        let o = opt(
+            "xmat",
+            &ls,
+            json!({ "updateGlobalNormClip": cap, "b1": 0.0 }),
+        );
         let s = o.init(&params).unwrap();
         let (_, s) = step(&o, &s, &mut Gauss(3), &params);
         let st = o.stats(&s).unwrap();
@@ -169,7 +200,11 @@ fn fitted_and_fits_follow_the_update_probability() {
         }
     }
     // p = 0.5 under the counter: every second step fits
-    let o = opt("kron", &ls, json!({ "preconditionerUpdateProbability": 0.5 }));
+    let o = opt(
+        "kron",
+        &ls,
+        json!({ "preconditionerUpdateProbability": 0.5 }),
+    );
     let mut s = o.init(&params).unwrap();
     let mut got = vec![];
     for _ in 0..6 {
@@ -193,11 +228,18 @@ fn the_condition_of_a_known_diagonal_factor_and_the_kept_lipschitz_bound() {
         let st = o.stats(&s).unwrap();
         assert_eq!(st.factors.len(), 1);
         assert_eq!(st.factors[0].condition, 4.0);
-        assert_eq!((st.factors[0].path.as_str(), st.factors[0].factor), ("v", 0));
+        assert_eq!(
+            (st.factors[0].path.as_str(), st.factors[0].factor),
+            ("v", 0)
+        );
         // PRO keeps its running bound (0 before a fit); EQ's memoryless normaliser comes
         // from a fit
         let before = st.factors[0].normaliser;
-        assert_eq!(before, if rule == "PRO" { Some(0.0) } else { None }, "{rule}");
+        assert_eq!(
+            before,
+            if rule == "PRO" { Some(0.0) } else { None },
+            "{rule}"
+        );
         let s = step(&o, &s, &mut Gauss(5), &params).1;
         let st = o.stats(&s).unwrap();
         let n = st.factors[0].normaliser.unwrap();
@@ -248,14 +290,22 @@ fn the_whitening_estimate_approaches_1_on_a_stationary_gaussian_stream() {
     assert!((w - 1.0).abs() < 0.25, "whitening {w} (first {first:?})");
     assert!((first.unwrap() - 1.0).abs() > (w - 1.0).abs());
     // the factors learnt the spread of scales
-    assert!(st.factors.iter().any(|f| f.condition > 3.0), "{:?}", st.factors);
+    assert!(
+        st.factors.iter().any(|f| f.condition > 3.0),
+        "{:?}",
+        st.factors
+    );
 }
 
 #[test]
 fn stats_are_read_only_and_restart_on_a_loaded_state() {
     let ls = leaves();
     let params = zeros(&ls);
-    let o = opt("kron", &ls, json!({ "preconditionerUpdateProbability": 1.0 }));
+    let o = opt(
+        "kron",
+        &ls,
+        json!({ "preconditionerUpdateProbability": 1.0 }),
+    );
     let s = o.init(&params).unwrap();
     let (_, s) = step(&o, &s, &mut Gauss(9), &params);
     let bytes = o.state_to_bytes(&s).unwrap();

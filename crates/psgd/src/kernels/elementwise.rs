@@ -452,9 +452,7 @@ pub fn zip_map_summed<const I: usize, const O: usize>(
         // every element of its chunks (`at` runs over all of `0..len`).
         unsafe { v.set_len(n) };
     }
-    let total = partial
-        .into_iter()
-        .fold(PassSums::default(), PassSums::add);
+    let total = partial.into_iter().fold(PassSums::default(), PassSums::add);
     (outs, !bad.into_inner(), total)
 }
 

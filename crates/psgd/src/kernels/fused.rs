@@ -426,6 +426,9 @@ fn decayed_param(
     Ok(Some(p.to_dtype(DType::F32)?))
 }
 
+/// What [`Finish::host`] gives: per leaf the update, whether it is finite and its pass's sums.
+type HostFinish = (Vec<Tensor>, Vec<bool>, Vec<elementwise::PassSums>);
+
 /// The end of a step: decoupled weight decay, then `-learning_rate ·`.
 #[derive(Debug, Clone, Copy)]
 struct Finish {
@@ -459,7 +462,7 @@ impl Finish {
         p32: &[Option<Tensor>],
         clip: Clip,
         check: bool,
-    ) -> Option<Result<(Vec<Tensor>, Vec<bool>, Vec<elementwise::PassSums>)>> {
+    ) -> Option<Result<HostFinish>> {
         if pre
             .iter()
             .zip(p32)
@@ -746,7 +749,9 @@ pub(crate) mod tests {
         let mut pre64 = pre.clone();
         pre64[2] = pre64[2].to_dtype(DType::F64).unwrap();
         let (_, _, os) = run(&pre64);
-        assert!(os[1..].iter().all(|s| matches!(s.pre_sq, Measured::Device(_))));
+        assert!(os[1..]
+            .iter()
+            .all(|s| matches!(s.pre_sq, Measured::Device(_))));
         for (l, (h, o)) in hs.iter().zip(&os).enumerate() {
             let f = |m: &Measured| m.read().unwrap();
             let sq = vals(&pre[l]).iter().map(|&v| (v * v) as f64).sum::<f64>();
@@ -760,7 +765,10 @@ pub(crate) mod tests {
                 (f(&h.update_sq), usq),
                 (f(&o.update_sq), usq),
             ] {
-                assert!((got - want).abs() <= 1e-5 * want.max(1e-30), "leaf {l}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.max(1e-30),
+                    "leaf {l}: {got} vs {want}"
+                );
             }
         }
         // the sums ride along: the pass's outputs are those of the pass without them

@@ -17,8 +17,8 @@ use crate::kernels::triangular::{matmul_tri, Tri};
 use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
-use crate::telemetry::{diagonal_ratio, FactorStats};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
+use crate::telemetry::{diagonal_ratio, FactorStats};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 

@@ -16,11 +16,11 @@ use crate::random::RandomSource;
 use crate::schedule::{precond_update_prob_schedule, Schedule};
 use crate::stages;
 use crate::state_io::{LoadedState, StateFile};
-use crate::telemetry::{diagonal_ratio, largest, FactorStats};
 use crate::step::{
     FitInputs, FitSource, Preconditioner, Psgd, PsgdState, StepNormalizer, StepOptions,
     UpdateDecision, VariantOptions,
 };
+use crate::telemetry::{diagonal_ratio, largest, FactorStats};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
