@@ -675,7 +675,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
         let t_apply = Instant::now();
         let pre = self.precond.apply(&current, &momentum)?;
-        let (updates, non_finite, sums) = fused::finish_updates_measured(
+        let (updates, non_finite, sums) = fused::finish_updates(
             &pre,
             params,
             &self.leaves,

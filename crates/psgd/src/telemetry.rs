@@ -109,29 +109,17 @@ impl Telemetry {
         sizes: &[usize],
         factors: Vec<FactorStats>,
     ) -> Result<StepStats> {
-        let read_all = |v: &[Measured]| v.iter().map(Measured::read).collect::<Result<Vec<_>>>();
-        let whitening = read_all(&self.whitening)?;
-        let pre_sq = read_all(
-            &self
-                .leaves
-                .iter()
-                .map(|s| s.pre_sq.clone())
-                .collect::<Vec<_>>(),
-        )?;
-        let pre_max = read_all(
-            &self
-                .leaves
-                .iter()
-                .map(|s| s.pre_max.clone())
-                .collect::<Vec<_>>(),
-        )?;
-        let upd_sq = read_all(
-            &self
-                .leaves
-                .iter()
-                .map(|s| s.update_sq.clone())
-                .collect::<Vec<_>>(),
-        )?;
+        let whitening = self
+            .whitening
+            .iter()
+            .map(Measured::read)
+            .collect::<Result<Vec<_>>>()?;
+        let read = |f: fn(&FinishSums) -> &Measured| -> Result<Vec<f64>> {
+            self.leaves.iter().map(|s| f(s).read()).collect()
+        };
+        let pre_sq = read(|s| &s.pre_sq)?;
+        let pre_max = read(|s| &s.pre_max)?;
+        let upd_sq = read(|s| &s.update_sq)?;
         let stepped = !self.leaves.is_empty();
         let global = match self.clip {
             Some(Clip::GlobalNorm(c)) => Some(pre_sq.iter().sum::<f64>().sqrt() > c),
@@ -236,6 +224,19 @@ pub struct FactorStats {
     /// first fit), or under EQ without one the last fit's own normaliser (`None` before a
     /// fit and after a load); `None` for XMat, LRA and Affine, whose fits keep none.
     pub normaliser: Option<f64>,
+}
+
+impl FactorStats {
+    /// The one factor of a preconditioner over the whole tree whose diagonal is `diag`
+    /// (XMat's `a`, LRA's `d`), whose fit keeps no normaliser.
+    pub fn whole_tree(diag: &Tensor) -> Result<Vec<FactorStats>> {
+        Ok(vec![FactorStats {
+            path: WHOLE_TREE.into(),
+            factor: 0,
+            condition: diagonal_ratio(&diag.flatten_all()?, false)?,
+            normaliser: None,
+        }])
+    }
 }
 
 /// One leaf in [`StepStats`]; the step's values are `None` before a step.

@@ -166,36 +166,6 @@ pub enum Clip {
     GlobalNorm(f64),
 }
 
-/// `clip`, then [`finish_update`], for every leaf, each cast to its gradient's dtype. On
-/// the CPU in float32 this is one pass per leaf after the clip's sum of squares, instead
-/// of a chain of whole-tensor ops. With `check`, also the index of the first leaf whose
-/// update holds a NaN or Inf (on the host tested within that same pass).
-// the step's inputs to the finish, each used once; a struct would only rename them
-#[allow(clippy::too_many_arguments)]
-#[cfg(test)]
-pub fn finish_updates(
-    pre: &[Tensor],
-    params: Option<&[Tensor]>,
-    specs: &[LeafSpec],
-    grads: &[Tensor],
-    weight_decay: f64,
-    learning_rate: f64,
-    clip: Clip,
-    check: bool,
-) -> Result<(Vec<Tensor>, Option<usize>)> {
-    let (updates, bad, _) = finish_updates_measured(
-        pre,
-        params,
-        specs,
-        grads,
-        weight_decay,
-        learning_rate,
-        clip,
-        check,
-    )?;
-    Ok((updates, bad))
-}
-
 /// A number a step measured without reading it back: a value on the host (the CPU
 /// path's), or a 0-d float32 tensor where the step's tensors live, read when asked for.
 #[derive(Debug, Clone)]
@@ -254,11 +224,15 @@ pub struct FinishSums {
     pub update_sq: Measured,
 }
 
-/// [`finish_updates`], and per leaf its [`FinishSums`]: on the CPU host path summed within
-/// the finish's one pass, elsewhere as 0-d tensors that nothing reads until asked.
+/// `clip`, then [`finish_update`], for every leaf, each cast to its gradient's dtype. On
+/// the CPU in float32 this is one pass per leaf after the clip's sum of squares, instead
+/// of a chain of whole-tensor ops. With `check`, also the index of the first leaf whose
+/// update holds a NaN or Inf (on the host tested within that same pass). And per leaf its
+/// [`FinishSums`] (for the step's telemetry): on the CPU host path summed within the
+/// finish's one pass, elsewhere as 0-d tensors that nothing reads until asked.
 // the step's inputs to the finish, each used once; a struct would only rename them
 #[allow(clippy::too_many_arguments)]
-pub fn finish_updates_measured(
+pub fn finish_updates(
     pre: &[Tensor],
     params: Option<&[Tensor]>,
     specs: &[LeafSpec],
@@ -741,7 +715,7 @@ pub(crate) mod tests {
             element: Some(0.5),
         };
         let run = |pre: &[Tensor]| {
-            finish_updates_measured(pre, None, &specs, &params, 0.0, 0.01, clip, true).unwrap()
+            finish_updates(pre, None, &specs, &params, 0.0, 0.01, clip, true).unwrap()
         };
         let (host, _, hs) = run(&pre);
         assert!(hs.iter().all(|s| matches!(s.pre_sq, Measured::Host(_))));
@@ -827,7 +801,7 @@ pub(crate) mod tests {
                 Clip::GlobalNorm(1e6),
             ] {
                 for wd in [0.0, 0.1] {
-                    let (got, bad) =
+                    let (got, bad, _) =
                         finish_updates(&pre, Some(&params), &specs, &grads, wd, 0.01, clip, true)
                             .unwrap();
                     assert_eq!(bad, None);
@@ -869,7 +843,7 @@ pub(crate) mod tests {
                         clip,
                         false,
                     );
-                    if let Ok((slow, _)) = slow {
+                    if let Ok((slow, _, _)) = slow {
                         for (a, b) in slow.iter().zip(&got) {
                             assert_close(a, b);
                         }

@@ -15,7 +15,7 @@ use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
-use crate::telemetry::{diagonal_ratio, FactorStats};
+use crate::telemetry::FactorStats;
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
@@ -172,12 +172,7 @@ impl Preconditioner for LraPreconditioner {
     }
 
     fn factor_stats(&self, st: &LraFactors) -> Result<Vec<FactorStats>> {
-        Ok(vec![FactorStats {
-            path: crate::telemetry::WHOLE_TREE.into(),
-            factor: 0,
-            condition: diagonal_ratio(&st.d.flatten_all()?, false)?,
-            normaliser: None,
-        }])
+        FactorStats::whole_tree(&st.d)
     }
 
     fn check(&self, st: &LraFactors) -> Result<()> {

@@ -11,7 +11,7 @@ use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
-use crate::telemetry::{diagonal_ratio, FactorStats};
+use crate::telemetry::FactorStats;
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
@@ -126,12 +126,7 @@ impl Preconditioner for XMatPreconditioner {
     }
 
     fn factor_stats(&self, st: &XMatFactors) -> Result<Vec<FactorStats>> {
-        Ok(vec![FactorStats {
-            path: crate::telemetry::WHOLE_TREE.into(),
-            factor: 0,
-            condition: diagonal_ratio(&st.a.flatten_all()?, false)?,
-            normaliser: None,
-        }])
+        FactorStats::whole_tree(&st.a)
     }
 
     fn check(&self, st: &XMatFactors) -> Result<()> {
