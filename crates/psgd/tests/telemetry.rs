@@ -156,6 +156,19 @@ fn clipped_tells_when_the_rms_cap_or_the_global_norm_acted() {
         assert!(close(leaf.update_rms.unwrap(), rms(&u[l]), 1e-5));
         assert!(rms(&u[l]) <= 1.1 * 0.001 * 1.0001);
     }
+    // the element clamp alone: acts when some |P·m| is past it
+    for (e, acted) in [(1e-6, true), (1e6, false)] {
+        let o = opt(
+            "kron",
+            &ls,
+            json!({ "b1": 0.0, "updateClipRms": null, "updateClipElement": e }),
+        );
+        let s = o.init(&params).unwrap();
+        let (_, s) = step(&o, &s, &mut Gauss(3), &params);
+        let st = o.stats(&s).unwrap();
+        assert_eq!(st.clip, "element");
+        assert!(st.leaves.iter().all(|l| l.clipped == Some(acted)), "{e}");
+    }
     // the global norm: XMat's updateGlobalNormClip caps ‖P·g‖ over the tree
     for (cap, acted) in [(1e-3, true), (1e6, false)] {
         let o = opt(

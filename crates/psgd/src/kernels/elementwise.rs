@@ -360,17 +360,31 @@ impl PassSums {
 
     /// The sums of one block, in independent lanes so that they vectorise.
     fn of_block(x: &[f32], y: &[f32]) -> PassSums {
-        let mut sq = [[0f32; 8]; 2];
-        let mut mx = [0f32; 8];
-        for (k, (&a, &b)) in x.iter().zip(y).enumerate() {
-            sq[0][k % 8] += a * a;
-            sq[1][k % 8] += b * b;
-            mx[k % 8] = max_nan(mx[k % 8], a.abs());
+        let (mut sx, mut sy, mut mx) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        // `f32::max` skips NaN: a count of NaNs beside it makes the max NaN when one is
+        let mut nan = [0f32; 8];
+        let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+        let (xr, yr) = (xc.remainder(), yc.remainder());
+        for (a, b) in xc.zip(yc) {
+            for k in 0..8 {
+                sx[k] += a[k] * a[k];
+                sy[k] += b[k] * b[k];
+                mx[k] = mx[k].max(a[k].abs());
+                nan[k] += a[k].is_nan() as u8 as f32;
+            }
         }
+        for (&a, &b) in xr.iter().zip(yr) {
+            sx[0] += a * a;
+            sy[0] += b * b;
+            mx[0] = mx[0].max(a.abs());
+            nan[0] += a.is_nan() as u8 as f32;
+        }
+        let sum = |v: [f32; 8]| v.iter().map(|&v| v as f64).sum::<f64>();
+        let max = mx.iter().fold(0f32, |m, &v| m.max(v));
         PassSums {
-            in_sq: sq[0].iter().map(|&v| v as f64).sum(),
-            in_max: mx.iter().fold(0.0, |m, &v| max_nan(m, v)),
-            out_sq: sq[1].iter().map(|&v| v as f64).sum(),
+            in_sq: sum(sx),
+            in_max: if sum(nan) > 0.0 { f32::NAN } else { max },
+            out_sq: sum(sy),
         }
     }
 }
@@ -517,6 +531,23 @@ pub fn position(x: &Flat<'_>, pred: impl Fn(f32) -> bool + Sync) -> Option<usize
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn pass_sums_take_squares_and_the_largest_magnitude_nan_first() {
+        let x: Vec<f32> = (0..21).map(|i| i as f32 - 10.0).collect();
+        let y: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        let s = PassSums::of_block(&x, &y);
+        let sq: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+        assert_eq!((s.in_sq, s.out_sq, s.in_max), (sq, 4.0 * sq, 10.0));
+        let mut z = x.clone();
+        z[13] = f32::NEG_INFINITY;
+        assert_eq!(PassSums::of_block(&z, &y).in_max, f32::INFINITY);
+        z[20] = f32::NAN;
+        assert!(PassSums::of_block(&z, &y).in_max.is_nan());
+        let a = PassSums::of_block(&x, &y);
+        assert!(a.add(PassSums::of_block(&z, &y)).in_max.is_nan());
+        assert_eq!(a.add(a).in_sq, 2.0 * sq);
+    }
 
     #[test]
     fn flat_ranges_cross_pieces() {
