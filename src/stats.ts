@@ -51,9 +51,9 @@ export interface PsgdFactorStats {
   condition: number
   /**
    * The normaliser of the factor's fit step, the largest over stacked layers or blocks:
-   * Kron's running Lipschitz bound `L` as the state holds it (0 before its first fit), or
-   * under the EQ rule without one the last fit's own normaliser (`null` before a fit and
-   * after a load); `null` for XMat, LRA and Affine, whose fits keep none.
+   * Kron's running Lipschitz bound `L` as the state holds it (0 before its first fit);
+   * under Kron's EQ rule without one, XMat and Affine the last fit's own normaliser (`null`
+   * before a fit and after a load); `null` for LRA, whose fit has one per update direction.
    */
   normaliser: number | null
 }

@@ -221,20 +221,21 @@ pub struct FactorStats {
     pub condition: f64,
     /// The normaliser of the factor's fit step (the largest over stacked layers or
     /// blocks): Kron's running Lipschitz bound `L` as the state holds it (0 before its
-    /// first fit), or under EQ without one the last fit's own normaliser (`None` before a
-    /// fit and after a load); `None` for XMat, LRA and Affine, whose fits keep none.
+    /// first fit); under Kron's EQ without one, XMat and Affine the last fit's own
+    /// normaliser (`None` before a fit and after a load); `None` for LRA, whose fit has
+    /// one per update direction.
     pub normaliser: Option<f64>,
 }
 
 impl FactorStats {
     /// The one factor of a preconditioner over the whole tree whose diagonal is `diag`
-    /// (XMat's `a`, LRA's `d`), whose fit keeps no normaliser.
-    pub fn whole_tree(diag: &Tensor) -> Result<Vec<FactorStats>> {
+    /// (XMat's `a`, LRA's `d`), with its last fit's normaliser where the fit keeps one.
+    pub fn whole_tree(diag: &Tensor, norm: Option<&Tensor>) -> Result<Vec<FactorStats>> {
         Ok(vec![FactorStats {
             path: WHOLE_TREE.into(),
             factor: 0,
             condition: diagonal_ratio(&diag.flatten_all()?, false)?,
-            normaliser: None,
+            normaliser: norm.map(largest).transpose()?,
         }])
     }
 }

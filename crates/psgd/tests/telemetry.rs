@@ -337,3 +337,37 @@ fn stats_are_read_only_and_restart_on_a_loaded_state() {
         a.factors.iter().map(|f| f.condition).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn xmat_and_affine_keep_their_last_fits_normaliser_and_lra_none() {
+    let ls = leaves();
+    let params = zeros(&ls);
+    for (v, kept) in [("xmat", true), ("affine", true), ("lra", false)] {
+        let o = opt(v, &ls, json!({ "preconditionerUpdateProbability": 1.0 }));
+        let s = o.init(&params).unwrap();
+        assert!(o
+            .stats(&s)
+            .unwrap()
+            .factors
+            .iter()
+            .all(|f| f.normaliser.is_none()));
+        let s = step(&o, &s, &mut Gauss(13), &params).1;
+        for f in o.stats(&s).unwrap().factors {
+            match (kept, f.normaliser) {
+                (true, Some(n)) => assert!(n > 0.0 && n.is_finite(), "{v}: {n}"),
+                (false, None) => {}
+                other => panic!("{v}: {other:?}"),
+            }
+        }
+        // not saved: a loaded state has none until its next fit
+        let loaded = o
+            .state_from_bytes(&o.state_to_bytes(&s).unwrap(), &Device::Cpu)
+            .unwrap();
+        assert!(o
+            .stats(&loaded)
+            .unwrap()
+            .factors
+            .iter()
+            .all(|f| f.normaliser.is_none()));
+    }
+}

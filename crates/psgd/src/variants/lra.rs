@@ -172,7 +172,7 @@ impl Preconditioner for LraPreconditioner {
     }
 
     fn factor_stats(&self, st: &LraFactors) -> Result<Vec<FactorStats>> {
-        FactorStats::whole_tree(&st.d)
+        FactorStats::whole_tree(&st.d, None)
     }
 
     fn check(&self, st: &LraFactors) -> Result<()> {
