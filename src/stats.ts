@@ -107,6 +107,8 @@ export interface PsgdStats {
   maxCondition: number
   /** The last step's time split; `null` before a step. */
   times: PsgdStepTimes | null
+  // the health guard's counts (factors reset, steps skipped) go in PsgdLeafStats and
+  // PsgdFactorStats, read from the state as the native stats give them
 }
 
 /** @internal The stats of `state` as `optimizer` reads them, typed. */

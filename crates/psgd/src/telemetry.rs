@@ -282,6 +282,8 @@ pub struct StepStats {
     pub clip: String,
     /// The last step's time split; `None` before a step.
     pub times: Option<StepTimes>,
+    // the health guard's counts (factors reset, steps skipped), per leaf and factor, are
+    // read from the state into `LeafStats`/`FactorStats` beside these
 }
 
 /// `max|diag| / min|diag|` of a factor: `q` a diagonal `(…, d)` or with `dense` a square
