@@ -9,3 +9,12 @@
 // first, so that a missing @tensorflow/tfjs-core is reported with what to install
 import './src/tfjs-peer'
 export { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer, PsgdTfjsOptimizer, type NamedTensor } from './src/tfjs'
+export {
+  psgdStatsCallback,
+  statsSummary,
+  type PsgdStatsCallbackOptions,
+  type PsgdStats,
+  type PsgdLeafStats,
+  type PsgdFactorStats,
+  type PsgdStepTimes,
+} from './src/stats'

@@ -15,6 +15,7 @@ import { Rng } from '../examples/lib/rng'
 import { useCpuBackend } from '../examples/lib/tfjs-cpu'
 import * as mnist from '../examples/mnist'
 import * as regression from '../examples/regression'
+import * as telemetry from '../examples/telemetry'
 import * as xor from '../examples/xor'
 import { lossAndGrad, SHAPES, tfjsLoss, type RnnParams } from '../examples/xor-rnn'
 import { parseSvg } from './svg-check'
@@ -42,6 +43,18 @@ test.serial('regression --smoke: 2 panels × 4 optimizers, every loss ratio fall
   checkSvg(t, r, 8)
   t.is(r.runs.length, 8)
   for (const run of r.runs) t.true(run.lastLoss < 0.5 * run.firstLoss, `${run.label}: ${run.firstLoss} → ${run.lastLoss}`)
+})
+
+test.serial('telemetry --smoke: 5 panels, 7 curves, the loss falls and the stats are recorded every step', async (t) => {
+  const r = await telemetry.main(['--smoke', '--out', path.join(dir, 'telemetry.svg')], silentIO)
+  checkSvg(t, r, 7)
+  for (const run of r.runs) t.true(run.lastLoss < 0.5 * run.firstLoss, `${run.label}: ${run.firstLoss} → ${run.lastLoss}`)
+  const tr = telemetry.trainWithTelemetry(20, 0.003, 100, 1)
+  t.is(tr.fits.length, 20)
+  // the default update probability is 1 at first: every early step fits
+  t.deepEqual(tr.fits.slice(0, 5), [1, 2, 3, 4, 5])
+  t.true(tr.whitening.every((w) => w !== null && w > 0))
+  t.true(tr.updateRms.every((u) => u > 0) && tr.maxCondition.every((c) => c >= 1))
 })
 
 test.serial('xor --smoke: one curve per optimizer, the held-out loss ends below half the first batch loss', async (t) => {
@@ -113,5 +126,5 @@ test.serial('npm run example: the dispatcher runs an example and refuses an unkn
   t.regex(stdout, /wrote /)
   const bad = spawnSync(process.execPath, ['--import', 'tsx', 'examples/run.ts', 'nope'], { cwd: root, encoding: 'utf8' })
   t.is(bad.status, 2)
-  t.regex(bad.stderr, /usage: npm run example -- <mnist\|xor\|regression>/)
+  t.regex(bad.stderr, /usage: npm run example -- <mnist\|xor\|regression\|telemetry>/)
 })

@@ -7,7 +7,7 @@ import * as tf from '@tensorflow/tfjs-core'
 import * as tfl from '@tensorflow/tfjs-layers'
 import type { TestFn } from 'ava'
 import { liveTensorBytes } from '../index'
-import { AffineOptimizer, KronOptimizer, LRAOptimizer, XMatOptimizer } from '../tfjs'
+import { AffineOptimizer, KronOptimizer, LRAOptimizer, psgdStatsCallback, statsSummary, XMatOptimizer } from '../tfjs'
 import { values } from './helpers'
 import { saveAndLoad } from './tfjs-contracts'
 
@@ -295,5 +295,67 @@ export function tfjsSuite(test: TestFn, backend: string): void {
       t.is(tf.memory().numTensors, tensors, `${Ctor.name}: tfjs tensors`)
       opt.dispose()
     }
+  })
+
+  test.serial(`${backend}: stats() reports per variable name; the update's RMS is the variable's change`, (t) => {
+    const vars = [variable(fresh('sa'), [6, 4], 1), variable(fresh('sb'), [4], 2)]
+    for (const Ctor of Object.values(classes)) {
+      const opt = new Ctor({ learningRate: 0.01, preconditionerUpdateProbability: 1 })
+      t.like(opt.stats(), { count: 0, fitted: false, leaves: [], factors: [], clip: null, times: null })
+      opt.applyGradients(gradsFor(vars, 1))
+      const before = vars.map((v) => Float32Array.from(v.dataSync() as Float32Array))
+      opt.applyGradients(gradsFor(vars, 2))
+      const s = opt.stats()
+      t.like(s, { count: 2, fitted: true, fits: 2 }, Ctor.name)
+      t.deepEqual(
+        s.leaves.map((l) => l.path),
+        vars.map((v) => v.name),
+      )
+      vars.forEach((v, i) => {
+        const after = v.dataSync() as Float32Array
+        const want = Math.sqrt(after.reduce((a, x, j) => a + (x - before[i][j]) ** 2, 0) / after.length)
+        const got = s.leaves[i].updateRms as number
+        t.true(Math.abs(got - want) <= 1e-3 * want, `${Ctor.name} ${v.name}: ${got} vs ${want}`)
+      })
+      t.true(s.whitening !== null && s.maxCondition >= 1 && s.times !== null)
+      t.deepEqual(opt.stats(), s)
+      opt.dispose()
+      t.throws(() => opt.stats(), { instanceOf: TypeError, message: /disposed/ })
+    }
+  })
+
+  test.serial(`${backend}: psgdStatsCallback adds the PSGD summaries to model.fit's batch and epoch logs`, async (t) => {
+    const opt = new KronOptimizer({ learningRate: 0.01, seed: 1, preconditionerUpdateProbability: 0.5 })
+    const { model, x, y } = tinyRegression(opt, 11)
+    const batches: Record<string, unknown>[] = []
+    const h = await model.fit(x, y, {
+      epochs: 2,
+      batchSize: 16,
+      shuffle: false,
+      verbose: 0,
+      callbacks: [psgdStatsCallback(opt, { every: 2 }), { onBatchEnd: (_b: number, logs?: Record<string, unknown>) => void batches.push({ ...logs }) }],
+    })
+    // 4 batches per epoch: every second one carries the summaries
+    t.is(batches.length, 8)
+    t.deepEqual(
+      batches.map((b) => 'psgd_fitted' in b),
+      [false, true, false, true, false, true, false, true],
+    )
+    const keys = ['psgd_fitted', 'psgd_pre_rms', 'psgd_update_rms', 'psgd_clipped', 'psgd_whitening', 'psgd_max_condition', 'psgd_fit_ms', 'psgd_step_ms']
+    for (const k of keys) {
+      const v = h.history[k] as number[]
+      t.is(v.length, 2, k)
+      t.true(
+        v.every((n) => Number.isFinite(n)),
+        `${k}: ${v}`,
+      )
+    }
+    // the counter fits every second step: the epoch ends (steps 4 and 8) fitted
+    t.deepEqual(h.history.psgd_fitted, [1, 1])
+    t.deepEqual(statsSummary(opt.stats()).psgd_update_rms, (h.history.psgd_update_rms as number[])[1])
+    t.throws(() => psgdStatsCallback(opt, { every: 0 }), { instanceOf: RangeError, message: /every/ })
+    model.optimizer.dispose()
+    model.dispose()
+    tf.dispose([x, y])
   })
 }

@@ -25,6 +25,7 @@ import {
 import { preview, showPath, showShape } from './describe'
 import { optionKinds, suggestOption, takesHessian, type OptionKind, type VariantName } from './options'
 import type { KronNativeOptions } from './options.generated'
+import { readStats, type PsgdStats } from './stats'
 
 /** Options every variant has (declared in Rust; see `options.generated.ts`). */
 export type BaseOptions = Pick<
@@ -330,6 +331,19 @@ export class OptimizerState {
     return [...this.layout.paths]
   }
 
+  /**
+   * What the last step did and how the preconditioner stands, per leaf and factor (see
+   * {@link PsgdStats}). Costs nothing until called: the step keeps its measurements with
+   * the state, and they are read back here. Before the first step (and right after
+   * {@link OptimizerState.loadBytes}) the step's values are `null`, `fitted` is false and
+   * `fits` 0; the factors are read from the state either way.
+   * @throws TypeError when the state was disposed; Error while an async step on it runs.
+   */
+  stats(): PsgdStats {
+    this.idle('stats')
+    return readStats(this.optimizer, this.handle, this.owner)
+  }
+
   /** An independent copy: stepping one does not change the other. */
   clone(): OptimizerState {
     this.idle('clone')
@@ -363,6 +377,15 @@ export class OptimizerState {
       }
     }, `${this.owner}: loading state`)
   }
+}
+
+/**
+ * The telemetry of an optax-style state (the functional form of
+ * {@link OptimizerState.stats}).
+ */
+export function stats(state: OptimizerState): PsgdStats {
+  if (!(state instanceof OptimizerState)) throw new TypeError("stats: state must come from an optimizer's init")
+  return state.stats()
 }
 
 /**
@@ -782,6 +805,15 @@ export class PsgdOptimizer<P extends PyTree = PyTree> {
   stateDict(): Uint8Array {
     this.enter()
     return this.state.toBytes()
+  }
+
+  /**
+   * What the last step did and how the preconditioner stands (see
+   * {@link OptimizerState.stats}); throws while a {@link PsgdOptimizer.stepAsync} is running.
+   */
+  stats(): PsgdStats {
+    this.enter()
+    return this.state.stats()
   }
 
   /** Restores a state saved by {@link PsgdOptimizer.stateDict}; on error the state is unchanged. */

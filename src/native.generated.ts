@@ -44,6 +44,11 @@ export declare class NativeOptimizer {
   stateToBytes(state: NativeState): Uint8Array
   /** A state from safetensors bytes, placed on `device`. */
   stateFromBytes(bytes: Uint8Array, deviceName: string): NativeState
+  /**
+   * What the last step of `state` did and how its preconditioner stands (the only
+   * device reads of the telemetry are here).
+   */
+  stats(state: NativeState): NativeStepStats
   /** Makes `target` hold `source`'s state (both of this optimizer). */
   copyState(source: NativeState, target: NativeState): void
 }
@@ -165,6 +170,44 @@ export interface LeafPick {
  * collection will free.
  */
 export declare function liveTensorBytes(): number
+
+/** [`psgd::telemetry::FactorStats`] for JS. */
+export interface NativeFactorStats {
+  path: string
+  factor: number
+  condition: number
+  normaliser?: number
+}
+
+/** [`psgd::telemetry::LeafStats`] for JS. */
+export interface NativeLeafStats {
+  path: string
+  size: number
+  preRms?: number
+  updateRms?: number
+  clipped?: boolean
+  whitening?: number
+}
+
+/** [`psgd::telemetry::StepStats`] for JS. */
+export interface NativeStepStats {
+  count: number
+  fitted: boolean
+  fits: number
+  leaves: Array<NativeLeafStats>
+  factors: Array<NativeFactorStats>
+  whitening?: number
+  whiteningOnFitInput: boolean
+  clip: string
+  times?: NativeStepTimes
+}
+
+/** [`psgd::telemetry::StepTimes`] for JS. */
+export interface NativeStepTimes {
+  fitMs: number
+  applyMs: number
+  totalMs: number
+}
 
 /**
  * psgd-jax's update-probability schedule at 1-based step `n` (the one implementation,

@@ -13,6 +13,7 @@ export type NativeState = Generated.NativeState
 export type NativeProbe = Generated.NativeProbe
 export type LeafInfo = Generated.LeafInfo
 export type StepInput = Generated.StepInput
+export type NativeStepStats = Generated.NativeStepStats
 
 /** A native optimizer of one variant for a fixed list of leaves. */
 export type NativeOptimizer = Generated.NativeOptimizer & {

@@ -31,6 +31,7 @@ import { kron, type KronOptions } from './kron'
 import { lra, type LRAOptions } from './lra'
 import { xmat, type XMatOptions } from './xmat'
 import type { ArrayLeaf } from './tree'
+import { mergeStats, type PsgdStats } from './stats'
 
 /** A named tensor, as tfjs's optimizers take and give them (tfjs-core does not export its own type). */
 export interface NamedTensor {
@@ -332,6 +333,21 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
     }
     this.book = draft.commit()
     this.incrementIterations()
+  }
+
+  /**
+   * What the last step did and how the preconditioners stand, per variable name (see
+   * {@link PsgdStats}): the stats of every state this optimizer keeps (one per set of
+   * variables stepped together), as one. `count` is the optimizer's `iterations`. Before
+   * the first step there is no state: no leaves, no factors, `clip` null.
+   * @throws TypeError once the optimizer was disposed.
+   */
+  stats(): PsgdStats {
+    this.checkAlive()
+    return mergeStats(
+      this.iterations,
+      [...this.book.groups.values()].map((g) => g.state.stats()),
+    )
   }
 
   /** The native step on `group`'s variables and the write of their new values. */

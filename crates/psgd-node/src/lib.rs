@@ -900,6 +900,20 @@ impl NativeOptimizer {
         Ok(NativeState::of(&env, s, nbytes))
     }
 
+    /// What the last step of `state` did and how its preconditioner stands (the only
+    /// device reads of the telemetry are here). A fit in flight (`overlapFit`) is waited
+    /// for first, so the stats hold it; its error is raised here.
+    #[napi]
+    pub fn stats(&self, env: Env, state: &NativeState) -> Result<NativeStepStats> {
+        let mut s = lock(&state.inner);
+        let st = no_panic(|| {
+            settle(&mut s, &state.fit)?;
+            self.inner.stats(held(&s)?)
+        })
+        .map_err(|e| js_err(&env, e))?;
+        Ok(NativeStepStats::from(st))
+    }
+
     /// Makes `target` hold `source`'s state (both of this optimizer).
     /// A fit in flight (`overlapFit`) on `source` is shared, not waited for; one on
     /// `target` is waited for and dropped, as the state it would fit is replaced.
@@ -1130,4 +1144,86 @@ impl NativeProbe {
 #[no_mangle]
 pub extern "C" fn node_api_module_get_api_version_v1() -> i32 {
     i32::MAX // NAPI_VERSION_EXPERIMENTAL
+}
+
+/// [`psgd::telemetry::LeafStats`] for JS.
+#[napi(object)]
+pub struct NativeLeafStats {
+    pub path: String,
+    pub size: f64,
+    pub pre_rms: Option<f64>,
+    pub update_rms: Option<f64>,
+    pub clipped: Option<bool>,
+    pub whitening: Option<f64>,
+}
+
+/// [`psgd::telemetry::FactorStats`] for JS.
+#[napi(object)]
+pub struct NativeFactorStats {
+    pub path: String,
+    pub factor: u32,
+    pub condition: f64,
+    pub normaliser: Option<f64>,
+}
+
+/// [`psgd::telemetry::StepTimes`] for JS.
+#[napi(object)]
+pub struct NativeStepTimes {
+    pub fit_ms: f64,
+    pub apply_ms: f64,
+    pub total_ms: f64,
+}
+
+/// [`psgd::telemetry::StepStats`] for JS.
+#[napi(object)]
+pub struct NativeStepStats {
+    pub count: f64,
+    pub fitted: bool,
+    pub fits: f64,
+    pub leaves: Vec<NativeLeafStats>,
+    pub factors: Vec<NativeFactorStats>,
+    pub whitening: Option<f64>,
+    pub whitening_on_fit_input: bool,
+    pub clip: String,
+    pub times: Option<NativeStepTimes>,
+}
+
+impl From<psgd::telemetry::StepStats> for NativeStepStats {
+    fn from(s: psgd::telemetry::StepStats) -> Self {
+        NativeStepStats {
+            count: s.count as f64,
+            fitted: s.fitted,
+            fits: s.fits as f64,
+            leaves: s
+                .leaves
+                .into_iter()
+                .map(|l| NativeLeafStats {
+                    path: l.path,
+                    size: l.size as f64,
+                    pre_rms: l.pre_rms,
+                    update_rms: l.update_rms,
+                    clipped: l.clipped,
+                    whitening: l.whitening,
+                })
+                .collect(),
+            factors: s
+                .factors
+                .into_iter()
+                .map(|f| NativeFactorStats {
+                    path: f.path,
+                    factor: f.factor as u32,
+                    condition: f.condition,
+                    normaliser: f.normaliser,
+                })
+                .collect(),
+            whitening: s.whitening,
+            whitening_on_fit_input: s.whitening_on_fit_input,
+            clip: s.clip,
+            times: s.times.map(|t| NativeStepTimes {
+                fit_ms: t.fit_ms,
+                apply_ms: t.apply_ms,
+                total_ms: t.total_ms,
+            }),
+        }
+    }
 }

@@ -42,7 +42,7 @@ macro_rules! variants {
 
         #[derive(Clone)]
         enum AnyFittedInner {
-            $($variant(<<$ty as crate::step::PreconditionerOf>::Precond as crate::step::Preconditioner>::State),)*
+            $($variant(crate::telemetry::Fitted<<<$ty as crate::step::PreconditionerOf>::Precond as crate::step::Preconditioner>::State>),)*
         }
 
         impl AnyPendingFit {
@@ -61,12 +61,12 @@ macro_rules! variants {
 
         impl AnyFitted {
             /// Puts the fitted preconditioner in `state`, the state the step that handed
-            /// the fit back made (or one that continues it: only its preconditioner is
-            /// replaced).
+            /// the fit back made (or one that continues it: only its preconditioner and
+            /// the fit's time in its telemetry are replaced).
             pub fn install(self, state: &mut AnyState) -> Result<()> {
                 match (state, self.0) {
                     $((AnyState::$variant(s), AnyFittedInner::$variant(p)) => {
-                        s.precond = p;
+                        s.install_fit(p, false);
                         Ok(())
                     })*
                     #[allow(unreachable_patterns)]
@@ -208,6 +208,15 @@ macro_rules! variants {
                     $((AnyTransform::$variant(t), AnyState::$variant(s)) => t.state_nbytes(s),)*
                     #[allow(unreachable_patterns)]
                     _ => 0,
+                }
+            }
+
+            /// What the last step of `state` did (see [`crate::Psgd::stats`]).
+            pub fn stats(&self, state: &AnyState) -> Result<crate::telemetry::StepStats> {
+                match (self, state) {
+                    $((AnyTransform::$variant(t), AnyState::$variant(s)) => t.stats(s),)*
+                    #[allow(unreachable_patterns)]
+                    _ => Err(mismatch()),
                 }
             }
 

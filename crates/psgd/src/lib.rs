@@ -25,6 +25,7 @@ pub mod schedule;
 mod stages;
 pub mod state_io;
 pub mod step;
+pub mod telemetry;
 #[cfg(test)]
 mod test_util;
 pub mod transform;

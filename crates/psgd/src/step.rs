@@ -24,9 +24,11 @@ use crate::random::RandomSource;
 use crate::schedule::Schedule;
 use crate::stages;
 use crate::state_io::{LoadedState, StateFile};
+use crate::telemetry::{FactorStats, FitTelemetry, Fitted, StepStats, StepTimes, Telemetry};
 use crate::transform::{Curvature, LeafSpec, StepHyper, Transform};
 use candle_core::{DType, Device, Tensor};
 use std::fmt::Debug;
+use std::time::Instant;
 
 /// How the preconditioner step is normalised (`stepNormalizerOrder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -293,6 +295,11 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     fn load(&self, f: &mut LoadedState) -> Result<Self::State>;
     /// Checks that `state` fits this preconditioner (shapes), before a step uses it.
     fn check(&self, state: &Self::State) -> Result<()>;
+    /// Per factor, its condition estimate and the normaliser of its last fit, read from
+    /// `state` (for [`Psgd::stats`]; not on the step's path).
+    fn factor_stats(&self, _state: &Self::State) -> Result<Vec<FactorStats>> {
+        Ok(vec![])
+    }
 }
 
 /// The state of every variant: the step count, the update counter (Kron), the momentum
@@ -311,6 +318,23 @@ pub struct PsgdState<S> {
     pub mu: Option<Vec<Tensor>>,
     /// The preconditioner.
     pub precond: S,
+    /// What the last step measured of itself, read by [`Psgd::stats`] (never saved).
+    pub telemetry: Telemetry,
+}
+
+impl<S> PsgdState<S> {
+    /// Puts a fit [`Psgd::run_fit`] gave into the state its step made (or one that
+    /// continues it): the fitted preconditioner, and the fit's time in the telemetry. A
+    /// fit run `inline` (by the step itself) counts in the step's total time; one run on
+    /// another thread (`overlapFit`) does not, as the caller did not wait for it.
+    pub fn install_fit(&mut self, fitted: Fitted<S>, inline: bool) {
+        self.precond = fitted.state;
+        let times = &mut self.telemetry.times;
+        times.fit_ms = fitted.telemetry.ms;
+        if inline {
+            times.total_ms += fitted.telemetry.ms;
+        }
+    }
 }
 
 /// A PSGD optimizer: the shared step around a [`Preconditioner`].
@@ -420,18 +444,36 @@ impl<P: Preconditioner> Psgd<P> {
     /// step's updates are made, so it can run on another thread while the caller computes
     /// the next gradient and give the same numbers bit for bit: keep it that way (no
     /// input of the fit may come from the finish, and nothing after it may draw).
+    /// The fit's telemetry (its time; a variant's values travel in the fitted state)
+    /// comes out with it, so that it is the same wherever the fit runs.
     pub(crate) fn fit_stage(
         &self,
         start: &P::State,
         job: &FitInputs,
         rng: &mut dyn RandomSource,
-    ) -> Result<P::State> {
+    ) -> Result<Fitted<P::State>> {
+        let t0 = Instant::now();
         let mut fit = || self.precond.update(start, job, rng);
-        if P::FIT_ON_POOL {
+        let state = if P::FIT_ON_POOL {
             stages::on_pool(&self.leaves, fit)
         } else {
             fit()
-        }
+        }?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(Fitted {
+            state,
+            telemetry: FitTelemetry { ms },
+        })
+    }
+
+    /// What the last step of `state` did and how its preconditioner stands (see
+    /// [`StepStats`]): the step's own measurements and the factors' values, read here
+    /// (the step itself reads nothing back for them).
+    pub fn stats(&self, state: &PsgdState<P::State>) -> Result<StepStats> {
+        let paths: Vec<String> = self.leaves.iter().map(|l| l.path.clone()).collect();
+        let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
+        let factors = self.precond.factor_stats(&state.precond)?;
+        state.telemetry.read(state.count, &paths, &sizes, factors)
     }
 
     fn check_state(&self, s: &PsgdState<P::State>) -> Result<()> {
@@ -542,6 +584,7 @@ impl<P: Preconditioner> Psgd<P> {
             update_cumulative,
             mu,
             precond: self.precond.load(&mut f)?,
+            telemetry: Telemetry::default(),
         };
         f.finish()?;
         self.check_state(&state)?;
@@ -599,6 +642,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             update_cumulative: 0.0,
             mu,
             precond: self.precond.init(&device, rng)?,
+            telemetry: Telemetry::default(),
         })
     }
 
@@ -626,7 +670,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         let (updates, mut next, pending) =
             self.update_deferred(grads, state, params, hyper, curvature, rng)?;
         if let Some(job) = pending {
-            next.precond = self.run_fit(job, rng)?;
+            next.install_fit(self.run_fit(job, rng)?, true);
         }
         Ok((updates, next))
     }
@@ -659,6 +703,7 @@ impl<P: Preconditioner> Psgd<P> {
         rng: &mut dyn RandomSource,
     ) -> Result<Deferred<P>> {
         let o = &self.step;
+        let t0 = Instant::now();
         // checks: nothing below runs on input that would fail later
         if curvature.is_some() && !P::HESSIAN {
             return Err(PsgdError::option_type(
@@ -735,16 +780,20 @@ impl<P: Preconditioner> Psgd<P> {
         // fit, then precondition (psgd-jax's order); or precondition with the
         // preconditioner as it was, make the updates, and fit it last: the fit is then a
         // separate stage on inputs that are all known before the updates are made
+        let mut times = StepTimes::default();
         let before = if o.update_first && fit {
-            self.fit_stage(&start, &job.inputs(), rng)?
+            let fitted = self.fit_stage(&start, &job.inputs(), rng)?;
+            times.fit_ms = fitted.telemetry.ms;
+            fitted.state
         } else {
             start
         };
         let current = self.precond.prepare_apply(before, o.update_first && fit)?;
 
         // the finish: clip, weight decay and learning rate (one pass per leaf on the CPU)
+        let t_apply = Instant::now();
         let pre = self.precond.apply(&current, &momentum)?;
-        let (updates, non_finite) = fused::finish_updates(
+        let (updates, non_finite, sums) = fused::finish_updates(
             &pre,
             params,
             &self.leaves,
@@ -760,18 +809,33 @@ impl<P: Preconditioner> Psgd<P> {
                 cause: overflow_cause(&pre[l], &g32[l], hyper.learning_rate)?,
             });
         }
+        times.apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
         let pending = (!o.update_first && fit).then(|| PendingFit {
             start: current.clone(),
             data: job,
         });
 
         let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
+        times.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
+        let on_fit_input =
+            curvature.is_none() && (o.fit_source == FitSource::Momentum || state.mu.is_none());
+        let telemetry = Telemetry::next(
+            &state.telemetry,
+            fit,
+            sums,
+            &sizes,
+            o.clip,
+            on_fit_input,
+            times,
+        )?;
         let next = PsgdState {
             count,
             update_counter: decided.update_counter,
             update_cumulative: decided.update_cumulative,
             mu,
             precond: current,
+            telemetry,
         };
         Ok((updates, next, pending))
     }
@@ -780,13 +844,20 @@ impl<P: Preconditioner> Psgd<P> {
     /// left: the fitted preconditioner, prepared for the next apply, to put in the state's
     /// `precond`. An error leaves nothing changed (the state keeps the preconditioner it
     /// had, and its count, momentum and updates stand).
-    pub fn run_fit(&self, job: PendingFit<P>, rng: &mut dyn RandomSource) -> Result<P::State> {
-        let fitted = self.fit_stage(&job.start, &job.data.inputs(), rng)?;
+    pub fn run_fit(
+        &self,
+        job: PendingFit<P>,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Fitted<P::State>> {
+        let Fitted { state, telemetry } = self.fit_stage(&job.start, &job.data.inputs(), rng)?;
         // in this order every apply reads the preconditioner as a step that does not fit
         // would (Kron: its grams), so it is prepared so now, with the fit, rather than at
         // the start of the next step: the same values, formed off the next step's path
         // where the fit runs apart from it (the overlap worker)
-        self.precond.prepare_apply(fitted, false)
+        Ok(Fitted {
+            state: self.precond.prepare_apply(state, false)?,
+            telemetry,
+        })
     }
 }
 

@@ -332,6 +332,80 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
     f: impl Fn([f32; I]) -> [f32; O] + Sync,
     check: bool,
 ) -> ([Vec<f32>; O], bool) {
+    let (outs, finite, _) = zip_map_summed(inputs, f, check, false);
+    (outs, finite)
+}
+
+/// What [`zip_map_summed`] sums over a pass besides its outputs: the sum of squares and
+/// the largest `|value|` of the first input, and the sum of squares of the first output,
+/// each block's in float32 and the blocks' in float64, in row order.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PassSums {
+    /// `Σ x²` over the first input.
+    pub in_sq: f64,
+    /// `max |x|` over the first input (NaN when one is).
+    pub in_max: f32,
+    /// `Σ y²` over the first output.
+    pub out_sq: f64,
+}
+
+impl PassSums {
+    fn add(self, o: PassSums) -> PassSums {
+        PassSums {
+            in_sq: self.in_sq + o.in_sq,
+            in_max: max_nan(self.in_max, o.in_max),
+            out_sq: self.out_sq + o.out_sq,
+        }
+    }
+
+    /// The sums of one block, in independent lanes so that they vectorise.
+    fn of_block(x: &[f32], y: &[f32]) -> PassSums {
+        let (mut sx, mut sy, mut mx) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        // `f32::max` skips NaN: a count of NaNs beside it makes the max NaN when one is
+        let mut nan = [0f32; 8];
+        let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+        let (xr, yr) = (xc.remainder(), yc.remainder());
+        for (a, b) in xc.zip(yc) {
+            for k in 0..8 {
+                sx[k] += a[k] * a[k];
+                sy[k] += b[k] * b[k];
+                mx[k] = mx[k].max(a[k].abs());
+                nan[k] += a[k].is_nan() as u8 as f32;
+            }
+        }
+        for (&a, &b) in xr.iter().zip(yr) {
+            sx[0] += a * a;
+            sy[0] += b * b;
+            mx[0] = mx[0].max(a.abs());
+            nan[0] += a.is_nan() as u8 as f32;
+        }
+        let sum = |v: [f32; 8]| v.iter().map(|&v| v as f64).sum::<f64>();
+        let max = mx.iter().fold(0f32, |m, &v| m.max(v));
+        PassSums {
+            in_sq: sum(sx),
+            in_max: if sum(nan) > 0.0 { f32::NAN } else { max },
+            out_sq: sum(sy),
+        }
+    }
+}
+
+/// The larger of two values, NaN when either is.
+fn max_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// [`zip_map_checked`], and with `sums` the [`PassSums`] of the pass, taken on each block
+/// while it is in registers (no second pass over memory); default sums without.
+pub fn zip_map_summed<const I: usize, const O: usize>(
+    inputs: [&Flat<'_>; I],
+    f: impl Fn([f32; I]) -> [f32; O] + Sync,
+    check: bool,
+    sums: bool,
+) -> ([Vec<f32>; O], bool, PassSums) {
     let bad = std::sync::atomic::AtomicBool::new(false);
     /// Elements per block: the block's inputs and outputs live in local arrays, which the
     /// compiler knows alias nothing, so it vectorises `f` across the block (over slices of
@@ -344,10 +418,11 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
     let mut outs: [Vec<f32>; O] = std::array::from_fn(|_| Vec::with_capacity(n));
     let spare = outs.each_mut().map(|v| &mut v.spare_capacity_mut()[..n]);
     let chunks = task_chunks(spare, [1; O], n.div_ceil(TASK_ROWS));
-    chunks
+    let partial: Vec<PassSums> = chunks
         .into_par_iter()
         .enumerate()
-        .for_each(|(t, mut outs)| {
+        .map(|(t, mut outs)| {
+            let mut acc = PassSums::default();
             let r = t * TASK_ROWS..((t + 1) * TASK_ROWS).min(n);
             let len = r.len();
             let mut sc: [Vec<f32>; I] = std::array::from_fn(|_| Vec::new());
@@ -373,6 +448,9 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
                 {
                     bad.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
+                if let (true, Some(xi), Some(yo)) = (sums, x.first(), y.first()) {
+                    acc = acc.add(PassSums::of_block(&xi[..m], &yo[..m]));
+                }
                 for (o, yo) in outs.iter_mut().zip(&y) {
                     for (d, &v) in o[at..at + m].iter_mut().zip(&yo[..m]) {
                         d.write(v);
@@ -380,13 +458,16 @@ pub fn zip_map_checked<const I: usize, const O: usize>(
                 }
                 at += m;
             }
-        });
+            acc
+        })
+        .collect();
     for v in &mut outs {
         // SAFETY: the tasks' chunks cover `0..n` of every output, and each task wrote
         // every element of its chunks (`at` runs over all of `0..len`).
         unsafe { v.set_len(n) };
     }
-    (outs, !bad.into_inner())
+    let total = partial.into_iter().fold(PassSums::default(), PassSums::add);
+    (outs, !bad.into_inner(), total)
 }
 
 /// The sum of `f(x)` over the elements, each term computed in float32 and accumulated in
@@ -450,6 +531,23 @@ pub fn position(x: &Flat<'_>, pred: impl Fn(f32) -> bool + Sync) -> Option<usize
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn pass_sums_take_squares_and_the_largest_magnitude_nan_first() {
+        let x: Vec<f32> = (0..21).map(|i| i as f32 - 10.0).collect();
+        let y: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+        let s = PassSums::of_block(&x, &y);
+        let sq: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+        assert_eq!((s.in_sq, s.out_sq, s.in_max), (sq, 4.0 * sq, 10.0));
+        let mut z = x.clone();
+        z[13] = f32::NEG_INFINITY;
+        assert_eq!(PassSums::of_block(&z, &y).in_max, f32::INFINITY);
+        z[20] = f32::NAN;
+        assert!(PassSums::of_block(&z, &y).in_max.is_nan());
+        let a = PassSums::of_block(&x, &y);
+        assert!(a.add(PassSums::of_block(&z, &y)).in_max.is_nan());
+        assert_eq!(a.add(a).in_sq, 2.0 * sq);
+    }
 
     #[test]
     fn flat_ranges_cross_pieces() {

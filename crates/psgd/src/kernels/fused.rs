@@ -166,10 +166,70 @@ pub enum Clip {
     GlobalNorm(f64),
 }
 
+/// A number a step measured without reading it back: a value on the host (the CPU
+/// path's), or a 0-d float32 tensor where the step's tensors live, read when asked for.
+#[derive(Debug, Clone)]
+pub enum Measured {
+    /// Known on the host.
+    Host(f64),
+    /// A 0-d tensor not read yet.
+    Device(Tensor),
+}
+
+impl Measured {
+    /// The value (a read-back for [`Measured::Device`]).
+    pub fn read(&self) -> Result<f64> {
+        match self {
+            Measured::Host(v) => Ok(*v),
+            Measured::Device(t) => Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?),
+        }
+    }
+
+    /// `β·self + (1−β)·x`, where they are (on the host when both are).
+    pub fn ema(&self, x: &Measured, beta: f64) -> Result<Measured> {
+        Ok(match (self, x) {
+            (Measured::Host(a), Measured::Host(b)) => Measured::Host(beta * a + (1.0 - beta) * b),
+            (Measured::Device(a), Measured::Device(b)) => {
+                Measured::Device(((a * beta)? + (b * (1.0 - beta))?)?)
+            }
+            (Measured::Device(a), Measured::Host(b)) => {
+                Measured::Device(((a * beta)? + (1.0 - beta) * b)?)
+            }
+            (Measured::Host(a), Measured::Device(b)) => {
+                Measured::Device(((b * (1.0 - beta))? + beta * a)?)
+            }
+        })
+    }
+
+    /// `sqrt(self / n)`: a root mean square from a sum of squares over `n` elements.
+    pub fn rms(&self, n: usize) -> Result<Measured> {
+        let n = n.max(1) as f64;
+        Ok(match self {
+            Measured::Host(v) => Measured::Host((v / n).sqrt()),
+            Measured::Device(t) => Measured::Device((t / n)?.sqrt()?),
+        })
+    }
+}
+
+/// What [`finish_updates_measured`] measured of one leaf: of the preconditioned gradient
+/// before the clip its sum of squares and largest `|value|`, of the update its sum of
+/// squares.
+#[derive(Debug, Clone)]
+pub struct FinishSums {
+    /// `Σ pre²`.
+    pub pre_sq: Measured,
+    /// `max |pre|`.
+    pub pre_max: Measured,
+    /// `Σ update²`.
+    pub update_sq: Measured,
+}
+
 /// `clip`, then [`finish_update`], for every leaf, each cast to its gradient's dtype. On
 /// the CPU in float32 this is one pass per leaf after the clip's sum of squares, instead
 /// of a chain of whole-tensor ops. With `check`, also the index of the first leaf whose
-/// update holds a NaN or Inf (on the host tested within that same pass).
+/// update holds a NaN or Inf (on the host tested within that same pass). And per leaf its
+/// [`FinishSums`] (for the step's telemetry): on the CPU host path summed within the
+/// finish's one pass, elsewhere as 0-d tensors that nothing reads until asked.
 // the step's inputs to the finish, each used once; a struct would only rename them
 #[allow(clippy::too_many_arguments)]
 pub fn finish_updates(
@@ -181,7 +241,7 @@ pub fn finish_updates(
     learning_rate: f64,
     clip: Clip,
     check: bool,
-) -> Result<(Vec<Tensor>, Option<usize>)> {
+) -> Result<(Vec<Tensor>, Option<usize>, Vec<FinishSums>)> {
     let decay = pre
         .iter()
         .enumerate()
@@ -189,14 +249,34 @@ pub fn finish_updates(
         .collect::<Result<Vec<_>>>()?;
     let fin = Finish::new(weight_decay, learning_rate);
     if let Some(out) = fin.host(pre, &decay, clip, check) {
-        let (out, finite) = out?;
+        let (out, finite, sums) = out?;
         let updates = out
             .iter()
             .zip(grads)
             .map(|(u, g)| Ok(u.to_dtype(g.dtype())?))
             .collect::<Result<Vec<_>>>()?;
-        return Ok((updates, finite.iter().position(|f| !f)));
+        let sums = sums
+            .into_iter()
+            .map(|s| FinishSums {
+                pre_sq: Measured::Host(s.in_sq),
+                pre_max: Measured::Host(s.in_max as f64),
+                update_sq: Measured::Host(s.out_sq),
+            })
+            .collect();
+        return Ok((updates, finite.iter().position(|f| !f), sums));
     }
+    let sums = pre
+        .iter()
+        .map(|u| {
+            if u.elem_count() == 0 {
+                return Ok((Measured::Host(0.0), Measured::Host(0.0)));
+            }
+            Ok((
+                Measured::Device(u.sqr()?.sum_all()?),
+                Measured::Device(u.abs()?.flatten_all()?.max(0)?),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let pre = match clip {
         Clip::None => pre.to_vec(),
         Clip::Update { rms, element } => pre
@@ -226,7 +306,18 @@ pub fn finish_updates(
     } else {
         None
     };
-    Ok((updates, bad))
+    let sums = sums
+        .into_iter()
+        .zip(&updates)
+        .map(|((pre_sq, pre_max), u)| {
+            Ok(FinishSums {
+                pre_sq,
+                pre_max,
+                update_sq: Measured::Device(u.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((updates, bad, sums))
 }
 
 /// `u / max(1, rms(u)/cap)`: the preconditioned gradient should have unit RMS, so cap it
@@ -309,6 +400,9 @@ fn decayed_param(
     Ok(Some(p.to_dtype(DType::F32)?))
 }
 
+/// What [`Finish::host`] gives: per leaf the update, whether it is finite and its pass's sums.
+type HostFinish = (Vec<Tensor>, Vec<bool>, Vec<elementwise::PassSums>);
+
 /// The end of a step: decoupled weight decay, then `-learning_rate ·`.
 #[derive(Debug, Clone, Copy)]
 struct Finish {
@@ -342,7 +436,7 @@ impl Finish {
         p32: &[Option<Tensor>],
         clip: Clip,
         check: bool,
-    ) -> Option<Result<(Vec<Tensor>, Vec<bool>)>> {
+    ) -> Option<Result<HostFinish>> {
         if pre
             .iter()
             .zip(p32)
@@ -380,7 +474,7 @@ impl Finish {
                         ),
                         _ => (1.0, None),
                     };
-                    let (out, finite) = match (div, global, clamp) {
+                    let out = match (div, global, clamp) {
                         (1.0, 1.0, None) => finish_pass(u, p, wd, nlr, check, |v| v),
                         (1.0, s, None) => finish_pass(u, p, wd, nlr, check, |v| v * s),
                         (d, _, None) => finish_pass(u, p, wd, nlr, check, |v| v / d),
@@ -389,17 +483,27 @@ impl Finish {
                             finish_pass(u, p, wd, nlr, check, |v| (v / d).clamp(-e, e))
                         }
                     };
-                    Ok((Tensor::from_vec(out, t.shape(), t.device())?, finite))
+                    let (out, finite, sums) = out;
+                    Ok((Tensor::from_vec(out, t.shape(), t.device())?, finite, sums))
                 })
                 .collect::<Result<Vec<_>>>()
-                .map(|v| v.into_iter().unzip())
+                .map(|v| {
+                    let (mut outs, mut finite, mut sums) = (vec![], vec![], vec![]);
+                    for (o, f, s) in v {
+                        outs.push(o);
+                        finite.push(f);
+                        sums.push(s);
+                    }
+                    (outs, finite, sums)
+                })
         })
     }
 }
 
-/// `(clip(u) + wd·p) · nlr` in one pass, without `p` when it is empty, and with `check`
-/// whether every value is finite. `clip` is a separate closure per kind so that the
-/// common kinds pay no division.
+/// `(clip(u) + wd·p) · nlr` in one pass, without `p` when it is empty, with `check`
+/// whether every value is finite, and the pass's sums of `u` and the output (for the
+/// step's telemetry). `clip` is a separate closure per kind so that the common kinds pay
+/// no division.
 fn finish_pass(
     u: &Flat<'_>,
     p: &Flat<'_>,
@@ -407,17 +511,18 @@ fn finish_pass(
     nlr: f32,
     check: bool,
     clip: impl Fn(f32) -> f32 + Sync,
-) -> (Vec<f32>, bool) {
-    let ([out], finite) = if p.is_empty() {
-        elementwise::zip_map_checked([u], |[v]| [affine(clip(v), nlr)], check)
+) -> (Vec<f32>, bool, elementwise::PassSums) {
+    let ([out], finite, sums) = if p.is_empty() {
+        elementwise::zip_map_summed([u], |[v]| [affine(clip(v), nlr)], check, true)
     } else {
-        elementwise::zip_map_checked(
+        elementwise::zip_map_summed(
             [u, p],
             |[v, p]| [affine(clip(v) + affine(p, wd), nlr)],
             check,
+            true,
         )
     };
-    (out, finite)
+    (out, finite, sums)
 }
 
 /// Decoupled weight decay on masked leaves, then `-learning_rate ·`, cast to `dtype` (one
@@ -596,6 +701,64 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_finish_sums_agree_on_both_paths_and_leave_the_updates_as_they_were() {
+        let lens = [0, 3, 8192 + 1, 1000];
+        let specs: Vec<LeafSpec> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| LeafSpec::new(format!("l{i}"), &[n]))
+            .collect();
+        let params = leaves(&lens, 10, 1.0);
+        let pre = leaves(&lens, 20, 3.0);
+        let clip = Clip::Update {
+            rms: Some(1.1),
+            element: Some(0.5),
+        };
+        let run = |pre: &[Tensor]| {
+            finish_updates(pre, None, &specs, &params, 0.0, 0.01, clip, true).unwrap()
+        };
+        let (host, _, hs) = run(&pre);
+        assert!(hs.iter().all(|s| matches!(s.pre_sq, Measured::Host(_))));
+        // a float64 leaf sends the whole finish down the candle-op path: 0-d tensors
+        let mut pre64 = pre.clone();
+        pre64[2] = pre64[2].to_dtype(DType::F64).unwrap();
+        let (_, _, os) = run(&pre64);
+        assert!(os[1..]
+            .iter()
+            .all(|s| matches!(s.pre_sq, Measured::Device(_))));
+        for (l, (h, o)) in hs.iter().zip(&os).enumerate() {
+            let f = |m: &Measured| m.read().unwrap();
+            let sq = vals(&pre[l]).iter().map(|&v| (v * v) as f64).sum::<f64>();
+            let mx = vals(&pre[l]).iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let usq = vals(&host[l]).iter().map(|&v| (v * v) as f64).sum::<f64>();
+            for (got, want) in [
+                (f(&h.pre_sq), sq),
+                (f(&o.pre_sq), sq),
+                (f(&h.pre_max), mx),
+                (f(&o.pre_max), mx),
+                (f(&h.update_sq), usq),
+                (f(&o.update_sq), usq),
+            ] {
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.max(1e-30),
+                    "leaf {l}: {got} vs {want}"
+                );
+            }
+        }
+        // the sums ride along: the pass's outputs are those of the pass without them
+        let h = |t: &Tensor| from_ref(t).to_vec();
+        let (a, b) = (h(&pre[2]), h(&params[2]));
+        with_host(&[&a, &b], |x| {
+            let f = |[v, p]: [f32; 2]| [affine(v / 1.7 + affine(p, 0.1), -0.01)];
+            let (plain, ok) = elementwise::zip_map_checked([&x[0], &x[1]], f, true);
+            let (summed, ok2, _) = elementwise::zip_map_summed([&x[0], &x[1]], f, true, true);
+            assert_eq!(plain[0], summed[0]);
+            assert_eq!(ok, ok2);
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn fused_finish_matches_the_ops() {
         let lens = [0, 3, 8192 + 1, 1000];
         let specs: Vec<LeafSpec> = lens
@@ -638,7 +801,7 @@ pub(crate) mod tests {
                 Clip::GlobalNorm(1e6),
             ] {
                 for wd in [0.0, 0.1] {
-                    let (got, bad) =
+                    let (got, bad, _) =
                         finish_updates(&pre, Some(&params), &specs, &grads, wd, 0.01, clip, true)
                             .unwrap();
                     assert_eq!(bad, None);
@@ -680,7 +843,7 @@ pub(crate) mod tests {
                         clip,
                         false,
                     );
-                    if let Ok((slow, _)) = slow {
+                    if let Ok((slow, _, _)) = slow {
                         for (a, b) in slow.iter().zip(&got) {
                             assert_close(a, b);
                         }

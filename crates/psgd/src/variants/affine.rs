@@ -18,6 +18,7 @@ use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
+use crate::telemetry::{diagonal_ratio, largest, FactorStats};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
@@ -49,6 +50,9 @@ pub struct AffineFactors {
     pub pl: Tensor,
     /// Derived, never saved: `QrᵀQr` (`Qr²` when diagonal).
     pub pr: Tensor,
+    /// Never saved, for the telemetry: the step normaliser of each side's last fit (left,
+    /// right), float32 scalars; `None` before a fit and after a load.
+    pub norms: Option<[Tensor; 2]>,
 }
 
 impl AffineFactors {
@@ -60,6 +64,7 @@ impl AffineFactors {
             pr: gram(&qr)?,
             ql,
             qr,
+            norms: None,
         })
     }
 }
@@ -324,6 +329,9 @@ fn side(aa: Tensor, bb: Tensor, dense: bool, second: bool) -> Result<(Tensor, Te
     })
 }
 
+/// A fit's new sides and the normaliser of each side's step.
+type FitSides = ((Tensor, Tensor), [Tensor; 2]);
+
 /// Both sides' gradients and steps from their quadratic terms, then the update.
 fn fit_sides(
     ql: &Tensor,
@@ -331,11 +339,13 @@ fn fit_sides(
     [aa1, bb1, aa2, bb2]: [Tensor; 4],
     inputs: &FitInputs,
     rebalance: bool,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<FitSides> {
     let second = inputs.normalizer == StepNormalizer::Second;
-    let ql = descend(ql, side(aa1, bb1, is_dense(ql), second)?, inputs)?;
-    let qr = descend(qr, side(aa2, bb2, is_dense(qr), second)?, inputs)?;
-    balance(ql, qr, rebalance)
+    let (gl, sl) = side(aa1, bb1, is_dense(ql), second)?;
+    let (gr, sr) = side(aa2, bb2, is_dense(qr), second)?;
+    let ql = descend(ql, (gl, sl.clone()), inputs)?;
+    let qr = descend(qr, (gr, sr.clone()), inputs)?;
+    Ok((balance(ql, qr, rebalance)?, [sl, sr]))
 }
 
 /// psgd-jax's `_update_precond_affine_math_`: the fit to a pair `(dX, dG) = (v, H·v)`.
@@ -346,7 +356,7 @@ fn fit_with_vector(
     dg: &Tensor,
     inputs: &FitInputs,
     rebalance: bool,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<FitSides> {
     let p = inputs.precision;
     let terms = match (is_dense(ql), is_dense(qr)) {
         (true, true) => {
@@ -424,7 +434,7 @@ fn fit_whitening(
     dg: &Tensor,
     inputs: &FitInputs,
     draws: &LeafDraws,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<FitSides> {
     let p = inputs.precision;
     let (m, n) = dg.dims2()?;
     if whitening_needs_probe(is_dense(ql), is_dense(qr), m, n) {
@@ -591,11 +601,14 @@ impl Preconditioner for AffinePreconditioner {
                 ql = ql.broadcast_mul(&s)?;
                 qr = qr.broadcast_mul(&s)?;
             }
-            let (ql, qr) = match &v {
+            let ((ql, qr), norms) = match &v {
                 Some(v) => fit_with_vector(&ql, &qr, v, &h, inputs, draws[l].rebalance)?,
                 None => fit_whitening(&ql, &qr, &h, inputs, &draws[l])?,
             };
-            AffineFactors::new(ql, qr)
+            Ok(AffineFactors {
+                norms: Some(norms),
+                ..AffineFactors::new(ql, qr)?
+            })
         })
     }
 
@@ -637,6 +650,22 @@ impl Preconditioner for AffinePreconditioner {
                 )
             })
             .collect()
+    }
+
+    fn factor_stats(&self, st: &Vec<AffineFactors>) -> Result<Vec<FactorStats>> {
+        let mut out = vec![];
+        for (leaf, f) in self.leaves.iter().zip(st) {
+            for (factor, q) in [&f.ql, &f.qr].into_iter().enumerate() {
+                let norm = f.norms.as_ref().map(|n| &n[factor]);
+                out.push(FactorStats {
+                    path: leaf.path.clone(),
+                    factor,
+                    condition: diagonal_ratio(q, is_dense(q))?,
+                    normaliser: norm.map(largest).transpose()?,
+                });
+            }
+        }
+        Ok(out)
     }
 
     fn check(&self, st: &Vec<AffineFactors>) -> Result<()> {

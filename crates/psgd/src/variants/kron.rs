@@ -20,6 +20,7 @@ use crate::step::{
     FitInputs, FitSource, Preconditioner, Psgd, PsgdState, StepNormalizer, StepOptions,
     UpdateDecision, VariantOptions,
 };
+use crate::telemetry::{diagonal_ratio, largest, FactorStats};
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
@@ -858,8 +859,8 @@ fn update_factors(
             let t1 = ua.sqr()?.sum(2)?;
             let t2 = ub.sqr()?.sum(2)?;
             let ell = (&t1 + &t2)?.abs()?.max(1)?;
-            let (denom, l) = nm.normaliser(&ell, ls.get(i))?;
-            new_ls.extend(l);
+            let (denom, _) = nm.normaliser(&ell, ls.get(i))?;
+            new_ls.push(denom.clone());
             let step = (((t1 - t2)? * lr)? * q)?.broadcast_div(&denom.unsqueeze(1)?)?;
             new_qs.push((q - step)?);
         } else {
@@ -869,8 +870,8 @@ fn update_factors(
             };
             let (t1, t2) = (gram(&ua)?, gram(&ub)?);
             let ell = nm.spd_bound_upper_sum(&t1, &t2, subspaces[i].as_ref(), p)?;
-            let (denom, l) = nm.normaliser(&ell, ls.get(i))?;
-            new_ls.extend(l);
+            let (denom, _) = nm.normaliser(&ell, ls.get(i))?;
+            new_ls.push(denom.clone());
             let scale = (denom.recip()? * lr)?.reshape((b, 1, 1))?;
             let step = triu_difference(&t1, &t2)?;
             let delta = matmul_tri(&step, Tri::Upper, q, Tri::Upper, Tri::Upper, p)?;
@@ -976,6 +977,10 @@ pub struct KronFactors {
     /// float32, batched `(B, d, d)` / `(B, d)`. `None` until a step that does not fit the
     /// factors needs them; set it to `None` after editing `qs` by hand.
     pub ps: Option<Vec<Vec<Tensor>>>,
+    /// Under EQ without a running bound: per leaf and factor the normaliser of the last
+    /// fit's step, float32 `(B,)`, for the telemetry. Never saved; `None` before a fit
+    /// (and after a load), and under the rules that keep `ls`.
+    pub norms: Option<Vec<Vec<Tensor>>>,
 }
 
 /// Kron's preconditioner for a fixed list of leaves.
@@ -1542,7 +1547,12 @@ impl Preconditioner for KronPreconditioner {
             .iter()
             .map(|plan| self.init_bounds(plan, device))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KronFactors { qs, ls, ps: None })
+        Ok(KronFactors {
+            qs,
+            ls,
+            ps: None,
+            norms: None,
+        })
     }
 
     fn first_step(&self, st: &KronFactors, grads: &[Tensor]) -> Result<Option<KronFactors>> {
@@ -1573,6 +1583,7 @@ impl Preconditioner for KronPreconditioner {
             qs,
             ls: st.ls.clone(),
             ps: None,
+            norms: st.norms.clone(),
         }))
     }
 
@@ -1601,12 +1612,30 @@ impl Preconditioner for KronPreconditioner {
             None
         };
         let (lr, count) = (inputs.precond_lr, inputs.count);
-        let (qs, ls) = if self.options.update_rule.inverse_free() {
-            self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?
-        } else {
-            self.update_preconditioners(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?
+        if self.options.update_rule.inverse_free() {
+            let (qs, ls) =
+                self.fit_inverse_free(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?;
+            return Ok(KronFactors {
+                qs,
+                ls,
+                ps: None,
+                norms: None,
+            });
+        }
+        // EQ's fit gives each factor's step normaliser: the running bound kept in `ls`,
+        // or without one the step's own, kept apart (never saved) for the telemetry
+        let (qs, norms) =
+            self.update_preconditioners(&st.qs, &st.ls, inputs.hvps, probes, lr, count, rng)?;
+        let (ls, norms) = match self.numerics.lipschitz_beta {
+            Some(_) => (norms, None),
+            None => (st.ls.clone(), Some(norms)),
         };
-        Ok(KronFactors { qs, ls, ps: None })
+        Ok(KronFactors {
+            qs,
+            ls,
+            ps: None,
+            norms,
+        })
     }
 
     fn prepare_apply(&self, st: KronFactors, fitted: bool) -> Result<KronFactors> {
@@ -1617,11 +1646,13 @@ impl Preconditioner for KronPreconditioner {
                 qs: st.qs,
                 ls: st.ls,
                 ps: None,
+                norms: st.norms,
             },
             (Some(ps), false) => KronFactors {
                 qs: st.qs,
                 ls: st.ls,
                 ps: Some(ps),
+                norms: st.norms,
             },
             (None, false) => {
                 let ps = self.grams_of(&st.qs)?;
@@ -1629,6 +1660,7 @@ impl Preconditioner for KronPreconditioner {
                     qs: st.qs,
                     ls: st.ls,
                     ps: Some(ps),
+                    norms: st.norms,
                 }
             }
         })
@@ -1696,7 +1728,32 @@ impl Preconditioner for KronPreconditioner {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KronFactors { qs, ls, ps: None })
+        Ok(KronFactors {
+            qs,
+            ls,
+            ps: None,
+            norms: None,
+        })
+    }
+
+    fn factor_stats(&self, st: &KronFactors) -> Result<Vec<FactorStats>> {
+        let mut out = vec![];
+        for (l, plan) in self.plans.iter().enumerate() {
+            for (i, q) in st.qs[l].iter().enumerate() {
+                let bound = match (st.ls[l].get(i), &st.norms) {
+                    (Some(b), _) => Some(b),
+                    (None, Some(n)) => n.get(l).and_then(|n| n.get(i)),
+                    (None, None) => None,
+                };
+                out.push(FactorStats {
+                    path: self.leaves[l].path.clone(),
+                    factor: i,
+                    condition: diagonal_ratio(&plan.batched_q(i, q)?, !plan.diag[i])?,
+                    normaliser: bound.map(largest).transpose()?,
+                });
+            }
+        }
+        Ok(out)
     }
 
     fn check(&self, s: &KronFactors) -> Result<()> {

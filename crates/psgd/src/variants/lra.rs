@@ -15,6 +15,7 @@ use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
+use crate::telemetry::FactorStats;
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
@@ -168,6 +169,10 @@ impl Preconditioner for LraPreconditioner {
             v: f.take_typed("V")?,
             d: f.take_factor("d")?,
         })
+    }
+
+    fn factor_stats(&self, st: &LraFactors) -> Result<Vec<FactorStats>> {
+        FactorStats::whole_tree(&st.d, None)
     }
 
     fn check(&self, st: &LraFactors) -> Result<()> {

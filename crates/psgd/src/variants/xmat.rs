@@ -11,6 +11,7 @@ use crate::limits::StateSize;
 use crate::random::RandomSource;
 use crate::state_io::{LoadedState, StateFile};
 use crate::step::{FitInputs, Preconditioner, Psgd, PsgdState, StepNormalizer};
+use crate::telemetry::FactorStats;
 use crate::transform::LeafSpec;
 use candle_core::{DType, Device, Tensor};
 
@@ -31,6 +32,9 @@ pub struct XMatFactors {
     pub a: Tensor,
     /// The anti-diagonal.
     pub b: Tensor,
+    /// Never saved, for the telemetry: the step normaliser of the last fit (a float32
+    /// scalar); `None` before a fit and after a load.
+    pub norm: Option<Tensor>,
 }
 
 /// The XMat preconditioner for a fixed list of leaves.
@@ -72,6 +76,7 @@ impl Preconditioner for XMatPreconditioner {
         Ok(XMatFactors {
             a: Tensor::ones(self.n, DType::F32, device)?,
             b: Tensor::zeros(self.n, DType::F32, device)?,
+            norm: None,
         })
     }
 
@@ -121,7 +126,12 @@ impl Preconditioner for XMatPreconditioner {
         Ok(XMatFactors {
             a: f.take_factor("a")?,
             b: f.take_typed("b")?,
+            norm: None,
         })
+    }
+
+    fn factor_stats(&self, st: &XMatFactors) -> Result<Vec<FactorStats>> {
+        FactorStats::whole_tree(&st.a, st.norm.as_ref())
     }
 
     fn check(&self, st: &XMatFactors) -> Result<()> {
@@ -218,6 +228,7 @@ impl XMatPreconditioner {
         Ok(XMatFactors {
             a: Tensor::from_vec(a_new, self.n, device)?,
             b: Tensor::from_vec(b_new, self.n, device)?,
+            norm: Some(Tensor::new(denom, device)?),
         })
     }
 
@@ -256,7 +267,11 @@ impl XMatPreconditioner {
         let mu = (add_eps(&denom)?.recip()? * inputs.precond_lr)?;
         let a_new = (&a - ((&nabla_a * &a)? + (&nabla_b * &bflip)?)?.broadcast_mul(&mu)?)?;
         let b_new = (b - ((&nabla_a * b)? + (&nabla_b * &aflip)?)?.broadcast_mul(&mu)?)?;
-        Ok(XMatFactors { a: a_new, b: b_new })
+        Ok(XMatFactors {
+            a: a_new,
+            b: b_new,
+            norm: Some(denom),
+        })
     }
 
     /// `P·g` with `P = QᵀQ` as candle ops, as one flat vector.
@@ -315,6 +330,7 @@ mod tests {
             let st = XMatFactors {
                 a: concat_flat(&rand(1.0, 0.1)).unwrap(),
                 b: concat_flat(&rand(0.0, 0.1)).unwrap(),
+                norm: None,
             };
             let (v, h) = (rand(0.0, 1.0), rand(0.0, 1.0));
             for (first, hessian, normalizer) in [
