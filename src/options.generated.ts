@@ -60,6 +60,25 @@ export interface PsgdNativeOptions {
    */
   allowNonFinite?: boolean
   /**
+   * What a step does when the preconditioner turns unhealthy: `'throw'` (default: a
+   * step whose updates would hold NaN or Inf fails with a `RangeError` and
+   * changes nothing), `'reset'` (after each fit, a leaf whose factors are
+   * non-finite or past `maxCondition` gets them back at their initial scale; a
+   * step whose updates would hold NaN or Inf resets the factors at fault and
+   * makes zero updates) or `'skip'` (such a fit is dropped for that leaf; such
+   * a step makes zero updates and keeps its momentum and preconditioner). The
+   * step is counted either way. Not in psgd-jax.
+   */
+  onUnhealthy?: 'throw' | 'reset' | 'skip'
+  /**
+   * The condition bound of `onUnhealthy`'s health check: a factor whose
+   * `max|diag| / min|diag|` exceeds it is unhealthy (null: only non-finite
+   * factors are). Default 1e6: float32 resolves about 7 significant digits,
+   * so past it the factors' smallest directions are lost to rounding. Read
+   * only under `'reset'` and `'skip'`.
+   */
+  maxCondition?: number | null
+  /**
    * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
    */
   stepNormalizerOrder?: '1st' | '2nd'
@@ -329,6 +348,25 @@ export interface KronNativeOptions {
    */
   allowNonFinite?: boolean
   /**
+   * What a step does when the preconditioner turns unhealthy: `'throw'` (default: a
+   * step whose updates would hold NaN or Inf fails with a `RangeError` and
+   * changes nothing), `'reset'` (after each fit, a leaf whose factors are
+   * non-finite or past `maxCondition` gets them back at their initial scale; a
+   * step whose updates would hold NaN or Inf resets the factors at fault and
+   * makes zero updates) or `'skip'` (such a fit is dropped for that leaf; such
+   * a step makes zero updates and keeps its momentum and preconditioner). The
+   * step is counted either way. Not in psgd-jax.
+   */
+  onUnhealthy?: 'throw' | 'reset' | 'skip'
+  /**
+   * The condition bound of `onUnhealthy`'s health check: a factor whose
+   * `max|diag| / min|diag|` exceeds it is unhealthy (null: only non-finite
+   * factors are). Default 1e6: float32 resolves about 7 significant digits,
+   * so past it the factors' smallest directions are lost to rounding. Read
+   * only under `'reset'` and `'skip'`.
+   */
+  maxCondition?: number | null
+  /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
   muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
@@ -435,6 +473,8 @@ export const VARIANTS = {
       initScalePower: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       muDtype: 'value',
       precondDtype: 'value',
       precondUpdatePrecision: 'value',
@@ -459,6 +499,8 @@ export const VARIANTS = {
       updateGlobalNormClip: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
       muDtype: 'value',
@@ -480,6 +522,8 @@ export const VARIANTS = {
       updateGlobalNormClip: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
       muDtype: 'value',
@@ -502,6 +546,8 @@ export const VARIANTS = {
       updateGlobalNormClip: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
       muDtype: 'value',

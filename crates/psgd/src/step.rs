@@ -16,6 +16,7 @@
 //! before the preconditioning or after it (`updatePreconditionerFirst`).
 
 use crate::error::{PsgdError, Result};
+use crate::guard::{GuardCounts, OnUnhealthy, StepHealth};
 use crate::kernels::fused::{self, Clip};
 use crate::kernels::precision::Precision;
 use crate::limits::{self, StateSize};
@@ -134,6 +135,10 @@ pub struct StepOptions {
     pub grad_clip: Option<f64>,
     /// Fail a step whose updates hold NaN or Inf (`allowNonFinite: false`, the default).
     pub check_finite: bool,
+    /// The health guard (`onUnhealthy`; see [`crate::guard`]).
+    pub on_unhealthy: OnUnhealthy,
+    /// The health check's condition bound (`maxCondition`; `None`: non-finite only).
+    pub max_condition: Option<f64>,
 }
 
 /// The options of a variant: the [`Options`] table plus the view the step reads.
@@ -225,6 +230,21 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     fn load(&self, f: &mut LoadedState) -> Result<Self::State>;
     /// Checks that `state` fits this preconditioner (shapes), before a step uses it.
     fn check(&self, state: &Self::State) -> Result<()>;
+    /// The health guard's check ([`crate::guard`]): per leaf of the optimizer, the largest
+    /// condition estimate ([`crate::guard::diag_condition`]) of the factors that
+    /// precondition it, +Inf where any of them (or a value the fit keeps with them, such
+    /// as Kron's Lipschitz bounds) holds NaN or Inf. Read back at once; run only under
+    /// `onUnhealthy: 'reset' | 'skip'`.
+    fn conditions(&self, state: &Self::State) -> Result<Vec<f64>>;
+    /// `state` with the factors (and what the fit keeps with them) that precondition the
+    /// leaves marked in `which` taken from `from`; a preconditioner shared by every leaf
+    /// (XMat, LRA) is taken whole when any leaf is marked.
+    fn take_leaves(
+        &self,
+        state: Self::State,
+        from: &Self::State,
+        which: &[bool],
+    ) -> Result<Self::State>;
 }
 
 /// The state of every variant: the step count, the update counter (Kron), the momentum
@@ -243,6 +263,9 @@ pub struct PsgdState<S> {
     pub mu: Option<Vec<Tensor>>,
     /// The preconditioner.
     pub precond: S,
+    /// What the health guard (`onUnhealthy`) did so far: resets and dropped fits per
+    /// leaf, skipped steps. Zero under `'throw'`; not saved in state files.
+    pub guard: GuardCounts,
 }
 
 /// A PSGD optimizer: the shared step around a [`Preconditioner`].
@@ -474,10 +497,162 @@ impl<P: Preconditioner> Psgd<P> {
             update_cumulative,
             mu,
             precond: self.precond.load(&mut f)?,
+            guard: GuardCounts::new(self.leaves.len()),
         };
         f.finish()?;
         self.check_state(&state)?;
         Ok(state)
+    }
+}
+
+/// A step whose updates would hold NaN or Inf under `onUnhealthy: 'reset' | 'skip'`:
+/// what [`Psgd::skipped_step`] needs of it.
+struct Skipped<S> {
+    /// The updates as computed (their shapes and dtypes).
+    updates: Vec<Tensor>,
+    /// The first leaf whose updates are non-finite.
+    leaf: usize,
+    /// The preconditioner the updates were made with.
+    current: S,
+    /// The preconditioner before this step's fit.
+    kept: S,
+    /// What the guard did at this step's fit so far.
+    health: StepHealth,
+}
+
+impl<P: Preconditioner> Psgd<P> {
+    /// The fit stage under the health guard: [`Psgd::fit_stage`], then under
+    /// `onUnhealthy: 'reset' | 'skip'` the check of the factors it made, per leaf; an
+    /// unhealthy leaf's factors are reset ([`Psgd::reset_leaves`]) or taken back from
+    /// `start` (the fit dropped for that leaf). Returns the preconditioner and what the
+    /// guard did. Like the fit stage it reads only its arguments (`grads`: the step's
+    /// float32 gradients, for Kron's automatic initial scale of a reset) and draws last,
+    /// so it runs the same wherever the fit runs.
+    pub(crate) fn guarded_fit_stage(
+        &self,
+        start: &P::State,
+        job: &FitInputs,
+        grads: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<(P::State, StepHealth)> {
+        let fitted = self.fit_stage(start, job, rng)?;
+        if self.step.on_unhealthy == OnUnhealthy::Throw {
+            return Ok((fitted, StepHealth::default()));
+        }
+        let bad = self.unhealthy_leaves(&fitted)?;
+        if !bad.contains(&true) {
+            return Ok((fitted, StepHealth::default()));
+        }
+        Ok(match self.step.on_unhealthy {
+            OnUnhealthy::Skip => (
+                self.precond.take_leaves(fitted, start, &bad)?,
+                StepHealth {
+                    dropped: bad,
+                    ..Default::default()
+                },
+            ),
+            _ => (
+                self.reset_leaves(fitted, &bad, job, grads, rng)?,
+                StepHealth {
+                    reset: bad,
+                    ..Default::default()
+                },
+            ),
+        })
+    }
+
+    /// Per leaf, whether the factors that precondition it fail the health check.
+    fn unhealthy_leaves(&self, s: &P::State) -> Result<Vec<bool>> {
+        let max = self.step.max_condition;
+        let c = self.precond.conditions(s)?;
+        Ok(c.into_iter()
+            .map(|c| crate::guard::unhealthy(c, max))
+            .collect())
+    }
+
+    /// `state` with the factors of the leaves marked in `bad` back at their initial scale:
+    /// the initial preconditioner (the same draws as the state's first), scaled as the
+    /// first step scales it from `grads` (Kron's automatic initial scale), then, when
+    /// this step fits (`job` has inputs), fitted once on them as a first step is (XMat,
+    /// LRA and Affine take their automatic initial scale there). A leaf the refit leaves
+    /// unhealthy keeps the unfitted initial factors. The Lipschitz bounds Kron keeps
+    /// start over with them.
+    fn reset_leaves(
+        &self,
+        state: P::State,
+        bad: &[bool],
+        job: &FitInputs,
+        grads: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<P::State> {
+        let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
+        let mut first_draws = crate::random::SeededRandom::for_step(self.step.seed, 0);
+        let init = self.precond.init(&device, &mut first_draws)?;
+        let start = self.precond.first_step(&init, grads)?.unwrap_or(init);
+        let fresh = if job.hvps.is_empty() {
+            start
+        } else {
+            let first = FitInputs {
+                first: true,
+                ..*job
+            };
+            let refit = self.fit_stage(&start, &first, rng)?;
+            let still = self.unhealthy_leaves(&refit)?;
+            self.precond.take_leaves(refit, &start, &still)?
+        };
+        self.precond.take_leaves(state, &fresh, bad)
+    }
+
+    /// The step whose updates would hold NaN or Inf, under `onUnhealthy: 'reset' |
+    /// 'skip'`: zero updates, the momentum as it was, the update decision and the count
+    /// advanced (schedules go on). `'skip'` keeps the preconditioner as it was before this
+    /// step's fit; `'reset'` resets the factors at fault: those failing the health check
+    /// and those of the first leaf whose updates are non-finite.
+    fn skipped_step(
+        &self,
+        state: &PsgdState<P::State>,
+        skip: Skipped<P::State>,
+        decided: &Decided,
+        job: &FitInputs,
+        grads: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<(Vec<Tensor>, PsgdState<P::State>)> {
+        let updates = skip
+            .updates
+            .iter()
+            .map(|u| Ok(u.zeros_like()?))
+            .collect::<Result<Vec<_>>>()?;
+        let skipped = StepHealth {
+            skipped: true,
+            ..Default::default()
+        };
+        let (precond, health) = match self.step.on_unhealthy {
+            OnUnhealthy::Reset => {
+                let mut bad = self.unhealthy_leaves(&skip.current)?;
+                bad[skip.leaf] = true;
+                let reset = self.reset_leaves(skip.current, &bad, job, grads, rng)?;
+                let health = StepHealth {
+                    reset: bad,
+                    ..skipped
+                };
+                (
+                    self.precond.prepare_apply(reset, true)?,
+                    skip.health.and(health),
+                )
+            }
+            _ => (skip.kept, skipped),
+        };
+        Ok((
+            updates,
+            PsgdState {
+                count: state.count + 1,
+                update_counter: decided.update_counter,
+                update_cumulative: decided.update_cumulative,
+                mu: state.mu.clone(),
+                precond,
+                guard: state.guard.after(&health),
+            },
+        ))
     }
 }
 
@@ -531,6 +706,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             update_cumulative: 0.0,
             mu,
             precond: self.precond.init(&device, rng)?,
+            guard: GuardCounts::new(self.leaves.len()),
         })
     }
 
@@ -612,6 +788,9 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             _ => None,
         };
         let start = scaled.unwrap_or_else(|| state.precond.clone());
+        let guarded = o.on_unhealthy != OnUnhealthy::Throw;
+        let kept = guarded.then(|| start.clone());
+        let mut health = StepHealth::default();
         let hvps = match (fit, curvature, o.fit_source) {
             (false, _, _) => vec![],
             (true, Some(c), _) => f32s(&c.hvp)?,
@@ -633,7 +812,9 @@ impl<P: Preconditioner> Transform for Psgd<P> {
         // preconditioner as it was, make the updates, and fit it last: the fit is then a
         // separate stage on inputs that are all known before the updates are made
         let before = if o.update_first && fit {
-            self.fit_stage(&start, &job, rng)?
+            let (fitted, h) = self.guarded_fit_stage(&start, &job, &g32, rng)?;
+            health = h;
+            fitted
         } else {
             start
         };
@@ -649,8 +830,18 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             o.weight_decay,
             hyper.learning_rate,
             o.clip,
-            o.check_finite,
+            o.check_finite || guarded,
         )?;
+        if let (Some(l), Some(kept)) = (non_finite, kept) {
+            let skip = Skipped {
+                updates,
+                leaf: l,
+                current,
+                kept,
+                health,
+            };
+            return self.skipped_step(state, skip, &decided, &job, &g32, rng);
+        }
         if let Some(l) = non_finite {
             return Err(PsgdError::NonFiniteUpdate {
                 path: self.leaves[l].path.clone(),
@@ -658,7 +849,8 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             });
         }
         let precond = if !o.update_first && fit {
-            let fitted = self.fit_stage(&current, &job, rng)?;
+            let (fitted, h) = self.guarded_fit_stage(&current, &job, &g32, rng)?;
+            health = health.and(h);
             self.precond.prepare_apply(fitted, true)?
         } else {
             current
@@ -673,6 +865,10 @@ impl<P: Preconditioner> Transform for Psgd<P> {
                 update_cumulative: decided.update_cumulative,
                 mu,
                 precond,
+                guard: match guarded {
+                    true => state.guard.after(&health),
+                    false => state.guard.clone(),
+                },
             },
         ))
     }

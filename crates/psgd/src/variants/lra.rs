@@ -170,6 +170,20 @@ impl Preconditioner for LraPreconditioner {
         })
     }
 
+    /// The condition estimate of its diagonal `d`, and whether `U` and `V` are finite.
+    fn conditions(&self, st: &LraFactors) -> Result<Vec<f64>> {
+        let estimates = vec![
+            crate::guard::diag_condition(&st.d.flatten_all()?, false)?,
+            crate::guard::finite_probe(&st.u)?,
+            crate::guard::finite_probe(&st.v)?,
+        ];
+        crate::common::shared_conditions(estimates, self.leaves.len())
+    }
+
+    fn take_leaves(&self, st: LraFactors, from: &LraFactors, which: &[bool]) -> Result<LraFactors> {
+        Ok(crate::common::take_shared(st, from, which))
+    }
+
     fn check(&self, st: &LraFactors) -> Result<()> {
         for (name, t, want) in [
             ("U", &st.u, [self.n, self.rank]),

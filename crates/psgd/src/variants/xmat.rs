@@ -124,6 +124,24 @@ impl Preconditioner for XMatPreconditioner {
         })
     }
 
+    /// The condition estimate of its diagonal `a`, and whether `a` and `b` are finite.
+    fn conditions(&self, st: &XMatFactors) -> Result<Vec<f64>> {
+        let estimates = vec![
+            crate::guard::diag_condition(&st.a, false)?,
+            crate::guard::finite_probe(&st.b)?,
+        ];
+        crate::common::shared_conditions(estimates, self.leaves.len())
+    }
+
+    fn take_leaves(
+        &self,
+        st: XMatFactors,
+        from: &XMatFactors,
+        which: &[bool],
+    ) -> Result<XMatFactors> {
+        Ok(crate::common::take_shared(st, from, which))
+    }
+
     fn check(&self, st: &XMatFactors) -> Result<()> {
         for (name, t) in [("a", &st.a), ("b", &st.b)] {
             if t.dims() != [self.n] {
