@@ -2,6 +2,7 @@
 // variant's `declare_options!`) by `cargo test -p psgd generated_typescript`; do not
 // edit. A test fails when this file and the declarations differ; rerun with
 // PSGD_WRITE_GENERATED=1 to rewrite it.
+import type { WarningHook } from './guard'
 import type { Schedule } from './schedule'
 import type { Mask } from './tree'
 
@@ -109,6 +110,13 @@ export interface PsgdNativeOptions {
    * boolean` (psgd-jax's `mask`). Default: all.
    */
   mask?: Mask
+  /**
+   * Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+   * optimizer, when the params' norm grows steadily); null silences them and skips
+   * the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+   * the warning's `code`.
+   */
+  onWarning?: WarningHook | null
 }
 
 /** The options of `kron` declared in Rust (see the variant's options type). */
@@ -407,6 +415,13 @@ export interface KronNativeOptions {
    * predicate): each layer gets its own preconditioner. Default: none.
    */
   scannedLayers?: Mask
+  /**
+   * Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+   * optimizer, when the params' norm grows steadily); null silences them and skips
+   * the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+   * the warning's `code`.
+   */
+  onWarning?: WarningHook | null
 }
 
 /** The options of `xmat` declared in Rust (see the variant's options type). */
@@ -436,7 +451,7 @@ export interface AffineNativeOptions extends PsgdNativeOptions {
 /**
  * Per variant: whether `update` takes Hessian-vector products, and each option's kind:
  * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`
- * (resolved in TypeScript) or `'value'` (read and checked by the native core).
+ * (resolved in TypeScript), `'hook'` (a function TypeScript calls) or `'value'` (read and checked by the native core).
  */
 export const VARIANTS = {
   kron: {
@@ -484,6 +499,7 @@ export const VARIANTS = {
       seed: 'value',
       weightDecayMask: 'mask',
       scannedLayers: 'mask',
+      onWarning: 'hook',
     },
   },
   xmat: {
@@ -507,6 +523,7 @@ export const VARIANTS = {
       precision: 'value',
       seed: 'value',
       mask: 'mask',
+      onWarning: 'hook',
     },
   },
   lra: {
@@ -531,6 +548,7 @@ export const VARIANTS = {
       seed: 'value',
       uvdRankOfApproximation: 'value',
       mask: 'mask',
+      onWarning: 'hook',
     },
   },
   affine: {
@@ -556,6 +574,7 @@ export const VARIANTS = {
       maxSizeTriangular: 'value',
       maxSkewTriangular: 'value',
       mask: 'mask',
+      onWarning: 'hook',
     },
   },
 } as const

@@ -89,6 +89,11 @@ macro_rules! psgd_options {
                 /// Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
                 /// boolean` (psgd-jax's `mask`). Default: all.
                 "mask": "Mask";
+                /// Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+                /// optimizer, when the params' norm grows steadily); null silences them and skips
+                /// the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+                /// the warning's `code`.
+                "onWarning": "WarningHook | null";
             }
         }
 

@@ -389,6 +389,11 @@ crate::declare_options! {
         /// Leaves whose leading axis is a stack of layers (a tree of booleans or a
         /// predicate): each layer gets its own preconditioner. Default: none.
         "scannedLayers": "Mask";
+        /// Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+        /// optimizer, when the params' norm grows steadily); null silences them and skips
+        /// the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+        /// the warning's `code`.
+        "onWarning": "WarningHook | null";
     }
 }
 
