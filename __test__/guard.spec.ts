@@ -140,7 +140,13 @@ test('the warning works under stepAsync and on the TensorFlow.js optimizer', asy
 })
 
 const overflow = { learningRate: 3e38, preconditionerUpdateProbability: 1 }
-const bigGrads = () => ({ w: leaf(values(12, 3).map((x) => x * 1e3), [4, 3]), b: leaf(values(5, 4).map((x) => x * 1e3)) })
+const bigGrads = () => ({
+  w: leaf(
+    values(12, 3).map((x) => x * 1e3),
+    [4, 3],
+  ),
+  b: leaf(values(5, 4).map((x) => x * 1e3)),
+})
 const someParams = () => ({ w: leaf(values(12, 1), [4, 3]), b: leaf(values(5, 2)) })
 
 test("onUnhealthy: 'throw' (default) refuses a step whose updates overflow; 'skip' and 'reset' leave the params as they were and count the step", (t) => {

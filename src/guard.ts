@@ -108,7 +108,10 @@ export class DivergenceWatch {
     s.norms.push(norm)
     if (s.norms.length > 4 * WINDOW) {
       // keep the reference (the first positive sample) and the recent window
-      const keep = Math.max(0, s.norms.findIndex((n) => n > 0))
+      const keep = Math.max(
+        0,
+        s.norms.findIndex((n) => n > 0),
+      )
       s.steps.splice(keep + 1, s.norms.length - WINDOW - keep - 1)
       s.norms.splice(keep + 1, s.norms.length - WINDOW - keep - 1)
     }
