@@ -1,7 +1,7 @@
 import '@tensorflow/tfjs-backend-cpu'
 import * as tf from '@tensorflow/tfjs-core'
 import test from 'ava'
-import { Affine, kron, Kron, XMat, type PsgdWarning } from '../index'
+import { Affine, kron, Kron, Tensor, XMat, type PsgdWarning } from '../index'
 import { diverging, WATCH_EVERY } from '../src/guard'
 import { KronOptimizer } from '../tfjs'
 import { leaf, snapshot, values } from './helpers'
@@ -161,6 +161,13 @@ test("onUnhealthy: 'throw' (default) refuses a step whose updates overflow; 'ski
     opt.step(bigGrads())
     t.deepEqual(snapshot(q), before, onUnhealthy)
     t.is(opt.count, 1)
+    // Tensor params, written natively
+    const tp = { w: Tensor.fromArray(someParams().w.data, [4, 3]), b: Tensor.fromArray(someParams().b.data, [5]) }
+    const tBefore = snapshot(tp)
+    const tOpt = new Kron(tp, { ...overflow, onUnhealthy })
+    tOpt.step(bigGrads())
+    t.deepEqual(snapshot(tp), tBefore, `${onUnhealthy}: Tensor params`)
+    t.is(tOpt.count, 1)
     // the functional API gives zero updates
     const f = kron({ ...overflow, onUnhealthy })
     const [u] = f.update(bigGrads(), f.init(someParams()), someParams())

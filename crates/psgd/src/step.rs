@@ -187,6 +187,9 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     /// when it forks many small parallel jobs (Kron's and Affine's per-leaf products), not
     /// for a fit of a few fused passes (XMat, LRA).
     const FIT_ON_POOL: bool = false;
+    /// Whether one preconditioner serves every leaf (XMat, LRA): the health guard then
+    /// checks, resets and counts it as one, on every leaf.
+    const SHARED: bool = false;
     /// The variant's options.
     type Options: VariantOptions;
     /// The preconditioner's tensors.
@@ -630,6 +633,9 @@ impl<P: Preconditioner> Psgd<P> {
             OnUnhealthy::Reset => {
                 let mut bad = self.unhealthy_leaves(&skip.current)?;
                 bad[skip.leaf] = true;
+                if P::SHARED {
+                    bad.fill(true);
+                }
                 let reset = self.reset_leaves(skip.current, &bad, job, grads, rng)?;
                 let health = StepHealth {
                     reset: bad,

@@ -279,6 +279,22 @@ fn overflowing_updates_under_each_mode() {
     }
 }
 
+/// XMat and LRA keep one preconditioner for every leaf: a step whose updates overflow
+/// under 'reset' resets it, counted on every leaf.
+#[test]
+fn a_shared_preconditioner_is_reset_and_counted_whole() {
+    let o = XMatOptions {
+        on_unhealthy: OnUnhealthy::Reset,
+        learning_rate: Schedule::Constant(3e38),
+        ..Default::default()
+    };
+    let xmat = XMat::new(leaves(), o).unwrap();
+    let s = xmat.init(&params()).unwrap();
+    let (u, s1) = step(&xmat, &s, 1, 1e3).unwrap();
+    assert!(zero(&u));
+    assert_eq!((s1.guard.resets.clone(), s1.guard.skipped), (vec![1, 1], 1));
+}
+
 /// With `allowNonFinite` a NaN factor can come from a saved state: 'reset' recovers from it.
 #[test]
 fn a_loaded_nan_factor_is_reset() {

@@ -83,6 +83,7 @@ impl LraPreconditioner {
 impl Preconditioner for LraPreconditioner {
     const NAME: &'static str = "lra";
     const WHITENING_VECTOR: bool = true;
+    const SHARED: bool = true;
     type Options = LraOptions;
     type State = LraFactors;
 

@@ -47,6 +47,7 @@ fn flip(t: &Tensor) -> Result<Tensor> {
 impl Preconditioner for XMatPreconditioner {
     const NAME: &'static str = "xmat";
     const WHITENING_VECTOR: bool = true;
+    const SHARED: bool = true;
     type Options = XMatOptions;
     type State = XMatFactors;
 
