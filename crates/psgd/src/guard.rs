@@ -82,20 +82,30 @@ impl GuardCounts {
 
     /// These counts plus what one step did.
     pub(crate) fn after(&self, step: &StepHealth) -> Self {
-        let add = |a: &[u64], b: &[bool]| -> Vec<u64> {
-            let n = a.len().max(b.len());
-            (0..n)
-                .map(|i| {
-                    a.get(i).copied().unwrap_or(0) + u64::from(b.get(i).copied().unwrap_or(false))
-                })
-                .collect()
-        };
+        let add = |n: u64, b: bool| n + u64::from(b);
         GuardCounts {
-            resets: add(&self.resets, &step.reset),
-            dropped: add(&self.dropped, &step.dropped),
+            resets: leafwise(&self.resets, &step.reset, add),
+            dropped: leafwise(&self.dropped, &step.dropped, add),
             skipped: self.skipped + u64::from(step.skipped),
         }
     }
+}
+
+/// `f(a[i], b[i])` leaf by leaf over the longer of the two lists (a missing item is its
+/// type's default: 0, false).
+fn leafwise<A: Copy + Default, B: Copy + Default, C>(
+    a: &[A],
+    b: &[B],
+    f: impl Fn(A, B) -> C,
+) -> Vec<C> {
+    (0..a.len().max(b.len()))
+        .map(|i| {
+            f(
+                a.get(i).copied().unwrap_or_default(),
+                b.get(i).copied().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// What the guard did in one step: per leaf whether its factors were reset or its fit
@@ -113,19 +123,13 @@ pub struct StepHealth {
 
 impl StepHealth {
     /// Both records of `self` and `other`, leaf by leaf.
-    pub(crate) fn and(mut self, other: StepHealth) -> Self {
-        let or = |a: &mut Vec<bool>, b: Vec<bool>| {
-            if a.len() < b.len() {
-                a.resize(b.len(), false);
-            }
-            for (x, y) in a.iter_mut().zip(b) {
-                *x |= y;
-            }
-        };
-        or(&mut self.reset, other.reset);
-        or(&mut self.dropped, other.dropped);
-        self.skipped |= other.skipped;
-        self
+    pub(crate) fn and(self, other: StepHealth) -> Self {
+        let or = |x: bool, y: bool| x | y;
+        StepHealth {
+            reset: leafwise(&self.reset, &other.reset, or),
+            dropped: leafwise(&self.dropped, &other.dropped, or),
+            skipped: self.skipped | other.skipped,
+        }
     }
 }
 
