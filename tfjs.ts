@@ -8,6 +8,7 @@
  */
 // first, so that a missing @tensorflow/tfjs-core is reported with what to install
 import './src/tfjs-peer'
+export type { PsgdWarning, WarningHook } from './src/guard'
 export { KronOptimizer, XMatOptimizer, LRAOptimizer, AffineOptimizer, PsgdTfjsOptimizer, type NamedTensor } from './src/tfjs'
 export {
   psgdStatsCallback,

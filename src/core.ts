@@ -7,6 +7,7 @@
 import { call, native, rethrow, type LeafInfo, type NativeOptimizer, type NativeState, type NativeTensor, type StepInput } from './native'
 import type { Schedule } from './schedule'
 import { checkShape, readValues, Tensor } from './tensor'
+import { DivergenceWatch, divergenceAdvice, sumSquares, type WarningHook } from './guard'
 import {
   dataProblem,
   flatten,
@@ -51,6 +52,8 @@ interface Resolved {
   precondLr: Schedule | null
   weightDecayMask: Mask
   scannedLayers: Mask
+  /** The `onWarning` hook: undefined is the default, null silences. */
+  onWarning: WarningHook | null | undefined
 }
 
 function maskOption(owner: string, name: string, v: unknown): Mask {
@@ -81,11 +84,13 @@ function resolveOptions(spec: VariantSpec, options: object | undefined): Resolve
   const json: Record<string, unknown> = {}
   const fns: Record<string, Schedule> = {}
   const masks: Record<string, Mask> = {}
+  const hooks: Record<string, WarningHook | null> = {}
   for (const [k, v] of Object.entries(options ?? {})) {
     if (v === undefined) continue
     const kind = kinds[k] as OptionKind
     if (!Object.prototype.hasOwnProperty.call(kinds, k)) throw unknownOption(spec, k)
     if (kind === 'mask') masks[k] = maskOption(spec.name, k, v)
+    else if (kind === 'hook') hooks[k] = hookOption(spec.name, k, v)
     else if (kind === 'schedule' && typeof v === 'function') fns[k] = v as Schedule
     else if (typeof v === 'number' && !Number.isFinite(v)) {
       // JSON has no NaN or Infinity to carry it to the core's own check
@@ -103,7 +108,24 @@ function resolveOptions(spec: VariantSpec, options: object | undefined): Resolve
     precondLr: fns.precondLr ?? null,
     weightDecayMask: masks.weightDecayMask ?? masks.mask,
     scannedLayers: masks.scannedLayers,
+    onWarning: hooks.onWarning,
   }
+}
+
+function hookOption(owner: string, name: string, v: unknown): WarningHook | null {
+  if (v === null || typeof v === 'function') return v as WarningHook | null
+  throw new TypeError(`${owner}: option '${name}' must be a function (warning) => void or null, got ${preview(v)}`)
+}
+
+/** The params' global L2 norm (float64), reading each leaf once. */
+function paramsNorm(leaves: readonly Leaf[]): number {
+  let s = 0
+  for (const l of leaves) {
+    if (typeof l === 'number') s += l * l
+    else if (l instanceof Tensor) s += sumSquares(l.toArray())
+    else s += sumSquares(l.data)
+  }
+  return Math.sqrt(s)
 }
 
 /** Re-throws a native error with the optimizer's name. */
@@ -435,6 +457,8 @@ interface Prepared {
   inputs: [string, { leaves: Leaf[]; paths: string[] } | null][]
   /** Native tensors made from plain leaves for this call, freed when it ends. */
   temps: NativeTensor[]
+  /** The params' norm when the divergence watch samples this step, with the count before it. */
+  watched: { count: number; norm: number } | null
 }
 
 /** @internal What {@link makeTransformation} builds: the public pair and the in-place step behind the optimizer classes (and the TensorFlow.js adapter). */
@@ -492,6 +516,11 @@ export function describeLeaves(spec: VariantSpec, params: PyTree, options: objec
 /** @internal Builds the optax-style pair for a variant (the factories and classes call it). */
 export function makeTransformation(spec: VariantSpec, options: object | undefined): Transformation {
   const o = resolveOptions(spec, options)
+  const watch = new DivergenceWatch(spec.name, o.onWarning, divergenceAdvice(spec.name))
+  /** Called once a step from `state` has succeeded. */
+  const watched = (prep: Prepared, state: OptimizerState) => {
+    if (prep.watched) watch.record(state, prep.watched.count, prep.watched.norm)
+  }
 
   const prepare = (grads: PyTree, state: OptimizerState, params: PyTree | null | undefined, extra?: UpdateExtra): Prepared => {
     if (!(state instanceof OptimizerState) || state.owner !== spec.name) {
@@ -529,6 +558,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     if (o.updateProbability) step.updateProbability = scheduleValue(spec, 'preconditionerUpdateProbability', o.updateProbability, count + 1)
     if (o.precondLr) step.precondLr = scheduleValue(spec, 'precondLr', o.precondLr, count + 1)
     if (hessian) step.updatePreconditioner = hessian.updatePreconditioner
+    const norm = p !== null && watch.due(count) ? paramsNorm(p.flat.leaves) : null
     return {
       flat: g.flat,
       paramsFlat: p?.flat ?? null,
@@ -544,6 +574,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
         ['vector', hessian?.flats.vector ?? null],
       ],
       temps,
+      watched: norm === null ? null : { count, norm },
     }
   }
 
@@ -568,7 +599,9 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
     } finally {
       disposeAll(prep.temps)
     }
-    return finish(prep, out)
+    const tree = finish(prep, out)
+    watched(prep, state)
+    return tree
   }
 
   /** The Tensor leaves an async step reads, which must stay undisposed until it settles. */
@@ -620,7 +653,9 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
         for (const t of held) t.unretain()
         disposeAll(prep.temps)
       }
-      return [finish(prep, out), state]
+      const tree = finish(prep, out)
+      watched(prep, state)
+      return [tree, state]
     },
 
     stepInPlace(grads, state, params, extra, write) {
@@ -646,6 +681,7 @@ export function makeTransformation(spec: VariantSpec, options: object | undefine
       } finally {
         disposeAll(prep.temps)
       }
+      watched(prep, state)
     },
   }
 }

@@ -46,10 +46,15 @@ export declare class NativeOptimizer {
   stateFromBytes(bytes: Uint8Array, deviceName: string): NativeState
   /**
    * What the last step of `state` did and how its preconditioner stands (the only
-   * device reads of the telemetry are here).
+   * device reads of the telemetry are here). A fit in flight (`overlapFit`) is waited
+   * for first, so the stats hold it; its error is raised here.
    */
   stats(state: NativeState): NativeStepStats
-  /** Makes `target` hold `source`'s state (both of this optimizer). */
+  /**
+   * Makes `target` hold `source`'s state (both of this optimizer).
+   * A fit in flight (`overlapFit`) on `source` is shared, not waited for; one on
+   * `target` is waited for and dropped, as the state it would fit is replaced.
+   */
   copyState(source: NativeState, target: NativeState): void
 }
 
@@ -70,7 +75,10 @@ export declare class NativeProbe {
 
 /** An optimizer's state: an opaque handle, advanced in place by `update`. */
 export declare class NativeState {
-  /** An independent copy (tensors are immutable, so this is cheap). */
+  /**
+   * An independent copy (tensors are immutable, so this is cheap).
+   * A fit in flight (`overlapFit`) is not waited for: the copy shares it.
+   */
   clone(): NativeState
   /**
    * Steps taken. Does not wait for a step in flight: while `updateAsync` runs, this is
@@ -85,7 +93,8 @@ export declare class NativeState {
   /**
    * Frees the state's tensors now (the momentum and the preconditioner), instead of
    * when the collector gets to this object; later use is an error. Idempotent. A
-   * pending async step keeps its own reference and finishes first (the lock).
+   * pending async step keeps its own reference and finishes first (the lock); a fit in
+   * flight (`overlapFit`) is waited for and dropped, its error with it.
    */
   dispose(): void
   /** Whether [`Self::dispose`] was called (without waiting for a step in flight). */
@@ -187,6 +196,8 @@ export interface NativeLeafStats {
   updateRms?: number
   clipped?: boolean
   whitening?: number
+  resets: number
+  dropped: number
 }
 
 /** [`psgd::telemetry::StepStats`] for JS. */
@@ -200,6 +211,7 @@ export interface NativeStepStats {
   whiteningOnFitInput: boolean
   clip: string
   times?: NativeStepTimes
+  skipped: number
 }
 
 /** [`psgd::telemetry::StepTimes`] for JS. */

@@ -2,6 +2,7 @@
 // variant's `declare_options!`) by `cargo test -p psgd generated_typescript`; do not
 // edit. A test fails when this file and the declarations differ; rerun with
 // PSGD_WRITE_GENERATED=1 to rewrite it.
+import type { WarningHook } from './guard'
 import type { Schedule } from './schedule'
 import type { Mask } from './tree'
 
@@ -60,6 +61,25 @@ export interface PsgdNativeOptions {
    */
   allowNonFinite?: boolean
   /**
+   * What a step does when the preconditioner turns unhealthy: `'throw'` (default: a
+   * step whose updates would hold NaN or Inf fails with a `RangeError` and
+   * changes nothing), `'reset'` (after each fit, a leaf whose factors are
+   * non-finite or past `maxCondition` gets them back at their initial scale; a
+   * step whose updates would hold NaN or Inf resets the factors at fault and
+   * makes zero updates) or `'skip'` (such a fit is dropped for that leaf; such
+   * a step makes zero updates and keeps its momentum and preconditioner). The
+   * step is counted either way. Not in psgd-jax.
+   */
+  onUnhealthy?: 'throw' | 'reset' | 'skip'
+  /**
+   * The condition bound of `onUnhealthy`'s health check: a factor whose
+   * `max|diag| / min|diag|` exceeds it is unhealthy (null: only non-finite
+   * factors are). Default 1e6: float32 resolves about 7 significant digits,
+   * so past it the factors' smallest directions are lost to rounding. Read
+   * only under `'reset'` and `'skip'`.
+   */
+  maxCondition?: number | null
+  /**
    * How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
    */
   stepNormalizerOrder?: '1st' | '2nd'
@@ -101,6 +121,13 @@ export interface PsgdNativeOptions {
    * boolean` (psgd-jax's `mask`). Default: all.
    */
   mask?: Mask
+  /**
+   * Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+   * optimizer, when the params' norm grows steadily); null silences them and skips
+   * the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+   * the warning's `code`.
+   */
+  onWarning?: WarningHook | null
 }
 
 /** The options of `kron` declared in Rust (see the variant's options type). */
@@ -351,6 +378,25 @@ export interface KronNativeOptions {
    */
   allowNonFinite?: boolean
   /**
+   * What a step does when the preconditioner turns unhealthy: `'throw'` (default: a
+   * step whose updates would hold NaN or Inf fails with a `RangeError` and
+   * changes nothing), `'reset'` (after each fit, a leaf whose factors are
+   * non-finite or past `maxCondition` gets them back at their initial scale; a
+   * step whose updates would hold NaN or Inf resets the factors at fault and
+   * makes zero updates) or `'skip'` (such a fit is dropped for that leaf; such
+   * a step makes zero updates and keeps its momentum and preconditioner). The
+   * step is counted either way. Not in psgd-jax.
+   */
+  onUnhealthy?: 'throw' | 'reset' | 'skip'
+  /**
+   * The condition bound of `onUnhealthy`'s health check: a factor whose
+   * `max|diag| / min|diag|` exceeds it is unhealthy (null: only non-finite
+   * factors are). Default 1e6: float32 resolves about 7 significant digits,
+   * so past it the factors' smallest directions are lost to rounding. Read
+   * only under `'reset'` and `'skip'`.
+   */
+  maxCondition?: number | null
+  /**
    * Dtype of the momentum buffer; null keeps each param's dtype.
    */
   muDtype?: 'float32' | 'bfloat16' | 'float16' | 'float64' | null
@@ -391,6 +437,13 @@ export interface KronNativeOptions {
    * predicate): each layer gets its own preconditioner. Default: none.
    */
   scannedLayers?: Mask
+  /**
+   * Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+   * optimizer, when the params' norm grows steadily); null silences them and skips
+   * the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+   * the warning's `code`.
+   */
+  onWarning?: WarningHook | null
 }
 
 /** The options of `xmat` declared in Rust (see the variant's options type). */
@@ -420,7 +473,7 @@ export interface AffineNativeOptions extends PsgdNativeOptions {
 /**
  * Per variant: whether `update` takes Hessian-vector products, and each option's kind:
  * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`
- * (resolved in TypeScript) or `'value'` (read and checked by the native core).
+ * (resolved in TypeScript), `'hook'` (a function TypeScript calls) or `'value'` (read and checked by the native core).
  */
 export const VARIANTS = {
   kron: {
@@ -458,6 +511,8 @@ export const VARIANTS = {
       initScalePower: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       muDtype: 'value',
       precondDtype: 'value',
       precondUpdatePrecision: 'value',
@@ -467,6 +522,7 @@ export const VARIANTS = {
       seed: 'value',
       weightDecayMask: 'mask',
       scannedLayers: 'mask',
+      onWarning: 'hook',
     },
   },
   xmat: {
@@ -482,6 +538,8 @@ export const VARIANTS = {
       updateGlobalNormClip: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
       overlapFit: 'value',
@@ -489,6 +547,7 @@ export const VARIANTS = {
       precision: 'value',
       seed: 'value',
       mask: 'mask',
+      onWarning: 'hook',
     },
   },
   lra: {
@@ -504,6 +563,8 @@ export const VARIANTS = {
       updateGlobalNormClip: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
       overlapFit: 'value',
@@ -512,6 +573,7 @@ export const VARIANTS = {
       seed: 'value',
       uvdRankOfApproximation: 'value',
       mask: 'mask',
+      onWarning: 'hook',
     },
   },
   affine: {
@@ -527,6 +589,8 @@ export const VARIANTS = {
       updateGlobalNormClip: 'value',
       gradClip: 'value',
       allowNonFinite: 'value',
+      onUnhealthy: 'value',
+      maxCondition: 'value',
       stepNormalizerOrder: 'value',
       updatePreconditionerFirst: 'value',
       overlapFit: 'value',
@@ -536,6 +600,7 @@ export const VARIANTS = {
       maxSizeTriangular: 'value',
       maxSkewTriangular: 'value',
       mask: 'mask',
+      onWarning: 'hook',
     },
   },
 } as const

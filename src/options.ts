@@ -11,7 +11,7 @@ import { VARIANTS } from './options.generated'
 export type VariantName = keyof typeof VARIANTS
 
 /** How the TypeScript layer treats an option (see `options.generated.ts`). */
-export type OptionKind = 'schedule' | 'mask' | 'value'
+export type OptionKind = 'schedule' | 'mask' | 'hook' | 'value'
 
 /** The options of `variant`, by camelCase name, with their kinds. */
 export function optionKinds(variant: VariantName): Readonly<Record<string, OptionKind>> {

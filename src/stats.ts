@@ -31,6 +31,14 @@ export interface PsgdLeafStats {
    * the preconditioner; `null` before a fit.
    */
   whitening: number | null
+  /**
+   * Times the health guard reset the factors that precondition this leaf to their initial
+   * scale (`onUnhealthy: 'reset'`), since the state was made or loaded. XMat and LRA have
+   * one preconditioner for the whole tree: a reset counts on every leaf.
+   */
+  resets: number
+  /** Fits the health guard dropped for this leaf (`onUnhealthy: 'skip'`), since the state was made or loaded. */
+  dropped: number
 }
 
 /** One factor of a leaf's preconditioner in {@link PsgdStats}. */
@@ -107,8 +115,11 @@ export interface PsgdStats {
   maxCondition: number
   /** The last step's time split; `null` before a step. */
   times: PsgdStepTimes | null
-  // the health guard's counts (factors reset, steps skipped) go in PsgdLeafStats and
-  // PsgdFactorStats, read from the state as the native stats give them
+  /**
+   * Steps whose updates the health guard made zero because they would have held NaN or Inf
+   * (`onUnhealthy: 'reset' | 'skip'`), since the state was made or loaded.
+   */
+  skipped: number
 }
 
 /** @internal The stats of `state` as `optimizer` reads them, typed. */
@@ -127,6 +138,8 @@ export function readStats(optimizer: NativeOptimizer, state: NativeState, owner:
       updateRms: orNull(l.updateRms),
       clipped: orNull(l.clipped),
       whitening: orNull(l.whitening),
+      resets: l.resets,
+      dropped: l.dropped,
     })),
     factors,
     whitening: orNull(s.whitening),
@@ -134,13 +147,15 @@ export function readStats(optimizer: NativeOptimizer, state: NativeState, owner:
     clip: s.clip,
     maxCondition: largestCondition(factors),
     times: s.times ? { fitMs: s.times.fitMs, applyMs: s.times.applyMs, totalMs: s.times.totalMs } : null,
+    skipped: s.skipped,
   }
 }
 
 /**
  * @internal The stats of several states as one (the TensorFlow.js optimizers keep one per
  * set of variables): leaves and factors in turn, `fitted` when any fitted, the most fits,
- * the whitening over all their elements, the time splits summed; `count` the optimizer's.
+ * the whitening over all their elements, the time splits and skipped steps summed; `count`
+ * the optimizer's.
  */
 export function mergeStats(count: number, parts: PsgdStats[]): PsgdStats {
   const leaves = parts.flatMap((p) => p.leaves)
@@ -165,6 +180,7 @@ export function mergeStats(count: number, parts: PsgdStats[]): PsgdStats {
             applyMs: times.reduce((a, t) => a + t.applyMs, 0),
             totalMs: times.reduce((a, t) => a + t.totalMs, 0),
           },
+    skipped: parts.reduce((a, p) => a + p.skipped, 0),
   }
 }
 
@@ -196,11 +212,17 @@ export interface PsgdStatsCallbackOptions {
  * A few scalar summaries of {@link PsgdStats} (the keys {@link psgdStatsCallback} adds to
  * the logs): `psgd_fitted` (1 or 0), `psgd_pre_rms` and `psgd_update_rms` (over all
  * leaves' elements), `psgd_clipped` (the share of leaves the clip changed),
- * `psgd_whitening`, `psgd_max_condition`, `psgd_fit_ms` and `psgd_step_ms`. A value
+ * `psgd_whitening`, `psgd_max_condition`, `psgd_fit_ms`, `psgd_step_ms`, and the health
+ * guard's counts `psgd_resets` (over all leaves) and `psgd_skipped`. A value
  * that does not exist yet (before a step or a fit) is left out.
  */
 export function statsSummary(s: PsgdStats): Record<string, number> {
-  const out: Record<string, number> = { psgd_fitted: s.fitted ? 1 : 0, psgd_max_condition: s.maxCondition }
+  const out: Record<string, number> = {
+    psgd_fitted: s.fitted ? 1 : 0,
+    psgd_max_condition: s.maxCondition,
+    psgd_resets: s.leaves.reduce((a, l) => a + l.resets, 0),
+    psgd_skipped: s.skipped,
+  }
   const put = (k: string, v: number | null) => {
     if (v !== null) out[k] = v
   }

@@ -32,6 +32,7 @@ import { lra, type LRAOptions } from './lra'
 import { xmat, type XMatOptions } from './xmat'
 import type { ArrayLeaf } from './tree'
 import { mergeStats, type PsgdStats } from './stats'
+import { WATCH_EVERY } from './guard'
 
 /** A named tensor, as tfjs's optimizers take and give them (tfjs-core does not export its own type). */
 export interface NamedTensor {
@@ -360,7 +361,9 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
       return { data: g.dataSync() as Float32Array, shape: [...g.shape] }
     })
     // params are read only when the step needs them (decoupled weight decay)
-    const params = this.needsParams() ? variables.map((v) => ({ data: v.dataSync() as Float32Array, shape: [...v.shape] })) : null
+    // the divergence watch samples the params' norm every WATCH_EVERY steps (onWarning)
+    const watched = (this.options as { onWarning?: unknown }).onWarning !== null && group.state.count % WATCH_EVERY === 0
+    const params = this.needsParams() || watched ? variables.map((v) => ({ data: v.dataSync() as Float32Array, shape: [...v.shape] })) : null
     const [updates] = this.transformation.update(grads, group.state, params)
     const leaves = updates as ArrayLeaf[]
     // The `cpu` backend keeps values in JS arrays, so reading a variable is free while its
@@ -621,12 +624,13 @@ export abstract class PsgdTfjsOptimizer<O extends object> extends Optimizer {
    * {@link PsgdTfjsOptimizer.learningRate}.
    * A schedule made by `precondUpdateProbSchedule` is written as its options, and
    * {@link PsgdTfjsOptimizer.fromConfig} makes it again.
+   * An `onWarning` hook is left out (a config holds no function; `null` is kept).
    * @throws TypeError when an option is any other function (a schedule or mask), which no config can hold.
    */
   getConfig(): serialization.ConfigDict {
     const config: serialization.ConfigDict = {}
     for (const [k, v] of Object.entries({ learningRate: this.rate, ...this.options })) {
-      if (v === undefined) continue
+      if (v === undefined || (k === 'onWarning' && typeof v === 'function')) continue
       if (typeof v === 'function') {
         // a schedule made by precondUpdateProbSchedule is data (its options)
         const data = scheduleAsData(v as Schedule)

@@ -1155,6 +1155,8 @@ pub struct NativeLeafStats {
     pub update_rms: Option<f64>,
     pub clipped: Option<bool>,
     pub whitening: Option<f64>,
+    pub resets: f64,
+    pub dropped: f64,
 }
 
 /// [`psgd::telemetry::FactorStats`] for JS.
@@ -1186,6 +1188,7 @@ pub struct NativeStepStats {
     pub whitening_on_fit_input: bool,
     pub clip: String,
     pub times: Option<NativeStepTimes>,
+    pub skipped: f64,
 }
 
 impl From<psgd::telemetry::StepStats> for NativeStepStats {
@@ -1204,6 +1207,8 @@ impl From<psgd::telemetry::StepStats> for NativeStepStats {
                     update_rms: l.update_rms,
                     clipped: l.clipped,
                     whitening: l.whitening,
+                    resets: l.resets as f64,
+                    dropped: l.dropped as f64,
                 })
                 .collect(),
             factors: s
@@ -1224,6 +1229,7 @@ impl From<psgd::telemetry::StepStats> for NativeStepStats {
                 apply_ms: t.apply_ms,
                 total_ms: t.total_ms,
             }),
+            skipped: s.skipped as f64,
         }
     }
 }

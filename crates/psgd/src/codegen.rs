@@ -61,6 +61,7 @@ pub fn typescript() -> String {
          // variant's `declare_options!`) by `cargo test -p psgd generated_typescript`; do not\n\
          // edit. A test fails when this file and the declarations differ; rerun with\n\
          // PSGD_WRITE_GENERATED=1 to rewrite it.\n\
+         import type { WarningHook } from './guard'\n\
          import type { Schedule } from './schedule'\n\
          import type { Mask } from './tree'\n",
     );
@@ -103,7 +104,7 @@ pub fn typescript() -> String {
         out.push_str("}\n");
     }
     out.push_str(
-        "\n/**\n * Per variant: whether `update` takes Hessian-vector products, and each option's kind:\n * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`\n * (resolved in TypeScript) or `'value'` (read and checked by the native core).\n */\n",
+        "\n/**\n * Per variant: whether `update` takes Hessian-vector products, and each option's kind:\n * `'schedule'` (a number, or a function of the step evaluated in TypeScript), `'mask'`\n * (resolved in TypeScript), `'hook'` (a function TypeScript calls) or `'value'` (read and checked by the native core).\n */\n",
     );
     out.push_str("export const VARIANTS = {\n");
     let hessian = [
@@ -118,7 +119,9 @@ pub fn typescript() -> String {
             name.to_lowercase()
         ));
         for i in info {
-            let kind = if i.ts_only {
+            let kind = if i.ts_only && i.ts.contains("Hook") {
+                "hook"
+            } else if i.ts_only {
                 "mask"
             } else if i.ts.contains("Schedule") {
                 "schedule"

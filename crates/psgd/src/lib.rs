@@ -15,6 +15,7 @@
 pub mod any;
 pub mod codegen;
 pub mod error;
+pub mod guard;
 pub mod hessian;
 mod kernels;
 pub mod limits;

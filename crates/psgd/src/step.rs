@@ -16,6 +16,7 @@
 //! before the preconditioning or after it (`updatePreconditionerFirst`).
 
 use crate::error::{PsgdError, Result};
+use crate::guard::{GuardCounts, OnUnhealthy, StepHealth};
 use crate::kernels::fused::{self, Clip};
 use crate::kernels::precision::Precision;
 use crate::limits::{self, StateSize};
@@ -140,6 +141,10 @@ pub struct StepOptions {
     pub grad_clip: Option<f64>,
     /// Fail a step whose updates hold NaN or Inf (`allowNonFinite: false`, the default).
     pub check_finite: bool,
+    /// The health guard (`onUnhealthy`; see [`crate::guard`]).
+    pub on_unhealthy: OnUnhealthy,
+    /// The health check's condition bound (`maxCondition`; `None`: non-finite only).
+    pub max_condition: Option<f64>,
 }
 
 /// The options of a variant: the [`Options`] table plus the view the step reads.
@@ -217,6 +222,9 @@ impl FitData {
 pub struct PendingFit<P: Preconditioner> {
     start: P::State,
     data: FitData,
+    /// The step's float32 gradients, which a reset of the factors scales them from
+    /// (`onUnhealthy: 'reset'`; empty otherwise).
+    grads: Vec<Tensor>,
 }
 
 /// What [`Psgd::update_deferred`] gives: the updates, the next state (with the
@@ -252,6 +260,9 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     /// when it forks many small parallel jobs (Kron's and Affine's per-leaf products), not
     /// for a fit of a few fused passes (XMat, LRA).
     const FIT_ON_POOL: bool = false;
+    /// Whether one preconditioner serves every leaf (XMat, LRA): the health guard then
+    /// checks, resets and counts it as one, on every leaf.
+    const SHARED: bool = false;
     /// The variant's options.
     type Options: VariantOptions;
     /// The preconditioner's tensors.
@@ -300,6 +311,21 @@ pub trait Preconditioner: Sized + Clone + Debug + Send + Sync {
     fn factor_stats(&self, _state: &Self::State) -> Result<Vec<FactorStats>> {
         Ok(vec![])
     }
+    /// The health guard's check ([`crate::guard`]): per leaf of the optimizer, the largest
+    /// condition estimate ([`crate::guard::diag_condition`]) of the factors that
+    /// precondition it, +Inf where any of them (or a value the fit keeps with them, such
+    /// as Kron's Lipschitz bounds) holds NaN or Inf. Read back at once; run only under
+    /// `onUnhealthy: 'reset' | 'skip'`.
+    fn conditions(&self, state: &Self::State) -> Result<Vec<f64>>;
+    /// `state` with the factors (and what the fit keeps with them) that precondition the
+    /// leaves marked in `which` taken from `from`; a preconditioner shared by every leaf
+    /// (XMat, LRA) is taken whole when any leaf is marked.
+    fn take_leaves(
+        &self,
+        state: Self::State,
+        from: &Self::State,
+        which: &[bool],
+    ) -> Result<Self::State>;
 }
 
 /// The state of every variant: the step count, the update counter (Kron), the momentum
@@ -320,15 +346,20 @@ pub struct PsgdState<S> {
     pub precond: S,
     /// What the last step measured of itself, read by [`Psgd::stats`] (never saved).
     pub telemetry: Telemetry,
+    /// What the health guard (`onUnhealthy`) did so far: resets and dropped fits per
+    /// leaf, skipped steps. Zero under `'throw'`; not saved in state files.
+    pub guard: GuardCounts,
 }
 
 impl<S> PsgdState<S> {
     /// Puts a fit [`Psgd::run_fit`] gave into the state its step made (or one that
-    /// continues it): the fitted preconditioner, and the fit's time in the telemetry. A
+    /// continues it): the fitted preconditioner, what the health guard did at the fit
+    /// (its counts), and the fit's time in the telemetry. A
     /// fit run `inline` (by the step itself) counts in the step's total time; one run on
     /// another thread (`overlapFit`) does not, as the caller did not wait for it.
     pub fn install_fit(&mut self, fitted: Fitted<S>, inline: bool) {
         self.precond = fitted.state;
+        self.guard = self.guard.after(&fitted.health);
         let times = &mut self.telemetry.times;
         times.fit_ms = fitted.telemetry.ms;
         if inline {
@@ -463,6 +494,7 @@ impl<P: Preconditioner> Psgd<P> {
         Ok(Fitted {
             state,
             telemetry: FitTelemetry { ms },
+            health: StepHealth::default(),
         })
     }
 
@@ -473,7 +505,14 @@ impl<P: Preconditioner> Psgd<P> {
         let paths: Vec<String> = self.leaves.iter().map(|l| l.path.clone()).collect();
         let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
         let factors = self.precond.factor_stats(&state.precond)?;
-        state.telemetry.read(state.count, &paths, &sizes, factors)
+        let mut stats = state.telemetry.read(state.count, &paths, &sizes, factors)?;
+        let guard = &state.guard;
+        for (l, leaf) in stats.leaves.iter_mut().enumerate() {
+            leaf.resets = guard.resets.get(l).copied().unwrap_or(0);
+            leaf.dropped = guard.dropped.get(l).copied().unwrap_or(0);
+        }
+        stats.skipped = guard.skipped;
+        Ok(stats)
     }
 
     fn check_state(&self, s: &PsgdState<P::State>) -> Result<()> {
@@ -585,10 +624,173 @@ impl<P: Preconditioner> Psgd<P> {
             mu,
             precond: self.precond.load(&mut f)?,
             telemetry: Telemetry::default(),
+            guard: GuardCounts::new(self.leaves.len()),
         };
         f.finish()?;
         self.check_state(&state)?;
         Ok(state)
+    }
+}
+
+/// A step whose updates would hold NaN or Inf under `onUnhealthy: 'reset' | 'skip'`:
+/// what [`Psgd::skipped_step`] needs of it.
+struct Skipped<S> {
+    /// The updates as computed (their shapes and dtypes).
+    updates: Vec<Tensor>,
+    /// The first leaf whose updates are non-finite.
+    leaf: usize,
+    /// The preconditioner the updates were made with.
+    current: S,
+    /// The preconditioner before this step's fit.
+    kept: S,
+    /// What the guard did at this step's fit so far.
+    health: StepHealth,
+    /// The step's telemetry: the values of the updates that were refused, no fit.
+    telemetry: Telemetry,
+}
+
+impl<P: Preconditioner> Psgd<P> {
+    /// The fit stage under the health guard: [`Psgd::fit_stage`], then under
+    /// `onUnhealthy: 'reset' | 'skip'` the check of the factors it made, per leaf; an
+    /// unhealthy leaf's factors are reset ([`Psgd::reset_leaves`]) or taken back from
+    /// `start` (the fit dropped for that leaf). Returns the fit stage's output with the
+    /// preconditioner so checked and what the guard did. Like the fit stage it reads only its arguments (`grads`: the step's
+    /// float32 gradients, for Kron's automatic initial scale of a reset) and draws last,
+    /// so it runs the same wherever the fit runs.
+    pub(crate) fn guarded_fit_stage(
+        &self,
+        start: &P::State,
+        job: &FitInputs,
+        grads: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<Fitted<P::State>> {
+        let fitted = self.fit_stage(start, job, rng)?;
+        if self.step.on_unhealthy == OnUnhealthy::Throw {
+            return Ok(fitted);
+        }
+        let bad = self.unhealthy_leaves(&fitted.state)?;
+        if !bad.contains(&true) {
+            return Ok(fitted);
+        }
+        let (state, health) = match self.step.on_unhealthy {
+            OnUnhealthy::Skip => (
+                self.precond.take_leaves(fitted.state, start, &bad)?,
+                StepHealth {
+                    dropped: bad,
+                    ..Default::default()
+                },
+            ),
+            _ => (
+                self.reset_leaves(fitted.state, &bad, job, grads, rng)?,
+                StepHealth {
+                    reset: bad,
+                    ..Default::default()
+                },
+            ),
+        };
+        Ok(Fitted {
+            state,
+            health,
+            ..fitted
+        })
+    }
+
+    /// Per leaf, whether the factors that precondition it fail the health check.
+    fn unhealthy_leaves(&self, s: &P::State) -> Result<Vec<bool>> {
+        let max = self.step.max_condition;
+        let c = self.precond.conditions(s)?;
+        Ok(c.into_iter()
+            .map(|c| crate::guard::unhealthy(c, max))
+            .collect())
+    }
+
+    /// `state` with the factors of the leaves marked in `bad` back at their initial scale:
+    /// the initial preconditioner (the same draws as the state's first), scaled as the
+    /// first step scales it from `grads` (Kron's automatic initial scale), then, when
+    /// this step fits (`job` has inputs), fitted once on them as a first step is (XMat,
+    /// LRA and Affine take their automatic initial scale there). A leaf the refit leaves
+    /// unhealthy keeps the unfitted initial factors. The Lipschitz bounds Kron keeps
+    /// start over with them.
+    fn reset_leaves(
+        &self,
+        state: P::State,
+        bad: &[bool],
+        job: &FitInputs,
+        grads: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<P::State> {
+        let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
+        let mut first_draws = crate::random::SeededRandom::for_step(self.step.seed, 0);
+        let init = self.precond.init(&device, &mut first_draws)?;
+        let start = self.precond.first_step(&init, grads)?.unwrap_or(init);
+        let fresh = if job.hvps.is_empty() {
+            start
+        } else {
+            let first = FitInputs {
+                first: true,
+                ..*job
+            };
+            let refit = self.fit_stage(&start, &first, rng)?.state;
+            let still = self.unhealthy_leaves(&refit)?;
+            self.precond.take_leaves(refit, &start, &still)?
+        };
+        self.precond.take_leaves(state, &fresh, bad)
+    }
+
+    /// The step whose updates would hold NaN or Inf, under `onUnhealthy: 'reset' |
+    /// 'skip'`: zero updates, the momentum as it was, the update decision and the count
+    /// advanced (schedules go on). `'skip'` keeps the preconditioner as it was before this
+    /// step's fit; `'reset'` resets the factors at fault: those failing the health check
+    /// and those of the first leaf whose updates are non-finite.
+    fn skipped_step(
+        &self,
+        state: &PsgdState<P::State>,
+        skip: Skipped<P::State>,
+        decided: &Decided,
+        job: &FitInputs,
+        grads: &[Tensor],
+        rng: &mut dyn RandomSource,
+    ) -> Result<(Vec<Tensor>, PsgdState<P::State>)> {
+        let updates = skip
+            .updates
+            .iter()
+            .map(|u| Ok(u.zeros_like()?))
+            .collect::<Result<Vec<_>>>()?;
+        let skipped = StepHealth {
+            skipped: true,
+            ..Default::default()
+        };
+        let (precond, health) = match self.step.on_unhealthy {
+            OnUnhealthy::Reset => {
+                let mut bad = self.unhealthy_leaves(&skip.current)?;
+                bad[skip.leaf] = true;
+                if P::SHARED {
+                    bad.fill(true);
+                }
+                let reset = self.reset_leaves(skip.current, &bad, job, grads, rng)?;
+                let health = StepHealth {
+                    reset: bad,
+                    ..skipped
+                };
+                (
+                    self.precond.prepare_apply(reset, true)?,
+                    skip.health.and(health),
+                )
+            }
+            _ => (skip.kept, skipped),
+        };
+        Ok((
+            updates,
+            PsgdState {
+                count: state.count + 1,
+                update_counter: decided.update_counter,
+                update_cumulative: decided.update_cumulative,
+                mu: state.mu.clone(),
+                precond,
+                telemetry: skip.telemetry,
+                guard: state.guard.after(&health),
+            },
+        ))
     }
 }
 
@@ -643,6 +845,7 @@ impl<P: Preconditioner> Transform for Psgd<P> {
             mu,
             precond: self.precond.init(&device, rng)?,
             telemetry: Telemetry::default(),
+            guard: GuardCounts::new(self.leaves.len()),
         })
     }
 
@@ -760,6 +963,9 @@ impl<P: Preconditioner> Psgd<P> {
             _ => None,
         };
         let start = scaled.unwrap_or_else(|| state.precond.clone());
+        let guarded = o.on_unhealthy != OnUnhealthy::Throw;
+        let kept = guarded.then(|| start.clone());
+        let mut health = StepHealth::default();
         let hvps = match (fit, curvature, o.fit_source) {
             (false, _, _) => vec![],
             (true, Some(c), _) => f32s(&c.hvp)?,
@@ -767,7 +973,7 @@ impl<P: Preconditioner> Psgd<P> {
             (true, None, FitSource::Gradient) => g32.clone(),
         };
         let job = FitData {
-            vectors: decided.vectors,
+            vectors: decided.vectors.clone(),
             hvps,
             hessian: curvature.is_some(),
             first: state.count == 0,
@@ -782,8 +988,9 @@ impl<P: Preconditioner> Psgd<P> {
         // separate stage on inputs that are all known before the updates are made
         let mut times = StepTimes::default();
         let before = if o.update_first && fit {
-            let fitted = self.fit_stage(&start, &job.inputs(), rng)?;
+            let fitted = self.guarded_fit_stage(&start, &job.inputs(), &g32, rng)?;
             times.fit_ms = fitted.telemetry.ms;
+            health = fitted.health;
             fitted.state
         } else {
             start
@@ -801,34 +1008,51 @@ impl<P: Preconditioner> Psgd<P> {
             o.weight_decay,
             hyper.learning_rate,
             o.clip,
-            o.check_finite,
+            o.check_finite || guarded,
         )?;
-        if let Some(l) = non_finite {
+        if let (Some(l), None) = (non_finite, &kept) {
             return Err(PsgdError::NonFiniteUpdate {
                 path: self.leaves[l].path.clone(),
                 cause: overflow_cause(&pre[l], &g32[l], hyper.learning_rate)?,
             });
         }
         times.apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
-        let pending = (!o.update_first && fit).then(|| PendingFit {
-            start: current.clone(),
-            data: job,
-        });
-
-        let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
         times.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         let sizes: Vec<usize> = self.leaves.iter().map(LeafSpec::numel).collect();
         let on_fit_input =
             curvature.is_none() && (o.fit_source == FitSource::Momentum || state.mu.is_none());
+        // a step the guard refuses reports the values it refused, as a step that did not
+        // fit (they do not enter the whitening estimate)
         let telemetry = Telemetry::next(
             &state.telemetry,
-            fit,
+            fit && non_finite.is_none(),
             sums,
             &sizes,
             o.clip,
             on_fit_input,
             times,
         )?;
+        if let (Some(l), Some(kept)) = (non_finite, kept) {
+            let skip = Skipped {
+                updates,
+                leaf: l,
+                current,
+                kept,
+                health,
+                telemetry,
+            };
+            let (updates, next) =
+                self.skipped_step(state, skip, &decided, &job.inputs(), &g32, rng)?;
+            return Ok((updates, next, None));
+        }
+        let pending = (!o.update_first && fit).then(|| PendingFit {
+            start: current.clone(),
+            data: job,
+            // what a reset of the factors (`onUnhealthy: 'reset'`) scales them from
+            grads: if guarded { g32 } else { vec![] },
+        });
+
+        let mu = stages::keep_dtypes(mu, state.mu.as_ref())?;
         let next = PsgdState {
             count,
             update_counter: decided.update_counter,
@@ -836,6 +1060,10 @@ impl<P: Preconditioner> Psgd<P> {
             mu,
             precond: current,
             telemetry,
+            guard: match guarded {
+                true => state.guard.after(&health),
+                false => state.guard.clone(),
+            },
         };
         Ok((updates, next, pending))
     }
@@ -849,14 +1077,15 @@ impl<P: Preconditioner> Psgd<P> {
         job: PendingFit<P>,
         rng: &mut dyn RandomSource,
     ) -> Result<Fitted<P::State>> {
-        let Fitted { state, telemetry } = self.fit_stage(&job.start, &job.data.inputs(), rng)?;
+        let fitted =
+            self.guarded_fit_stage(&job.start, &job.data.inputs(), &job.grads, rng)?;
         // in this order every apply reads the preconditioner as a step that does not fit
         // would (Kron: its grams), so it is prepared so now, with the fit, rather than at
         // the start of the next step: the same values, formed off the next step's path
         // where the fit runs apart from it (the overlap worker)
         Ok(Fitted {
-            state: self.precond.prepare_apply(state, false)?,
-            telemetry,
+            state: self.precond.prepare_apply(fitted.state, false)?,
+            ..fitted
         })
     }
 }

@@ -27,6 +27,8 @@ pub struct Fitted<S> {
     pub state: S,
     /// What the fit reports.
     pub telemetry: FitTelemetry,
+    /// What the health guard did at the fit (`onUnhealthy`; nothing under `'throw'`).
+    pub health: crate::guard::StepHealth,
 }
 
 /// Wall time of one step's stages, in milliseconds.
@@ -151,6 +153,8 @@ impl Telemetry {
                     update_rms: at(&upd_sq).map(|sq| rms(sq, n)),
                     clipped,
                     whitening: whitening.get(l).copied(),
+                    resets: 0,
+                    dropped: 0,
                 }
             })
             .collect::<Vec<_>>();
@@ -174,6 +178,7 @@ impl Telemetry {
             whitening_on_fit_input: self.whitening_on_fit_input,
             clip: self.clip.map_or("none", clip_name).to_string(),
             times: stepped.then_some(self.times),
+            skipped: 0,
         })
     }
 }
@@ -256,6 +261,12 @@ pub struct LeafStats {
     pub clipped: Option<bool>,
     /// The average of [`LeafStats::pre_rms`] over the recent fitting steps.
     pub whitening: Option<f64>,
+    /// Times the health guard reset the factors that precondition this leaf to their
+    /// initial scale (`onUnhealthy: 'reset'`), since the state was made or loaded.
+    pub resets: u64,
+    /// Fits the health guard dropped for this leaf (`onUnhealthy: 'skip'`), since the
+    /// state was made or loaded.
+    pub dropped: u64,
 }
 
 /// What the last step did and how the preconditioner stands, per leaf and factor.
@@ -282,44 +293,21 @@ pub struct StepStats {
     pub clip: String,
     /// The last step's time split; `None` before a step.
     pub times: Option<StepTimes>,
-    // the health guard's counts (factors reset, steps skipped), per leaf and factor, are
-    // read from the state into `LeafStats`/`FactorStats` beside these
+    /// Steps whose updates the health guard made zero because they would have held NaN
+    /// or Inf (`onUnhealthy: 'reset' | 'skip'`), since the state was made or loaded.
+    pub skipped: u64,
 }
 
 /// `max|diag| / min|diag|` of a factor: `q` a diagonal `(…, d)` or with `dense` a square
-/// `(…, d, d)`, the largest ratio over any leading (stacked) axes. Infinite when a
-/// diagonal entry is 0 (NaN when one is NaN); 1 for an empty factor.
+/// `(…, d, d)`, the largest ratio over any leading (stacked) axes: the health guard's
+/// estimate ([`crate::guard::diag_condition`]), read back. Infinite when a diagonal entry
+/// is 0, NaN when an entry is not finite; 1 for an empty factor.
 pub fn diagonal_ratio(q: &Tensor, dense: bool) -> Result<f64> {
-    let dims = q.dims();
-    let d = dims.last().copied().unwrap_or(1);
-    if d == 0 || q.elem_count() == 0 {
+    if q.elem_count() == 0 {
         return Ok(1.0);
     }
-    let diag = if dense {
-        let flat = q.reshape(((), d * d))?;
-        let at: Vec<u32> = (0..d as u32).map(|i| i * (d as u32 + 1)).collect();
-        let at = Tensor::new(at.as_slice(), q.device())?;
-        flat.index_select(&at, 1)?
-    } else {
-        q.reshape(((), d))?
-    };
-    let rows = diag.to_dtype(DType::F64)?.abs()?.to_vec2::<f64>()?;
-    Ok(rows.iter().fold(1.0f64, |worst, r| {
-        let hi = r.iter().fold(0.0f64, |m, &v| {
-            if v.is_nan() || m.is_nan() {
-                f64::NAN
-            } else {
-                m.max(v)
-            }
-        });
-        let lo = r.iter().fold(f64::INFINITY, |m, &v| m.min(v));
-        let ratio = if hi == 0.0 { f64::INFINITY } else { hi / lo };
-        if ratio.is_nan() || worst.is_nan() {
-            f64::NAN
-        } else {
-            worst.max(ratio)
-        }
-    }))
+    let c = crate::guard::diag_condition(q, dense)?;
+    Ok(c.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// The largest entry of a normaliser `(B,)` (or of any shape), as [`FactorStats`] reports

@@ -668,6 +668,29 @@ impl Preconditioner for AffinePreconditioner {
         Ok(out)
     }
 
+    /// Per leaf, the larger condition estimate of its left and right factor.
+    fn conditions(&self, st: &Vec<AffineFactors>) -> Result<Vec<f64>> {
+        let groups = st
+            .iter()
+            .map(|f| {
+                [&f.ql, &f.qr]
+                    .into_iter()
+                    .map(|q| crate::guard::diag_condition(q, is_dense(q)))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::guard::read_groups(groups)
+    }
+
+    fn take_leaves(
+        &self,
+        st: Vec<AffineFactors>,
+        from: &Vec<AffineFactors>,
+        which: &[bool],
+    ) -> Result<Vec<AffineFactors>> {
+        Ok(crate::guard::take_marked(st, from, which))
+    }
+
     fn check(&self, st: &Vec<AffineFactors>) -> Result<()> {
         if st.len() != self.leaves.len() {
             return Err(PsgdError::State(format!(

@@ -51,6 +51,22 @@ macro_rules! psgd_options {
                 /// Default false: such a step fails with a `RangeError` naming the leaf and
                 /// changes nothing (the test is fused into the step's last pass).
                 allow_non_finite: bool = false;
+/// What a step does when the preconditioner turns unhealthy: `'throw'` (default: a
+                /// step whose updates would hold NaN or Inf fails with a `RangeError` and
+                /// changes nothing), `'reset'` (after each fit, a leaf whose factors are
+                /// non-finite or past `maxCondition` gets them back at their initial scale; a
+                /// step whose updates would hold NaN or Inf resets the factors at fault and
+                /// makes zero updates) or `'skip'` (such a fit is dropped for that leaf; such
+                /// a step makes zero updates and keeps its momentum and preconditioner). The
+                /// step is counted either way. Not in psgd-jax.
+                on_unhealthy: $crate::guard::OnUnhealthy = $crate::guard::OnUnhealthy::Throw;
+                /// The condition bound of `onUnhealthy`'s health check: a factor whose
+                /// `max|diag| / min|diag|` exceeds it is unhealthy (null: only non-finite
+                /// factors are). Default 1e6: float32 resolves about 7 significant digits,
+                /// so past it the factors' smallest directions are lost to rounding. Read
+                /// only under `'reset'` and `'skip'`.
+                max_condition: Option<f64> = Some($crate::guard::DEFAULT_MAX_CONDITION),
+                    check $crate::guard::check_max_condition;
                 /// How the preconditioner step is normalised: `'1st'` or `'2nd'` (default).
                 step_normalizer_order: $crate::step::StepNormalizer = $crate::step::StepNormalizer::Second;
                 /// Fit the preconditioner before preconditioning the step (default true,
@@ -82,6 +98,11 @@ macro_rules! psgd_options {
                 /// Which leaves get weight decay: a tree of booleans or `(path, leaf) =>
                 /// boolean` (psgd-jax's `mask`). Default: all.
                 "mask": "Mask";
+                /// Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+                /// optimizer, when the params' norm grows steadily); null silences them and skips
+                /// the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+                /// the warning's `code`.
+                "onWarning": "WarningHook | null";
             }
         }
 
@@ -115,6 +136,8 @@ macro_rules! psgd_options {
                     },
                     grad_clip: self.grad_clip,
                     check_finite: !self.allow_non_finite,
+                    on_unhealthy: self.on_unhealthy,
+                    max_condition: self.max_condition,
                     momentum_warmup: $crate::kernels::fused::Warmup::Debias,
                     update_first: self.update_preconditioner_first && !self.overlap_fit,
                     overlap_fit: self.overlap_fit,
@@ -214,6 +237,22 @@ pub fn global_init_scale_host(inputs: &FitInputs, v: Option<&Flat>, h: &Flat) ->
         _ => h.len() as f32,
     };
     finite_scale((num / hh).sqrt().sqrt())
+}
+
+/// The health check of a preconditioner shared by every leaf (XMat, LRA): the largest of
+/// its 0-d `estimates` ([`crate::guard::read_groups`]), once per leaf.
+pub fn shared_conditions(estimates: Vec<Tensor>, leaves: usize) -> Result<Vec<f64>> {
+    let c = crate::guard::read_groups(vec![estimates])?;
+    Ok(vec![c[0]; leaves])
+}
+
+/// A preconditioner shared by every leaf taken from `from` when any leaf is marked.
+pub fn take_shared<S: Clone>(state: S, from: &S, which: &[bool]) -> S {
+    if which.contains(&true) {
+        from.clone()
+    } else {
+        state
+    }
 }
 
 /// `max(x, 1e-25)` for a 0-d tensor (psgd-jax's `add_eps`).

@@ -358,6 +358,22 @@ crate::declare_options! {
         /// false: such a step fails with a `RangeError` naming the leaf and changes
         /// nothing (the test is fused into the step's last pass).
         allow_non_finite: bool = false;
+/// What a step does when the preconditioner turns unhealthy: `'throw'` (default: a
+        /// step whose updates would hold NaN or Inf fails with a `RangeError` and
+        /// changes nothing), `'reset'` (after each fit, a leaf whose factors are
+        /// non-finite or past `maxCondition` gets them back at their initial scale; a
+        /// step whose updates would hold NaN or Inf resets the factors at fault and
+        /// makes zero updates) or `'skip'` (such a fit is dropped for that leaf; such
+        /// a step makes zero updates and keeps its momentum and preconditioner). The
+        /// step is counted either way. Not in psgd-jax.
+        on_unhealthy: crate::guard::OnUnhealthy = crate::guard::OnUnhealthy::Throw;
+        /// The condition bound of `onUnhealthy`'s health check: a factor whose
+        /// `max|diag| / min|diag|` exceeds it is unhealthy (null: only non-finite
+        /// factors are). Default 1e6: float32 resolves about 7 significant digits,
+        /// so past it the factors' smallest directions are lost to rounding. Read
+        /// only under `'reset'` and `'skip'`.
+        max_condition: Option<f64> = Some(crate::guard::DEFAULT_MAX_CONDITION),
+            check crate::guard::check_max_condition;
         /// Dtype of the momentum buffer; null keeps each param's dtype.
         mu_dtype: Option<StateDType> = None;
         /// Dtype of the preconditioner factors; null is float32.
@@ -383,6 +399,11 @@ crate::declare_options! {
         /// Leaves whose leading axis is a stack of layers (a tree of booleans or a
         /// predicate): each layer gets its own preconditioner. Default: none.
         "scannedLayers": "Mask";
+        /// Receives the optimizer's warnings (a `PsgdWarning`: the divergence warning, once per
+        /// optimizer, when the params' norm grows steadily); null silences them and skips
+        /// the norm's sampling. Default: `process.emitWarning` with type `'PsgdWarning'` and
+        /// the warning's `code`.
+        "onWarning": "WarningHook | null";
     }
 }
 
@@ -421,6 +442,8 @@ impl VariantOptions for KronOptions {
             },
             grad_clip: self.grad_clip,
             check_finite: !self.allow_non_finite,
+            on_unhealthy: self.on_unhealthy,
+            max_condition: self.max_condition,
             momentum_warmup: self.momentum_warmup,
             update_first: self.update_preconditioner_first && !self.overlap_fit,
             overlap_fit: self.overlap_fit,
@@ -1754,6 +1777,61 @@ impl Preconditioner for KronPreconditioner {
             }
         }
         Ok(out)
+    }
+
+    /// Per leaf, the largest condition estimate of the factors of its parts (a factor
+    /// batched over layers or blocks: its worst), and whether its Lipschitz bounds are
+    /// finite.
+    fn conditions(&self, st: &KronFactors) -> Result<Vec<f64>> {
+        let groups = (0..self.layout.leaf_count())
+            .map(|l| {
+                let mut out = vec![];
+                for &p in self.layout.parts_of(l) {
+                    let plan = &self.plans[p];
+                    for (i, q) in st.qs[p].iter().enumerate() {
+                        let q = plan.batched_q(i, q)?;
+                        out.push(crate::guard::diag_condition(&q, !plan.diag[i])?);
+                    }
+                    for b in &st.ls[p] {
+                        out.push(crate::guard::finite_probe(b)?);
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::guard::read_groups(groups)
+    }
+
+    fn take_leaves(
+        &self,
+        st: KronFactors,
+        from: &KronFactors,
+        which: &[bool],
+    ) -> Result<KronFactors> {
+        let mut parts = vec![false; self.plans.len()];
+        for (l, _) in which.iter().enumerate().filter(|(_, &w)| w) {
+            for &p in self.layout.parts_of(l) {
+                parts[p] = true;
+            }
+        }
+        let ls = if st.ls.len() == parts.len() {
+            crate::guard::take_marked(st.ls, &from.ls, &parts)
+        } else {
+            st.ls
+        };
+        // the normalisers of the last fit go with the factors they were taken for
+        let norms = match (st.norms, &from.norms) {
+            (Some(n), Some(f)) if n.len() == parts.len() && f.len() == parts.len() => {
+                Some(crate::guard::take_marked(n, f, &parts))
+            }
+            _ => None,
+        };
+        Ok(KronFactors {
+            qs: crate::guard::take_marked(st.qs, &from.qs, &parts),
+            ls,
+            ps: None,
+            norms,
+        })
     }
 
     fn check(&self, s: &KronFactors) -> Result<()> {

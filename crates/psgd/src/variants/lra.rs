@@ -84,6 +84,7 @@ impl LraPreconditioner {
 impl Preconditioner for LraPreconditioner {
     const NAME: &'static str = "lra";
     const WHITENING_VECTOR: bool = true;
+    const SHARED: bool = true;
     type Options = LraOptions;
     type State = LraFactors;
 
@@ -173,6 +174,20 @@ impl Preconditioner for LraPreconditioner {
 
     fn factor_stats(&self, st: &LraFactors) -> Result<Vec<FactorStats>> {
         FactorStats::whole_tree(&st.d, None)
+    }
+
+    /// The condition estimate of its diagonal `d`, and whether `U` and `V` are finite.
+    fn conditions(&self, st: &LraFactors) -> Result<Vec<f64>> {
+        let estimates = vec![
+            crate::guard::diag_condition(&st.d.flatten_all()?, false)?,
+            crate::guard::finite_probe(&st.u)?,
+            crate::guard::finite_probe(&st.v)?,
+        ];
+        crate::common::shared_conditions(estimates, self.leaves.len())
+    }
+
+    fn take_leaves(&self, st: LraFactors, from: &LraFactors, which: &[bool]) -> Result<LraFactors> {
+        Ok(crate::common::take_shared(st, from, which))
     }
 
     fn check(&self, st: &LraFactors) -> Result<()> {

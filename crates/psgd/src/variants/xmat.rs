@@ -51,6 +51,7 @@ fn flip(t: &Tensor) -> Result<Tensor> {
 impl Preconditioner for XMatPreconditioner {
     const NAME: &'static str = "xmat";
     const WHITENING_VECTOR: bool = true;
+    const SHARED: bool = true;
     type Options = XMatOptions;
     type State = XMatFactors;
 
@@ -132,6 +133,24 @@ impl Preconditioner for XMatPreconditioner {
 
     fn factor_stats(&self, st: &XMatFactors) -> Result<Vec<FactorStats>> {
         FactorStats::whole_tree(&st.a, st.norm.as_ref())
+    }
+
+    /// The condition estimate of its diagonal `a`, and whether `a` and `b` are finite.
+    fn conditions(&self, st: &XMatFactors) -> Result<Vec<f64>> {
+        let estimates = vec![
+            crate::guard::diag_condition(&st.a, false)?,
+            crate::guard::finite_probe(&st.b)?,
+        ];
+        crate::common::shared_conditions(estimates, self.leaves.len())
+    }
+
+    fn take_leaves(
+        &self,
+        st: XMatFactors,
+        from: &XMatFactors,
+        which: &[bool],
+    ) -> Result<XMatFactors> {
+        Ok(crate::common::take_shared(st, from, which))
     }
 
     fn check(&self, st: &XMatFactors) -> Result<()> {
