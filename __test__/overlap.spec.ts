@@ -318,3 +318,36 @@ test.serial('tfjs cpu: setWeights into an optimizer with a fit in flight restore
   t.deepEqual(after, before)
   opt.dispose()
 })
+
+test("stats() with a fit in flight waits for it: the fit is counted and timed, and the counts (the health guard's too) are the sequential order's", (t) => {
+  for (const extra of [{ preconditionerUpdateProbability: 1 }, { preconditionerUpdateProbability: 1, onUnhealthy: 'reset', maxCondition: 1.0001 }]) {
+    const o = new Kron(arrays(1), overlapped(extra))
+    const s = new Kron(arrays(1), sequential(extra))
+    for (let n = 0; n < 6; n++) {
+      o.step(arrays(10 + n))
+      s.step(arrays(10 + n))
+      // read right after the step returned, while its fit may still run on the worker
+      const [so, ss] = [o.stats(), s.stats()]
+      const label = `${JSON.stringify(extra)} step ${n + 1}`
+      t.true(so.fitted, label)
+      t.true((so.times?.fitMs ?? 0) > 0, `${label}: the worker's fit time`)
+      t.is(so.fits, ss.fits, label)
+      t.deepEqual(
+        so.leaves.map((l) => [l.resets, l.dropped]),
+        ss.leaves.map((l) => [l.resets, l.dropped]),
+        label,
+      )
+      t.deepEqual(
+        so.factors.map((f) => [f.condition, f.normaliser]),
+        ss.factors.map((f) => [f.condition, f.normaliser]),
+        label,
+      )
+    }
+    if ('onUnhealthy' in extra)
+      t.true(
+        o.stats().leaves.some((l) => l.resets > 0),
+        'the guard acted on the worker',
+      )
+    t.deepEqual(treeBits(o.params), treeBits(s.params))
+  }
+})

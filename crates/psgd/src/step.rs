@@ -1077,8 +1077,7 @@ impl<P: Preconditioner> Psgd<P> {
         job: PendingFit<P>,
         rng: &mut dyn RandomSource,
     ) -> Result<Fitted<P::State>> {
-        let fitted =
-            self.guarded_fit_stage(&job.start, &job.data.inputs(), &job.grads, rng)?;
+        let fitted = self.guarded_fit_stage(&job.start, &job.data.inputs(), &job.grads, rng)?;
         // in this order every apply reads the preconditioner as a step that does not fit
         // would (Kron: its grams), so it is prepared so now, with the fit, rather than at
         // the start of the next step: the same values, formed off the next step's path

@@ -88,7 +88,7 @@ fn run_both(variant: &str, extra: Value, steps: u64, hessian: bool) -> usize {
     let (mut p_o, mut p_s) = (params(&leaves), params(&leaves));
     let mut s_o = overlap.init(&p_o).unwrap();
     let mut s_s = sequential.init(&p_s).unwrap();
-    let mut fits = 0;
+    let (mut fits, mut resets) = (0, 0);
     for n in 1..=steps {
         let g = grads(&leaves, n);
         let c = hessian.then(|| curvature(&leaves, n));
@@ -130,6 +130,29 @@ fn run_both(variant: &str, extra: Value, steps: u64, hessian: bool) -> usize {
             sequential.state_to_bytes(&s_s).unwrap(),
             "{variant} {extra}: state after step {n}"
         );
+        // what the state keeps beside its file: the fit count and the guard's counts
+        let (st_o, st_s) = (
+            overlap.stats(&s_o).unwrap(),
+            sequential.stats(&s_s).unwrap(),
+        );
+        let counts = |st: &psgd::telemetry::StepStats| {
+            let per_leaf: Vec<(u64, u64)> =
+                st.leaves.iter().map(|l| (l.resets, l.dropped)).collect();
+            (st.fitted, st.fits, st.skipped, per_leaf)
+        };
+        assert_eq!(
+            counts(&st_o),
+            counts(&st_s),
+            "{variant} {extra}: stats after step {n}"
+        );
+        resets += st_o
+            .leaves
+            .iter()
+            .map(|l| l.resets + l.dropped)
+            .sum::<u64>();
+    }
+    if extra.get("onUnhealthy").is_some() {
+        assert!(resets > 0, "{variant} {extra}: the guard never acted");
     }
     fits
 }
@@ -174,6 +197,32 @@ fn overlapped_fit_equals_the_sequential_delayed_order_on_every_variant_and_rule(
         let sparse = json!({ "preconditionerUpdateProbability": 0.3, "learningRate": 0.01 });
         let fits = overlapped_equals_sequential(variant, sparse, 12);
         assert!((2..12).contains(&fits), "{variant}: {fits} fits");
+    }
+}
+
+#[test]
+fn overlapped_fit_equals_the_sequential_delayed_order_under_the_health_guard() {
+    // a bound every fitted factor passes: the guard resets or drops at every fit, on the
+    // worker as in the step
+    for mode in ["reset", "skip"] {
+        for rule in ["EQ", "QUAD"] {
+            let o = json!({ "updateRule": rule, "onUnhealthy": mode, "maxCondition": 1.0001,
+                            "preconditionerUpdateProbability": 1.0 });
+            assert_eq!(
+                overlapped_equals_sequential("kron", o, 8),
+                8,
+                "{mode} {rule}"
+            );
+        }
+        for variant in ["xmat", "lra", "affine"] {
+            let o = json!({ "onUnhealthy": mode, "maxCondition": 1.0001, "learningRate": 0.01,
+                            "preconditionerUpdateProbability": 1.0 });
+            assert_eq!(
+                overlapped_equals_sequential(variant, o, 8),
+                8,
+                "{mode} {variant}"
+            );
+        }
     }
 }
 
