@@ -1,14 +1,19 @@
 /**
- * The health guard on a run that goes bad: Affine (`psgd/tfjs`'s `AffineOptimizer`) at a
- * far too large learning rate on a small tanh MLP (full-batch regression), where the
- * weights grow by orders of magnitude with no error. The same start is run three ways:
- * `onUnhealthy: 'throw'` (the default), `'reset'` and `'skip'`, each with an `onWarning`
- * hook that records the step at which the divergence warning fired. Every step reads
- * `opt.stats()` and the params' norm; plots the norm, the loss, the guard's counts
- * (factor resets and skipped steps, cumulative) and the factors' largest condition
- * estimate, with the warning and a thrown step marked.
+ * The health guard and the divergence warning on runs that go bad: Affine
+ * (`psgd/tfjs`'s `AffineOptimizer`) on a small tanh MLP (8-32-1, full-batch mean squared
+ * error), from the same start, under `onUnhealthy: 'throw'` (the default), `'reset'` and
+ * `'skip'`, each with an `onWarning` hook that records the step the divergence warning
+ * fired at. Two learning rates: 0.5, far too large, where the weights grow by orders of
+ * magnitude with no error (the factors stay well conditioned and the updates finite, so
+ * the guard never acts and the three modes take the same steps: the warning is what
+ * catches it), and 8, where the updates overflow float32 within a few steps (the default
+ * refuses that step with a `RangeError`; `'reset'` resets the factors and `'skip'` drops
+ * the fits, but the next gradient of the MLP itself is no longer finite). Every step reads
+ * `opt.stats()` and the params' norm; plots, per learning rate, the norm (with the warning
+ * and the thrown steps), the loss, the guard's counts and the factors' largest condition
+ * estimate.
  *
- * `npm run example -- guard [--steps N] [--lr X] [--out FILE]`
+ * `npm run example -- guard [--steps N] [--lr X] [--lr-high X] [--seed N] [--out FILE]`
  */
 import * as tf from '@tensorflow/tfjs-core'
 import type { PsgdWarning } from '../index'
@@ -132,13 +137,13 @@ function points(ys: readonly number[], log: boolean): { x: number[]; y: number[]
   return { x, y }
 }
 
-/** One panel's curve per run: colour by mode, dashed for the larger learning rate. */
+/** One curve per run: colour by mode; the modes' curves can coincide, so 'reset' is dashed and 'skip' pale. */
 function curves(traces: readonly GuardTrace[], pick: (tr: GuardTrace) => readonly number[], label = '', log = true): Series[] {
-  const top = Math.max(...traces.map((tr) => tr.learningRate))
   return traces.map((tr) => ({
-    name: `${label}'${tr.mode}', lr ${tr.learningRate}`,
+    name: `${label}'${tr.mode}'`,
     colorKey: tr.mode,
-    dashed: tr.learningRate === top && traces.some((o) => o.learningRate !== top),
+    dashed: tr.mode === 'reset',
+    opacity: tr.mode === 'skip' ? 0.55 : undefined,
     ...points(pick(tr), log),
   }))
 }
@@ -149,13 +154,62 @@ function marker(tr: GuardTrace, name: string, step: number): Series {
   return { name, colorKey: tr.mode, x: [step, step], y: [v, v], markers: true }
 }
 
+/** The warning (once when every run warned at the same step) and each thrown step, as markers on the norm curves. */
+function events(runs: readonly GuardTrace[]): Series[] {
+  const warned = runs.filter((tr) => tr.warning)
+  const same = warned.length === runs.length && warned.every((tr) => tr.warning!.step === warned[0].warning!.step)
+  const out = (same ? warned.slice(0, 1) : warned).map((tr) =>
+    marker(tr, `warning: ${same ? 'every mode' : `'${tr.mode}'`}, step ${tr.warning!.step}`, tr.warning!.step),
+  )
+  for (const tr of runs) if (tr.thrown && tr.norm.length > 0) out.push(marker(tr, `threw: '${tr.mode}', step ${tr.thrown.step}`, tr.norm.length))
+  return out
+}
+
+/** The four panels of one learning rate's runs. */
+function panelsOf(runs: readonly GuardTrace[]): Panel[] {
+  const lr = `lr ${runs[0].learningRate}`
+  const counts = (mode: Mode, label: string, pick: (tr: GuardTrace) => number[]) =>
+    curves(
+      runs.filter((tr) => tr.mode === mode),
+      pick,
+      label,
+      false,
+    )
+  return [
+    {
+      title: `${lr}: params' L2 norm (dots: warning, thrown step)`,
+      xLabel: 'step',
+      yLabel: 'norm',
+      logY: true,
+      series: [...curves(runs, (tr) => tr.norm), ...events(runs)],
+    },
+    { title: `${lr}: loss (full batch)`, xLabel: 'step', yLabel: 'mean squared error', logY: true, series: curves(runs, (tr) => tr.loss) },
+    {
+      title: `${lr}: the guard's counts so far (stats())`,
+      xLabel: 'step',
+      yLabel: 'count',
+      series: [
+        ...counts('reset', 'factor resets: ', (tr) => tr.resets),
+        ...counts('skip', 'skipped steps + dropped fits: ', (tr) => tr.skipped.map((v, i) => v + tr.dropped[i])),
+      ],
+    },
+    {
+      title: `${lr}: largest condition estimate of the factors`,
+      xLabel: 'step',
+      yLabel: 'max|diag| / min|diag|',
+      logY: true,
+      series: curves(runs, (tr) => tr.maxCondition),
+    },
+  ]
+}
+
 export async function main(argv: readonly string[], io: ExampleIO = consoleIO): Promise<ExampleResult> {
   const flags = parseFlags(argv, 'examples/out/guard.svg', ['steps', 'lr', 'lr-high'])
   await useCpuBackend()
   const steps = num(flags, 'steps', flags.smoke ? 120 : 400)
   const rates = [num(flags, 'lr', 0.5), num(flags, 'lr-high', 8)]
   const bar = new ProgressBar(steps * MODES.length * rates.length, 'Affine under three guards', io.progress)
-  const traces = rates.flatMap((lr) =>
+  const byRate = rates.map((lr) =>
     MODES.map((mode) => {
       const tr = trainGuarded(mode, steps, lr, flags.seed, () => bar.tick(1, `lr ${lr}, '${mode}'`))
       bar.tick(steps - tr.norm.length)
@@ -163,55 +217,11 @@ export async function main(argv: readonly string[], io: ExampleIO = consoleIO): 
     }),
   )
   bar.finish()
-  // the warning (once per learning rate when every mode warned at the same step) and each thrown step
-  const events: Series[] = []
-  for (const lr of rates) {
-    const runs = traces.filter((tr) => tr.learningRate === lr && tr.warning)
-    const same = runs.length > 0 && runs.every((tr) => tr.warning!.step === runs[0].warning!.step)
-    for (const tr of same ? runs.slice(0, 1) : runs) {
-      const who = same && runs.length === MODES.length ? 'every mode' : `'${tr.mode}'`
-      events.push(marker(tr, `warning: lr ${lr}, ${who}, step ${tr.warning!.step}`, tr.warning!.step))
-    }
-  }
-  for (const tr of traces)
-    if (tr.thrown && tr.norm.length > 0) events.push(marker(tr, `threw: '${tr.mode}', lr ${tr.learningRate}, step ${tr.thrown.step}`, tr.norm.length))
-  const panels: Panel[] = [
-    {
-      title: "params' L2 norm (dots: the warning; a thrown step)",
-      xLabel: 'step',
-      yLabel: 'norm',
-      logY: true,
-      series: [...curves(traces, (tr) => tr.norm), ...events],
-    },
-    { title: 'loss (full batch)', xLabel: 'step', yLabel: 'mean squared error', logY: true, series: curves(traces, (tr) => tr.loss) },
-    {
-      title: "the guard's counts so far (stats())",
-      xLabel: 'step',
-      yLabel: 'count',
-      series: [
-        ...curves(
-          traces.filter((tr) => tr.mode === 'reset'),
-          (tr) => tr.resets,
-          'factor resets: ',
-          false,
-        ),
-        ...curves(
-          traces.filter((tr) => tr.mode === 'skip'),
-          (tr) => tr.skipped.map((v, i) => v + tr.dropped[i]),
-          'skipped steps + dropped fits: ',
-          false,
-        ),
-      ],
-    },
-    {
-      title: 'largest condition estimate of the factors',
-      xLabel: 'step',
-      yLabel: 'max|diag| / min|diag|',
-      logY: true,
-      series: curves(traces, (tr) => tr.maxCondition),
-    },
-  ]
-  io.print(terminalChart(panels[0].series.slice(0, traces.length), { title: panels[0].title, logY: true }))
+  const traces = byRate.flat()
+  // one row per quantity, one column per learning rate
+  const [left, right] = byRate.map(panelsOf)
+  const panels = left.flatMap((p, i) => [p, right[i]])
+  for (const p of panels.slice(0, 2)) io.print(terminalChart(p.series.slice(0, MODES.length), { title: p.title, logY: true }))
   const cols = ['lr', 'mode', 'steps', 'warning', 'threw', 'norm', 'loss', 'resets', 'skipped', 'dropped', 'condition']
   const widths = [6, 8, 6, 8, 6, 10, 10, 7, 8, 8, 10]
   const row = (cells: readonly string[]) => cells.map((c, i) => c.padStart(widths[i])).join(' ')
