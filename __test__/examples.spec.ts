@@ -59,7 +59,7 @@ test.serial('telemetry --smoke: 5 panels, 7 curves, the loss falls and the stats
 })
 
 test.serial(
-  "guard --smoke: 4 panels per learning rate; at lr 0.5 the warning fires and the guard never acts, at lr 8 'throw' refuses a step and 'reset' resets factors with finite params",
+  "guard --smoke: 4 panels per learning rate; at lr 0.5 the warning fires and the guard never acts, at lr 8 'throw' refuses a step, 'reset' resets factors with finite params and 'skip' drops fits",
   async (t) => {
     const r = await guard.main(['--smoke', '--out', path.join(dir, 'guard.svg')], silentIO)
     // per learning rate: norm (3 runs, with the warning or the thrown steps), loss (3), counts ('reset', 'skip'), condition (3)
@@ -68,7 +68,10 @@ test.serial(
       .elements.filter((e) => e.name === 'path' && e.attrs.class === 'curve')
       .map((e) => e.attrs['data-series'])
     t.true(names.includes('warning: every mode, step 50'), names.join(' | '))
-    t.true(names.includes("threw: 'throw', step 13"), names.join(' | '))
+    t.true(
+      names.some((n) => /^threw: 'throw', step \d+$/.test(n)),
+      names.join(' | '),
+    )
     t.true(names.includes("factor resets: 'reset'"), names.join(' | '))
     t.is(r.runs.length, 6)
     // the diverging run: the warning fires, nothing throws, the guard never acts (every mode takes the same steps)
@@ -82,12 +85,17 @@ test.serial(
       t.deepEqual(tr.norm, slow[0].norm)
     }
     // far too large: the default refuses the step whose updates overflow; 'reset' resets factors, its params stay finite
-    const [thrower, resetter] = (['throw', 'reset'] as const).map((m) => guard.trainGuarded(m, 30, 8, 1))
-    t.is(thrower.thrown?.step, 13)
+    const [thrower, resetter, skipper] = guard.MODES.map((m) => guard.trainGuarded(m, 30, 8, 1))
+    // (step 13 here; the step an overflow reaches depends on float rounding)
+    t.true(thrower.thrown !== null && thrower.thrown.step <= 30, `threw at ${thrower.thrown?.step}`)
     t.regex(thrower.thrown!.message, /would hold NaN or Inf/)
     t.true(resetter.resets[resetter.resets.length - 1] > 0)
     t.true(resetter.norm.length > thrower.norm.length)
     t.true(resetter.norm.every(Number.isFinite))
+    // 'skip' drops the fits that would make the factors unhealthy
+    const last = skipper.norm.length - 1
+    t.true(skipper.dropped[last] + skipper.skipped[last] > 0)
+    t.true(skipper.norm.length > thrower.norm.length)
   },
 )
 
