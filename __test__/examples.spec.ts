@@ -13,6 +13,7 @@ import * as path from 'node:path'
 import { silentIO, type ExampleResult } from '../examples/lib/example'
 import { Rng } from '../examples/lib/rng'
 import { useCpuBackend } from '../examples/lib/tfjs-cpu'
+import * as guard from '../examples/guard'
 import * as mnist from '../examples/mnist'
 import * as regression from '../examples/regression'
 import * as telemetry from '../examples/telemetry'
@@ -56,6 +57,47 @@ test.serial('telemetry --smoke: 5 panels, 7 curves, the loss falls and the stats
   t.true(tr.whitening.every((w) => w !== null && w > 0))
   t.true(tr.updateRms.every((u) => u > 0) && tr.maxCondition.every((c) => c >= 1))
 })
+
+test.serial(
+  "guard --smoke: 4 panels per learning rate; at lr 0.5 the warning fires and the guard never acts, at lr 8 'throw' refuses a step, 'reset' resets factors with finite params and 'skip' drops fits",
+  async (t) => {
+    const r = await guard.main(['--smoke', '--out', path.join(dir, 'guard.svg')], silentIO)
+    // per learning rate: norm (3 runs, with the warning or the thrown steps), loss (3), counts ('reset', 'skip'), condition (3)
+    checkSvg(t, r, 26)
+    const names = parseSvg(fs.readFileSync(r.file, 'utf8'))
+      .elements.filter((e) => e.name === 'path' && e.attrs.class === 'curve')
+      .map((e) => e.attrs['data-series'])
+    t.true(names.includes('warning: every mode, step 50'), names.join(' | '))
+    t.true(
+      names.some((n) => /^threw: 'throw', step \d+$/.test(n)),
+      names.join(' | '),
+    )
+    t.true(names.includes("factor resets: 'reset'"), names.join(' | '))
+    t.is(r.runs.length, 6)
+    // the diverging run: the warning fires, nothing throws, the guard never acts (every mode takes the same steps)
+    const slow = guard.MODES.map((m) => guard.trainGuarded(m, 60, 0.5, 1))
+    for (const tr of slow) {
+      t.is(tr.warning?.step, 50, tr.mode)
+      t.regex(tr.warning!.message, /diverging/)
+      t.is(tr.thrown, null)
+      t.true(tr.norm[59] > 100 * tr.norm[0], `${tr.mode}: norm ${tr.norm[0]} → ${tr.norm[59]}`)
+      t.deepEqual([tr.resets[59], tr.skipped[59], tr.dropped[59]], [0, 0, 0])
+      t.deepEqual(tr.norm, slow[0].norm)
+    }
+    // far too large: the default refuses the step whose updates overflow; 'reset' resets factors, its params stay finite
+    const [thrower, resetter, skipper] = guard.MODES.map((m) => guard.trainGuarded(m, 30, 8, 1))
+    // (step 13 here; the step an overflow reaches depends on float rounding)
+    t.true(thrower.thrown !== null && thrower.thrown.step <= 30, `threw at ${thrower.thrown?.step}`)
+    t.regex(thrower.thrown!.message, /would hold NaN or Inf/)
+    t.true(resetter.resets[resetter.resets.length - 1] > 0)
+    t.true(resetter.norm.length > thrower.norm.length)
+    t.true(resetter.norm.every(Number.isFinite))
+    // 'skip' drops the fits that would make the factors unhealthy
+    const last = skipper.norm.length - 1
+    t.true(skipper.dropped[last] + skipper.skipped[last] > 0)
+    t.true(skipper.norm.length > thrower.norm.length)
+  },
+)
 
 test.serial('xor --smoke: one curve per optimizer, the held-out loss ends below half the first batch loss', async (t) => {
   const r = await xor.main(['--smoke', '--out', path.join(dir, 'xor.svg')], silentIO)
@@ -126,5 +168,5 @@ test.serial('npm run example: the dispatcher runs an example and refuses an unkn
   t.regex(stdout, /wrote /)
   const bad = spawnSync(process.execPath, ['--import', 'tsx', 'examples/run.ts', 'nope'], { cwd: root, encoding: 'utf8' })
   t.is(bad.status, 2)
-  t.regex(bad.stderr, /usage: npm run example -- <mnist\|xor\|regression\|telemetry>/)
+  t.regex(bad.stderr, /usage: npm run example -- <mnist\|xor\|regression\|telemetry\|guard>/)
 })

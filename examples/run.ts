@@ -1,5 +1,5 @@
 /**
- * `npm run example -- <name> [flags]`: runs one example (`mnist`, `xor`, `regression`, `telemetry`).
+ * `npm run example -- <name> [flags]`: runs one example (`mnist`, `xor`, `regression`, `telemetry`, `guard`).
  * Each trains with a progress bar on stderr, prints a chart and a summary, and writes an
  * SVG (default under examples/out/, `--out FILE` to choose). `--smoke` is a tiny run.
  */
@@ -10,6 +10,7 @@ const EXAMPLES: Record<string, () => Promise<{ main: (argv: readonly string[]) =
   xor: () => import('./xor'),
   regression: () => import('./regression'),
   telemetry: () => import('./telemetry'),
+  guard: () => import('./guard'),
 }
 
 async function run(): Promise<void> {
