@@ -421,7 +421,7 @@ fn start_fit(opt: &Arc<AnyTransform>, job: AnyPendingFit, count: u64) -> Arc<Pen
 fn fit_in(opt: &AnyTransform, slot: &Mutex<Option<AnyPendingFit>>) -> psgd::Result<AnyFitted> {
     let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     no_panic(|| match job {
-        Some(job) => job.run(opt),
+        Some(job) => job.run_apart(opt),
         None => Err(PsgdError::from(candle_core::Error::Msg(
             "the preconditioner fit failed (PSGD_TEST_FAIL_FIT)".into(),
         ))),

@@ -46,6 +46,12 @@ macro_rules! variants {
         }
 
         impl AnyPendingFit {
+            /// [`AnyPendingFit::run`] on the pool of fits that run apart from their step
+            /// ([`crate::stages::on_fit_pool`]), which leaves the caller a core.
+            pub fn run_apart(self, opt: &AnyTransform) -> Result<AnyFitted> {
+                crate::stages::on_fit_pool(|| self.run(opt))
+            }
+
             /// Runs the fit with `opt`, the optimizer whose step handed it back.
             pub fn run(self, opt: &AnyTransform) -> Result<AnyFitted> {
                 let mut rng = self.rng;

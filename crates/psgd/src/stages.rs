@@ -89,6 +89,28 @@ pub fn on_pool<R: Send>(leaves: &[LeafSpec], f: impl FnOnce() -> R + Send) -> R 
     }
 }
 
+/// Runs `f` on the pool that fits run on apart from their step (`overlapFit`): one thread
+/// fewer than the machine has (at least one), so that the caller's next gradient keeps a
+/// core while the fit runs: on rayon's global pool the fit's parallel passes would take
+/// every core and slow the very computation it is meant to overlap. The numbers do not
+/// depend on the pool (the parallel passes split over leaves and output blocks, never a
+/// sum), so they stay those of the step's own fit.
+pub fn on_fit_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores.saturating_sub(1).max(1))
+            .thread_name(|i| format!("psgd-fit-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
+
 /// `f(i)` for every leaf index, in leaf order. In a small model's fit (on a worker, see
 /// [`on_pool`]) the leaves run in parallel: each leaf is a chain of small products and
 /// passes too short to split, so the leaves are the only parallel work there is. A large
