@@ -48,7 +48,7 @@ test('the divergence warning fires once on a diverging run (Affine, XMat at a fa
     t.is(w.step % WATCH_EVERY, 0)
     t.true(w.step <= 100, `${name}: warned at step ${w.step}`)
     t.true(w.norm >= 100 * w.reference, `${w.norm} vs ${w.reference}`)
-    t.regex(w.message, /diverging.*learningRate.*onUnhealthy: 'reset'/s)
+    t.regex(w.message, /diverging.*Lower learningRate.*clip the steps.*onUnhealthy: 'reset' resets such factors/s)
   }
   // healthy: the same MLP at usual learning rates
   t.deepEqual(

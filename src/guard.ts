@@ -146,7 +146,7 @@ export class DivergenceWatch {
 /** What to change, per variant, in the divergence warning. */
 export function divergenceAdvice(variant: string): string {
   const clip = variant === 'kron' ? 'updateClipRms or gradClip' : 'updateGlobalNormClip or gradClip'
-  return `Lower learningRate (by 3-10x), clip the steps (${clip}), or set onUnhealthy: 'reset' to reset preconditioner factors that turn unhealthy; onWarning: null silences this warning.`
+  return `Lower learningRate (by 3-10x) or clip the steps (${clip}); if stats() shows a factor's condition estimate or normaliser blowing up, or the steps start to fail with NaN or Inf, onUnhealthy: 'reset' resets such factors. onWarning: null silences this warning.`
 }
 
 /** The sum of squares of a leaf's values (float64). */
