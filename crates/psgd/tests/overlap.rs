@@ -111,7 +111,9 @@ fn run_both(variant: &str, extra: Value, steps: u64, hessian: bool) -> usize {
         if let Some(job) = job {
             fits += 1;
             let opt = overlap.clone();
-            let fitted = std::thread::spawn(move || job.run_apart(&opt)).join().unwrap();
+            let fitted = std::thread::spawn(move || job.run_apart(&opt))
+                .join()
+                .unwrap();
             fitted.unwrap().install(&mut next).unwrap();
         }
         s_o = next;
