@@ -46,8 +46,9 @@ macro_rules! variants {
         }
 
         impl AnyPendingFit {
-            /// [`AnyPendingFit::run`] on the pool of fits that run apart from their step
-            /// ([`crate::stages::on_fit_pool`]), which leaves the caller a core.
+            /// [`AnyPendingFit::run`] on the pool of fits that run apart from their step:
+            /// one thread fewer than the machine has (at least one), which leaves the
+            /// caller's next gradient a core.
             pub fn run_apart(self, opt: &AnyTransform) -> Result<AnyFitted> {
                 crate::stages::on_fit_pool(|| self.run(opt))
             }

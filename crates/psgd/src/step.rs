@@ -1010,6 +1010,12 @@ impl<P: Preconditioner> Psgd<P> {
             o.clip,
             o.check_finite || guarded,
         )?;
+        // under the guard, finite updates that would take a param past float's range are
+        // refused too: the params they make are what the next step's gradient reads
+        let non_finite = match (non_finite, guarded, params) {
+            (None, true, Some(ps)) => first_overflowing_param(ps, &updates)?,
+            (found, _, _) => found,
+        };
         if let (Some(l), None) = (non_finite, &kept) {
             return Err(PsgdError::NonFiniteUpdate {
                 path: self.leaves[l].path.clone(),
@@ -1087,6 +1093,21 @@ impl<P: Preconditioner> Psgd<P> {
             ..fitted
         })
     }
+}
+
+/// The first leaf whose param `params + updates` (added in the param's dtype, as
+/// [`crate::apply_updates`] does) would hold NaN or Inf. Run under the health guard only:
+/// it is a pass over every param.
+fn first_overflowing_param(params: &[Tensor], updates: &[Tensor]) -> Result<Option<usize>> {
+    for (l, (p, u)) in params.iter().zip(updates).enumerate() {
+        let next = (p + u.to_dtype(p.dtype())?)?;
+        // a sum in float64 of float32-range values is finite exactly when they all are
+        let sum = next.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            return Ok(Some(l));
+        }
+    }
+    Ok(None)
 }
 
 /// Where a step whose inputs were finite overflowed float32 for one leaf: in the

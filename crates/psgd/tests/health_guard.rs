@@ -279,6 +279,51 @@ fn overflowing_updates_under_each_mode() {
     }
 }
 
+/// Finite updates that would take a param past float32's range: 'throw' makes them (as
+/// before), 'reset' and 'skip' refuse them like non-finite updates and count the step.
+#[test]
+fn updates_that_would_overflow_the_params_under_each_mode() {
+    let make = |on_unhealthy| {
+        let o = KronOptions {
+            on_unhealthy,
+            learning_rate: Schedule::Constant(1e37),
+            ..Default::default()
+        };
+        Kron::new(leaves(), o).unwrap()
+    };
+    let big: Vec<Tensor> = leaves()
+        .iter()
+        .map(|l| Tensor::full(3.4e38f32, l.shape.as_slice(), &Device::Cpu).unwrap())
+        .collect();
+    for mode in [OnUnhealthy::Throw, OnUnhealthy::Reset, OnUnhealthy::Skip] {
+        let opt = make(mode);
+        let s = opt.init(&big).unwrap();
+        // a gradient whose step, finite in itself, pushes params near float32's largest
+        // value past it
+        let g: Vec<Tensor> = grads(1, 1.0)
+            .into_iter()
+            .map(|t| (t.abs().unwrap() * -1.0).unwrap())
+            .collect();
+        let mut rng = SeededRandom::for_step(7, 1);
+        let (u, s1) = opt
+            .update_with(&g, &s, Some(&big), opt.hyper(&s), None, &mut rng)
+            .unwrap();
+        assert!(finite(&u), "{mode:?}: the updates are finite");
+        let next = psgd::apply_updates(&big, &u).unwrap();
+        match mode {
+            OnUnhealthy::Throw => {
+                assert!(!finite(&next), "'throw' makes the step as before");
+                assert_eq!(s1.guard.skipped, 0);
+            }
+            _ => {
+                assert!(zero(&u), "{mode:?}: zero updates");
+                assert!(finite(&next), "{mode:?}: the params stay finite");
+                assert_eq!((s1.count, s1.guard.skipped), (1, 1), "{mode:?}");
+            }
+        }
+    }
+}
+
 /// XMat and LRA keep one preconditioner for every leaf: a step whose updates overflow
 /// under 'reset' resets it, counted on every leaf.
 #[test]
