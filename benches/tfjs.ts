@@ -160,10 +160,8 @@ function instrument(opt: tf.Optimizer, probe: Probe): void {
 
 interface Row {
   label: string
-  /** Why the row did not run (an option this build does not have). */
-  skipped?: string
-  model?: tfl.Sequential
-  opt?: tf.Optimizer
+  model: tfl.Sequential
+  opt: tf.Optimizer
   probe: Probe
   /** Per round: ms per step, and the breakdown's ms per step. */
   step: number[]
@@ -172,11 +170,9 @@ interface Row {
 }
 
 function makeRow(model: ModelName, spec: (typeof ROWS)[number]): Row {
-  const row: Row = { label: spec.label, probe: { apply: 0, native: 0 }, step: [], apply: [], native: [] }
   const opt: tf.Optimizer = spec.kron === null ? tf.train.adam(1e-3) : new KronOptimizer({ learningRate: 1e-3, seed: 1, ...spec.kron })
-  row.model = makeModel(model)
+  const row: Row = { label: spec.label, model: makeModel(model), opt, probe: { apply: 0, native: 0 }, step: [], apply: [], native: [] }
   row.model.compile({ optimizer: opt, loss: 'categoricalCrossentropy' })
-  row.opt = opt
   instrument(opt, row.probe)
   return row
 }
@@ -189,7 +185,7 @@ const median = (xs: number[]): number => {
 }
 
 async function steps(row: Row, x: tf.Tensor, y: tf.Tensor, n: number): Promise<number> {
-  const model = row.model as tfl.Sequential
+  const model = row.model
   const t0 = performance.now()
   for (let i = 0; i < n; i++) await model.trainOnBatch(x, y)
   return performance.now() - t0
@@ -209,11 +205,10 @@ interface Result {
   label: string
   stepsPerRound: number
   rounds: number
-  msPerStep: number | null
-  ratioToAdam: number | null
-  applyGradients: number | null
+  msPerStep: number
+  ratioToAdam: number
+  applyGradients: number
   native: number | null
-  skipped?: string
 }
 
 async function benchModel(backend: Backend, model: ModelName, flags: Flags): Promise<Result[]> {
@@ -229,16 +224,15 @@ async function benchModel(backend: Backend, model: ModelName, flags: Flags): Pro
     'float32',
   )
   const rows = ROWS.map((r) => makeRow(model, r))
-  const live = rows.filter((r) => r.skipped === undefined)
   // warm-up: the first steps build the states, compile the wasm kernels, fill tfjs's caches
   const warm = flags.quick ? 2 : 5
-  for (const r of live) await steps(r, x, y, warm)
+  for (const r of rows) await steps(r, x, y, warm)
   // steps per round: about 0.8 s of Adam's steps (0.15 s with --quick), at least 2
-  const adamMs = await steps(live[0], x, y, 1)
+  const adamMs = await steps(rows[0], x, y, 1)
   const perRound = Math.max(2, Math.min(60, Math.round((flags.quick ? 150 : 800) / Math.max(adamMs, 0.1))))
   const rounds = flags.rounds ?? (flags.quick ? 2 : 9)
   for (let k = 0; k < rounds; k++) {
-    for (const r of live) {
+    for (const r of rows) {
       // one step untimed first, so the first timed step finds the state as every later
       // one does (with an overlapped fit: a fit in flight to wait for)
       await steps(r, x, y, 1)
@@ -253,8 +247,7 @@ async function benchModel(backend: Backend, model: ModelName, flags: Flags): Pro
   }
   const adam = median(rows[0].step)
   const out = rows.map((r): Result => {
-    const ok = r.skipped === undefined
-    const ms = ok ? median(r.step) : null
+    const ms = median(r.step)
     return {
       backend,
       model,
@@ -262,16 +255,15 @@ async function benchModel(backend: Backend, model: ModelName, flags: Flags): Pro
       stepsPerRound: perRound,
       rounds,
       msPerStep: ms,
-      ratioToAdam: ms === null ? null : ms / adam,
-      applyGradients: ok ? median(r.apply) : null,
+      ratioToAdam: ms / adam,
+      applyGradients: median(r.apply),
       // Adam makes no native call
-      native: ok && r.native.some((v) => v > 0) ? median(r.native) : null,
-      skipped: r.skipped,
+      native: r.native.some((v) => v > 0) ? median(r.native) : null,
     }
   })
-  for (const r of live) {
-    ;(r.opt as tf.Optimizer).dispose()
-    ;(r.model as tfl.Sequential).dispose()
+  for (const r of rows) {
+    r.opt.dispose()
+    r.model.dispose()
   }
   tf.dispose([x, y])
   return out
@@ -283,12 +275,8 @@ function table(results: Result[]): string {
   const head = ['optimizer', 'ms/step', '× Adam', 'applyGradients', 'native step', 'glue', 'rest (fwd+bwd, loss read)']
   const lines = [`| ${head.join(' | ')} |`, `|${head.map((_, i) => (i === 0 ? ' --- ' : ' ---: ')).join('|')}|`]
   for (const r of results) {
-    if (r.skipped !== undefined) {
-      lines.push(`| ${r.label} | ${r.skipped} | | | | | |`)
-      continue
-    }
-    const glue = r.native === null ? null : (r.applyGradients as number) - r.native
-    const rest = (r.msPerStep as number) - (r.applyGradients as number)
+    const glue = r.native === null ? null : r.applyGradients - r.native
+    const rest = r.msPerStep - r.applyGradients
     lines.push(`| ${r.label} | ${fmt(r.msPerStep)} | **${fmt(r.ratioToAdam)}** | ${fmt(r.applyGradients)} | ${fmt(r.native)} | ${fmt(glue)} | ${fmt(rest)} |`)
   }
   return lines.join('\n')
